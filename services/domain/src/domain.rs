@@ -1,0 +1,220 @@
+use serde::{Deserialize, Serialize};
+
+use crate::Invalid;
+
+/// A domain's name: lowercase ASCII letters, digits and dashes, starting with a letter, at most
+/// 63 characters, so that it is safe in object-store paths, URLs and Kubernetes labels.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct DomainName(String);
+
+impl DomainName {
+    pub fn parse(raw: &str) -> Result<Self, Invalid> {
+        let ok_chars = raw
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        let starts_ok = raw.chars().next().is_some_and(|c| c.is_ascii_lowercase());
+        if raw.is_empty() || raw.len() > 63 || !ok_chars || !starts_ok || raw.ends_with('-') {
+            return Err(Invalid::field(
+                "name",
+                format!(
+                    "`{raw}` is not a valid domain name: use 1-63 lowercase letters, digits or \
+                     dashes, starting with a letter"
+                ),
+            ));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for DomainName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for DomainName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        Self::parse(&raw).map_err(|e| serde::de::Error::custom(e.message))
+    }
+}
+
+/// What a domain's model does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    /// Map an input to one of a fixed label set.
+    Classification,
+    /// Produce free text; corrections carry the text it should have produced.
+    Generation,
+}
+
+impl Task {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Task::Classification => "classification",
+            Task::Generation => "generation",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        match raw {
+            "classification" => Some(Task::Classification),
+            "generation" => Some(Task::Generation),
+            _ => None,
+        }
+    }
+}
+
+/// When to train and what a candidate must achieve to replace the champion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Train once this many corrections arrived since the last run.
+    #[serde(default = "Policy::default_min_new")]
+    pub min_new_corrections: u32,
+    /// Share of corrections held out for evaluation, decided per input text.
+    #[serde(default = "Policy::default_holdout")]
+    pub holdout_fraction: f64,
+    /// Floor on held-out accuracy for a candidate to be promoted.
+    #[serde(default)]
+    pub min_accuracy: f64,
+    /// How much the candidate must beat the champion's held-out accuracy by (absolute).
+    #[serde(default)]
+    pub min_improvement: f64,
+}
+
+impl Policy {
+    fn default_min_new() -> u32 {
+        100
+    }
+    fn default_holdout() -> f64 {
+        0.2
+    }
+
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if self.min_new_corrections == 0 {
+            return Err(Invalid::field(
+                "policy.min_new_corrections",
+                "must be at least 1",
+            ));
+        }
+        if !(0.05..=0.5).contains(&self.holdout_fraction) {
+            return Err(Invalid::field(
+                "policy.holdout_fraction",
+                "must be between 0.05 and 0.5",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.min_accuracy) {
+            return Err(Invalid::field(
+                "policy.min_accuracy",
+                "must be between 0 and 1",
+            ));
+        }
+        if !(-1.0..=1.0).contains(&self.min_improvement) {
+            return Err(Invalid::field(
+                "policy.min_improvement",
+                "must be between -1 and 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            min_new_corrections: Self::default_min_new(),
+            holdout_fraction: Self::default_holdout(),
+            min_accuracy: 0.0,
+            min_improvement: 0.0,
+        }
+    }
+}
+
+/// A registered domain: one department's model and the rules for improving it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DomainSpec {
+    pub name: DomainName,
+    pub task: Task,
+    /// Path of a Hugging Face model directory the workers can read.
+    pub base_model: String,
+    /// The label set, for classification; empty for generation.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    #[serde(default)]
+    pub policy: Policy,
+}
+
+impl DomainSpec {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if self.base_model.trim().is_empty() {
+            return Err(Invalid::field("base_model", "must not be empty"));
+        }
+        match self.task {
+            Task::Classification => {
+                if self.labels.len() < 2 {
+                    return Err(Invalid::field(
+                        "labels",
+                        "a classification domain needs at least two labels",
+                    ));
+                }
+                let mut seen = std::collections::HashSet::new();
+                for (i, l) in self.labels.iter().enumerate() {
+                    if l.trim().is_empty() {
+                        return Err(Invalid::field(format!("labels[{i}]"), "must not be empty"));
+                    }
+                    if !seen.insert(l) {
+                        return Err(Invalid::field(
+                            format!("labels[{i}]"),
+                            format!("`{l}` appears twice"),
+                        ));
+                    }
+                }
+            }
+            Task::Generation => {
+                if !self.labels.is_empty() {
+                    return Err(Invalid::field(
+                        "labels",
+                        "a generation domain has no label set",
+                    ));
+                }
+            }
+        }
+        self.policy.validate()
+    }
+
+    pub fn label_index(&self, label: &str) -> Option<usize> {
+        self.labels.iter().position(|l| l == label)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domain_names() {
+        assert!(DomainName::parse("banking").is_ok());
+        assert!(DomainName::parse("hr-2").is_ok());
+        for bad in ["", "Banking", "2fa", "a_b", "a-", &"a".repeat(64), "a/b"] {
+            assert!(DomainName::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn policy_bounds() {
+        let mut p = Policy::default();
+        assert!(p.validate().is_ok());
+        p.holdout_fraction = 0.9;
+        assert_eq!(
+            p.validate().unwrap_err().field,
+            "policy.holdout_fraction".to_string()
+        );
+    }
+}

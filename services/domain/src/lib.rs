@@ -1,0 +1,50 @@
+//! The vocabulary of flywheel: newtypes parsed at the edge, domain policies, corrections,
+//! job states and the payloads the queue carries.
+//!
+//! This crate owns validation rules and the deterministic train/holdout split. It does no IO:
+//! no database, no HTTP, no files, no clock beyond what callers pass in.
+
+mod correction;
+mod domain;
+mod job;
+
+pub use correction::{Correction, CorrectionDraft, Source, Split, content_hash, normalize_text};
+pub use domain::{DomainName, DomainSpec, Policy, Task};
+pub use job::{JobId, JobKind, JobStatus, StageTask, Trigger, VersionId};
+
+/// A field-level validation failure. `field` names the offending JSON field so that the API can
+/// tell the caller exactly what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct Invalid {
+    pub field: String,
+    pub message: String,
+    pub kind: InvalidKind,
+}
+
+/// Why a value was refused; the API maps each kind to a stable error code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvalidKind {
+    /// Missing, empty, malformed or out-of-range value.
+    Field,
+    /// A classification label that the domain does not declare.
+    UnknownLabel,
+    /// Text longer than the configured limit.
+    TooLong,
+}
+
+impl Invalid {
+    pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+            kind: InvalidKind::Field,
+        }
+    }
+
+    /// Prefixes the field path, e.g. `input` becomes `corrections[3].input`.
+    pub fn at(mut self, prefix: &str) -> Self {
+        self.field = format!("{prefix}.{}", self.field);
+        self
+    }
+}

@@ -1,0 +1,301 @@
+//! BERT-family encoders (BERT, MiniLM, …) as in transformers' `modeling_bert.py`.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::{Embedding, LayerNorm};
+use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::{Device, Int, Tensor};
+
+use crate::checkpoint::Checkpoint;
+use crate::lora::{LoraLinear, LoraLinearConfig, LoraSpec};
+use crate::{Result, TrainerError};
+
+/// `config.json` of a BERT-family checkpoint, with Hugging Face's field names.
+#[derive(Config, Debug)]
+pub struct BertConfig {
+    /// Size of the token vocabulary.
+    pub vocab_size: usize,
+    /// Width of every hidden state.
+    pub hidden_size: usize,
+    /// Number of transformer layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads per layer; `hidden_size` must divide evenly.
+    pub num_attention_heads: usize,
+    /// Width of the feed-forward block.
+    pub intermediate_size: usize,
+    /// Longest sequence the position table covers.
+    pub max_position_embeddings: usize,
+    /// Number of segment (token type) ids.
+    #[config(default = 2)]
+    pub type_vocab_size: usize,
+    /// Epsilon of every LayerNorm.
+    #[config(default = 1e-12)]
+    pub layer_norm_eps: f64,
+    /// Activation of the feed-forward block; only `gelu` is supported.
+    #[config(default = "\"gelu\".to_string()")]
+    pub hidden_act: String,
+    /// Id of the padding token.
+    #[config(default = 0)]
+    pub pad_token_id: usize,
+}
+
+impl BertConfig {
+    /// Reads a transformers `config.json`, refusing architectures this file does not implement.
+    pub fn from_json(raw: &serde_json::Value) -> Result<Self> {
+        let model_type = raw["model_type"].as_str().unwrap_or("bert");
+        if model_type != "bert" {
+            return Err(TrainerError::UnsupportedArchitecture(model_type.to_owned()));
+        }
+        let int = |field: &str| -> Result<usize> {
+            raw[field].as_u64().map(|v| v as usize).ok_or_else(|| {
+                TrainerError::InvalidSpec(format!(
+                    "config.json: `{field}` is missing or not a number"
+                ))
+            })
+        };
+        let mut config = BertConfig::new(
+            int("vocab_size")?,
+            int("hidden_size")?,
+            int("num_hidden_layers")?,
+            int("num_attention_heads")?,
+            int("intermediate_size")?,
+            int("max_position_embeddings")?,
+        );
+        if let Some(v) = raw["type_vocab_size"].as_u64() {
+            config.type_vocab_size = v as usize;
+        }
+        if let Some(v) = raw["layer_norm_eps"].as_f64() {
+            config.layer_norm_eps = v;
+        }
+        if let Some(v) = raw["hidden_act"].as_str() {
+            config.hidden_act = v.to_owned();
+        }
+        if let Some(v) = raw["pad_token_id"].as_u64() {
+            config.pad_token_id = v as usize;
+        }
+        if config.hidden_act != "gelu" {
+            return Err(TrainerError::UnsupportedArchitecture(format!(
+                "bert with hidden_act {}",
+                config.hidden_act
+            )));
+        }
+        if config.hidden_size % config.num_attention_heads != 0 {
+            return Err(TrainerError::InvalidSpec(
+                "hidden_size is not a multiple of num_attention_heads".into(),
+            ));
+        }
+        Ok(config)
+    }
+
+    /// The config as transformers writes it.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["BertModel"],
+            "model_type": "bert",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "intermediate_size": self.intermediate_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "type_vocab_size": self.type_vocab_size,
+            "layer_norm_eps": self.layer_norm_eps,
+            "hidden_act": self.hidden_act,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+            "initializer_range": 0.02,
+            "pad_token_id": self.pad_token_id,
+            "position_embedding_type": "absolute",
+            "torch_dtype": "float32",
+        })
+    }
+
+    /// Builds the encoder from a checkpoint, adapting the projections `lora` targets.
+    pub fn load(
+        &self,
+        ckpt: &mut Checkpoint,
+        lora: Option<&LoraSpec>,
+        device: &Device,
+    ) -> Result<Bert> {
+        if ckpt.contains("bert.embeddings.word_embeddings.weight") {
+            ckpt.prefix = "bert.".into();
+        }
+        let h = self.hidden_size;
+        let eps = self.layer_norm_eps;
+        let proj = |ckpt: &mut Checkpoint,
+                    path: String,
+                    d_in: usize,
+                    d_out: usize|
+         -> Result<LoraLinear> {
+            let base = ckpt.linear(&path, d_in, d_out, device)?;
+            Ok(match lora {
+                Some(spec) if spec.targets(&path) => LoraLinear::adapted(
+                    base,
+                    &LoraLinearConfig::new(d_in, d_out, spec.r, spec.scaling())
+                        .with_dropout(spec.dropout),
+                    device,
+                ),
+                _ => LoraLinear::frozen(base),
+            })
+        };
+        let embeddings = BertEmbeddings {
+            word_embeddings: ckpt.embedding(
+                "embeddings.word_embeddings.weight",
+                self.vocab_size,
+                h,
+                device,
+            )?,
+            position_embeddings: ckpt.embedding(
+                "embeddings.position_embeddings.weight",
+                self.max_position_embeddings,
+                h,
+                device,
+            )?,
+            token_type_embeddings: ckpt.embedding(
+                "embeddings.token_type_embeddings.weight",
+                self.type_vocab_size,
+                h,
+                device,
+            )?,
+            layer_norm: ckpt.layer_norm("embeddings.LayerNorm", h, eps, device)?,
+        };
+        let mut layers = Vec::with_capacity(self.num_hidden_layers);
+        for i in 0..self.num_hidden_layers {
+            let p = format!("encoder.layer.{i}");
+            layers.push(BertLayer {
+                query: proj(ckpt, format!("{p}.attention.self.query"), h, h)?,
+                key: proj(ckpt, format!("{p}.attention.self.key"), h, h)?,
+                value: proj(ckpt, format!("{p}.attention.self.value"), h, h)?,
+                attention_output: proj(ckpt, format!("{p}.attention.output.dense"), h, h)?,
+                attention_norm: ckpt.layer_norm(
+                    &format!("{p}.attention.output.LayerNorm"),
+                    h,
+                    eps,
+                    device,
+                )?,
+                intermediate: proj(
+                    ckpt,
+                    format!("{p}.intermediate.dense"),
+                    h,
+                    self.intermediate_size,
+                )?,
+                output: proj(ckpt, format!("{p}.output.dense"), self.intermediate_size, h)?,
+                output_norm: ckpt.layer_norm(&format!("{p}.output.LayerNorm"), h, eps, device)?,
+                num_heads: self.num_attention_heads,
+            });
+        }
+        Ok(Bert {
+            embeddings,
+            layers,
+            module_prefix: ckpt.prefix.clone(),
+        })
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct BertEmbeddings {
+    pub word_embeddings: Embedding,
+    pub position_embeddings: Embedding,
+    pub token_type_embeddings: Embedding,
+    pub layer_norm: LayerNorm,
+}
+
+#[derive(Module, Debug)]
+pub struct BertLayer {
+    pub query: LoraLinear,
+    pub key: LoraLinear,
+    pub value: LoraLinear,
+    pub attention_output: LoraLinear,
+    pub attention_norm: LayerNorm,
+    pub intermediate: LoraLinear,
+    pub output: LoraLinear,
+    pub output_norm: LayerNorm,
+    pub num_heads: usize,
+}
+
+impl BertLayer {
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]`
+    /// - mask_bias: `[batch, 1, 1, seq]`, 0 where attended and a large negative where padded
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<3>, mask_bias: Tensor<4>) -> Tensor<3> {
+        let [b, s, h] = x.dims();
+        let d = h / self.num_heads;
+        let heads = |t: Tensor<3>| t.reshape([b, s, self.num_heads, d]).swap_dims(1, 2);
+        let q = heads(self.query.forward(x.clone()));
+        let k = heads(self.key.forward(x.clone()));
+        let v = heads(self.value.forward(x.clone()));
+        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((d as f64).sqrt()) + mask_bias;
+        let context = softmax(scores, 3)
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([b, s, h]);
+        let x = self
+            .attention_norm
+            .forward(self.attention_output.forward(context) + x);
+        let ff = self
+            .output
+            .forward(gelu(self.intermediate.forward(x.clone())));
+        self.output_norm.forward(ff + x)
+    }
+
+    pub fn projections(&self) -> [(&'static str, &LoraLinear); 6] {
+        [
+            ("attention.self.query", &self.query),
+            ("attention.self.key", &self.key),
+            ("attention.self.value", &self.value),
+            ("attention.output.dense", &self.attention_output),
+            ("intermediate.dense", &self.intermediate),
+            ("output.dense", &self.output),
+        ]
+    }
+
+    pub fn projections_mut(&mut self) -> [(&'static str, &mut LoraLinear); 6] {
+        [
+            ("attention.self.query", &mut self.query),
+            ("attention.self.key", &mut self.key),
+            ("attention.self.value", &mut self.value),
+            ("attention.output.dense", &mut self.attention_output),
+            ("intermediate.dense", &mut self.intermediate),
+            ("output.dense", &mut self.output),
+        ]
+    }
+}
+
+/// A BERT encoder without pooler.
+#[derive(Module, Debug)]
+pub struct Bert {
+    pub embeddings: BertEmbeddings,
+    pub layers: Vec<BertLayer>,
+    /// Prefix of module names in the checkpoint (`bert.` for `BertForX`), kept for PEFT names.
+    pub module_prefix: String,
+}
+
+impl Bert {
+    /// # Shapes
+    /// - input_ids, attention_mask: `[batch, seq]` (mask 1 for tokens, 0 for padding)
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward(&self, input_ids: Tensor<2, Int>, attention_mask: Tensor<2>) -> Tensor<3> {
+        let [b, s] = input_ids.dims();
+        let device = input_ids.device();
+        let positions = Tensor::<1, Int>::arange(0..s as i64, &device)
+            .reshape([1, s])
+            .repeat_dim(0, b);
+        let token_types = Tensor::<2, Int>::zeros([b, s], &device);
+        let e = &self.embeddings;
+        let x = e.word_embeddings.forward(input_ids)
+            + e.position_embeddings.forward(positions)
+            + e.token_type_embeddings.forward(token_types);
+        let mut x = e.layer_norm.forward(x);
+        // Padding gets a large negative bias, as transformers does with finfo.min.
+        let mask_bias = attention_mask
+            .neg()
+            .add_scalar(1.0)
+            .mul_scalar(-1.0e9)
+            .reshape([b, 1, 1, s]);
+        for layer in &self.layers {
+            x = layer.forward(x, mask_bias.clone());
+        }
+        x
+    }
+}

@@ -1,0 +1,479 @@
+//! Sequence classification on a BERT-family encoder: mean pooling, a linear head, LoRA on the
+//! encoder. Training, PEFT export and inference.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::grad_clipping::GradientClippingConfig;
+use burn::module::Module;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::activation::softmax;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use rand::seq::SliceRandom;
+use rand::{SeedableRng, rngs::StdRng};
+use serde::{Deserialize, Serialize};
+
+use crate::bert::{Bert, BertConfig};
+use crate::checkpoint::{Checkpoint, to_host, write_safetensors};
+use crate::lora::LoraSpec;
+use crate::tokenize::TextEncoder;
+use crate::{Result, TrainerError, io_err};
+
+/// File names of a classifier adapter directory.
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+pub const HEAD_WEIGHTS: &str = "classifier_head.safetensors";
+pub const HEAD_CONFIG: &str = "classifier_config.json";
+
+/// One labelled training row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub text: String,
+    pub label: usize,
+}
+
+/// Everything a training run needs besides its rows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainSpec {
+    /// Hugging Face model directory of the base model.
+    pub base_model_dir: PathBuf,
+    /// Where the adapter files are written.
+    pub output_dir: PathBuf,
+    pub labels: Vec<String>,
+    pub lora: LoraSpec,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    /// Share of the steps spent warming the learning rate up; cosine decay after.
+    pub warmup_ratio: f64,
+    pub max_seq_len: usize,
+    pub label_smoothing: f64,
+    pub seed: u64,
+}
+
+impl TrainSpec {
+    pub fn new(base_model_dir: PathBuf, output_dir: PathBuf, labels: Vec<String>) -> Self {
+        Self {
+            base_model_dir,
+            output_dir,
+            labels,
+            lora: LoraSpec {
+                target_modules: vec!["query".into(), "key".into(), "value".into(), "dense".into()],
+                ..LoraSpec::default()
+            },
+            epochs: 8,
+            batch_size: 16,
+            learning_rate: 3e-3,
+            weight_decay: 0.01,
+            warmup_ratio: 0.06,
+            max_seq_len: 64,
+            label_smoothing: 0.0,
+            seed: 17,
+        }
+    }
+
+    fn validate(&self, rows: &[Example]) -> Result<()> {
+        let bad = |m: String| Err(TrainerError::InvalidSpec(m));
+        if self.labels.len() < 2 {
+            return bad("need at least two labels".into());
+        }
+        if rows.is_empty() {
+            return bad("no training rows".into());
+        }
+        if let Some(r) = rows.iter().find(|r| r.label >= self.labels.len()) {
+            return bad(format!("label index {} out of range", r.label));
+        }
+        if self.lora.r == 0 || self.epochs == 0 || self.batch_size == 0 {
+            return bad("rank, epochs and batch size must be positive".into());
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return bad("label_smoothing must be in [0, 1)".into());
+        }
+        Ok(())
+    }
+}
+
+/// Progress of one optimizer step.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainStep {
+    pub step: usize,
+    pub total_steps: usize,
+    pub epoch: usize,
+    pub loss: f64,
+    pub learning_rate: f64,
+    pub tokens_per_second: f64,
+    pub elapsed_seconds: f64,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainReport {
+    pub steps: usize,
+    pub examples: usize,
+    pub tokens: usize,
+    pub wall_seconds: f64,
+    pub tokens_per_second: f64,
+    /// `(step, loss)` for every step.
+    pub loss_curve: Vec<(usize, f64)>,
+    pub trainable_parameters: usize,
+    pub total_parameters: usize,
+    /// Files written into the output directory.
+    pub files: Vec<String>,
+}
+
+#[derive(Module, Debug)]
+struct Classifier {
+    encoder: Bert,
+    head: Linear,
+}
+
+impl Classifier {
+    /// # Shapes
+    /// - input_ids, attention_mask: `[batch, seq]`
+    /// - output: logits `[batch, labels]`
+    fn forward(&self, input_ids: Tensor<2, Int>, attention_mask: Tensor<2>) -> Tensor<2> {
+        let [b, s] = input_ids.dims();
+        let hidden = self.encoder.forward(input_ids, attention_mask.clone());
+        let h = hidden.dims()[2];
+        let mask = attention_mask.reshape([b, s, 1]);
+        let summed = (hidden * mask.clone()).sum_dim(1).reshape([b, h]);
+        let counts = mask.sum_dim(1).reshape([b, 1]).clamp_min(1.0);
+        self.head.forward(summed / counts)
+    }
+}
+
+fn load_config(dir: &Path) -> Result<BertConfig> {
+    let path = dir.join("config.json");
+    if !path.exists() {
+        return Err(TrainerError::MissingFile {
+            dir: dir.to_owned(),
+            file: "config.json",
+        });
+    }
+    let raw = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&raw).map_err(|e| TrainerError::BadFile {
+            file: path.clone(),
+            message: e.to_string(),
+        })?;
+    BertConfig::from_json(&json)
+}
+
+/// Trains a LoRA adapter and a classification head; `on_step` sees every step and may stop the
+/// run by returning `false`.
+pub fn train_classifier(
+    spec: &TrainSpec,
+    rows: &[Example],
+    on_step: &mut dyn FnMut(&TrainStep) -> bool,
+) -> Result<TrainReport> {
+    spec.validate(rows)?;
+    let device = crate::device().autodiff();
+    device.seed(spec.seed);
+    let config = load_config(&spec.base_model_dir)?;
+    let encoder_text = TextEncoder::load(
+        &spec.base_model_dir,
+        spec.max_seq_len.min(config.max_position_embeddings),
+    )?;
+    let mut ckpt = Checkpoint::open(&spec.base_model_dir)?;
+    let encoder = config.load(&mut ckpt, Some(&spec.lora), &device)?;
+    let head = LinearConfig::new(config.hidden_size, spec.labels.len()).init(&device);
+    let mut model = Classifier { encoder, head };
+    let total_parameters = model.num_params();
+    let trainable_parameters = trainable(&model);
+
+    let mut optim = AdamWConfig::new()
+        .with_weight_decay(spec.weight_decay as f32)
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
+        .init();
+    let loss_fn = CrossEntropyLossConfig::new()
+        .with_smoothing((spec.label_smoothing > 0.0).then_some(spec.label_smoothing as f32))
+        .init(&device);
+
+    let batches_per_epoch = rows.len().div_ceil(spec.batch_size);
+    let total_steps = batches_per_epoch * spec.epochs;
+    let warmup = ((total_steps as f64) * spec.warmup_ratio).ceil() as usize;
+    let mut rng = StdRng::seed_from_u64(spec.seed);
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    let started = Instant::now();
+    let mut tokens = 0usize;
+    let mut loss_curve = Vec::with_capacity(total_steps);
+    let mut step = 0;
+    for epoch in 0..spec.epochs {
+        order.shuffle(&mut rng);
+        for chunk in order.chunks(spec.batch_size) {
+            let texts: Vec<&str> = chunk.iter().map(|&i| rows[i].text.as_str()).collect();
+            let labels: Vec<i64> = chunk.iter().map(|&i| rows[i].label as i64).collect();
+            let batch = encoder_text.encode(&texts, &device)?;
+            tokens += batch.tokens;
+            let targets =
+                Tensor::<1, Int>::from_data(TensorData::new(labels, [chunk.len()]), &device);
+            let logits = model.forward(batch.input_ids, batch.attention_mask);
+            let loss = loss_fn.forward(logits, targets);
+            let loss_value = loss.clone().into_scalar::<f32>() as f64;
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let lr = schedule(spec.learning_rate, step, warmup, total_steps);
+            model = optim.step(lr, model, grads);
+            step += 1;
+            loss_curve.push((step, loss_value));
+            let elapsed = started.elapsed().as_secs_f64();
+            let progress = TrainStep {
+                step,
+                total_steps,
+                epoch,
+                loss: loss_value,
+                learning_rate: lr,
+                tokens_per_second: tokens as f64 / elapsed.max(1e-9),
+                elapsed_seconds: elapsed,
+            };
+            if !on_step(&progress) {
+                return Err(TrainerError::Cancelled);
+            }
+        }
+    }
+    let wall_seconds = started.elapsed().as_secs_f64();
+    let files = export(&model, spec, &config)?;
+    Ok(TrainReport {
+        steps: step,
+        examples: rows.len(),
+        tokens,
+        wall_seconds,
+        tokens_per_second: tokens as f64 / wall_seconds.max(1e-9),
+        loss_curve,
+        trainable_parameters,
+        total_parameters,
+        files,
+    })
+}
+
+/// Linear warmup, then cosine decay to zero.
+fn schedule(peak: f64, step: usize, warmup: usize, total: usize) -> f64 {
+    if step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    let progress = (step - warmup) as f64 / (total - warmup).max(1) as f64;
+    peak * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+fn trainable(model: &Classifier) -> usize {
+    let lora: usize = model
+        .encoder
+        .layers
+        .iter()
+        .flat_map(|l| l.projections())
+        .filter_map(|(_, p)| {
+            Some(
+                p.lora_a.as_ref()?.shape().num_elements()
+                    + p.lora_b.as_ref()?.shape().num_elements(),
+            )
+        })
+        .sum();
+    lora + model.head.num_params()
+}
+
+/// PEFT's module path of projection `name` in layer `i`.
+fn module_path(prefix: &str, i: usize, name: &str) -> String {
+    format!("{prefix}encoder.layer.{i}.{name}")
+}
+
+fn export(model: &Classifier, spec: &TrainSpec, config: &BertConfig) -> Result<Vec<String>> {
+    let dir = &spec.output_dir;
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let prefix = &model.encoder.module_prefix;
+    let mut tensors = Vec::new();
+    for (i, layer) in model.encoder.layers.iter().enumerate() {
+        for (name, proj) in layer.projections() {
+            if let Some(((a_shape, a), (b_shape, b))) = proj.peft_weights() {
+                let path = module_path(prefix, i, name);
+                tensors.push((format!("base_model.model.{path}.lora_A.weight"), a_shape, a));
+                tensors.push((format!("base_model.model.{path}.lora_B.weight"), b_shape, b));
+            }
+        }
+    }
+    write_safetensors(&dir.join(ADAPTER_WEIGHTS), &tensors)?;
+    let adapter_config = serde_json::json!({
+        "peft_type": "LORA",
+        // The head travels in its own file, so PEFT sees a plain encoder adapter and no
+        // modules_to_save; serving stacks that reject full weights accept it.
+        "task_type": "FEATURE_EXTRACTION",
+        "base_model_name_or_path": spec.base_model_dir.display().to_string(),
+        "r": spec.lora.r,
+        "lora_alpha": spec.lora.alpha,
+        "lora_dropout": spec.lora.dropout,
+        "target_modules": spec.lora.target_modules,
+        "use_rslora": spec.lora.use_rslora,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "modules_to_save": null,
+        "revision": null,
+    });
+    write_json(&dir.join(ADAPTER_CONFIG), &adapter_config)?;
+    let w = to_host(model.head.weight.val().transpose());
+    let b = to_host(model.head.bias.as_ref().expect("head has bias").val());
+    write_safetensors(
+        &dir.join(HEAD_WEIGHTS),
+        &[
+            ("classifier.weight".into(), w.0, w.1),
+            ("classifier.bias".into(), b.0, b.1),
+        ],
+    )?;
+    let head_config = serde_json::json!({
+        "pooling": "mean",
+        "labels": spec.labels,
+        "hidden_size": config.hidden_size,
+        "max_seq_len": spec.max_seq_len,
+    });
+    write_json(&dir.join(HEAD_CONFIG), &head_config)?;
+    Ok([ADAPTER_CONFIG, ADAPTER_WEIGHTS, HEAD_WEIGHTS, HEAD_CONFIG]
+        .map(String::from)
+        .to_vec())
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let raw = serde_json::to_string_pretty(value).expect("json");
+    std::fs::write(path, raw).map_err(io_err(path))
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let raw = std::fs::read_to_string(path).map_err(io_err(path))?;
+    serde_json::from_str(&raw).map_err(|e| TrainerError::BadFile {
+        file: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// A predicted label with the model's confidence in it (its softmax probability).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    pub label: usize,
+    pub confidence: f32,
+}
+
+/// A base model plus (optionally) an adapter, ready to classify.
+pub struct ClassifierPredictor {
+    model: Classifier,
+    text: TextEncoder,
+    device: Device,
+    labels: Vec<String>,
+}
+
+impl ClassifierPredictor {
+    /// Loads `base_model_dir` with the adapter in `adapter_dir`. Without an adapter the head
+    /// is freshly initialised from `seed`: the untrained baseline a new domain starts from.
+    pub fn load(
+        base_model_dir: &Path,
+        adapter_dir: Option<&Path>,
+        labels: &[String],
+        seed: u64,
+    ) -> Result<Self> {
+        let device = crate::device();
+        device.seed(seed);
+        let config = load_config(base_model_dir)?;
+        let mut ckpt = Checkpoint::open(base_model_dir)?;
+        let mut encoder = config.load(&mut ckpt, None, &device)?;
+        let mut head = LinearConfig::new(config.hidden_size, labels.len()).init(&device);
+        let mut max_seq_len = 128;
+        if let Some(dir) = adapter_dir {
+            let head_config = read_json(&dir.join(HEAD_CONFIG))?;
+            let trained: Vec<String> = serde_json::from_value(head_config["labels"].clone())
+                .map_err(|e| TrainerError::BadFile {
+                    file: dir.join(HEAD_CONFIG),
+                    message: e.to_string(),
+                })?;
+            if trained != labels {
+                return Err(TrainerError::InvalidSpec(format!(
+                    "adapter in {} was trained on labels {trained:?}, not {labels:?}",
+                    dir.display()
+                )));
+            }
+            max_seq_len = head_config["max_seq_len"].as_u64().unwrap_or(128) as usize;
+            load_adapter(&mut encoder, dir, &device)?;
+            let mut head_ckpt = Checkpoint::open_file(&dir.join(HEAD_WEIGHTS))?;
+            head = head_ckpt.linear("classifier", config.hidden_size, labels.len(), &device)?;
+        }
+        let text = TextEncoder::load(
+            base_model_dir,
+            max_seq_len.min(config.max_position_embeddings),
+        )?;
+        Ok(Self {
+            model: Classifier { encoder, head },
+            text,
+            device,
+            labels: labels.to_vec(),
+        })
+    }
+
+    pub fn labels(&self) -> &[String] {
+        &self.labels
+    }
+
+    pub fn predict(&self, texts: &[&str], batch_size: usize) -> Result<Vec<Prediction>> {
+        let mut out = Vec::with_capacity(texts.len());
+        for chunk in texts.chunks(batch_size.max(1)) {
+            let batch = self.text.encode(chunk, &self.device)?;
+            let probs = softmax(self.model.forward(batch.input_ids, batch.attention_mask), 1);
+            let (shape, data) = to_host(probs);
+            let n = shape[1];
+            for row in data.chunks(n) {
+                let (label, &confidence) = row
+                    .iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .expect("at least two labels");
+                out.push(Prediction { label, confidence });
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn load_adapter(encoder: &mut Bert, dir: &Path, device: &Device) -> Result<()> {
+    let config = read_json(&dir.join(ADAPTER_CONFIG))?;
+    let r = config["r"].as_f64().unwrap_or(8.0);
+    let alpha = config["lora_alpha"].as_f64().unwrap_or(r);
+    let scaling = if config["use_rslora"].as_bool().unwrap_or(false) {
+        alpha / r.sqrt()
+    } else {
+        alpha / r
+    };
+    let mut weights = Checkpoint::open_file(&dir.join(ADAPTER_WEIGHTS))?;
+    let prefix = encoder.module_prefix.clone();
+    let mut loaded = 0;
+    for (i, layer) in encoder.layers.iter_mut().enumerate() {
+        for (name, proj) in layer.projections_mut() {
+            let path = format!("base_model.model.{}", module_path(&prefix, i, name));
+            let Some((a_shape, a)) = weights.take_any(&format!("{path}.lora_A.weight")) else {
+                continue;
+            };
+            let (b_shape, b) = weights
+                .take_any(&format!("{path}.lora_B.weight"))
+                .ok_or_else(|| TrainerError::MissingTensor(format!("{path}.lora_B.weight")))?;
+            if a_shape.len() != 2 || b_shape.len() != 2 {
+                return Err(TrainerError::BadFile {
+                    file: dir.join(ADAPTER_WEIGHTS),
+                    message: format!("{path}: LoRA weights must be matrices"),
+                });
+            }
+            proj.load_peft(
+                a,
+                [a_shape[0], a_shape[1]],
+                b,
+                [b_shape[0], b_shape[1]],
+                scaling,
+                device,
+            );
+            loaded += 1;
+        }
+    }
+    if loaded == 0 {
+        return Err(TrainerError::BadFile {
+            file: dir.join(ADAPTER_WEIGHTS),
+            message: "no LoRA weights match this base model".into(),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,63 @@
+//! LoRA fine-tuning of Hugging Face checkpoints with burn, and inference with the result.
+//!
+//! The trainer owns model code (one file per architecture, HF field names), checkpoint loading,
+//! LoRA, the training loop and PEFT export. It does no network or database IO: a [`TrainSpec`]
+//! and local files come in, adapter files and a [`TrainReport`] go out. burn types never appear
+//! in its public API, so callers need not know burn exists.
+
+mod bert;
+mod checkpoint;
+mod classifier;
+mod lora;
+pub mod tiny;
+mod tokenize;
+
+pub use classifier::{
+    ClassifierPredictor, Example, Prediction, TrainReport, TrainSpec, TrainStep, train_classifier,
+};
+pub use lora::LoraSpec;
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong between a spec and an adapter.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainerError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("model directory {dir} has no {file}")]
+    MissingFile { dir: PathBuf, file: &'static str },
+    #[error("{file}: {message}")]
+    BadFile { file: PathBuf, message: String },
+    #[error("checkpoint has no tensor `{0}`")]
+    MissingTensor(String),
+    #[error("tensor `{name}` has shape {actual:?}, expected {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
+    #[error("unsupported architecture `{0}`: supported are BERT-family encoders")]
+    UnsupportedArchitecture(String),
+    #[error("invalid training spec: {0}")]
+    InvalidSpec(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("training was cancelled")]
+    Cancelled,
+}
+
+pub type Result<T, E = TrainerError> = std::result::Result<T, E>;
+
+pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainerError {
+    let path = path.into();
+    move |source| TrainerError::Io { path, source }
+}
+
+/// The burn device the trainer runs on. CPU (flex) unless the build has GPU support and the
+/// caller asks for it.
+pub(crate) fn device() -> burn::tensor::Device {
+    burn::tensor::Device::flex()
+}

@@ -1,0 +1,161 @@
+//! Low-rank adapters on frozen linear layers, named so they map one-to-one onto PEFT.
+//!
+//! A hand-written `base(x) + s·B(A(x))` rather than burn's `apply_lora`: it never forms the
+//! dense `W + s·AB` (nor its gradient) per step, and `base` stays a real `Linear`, whose
+//! `[in, out]` layout we transpose exactly once on export.
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::nn::{Dropout, DropoutConfig, Linear};
+use burn::tensor::{Device, Distribution, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// LoRA hyperparameters, with PEFT's names and meanings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraSpec {
+    /// Rank of the update.
+    pub r: usize,
+    /// Scale numerator: the update is multiplied by `alpha / r` (or `alpha / sqrt(r)`).
+    pub alpha: f64,
+    /// Dropout on the adapter's input during training.
+    pub dropout: f64,
+    /// Module names to adapt, as PEFT matches them (`query`, `value`, `q_proj`, …).
+    pub target_modules: Vec<String>,
+    /// Rank-stabilized scaling `alpha / sqrt(r)`.
+    #[serde(default)]
+    pub use_rslora: bool,
+}
+
+impl Default for LoraSpec {
+    fn default() -> Self {
+        Self {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            target_modules: vec!["query".into(), "key".into(), "value".into()],
+            use_rslora: false,
+        }
+    }
+}
+
+impl LoraSpec {
+    pub fn scaling(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    /// Whether PEFT would adapt a module of this (dotted) name.
+    pub fn targets(&self, module_path: &str) -> bool {
+        self.target_modules
+            .iter()
+            .any(|t| module_path == t || module_path.ends_with(&format!(".{t}")))
+    }
+}
+
+/// Configuration of one adapted projection.
+#[derive(Config, Debug)]
+pub struct LoraLinearConfig {
+    /// Input features of the wrapped projection.
+    pub d_input: usize,
+    /// Output features of the wrapped projection.
+    pub d_output: usize,
+    /// Rank of the update.
+    pub r: usize,
+    /// Multiplier of the update.
+    pub scaling: f64,
+    /// Dropout on the adapter's input.
+    #[config(default = 0.0)]
+    pub dropout: f64,
+}
+
+/// A linear layer with an optional low-rank update. `lora_a` is `[in, r]` and `lora_b` is
+/// `[r, out]` (burn's layout); PEFT's `lora_A.weight` `[r, in]` and `lora_B.weight` `[out, r]`
+/// are their transposes.
+#[derive(Module, Debug)]
+pub struct LoraLinear {
+    pub base: Linear,
+    pub lora_a: Option<Param<Tensor<2>>>,
+    pub lora_b: Option<Param<Tensor<2>>>,
+    pub dropout: Dropout,
+    pub scaling: f64,
+}
+
+impl LoraLinear {
+    /// A frozen projection with no adapter.
+    pub fn frozen(base: Linear) -> Self {
+        Self {
+            base,
+            lora_a: None,
+            lora_b: None,
+            dropout: DropoutConfig::new(0.0).init(),
+            scaling: 0.0,
+        }
+    }
+
+    /// Wraps `base` with a fresh adapter: A Kaiming-uniform as in PEFT, B zero, so training
+    /// starts exactly at the base model.
+    pub fn adapted(base: Linear, config: &LoraLinearConfig, device: &Device) -> Self {
+        let bound = 1.0 / (config.d_input as f64).sqrt();
+        let a = Tensor::<2>::random(
+            [config.d_input, config.r],
+            Distribution::Uniform(-bound, bound),
+            device,
+        );
+        let b = Tensor::<2>::zeros([config.r, config.d_output], device);
+        Self {
+            base,
+            lora_a: Some(Param::from_tensor(a)),
+            lora_b: Some(Param::from_tensor(b)),
+            dropout: DropoutConfig::new(config.dropout).init(),
+            scaling: config.scaling,
+        }
+    }
+
+    /// # Shapes
+    /// - input: `[..., d_input]`
+    /// - output: `[..., d_output]`
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let y = self.base.forward(x.clone());
+        match (&self.lora_a, &self.lora_b) {
+            (Some(a), Some(b)) => {
+                // Flatten to 2-D so the two thin matmuls need no broadcasting.
+                let mut dims = x.dims();
+                let d_in = dims[D - 1];
+                let rows = x.shape().num_elements() / d_in;
+                let x2: Tensor<2> = self.dropout.forward(x).reshape([rows, d_in]);
+                let update = x2.matmul(a.val()).matmul(b.val());
+                dims[D - 1] = update.dims()[1];
+                y + update.reshape(dims).mul_scalar(self.scaling)
+            }
+            _ => y,
+        }
+    }
+
+    /// PEFT-layout `(lora_A [r, in], lora_B [out, r])`, if adapted.
+    pub fn peft_weights(&self) -> Option<((Vec<usize>, Vec<f32>), (Vec<usize>, Vec<f32>))> {
+        let a = self.lora_a.as_ref()?.val().transpose();
+        let b = self.lora_b.as_ref()?.val().transpose();
+        Some((crate::checkpoint::to_host(a), crate::checkpoint::to_host(b)))
+    }
+
+    /// Loads PEFT-layout weights into this layer's adapter.
+    pub fn load_peft(
+        &mut self,
+        a: Vec<f32>,
+        a_shape: [usize; 2],
+        b: Vec<f32>,
+        b_shape: [usize; 2],
+        scaling: f64,
+        device: &Device,
+    ) {
+        use burn::tensor::TensorData;
+        let a = Tensor::<2>::from_data(TensorData::new(a, a_shape), device).transpose();
+        let b = Tensor::<2>::from_data(TensorData::new(b, b_shape), device).transpose();
+        self.lora_a = Some(Param::from_tensor(a).set_require_grad(false));
+        self.lora_b = Some(Param::from_tensor(b).set_require_grad(false));
+        self.scaling = scaling;
+    }
+}
