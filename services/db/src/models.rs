@@ -1,0 +1,66 @@
+use chrono::{DateTime, Utc};
+use flywheel_domain::{DomainSpec, JobId, JobStatus, Source, Split, VersionId};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DomainRow {
+    #[serde(skip)]
+    pub id: i64,
+    #[serde(flatten)]
+    pub spec: DomainSpec,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CorrectionRow {
+    pub id: i64,
+    pub client_id: Option<String>,
+    pub input: String,
+    pub model_output: Option<String>,
+    pub expected: String,
+    pub source: Source,
+    pub split: Split,
+}
+
+/// The outcome of storing a batch: which rows are new and which were already there.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct InsertOutcome {
+    pub accepted: usize,
+    /// Same content, or same client id, as a row stored earlier: nothing new was written.
+    pub duplicates: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct JobRow {
+    pub id: JobId,
+    pub domain: String,
+    pub kind: String,
+    pub status: JobStatus,
+    pub stage: String,
+    pub trigger: String,
+    pub snapshot_max_id: i64,
+    pub version: Option<VersionId>,
+    pub decision: Option<serde_json::Value>,
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct JobEvent {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    pub kind: String,
+    pub message: String,
+    pub data: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VersionRow {
+    pub version: VersionId,
+    pub job_id: JobId,
+    pub promoted: bool,
+    pub metrics: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+}

@@ -1,0 +1,476 @@
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use flywheel_domain::{
+    Correction, DomainName, DomainSpec, JobId, JobStatus, Source, Split, Task, Trigger, VersionId,
+};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use crate::models::*;
+use crate::{DbError, Result};
+
+/// Handle on flywheel's database. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Db {
+    pool: SqlitePool,
+}
+
+fn now() -> String {
+    Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+fn ts(raw: &str) -> Result<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(raw)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| DbError::Corrupt(format!("timestamp `{raw}`: {e}")))
+}
+
+fn json(raw: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(raw).map_err(|e| DbError::Corrupt(e.to_string()))
+}
+
+impl Db {
+    /// Opens (creating if needed) the SQLite database at `path` and migrates it.
+    pub async fn open_sqlite(path: &Path) -> Result<Self> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(30))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await?;
+        let db = Self { pool };
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    pub async fn migrate(&self) -> Result<()> {
+        let mut migrator = sqlx::migrate!("../../migrations/sqlite");
+        // apalis records its own migrations in `_sqlx_migrations`; ours must not collide.
+        migrator.dangerous_set_table_name("_app_migrations");
+        migrator.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    // ---- domains ----
+
+    pub async fn create_domain(&self, spec: &DomainSpec) -> Result<DomainRow> {
+        let created_at = now();
+        let res = sqlx::query(
+            "INSERT INTO domains (name, task, base_model, labels, policy, created_at)
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(spec.name.as_str())
+        .bind(spec.task.as_str())
+        .bind(&spec.base_model)
+        .bind(serde_json::to_string(&spec.labels).expect("json"))
+        .bind(serde_json::to_string(&spec.policy).expect("json"))
+        .bind(&created_at)
+        .execute(&self.pool)
+        .await;
+        match res {
+            Ok(r) => Ok(DomainRow {
+                id: r.last_insert_rowid(),
+                spec: spec.clone(),
+                created_at: ts(&created_at)?,
+            }),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(DbError::DomainExists(spec.name.to_string()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn domain(&self, name: &str) -> Result<Option<DomainRow>> {
+        let row = sqlx::query("SELECT * FROM domains WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| domain_from_row(&r)).transpose()
+    }
+
+    pub async fn domains(&self) -> Result<Vec<DomainRow>> {
+        let rows = sqlx::query("SELECT * FROM domains ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(domain_from_row).collect()
+    }
+
+    // ---- corrections ----
+
+    /// Stores a batch in one transaction; duplicates (same content or same client id) are
+    /// counted, not stored. Returns only after the commit is durable.
+    pub async fn insert_corrections(
+        &self,
+        domain_id: i64,
+        rows: &[Correction],
+    ) -> Result<InsertOutcome> {
+        let mut tx = self.pool.begin().await?;
+        let mut outcome = InsertOutcome::default();
+        let created_at = now();
+        for c in rows {
+            let res = sqlx::query(
+                "INSERT INTO corrections
+                   (domain_id, client_id, content_hash, input, model_output, expected, source,
+                    teacher, metadata, split, created_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(domain_id)
+            .bind(&c.client_id)
+            .bind(&c.content_hash)
+            .bind(&c.input)
+            .bind(&c.model_output)
+            .bind(&c.expected)
+            .bind(c.source.as_str())
+            .bind(&c.teacher)
+            .bind(c.metadata.to_string())
+            .bind(c.split.as_str())
+            .bind(&created_at)
+            .execute(&mut *tx)
+            .await?;
+            if res.rows_affected() == 1 {
+                outcome.accepted += 1;
+            } else {
+                outcome.duplicates += 1;
+            }
+        }
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    /// Corrections of a domain up to and including `max_id`, in id order.
+    pub async fn corrections(
+        &self,
+        domain_id: i64,
+        max_id: i64,
+        split: Option<Split>,
+    ) -> Result<Vec<CorrectionRow>> {
+        let rows = sqlx::query(
+            "SELECT id, client_id, input, model_output, expected, source, split FROM corrections
+             WHERE domain_id = ? AND id <= ? AND (? IS NULL OR split = ?) ORDER BY id",
+        )
+        .bind(domain_id)
+        .bind(max_id)
+        .bind(split.map(Split::as_str))
+        .bind(split.map(Split::as_str))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let source: String = r.try_get("source")?;
+                let split: String = r.try_get("split")?;
+                Ok(CorrectionRow {
+                    id: r.try_get("id")?,
+                    client_id: r.try_get("client_id")?,
+                    input: r.try_get("input")?,
+                    model_output: r.try_get("model_output")?,
+                    expected: r.try_get("expected")?,
+                    source: Source::parse(&source)
+                        .ok_or_else(|| DbError::Corrupt(source.clone()))?,
+                    split: Split::parse(&split).ok_or_else(|| DbError::Corrupt(split.clone()))?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn correction_counts(&self, domain_id: i64) -> Result<(i64, i64)> {
+        let r = sqlx::query(
+            "SELECT COALESCE(SUM(split = 'train'), 0) AS train, COALESCE(SUM(split = 'holdout'), 0) AS holdout
+             FROM corrections WHERE domain_id = ?",
+        )
+        .bind(domain_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((r.try_get("train")?, r.try_get("holdout")?))
+    }
+
+    // ---- jobs ----
+
+    /// Creates a queued job over every correction stored so far, unless the domain already has
+    /// a job queued or running, or (for automatic triggers) fewer than `min_new` corrections
+    /// arrived since the last job's snapshot. The check and the insert are one statement, so
+    /// two schedulers cannot both start a run.
+    pub async fn try_create_job(
+        &self,
+        domain_id: i64,
+        trigger: Trigger,
+        min_new: i64,
+    ) -> Result<Option<JobId>> {
+        let id = JobId::generate();
+        let res = sqlx::query(
+            "INSERT INTO jobs (id, domain_id, kind, status, stage, trigger, snapshot_max_id, created_at)
+             SELECT ?, ?, 'fine_tune', 'queued', 'train', ?, m.max_id, ?
+             FROM (SELECT COALESCE(MAX(id), 0) AS max_id FROM corrections WHERE domain_id = ?) AS m
+             WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE domain_id = ? AND status IN ('queued', 'running'))
+               AND (SELECT COUNT(*) FROM corrections WHERE domain_id = ?
+                      AND id > (SELECT COALESCE(MAX(snapshot_max_id), 0) FROM jobs WHERE domain_id = ?)) >= ?
+               AND m.max_id > 0",
+        )
+        .bind(id.as_str())
+        .bind(domain_id)
+        .bind(trigger.as_str())
+        .bind(now())
+        .bind(domain_id)
+        .bind(domain_id)
+        .bind(domain_id)
+        .bind(domain_id)
+        .bind(min_new)
+        .execute(&self.pool)
+        .await?;
+        Ok((res.rows_affected() == 1).then_some(id))
+    }
+
+    pub async fn job(&self, id: &JobId) -> Result<Option<JobRow>> {
+        let row = sqlx::query(
+            "SELECT j.*, d.name AS domain FROM jobs j JOIN domains d ON d.id = j.domain_id WHERE j.id = ?",
+        )
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| job_from_row(&r)).transpose()
+    }
+
+    pub async fn jobs_of(&self, domain_id: i64) -> Result<Vec<JobRow>> {
+        let rows = sqlx::query(
+            "SELECT j.*, d.name AS domain FROM jobs j JOIN domains d ON d.id = j.domain_id
+             WHERE j.domain_id = ? ORDER BY j.id DESC",
+        )
+        .bind(domain_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    /// Marks a job running at `stage` (idempotent: a retried stage may call it again).
+    pub async fn job_stage(&self, id: &JobId, stage: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE jobs SET status = 'running', stage = ?, started_at = COALESCE(started_at, ?)
+             WHERE id = ? AND status IN ('queued', 'running')",
+        )
+        .bind(stage)
+        .bind(now())
+        .bind(id.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn finish_job(
+        &self,
+        id: &JobId,
+        status: JobStatus,
+        error: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE jobs SET status = ?, stage = 'done', error = ?, finished_at = ? WHERE id = ?",
+        )
+        .bind(status.as_str())
+        .bind(error)
+        .bind(now())
+        .bind(id.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn set_job_decision(
+        &self,
+        id: &JobId,
+        version: &VersionId,
+        decision: &serde_json::Value,
+    ) -> Result<()> {
+        sqlx::query("UPDATE jobs SET version = ?, decision = ? WHERE id = ?")
+            .bind(version.as_str())
+            .bind(decision.to_string())
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn job_counts(&self) -> Result<Vec<(JobStatus, i64)>> {
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let s: String = r.try_get("status")?;
+                Ok((
+                    JobStatus::parse(&s).ok_or(DbError::Corrupt(s))?,
+                    r.try_get("n")?,
+                ))
+            })
+            .collect()
+    }
+
+    pub async fn add_event(
+        &self,
+        job: &JobId,
+        kind: &str,
+        message: &str,
+        data: Option<&serde_json::Value>,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO job_events (job_id, at, kind, message, data) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(job.as_str())
+        .bind(now())
+        .bind(kind)
+        .bind(message)
+        .bind(data.map(|d| d.to_string()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn events(&self, job: &JobId, after: i64) -> Result<Vec<JobEvent>> {
+        let rows = sqlx::query("SELECT * FROM job_events WHERE job_id = ? AND id > ? ORDER BY id")
+            .bind(job.as_str())
+            .bind(after)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let data: Option<String> = r.try_get("data")?;
+                Ok(JobEvent {
+                    id: r.try_get("id")?,
+                    at: ts(&r.try_get::<String, _>("at")?)?,
+                    kind: r.try_get("kind")?,
+                    message: r.try_get("message")?,
+                    data: data.as_deref().map(json).transpose()?,
+                })
+            })
+            .collect()
+    }
+
+    // ---- versions ----
+
+    /// Reserves the next version id of a domain for `job` (idempotent per job).
+    pub async fn reserve_version(&self, domain_id: i64, job: &JobId) -> Result<VersionId> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(r) = sqlx::query("SELECT version FROM versions WHERE job_id = ?")
+            .bind(job.as_str())
+            .fetch_optional(&mut *tx)
+            .await?
+        {
+            return Ok(VersionId(r.try_get("version")?));
+        }
+        let seq: i64 =
+            sqlx::query("SELECT COALESCE(MAX(seq), 0) + 1 AS s FROM versions WHERE domain_id = ?")
+                .bind(domain_id)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("s")?;
+        let version = VersionId::nth(seq as u64);
+        sqlx::query(
+            "INSERT INTO versions (domain_id, version, seq, job_id, promoted, metrics, created_at)
+             VALUES (?, ?, ?, ?, 0, '{}', ?)",
+        )
+        .bind(domain_id)
+        .bind(version.as_str())
+        .bind(seq)
+        .bind(job.as_str())
+        .bind(now())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(version)
+    }
+
+    pub async fn record_version(
+        &self,
+        domain_id: i64,
+        version: &VersionId,
+        promoted: bool,
+        metrics: &serde_json::Value,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE versions SET promoted = ?, metrics = ? WHERE domain_id = ? AND version = ?",
+        )
+        .bind(promoted)
+        .bind(metrics.to_string())
+        .bind(domain_id)
+        .bind(version.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn versions(&self, domain_id: i64) -> Result<Vec<VersionRow>> {
+        let rows = sqlx::query("SELECT * FROM versions WHERE domain_id = ? ORDER BY seq")
+            .bind(domain_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(VersionRow {
+                    version: VersionId(r.try_get("version")?),
+                    job_id: JobId(r.try_get("job_id")?),
+                    promoted: r.try_get::<i64, _>("promoted")? != 0,
+                    metrics: json(&r.try_get::<String, _>("metrics")?)?,
+                    created_at: ts(&r.try_get::<String, _>("created_at")?)?,
+                })
+            })
+            .collect()
+    }
+}
+
+fn domain_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<DomainRow> {
+    let name: String = r.try_get("name")?;
+    let task: String = r.try_get("task")?;
+    let spec = DomainSpec {
+        name: DomainName::parse(&name).map_err(|e| DbError::Corrupt(e.to_string()))?,
+        task: Task::parse(&task).ok_or_else(|| DbError::Corrupt(task.clone()))?,
+        base_model: r.try_get("base_model")?,
+        labels: serde_json::from_str(&r.try_get::<String, _>("labels")?)
+            .map_err(|e| DbError::Corrupt(e.to_string()))?,
+        policy: serde_json::from_str(&r.try_get::<String, _>("policy")?)
+            .map_err(|e| DbError::Corrupt(e.to_string()))?,
+    };
+    Ok(DomainRow {
+        id: r.try_get("id")?,
+        spec,
+        created_at: ts(&r.try_get::<String, _>("created_at")?)?,
+    })
+}
+
+fn job_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<JobRow> {
+    let status: String = r.try_get("status")?;
+    let opt_ts = |col: &str| -> Result<Option<DateTime<Utc>>> {
+        r.try_get::<Option<String>, _>(col)?
+            .as_deref()
+            .map(ts)
+            .transpose()
+    };
+    Ok(JobRow {
+        id: JobId(r.try_get("id")?),
+        domain: r.try_get("domain")?,
+        kind: r.try_get("kind")?,
+        status: JobStatus::parse(&status).ok_or_else(|| DbError::Corrupt(status.clone()))?,
+        stage: r.try_get("stage")?,
+        trigger: r.try_get("trigger")?,
+        snapshot_max_id: r.try_get("snapshot_max_id")?,
+        version: r.try_get::<Option<String>, _>("version")?.map(VersionId),
+        decision: r
+            .try_get::<Option<String>, _>("decision")?
+            .as_deref()
+            .map(json)
+            .transpose()?,
+        error: r.try_get("error")?,
+        created_at: ts(&r.try_get::<String, _>("created_at")?)?,
+        started_at: opt_ts("started_at")?,
+        finished_at: opt_ts("finished_at")?,
+    })
+}
