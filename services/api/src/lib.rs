@@ -1,1 +1,91 @@
-//! flywheel-api
+//! flywheel's HTTP API: routes, request and response bodies, and the one error table.
+//!
+//! Only this crate knows HTTP and JSON wire shapes. It validates at the edge (into the domain
+//! crate's newtypes), stores through the db crate and reads the registry; it never trains,
+//! evaluates or talks to the queue — it nudges the scheduler and returns.
+
+mod error;
+mod routes;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use flywheel_db::Db;
+use flywheel_registry::Registry;
+use flywheel_telemetry::Metrics;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+pub use error::{ApiError, ErrorCode};
+
+/// Request-size limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_batch: usize,
+    pub max_text_chars: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 16 * 1024 * 1024,
+            max_batch: 10_000,
+            max_text_chars: 16_384,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Db,
+    pub registry: Registry,
+    pub metrics: Metrics,
+    /// Wakes the scheduler when new corrections land.
+    pub nudge: Arc<Notify>,
+    pub limits: Limits,
+}
+
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.limits.max_body_bytes;
+    routes::routes()
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            record_latency,
+        ))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, finishing in-flight requests.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn record_latency(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let started = Instant::now();
+    let response = next.run(req).await;
+    let class = format!("{}xx", response.status().as_u16() / 100);
+    state
+        .metrics
+        .http_request_seconds
+        .with_label_values(&[route.as_str(), class.as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}

@@ -1,1 +1,188 @@
-//! flywheel-worker
+//! The background half of flywheel: the scheduler that decides when a domain trains, and the
+//! queue workers that run each job's stages (train → evaluate → publish) through apalis.
+//!
+//! This crate moves data between the database, local work directories and the registry, and
+//! hands the heavy lifting to the trainer and evaluator on blocking threads. It knows nothing
+//! of HTTP.
+
+mod pipeline;
+mod scheduler;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use apalis::prelude::*;
+use apalis_sqlite::{Config as QueueConfig, SqliteStorage};
+use flywheel_db::Db;
+use flywheel_domain::{JobId, StageTask};
+use flywheel_registry::Registry;
+use flywheel_telemetry::Metrics;
+use sqlx::SqlitePool;
+use tokio::sync::{Notify, watch};
+
+pub use scheduler::schedule_once;
+
+/// Queue names are explicit: apalis defaults to the Rust type path, and a rename would strand
+/// queued jobs.
+pub const TRAIN_QUEUE: &str = "flywheel.train";
+pub const EVALUATE_QUEUE: &str = "flywheel.evaluate";
+pub const PUBLISH_QUEUE: &str = "flywheel.publish";
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Db(#[from] flywheel_db::DbError),
+    #[error(transparent)]
+    Registry(#[from] flywheel_registry::RegistryError),
+    #[error(transparent)]
+    Train(#[from] flywheel_trainer::TrainerError),
+    #[error(transparent)]
+    Eval(#[from] flywheel_evaluator::EvalError),
+    #[error("queue: {0}")]
+    Queue(String),
+    #[error("{0}")]
+    Job(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Knobs of the background work.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Work directories (`jobs/<id>/`) and the champion cache live here.
+    pub data_dir: PathBuf,
+    /// How often the scheduler looks for domains to train, besides being nudged.
+    pub scheduler_interval: Duration,
+    /// How often idle queue workers poll.
+    pub poll_interval: Duration,
+    /// Epochs per training run.
+    pub epochs: usize,
+}
+
+impl WorkerConfig {
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            scheduler_interval: Duration::from_secs(10),
+            poll_interval: Duration::from_millis(500),
+            epochs: 8,
+        }
+    }
+}
+
+/// Everything a stage needs. Shared by all workers.
+pub struct Context {
+    pub db: Db,
+    pub registry: Registry,
+    pub metrics: Metrics,
+    pub config: WorkerConfig,
+    queues: Queues,
+}
+
+#[derive(Clone)]
+struct Queues {
+    train: SqliteStorage<StageTask>,
+    evaluate: SqliteStorage<StageTask>,
+    publish: SqliteStorage<StageTask>,
+}
+
+fn storage(pool: &SqlitePool, queue: &str) -> SqliteStorage<StageTask> {
+    SqliteStorage::new(pool).with_config(QueueConfig::default().queue(queue))
+}
+
+impl Context {
+    /// Sets up the queue tables in `queue_pool` (a pool of its own: apalis switches its
+    /// connections to `synchronous = OFF`, which must never acknowledge client data).
+    pub async fn new(
+        db: Db,
+        registry: Registry,
+        metrics: Metrics,
+        config: WorkerConfig,
+        queue_pool: SqlitePool,
+    ) -> Result<Arc<Self>, WorkerError> {
+        SqliteStorage::setup(&queue_pool)
+            .await
+            .map_err(|e| WorkerError::Queue(e.to_string()))?;
+        let queues = Queues {
+            train: storage(&queue_pool, TRAIN_QUEUE),
+            evaluate: storage(&queue_pool, EVALUATE_QUEUE),
+            publish: storage(&queue_pool, PUBLISH_QUEUE),
+        };
+        Ok(Arc::new(Self {
+            db,
+            registry,
+            metrics,
+            config,
+            queues,
+        }))
+    }
+
+    pub(crate) async fn enqueue(&self, queue: &str, job: &JobId) -> Result<(), WorkerError> {
+        let mut storage = match queue {
+            TRAIN_QUEUE => self.queues.train.clone(),
+            EVALUATE_QUEUE => self.queues.evaluate.clone(),
+            _ => self.queues.publish.clone(),
+        };
+        // One attempt: a stage that fails marks its job failed; retrying bad input helps nobody.
+        let task = TaskBuilder::new(StageTask {
+            job_id: job.clone(),
+        })
+        .max_attempts(1)
+        .build();
+        storage
+            .push_task(task)
+            .await
+            .map_err(|e| WorkerError::Queue(e.to_string()))
+    }
+}
+
+/// Runs the scheduler and one worker per queue until `shutdown` flips to true.
+pub async fn run(
+    ctx: Arc<Context>,
+    nudge: Arc<Notify>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), WorkerError> {
+    let scheduler = tokio::spawn(scheduler::run(ctx.clone(), nudge, shutdown.clone()));
+    let poll = ctx.config.poll_interval;
+    let monitor = Monitor::new()
+        .register({
+            let ctx = ctx.clone();
+            move |_| {
+                WorkerBuilder::new("flywheel-train")
+                    .backend(ctx.queues.train.clone().poll_with_interval(poll))
+                    .data(ctx.clone())
+                    .build(pipeline::train)
+            }
+        })
+        .register({
+            let ctx = ctx.clone();
+            move |_| {
+                WorkerBuilder::new("flywheel-evaluate")
+                    .backend(ctx.queues.evaluate.clone().poll_with_interval(poll))
+                    .data(ctx.clone())
+                    .build(pipeline::evaluate)
+            }
+        })
+        .register({
+            let ctx = ctx.clone();
+            move |_| {
+                WorkerBuilder::new("flywheel-publish")
+                    .backend(ctx.queues.publish.clone().poll_with_interval(poll))
+                    .data(ctx.clone())
+                    .build(pipeline::publish)
+            }
+        });
+    let mut stop = shutdown.clone();
+    let result = monitor
+        .run_with_signal(async move {
+            let _ = stop.wait_for(|s| *s).await;
+            Ok(())
+        })
+        .await;
+    let _ = scheduler.await;
+    result.map_err(|e| WorkerError::Queue(e.to_string()))
+}

@@ -1,0 +1,111 @@
+//! The one HTTP error contract: `{"code": "...", "message": "..."}`, with every code and its
+//! status in one table.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use flywheel_domain::{Invalid, InvalidKind};
+use serde::Serialize;
+
+/// Stable, documented error codes. Clients match on these, never on messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    MalformedJson,
+    InvalidField,
+    UnknownLabel,
+    TextTooLong,
+    BatchTooLarge,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    DomainNotFound,
+    DomainExists,
+    JobNotFound,
+    VersionNotFound,
+    Internal,
+}
+
+impl ErrorCode {
+    /// The table.
+    pub fn status(self) -> StatusCode {
+        use ErrorCode::*;
+        match self {
+            MalformedJson => StatusCode::BAD_REQUEST,
+            InvalidField | UnknownLabel => StatusCode::UNPROCESSABLE_ENTITY,
+            TextTooLong | BatchTooLarge | PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            DomainNotFound | JobNotFound | VersionNotFound => StatusCode::NOT_FOUND,
+            DomainExists => StatusCode::CONFLICT,
+            Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn as_str(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Invalid> for ApiError {
+    fn from(e: Invalid) -> Self {
+        let code = match e.kind {
+            InvalidKind::Field => ErrorCode::InvalidField,
+            InvalidKind::UnknownLabel => ErrorCode::UnknownLabel,
+            InvalidKind::TooLong => ErrorCode::TextTooLong,
+        };
+        Self::new(code, e.to_string())
+    }
+}
+
+impl From<flywheel_db::DbError> for ApiError {
+    fn from(e: flywheel_db::DbError) -> Self {
+        match e {
+            flywheel_db::DbError::DomainExists(d) => Self::new(
+                ErrorCode::DomainExists,
+                format!("domain `{d}` already exists"),
+            ),
+            other => {
+                tracing::error!(error = %other, "database error");
+                Self::new(ErrorCode::Internal, "internal error; see the server log")
+            }
+        }
+    }
+}
+
+impl From<flywheel_registry::RegistryError> for ApiError {
+    fn from(e: flywheel_registry::RegistryError) -> Self {
+        match e {
+            flywheel_registry::RegistryError::NoSuchVersion { domain, version } => Self::new(
+                ErrorCode::VersionNotFound,
+                format!("version {domain}/{version} does not exist"),
+            ),
+            other => {
+                tracing::error!(error = %other, "registry error");
+                Self::new(ErrorCode::Internal, "internal error; see the server log")
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.code.status(), Json(self)).into_response()
+    }
+}

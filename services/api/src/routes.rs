@@ -1,0 +1,409 @@
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use flywheel_db::DomainRow;
+use flywheel_domain::{CorrectionDraft, DomainName, DomainSpec, JobId, JobStatus, VersionId};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::{ApiError, AppState, ErrorCode};
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub fn routes() -> axum::Router<AppState> {
+    axum::Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/v1/domains", post(create_domain).get(list_domains))
+        .route("/v1/domains/{domain}", get(get_domain))
+        .route("/v1/domains/{domain}/corrections", post(post_corrections))
+        .route("/v1/domains/{domain}/jobs", get(list_jobs))
+        .route("/v1/domains/{domain}/versions", get(list_versions))
+        .route(
+            "/v1/domains/{domain}/versions/{version}/report",
+            get(get_report),
+        )
+        .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/events", get(get_events))
+        .fallback(|| async { ApiError::new(ErrorCode::InvalidField, "no such route") })
+}
+
+/// Parses a JSON body, naming the path of the offending field on failure.
+fn parse_json<T: DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let code = if inner.is_syntax() || inner.is_eof() {
+            ErrorCode::MalformedJson
+        } else {
+            ErrorCode::InvalidField
+        };
+        let message = if path == "." {
+            format!("request body: {inner}")
+        } else {
+            format!("{path}: {inner}")
+        };
+        ApiError::new(code, message)
+    })
+}
+
+fn body(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                "request body is larger than the server accepts",
+            )
+        } else {
+            ApiError::new(ErrorCode::MalformedJson, e.body_text())
+        }
+    })
+}
+
+async fn domain_row(state: &AppState, name: &str) -> ApiResult<DomainRow> {
+    state.db.domain(name).await?.ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::DomainNotFound,
+            format!("domain `{name}` does not exist"),
+        )
+    })
+}
+
+async fn healthz(State(state): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
+    state.db.ping().await?;
+    Ok(Json(serde_json::json!({"status": "ok"})))
+}
+
+async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
+    for status in JobStatus::ALL {
+        state
+            .metrics
+            .jobs
+            .with_label_values(&[status.as_str()])
+            .set(0);
+    }
+    for (status, n) in state.db.job_counts().await? {
+        state
+            .metrics
+            .jobs
+            .with_label_values(&[status.as_str()])
+            .set(n);
+    }
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response())
+}
+
+#[derive(Serialize)]
+struct DomainView {
+    #[serde(flatten)]
+    domain: DomainRow,
+    corrections: CorrectionCounts,
+    production: Option<String>,
+}
+
+#[derive(Serialize)]
+struct CorrectionCounts {
+    train: i64,
+    holdout: i64,
+}
+
+async fn view(state: &AppState, domain: DomainRow) -> ApiResult<DomainView> {
+    let (train, holdout) = state.db.correction_counts(domain.id).await?;
+    let production = state
+        .registry
+        .resolve(&domain.spec.name, "production")
+        .await?
+        .map(|m| m.to);
+    Ok(DomainView {
+        domain,
+        corrections: CorrectionCounts { train, holdout },
+        production,
+    })
+}
+
+async fn create_domain(
+    State(state): State<AppState>,
+    raw: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<DomainView>)> {
+    let spec: DomainSpec = parse_json(&body(raw)?)?;
+    spec.validate()?;
+    let row = state.db.create_domain(&spec).await?;
+    Ok((StatusCode::CREATED, Json(view(&state, row).await?)))
+}
+
+async fn list_domains(State(state): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
+    let domains = state.db.domains().await?;
+    Ok(Json(serde_json::json!({ "data": domains })))
+}
+
+async fn get_domain(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<DomainView>> {
+    let row = domain_row(&state, &name).await?;
+    Ok(Json(view(&state, row).await?))
+}
+
+/// A batch may also come wrapped: `{"corrections": [...]}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Wrapped {
+    corrections: Vec<CorrectionDraft>,
+}
+
+#[derive(Serialize)]
+struct LineError {
+    line: usize,
+    code: ErrorCode,
+    message: String,
+}
+
+#[derive(Serialize)]
+struct IngestResponse {
+    accepted: usize,
+    duplicates: usize,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    rejected: Vec<LineError>,
+}
+
+/// One correction, a JSON batch (all-or-nothing: any invalid row refuses the batch, naming
+/// the row), or NDJSON (`application/x-ndjson`: valid lines are kept, invalid ones reported
+/// by line number). Answers 202 only after the rows are durably committed.
+async fn post_corrections(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<IngestResponse>)> {
+    let domain = domain_row(&state, &name).await?;
+    let raw = body(raw)?;
+    let limits = &state.limits;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    let ndjson = content_type.starts_with("application/x-ndjson")
+        || content_type.starts_with("application/jsonl");
+    if !ndjson && !content_type.starts_with("application/json") {
+        return Err(ApiError::new(
+            ErrorCode::UnsupportedMediaType,
+            format!("content-type `{content_type}`: send application/json or application/x-ndjson"),
+        ));
+    }
+
+    let mut valid = Vec::new();
+    let mut rejected = Vec::new();
+    if ndjson {
+        let text = std::str::from_utf8(&raw)
+            .map_err(|_| ApiError::new(ErrorCode::MalformedJson, "body is not UTF-8"))?;
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let parsed = parse_json::<CorrectionDraft>(line.as_bytes()).and_then(|d| {
+                d.validate(&domain.spec, limits.max_text_chars)
+                    .map_err(ApiError::from)
+            });
+            match parsed {
+                Ok(c) => valid.push(c),
+                Err(e) => rejected.push(LineError {
+                    line: i + 1,
+                    code: e.code,
+                    message: e.message,
+                }),
+            }
+            if valid.len() + rejected.len() > limits.max_batch {
+                return Err(ApiError::new(
+                    ErrorCode::BatchTooLarge,
+                    format!(
+                        "more than {} lines in one request; split the upload",
+                        limits.max_batch
+                    ),
+                ));
+            }
+        }
+    } else {
+        let first = raw.iter().find(|b| !b.is_ascii_whitespace());
+        let drafts = if first == Some(&b'[') {
+            parse_json::<Vec<CorrectionDraft>>(&raw)?
+        } else if looks_wrapped(&raw) {
+            parse_json::<Wrapped>(&raw)?.corrections
+        } else {
+            vec![parse_json::<CorrectionDraft>(&raw)?]
+        };
+        if drafts.len() > limits.max_batch {
+            return Err(ApiError::new(
+                ErrorCode::BatchTooLarge,
+                format!(
+                    "{} corrections in one batch; the limit is {}",
+                    drafts.len(),
+                    limits.max_batch
+                ),
+            ));
+        }
+        let many = drafts.len() > 1;
+        for (i, d) in drafts.into_iter().enumerate() {
+            let c = d
+                .validate(&domain.spec, limits.max_text_chars)
+                .map_err(|e| {
+                    let e = if many {
+                        e.at(&format!("corrections[{i}]"))
+                    } else {
+                        e
+                    };
+                    ApiError::from(e)
+                })?;
+            valid.push(c);
+        }
+        if valid.is_empty() {
+            return Err(ApiError::new(
+                ErrorCode::InvalidField,
+                "corrections: the batch is empty",
+            ));
+        }
+    }
+
+    let outcome = state.db.insert_corrections(domain.id, &valid).await?;
+    state
+        .metrics
+        .corrections_ingested
+        .with_label_values(&[domain.spec.name.as_str()])
+        .inc_by(outcome.accepted as u64);
+    state
+        .metrics
+        .corrections_rejected
+        .with_label_values(&["duplicate"])
+        .inc_by(outcome.duplicates as u64);
+    for r in &rejected {
+        state
+            .metrics
+            .corrections_rejected
+            .with_label_values(&[r.code.as_str().as_str()])
+            .inc();
+    }
+    if outcome.accepted > 0 {
+        state.nudge.notify_one();
+    }
+    let status = if valid.is_empty() {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((
+        status,
+        Json(IngestResponse {
+            accepted: outcome.accepted,
+            duplicates: outcome.duplicates,
+            rejected,
+        }),
+    ))
+}
+
+fn looks_wrapped(raw: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(raw)
+        .map(|m| m.contains_key("corrections"))
+        .unwrap_or(false)
+}
+
+async fn list_jobs(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let domain = domain_row(&state, &name).await?;
+    let jobs = state.db.jobs_of(domain.id).await?;
+    Ok(Json(serde_json::json!({ "data": jobs })))
+}
+
+fn job_id(raw: &str) -> ApiResult<JobId> {
+    JobId::parse(raw).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::JobNotFound,
+            format!("job `{raw}` does not exist"),
+        )
+    })
+}
+
+async fn get_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<flywheel_db::JobRow>> {
+    let id = job_id(&id)?;
+    let job = state.db.job(&id).await?.ok_or_else(|| {
+        ApiError::new(ErrorCode::JobNotFound, format!("job `{id}` does not exist"))
+    })?;
+    Ok(Json(job))
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    #[serde(default)]
+    after: i64,
+}
+
+async fn get_events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<EventsQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let id = job_id(&id)?;
+    if state.db.job(&id).await?.is_none() {
+        return Err(ApiError::new(
+            ErrorCode::JobNotFound,
+            format!("job `{id}` does not exist"),
+        ));
+    }
+    let events = state.db.events(&id, q.after).await?;
+    Ok(Json(serde_json::json!({ "data": events })))
+}
+
+async fn list_versions(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let domain = domain_row(&state, &name).await?;
+    let versions = state.db.versions(domain.id).await?;
+    let production = state
+        .registry
+        .resolve(&domain.spec.name, "production")
+        .await?
+        .map(|m| m.to);
+    Ok(Json(
+        serde_json::json!({ "production": production, "data": versions }),
+    ))
+}
+
+#[derive(Deserialize)]
+struct ReportQuery {
+    format: Option<String>,
+}
+
+async fn get_report(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+    Query(q): Query<ReportQuery>,
+) -> ApiResult<Response> {
+    let domain = domain_row(&state, &name).await?;
+    let not_found = || {
+        ApiError::new(
+            ErrorCode::VersionNotFound,
+            format!("version {name}/{version} does not exist"),
+        )
+    };
+    let version = VersionId::parse(&version).ok_or_else(not_found)?;
+    let name = DomainName::parse(domain.spec.name.as_str())?;
+    let (file, content_type) = match q.format.as_deref() {
+        Some("md") | Some("markdown") => ("report.md", "text/markdown; charset=utf-8"),
+        _ => ("report.json", "application/json"),
+    };
+    let bytes = state.registry.read_file(&name, &version, file).await?;
+    Ok(([(header::CONTENT_TYPE, content_type)], bytes).into_response())
+}

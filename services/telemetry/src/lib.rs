@@ -1,0 +1,117 @@
+//! Telemetry of the flywheel process: every Prometheus metric it exports, and log set-up.
+//!
+//! All metrics live here, named `flywheel_<noun>_<unit>`, so one file answers "what do we
+//! measure". This crate records numbers; it does not serve them (the api crate does) nor
+//! decide anything from them.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Handles on every metric. Cheap to clone; clones share the same series.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Corrections stored, by domain.
+    pub corrections_ingested: IntCounterVec,
+    /// Corrections not stored, by reason (`duplicate` or an error code).
+    pub corrections_rejected: IntCounterVec,
+    /// Jobs by state, refreshed on every scrape from the database.
+    pub jobs: IntGaugeVec,
+    /// Gate decisions, by domain and outcome (`promoted`, `held_back`).
+    pub promotion_decisions: IntCounterVec,
+    /// Wall time of pipeline stages, by stage and outcome.
+    pub stage_seconds: HistogramVec,
+    /// HTTP request latency, by route and status class.
+    pub http_request_seconds: HistogramVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+                .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let corrections_ingested = counter(
+            "flywheel_corrections_ingested_total",
+            "Corrections durably stored",
+            &["domain"],
+        );
+        let corrections_rejected = counter(
+            "flywheel_corrections_rejected_total",
+            "Corrections not stored, by reason",
+            &["reason"],
+        );
+        let promotion_decisions = counter(
+            "flywheel_promotion_decisions_total",
+            "Gate decisions on candidate adapters",
+            &["domain", "outcome"],
+        );
+        let jobs = IntGaugeVec::new(
+            Opts::new("flywheel_jobs", "Fine-tuning jobs by state"),
+            &["state"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(jobs.clone()))
+            .expect("unique metric");
+        let stage_seconds = histogram(
+            "flywheel_stage_seconds",
+            "Wall time of a pipeline stage",
+            &["stage", "outcome"],
+            prometheus::exponential_buckets(0.1, 2.0, 14).expect("buckets"),
+        );
+        let http_request_seconds = histogram(
+            "flywheel_http_request_seconds",
+            "HTTP request latency",
+            &["route", "status"],
+            prometheus::exponential_buckets(0.0005, 2.0, 16).expect("buckets"),
+        );
+        Self {
+            registry,
+            corrections_ingested,
+            corrections_rejected,
+            jobs,
+            promotion_decisions,
+            stage_seconds,
+            http_request_seconds,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("encoding to a Vec cannot fail");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`). Safe to call twice.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,apalis=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,419 @@
+//! The three stages of a fine-tuning job. Each reads the job row, does its work, records what
+//! happened, and enqueues the next stage; any error fails the job with a message a person can
+//! act on.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use apalis::prelude::{BoxDynError, Data};
+use flywheel_db::{DomainRow, JobRow};
+use flywheel_domain::{JobStatus, Split, StageTask, Task, normalize_text};
+use flywheel_evaluator::{EvalSpec, Evaluation, GatePolicy, HoldoutRow};
+use flywheel_registry::RegistryError;
+use flywheel_trainer::{Example, TrainReport, TrainSpec};
+use sha2::{Digest, Sha256};
+
+use crate::{Context, EVALUATE_QUEUE, PUBLISH_QUEUE, WorkerError};
+
+const PRODUCTION: &str = "production";
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WorkerError + '_ {
+    move |source| WorkerError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn job_dir(ctx: &Context, job: &JobRow) -> PathBuf {
+    ctx.config.data_dir.join("jobs").join(job.id.as_str())
+}
+
+async fn load(ctx: &Context, task: &StageTask) -> Result<Option<(JobRow, DomainRow)>, WorkerError> {
+    let job = ctx
+        .db
+        .job(&task.job_id)
+        .await?
+        .ok_or_else(|| WorkerError::Job(format!("job {} does not exist", task.job_id)))?;
+    if job.status.is_terminal() {
+        return Ok(None);
+    }
+    let domain = ctx
+        .db
+        .domain(&job.domain)
+        .await?
+        .ok_or_else(|| WorkerError::Job(format!("domain {} does not exist", job.domain)))?;
+    Ok(Some((job, domain)))
+}
+
+/// Runs a stage, failing the job (and never the worker) if it errs.
+async fn stage<F, Fut>(
+    ctx: &Context,
+    task: StageTask,
+    name: &str,
+    body: F,
+) -> Result<(), BoxDynError>
+where
+    F: FnOnce(JobRow, DomainRow) -> Fut,
+    Fut: std::future::Future<Output = Result<(), WorkerError>>,
+{
+    let Some((job, domain)) = load(ctx, &task).await? else {
+        return Ok(());
+    };
+    ctx.db.job_stage(&job.id, name).await?;
+    let started = Instant::now();
+    let result = body(job.clone(), domain).await;
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    ctx.metrics
+        .stage_seconds
+        .with_label_values(&[name, outcome])
+        .observe(started.elapsed().as_secs_f64());
+    if let Err(e) = result {
+        tracing::error!(job = %job.id, stage = name, error = %e, "stage failed");
+        let message = format!("{name} failed: {e}");
+        ctx.db.add_event(&job.id, "message", &message, None).await?;
+        ctx.db
+            .finish_job(&job.id, JobStatus::Failed, Some(&message))
+            .await?;
+    }
+    Ok(())
+}
+
+pub async fn train(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDynError> {
+    let ctx: &Context = &ctx;
+    stage(ctx, task, "train", |job, domain| async move {
+        if domain.spec.task != Task::Classification {
+            return Err(WorkerError::Job(
+                "generation domains need the causal-LM trainer, which this build does not have yet"
+                    .into(),
+            ));
+        }
+        let rows = ctx
+            .db
+            .corrections(domain.id, job.snapshot_max_id, Some(Split::Train))
+            .await?;
+        let examples: Vec<Example> = rows
+            .iter()
+            .filter_map(|r| {
+                domain.spec.label_index(&r.expected).map(|label| Example {
+                    text: r.input.clone(),
+                    label,
+                })
+            })
+            .collect();
+        ctx.db
+            .add_event(
+                &job.id,
+                "message",
+                &format!("training on {} corrections", examples.len()),
+                None,
+            )
+            .await?;
+        let dir = job_dir(ctx, &job);
+        let mut spec = TrainSpec::new(
+            PathBuf::from(&domain.spec.base_model),
+            dir.join("candidate"),
+            domain.spec.labels.clone(),
+        );
+        spec.epochs = ctx.config.epochs;
+
+        // Progress flows from the blocking trainer to the database through a channel, a
+        // few events per epoch rather than one per step.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let train_spec = spec.clone();
+        let handle = tokio::task::spawn_blocking(move || {
+            flywheel_trainer::train_classifier(&train_spec, &examples, &mut |step| {
+                let _ = tx.send(step.clone());
+                true
+            })
+        });
+        let mut last_logged = 0;
+        while let Some(step) = rx.recv().await {
+            if step.step == step.total_steps
+                || step.step >= last_logged + (step.total_steps / 10).max(1)
+            {
+                last_logged = step.step;
+                let message = format!(
+                    "step {}/{} loss {:.4} ({:.0} tokens/s)",
+                    step.step, step.total_steps, step.loss, step.tokens_per_second
+                );
+                let data = serde_json::to_value(&step).expect("json");
+                ctx.db
+                    .add_event(&job.id, "metrics", &message, Some(&data))
+                    .await?;
+            }
+        }
+        let report = handle
+            .await
+            .map_err(|e| WorkerError::Job(format!("trainer panicked: {e}")))??;
+        write_json(&dir.join("train_report.json"), &report)?;
+        write_json(&dir.join("train_spec.json"), &spec)?;
+        ctx.db
+            .add_event(
+                &job.id,
+                "message",
+                &format!(
+                    "trained {} steps in {:.1}s",
+                    report.steps, report.wall_seconds
+                ),
+                None,
+            )
+            .await?;
+        ctx.enqueue(EVALUATE_QUEUE, &job.id).await
+    })
+    .await
+}
+
+pub async fn evaluate(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDynError> {
+    let ctx: &Context = &ctx;
+    stage(ctx, task, "evaluate", |job, domain| async move {
+        let rows = ctx
+            .db
+            .corrections(domain.id, job.snapshot_max_id, None)
+            .await?;
+        let holdout: Vec<HoldoutRow> = rows
+            .iter()
+            .filter(|r| r.split == Split::Holdout)
+            .filter_map(|r| {
+                domain
+                    .spec
+                    .label_index(&r.expected)
+                    .map(|label| HoldoutRow {
+                        text: r.input.clone(),
+                        label,
+                    })
+            })
+            .collect();
+        let training_inputs = rows
+            .iter()
+            .filter(|r| r.split == Split::Train)
+            .map(|r| normalize_text(&r.input))
+            .collect();
+        let champion = ctx.registry.resolve(&domain.spec.name, PRODUCTION).await?;
+        let (champion_dir, champion_name) = match &champion {
+            Some(mv) => {
+                let version = flywheel_domain::VersionId(mv.to.clone());
+                let dir = ctx
+                    .config
+                    .data_dir
+                    .join("cache")
+                    .join(domain.spec.name.as_str())
+                    .join(version.as_str());
+                if !dir.join(flywheel_registry::MANIFEST).exists() {
+                    ctx.registry
+                        .download(&domain.spec.name, &version, &dir)
+                        .await?;
+                    // The manifest marks a complete download.
+                    let manifest = ctx.registry.manifest(&domain.spec.name, &version).await?;
+                    write_json(&dir.join(flywheel_registry::MANIFEST), &manifest)?;
+                }
+                (Some(dir), format!("{} (production)", version))
+            }
+            None => (None, "base model (no production adapter yet)".to_string()),
+        };
+        let dir = job_dir(ctx, &job);
+        let spec = EvalSpec {
+            base_model_dir: PathBuf::from(&domain.spec.base_model),
+            candidate_dir: dir.join("candidate"),
+            champion_dir,
+            champion_name,
+            labels: domain.spec.labels.clone(),
+            holdout,
+            training_inputs,
+            policy: GatePolicy {
+                min_accuracy: domain.spec.policy.min_accuracy,
+                min_improvement: domain.spec.policy.min_improvement,
+            },
+        };
+        let evaluation = tokio::task::spawn_blocking(move || flywheel_evaluator::evaluate(&spec))
+            .await
+            .map_err(|e| WorkerError::Job(format!("evaluator panicked: {e}")))??;
+        write_json(&dir.join("evaluation.json"), &evaluation)?;
+        ctx.db
+            .add_event(
+                &job.id,
+                "message",
+                &format!(
+                    "evaluated on {} held-out rows: champion {:.1}%, candidate {:.1}%",
+                    evaluation.holdout_size,
+                    100.0 * evaluation.champion.accuracy,
+                    100.0 * evaluation.candidate.accuracy
+                ),
+                None,
+            )
+            .await?;
+        ctx.enqueue(PUBLISH_QUEUE, &job.id).await
+    })
+    .await
+}
+
+pub async fn publish(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDynError> {
+    let ctx: &Context = &ctx;
+    stage(ctx, task, "publish", |job, domain| async move {
+        let dir = job_dir(ctx, &job);
+        let evaluation: Evaluation = read_json(&dir.join("evaluation.json"))?;
+        let train_report: TrainReport = read_json(&dir.join("train_report.json"))?;
+        let spec: TrainSpec = read_json(&dir.join("train_spec.json"))?;
+        let version = ctx.db.reserve_version(domain.id, &job.id).await?;
+        let name = &domain.spec.name;
+
+        let rows = ctx
+            .db
+            .corrections(domain.id, job.snapshot_max_id, None)
+            .await?;
+        let mut snapshot = Sha256::new();
+        for r in &rows {
+            snapshot.update(format!(
+                "{}\t{}\t{}\t{}\n",
+                r.id,
+                r.split.as_str(),
+                r.expected,
+                r.input
+            ));
+        }
+        let base = PathBuf::from(&domain.spec.base_model);
+        let base_hash = file_sha256(&base.join("model.safetensors"))?;
+        let lineage = serde_json::json!({
+            "job_id": job.id,
+            "trigger": job.trigger,
+            "base_model": { "path": domain.spec.base_model, "model_safetensors_sha256": base_hash },
+            "dataset": {
+                "snapshot_sha256": hex::encode(snapshot.finalize()),
+                "corrections": rows.len(),
+                "train": rows.iter().filter(|r| r.split == Split::Train).count(),
+                "holdout": rows.iter().filter(|r| r.split == Split::Holdout).count(),
+                "max_correction_id": job.snapshot_max_id,
+            },
+            "hyperparameters": {
+                "lora": spec.lora,
+                "epochs": spec.epochs,
+                "batch_size": spec.batch_size,
+                "learning_rate": spec.learning_rate,
+                "weight_decay": spec.weight_decay,
+                "warmup_ratio": spec.warmup_ratio,
+                "max_seq_len": spec.max_seq_len,
+                "seed": spec.seed,
+            },
+            "training": {
+                "steps": train_report.steps,
+                "wall_seconds": train_report.wall_seconds,
+                "tokens_per_second": train_report.tokens_per_second,
+                "trainable_parameters": train_report.trainable_parameters,
+            },
+            "decision": evaluation.decision,
+            "code_version": env!("CARGO_PKG_VERSION"),
+        });
+        let report_json = serde_json::json!({
+            "schema_version": 1,
+            "domain": name,
+            "version": version,
+            "evaluation": evaluation,
+            "training": train_report,
+            "lineage": lineage,
+        });
+        let report_md = flywheel_evaluator::render_markdown(
+            name.as_str(),
+            version.as_str(),
+            &evaluation,
+            &lineage,
+        );
+
+        let mut files = Vec::new();
+        for file in &train_report.files {
+            let path = spec.output_dir.join(file);
+            files.push((file.clone(), std::fs::read(&path).map_err(io(&path))?));
+        }
+        files.push((
+            "report.json".into(),
+            serde_json::to_vec_pretty(&report_json).expect("json"),
+        ));
+        files.push(("report.md".into(), report_md.into_bytes()));
+        match ctx.registry.publish(name, &version, files, lineage).await {
+            // A retried publish finds its own earlier upload.
+            Ok(_) | Err(RegistryError::VersionExists { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+
+        let mut decision = evaluation.decision.clone();
+        if decision.promote {
+            let current = ctx.registry.resolve(name, PRODUCTION).await?;
+            let expected = current.map(|m| flywheel_domain::VersionId(m.to));
+            if let Err(e) = ctx
+                .registry
+                .move_alias(
+                    name,
+                    PRODUCTION,
+                    expected.as_ref(),
+                    &version,
+                    "flywheel-gate",
+                    &decision.reason,
+                )
+                .await
+            {
+                decision.promote = false;
+                decision.reason = format!("gate passed but the alias did not move: {e}");
+            }
+        }
+        let outcome = if decision.promote {
+            "promoted"
+        } else {
+            "held_back"
+        };
+        ctx.metrics
+            .promotion_decisions
+            .with_label_values(&[name.as_str(), outcome])
+            .inc();
+        let summary = serde_json::json!({
+            "champion_accuracy": evaluation.champion.accuracy,
+            "candidate_accuracy": evaluation.candidate.accuracy,
+            "candidate_macro_f1": evaluation.candidate.macro_f1,
+            "mcnemar_p": evaluation.mcnemar_p,
+            "holdout_size": evaluation.holdout_size,
+            "decision": decision,
+        });
+        ctx.db
+            .record_version(domain.id, &version, decision.promote, &summary)
+            .await?;
+        ctx.db
+            .set_job_decision(
+                &job.id,
+                &version,
+                &serde_json::to_value(&decision).expect("json"),
+            )
+            .await?;
+        ctx.db
+            .add_event(
+                &job.id,
+                "message",
+                &format!("{version}: {}", decision.reason),
+                None,
+            )
+            .await?;
+        ctx.db
+            .finish_job(&job.id, JobStatus::Succeeded, None)
+            .await?;
+        // The work directory is in the registry now.
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    })
+    .await
+}
+
+fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), WorkerError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+    }
+    std::fs::write(path, serde_json::to_vec_pretty(value).expect("json")).map_err(io(path))
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, WorkerError> {
+    let raw = std::fs::read(path).map_err(io(path))?;
+    serde_json::from_slice(&raw).map_err(|e| WorkerError::Job(format!("{}: {e}", path.display())))
+}
+
+fn file_sha256(path: &Path) -> Result<String, WorkerError> {
+    let mut file = std::fs::File::open(path).map_err(io(path))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(io(path))?;
+    Ok(hex::encode(hasher.finalize()))
+}
