@@ -1,4 +1,5 @@
--- flywheel's own tables. apalis keeps its queue tables beside these, with its own migrator.
+-- flywheel's own tables. apalis keeps its queue tables (`Jobs`, `Workers`) beside these with its
+-- own migrator; SQLite table names ignore case, so none of ours may be called jobs or workers.
 
 CREATE TABLE domains (
     id          INTEGER PRIMARY KEY,
@@ -27,7 +28,7 @@ CREATE TABLE corrections (
 );
 CREATE UNIQUE INDEX corrections_client_id ON corrections (domain_id, client_id) WHERE client_id IS NOT NULL;
 
-CREATE TABLE jobs (
+CREATE TABLE training_jobs (
     id               TEXT PRIMARY KEY,   -- UUIDv7
     domain_id        INTEGER NOT NULL REFERENCES domains(id),
     kind             TEXT NOT NULL,
@@ -42,11 +43,11 @@ CREATE TABLE jobs (
     started_at       TEXT,
     finished_at      TEXT
 );
-CREATE INDEX jobs_domain_status ON jobs (domain_id, status);
+CREATE INDEX jobs_domain_status ON training_jobs (domain_id, status);
 
 CREATE TABLE job_events (
     id       INTEGER PRIMARY KEY,
-    job_id   TEXT NOT NULL REFERENCES jobs(id),
+    job_id   TEXT NOT NULL REFERENCES training_jobs(id),
     at       TEXT NOT NULL,
     kind     TEXT NOT NULL,              -- message | metrics
     message  TEXT NOT NULL,
@@ -58,7 +59,7 @@ CREATE TABLE versions (
     domain_id   INTEGER NOT NULL REFERENCES domains(id),
     version     TEXT NOT NULL,
     seq         INTEGER NOT NULL,
-    job_id      TEXT NOT NULL REFERENCES jobs(id),
+    job_id      TEXT NOT NULL REFERENCES training_jobs(id),
     promoted    INTEGER NOT NULL,        -- 0/1: did the gate promote it
     metrics     TEXT NOT NULL,           -- JSON summary
     created_at  TEXT NOT NULL,

@@ -43,10 +43,17 @@ fn parse_json<T: DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
         } else {
             ErrorCode::InvalidField
         };
+        // serde's positions ("at line 1 column 9") mean nothing to the sender of a batch; the
+        // path names the field instead.
+        let text = inner.to_string();
+        let text = match text.rfind(" at line ") {
+            Some(i) if inner.line() > 0 => text[..i].to_owned(),
+            _ => text,
+        };
         let message = if path == "." {
-            format!("request body: {inner}")
+            format!("request body: {text}")
         } else {
-            format!("{path}: {inner}")
+            format!("{path}: {text}")
         };
         ApiError::new(code, message)
     })

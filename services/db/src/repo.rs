@@ -210,12 +210,12 @@ impl Db {
     ) -> Result<Option<JobId>> {
         let id = JobId::generate();
         let res = sqlx::query(
-            "INSERT INTO jobs (id, domain_id, kind, status, stage, trigger, snapshot_max_id, created_at)
+            "INSERT INTO training_jobs (id, domain_id, kind, status, stage, trigger, snapshot_max_id, created_at)
              SELECT ?, ?, 'fine_tune', 'queued', 'train', ?, m.max_id, ?
              FROM (SELECT COALESCE(MAX(id), 0) AS max_id FROM corrections WHERE domain_id = ?) AS m
-             WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE domain_id = ? AND status IN ('queued', 'running'))
+             WHERE NOT EXISTS (SELECT 1 FROM training_jobs WHERE domain_id = ? AND status IN ('queued', 'running'))
                AND (SELECT COUNT(*) FROM corrections WHERE domain_id = ?
-                      AND id > (SELECT COALESCE(MAX(snapshot_max_id), 0) FROM jobs WHERE domain_id = ?)) >= ?
+                      AND id > (SELECT COALESCE(MAX(snapshot_max_id), 0) FROM training_jobs WHERE domain_id = ?)) >= ?
                AND m.max_id > 0",
         )
         .bind(id.as_str())
@@ -234,7 +234,7 @@ impl Db {
 
     pub async fn job(&self, id: &JobId) -> Result<Option<JobRow>> {
         let row = sqlx::query(
-            "SELECT j.*, d.name AS domain FROM jobs j JOIN domains d ON d.id = j.domain_id WHERE j.id = ?",
+            "SELECT j.*, d.name AS domain FROM training_jobs j JOIN domains d ON d.id = j.domain_id WHERE j.id = ?",
         )
         .bind(id.as_str())
         .fetch_optional(&self.pool)
@@ -244,7 +244,7 @@ impl Db {
 
     pub async fn jobs_of(&self, domain_id: i64) -> Result<Vec<JobRow>> {
         let rows = sqlx::query(
-            "SELECT j.*, d.name AS domain FROM jobs j JOIN domains d ON d.id = j.domain_id
+            "SELECT j.*, d.name AS domain FROM training_jobs j JOIN domains d ON d.id = j.domain_id
              WHERE j.domain_id = ? ORDER BY j.id DESC",
         )
         .bind(domain_id)
@@ -256,7 +256,7 @@ impl Db {
     /// Marks a job running at `stage` (idempotent: a retried stage may call it again).
     pub async fn job_stage(&self, id: &JobId, stage: &str) -> Result<()> {
         sqlx::query(
-            "UPDATE jobs SET status = 'running', stage = ?, started_at = COALESCE(started_at, ?)
+            "UPDATE training_jobs SET status = 'running', stage = ?, started_at = COALESCE(started_at, ?)
              WHERE id = ? AND status IN ('queued', 'running')",
         )
         .bind(stage)
@@ -274,7 +274,7 @@ impl Db {
         error: Option<&str>,
     ) -> Result<()> {
         sqlx::query(
-            "UPDATE jobs SET status = ?, stage = 'done', error = ?, finished_at = ? WHERE id = ?",
+            "UPDATE training_jobs SET status = ?, stage = 'done', error = ?, finished_at = ? WHERE id = ?",
         )
         .bind(status.as_str())
         .bind(error)
@@ -291,7 +291,7 @@ impl Db {
         version: &VersionId,
         decision: &serde_json::Value,
     ) -> Result<()> {
-        sqlx::query("UPDATE jobs SET version = ?, decision = ? WHERE id = ?")
+        sqlx::query("UPDATE training_jobs SET version = ?, decision = ? WHERE id = ?")
             .bind(version.as_str())
             .bind(decision.to_string())
             .bind(id.as_str())
@@ -301,7 +301,7 @@ impl Db {
     }
 
     pub async fn job_counts(&self) -> Result<Vec<(JobStatus, i64)>> {
-        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM training_jobs GROUP BY status")
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
@@ -357,36 +357,28 @@ impl Db {
 
     // ---- versions ----
 
-    /// Reserves the next version id of a domain for `job` (idempotent per job).
+    /// Reserves the next version id of a domain for `job` (idempotent per job). One statement,
+    /// so concurrent publishers never take the same number and no read lock is upgraded.
     pub async fn reserve_version(&self, domain_id: i64, job: &JobId) -> Result<VersionId> {
-        let mut tx = self.pool.begin().await?;
-        if let Some(r) = sqlx::query("SELECT version FROM versions WHERE job_id = ?")
-            .bind(job.as_str())
-            .fetch_optional(&mut *tx)
-            .await?
-        {
-            return Ok(VersionId(r.try_get("version")?));
-        }
-        let seq: i64 =
-            sqlx::query("SELECT COALESCE(MAX(seq), 0) + 1 AS s FROM versions WHERE domain_id = ?")
-                .bind(domain_id)
-                .fetch_one(&mut *tx)
-                .await?
-                .try_get("s")?;
-        let version = VersionId::nth(seq as u64);
         sqlx::query(
             "INSERT INTO versions (domain_id, version, seq, job_id, promoted, metrics, created_at)
-             VALUES (?, ?, ?, ?, 0, '{}', ?)",
+             SELECT ?, 'v' || m.next, m.next, ?, 0, '{}', ?
+             FROM (SELECT COALESCE(MAX(seq), 0) + 1 AS next FROM versions WHERE domain_id = ?) AS m
+             WHERE NOT EXISTS (SELECT 1 FROM versions WHERE job_id = ?)",
         )
         .bind(domain_id)
-        .bind(version.as_str())
-        .bind(seq)
         .bind(job.as_str())
         .bind(now())
-        .execute(&mut *tx)
+        .bind(domain_id)
+        .bind(job.as_str())
+        .execute(&self.pool)
         .await?;
-        tx.commit().await?;
-        Ok(version)
+        let version: String = sqlx::query("SELECT version FROM versions WHERE job_id = ?")
+            .bind(job.as_str())
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("version")?;
+        Ok(VersionId(version))
     }
 
     pub async fn record_version(

@@ -1,1 +1,141 @@
-fn main() {}
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+/// flywheel: keeps small language models learning from their corrections.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Where the database, registry and work files live.
+    #[arg(
+        long,
+        env = "FLYWHEEL_DATA_DIR",
+        default_value = ".flywheel",
+        global = true
+    )]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the API, the workers and the scheduler.
+    Serve {
+        #[arg(long, env = "FLYWHEEL_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: String,
+    },
+    /// Create or upgrade the database schema, then exit.
+    Migrate,
+    /// Run the whole loop on the bundled Banking77 slice and print what it produced.
+    Demo,
+    /// Send corrections from a JSONL or CSV file to a running server.
+    Import {
+        /// Domain to import into.
+        domain: String,
+        /// `.jsonl` of correction objects, or `.csv` with input/expected columns.
+        file: PathBuf,
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        server: String,
+    },
+    /// Base-model utilities.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Write a tiny random-init BERT (config.json, model.safetensors, tokenizer.json) whose
+    /// tokenizer is trained on the given corpus (CSV or JSONL corrections; the bundled
+    /// Banking77 slice if omitted).
+    InitTiny {
+        /// Output directory.
+        dir: PathBuf,
+        #[arg(long)]
+        corpus: Option<PathBuf>,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    flywheel_telemetry::init_logging();
+    if let Err(e) = run(Cli::parse()).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = flywheel::Config::new(cli.data_dir);
+    match cli.command {
+        Command::Serve { listen } => {
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            let running = flywheel::start(config, listener).await?;
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            running.shutdown().await
+        }
+        Command::Migrate => {
+            flywheel::open_db(&config).await?;
+            println!(
+                "database {} is up to date",
+                config.database_path().display()
+            );
+            Ok(())
+        }
+        Command::Demo => flywheel::demo::run(&config.data_dir.join("demo")).await,
+        Command::Import {
+            domain,
+            file,
+            server,
+        } => {
+            let rows = flywheel::read_corrections(&file)?;
+            let sent =
+                flywheel::demo::post_corrections(&reqwest::Client::new(), &server, &domain, &rows)
+                    .await?;
+            println!("{sent} corrections accepted into `{domain}`");
+            Ok(())
+        }
+        Command::Models {
+            command: ModelsCommand::InitTiny { dir, corpus },
+        } => {
+            let rows = match corpus {
+                Some(path) => flywheel::read_corrections(&path)?,
+                None => flywheel::csv_corrections(flywheel::BANKING77_MINI)?,
+            };
+            let texts: Vec<String> = rows
+                .iter()
+                .filter_map(|r| r["input"].as_str().map(str::to_owned))
+                .collect();
+            let model = flywheel::init_tiny_model(&dir, &texts)?;
+            println!(
+                "wrote {} ({} parameters, vocabulary of {})",
+                dir.display(),
+                model.parameters,
+                model.vocab_size
+            );
+            Ok(())
+        }
+    }
+}
+
+/// SIGTERM (what Kubernetes sends) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,216 @@
+//! `flywheel demo`: the whole loop on embedded defaults, driven over real HTTP the way a
+//! department's app would drive it.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+
+use crate::{BANKING77_MINI, Config};
+
+const DOMAIN: &str = "banking";
+const BATCH: usize = 50;
+
+pub async fn run(dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    let rows = crate::csv_corrections(BANKING77_MINI)?;
+    let texts: Vec<String> = rows
+        .iter()
+        .filter_map(|r| r["input"].as_str().map(str::to_owned))
+        .collect();
+    let mut labels: Vec<String> = Vec::new();
+    for r in &rows {
+        let l = r["expected"].as_str().unwrap_or_default().to_owned();
+        if !labels.contains(&l) {
+            labels.push(l);
+        }
+    }
+
+    println!("1/5  creating a tiny base model (tokenizer trained on the domain's text)…");
+    let model_dir = dir.join("models/tiny-bert");
+    let model = crate::init_tiny_model(&model_dir, &texts)?;
+    println!(
+        "     {} parameters, vocabulary of {}",
+        model.parameters, model.vocab_size
+    );
+
+    let mut config = Config::new(dir.to_owned());
+    config.worker.scheduler_interval = Duration::from_millis(500);
+    config.worker.poll_interval = Duration::from_millis(200);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let running = crate::start(config, listener).await?;
+    let base = format!("http://{}", running.addr);
+    println!(
+        "2/5  flywheel is serving on {base} (SQLite and registry under {})",
+        dir.display()
+    );
+
+    let client = reqwest::Client::new();
+    let domain = json!({
+        "name": DOMAIN,
+        "task": "classification",
+        "base_model": model_dir.canonicalize()?.display().to_string(),
+        "labels": labels,
+        "policy": { "min_new_corrections": rows.len(), "holdout_fraction": 0.2, "min_accuracy": 0.5, "min_improvement": 0.05 }
+    });
+    expect(
+        client
+            .post(format!("{base}/v1/domains"))
+            .json(&domain)
+            .send()
+            .await?,
+        201,
+    )
+    .await?;
+    println!(
+        "3/5  registered domain `{DOMAIN}` with {} intents; sending {} corrections…",
+        labels.len(),
+        rows.len()
+    );
+    post_corrections(&client, &base, DOMAIN, &rows).await?;
+
+    println!("4/5  the scheduler starts a LoRA fine-tune; the evaluator gates it…");
+    let job = wait_for_job(&client, &base).await?;
+    if job["status"] != "succeeded" {
+        bail!(
+            "job {} ended {}: {}",
+            job["id"],
+            job["status"],
+            job["error"]
+        );
+    }
+
+    let versions: Value = client
+        .get(format!("{base}/v1/domains/{DOMAIN}/versions"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let v = &versions["data"][0];
+    let version = v["version"].as_str().context("no version was published")?;
+    let name = flywheel_domain::DomainName::parse(DOMAIN)?;
+    let vid = flywheel_domain::VersionId(version.to_owned());
+    let m = &v["metrics"];
+    println!("5/5  done.");
+    println!();
+    println!(
+        "  decision:   {}",
+        m["decision"]["reason"].as_str().unwrap_or("?")
+    );
+    println!(
+        "  held-out accuracy: {:.1}% before (base model) → {:.1}% after ({} held-out corrections)",
+        100.0 * m["champion_accuracy"].as_f64().unwrap_or(0.0),
+        100.0 * m["candidate_accuracy"].as_f64().unwrap_or(0.0),
+        m["holdout_size"]
+    );
+    println!(
+        "  production: {}",
+        versions["production"].as_str().unwrap_or("(unchanged)")
+    );
+    println!(
+        "  adapter:    {}",
+        running
+            .registry
+            .locate(&name, &vid, "adapter_model.safetensors")
+    );
+    println!(
+        "  report:     {}",
+        running.registry.locate(&name, &vid, "report.md")
+    );
+    running.shutdown().await
+}
+
+async fn expect(resp: reqwest::Response, status: u16) -> anyhow::Result<Value> {
+    let got = resp.status().as_u16();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    if got != status {
+        bail!("server answered {got}: {body}");
+    }
+    Ok(body)
+}
+
+/// Posts `rows` in batches with a progress bar; returns how many were accepted.
+pub async fn post_corrections(
+    client: &reqwest::Client,
+    base: &str,
+    domain: &str,
+    rows: &[Value],
+) -> anyhow::Result<usize> {
+    let bar = ProgressBar::new(rows.len() as u64).with_style(
+        ProgressStyle::with_template("     {bar:30} {pos}/{len} corrections ({per_sec})")
+            .expect("template"),
+    );
+    let mut accepted = 0;
+    for chunk in rows.chunks(BATCH) {
+        let resp = client
+            .post(format!("{base}/v1/domains/{domain}/corrections"))
+            .json(&chunk)
+            .send()
+            .await
+            .with_context(|| format!("sending corrections to {base}"))?;
+        let body = expect(resp, 202).await?;
+        accepted += body["accepted"].as_u64().unwrap_or(0) as usize;
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish();
+    Ok(accepted)
+}
+
+async fn wait_for_job(client: &reqwest::Client, base: &str) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    let bar = ProgressBar::new(1).with_style(
+        ProgressStyle::with_template("     {bar:30} step {pos}/{len} {msg}").expect("template"),
+    );
+    let mut after = 0;
+    loop {
+        if Instant::now() > deadline {
+            bail!("no job finished within 30 minutes");
+        }
+        let jobs: Value = client
+            .get(format!("{base}/v1/domains/{DOMAIN}/jobs"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        if let Some(id) = jobs["data"][0]["id"].as_str() {
+            let events: Value = client
+                .get(format!("{base}/v1/jobs/{id}/events?after={after}"))
+                .send()
+                .await?
+                .json()
+                .await?;
+            for e in events["data"].as_array().into_iter().flatten() {
+                after = e["id"].as_i64().unwrap_or(after);
+                if let Some(d) = e.get("data").filter(|d| d.is_object()) {
+                    bar.set_length(d["total_steps"].as_u64().unwrap_or(1));
+                    bar.set_position(d["step"].as_u64().unwrap_or(0));
+                    bar.set_message(format!(
+                        "loss {:.3}, {:.0} tokens/s",
+                        d["loss"].as_f64().unwrap_or(0.0),
+                        d["tokens_per_second"].as_f64().unwrap_or(0.0)
+                    ));
+                } else {
+                    bar.println(format!("     · {}", e["message"].as_str().unwrap_or("")));
+                }
+            }
+            let job: Value = client
+                .get(format!("{base}/v1/jobs/{id}"))
+                .send()
+                .await?
+                .json()
+                .await?;
+            if matches!(
+                job["status"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            ) {
+                bar.finish_and_clear();
+                return Ok(job);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}

@@ -1,0 +1,180 @@
+//! The flywheel process: wires the database, registry, API, workers and scheduler together,
+//! and the command-line tasks (demo, import, model set-up) that drive them.
+//!
+//! This crate owns composition and the CLI's user-facing behaviour; the work itself lives in
+//! the libraries. `start` takes its listener and shutdown signal so tests can bind port 0.
+
+pub mod demo;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use flywheel_api::{AppState, Limits};
+use flywheel_db::Db;
+use flywheel_registry::Registry;
+use flywheel_telemetry::Metrics;
+use flywheel_worker::WorkerConfig;
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+
+/// The embedded Banking77 slice the demo and tests train on (see data/NOTICE.md).
+pub const BANKING77_MINI: &str = include_str!("../data/banking77-mini.csv");
+
+/// Where a flywheel instance keeps its state.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub worker: WorkerConfig,
+    pub limits: Limits,
+}
+
+impl Config {
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            worker: WorkerConfig::new(data_dir.clone()),
+            data_dir,
+            limits: Limits::default(),
+        }
+    }
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join("flywheel.db")
+    }
+    pub fn registry_dir(&self) -> PathBuf {
+        self.data_dir.join("registry")
+    }
+}
+
+/// A running instance: API, workers and scheduler.
+pub struct Running {
+    pub addr: std::net::SocketAddr,
+    pub registry: Registry,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Running {
+    /// Stops accepting requests, lets in-flight work finish, and waits for everything.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            t.await.context("task panicked")??;
+        }
+        Ok(())
+    }
+}
+
+pub async fn open_db(config: &Config) -> anyhow::Result<Db> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    Db::open_sqlite(&config.database_path())
+        .await
+        .with_context(|| format!("opening database {}", config.database_path().display()))
+}
+
+/// Starts everything on `listener`; the instance runs until [`Running::shutdown`].
+pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
+    let db = open_db(&config).await?;
+    let registry = Registry::local(&config.registry_dir()).context("opening the registry")?;
+    let metrics = Metrics::new();
+    // The queue gets a pool of its own: apalis turns `synchronous` off on its connections.
+    let queue_pool = SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(
+            SqliteConnectOptions::new()
+                .filename(config.database_path())
+                .busy_timeout(Duration::from_secs(30)),
+        )
+        .await
+        .context("opening the queue database")?;
+    let ctx = flywheel_worker::Context::new(
+        db.clone(),
+        registry.clone(),
+        metrics.clone(),
+        config.worker.clone(),
+        queue_pool,
+    )
+    .await
+    .context("setting up the job queue")?;
+    let nudge = Arc::new(Notify::new());
+    let (stop, stopped) = watch::channel(false);
+    let addr = listener.local_addr()?;
+    let state = AppState {
+        db,
+        registry: registry.clone(),
+        metrics,
+        nudge: nudge.clone(),
+        limits: config.limits.clone(),
+    };
+    let mut api_stop = stopped.clone();
+    let api = tokio::spawn(async move {
+        flywheel_api::serve(listener, state, async move {
+            let _ = api_stop.wait_for(|s| *s).await;
+        })
+        .await
+        .context("serving the API")
+    });
+    let workers = tokio::spawn(async move {
+        flywheel_worker::run(ctx, nudge, stopped)
+            .await
+            .context("running the workers")
+    });
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), "flywheel is up");
+    Ok(Running {
+        addr,
+        registry,
+        stop,
+        tasks: vec![api, workers],
+    })
+}
+
+/// Writes a tiny random-init BERT, with a tokenizer trained on `texts`, into `dir`.
+pub fn init_tiny_model(
+    dir: &Path,
+    texts: &[String],
+) -> anyhow::Result<flywheel_trainer::tiny::TinyModel> {
+    flywheel_trainer::tiny::init_tiny_bert(
+        dir,
+        texts.iter().map(String::as_str),
+        &flywheel_trainer::tiny::TinyBertSpec::default(),
+    )
+    .with_context(|| format!("writing a tiny model to {}", dir.display()))
+}
+
+/// Rows of a `text,category`-style CSV or a JSONL file of correction objects, as JSON values
+/// ready to POST.
+pub fn read_corrections(path: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
+    let raw =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    if path.extension().is_some_and(|e| e == "csv") {
+        csv_corrections(&raw).with_context(|| format!("parsing {}", path.display()))
+    } else {
+        raw.lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| {
+                serde_json::from_str(l)
+                    .with_context(|| format!("{}:{}: not a JSON object", path.display(), i + 1))
+            })
+            .collect()
+    }
+}
+
+/// CSV with a header: `input`/`text` and `expected`/`label`/`category` columns.
+pub fn csv_corrections(raw: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut reader = csv::Reader::from_reader(raw.as_bytes());
+    let headers = reader.headers()?.clone();
+    let col = |names: &[&str]| headers.iter().position(|h| names.contains(&h));
+    let input = col(&["input", "text"]).context("the CSV needs an `input` (or `text`) column")?;
+    let expected = col(&["expected", "label", "category"])
+        .context("the CSV needs an `expected` (or `label`/`category`) column")?;
+    reader
+        .records()
+        .map(|r| {
+            let r = r?;
+            Ok(serde_json::json!({ "input": &r[input], "expected": &r[expected] }))
+        })
+        .collect()
+}

@@ -1,0 +1,421 @@
+//! The whole loop over real HTTP against a real SQLite file, a real registry directory and
+//! real burn training: `TestApp::spawn()` gives each test a fresh instance on port 0.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+struct TestApp {
+    base: String,
+    client: reqwest::Client,
+    dir: tempfile::TempDir,
+    running: Option<flywheel::Running>,
+    model_dir: String,
+    labels: Vec<String>,
+    rows: Vec<Value>,
+}
+
+impl TestApp {
+    async fn spawn() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let rows = flywheel::csv_corrections(flywheel::BANKING77_MINI).unwrap();
+        let texts: Vec<String> = rows
+            .iter()
+            .map(|r| r["input"].as_str().unwrap().to_owned())
+            .collect();
+        let mut labels: Vec<String> = Vec::new();
+        for r in &rows {
+            let l = r["expected"].as_str().unwrap().to_owned();
+            if !labels.contains(&l) {
+                labels.push(l);
+            }
+        }
+        let model_dir = dir.path().join("tiny-bert");
+        flywheel::init_tiny_model(&model_dir, &texts).unwrap();
+        let mut config = flywheel::Config::new(dir.path().join("data"));
+        config.worker.scheduler_interval = Duration::from_millis(200);
+        config.worker.poll_interval = Duration::from_millis(100);
+        config.limits.max_body_bytes = 256 * 1024;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let running = flywheel::start(config, listener).await.unwrap();
+        Self {
+            base: format!("http://{}", running.addr),
+            client: reqwest::Client::new(),
+            dir,
+            running: Some(running),
+            model_dir: model_dir.display().to_string(),
+            labels,
+            rows,
+        }
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let resp = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        (
+            resp.status().as_u16(),
+            resp.json().await.unwrap_or(Value::Null),
+        )
+    }
+
+    async fn post_raw(&self, path: &str, content_type: &str, body: Vec<u8>) -> (u16, Value) {
+        let resp = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        (
+            resp.status().as_u16(),
+            resp.json().await.unwrap_or(Value::Null),
+        )
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let resp = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn create_domain(&self, min_new: usize) {
+        let spec = json!({
+            "name": "banking",
+            "task": "classification",
+            "base_model": self.model_dir,
+            "labels": self.labels,
+            "policy": {"min_new_corrections": min_new, "holdout_fraction": 0.2, "min_accuracy": 0.4, "min_improvement": 0.02}
+        });
+        let (status, body) = self.post("/v1/domains", &spec).await;
+        assert_eq!(status, 201, "{body}");
+    }
+
+    /// Waits for the `n`th job (1-based, oldest first) of the domain to finish.
+    async fn wait_for_job(&self, n: usize) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            assert!(Instant::now() < deadline, "job {n} did not finish");
+            let (_, jobs) = self.get("/v1/domains/banking/jobs").await;
+            let jobs = jobs["data"].as_array().unwrap().clone();
+            if jobs.len() >= n {
+                let job = &jobs[jobs.len() - n];
+                if matches!(
+                    job["status"].as_str(),
+                    Some("succeeded" | "failed" | "cancelled")
+                ) {
+                    return job.clone();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn registry_path(&self, rel: &str) -> std::path::PathBuf {
+        self.dir.path().join("data/registry").join(rel)
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        // Shut down on a runtime of its own: the test's runtime is ending.
+        if let Some(running) = self.running.take() {
+            let _ = std::thread::spawn(move || {
+                tokio::runtime::Runtime::new()
+                    .unwrap()
+                    .block_on(async { running.shutdown().await })
+            })
+            .join();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrections_train_a_promoted_adapter_and_a_bad_round_leaves_production_alone() {
+    let app = TestApp::spawn().await;
+    // Round 1 sends 400 rows in three requests; only all of them together reach the threshold.
+    app.create_domain(300).await;
+
+    // Round 1: the real labels, as a bare array, a wrapped batch and NDJSON.
+    let (first, rest) = app.rows.split_at(100);
+    let (status, body) = app
+        .post("/v1/domains/banking/corrections", &json!(first))
+        .await;
+    assert_eq!(
+        (status, body["accepted"].as_u64()),
+        (202, Some(100)),
+        "{body}"
+    );
+    let (second, third) = rest.split_at(100);
+    let (status, _) = app
+        .post(
+            "/v1/domains/banking/corrections",
+            &json!({"corrections": second}),
+        )
+        .await;
+    assert_eq!(status, 202);
+    let ndjson: String = third.iter().map(|r| format!("{r}\n")).collect();
+    let (status, body) = app
+        .post_raw(
+            "/v1/domains/banking/corrections",
+            "application/x-ndjson",
+            ndjson.into_bytes(),
+        )
+        .await;
+    assert_eq!(
+        (status, body["accepted"].as_u64()),
+        (202, Some(200)),
+        "{body}"
+    );
+    // A retry of the same rows stores nothing new.
+    let (status, body) = app
+        .post("/v1/domains/banking/corrections", &json!(first))
+        .await;
+    assert_eq!(
+        (
+            status,
+            body["accepted"].as_u64(),
+            body["duplicates"].as_u64()
+        ),
+        (202, Some(0), Some(100))
+    );
+
+    let job = app.wait_for_job(1).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["version"], "v1");
+    assert_eq!(job["decision"]["promote"], true, "{job}");
+
+    let (_, versions) = app.get("/v1/domains/banking/versions").await;
+    assert_eq!(versions["production"], "v1");
+    let metrics = &versions["data"][0]["metrics"];
+    let (before, after) = (
+        metrics["champion_accuracy"].as_f64().unwrap(),
+        metrics["candidate_accuracy"].as_f64().unwrap(),
+    );
+    assert!(after > before + 0.2, "accuracy {before} -> {after}");
+
+    // The version is in the registry in PEFT layout, with its report and a manifest.
+    for file in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "report.json",
+        "report.md",
+        "manifest.json",
+    ] {
+        assert!(
+            app.registry_path(&format!("domains/banking/versions/v1/{file}"))
+                .exists(),
+            "{file}"
+        );
+    }
+    let alias: Value = serde_json::from_slice(
+        &std::fs::read(app.registry_path("domains/banking/aliases/production.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(alias["to"], "v1");
+    let (status, report) = app
+        .get("/v1/domains/banking/versions/v1/report?format=md")
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        report.as_str().unwrap().contains("banking v1: promoted"),
+        "{report}"
+    );
+
+    // The job's history shows training progress.
+    let (_, events) = app
+        .get(&format!("/v1/jobs/{}/events", job["id"].as_str().unwrap()))
+        .await;
+    assert!(
+        events["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "metrics")
+    );
+
+    // Round 2: the same inputs with shuffled labels. The candidate trains on contradictions and
+    // must not replace v1.
+    let n = app.rows.len();
+    let shuffled: Vec<Value> = app
+        .rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| json!({"input": r["input"], "expected": app.rows[(i * 7 + 13) % n]["expected"]}))
+        .collect();
+    let (status, body) = app
+        .post("/v1/domains/banking/corrections", &json!(shuffled))
+        .await;
+    // 56 of the shuffled rows happen to keep their label: those are duplicates, not new rows.
+    assert_eq!(
+        (status, body["accepted"].as_u64()),
+        (202, Some(344)),
+        "{body}"
+    );
+    let job = app.wait_for_job(2).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["decision"]["promote"], false, "{job}");
+    let (_, versions) = app.get("/v1/domains/banking/versions").await;
+    assert_eq!(versions["production"], "v1", "{versions}");
+    assert_eq!(versions["data"].as_array().unwrap().len(), 2);
+
+    let (_, metrics) = app.get("/metrics").await;
+    let metrics = metrics.as_str().unwrap().to_owned();
+    assert!(
+        metrics.contains("flywheel_corrections_ingested_total{domain=\"banking\"} 744"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "flywheel_promotion_decisions_total{domain=\"banking\",outcome=\"promoted\"} 1"
+        )
+    );
+    assert!(metrics.contains("flywheel_jobs{state=\"succeeded\"} 2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_stable_code_naming_the_field_and_loses_nothing() {
+    let app = TestApp::spawn().await;
+    // High threshold: this test is about ingestion, not training.
+    app.create_domain(100_000).await;
+    let path = "/v1/domains/banking/corrections";
+    let good = json!({"input": "my card has not arrived", "expected": "card_arrival"});
+    assert_eq!(app.post(path, &good).await.0, 202);
+
+    let big = "x".repeat(300 * 1024);
+    let cases: Vec<(&str, u16, Value, &str)> = vec![
+        (
+            "/v1/domains/nope/corrections",
+            404,
+            good.clone(),
+            "domain_not_found",
+        ),
+        (
+            path,
+            422,
+            json!({"expected": "card_arrival"}),
+            "invalid_field",
+        ),
+        (
+            path,
+            422,
+            json!({"input": 5, "expected": "card_arrival"}),
+            "invalid_field",
+        ),
+        (
+            path,
+            422,
+            json!({"input": "  ", "expected": "card_arrival"}),
+            "invalid_field",
+        ),
+        (
+            path,
+            422,
+            json!({"input": "hi", "expected": "mortgage"}),
+            "unknown_label",
+        ),
+        (
+            path,
+            422,
+            json!([good, {"input": "hi", "expected": "mortgage"}]),
+            "unknown_label",
+        ),
+        (
+            path,
+            422,
+            json!({"input": "hi", "expected": "card_arrival", "colour": "red"}),
+            "invalid_field",
+        ),
+        (
+            path,
+            413,
+            json!({"input": big, "expected": "card_arrival"}),
+            "payload_too_large",
+        ),
+    ];
+    let mut seen = Vec::new();
+    for (p, status, body, code) in &cases {
+        let (got, err) = app.post(p, body).await;
+        assert_eq!(
+            (got, err["code"].as_str()),
+            (*status, Some(*code)),
+            "{body:.80}: {err}"
+        );
+        assert!(!err["message"].as_str().unwrap().is_empty());
+        seen.push(err["message"].as_str().unwrap().to_owned());
+    }
+    insta::assert_json_snapshot!(seen[..7], @r#"
+    [
+      "domain `nope` does not exist",
+      "input: is required",
+      "input: invalid type: integer `5`, expected a string",
+      "input: must not be empty",
+      "expected: `mortgage` is not a label of domain `banking`",
+      "corrections[1].expected: `mortgage` is not a label of domain `banking`",
+      "colour: unknown field `colour`, expected one of `client_id`, `input`, `model_output`, `expected`, `source`, `teacher`, `metadata`"
+    ]
+    "#);
+    let (status, err) = app
+        .post_raw(path, "application/json", b"{\"input\": ".to_vec())
+        .await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (400, Some("malformed_json")),
+        "{err}"
+    );
+    let (status, err) = app.post_raw(path, "text/plain", b"hello".to_vec()).await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (415, Some("unsupported_media_type")),
+        "{err}"
+    );
+
+    // NDJSON keeps the good lines and reports the bad ones by line number.
+    let ndjson = "{\"input\": \"pin locked\", \"expected\": \"pin_blocked\"}\nnot json\n{\"input\": \"x\", \"expected\": \"nope\"}\n";
+    let (status, body) = app
+        .post_raw(path, "application/x-ndjson", ndjson.as_bytes().to_vec())
+        .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["accepted"], 1);
+    let lines: Vec<(u64, &str)> = body["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["line"].as_u64().unwrap(), r["code"].as_str().unwrap()))
+        .collect();
+    assert_eq!(lines, vec![(2, "malformed_json"), (3, "unknown_label")]);
+
+    // Domain registration errors name the field too.
+    let (status, err) = app.post("/v1/domains", &json!({"name": "Bad Name", "task": "classification", "base_model": "m", "labels": ["a", "b"]})).await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (422, Some("invalid_field")),
+        "{err}"
+    );
+    assert!(
+        err["message"].as_str().unwrap().starts_with("name:"),
+        "{err}"
+    );
+    let (status, err) = app.post("/v1/domains", &json!({"name": "banking", "task": "classification", "base_model": "m", "labels": ["a", "b"]})).await;
+    assert_eq!((status, err["code"].as_str()), (409, Some("domain_exists")));
+
+    // Everything accepted before, between and after the errors is still there.
+    let (_, domain) = app.get("/v1/domains/banking").await;
+    let stored = domain["corrections"]["train"].as_i64().unwrap()
+        + domain["corrections"]["holdout"].as_i64().unwrap();
+    assert_eq!(stored, 2, "{domain}");
+}
