@@ -267,6 +267,13 @@ async fn corrections_train_a_promoted_adapter_and_a_bad_round_leaves_production_
         "{body}"
     );
     let job = app.wait_for_job(2).await;
+    let (_, ev) = app
+        .get(&format!("/v1/jobs/{}/events", job["id"].as_str().unwrap()))
+        .await;
+    for e in ev["data"].as_array().unwrap() {
+        eprintln!("DEBUG {} {}", e["at"], e["message"]);
+    }
+    eprintln!("DEBUG job {job}");
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["decision"]["promote"], false, "{job}");
     let (_, versions) = app.get("/v1/domains/banking/versions").await;

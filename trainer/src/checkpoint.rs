@@ -95,6 +95,31 @@ impl Checkpoint {
         Ok(data)
     }
 
+    /// A frozen parameter of the given shape.
+    pub fn param<const D: usize>(
+        &mut self,
+        name: &str,
+        shape: [usize; D],
+        device: &Device,
+    ) -> Result<Param<Tensor<D>>> {
+        self.frozen(name, shape, device)
+    }
+
+    /// A frozen linear layer without bias.
+    pub fn linear_no_bias(
+        &mut self,
+        prefix: &str,
+        d_in: usize,
+        d_out: usize,
+        device: &Device,
+    ) -> Result<Linear> {
+        let w = self.take(&format!("{prefix}.weight"), &[d_out, d_in])?;
+        let w = Tensor::<2>::from_data(TensorData::new(w, [d_out, d_in]), device).transpose();
+        let mut linear = LinearConfig::new(d_in, d_out).with_bias(false).init(device);
+        linear.weight = Param::from_tensor(w).set_require_grad(false);
+        Ok(linear)
+    }
+
     fn frozen<const D: usize>(
         &mut self,
         name: &str,

@@ -17,13 +17,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::bert::{Bert, BertConfig};
 use crate::checkpoint::{Checkpoint, to_host, write_safetensors};
-use crate::lora::LoraSpec;
+use crate::lora::{
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraSpec, load_peft_adapter, write_peft_adapter,
+};
 use crate::tokenize::TextEncoder;
 use crate::{Result, TrainerError, io_err};
 
-/// File names of a classifier adapter directory.
-pub const ADAPTER_CONFIG: &str = "adapter_config.json";
-pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+/// File names of a classifier's head, beside the PEFT adapter.
 pub const HEAD_WEIGHTS: &str = "classifier_head.safetensors";
 pub const HEAD_CONFIG: &str = "classifier_config.json";
 
@@ -249,7 +249,7 @@ pub fn train_classifier(
 }
 
 /// Linear warmup, then cosine decay to zero.
-fn schedule(peak: f64, step: usize, warmup: usize, total: usize) -> f64 {
+pub(crate) fn schedule(peak: f64, step: usize, warmup: usize, total: usize) -> f64 {
     if step < warmup {
         return peak * (step + 1) as f64 / warmup as f64;
     }
@@ -280,38 +280,25 @@ fn module_path(prefix: &str, i: usize, name: &str) -> String {
 
 fn export(model: &Classifier, spec: &TrainSpec, config: &BertConfig) -> Result<Vec<String>> {
     let dir = &spec.output_dir;
-    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let prefix = &model.encoder.module_prefix;
-    let mut tensors = Vec::new();
-    for (i, layer) in model.encoder.layers.iter().enumerate() {
-        for (name, proj) in layer.projections() {
-            if let Some(((a_shape, a), (b_shape, b))) = proj.peft_weights() {
-                let path = module_path(prefix, i, name);
-                tensors.push((format!("base_model.model.{path}.lora_A.weight"), a_shape, a));
-                tensors.push((format!("base_model.model.{path}.lora_B.weight"), b_shape, b));
-            }
-        }
-    }
-    write_safetensors(&dir.join(ADAPTER_WEIGHTS), &tensors)?;
-    let adapter_config = serde_json::json!({
-        "peft_type": "LORA",
-        // The head travels in its own file, so PEFT sees a plain encoder adapter and no
-        // modules_to_save; serving stacks that reject full weights accept it.
-        "task_type": "FEATURE_EXTRACTION",
-        "base_model_name_or_path": spec.base_model_dir.display().to_string(),
-        "r": spec.lora.r,
-        "lora_alpha": spec.lora.alpha,
-        "lora_dropout": spec.lora.dropout,
-        "target_modules": spec.lora.target_modules,
-        "use_rslora": spec.lora.use_rslora,
-        "bias": "none",
-        "fan_in_fan_out": false,
-        "inference_mode": true,
-        "init_lora_weights": true,
-        "modules_to_save": null,
-        "revision": null,
-    });
-    write_json(&dir.join(ADAPTER_CONFIG), &adapter_config)?;
+    let layers = model
+        .encoder
+        .layers
+        .iter()
+        .enumerate()
+        .flat_map(|(i, layer)| {
+            layer
+                .projections()
+                .into_iter()
+                .map(move |(name, proj)| (module_path(prefix, i, name), proj))
+        });
+    write_peft_adapter(
+        dir,
+        &spec.base_model_dir,
+        &spec.lora,
+        "FEATURE_EXTRACTION",
+        layers,
+    )?;
     let w = to_host(model.head.weight.val().transpose());
     let b = to_host(model.head.bias.as_ref().expect("head has bias").val());
     write_safetensors(
@@ -432,48 +419,17 @@ impl ClassifierPredictor {
 }
 
 fn load_adapter(encoder: &mut Bert, dir: &Path, device: &Device) -> Result<()> {
-    let config = read_json(&dir.join(ADAPTER_CONFIG))?;
-    let r = config["r"].as_f64().unwrap_or(8.0);
-    let alpha = config["lora_alpha"].as_f64().unwrap_or(r);
-    let scaling = if config["use_rslora"].as_bool().unwrap_or(false) {
-        alpha / r.sqrt()
-    } else {
-        alpha / r
-    };
-    let mut weights = Checkpoint::open_file(&dir.join(ADAPTER_WEIGHTS))?;
     let prefix = encoder.module_prefix.clone();
-    let mut loaded = 0;
-    for (i, layer) in encoder.layers.iter_mut().enumerate() {
-        for (name, proj) in layer.projections_mut() {
-            let path = format!("base_model.model.{}", module_path(&prefix, i, name));
-            let Some((a_shape, a)) = weights.take_any(&format!("{path}.lora_A.weight")) else {
-                continue;
-            };
-            let (b_shape, b) = weights
-                .take_any(&format!("{path}.lora_B.weight"))
-                .ok_or_else(|| TrainerError::MissingTensor(format!("{path}.lora_B.weight")))?;
-            if a_shape.len() != 2 || b_shape.len() != 2 {
-                return Err(TrainerError::BadFile {
-                    file: dir.join(ADAPTER_WEIGHTS),
-                    message: format!("{path}: LoRA weights must be matrices"),
-                });
-            }
-            proj.load_peft(
-                a,
-                [a_shape[0], a_shape[1]],
-                b,
-                [b_shape[0], b_shape[1]],
-                scaling,
-                device,
-            );
-            loaded += 1;
-        }
-    }
-    if loaded == 0 {
-        return Err(TrainerError::BadFile {
-            file: dir.join(ADAPTER_WEIGHTS),
-            message: "no LoRA weights match this base model".into(),
+    let layers = encoder
+        .layers
+        .iter_mut()
+        .enumerate()
+        .flat_map(|(i, layer)| {
+            let prefix = prefix.clone();
+            layer
+                .projections_mut()
+                .into_iter()
+                .map(move |(name, proj)| (module_path(&prefix, i, name), proj))
         });
-    }
-    Ok(())
+    load_peft_adapter(dir, layers, device)
 }

@@ -6,12 +6,15 @@
 //! in its public API, so callers need not know burn exists.
 
 mod bert;
+mod causal;
 mod checkpoint;
 mod classifier;
+mod llama;
 mod lora;
 pub mod tiny;
 mod tokenize;
 
+pub use causal::{Generation, Generator, SftExample, train_causal_lm};
 pub use classifier::{
     ClassifierPredictor, Example, Prediction, TrainReport, TrainSpec, TrainStep, train_classifier,
 };
@@ -39,7 +42,9 @@ pub enum TrainerError {
         expected: Vec<usize>,
         actual: Vec<usize>,
     },
-    #[error("unsupported architecture `{0}`: supported are BERT-family encoders")]
+    #[error(
+        "unsupported architecture `{0}`: supported are BERT-family encoders and Llama-family causal LMs (llama, mistral, qwen2)"
+    )]
     UnsupportedArchitecture(String),
     #[error("invalid training spec: {0}")]
     InvalidSpec(String),

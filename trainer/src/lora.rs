@@ -159,3 +159,104 @@ impl LoraLinear {
         self.scaling = scaling;
     }
 }
+
+/// Writes `adapter_config.json` and `adapter_model.safetensors` in PEFT's layout from
+/// `(module path, layer)` pairs; unadapted layers are skipped.
+pub(crate) fn write_peft_adapter<'a>(
+    dir: &std::path::Path,
+    base_model: &std::path::Path,
+    spec: &LoraSpec,
+    task_type: &str,
+    layers: impl Iterator<Item = (String, &'a LoraLinear)>,
+) -> crate::Result<()> {
+    std::fs::create_dir_all(dir).map_err(crate::io_err(dir))?;
+    let mut tensors = Vec::new();
+    for (path, proj) in layers {
+        if let Some(((a_shape, a), (b_shape, b))) = proj.peft_weights() {
+            tensors.push((format!("base_model.model.{path}.lora_A.weight"), a_shape, a));
+            tensors.push((format!("base_model.model.{path}.lora_B.weight"), b_shape, b));
+        }
+    }
+    crate::checkpoint::write_safetensors(&dir.join(ADAPTER_WEIGHTS), &tensors)?;
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model.display().to_string(),
+        "r": spec.r,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "target_modules": spec.target_modules,
+        "use_rslora": spec.use_rslora,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        // Heads travel in files of their own: serving stacks that refuse full weights in an
+        // adapter accept this one.
+        "modules_to_save": null,
+        "revision": null,
+    });
+    let path = dir.join(ADAPTER_CONFIG);
+    std::fs::write(&path, serde_json::to_string_pretty(&config).expect("json"))
+        .map_err(crate::io_err(&path))
+}
+
+/// Loads a PEFT adapter from `dir` into the layers named by `(module path, layer)`.
+pub(crate) fn load_peft_adapter<'a>(
+    dir: &std::path::Path,
+    layers: impl Iterator<Item = (String, &'a mut LoraLinear)>,
+    device: &Device,
+) -> crate::Result<()> {
+    use crate::TrainerError;
+    let raw = std::fs::read_to_string(dir.join(ADAPTER_CONFIG))
+        .map_err(crate::io_err(dir.join(ADAPTER_CONFIG)))?;
+    let config: serde_json::Value =
+        serde_json::from_str(&raw).map_err(|e| TrainerError::BadFile {
+            file: dir.join(ADAPTER_CONFIG),
+            message: e.to_string(),
+        })?;
+    let r = config["r"].as_f64().unwrap_or(8.0);
+    let alpha = config["lora_alpha"].as_f64().unwrap_or(r);
+    let scaling = if config["use_rslora"].as_bool().unwrap_or(false) {
+        alpha / r.sqrt()
+    } else {
+        alpha / r
+    };
+    let file = dir.join(ADAPTER_WEIGHTS);
+    let mut weights = crate::checkpoint::Checkpoint::open_file(&file)?;
+    let mut loaded = 0;
+    for (path, proj) in layers {
+        let key = format!("base_model.model.{path}");
+        let Some((a_shape, a)) = weights.take_any(&format!("{key}.lora_A.weight")) else {
+            continue;
+        };
+        let (b_shape, b) = weights
+            .take_any(&format!("{key}.lora_B.weight"))
+            .ok_or_else(|| TrainerError::MissingTensor(format!("{key}.lora_B.weight")))?;
+        if a_shape.len() != 2 || b_shape.len() != 2 {
+            return Err(TrainerError::BadFile {
+                file,
+                message: format!("{key}: LoRA weights must be matrices"),
+            });
+        }
+        proj.load_peft(
+            a,
+            [a_shape[0], a_shape[1]],
+            b,
+            [b_shape[0], b_shape[1]],
+            scaling,
+            device,
+        );
+        loaded += 1;
+    }
+    if loaded == 0 {
+        return Err(TrainerError::BadFile {
+            file,
+            message: "no LoRA weights match this base model".into(),
+        });
+    }
+    Ok(())
+}
+
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";

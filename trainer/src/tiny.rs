@@ -180,3 +180,128 @@ fn std_normal(rng: &mut StdRng) -> f32 {
     let u2: f64 = rng.random();
     ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
 }
+
+/// Shape of a tiny Llama.
+#[derive(Debug, Clone)]
+pub struct TinyLlamaSpec {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub max_position_embeddings: usize,
+    /// Upper bound on the byte-level BPE vocabulary.
+    pub vocab_size: usize,
+    pub tie_word_embeddings: bool,
+    pub seed: u64,
+}
+
+impl Default for TinyLlamaSpec {
+    fn default() -> Self {
+        Self {
+            hidden_size: 128,
+            intermediate_size: 256,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            max_position_embeddings: 256,
+            vocab_size: 2000,
+            tie_word_embeddings: true,
+            seed: 11,
+        }
+    }
+}
+
+/// Writes a Llama-architecture `config.json`, `tokenizer.json` (byte-level BPE, `<|endoftext|>`
+/// as id 0) and `model.safetensors` into `dir`.
+pub fn init_tiny_llama<S: AsRef<str> + Send>(
+    dir: &Path,
+    corpus: impl Iterator<Item = S> + Send,
+    spec: &TinyLlamaSpec,
+) -> Result<TinyModel> {
+    use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let mut tokenizer = Tokenizer::new(BPE::default());
+    tokenizer
+        .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)))
+        .with_decoder(Some(ByteLevel::default()));
+    let mut trainer: tokenizers::models::TrainerWrapper = BpeTrainerBuilder::new()
+        .vocab_size(spec.vocab_size)
+        .min_frequency(1)
+        .show_progress(false)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .special_tokens(vec![AddedToken::from("<|endoftext|>", true)])
+        .build()
+        .into();
+    tokenizer
+        .train(&mut trainer, corpus)
+        .map_err(|e| TrainerError::Tokenizer(e.to_string()))?;
+    let vocab_size = tokenizer.get_vocab_size(true);
+    tokenizer
+        .save(dir.join("tokenizer.json"), true)
+        .map_err(|e| TrainerError::Tokenizer(e.to_string()))?;
+
+    let mut config = crate::llama::LlamaConfig::new(
+        vocab_size,
+        spec.hidden_size,
+        spec.intermediate_size,
+        spec.num_hidden_layers,
+        spec.num_attention_heads,
+        spec.num_key_value_heads,
+        spec.max_position_embeddings,
+    );
+    config.tie_word_embeddings = spec.tie_word_embeddings;
+    let config_path = dir.join("config.json");
+    let json = serde_json::to_string_pretty(&config.to_json()).expect("json");
+    std::fs::write(&config_path, json).map_err(io_err(&config_path))?;
+
+    let mut rng = StdRng::seed_from_u64(spec.seed);
+    let (h, f) = (spec.hidden_size, spec.intermediate_size);
+    let kv = spec.num_key_value_heads * (h / spec.num_attention_heads);
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut normal = |name: String, shape: Vec<usize>, std: f32| {
+        let n = shape.iter().product();
+        let data = (0..n).map(|_| std * std_normal(&mut rng)).collect();
+        tensors.push((name, shape, data));
+    };
+    // The head is frozen (tied, or lm_head) and the final RMSNorm pins |h| to sqrt(hidden), so
+    // a logit can reach at most std * hidden. transformers' 0.02 caps a 128-wide model at 2.6,
+    // too little for LoRA to ever make one token likely; 0.1 allows ~13.
+    let embed_std = 0.1;
+    normal(
+        "model.embed_tokens.weight".into(),
+        vec![vocab_size, h],
+        embed_std,
+    );
+    for i in 0..spec.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        normal(format!("{p}.self_attn.q_proj.weight"), vec![h, h], 0.02);
+        normal(format!("{p}.self_attn.k_proj.weight"), vec![kv, h], 0.02);
+        normal(format!("{p}.self_attn.v_proj.weight"), vec![kv, h], 0.02);
+        normal(format!("{p}.self_attn.o_proj.weight"), vec![h, h], 0.02);
+        normal(format!("{p}.mlp.gate_proj.weight"), vec![f, h], 0.02);
+        normal(format!("{p}.mlp.up_proj.weight"), vec![f, h], 0.02);
+        normal(format!("{p}.mlp.down_proj.weight"), vec![h, f], 0.02);
+    }
+    if !spec.tie_word_embeddings {
+        normal("lm_head.weight".into(), vec![vocab_size, h], embed_std);
+    }
+    for i in 0..spec.num_hidden_layers {
+        for n in ["input_layernorm", "post_attention_layernorm"] {
+            tensors.push((
+                format!("model.layers.{i}.{n}.weight"),
+                vec![h],
+                vec![1.0; h],
+            ));
+        }
+    }
+    tensors.push(("model.norm.weight".into(), vec![h], vec![1.0; h]));
+    let parameters = tensors.iter().map(|(_, _, d)| d.len()).sum();
+    write_safetensors(&dir.join("model.safetensors"), &tensors)?;
+    Ok(TinyModel {
+        vocab_size,
+        parameters,
+    })
+}

@@ -112,3 +112,71 @@ fn a_model_directory_without_weights_is_refused_by_name() {
         "{err}"
     );
 }
+
+#[test]
+fn causal_lm_sft_learns_to_generate_the_corrected_completion() {
+    use flywheel_trainer::tiny::{TinyLlamaSpec, init_tiny_llama};
+    use flywheel_trainer::{Generator, SftExample, train_causal_lm};
+
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("llama");
+    let (labels, rows) = banking();
+    // Generation task: answer each query with its intent name, as text.
+    let examples: Vec<SftExample> = rows
+        .iter()
+        .map(|r| SftExample {
+            prompt: r.text.clone(),
+            completion: labels[r.label].replace('_', " "),
+        })
+        .collect();
+    let corpus = examples
+        .iter()
+        .flat_map(|e| [e.prompt.clone(), e.completion.clone()]);
+    init_tiny_llama(&base, corpus, &TinyLlamaSpec::default()).unwrap();
+    let (holdout, train): (Vec<_>, Vec<_>) = examples
+        .into_iter()
+        .enumerate()
+        .partition(|(i, _)| i % 5 == 0);
+    let holdout: Vec<SftExample> = holdout.into_iter().map(|(_, r)| r).collect();
+    let train: Vec<SftExample> = train.into_iter().map(|(_, r)| r).collect();
+
+    let out = dir.path().join("adapter");
+    let mut spec = TrainSpec::new(base.clone(), out.clone(), vec![]);
+    spec.lora.target_modules = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
+    .map(String::from)
+    .to_vec();
+    spec.epochs = 20;
+    spec.learning_rate = 3e-3;
+    let report = train_causal_lm(&spec, &train, &mut |_| true).unwrap();
+    let first = report.loss_curve[0].1;
+    let last = report.loss_curve.last().unwrap().1;
+    assert!(last < first * 0.5, "loss {first} -> {last}");
+
+    let exact = |g: &Generator| {
+        holdout
+            .iter()
+            .take(40)
+            .filter(|r| g.generate(&r.prompt, 8).unwrap().text == r.completion)
+            .count()
+    };
+    let before = exact(&Generator::load(&base, None).unwrap());
+    let after = exact(&Generator::load(&base, Some(&out)).unwrap());
+    eprintln!("exact match on 40 held-out prompts: {before} -> {after}");
+    assert!(after >= before + 15, "{before} -> {after}");
+
+    let bytes = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    // GQA: k_proj is [kv_heads * head_dim, hidden] = [64, 128], so lora_B is [64, r].
+    let b = st
+        .tensor("base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight")
+        .unwrap();
+    assert_eq!(b.shape(), &[64, 8]);
+}

@@ -1,0 +1,313 @@
+//! Causal-LM supervised fine-tuning on corrected completions (loss on completion tokens only)
+//! and greedy generation for evaluation.
+
+use std::path::Path;
+use std::time::Instant;
+
+use burn::grad_clipping::GradientClippingConfig;
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use rand::seq::SliceRandom;
+use rand::{SeedableRng, rngs::StdRng};
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
+
+use crate::checkpoint::{Checkpoint, to_host};
+use crate::classifier::{TrainReport, TrainSpec, TrainStep, schedule};
+use crate::llama::{Llama, LlamaConfig};
+use crate::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, write_peft_adapter};
+use crate::{Result, TrainerError, io_err};
+
+/// One prompt and the completion the model should have produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SftExample {
+    pub prompt: String,
+    pub completion: String,
+}
+
+/// What the model generated, with its confidence: the geometric mean of the chosen tokens'
+/// probabilities.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Generation {
+    pub text: String,
+    pub confidence: f32,
+}
+
+const EOS_CANDIDATES: [&str; 4] = ["<|endoftext|>", "</s>", "<|im_end|>", "<eos>"];
+
+/// The prompt as the model sees it. Kept in one place so training and generation agree.
+fn render_prompt(prompt: &str) -> String {
+    format!("{prompt}\n")
+}
+
+struct TextCodec {
+    tokenizer: Tokenizer,
+    eos: u32,
+}
+
+impl TextCodec {
+    fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(TrainerError::MissingFile {
+                dir: dir.to_owned(),
+                file: "tokenizer.json",
+            });
+        }
+        let tokenizer =
+            Tokenizer::from_file(&path).map_err(|e| TrainerError::Tokenizer(e.to_string()))?;
+        let eos = EOS_CANDIDATES
+            .iter()
+            .find_map(|t| tokenizer.token_to_id(t))
+            .ok_or_else(|| {
+                TrainerError::Tokenizer("no end-of-sequence token in tokenizer.json".into())
+            })?;
+        Ok(Self { tokenizer, eos })
+    }
+
+    fn ids(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| TrainerError::Tokenizer(e.to_string()))?
+            .get_ids()
+            .to_vec())
+    }
+
+    fn text(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| TrainerError::Tokenizer(e.to_string()))
+    }
+}
+
+fn load_config(dir: &Path) -> Result<LlamaConfig> {
+    let path = dir.join("config.json");
+    if !path.exists() {
+        return Err(TrainerError::MissingFile {
+            dir: dir.to_owned(),
+            file: "config.json",
+        });
+    }
+    let raw = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&raw).map_err(|e| TrainerError::BadFile {
+            file: path.clone(),
+            message: e.to_string(),
+        })?;
+    LlamaConfig::from_json(&json)
+}
+
+fn layers_of(model: &Llama) -> impl Iterator<Item = (String, &crate::lora::LoraLinear)> {
+    model.layers.iter().enumerate().flat_map(|(i, layer)| {
+        layer
+            .projections()
+            .into_iter()
+            .map(move |(name, p)| (format!("model.layers.{i}.{name}"), p))
+    })
+}
+
+/// A tokenized row: ids, and from which position on the tokens are the completion.
+struct Encoded {
+    ids: Vec<u32>,
+    completion_start: usize,
+}
+
+fn encode(codec: &TextCodec, ex: &SftExample, max_len: usize) -> Result<Encoded> {
+    let mut ids = codec.ids(&render_prompt(&ex.prompt))?;
+    // Keep at least a few completion tokens: a prompt that fills the window teaches nothing.
+    ids.truncate(max_len.saturating_sub(8).max(1));
+    let completion_start = ids.len();
+    ids.extend(codec.ids(&ex.completion)?);
+    ids.push(codec.eos);
+    ids.truncate(max_len);
+    Ok(Encoded {
+        ids,
+        completion_start,
+    })
+}
+
+/// Trains a LoRA adapter for causal-LM SFT; the loss covers only completion tokens (and EOS).
+pub fn train_causal_lm(
+    spec: &TrainSpec,
+    rows: &[SftExample],
+    on_step: &mut dyn FnMut(&TrainStep) -> bool,
+) -> Result<TrainReport> {
+    if rows.is_empty() {
+        return Err(TrainerError::InvalidSpec("no training rows".into()));
+    }
+    let device = crate::device().autodiff();
+    device.seed(spec.seed);
+    let config = load_config(&spec.base_model_dir)?;
+    let codec = TextCodec::load(&spec.base_model_dir)?;
+    let max_len = spec.max_seq_len.min(config.max_position_embeddings);
+    let encoded: Vec<Encoded> = rows
+        .iter()
+        .map(|r| encode(&codec, r, max_len))
+        .collect::<Result<_>>()?;
+    let mut ckpt = Checkpoint::open(&spec.base_model_dir)?;
+    let mut model = config.load(&mut ckpt, Some(&spec.lora), &device)?;
+    let total_parameters = model.num_params();
+    let trainable_parameters: usize = layers_of(&model)
+        .filter_map(|(_, p)| {
+            Some(
+                p.lora_a.as_ref()?.shape().num_elements()
+                    + p.lora_b.as_ref()?.shape().num_elements(),
+            )
+        })
+        .sum();
+
+    let mut optim = AdamWConfig::new()
+        .with_weight_decay(spec.weight_decay as f32)
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
+        .init();
+    let total_steps = rows.len().div_ceil(spec.batch_size) * spec.epochs;
+    let warmup = ((total_steps as f64) * spec.warmup_ratio).ceil() as usize;
+    let mut rng = StdRng::seed_from_u64(spec.seed);
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    let started = Instant::now();
+    let (mut tokens, mut step) = (0usize, 0usize);
+    let mut loss_curve = Vec::with_capacity(total_steps);
+    for epoch in 0..spec.epochs {
+        order.shuffle(&mut rng);
+        for chunk in order.chunks(spec.batch_size) {
+            let batch: Vec<&Encoded> = chunk.iter().map(|&i| &encoded[i]).collect();
+            let s = batch.iter().map(|e| e.ids.len()).max().unwrap_or(1);
+            let mut ids = vec![codec.eos as i64; batch.len() * s];
+            let mut masks = Vec::with_capacity(batch.len());
+            // Positions whose next token is a completion token: only their logits are computed.
+            let (mut positions, mut targets) = (Vec::new(), Vec::new());
+            for (row, e) in batch.iter().enumerate() {
+                let mut mask = vec![0f32; s];
+                for (j, &id) in e.ids.iter().enumerate() {
+                    ids[row * s + j] = id as i64;
+                    mask[j] = 1.0;
+                    if j >= e.completion_start && j > 0 {
+                        positions.push((row * s + j - 1) as i64);
+                        targets.push(id as i64);
+                    }
+                }
+                tokens += e.ids.len();
+                masks.push(mask);
+            }
+            let n = positions.len();
+            let input =
+                Tensor::<2, Int>::from_data(TensorData::new(ids, [batch.len(), s]), &device);
+            let hidden = model.hidden(input, &masks);
+            let h = hidden.dims()[2];
+            let picked = hidden.reshape([batch.len() * s, h]).select(
+                0,
+                Tensor::<1, Int>::from_data(TensorData::new(positions, [n]), &device),
+            );
+            let logp = log_softmax(model.logits(picked), 1);
+            let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
+            let loss = logp.gather(1, targets).mean().neg();
+            let loss_value = loss.clone().into_scalar::<f32>() as f64;
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let lr = schedule(spec.learning_rate, step, warmup, total_steps);
+            model = optim.step(lr, model, grads);
+            step += 1;
+            loss_curve.push((step, loss_value));
+            let elapsed = started.elapsed().as_secs_f64();
+            let progress = TrainStep {
+                step,
+                total_steps,
+                epoch,
+                loss: loss_value,
+                learning_rate: lr,
+                tokens_per_second: tokens as f64 / elapsed.max(1e-9),
+                elapsed_seconds: elapsed,
+            };
+            if !on_step(&progress) {
+                return Err(TrainerError::Cancelled);
+            }
+        }
+    }
+    let wall_seconds = started.elapsed().as_secs_f64();
+    write_peft_adapter(
+        &spec.output_dir,
+        &spec.base_model_dir,
+        &spec.lora,
+        "CAUSAL_LM",
+        layers_of(&model),
+    )?;
+    Ok(TrainReport {
+        steps: step,
+        examples: rows.len(),
+        tokens,
+        wall_seconds,
+        tokens_per_second: tokens as f64 / wall_seconds.max(1e-9),
+        loss_curve,
+        trainable_parameters,
+        total_parameters,
+        files: vec![ADAPTER_CONFIG.into(), ADAPTER_WEIGHTS.into()],
+    })
+}
+
+/// A base causal LM plus (optionally) an adapter, ready to generate.
+pub struct Generator {
+    model: Llama,
+    codec: TextCodec,
+    device: Device,
+    max_len: usize,
+}
+
+impl Generator {
+    pub fn load(base_model_dir: &Path, adapter_dir: Option<&Path>) -> Result<Self> {
+        let device = crate::device();
+        let config = load_config(base_model_dir)?;
+        let mut ckpt = Checkpoint::open(base_model_dir)?;
+        let mut model = config.load(&mut ckpt, None, &device)?;
+        if let Some(dir) = adapter_dir {
+            let layers = model.layers.iter_mut().enumerate().flat_map(|(i, layer)| {
+                layer
+                    .projections_mut()
+                    .into_iter()
+                    .map(move |(name, p)| (format!("model.layers.{i}.{name}"), p))
+            });
+            load_peft_adapter(dir, layers, &device)?;
+        }
+        Ok(Self {
+            model,
+            codec: TextCodec::load(base_model_dir)?,
+            device,
+            max_len: config.max_position_embeddings,
+        })
+    }
+
+    /// Greedy decoding, up to `max_new_tokens` or end of sequence.
+    pub fn generate(&self, prompt: &str, max_new_tokens: usize) -> Result<Generation> {
+        let mut ids = self.codec.ids(&render_prompt(prompt))?;
+        ids.truncate(self.max_len.saturating_sub(max_new_tokens).max(1));
+        let start = ids.len();
+        let mut log_prob = 0.0f64;
+        for _ in 0..max_new_tokens {
+            let s = ids.len();
+            let input = Tensor::<2, Int>::from_data(
+                TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, s]),
+                &self.device,
+            );
+            let hidden = self.model.hidden(input, &[vec![1.0; s]]);
+            let h = hidden.dims()[2];
+            let last = hidden.narrow(1, s - 1, 1).reshape([1, h]);
+            let (_, logp) = to_host(log_softmax(self.model.logits(last), 1));
+            let (next, lp) = logp
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .expect("non-empty vocabulary");
+            log_prob += *lp as f64;
+            if next as u32 == self.codec.eos {
+                break;
+            }
+            ids.push(next as u32);
+        }
+        let generated = ids.len() - start + 1;
+        Ok(Generation {
+            text: self.codec.text(&ids[start..])?.trim().to_owned(),
+            confidence: (log_prob / generated as f64).exp() as f32,
+        })
+    }
+}

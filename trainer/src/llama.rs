@@ -1,0 +1,387 @@
+//! Llama-family causal LMs (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2) as in transformers'
+//! `modeling_llama.py`: RMSNorm, rotary embeddings with HF's `rotate_half` convention,
+//! grouped-query attention, SwiGLU, tied or untied head.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::{Embedding, Linear, RmsNorm, RmsNormConfig};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::checkpoint::Checkpoint;
+use crate::lora::{LoraLinear, LoraLinearConfig, LoraSpec};
+use crate::{Result, TrainerError};
+
+/// `config.json` of a Llama-family checkpoint, with Hugging Face's field names.
+#[derive(Config, Debug)]
+pub struct LlamaConfig {
+    /// Size of the token vocabulary.
+    pub vocab_size: usize,
+    /// Width of every hidden state.
+    pub hidden_size: usize,
+    /// Width of the SwiGLU block.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads per layer.
+    pub num_attention_heads: usize,
+    /// Key/value heads per layer (grouped-query attention when fewer than query heads).
+    pub num_key_value_heads: usize,
+    /// Longest sequence the model was trained on.
+    pub max_position_embeddings: usize,
+    /// Epsilon of every RMSNorm.
+    #[config(default = 1e-5)]
+    pub rms_norm_eps: f64,
+    /// Base of the rotary frequencies.
+    #[config(default = 10000.0)]
+    pub rope_theta: f64,
+    /// Whether the output head shares the token embedding matrix.
+    #[config(default = false)]
+    pub tie_word_embeddings: bool,
+    /// Bias on the q/k/v projections (Qwen2).
+    #[config(default = false)]
+    pub attention_bias: bool,
+    /// `llama`, `mistral` or `qwen2`, as in config.json.
+    #[config(default = "\"llama\".to_string()")]
+    pub model_type: String,
+}
+
+impl LlamaConfig {
+    pub fn from_json(raw: &serde_json::Value) -> Result<Self> {
+        let model_type = raw["model_type"].as_str().unwrap_or("llama").to_owned();
+        if !matches!(model_type.as_str(), "llama" | "mistral" | "qwen2") {
+            return Err(TrainerError::UnsupportedArchitecture(model_type));
+        }
+        let int = |field: &str| -> Result<usize> {
+            raw[field].as_u64().map(|v| v as usize).ok_or_else(|| {
+                TrainerError::InvalidSpec(format!(
+                    "config.json: `{field}` is missing or not a number"
+                ))
+            })
+        };
+        let heads = int("num_attention_heads")?;
+        let mut c = LlamaConfig::new(
+            int("vocab_size")?,
+            int("hidden_size")?,
+            int("intermediate_size")?,
+            int("num_hidden_layers")?,
+            heads,
+            raw["num_key_value_heads"]
+                .as_u64()
+                .map_or(heads, |v| v as usize),
+            int("max_position_embeddings")?,
+        );
+        if let Some(v) = raw["rms_norm_eps"].as_f64() {
+            c.rms_norm_eps = v;
+        }
+        if let Some(v) = raw["rope_theta"].as_f64() {
+            c.rope_theta = v;
+        }
+        if let Some(v) = raw["tie_word_embeddings"].as_bool() {
+            c.tie_word_embeddings = v;
+        }
+        c.attention_bias = raw["attention_bias"]
+            .as_bool()
+            .unwrap_or(model_type == "qwen2");
+        if raw["rope_scaling"].is_object() {
+            return Err(TrainerError::UnsupportedArchitecture(format!(
+                "{model_type} with rope_scaling"
+            )));
+        }
+        c.model_type = model_type;
+        if c.hidden_size % c.num_attention_heads != 0
+            || c.num_attention_heads % c.num_key_value_heads != 0
+        {
+            return Err(TrainerError::InvalidSpec(
+                "head counts do not divide the hidden size".into(),
+            ));
+        }
+        Ok(c)
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "hidden_act": "silu",
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+            "torch_dtype": "float32",
+        })
+    }
+
+    fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    pub fn load(
+        &self,
+        ckpt: &mut Checkpoint,
+        lora: Option<&LoraSpec>,
+        device: &Device,
+    ) -> Result<Llama> {
+        let (h, d) = (self.hidden_size, self.head_dim());
+        let kv = self.num_key_value_heads * d;
+        let proj = |ckpt: &mut Checkpoint,
+                    path: String,
+                    d_in: usize,
+                    d_out: usize,
+                    bias: bool|
+         -> Result<LoraLinear> {
+            let base = if bias {
+                ckpt.linear(&path, d_in, d_out, device)?
+            } else {
+                ckpt.linear_no_bias(&path, d_in, d_out, device)?
+            };
+            Ok(match lora {
+                Some(spec) if spec.targets(&path) => LoraLinear::adapted(
+                    base,
+                    &LoraLinearConfig::new(d_in, d_out, spec.r, spec.scaling())
+                        .with_dropout(spec.dropout),
+                    device,
+                ),
+                _ => LoraLinear::frozen(base),
+            })
+        };
+        let norm = |ckpt: &mut Checkpoint, path: &str| -> Result<RmsNorm> {
+            let mut n = RmsNormConfig::new(h)
+                .with_epsilon(self.rms_norm_eps)
+                .init(device);
+            n.gamma = ckpt.param(&format!("{path}.weight"), [h], device)?;
+            Ok(n)
+        };
+        let embed_tokens =
+            ckpt.embedding("model.embed_tokens.weight", self.vocab_size, h, device)?;
+        let mut layers = Vec::with_capacity(self.num_hidden_layers);
+        for i in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let b = self.attention_bias;
+            layers.push(LlamaLayer {
+                q_proj: proj(ckpt, format!("{p}.self_attn.q_proj"), h, h, b)?,
+                k_proj: proj(ckpt, format!("{p}.self_attn.k_proj"), h, kv, b)?,
+                v_proj: proj(ckpt, format!("{p}.self_attn.v_proj"), h, kv, b)?,
+                o_proj: proj(ckpt, format!("{p}.self_attn.o_proj"), h, h, false)?,
+                gate_proj: proj(
+                    ckpt,
+                    format!("{p}.mlp.gate_proj"),
+                    h,
+                    self.intermediate_size,
+                    false,
+                )?,
+                up_proj: proj(
+                    ckpt,
+                    format!("{p}.mlp.up_proj"),
+                    h,
+                    self.intermediate_size,
+                    false,
+                )?,
+                down_proj: proj(
+                    ckpt,
+                    format!("{p}.mlp.down_proj"),
+                    self.intermediate_size,
+                    h,
+                    false,
+                )?,
+                input_layernorm: norm(ckpt, &format!("{p}.input_layernorm"))?,
+                post_attention_layernorm: norm(ckpt, &format!("{p}.post_attention_layernorm"))?,
+                num_heads: self.num_attention_heads,
+                num_kv_heads: self.num_key_value_heads,
+            });
+        }
+        let norm_f = norm(ckpt, "model.norm")?;
+        let lm_head = if self.tie_word_embeddings || !ckpt.contains("lm_head.weight") {
+            None
+        } else {
+            Some(ckpt.linear_no_bias("lm_head", h, self.vocab_size, device)?)
+        };
+        Ok(Llama {
+            embed_tokens,
+            layers,
+            norm: norm_f,
+            lm_head,
+            rope_theta: self.rope_theta,
+            head_dim: d,
+        })
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct LlamaLayer {
+    pub q_proj: LoraLinear,
+    pub k_proj: LoraLinear,
+    pub v_proj: LoraLinear,
+    pub o_proj: LoraLinear,
+    pub gate_proj: LoraLinear,
+    pub up_proj: LoraLinear,
+    pub down_proj: LoraLinear,
+    pub input_layernorm: RmsNorm,
+    pub post_attention_layernorm: RmsNorm,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+}
+
+impl LlamaLayer {
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]`
+    /// - cos, sin: `[1, 1, seq, head_dim]`
+    /// - bias: `[batch, 1, seq, seq]` (causal and padding mask, 0 or a large negative)
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        bias: &Tensor<4>,
+    ) -> Tensor<3> {
+        let [b, s, h] = x.dims();
+        let d = h / self.num_heads;
+        let group = self.num_heads / self.num_kv_heads;
+        let normed = self.input_layernorm.forward(x.clone());
+        let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, d]).swap_dims(1, 2);
+        let q = rope(
+            split(self.q_proj.forward(normed.clone()), self.num_heads),
+            cos,
+            sin,
+        );
+        let k = rope(
+            split(self.k_proj.forward(normed.clone()), self.num_kv_heads),
+            cos,
+            sin,
+        );
+        let v = split(self.v_proj.forward(normed), self.num_kv_heads);
+        let (k, v) = if group > 1 {
+            let widen = |t: Tensor<4>| {
+                t.reshape([b, self.num_kv_heads, 1, s, d])
+                    .repeat_dim(2, group)
+                    .reshape([b, self.num_heads, s, d])
+            };
+            (widen(k), widen(v))
+        } else {
+            (k, v)
+        };
+        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((d as f64).sqrt()) + bias.clone();
+        let context = softmax(scores, 3)
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([b, s, h]);
+        let x = x + self.o_proj.forward(context);
+        let normed = self.post_attention_layernorm.forward(x.clone());
+        let mlp = self
+            .down_proj
+            .forward(silu(self.gate_proj.forward(normed.clone())) * self.up_proj.forward(normed));
+        x + mlp
+    }
+
+    pub fn projections(&self) -> [(&'static str, &LoraLinear); 7] {
+        [
+            ("self_attn.q_proj", &self.q_proj),
+            ("self_attn.k_proj", &self.k_proj),
+            ("self_attn.v_proj", &self.v_proj),
+            ("self_attn.o_proj", &self.o_proj),
+            ("mlp.gate_proj", &self.gate_proj),
+            ("mlp.up_proj", &self.up_proj),
+            ("mlp.down_proj", &self.down_proj),
+        ]
+    }
+
+    pub fn projections_mut(&mut self) -> [(&'static str, &mut LoraLinear); 7] {
+        [
+            ("self_attn.q_proj", &mut self.q_proj),
+            ("self_attn.k_proj", &mut self.k_proj),
+            ("self_attn.v_proj", &mut self.v_proj),
+            ("self_attn.o_proj", &mut self.o_proj),
+            ("mlp.gate_proj", &mut self.gate_proj),
+            ("mlp.up_proj", &mut self.up_proj),
+            ("mlp.down_proj", &mut self.down_proj),
+        ]
+    }
+}
+
+/// HF's rotary embedding: the head dimension is split in halves, not interleaved pairs.
+fn rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    let d = x.dims()[3];
+    let x1 = x.clone().narrow(3, 0, d / 2);
+    let x2 = x.clone().narrow(3, d / 2, d / 2);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos.clone() + rotated * sin.clone()
+}
+
+#[derive(Module, Debug)]
+pub struct Llama {
+    pub embed_tokens: Embedding,
+    pub layers: Vec<LlamaLayer>,
+    pub norm: RmsNorm,
+    /// `None` when tied to `embed_tokens`.
+    pub lm_head: Option<Linear>,
+    pub rope_theta: f64,
+    pub head_dim: usize,
+}
+
+impl Llama {
+    /// Final hidden states.
+    ///
+    /// # Shapes
+    /// - input_ids, attention_mask: `[batch, seq]` (mask 1 for tokens, 0 for right padding)
+    /// - output: `[batch, seq, hidden]`
+    pub fn hidden(&self, input_ids: Tensor<2, Int>, attention_mask: &[Vec<f32>]) -> Tensor<3> {
+        let [b, s] = input_ids.dims();
+        let device = input_ids.device();
+        let (cos, sin) = rope_tables(s, self.head_dim, self.rope_theta, &device);
+        let mut bias = vec![0f32; b * s * s];
+        for (row, mask) in attention_mask.iter().enumerate() {
+            for i in 0..s {
+                for j in 0..s {
+                    if j > i || mask[j] == 0.0 {
+                        bias[row * s * s + i * s + j] = -1.0e9;
+                    }
+                }
+            }
+        }
+        let bias = Tensor::<4>::from_data(TensorData::new(bias, [b, 1, s, s]), &device);
+        let mut x = self.embed_tokens.forward(input_ids);
+        for layer in &self.layers {
+            x = layer.forward(x, &cos, &sin, &bias);
+        }
+        self.norm.forward(x)
+    }
+
+    /// Logits for the given hidden states.
+    ///
+    /// # Shapes
+    /// - hidden: `[n, hidden]`
+    /// - output: `[n, vocab]`
+    pub fn logits(&self, hidden: Tensor<2>) -> Tensor<2> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => hidden.matmul(self.embed_tokens.weight.val().transpose()),
+        }
+    }
+}
+
+fn rope_tables(seq: usize, d: usize, theta: f64, device: &Device) -> (Tensor<4>, Tensor<4>) {
+    let half = d / 2;
+    let mut cos = Vec::with_capacity(seq * d);
+    let mut sin = Vec::with_capacity(seq * d);
+    for pos in 0..seq {
+        for j in 0..d {
+            let inv_freq = 1.0 / theta.powf((2 * (j % half)) as f64 / d as f64);
+            let angle = pos as f64 * inv_freq;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    (
+        Tensor::from_data(TensorData::new(cos, [1, 1, seq, d]), device),
+        Tensor::from_data(TensorData::new(sin, [1, 1, seq, d]), device),
+    )
+}
