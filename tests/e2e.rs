@@ -35,6 +35,7 @@ impl TestApp {
         let mut config = flywheel::Config::new(dir.path().join("data"));
         config.worker.scheduler_interval = Duration::from_millis(200);
         config.worker.poll_interval = Duration::from_millis(100);
+        config.worker.heartbeat_interval = Duration::from_millis(500);
         config.limits.max_body_bytes = 256 * 1024;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let running = flywheel::start(config, listener).await.unwrap();
@@ -105,12 +106,16 @@ impl TestApp {
         assert_eq!(status, 201, "{body}");
     }
 
-    /// Waits for the `n`th job (1-based, oldest first) of the domain to finish.
+    /// Waits for the `n`th job (1-based, oldest first) of `banking` to finish.
     async fn wait_for_job(&self, n: usize) -> Value {
+        self.wait_for_job_of("banking", n).await
+    }
+
+    async fn wait_for_job_of(&self, domain: &str, n: usize) -> Value {
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
             assert!(Instant::now() < deadline, "job {n} did not finish");
-            let (_, jobs) = self.get("/v1/domains/banking/jobs").await;
+            let (_, jobs) = self.get(&format!("/v1/domains/{domain}/jobs")).await;
             let jobs = jobs["data"].as_array().unwrap().clone();
             if jobs.len() >= n {
                 let job = &jobs[jobs.len() - n];
@@ -267,13 +272,6 @@ async fn corrections_train_a_promoted_adapter_and_a_bad_round_leaves_production_
         "{body}"
     );
     let job = app.wait_for_job(2).await;
-    let (_, ev) = app
-        .get(&format!("/v1/jobs/{}/events", job["id"].as_str().unwrap()))
-        .await;
-    for e in ev["data"].as_array().unwrap() {
-        eprintln!("DEBUG {} {}", e["at"], e["message"]);
-    }
-    eprintln!("DEBUG job {job}");
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["decision"]["promote"], false, "{job}");
     let (_, versions) = app.get("/v1/domains/banking/versions").await;
@@ -425,4 +423,63 @@ async fn bad_input_gets_a_stable_code_naming_the_field_and_loses_nothing() {
     let stored = domain["corrections"]["train"].as_i64().unwrap()
         + domain["corrections"]["holdout"].as_i64().unwrap();
     assert_eq!(stored, 2, "{domain}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_domain_learns_to_produce_the_corrected_text() {
+    let app = TestApp::spawn().await;
+    // The correction is the intent written out as words: a small generation task.
+    let rows: Vec<Value> = app
+        .rows
+        .iter()
+        .map(|r| json!({"input": r["input"], "expected": r["expected"].as_str().unwrap().replace('_', " "), "source": "teacher", "teacher": "big-model"}))
+        .collect();
+    let corpus: Vec<String> = rows
+        .iter()
+        .flat_map(|r| {
+            [
+                r["input"].as_str().unwrap().to_owned(),
+                r["expected"].as_str().unwrap().to_owned(),
+            ]
+        })
+        .collect();
+    let llama = app.dir.path().join("tiny-llama");
+    flywheel::init_tiny_llama(&llama, &corpus).unwrap();
+    let spec = json!({
+        "name": "intents-as-text",
+        "task": "generation",
+        "base_model": llama.display().to_string(),
+        "policy": {"min_new_corrections": 300, "min_accuracy": 0.3, "min_improvement": 0.1}
+    });
+    let (status, body) = app.post("/v1/domains", &spec).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = app
+        .post("/v1/domains/intents-as-text/corrections", &json!(rows))
+        .await;
+    assert_eq!(
+        (status, body["accepted"].as_u64()),
+        (202, Some(400)),
+        "{body}"
+    );
+
+    let job = app.wait_for_job_of("intents-as-text", 1).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["decision"]["promote"], true, "{job}");
+    let (_, versions) = app.get("/v1/domains/intents-as-text/versions").await;
+    let m = &versions["data"][0]["metrics"];
+    let (before, after) = (
+        m["champion_accuracy"].as_f64().unwrap(),
+        m["candidate_accuracy"].as_f64().unwrap(),
+    );
+    assert!(after > before + 0.3, "exact match {before} -> {after}");
+    assert!(m["candidate_token_f1"].as_f64().unwrap() >= after);
+    let config: Value = serde_json::from_slice(
+        &std::fs::read(
+            app.registry_path("domains/intents-as-text/versions/v1/adapter_config.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["task_type"], "CAUSAL_LM");
+    assert_eq!(config["target_modules"].as_array().unwrap().len(), 7);
 }

@@ -68,7 +68,8 @@ mod tests {
     fn m(acc: f64) -> Metrics {
         Metrics {
             accuracy: acc,
-            macro_f1: acc,
+            macro_f1: None,
+            token_f1: None,
             per_label: vec![],
             confusion: vec![],
         }

@@ -12,11 +12,13 @@ mod report;
 use std::path::PathBuf;
 
 pub use gate::{Decision, GatePolicy, Rule, decide};
-pub use metrics::{LabelMetrics, Metrics, classification_metrics, mcnemar_exact};
+pub use metrics::{
+    LabelMetrics, Metrics, classification_metrics, generation_metrics, mcnemar_exact,
+};
 pub use report::render_markdown;
 
-use flywheel_domain::normalize_text;
-use flywheel_trainer::{ClassifierPredictor, TrainerError};
+use flywheel_domain::{Task, normalize_text};
+use flywheel_trainer::{ClassifierPredictor, Generator, TrainerError};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -29,11 +31,12 @@ pub enum EvalError {
     HoldoutLeak(usize),
 }
 
-/// One held-out row.
+/// One held-out row: the input and what the model should have answered (a label for
+/// classification, text for generation).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HoldoutRow {
     pub text: String,
-    pub label: usize,
+    pub expected: String,
 }
 
 /// What to compare on what.
@@ -45,6 +48,8 @@ pub struct EvalSpec {
     /// an untrained head) is what production would run.
     pub champion_dir: Option<PathBuf>,
     pub champion_name: String,
+    pub task: Task,
+    /// The label set, for classification.
     pub labels: Vec<String>,
     pub holdout: Vec<HoldoutRow>,
     /// Normalized inputs of the training snapshot, for the leak check.
@@ -69,12 +74,18 @@ pub struct Evaluation {
     pub candidate: Metrics,
     /// Exact McNemar p-value of the paired correctness difference.
     pub mcnemar_p: f64,
+    /// Rows only the candidate got right, and only the champion got right.
+    pub fixed_count: u64,
+    pub broken_count: u64,
+    /// Up to 20 examples of each.
     pub fixed: Vec<Flip>,
     pub broken: Vec<Flip>,
     pub decision: Decision,
 }
 
 const MAX_FLIPS_SHOWN: usize = 20;
+/// Longest answer generated during evaluation, in tokens.
+const MAX_NEW_TOKENS: usize = 32;
 
 pub fn evaluate(spec: &EvalSpec) -> Result<Evaluation, EvalError> {
     if spec.holdout.is_empty() {
@@ -91,35 +102,54 @@ pub fn evaluate(spec: &EvalSpec) -> Result<Evaluation, EvalError> {
         return Err(EvalError::HoldoutLeak(leaks));
     }
     let texts: Vec<&str> = spec.holdout.iter().map(|r| r.text.as_str()).collect();
-    let gold: Vec<usize> = spec.holdout.iter().map(|r| r.label).collect();
-    let champion = ClassifierPredictor::load(
-        &spec.base_model_dir,
-        spec.champion_dir.as_deref(),
-        &spec.labels,
-        0,
-    )?
-    .predict(&texts, 32)?;
-    let candidate = ClassifierPredictor::load(
-        &spec.base_model_dir,
-        Some(&spec.candidate_dir),
-        &spec.labels,
-        0,
-    )?
-    .predict(&texts, 32)?;
-    let champ_labels: Vec<usize> = champion.iter().map(|p| p.label).collect();
-    let cand_labels: Vec<usize> = candidate.iter().map(|p| p.label).collect();
-    let champion_metrics = classification_metrics(&gold, &champ_labels, &spec.labels);
-    let candidate_metrics = classification_metrics(&gold, &cand_labels, &spec.labels);
+    let expected: Vec<String> = spec.holdout.iter().map(|r| r.expected.clone()).collect();
+    let champion_dir = spec.champion_dir.as_deref();
+    let candidate_dir = Some(spec.candidate_dir.as_path());
+    let (champion, candidate) = match spec.task {
+        Task::Classification => {
+            let run = |adapter| -> Result<Vec<String>, EvalError> {
+                let p = ClassifierPredictor::load(&spec.base_model_dir, adapter, &spec.labels, 0)?;
+                Ok(p.predict(&texts, 32)?
+                    .into_iter()
+                    .map(|p| spec.labels[p.label].clone())
+                    .collect())
+            };
+            (run(champion_dir)?, run(candidate_dir)?)
+        }
+        Task::Generation => {
+            let run = |adapter| -> Result<Vec<String>, EvalError> {
+                let g = Generator::load(&spec.base_model_dir, adapter)?;
+                texts
+                    .iter()
+                    .map(|t| Ok(g.generate(t, MAX_NEW_TOKENS)?.text))
+                    .collect()
+            };
+            (run(champion_dir)?, run(candidate_dir)?)
+        }
+    };
+    let metrics = |predicted: &[String]| match spec.task {
+        Task::Classification => {
+            let index = |l: &String| spec.labels.iter().position(|x| x == l).unwrap_or(0);
+            let gold: Vec<usize> = expected.iter().map(index).collect();
+            let pred: Vec<usize> = predicted.iter().map(index).collect();
+            classification_metrics(&gold, &pred, &spec.labels)
+        }
+        Task::Generation => generation_metrics(&expected, predicted),
+    };
+    let champion_metrics = metrics(&champion);
+    let candidate_metrics = metrics(&candidate);
+    let right =
+        |answer: &String, row: &HoldoutRow| normalize_text(answer) == normalize_text(&row.expected);
 
     let (mut fixed, mut broken) = (Vec::new(), Vec::new());
     let (mut b, mut c) = (0u64, 0u64);
     for (i, row) in spec.holdout.iter().enumerate() {
-        let (was, is) = (champ_labels[i] == row.label, cand_labels[i] == row.label);
+        let (was, is) = (right(&champion[i], row), right(&candidate[i], row));
         let flip = || Flip {
             text: row.text.clone(),
-            expected: spec.labels[row.label].clone(),
-            champion: spec.labels[champ_labels[i]].clone(),
-            candidate: spec.labels[cand_labels[i]].clone(),
+            expected: row.expected.clone(),
+            champion: champion[i].clone(),
+            candidate: candidate[i].clone(),
         };
         if !was && is {
             c += 1;
@@ -141,6 +171,8 @@ pub fn evaluate(spec: &EvalSpec) -> Result<Evaluation, EvalError> {
         champion: champion_metrics,
         candidate: candidate_metrics,
         mcnemar_p,
+        fixed_count: c,
+        broken_count: b,
         fixed,
         broken,
         decision,

@@ -11,8 +11,15 @@ pub struct LabelMetrics {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Metrics {
+    /// Share of rows answered right: the label for classification, the normalized text for
+    /// generation (exact match).
     pub accuracy: f64,
-    pub macro_f1: f64,
+    /// Classification only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub macro_f1: Option<f64>,
+    /// Generation only: mean token-level F1 against the corrected output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_f1: Option<f64>,
     pub per_label: Vec<LabelMetrics>,
     /// `confusion[gold][predicted]`.
     pub confusion: Vec<Vec<usize>>,
@@ -54,10 +61,73 @@ pub fn classification_metrics(gold: &[usize], predicted: &[usize], labels: &[Str
     let macro_f1 = present.iter().map(|m| m.f1).sum::<f64>() / present.len().max(1) as f64;
     Metrics {
         accuracy: ratio(correct, gold.len()),
-        macro_f1,
+        macro_f1: Some(macro_f1),
+        token_f1: None,
         per_label,
         confusion,
     }
+}
+
+/// Exact match after normalization, and SQuAD-style token F1.
+pub fn generation_metrics(expected: &[String], generated: &[String]) -> Metrics {
+    use flywheel_domain::normalize_text;
+    assert_eq!(expected.len(), generated.len());
+    let n = expected.len().max(1) as f64;
+    let exact = expected
+        .iter()
+        .zip(generated)
+        .filter(|(e, g)| normalize_text(e) == normalize_text(g))
+        .count() as f64;
+    let f1: f64 = expected
+        .iter()
+        .zip(generated)
+        .map(|(e, g)| token_f1(e, g))
+        .sum();
+    Metrics {
+        accuracy: exact / n,
+        macro_f1: None,
+        token_f1: Some(f1 / n),
+        per_label: vec![],
+        confusion: vec![],
+    }
+}
+
+fn token_f1(expected: &str, generated: &str) -> f64 {
+    use std::collections::HashMap;
+    let (e, g) = (
+        flywheel_domain::normalize_text(expected),
+        flywheel_domain::normalize_text(generated),
+    );
+    let (e, g): (Vec<&str>, Vec<&str>) = (
+        e.split(' ').filter(|t| !t.is_empty()).collect(),
+        g.split(' ').filter(|t| !t.is_empty()).collect(),
+    );
+    if e.is_empty() || g.is_empty() {
+        return if e.is_empty() && g.is_empty() {
+            1.0
+        } else {
+            0.0
+        };
+    }
+    let mut counts: HashMap<&str, i64> = HashMap::new();
+    for t in &e {
+        *counts.entry(t).or_default() += 1;
+    }
+    let mut common = 0;
+    for t in &g {
+        if let Some(c) = counts.get_mut(t).filter(|c| **c > 0) {
+            *c -= 1;
+            common += 1;
+        }
+    }
+    if common == 0 {
+        return 0.0;
+    }
+    let (p, r) = (
+        common as f64 / g.len() as f64,
+        common as f64 / e.len() as f64,
+    );
+    2.0 * p * r / (p + r)
 }
 
 /// Two-sided exact McNemar test: `b` pairs only the champion got right, `c` only the
@@ -95,7 +165,22 @@ mod tests {
         assert!((m.per_label[1].precision - 2.0 / 3.0).abs() < 1e-12);
         let f1a = 2.0 * 1.0 * 0.5 / 1.5;
         let f1b = 2.0 * (2.0 / 3.0) / (5.0 / 3.0);
-        assert!((m.macro_f1 - (f1a + f1b) / 2.0).abs() < 1e-12);
+        assert!((m.macro_f1.unwrap() - (f1a + f1b) / 2.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn generation_metrics_normalize_and_credit_overlap() {
+        let m = generation_metrics(
+            &[
+                "Card  arrival".into(),
+                "lost card".into(),
+                "top up failed".into(),
+            ],
+            &["card arrival".into(), "card lost".into(), "nothing".into()],
+        );
+        assert!((m.accuracy - 1.0 / 3.0).abs() < 1e-12);
+        // Token F1: 1, 1 (same bag of tokens), 0.
+        assert!((m.token_f1.unwrap() - 2.0 / 3.0).abs() < 1e-12);
     }
 
     #[test]

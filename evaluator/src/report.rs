@@ -31,18 +31,20 @@ pub fn render_markdown(
         pct(eval.champion.accuracy),
         pct(eval.candidate.accuracy)
     ));
-    s.push_str(&format!(
-        "| macro-F1 | {} | {} |\n\n",
-        pct(eval.champion.macro_f1),
-        pct(eval.candidate.macro_f1)
-    ));
+    if let (Some(a), Some(b)) = (eval.champion.macro_f1, eval.candidate.macro_f1) {
+        s.push_str(&format!("| macro-F1 | {} | {} |\n", pct(a), pct(b)));
+    }
+    if let (Some(a), Some(b)) = (eval.champion.token_f1, eval.candidate.token_f1) {
+        s.push_str(&format!("| token-F1 | {} | {} |\n", pct(a), pct(b)));
+    }
+    s.push('\n');
     s.push_str(&format!(
         "Paired exact McNemar test: {} fixed, {} broken, p = {:.4}.\n\n",
-        eval.fixed.len(),
-        eval.broken.len(),
-        eval.mcnemar_p
+        eval.fixed_count, eval.broken_count, eval.mcnemar_p
     ));
-    s.push_str("## Per label (candidate)\n\n| label | precision | recall | F1 | support |\n|---|---:|---:|---:|---:|\n");
+    if !eval.candidate.per_label.is_empty() {
+        s.push_str("## Per label (candidate)\n\n| label | precision | recall | F1 | support |\n|---|---:|---:|---:|---:|\n");
+    }
     for m in &eval.candidate.per_label {
         s.push_str(&format!(
             "| {} | {} | {} | {} | {} |\n",

@@ -55,6 +55,26 @@ pub struct TrainSpec {
 }
 
 impl TrainSpec {
+    /// Defaults for a causal LM learning corrected completions: LoRA on every projection.
+    pub fn for_generation(base_model_dir: PathBuf, output_dir: PathBuf) -> Self {
+        let mut spec = Self::new(base_model_dir, output_dir, vec![]);
+        spec.lora.target_modules = [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+        .map(String::from)
+        .to_vec();
+        spec.epochs = 20;
+        spec.max_seq_len = 128;
+        spec
+    }
+
+    /// Defaults for a BERT-family classifier: LoRA on attention and feed-forward projections.
     pub fn new(base_model_dir: PathBuf, output_dir: PathBuf, labels: Vec<String>) -> Self {
         Self {
             base_model_dir,

@@ -41,6 +41,7 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
     let mut config = Config::new(dir.to_owned());
     config.worker.scheduler_interval = Duration::from_millis(500);
     config.worker.poll_interval = Duration::from_millis(200);
+    config.worker.heartbeat_interval = Duration::from_millis(500);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let running = crate::start(config, listener).await?;
     let base = format!("http://{}", running.addr);

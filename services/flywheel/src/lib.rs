@@ -143,6 +143,19 @@ pub fn init_tiny_model(
     .with_context(|| format!("writing a tiny model to {}", dir.display()))
 }
 
+/// Writes a tiny random-init Llama, with a byte-level BPE tokenizer trained on `texts`, into `dir`.
+pub fn init_tiny_llama(
+    dir: &Path,
+    texts: &[String],
+) -> anyhow::Result<flywheel_trainer::tiny::TinyModel> {
+    flywheel_trainer::tiny::init_tiny_llama(
+        dir,
+        texts.iter().map(String::as_str),
+        &flywheel_trainer::tiny::TinyLlamaSpec::default(),
+    )
+    .with_context(|| format!("writing a tiny model to {}", dir.display()))
+}
+
 /// Rows of a `text,category`-style CSV or a JSONL file of correction objects, as JSON values
 /// ready to POST.
 pub fn read_corrections(path: &Path) -> anyhow::Result<Vec<serde_json::Value>> {

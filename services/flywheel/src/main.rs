@@ -48,7 +48,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ModelsCommand {
-    /// Write a tiny random-init BERT (config.json, model.safetensors, tokenizer.json) whose
+    /// Write a tiny random-init model (config.json, model.safetensors, tokenizer.json) whose
     /// tokenizer is trained on the given corpus (CSV or JSONL corrections; the bundled
     /// Banking77 slice if omitted).
     InitTiny {
@@ -56,6 +56,9 @@ enum ModelsCommand {
         dir: PathBuf,
         #[arg(long)]
         corpus: Option<PathBuf>,
+        /// `bert` (an encoder, for classification) or `llama` (a causal LM, for generation).
+        #[arg(long, default_value = "bert", value_parser = ["bert", "llama"])]
+        arch: String,
     },
 }
 
@@ -102,17 +105,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Models {
-            command: ModelsCommand::InitTiny { dir, corpus },
+            command: ModelsCommand::InitTiny { dir, corpus, arch },
         } => {
             let rows = match corpus {
                 Some(path) => flywheel::read_corrections(&path)?,
                 None => flywheel::csv_corrections(flywheel::BANKING77_MINI)?,
             };
+            // The tokenizer should know the answers' words as well as the inputs'.
             let texts: Vec<String> = rows
                 .iter()
-                .filter_map(|r| r["input"].as_str().map(str::to_owned))
+                .flat_map(|r| [r["input"].as_str(), r["expected"].as_str()])
+                .flatten()
+                .map(str::to_owned)
                 .collect();
-            let model = flywheel::init_tiny_model(&dir, &texts)?;
+            let model = if arch == "llama" {
+                flywheel::init_tiny_llama(&dir, &texts)?
+            } else {
+                flywheel::init_tiny_model(&dir, &texts)?
+            };
             println!(
                 "wrote {} ({} parameters, vocabulary of {})",
                 dir.display(),

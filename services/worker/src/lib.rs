@@ -59,8 +59,12 @@ pub struct WorkerConfig {
     pub scheduler_interval: Duration,
     /// How often idle queue workers poll.
     pub poll_interval: Duration,
-    /// Epochs per training run.
-    pub epochs: usize,
+    /// How often queue workers prove they are alive. apalis-sqlite 1.0 also re-fetches on each
+    /// heartbeat, and after a worker finishes a task that is sometimes the only fetch it does
+    /// (measured: a stage waited 25 s of the default 30 s), so keep it short.
+    pub heartbeat_interval: Duration,
+    /// Epochs per training run; `None` keeps the task's default.
+    pub epochs: Option<usize>,
 }
 
 impl WorkerConfig {
@@ -69,7 +73,8 @@ impl WorkerConfig {
             data_dir,
             scheduler_interval: Duration::from_secs(10),
             poll_interval: Duration::from_millis(500),
-            epochs: 8,
+            heartbeat_interval: Duration::from_secs(2),
+            epochs: None,
         }
     }
 }
@@ -90,8 +95,12 @@ struct Queues {
     publish: SqliteStorage<StageTask>,
 }
 
-fn storage(pool: &SqlitePool, queue: &str) -> SqliteStorage<StageTask> {
-    SqliteStorage::new(pool).with_config(QueueConfig::default().queue(queue))
+fn storage(pool: &SqlitePool, queue: &str, heartbeat: Duration) -> SqliteStorage<StageTask> {
+    SqliteStorage::new(pool).with_config(
+        QueueConfig::default()
+            .queue(queue)
+            .heartbeat_interval(heartbeat),
+    )
 }
 
 impl Context {
@@ -107,10 +116,11 @@ impl Context {
         SqliteStorage::setup(&queue_pool)
             .await
             .map_err(|e| WorkerError::Queue(e.to_string()))?;
+        let beat = config.heartbeat_interval;
         let queues = Queues {
-            train: storage(&queue_pool, TRAIN_QUEUE),
-            evaluate: storage(&queue_pool, EVALUATE_QUEUE),
-            publish: storage(&queue_pool, PUBLISH_QUEUE),
+            train: storage(&queue_pool, TRAIN_QUEUE, beat),
+            evaluate: storage(&queue_pool, EVALUATE_QUEUE, beat),
+            publish: storage(&queue_pool, PUBLISH_QUEUE, beat),
         };
         Ok(Arc::new(Self {
             db,

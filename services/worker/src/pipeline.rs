@@ -11,7 +11,7 @@ use flywheel_db::{DomainRow, JobRow};
 use flywheel_domain::{JobStatus, Split, StageTask, Task, normalize_text};
 use flywheel_evaluator::{EvalSpec, Evaluation, GatePolicy, HoldoutRow};
 use flywheel_registry::RegistryError;
-use flywheel_trainer::{Example, TrainReport, TrainSpec};
+use flywheel_trainer::{Example, SftExample, TrainReport, TrainSpec};
 use sha2::{Digest, Sha256};
 
 use crate::{Context, EVALUATE_QUEUE, PUBLISH_QUEUE, WorkerError};
@@ -82,50 +82,67 @@ where
 pub async fn train(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDynError> {
     let ctx: &Context = &ctx;
     stage(ctx, task, "train", |job, domain| async move {
-        if domain.spec.task != Task::Classification {
-            return Err(WorkerError::Job(
-                "generation domains need the causal-LM trainer, which this build does not have yet"
-                    .into(),
-            ));
-        }
         let rows = ctx
             .db
             .corrections(domain.id, job.snapshot_max_id, Some(Split::Train))
             .await?;
-        let examples: Vec<Example> = rows
-            .iter()
-            .filter_map(|r| {
-                domain.spec.label_index(&r.expected).map(|label| Example {
-                    text: r.input.clone(),
-                    label,
-                })
-            })
-            .collect();
+        let dir = job_dir(ctx, &job);
+        let base = PathBuf::from(&domain.spec.base_model);
+        let mut spec = match domain.spec.task {
+            Task::Classification => {
+                TrainSpec::new(base, dir.join("candidate"), domain.spec.labels.clone())
+            }
+            Task::Generation => TrainSpec::for_generation(base, dir.join("candidate")),
+        };
+        if let Some(epochs) = ctx.config.epochs {
+            spec.epochs = epochs;
+        }
+        let data = match domain.spec.task {
+            Task::Classification => TrainData::Labels(
+                rows.iter()
+                    .filter_map(|r| {
+                        domain.spec.label_index(&r.expected).map(|label| Example {
+                            text: r.input.clone(),
+                            label,
+                        })
+                    })
+                    .collect(),
+            ),
+            Task::Generation => TrainData::Completions(
+                rows.iter()
+                    .map(|r| SftExample {
+                        prompt: r.input.clone(),
+                        completion: r.expected.clone(),
+                    })
+                    .collect(),
+            ),
+        };
         ctx.db
             .add_event(
                 &job.id,
                 "message",
-                &format!("training on {} corrections", examples.len()),
+                &format!("training on {} corrections", data.len()),
                 None,
             )
             .await?;
-        let dir = job_dir(ctx, &job);
-        let mut spec = TrainSpec::new(
-            PathBuf::from(&domain.spec.base_model),
-            dir.join("candidate"),
-            domain.spec.labels.clone(),
-        );
-        spec.epochs = ctx.config.epochs;
 
         // Progress flows from the blocking trainer to the database through a channel, a
         // few events per epoch rather than one per step.
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let train_spec = spec.clone();
         let handle = tokio::task::spawn_blocking(move || {
-            flywheel_trainer::train_classifier(&train_spec, &examples, &mut |step| {
+            let mut on_step = |step: &flywheel_trainer::TrainStep| {
                 let _ = tx.send(step.clone());
                 true
-            })
+            };
+            match data {
+                TrainData::Labels(rows) => {
+                    flywheel_trainer::train_classifier(&train_spec, &rows, &mut on_step)
+                }
+                TrainData::Completions(rows) => {
+                    flywheel_trainer::train_causal_lm(&train_spec, &rows, &mut on_step)
+                }
+            }
         });
         let mut last_logged = 0;
         while let Some(step) = rx.recv().await {
@@ -174,14 +191,9 @@ pub async fn evaluate(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Bo
         let holdout: Vec<HoldoutRow> = rows
             .iter()
             .filter(|r| r.split == Split::Holdout)
-            .filter_map(|r| {
-                domain
-                    .spec
-                    .label_index(&r.expected)
-                    .map(|label| HoldoutRow {
-                        text: r.input.clone(),
-                        label,
-                    })
+            .map(|r| HoldoutRow {
+                text: r.input.clone(),
+                expected: r.expected.clone(),
             })
             .collect();
         let training_inputs = rows
@@ -217,6 +229,7 @@ pub async fn evaluate(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Bo
             candidate_dir: dir.join("candidate"),
             champion_dir,
             champion_name,
+            task: domain.spec.task,
             labels: domain.spec.labels.clone(),
             holdout,
             training_inputs,
@@ -367,6 +380,7 @@ pub async fn publish(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Box
             "champion_accuracy": evaluation.champion.accuracy,
             "candidate_accuracy": evaluation.candidate.accuracy,
             "candidate_macro_f1": evaluation.candidate.macro_f1,
+            "candidate_token_f1": evaluation.candidate.token_f1,
             "mcnemar_p": evaluation.mcnemar_p,
             "holdout_size": evaluation.holdout_size,
             "decision": decision,
@@ -397,6 +411,21 @@ pub async fn publish(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Box
         Ok(())
     })
     .await
+}
+
+/// Training rows, by task.
+enum TrainData {
+    Labels(Vec<Example>),
+    Completions(Vec<SftExample>),
+}
+
+impl TrainData {
+    fn len(&self) -> usize {
+        match self {
+            TrainData::Labels(r) => r.len(),
+            TrainData::Completions(r) => r.len(),
+        }
+    }
 }
 
 fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), WorkerError> {
