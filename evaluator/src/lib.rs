@@ -11,7 +11,7 @@ mod report;
 
 use std::path::PathBuf;
 
-pub use gate::{Decision, GatePolicy, Rule, decide};
+pub use gate::{Decision, GatePolicy, Rule, decide, format_p};
 pub use metrics::{
     LabelMetrics, Metrics, classification_metrics, generation_metrics, mcnemar_exact,
 };
@@ -164,7 +164,12 @@ pub fn evaluate(spec: &EvalSpec) -> Result<Evaluation, EvalError> {
         }
     }
     let mcnemar_p = mcnemar_exact(b, c);
-    let decision = decide(&spec.policy, &champion_metrics, &candidate_metrics);
+    let decision = decide(
+        &spec.policy,
+        &champion_metrics,
+        &candidate_metrics,
+        mcnemar_p,
+    );
     Ok(Evaluation {
         champion_name: spec.champion_name.clone(),
         holdout_size: spec.holdout.len(),

@@ -17,9 +17,11 @@ pub fn render_markdown(
             "held back"
         }
     ));
+    let rule = serde_json::to_value(eval.decision.rule).expect("json");
     s.push_str(&format!(
-        "**Decision:** {} (rule `{:?}`)\n\n",
-        eval.decision.reason, eval.decision.rule
+        "**Decision:** {} (rule `{}`)\n\n",
+        eval.decision.reason,
+        rule.as_str().unwrap_or("?")
     ));
     s.push_str(&format!(
         "Evaluated on {} held-out corrections against `{}`.\n\n",
@@ -39,8 +41,13 @@ pub fn render_markdown(
     }
     s.push('\n');
     s.push_str(&format!(
-        "Paired exact McNemar test: {} fixed, {} broken, p = {:.4}.\n\n",
-        eval.fixed_count, eval.broken_count, eval.mcnemar_p
+        "Paired exact McNemar test: {} fixed, {} broken, p {}.\n\n",
+        eval.fixed_count,
+        eval.broken_count,
+        match crate::format_p(eval.mcnemar_p) {
+            p if p.starts_with('<') => p,
+            p => format!("= {p}"),
+        }
     ));
     if !eval.candidate.per_label.is_empty() {
         s.push_str("## Per label (candidate)\n\n| label | precision | recall | F1 | support |\n|---|---:|---:|---:|---:|\n");
@@ -77,4 +84,74 @@ pub fn render_markdown(
     s.push_str(&serde_json::to_string_pretty(lineage).expect("json"));
     s.push_str("\n```\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Decision, Flip, Metrics, Rule};
+
+    #[test]
+    fn report_leads_with_the_decision_and_its_rule() {
+        let m = |acc: f64| Metrics {
+            accuracy: acc,
+            macro_f1: Some(acc),
+            token_f1: None,
+            per_label: vec![],
+            confusion: vec![],
+        };
+        let eval = Evaluation {
+            champion_name: "v1 (production)".into(),
+            holdout_size: 80,
+            champion: m(0.5),
+            candidate: m(0.6),
+            mcnemar_p: 0.2,
+            fixed_count: 12,
+            broken_count: 4,
+            fixed: vec![Flip {
+                text: "card?".into(),
+                expected: "card_arrival".into(),
+                champion: "age_limit".into(),
+                candidate: "card_arrival".into(),
+            }],
+            broken: vec![],
+            decision: Decision {
+                promote: false,
+                rule: Rule::NotSignificant,
+                reason: "held back: +10.0 points could be chance".into(),
+            },
+        };
+        let md = render_markdown("banking", "v2", &eval, &serde_json::json!({"seed": 1}));
+        insta::assert_snapshot!(md, @r#"
+        # banking v2: held back
+
+        **Decision:** held back: +10.0 points could be chance (rule `not_significant`)
+
+        Evaluated on 80 held-out corrections against `v1 (production)`.
+
+        | metric | champion | candidate |
+        |---|---:|---:|
+        | accuracy | 50.0% | 60.0% |
+        | macro-F1 | 50.0% | 60.0% |
+
+        Paired exact McNemar test: 12 fixed, 4 broken, p = 0.2000.
+
+
+        ## Fixed (wrong → right)
+
+        - "card?": expected `card_arrival`, champion `age_limit`, candidate `card_arrival`
+
+        ## Broken (right → wrong)
+
+        None.
+
+        ## Lineage
+
+        ```json
+        {
+          "seed": 1
+        }
+        ```
+        "#);
+    }
 }

@@ -87,6 +87,10 @@ pub struct Policy {
     /// How much the candidate must beat the champion's held-out accuracy by (absolute).
     #[serde(default)]
     pub min_improvement: f64,
+    /// The improvement must also be significant: the paired exact McNemar test's p-value must
+    /// be below this.
+    #[serde(default = "Policy::default_significance")]
+    pub significance_level: f64,
 }
 
 impl Policy {
@@ -95,6 +99,9 @@ impl Policy {
     }
     fn default_holdout() -> f64 {
         0.2
+    }
+    fn default_significance() -> f64 {
+        0.05
     }
 
     pub fn validate(&self) -> Result<(), Invalid> {
@@ -116,6 +123,12 @@ impl Policy {
                 "must be between 0 and 1",
             ));
         }
+        if !(self.significance_level > 0.0 && self.significance_level <= 1.0) {
+            return Err(Invalid::field(
+                "policy.significance_level",
+                "must be in (0, 1]; 1 turns the test off",
+            ));
+        }
         if !(-1.0..=1.0).contains(&self.min_improvement) {
             return Err(Invalid::field(
                 "policy.min_improvement",
@@ -133,6 +146,7 @@ impl Default for Policy {
             holdout_fraction: Self::default_holdout(),
             min_accuracy: 0.0,
             min_improvement: 0.0,
+            significance_level: Self::default_significance(),
         }
     }
 }

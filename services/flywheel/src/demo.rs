@@ -186,16 +186,19 @@ async fn wait_for_job(client: &reqwest::Client, base: &str) -> anyhow::Result<Va
                 .await?;
             for e in events["data"].as_array().into_iter().flatten() {
                 after = e["id"].as_i64().unwrap_or(after);
-                if let Some(d) = e.get("data").filter(|d| d.is_object()) {
-                    bar.set_length(d["total_steps"].as_u64().unwrap_or(1));
-                    bar.set_position(d["step"].as_u64().unwrap_or(0));
-                    bar.set_message(format!(
-                        "loss {:.3}, {:.0} tokens/s",
-                        d["loss"].as_f64().unwrap_or(0.0),
-                        d["tokens_per_second"].as_f64().unwrap_or(0.0)
-                    ));
-                } else {
-                    bar.println(format!("     · {}", e["message"].as_str().unwrap_or("")));
+                let message = e["message"].as_str().unwrap_or("");
+                match e.get("data").filter(|d| d.is_object()) {
+                    Some(d) if !bar.is_hidden() => {
+                        bar.set_length(d["total_steps"].as_u64().unwrap_or(1));
+                        bar.set_position(d["step"].as_u64().unwrap_or(0));
+                        bar.set_message(format!(
+                            "loss {:.3}, {:.0} tokens/s",
+                            d["loss"].as_f64().unwrap_or(0.0),
+                            d["tokens_per_second"].as_f64().unwrap_or(0.0)
+                        ));
+                    }
+                    // Not a terminal (CI, a pipe): the progress events as log lines.
+                    _ => bar.suspend(|| println!("     · {message}")),
                 }
             }
             let job: Value = client

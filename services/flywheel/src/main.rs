@@ -64,8 +64,14 @@ enum ModelsCommand {
 
 #[tokio::main]
 async fn main() {
-    flywheel_telemetry::init_logging();
-    if let Err(e) = run(Cli::parse()).await {
+    let cli = Cli::parse();
+    // The demo talks to the user on stdout; the server's own log would drown it.
+    let quiet = matches!(
+        cli.command,
+        Command::Demo | Command::Import { .. } | Command::Models { .. }
+    );
+    flywheel_telemetry::init_logging(if quiet { "warn" } else { "info" });
+    if let Err(e) = run(cli).await {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

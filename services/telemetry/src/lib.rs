@@ -106,10 +106,13 @@ impl Default for Metrics {
     }
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`). Safe to call twice.
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,apalis=warn"));
+/// Logs to stderr, filtered by `RUST_LOG`, else by `default` (e.g. `info`). Safe to call twice.
+pub fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!(
+            "{default},sqlx=warn,apalis=warn,apalis_core=warn"
+        ))
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

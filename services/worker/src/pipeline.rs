@@ -236,6 +236,7 @@ pub async fn evaluate(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Bo
             policy: GatePolicy {
                 min_accuracy: domain.spec.policy.min_accuracy,
                 min_improvement: domain.spec.policy.min_improvement,
+                significance_level: domain.spec.policy.significance_level,
             },
         };
         let evaluation = tokio::task::spawn_blocking(move || flywheel_evaluator::evaluate(&spec))
