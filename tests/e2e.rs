@@ -483,3 +483,71 @@ async fn a_generation_domain_learns_to_produce_the_corrected_text() {
     assert_eq!(config["task_type"], "CAUSAL_LM");
     assert_eq!(config["target_modules"].as_array().unwrap().len(), 7);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_imports_csv_and_jsonl_and_says_what_to_fix_when_it_cannot() {
+    let app = TestApp::spawn().await;
+    app.create_domain(100_000).await;
+    let csv = app.dir.path().join("corrections.csv");
+    std::fs::write(
+        &csv,
+        "text,category\nmy card never came,card_arrival\nwhat is the exchange rate,exchange_rate\n",
+    )
+    .unwrap();
+    let jsonl = app.dir.path().join("corrections.jsonl");
+    std::fs::write(
+        &jsonl,
+        "{\"input\": \"pin is blocked\", \"expected\": \"pin_blocked\", \"client_id\": \"c-1\"}\n",
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_flywheel");
+    for file in [&csv, &jsonl] {
+        let out = std::process::Command::new(bin)
+            .args(["import", "banking"])
+            .arg(file)
+            .args(["--server", &app.base])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let (_, domain) = app.get("/v1/domains/banking").await;
+    let stored = domain["corrections"]["train"].as_i64().unwrap()
+        + domain["corrections"]["holdout"].as_i64().unwrap();
+    assert_eq!(stored, 3);
+
+    // Failures exit non-zero with one line that says what went wrong.
+    let bad_label = app.dir.path().join("bad.csv");
+    std::fs::write(&bad_label, "text,category\nhello,mortgage\n").unwrap();
+    for (args, expect) in [
+        (
+            vec!["import".into(), "banking".into(), "/nonexistent.csv".into()],
+            "reading /nonexistent.csv",
+        ),
+        (
+            vec![
+                "import".into(),
+                "banking".into(),
+                bad_label.display().to_string(),
+                "--server".into(),
+                app.base.clone(),
+            ],
+            "unknown_label",
+        ),
+    ] {
+        let out = std::process::Command::new(bin)
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.starts_with("error: ") && stderr.contains(expect),
+            "{stderr}"
+        );
+    }
+}

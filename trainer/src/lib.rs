@@ -11,6 +11,8 @@ mod checkpoint;
 mod classifier;
 mod llama;
 mod lora;
+#[cfg(test)]
+mod parity;
 pub mod tiny;
 mod tokenize;
 

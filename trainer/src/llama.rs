@@ -74,8 +74,19 @@ impl LlamaConfig {
         if let Some(v) = raw["rms_norm_eps"].as_f64() {
             c.rms_norm_eps = v;
         }
-        if let Some(v) = raw["rope_theta"].as_f64() {
+        // transformers 5 nests rotary settings under `rope_parameters`; 4.x had them on top.
+        let rope = raw
+            .get("rope_parameters")
+            .filter(|r| r.is_object())
+            .unwrap_or(raw);
+        if let Some(v) = rope["rope_theta"].as_f64() {
             c.rope_theta = v;
+        }
+        let rope_type = rope["rope_type"].as_str().unwrap_or("default");
+        if rope_type != "default" {
+            return Err(TrainerError::UnsupportedArchitecture(format!(
+                "{model_type} with rope_type {rope_type}"
+            )));
         }
         if let Some(v) = raw["tie_word_embeddings"].as_bool() {
             c.tie_word_embeddings = v;

@@ -1,0 +1,133 @@
+//! Numerical parity with transformers and PEFT on golden tensors produced once by
+//! `tests/fixtures/gen_golden.py` (versions in `versions.json` beside it). Tolerance: 1e-4
+//! absolute on every compared value.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::bert::BertConfig;
+use crate::checkpoint::{Checkpoint, to_host};
+use crate::llama::LlamaConfig;
+
+const TOLERANCE: f32 = 1e-4;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn config(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
+}
+
+struct Golden {
+    ids: Vec<i64>,
+    mask: Vec<f32>,
+    shape: [usize; 2],
+    ckpt: Checkpoint,
+}
+
+fn golden(dir: &Path) -> Golden {
+    let bytes = std::fs::read(dir.join("golden.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ints = |name: &str| -> (Vec<i64>, Vec<usize>) {
+        let t = st.tensor(name).unwrap();
+        let v = t
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        (v, t.shape().to_vec())
+    };
+    let (ids, shape) = ints("input_ids");
+    let (mask, _) = ints("attention_mask");
+    Golden {
+        ids,
+        mask: mask.into_iter().map(|m| m as f32).collect(),
+        shape: [shape[0], shape[1]],
+        ckpt: Checkpoint::open_file(&dir.join("golden.safetensors")).unwrap(),
+    }
+}
+
+/// Largest absolute difference over the positions the mask keeps.
+fn max_diff(ours: &[f32], theirs: &[f32], mask: &[f32], per_position: usize) -> f32 {
+    assert_eq!(ours.len(), theirs.len());
+    ours.iter()
+        .zip(theirs)
+        .enumerate()
+        .filter(|(i, _)| mask[i / per_position] == 1.0)
+        .map(|(_, (a, b))| (a - b).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn bert_hidden_states_match_transformers() {
+    let dir = fixture("tiny-bert");
+    let device = crate::device();
+    let config = BertConfig::from_json(&config(&dir)).unwrap();
+    let model = config
+        .load(&mut Checkpoint::open(&dir).unwrap(), None, &device)
+        .unwrap();
+    let mut g = golden(&dir);
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(g.ids.clone(), g.shape), &device);
+    let mask = Tensor::<2>::from_data(TensorData::new(g.mask.clone(), g.shape), &device);
+    let (_, ours) = to_host(model.forward(ids, mask));
+    let (_, theirs) = g.ckpt.take_any("last_hidden_state").unwrap();
+    let diff = max_diff(&ours, &theirs, &g.mask, config.hidden_size);
+    assert!(diff < TOLERANCE, "max |ours - transformers| = {diff}");
+}
+
+fn causal_logits(model_dir: &Path, adapter: Option<&Path>, golden_dir: &Path) -> (f32, usize) {
+    let device = crate::device();
+    let config = LlamaConfig::from_json(&config(model_dir)).unwrap();
+    let mut model = config
+        .load(&mut Checkpoint::open(model_dir).unwrap(), None, &device)
+        .unwrap();
+    if let Some(dir) = adapter {
+        let layers = model.layers.iter_mut().enumerate().flat_map(|(i, layer)| {
+            layer
+                .projections_mut()
+                .into_iter()
+                .map(move |(name, p)| (format!("model.layers.{i}.{name}"), p))
+        });
+        crate::lora::load_peft_adapter(dir, layers, &device).unwrap();
+    }
+    let mut g = golden(golden_dir);
+    let [b, s] = g.shape;
+    let masks: Vec<Vec<f32>> = g.mask.chunks(s).map(<[f32]>::to_vec).collect();
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(g.ids.clone(), g.shape), &device);
+    let hidden = model.hidden(ids, &masks);
+    let h = hidden.dims()[2];
+    let (_, ours) = to_host(model.logits(hidden.reshape([b * s, h])));
+    let (_, theirs) = g.ckpt.take_any("logits").unwrap();
+    (
+        max_diff(&ours, &theirs, &g.mask, config.vocab_size),
+        ours.len(),
+    )
+}
+
+#[test]
+fn llama_logits_match_transformers_with_gqa_and_untied_head() {
+    let dir = fixture("tiny-llama");
+    let (diff, n) = causal_logits(&dir, None, &dir);
+    assert!(
+        n > 0 && diff < TOLERANCE,
+        "max |ours - transformers| = {diff}"
+    );
+}
+
+#[test]
+fn qwen2_logits_match_transformers_with_qkv_bias_and_tied_head() {
+    let dir = fixture("tiny-qwen2");
+    let (diff, _) = causal_logits(&dir, None, &dir);
+    assert!(diff < TOLERANCE, "max |ours - transformers| = {diff}");
+}
+
+#[test]
+fn a_peft_saved_lora_adapter_reproduces_peft_logits() {
+    let adapter = fixture("tiny-llama-lora");
+    let (diff, _) = causal_logits(&fixture("tiny-llama"), Some(&adapter), &adapter);
+    assert!(diff < TOLERANCE, "max |ours - PEFT| = {diff}");
+}
