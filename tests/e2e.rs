@@ -551,3 +551,169 @@ async fn the_cli_imports_csv_and_jsonl_and_says_what_to_fix_when_it_cannot() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stewards_approve_reject_and_roll_back_and_every_decision_is_audited() {
+    let app = TestApp::spawn().await;
+    // A lenient gate that always asks a person: the test is about the people, not the rules.
+    let spec = json!({
+        "name": "banking",
+        "task": "classification",
+        "base_model": app.model_dir,
+        "labels": app.labels,
+        "policy": {"min_new_corrections": 300, "min_improvement": -1.0, "significance_level": 1.0,
+                   "max_label_drop": 1.0, "require_approval": true}
+    });
+    assert_eq!(app.post("/v1/domains", &spec).await.0, 201);
+    let (status, _) = app
+        .post("/v1/domains/banking/corrections", &json!(app.rows))
+        .await;
+    assert_eq!(status, 202);
+    let job = app.wait_for_job(1).await;
+    assert_eq!(job["decision"]["rule"], "awaiting_approval", "{job}");
+    let (_, versions) = app.get("/v1/domains/banking/versions").await;
+    assert_eq!(
+        (
+            versions["production"].clone(),
+            versions["data"][0]["status"].clone()
+        ),
+        (Value::Null, json!("pending_approval"))
+    );
+    let (status, err) = app.get("/v1/domains/banking/aliases/production").await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (404, Some("version_not_found"))
+    );
+
+    let review = json!({"by": "dana@bank.example", "reason": "read the report; flips look right"});
+    let (status, body) = app
+        .post("/v1/domains/banking/versions/v1/approve", &review)
+        .await;
+    assert_eq!(
+        (status, body["production"].as_str()),
+        (200, Some("v1")),
+        "{body}"
+    );
+    let (status, err) = app
+        .post("/v1/domains/banking/versions/v1/approve", &review)
+        .await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (409, Some("version_not_pending"))
+    );
+    let (status, err) = app
+        .post(
+            "/v1/domains/banking/versions/v1/approve",
+            &json!({"by": "", "reason": "x"}),
+        )
+        .await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (422, Some("invalid_field")),
+        "{err}"
+    );
+
+    // Serving fleets read the alias: version, files, and the escalation threshold.
+    let (status, alias) = app.get("/v1/domains/banking/aliases/production").await;
+    assert_eq!(
+        (status, alias["version"].as_str()),
+        (200, Some("v1")),
+        "{alias}"
+    );
+    assert_eq!(alias["escalation"]["target_accuracy"], 0.95);
+    assert!(
+        alias["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["name"] == "adapter_model.safetensors")
+    );
+
+    // Round 2 passes the lenient gate and waits; a steward approves it, then rolls back.
+    let n = app.rows.len();
+    let shuffled: Vec<Value> = (0..n)
+        .map(|i| json!({"input": app.rows[i]["input"], "expected": app.rows[(i * 7 + 13) % n]["expected"]}))
+        .collect();
+    assert_eq!(
+        app.post("/v1/domains/banking/corrections", &json!(shuffled))
+            .await
+            .0,
+        202
+    );
+    assert_eq!(
+        app.wait_for_job(2).await["decision"]["rule"],
+        "awaiting_approval"
+    );
+    let (status, err) = app
+        .post(
+            "/v1/domains/banking/rollback",
+            &json!({"to": "v2", "by": "dana", "reason": "x"}),
+        )
+        .await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (422, Some("invalid_field")),
+        "{err}"
+    );
+    let (status, _) = app
+        .post("/v1/domains/banking/versions/v2/approve", &review)
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = app
+        .post(
+            "/v1/domains/banking/rollback",
+            &json!({"to": "v1", "by": "sam@bank.example", "reason": "complaints about v2"}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["production"].as_str(), body["from"].as_str()),
+        (200, Some("v1"), Some("v2")),
+        "{body}"
+    );
+    let (status, err) = app
+        .post("/v1/domains/banking/versions/v2/reject", &review)
+        .await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (409, Some("version_not_pending"))
+    );
+
+    let (_, audit) = app.get("/v1/domains/banking/audit").await;
+    let trail: Vec<(String, String, String)> = audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().into(),
+                e["actor"].as_str().unwrap().into(),
+                e["version"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String, String)> = [
+        ("gate_decision", "flywheel-gate", "v1"),
+        ("approve", "dana@bank.example", "v1"),
+        ("gate_decision", "flywheel-gate", "v2"),
+        ("approve", "dana@bank.example", "v2"),
+        ("rollback", "sam@bank.example", "v1"),
+    ]
+    .iter()
+    .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+    .collect();
+    assert_eq!(trail, expected);
+    // The alias history in the registry agrees: v1, v2, back to v1.
+    let history: Vec<String> = (1..=3)
+        .map(|g| {
+            let raw = std::fs::read(
+                app.registry_path(&format!("domains/banking/aliases/production/{g:020}.json")),
+            )
+            .unwrap();
+            serde_json::from_slice::<Value>(&raw).unwrap()["to"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(history, ["v1", "v2", "v1"]);
+}

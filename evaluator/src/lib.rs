@@ -5,13 +5,17 @@
 //! no network or database IO: an [`EvalSpec`] and local model files in, an [`Evaluation`] out.
 //! Models run through the trainer's predictor, so no burn type crosses this crate's API either.
 
+mod calibration;
 mod gate;
 mod metrics;
 mod report;
 
 use std::path::PathBuf;
 
-pub use gate::{Decision, GatePolicy, Rule, decide, format_p};
+pub use calibration::{
+    Calibration, ReliabilityBin, Routing, RoutingPoint, calibration, pick_threshold,
+};
+pub use gate::{Decision, Evidence, GatePolicy, Rule, decide, format_p};
 pub use metrics::{
     LabelMetrics, Metrics, classification_metrics, generation_metrics, mcnemar_exact,
 };
@@ -80,10 +84,15 @@ pub struct Evaluation {
     /// Up to 20 examples of each.
     pub fixed: Vec<Flip>,
     pub broken: Vec<Flip>,
+    /// The candidate's calibration on the holdout.
+    pub calibration: Calibration,
+    /// The candidate's escalation threshold for hybrid routing.
+    pub routing: Routing,
     pub decision: Decision,
 }
 
 const MAX_FLIPS_SHOWN: usize = 20;
+const CALIBRATION_BINS: usize = 10;
 /// Longest answer generated during evaluation, in tokens.
 const MAX_NEW_TOKENS: usize = 32;
 
@@ -107,21 +116,24 @@ pub fn evaluate(spec: &EvalSpec) -> Result<Evaluation, EvalError> {
     let candidate_dir = Some(spec.candidate_dir.as_path());
     let (champion, candidate) = match spec.task {
         Task::Classification => {
-            let run = |adapter| -> Result<Vec<String>, EvalError> {
+            let run = |adapter| -> Result<Vec<(String, f64)>, EvalError> {
                 let p = ClassifierPredictor::load(&spec.base_model_dir, adapter, &spec.labels, 0)?;
                 Ok(p.predict(&texts, 32)?
                     .into_iter()
-                    .map(|p| spec.labels[p.label].clone())
+                    .map(|p| (spec.labels[p.label].clone(), p.confidence as f64))
                     .collect())
             };
             (run(champion_dir)?, run(candidate_dir)?)
         }
         Task::Generation => {
-            let run = |adapter| -> Result<Vec<String>, EvalError> {
+            let run = |adapter| -> Result<Vec<(String, f64)>, EvalError> {
                 let g = Generator::load(&spec.base_model_dir, adapter)?;
                 texts
                     .iter()
-                    .map(|t| Ok(g.generate(t, MAX_NEW_TOKENS)?.text))
+                    .map(|t| {
+                        let out = g.generate(t, MAX_NEW_TOKENS)?;
+                        Ok((out.text, out.confidence as f64))
+                    })
                     .collect()
             };
             (run(champion_dir)?, run(candidate_dir)?)
@@ -136,6 +148,8 @@ pub fn evaluate(spec: &EvalSpec) -> Result<Evaluation, EvalError> {
         }
         Task::Generation => generation_metrics(&expected, predicted),
     };
+    let (champion, _): (Vec<String>, Vec<f64>) = champion.into_iter().unzip();
+    let (candidate, confidence): (Vec<String>, Vec<f64>) = candidate.into_iter().unzip();
     let champion_metrics = metrics(&champion);
     let candidate_metrics = metrics(&candidate);
     let right =
@@ -164,11 +178,23 @@ pub fn evaluate(spec: &EvalSpec) -> Result<Evaluation, EvalError> {
         }
     }
     let mcnemar_p = mcnemar_exact(b, c);
+    let correct: Vec<bool> = spec
+        .holdout
+        .iter()
+        .zip(&candidate)
+        .map(|(row, a)| right(a, row))
+        .collect();
+    let calibration = calibration::calibration(&confidence, &correct, CALIBRATION_BINS);
+    let routing = pick_threshold(&confidence, &correct, spec.policy.target_accuracy);
     let decision = decide(
         &spec.policy,
-        &champion_metrics,
-        &candidate_metrics,
-        mcnemar_p,
+        &Evidence {
+            champion: &champion_metrics,
+            candidate: &candidate_metrics,
+            p_value: mcnemar_p,
+            ece: calibration.ece,
+            champion_is_adapter: spec.champion_dir.is_some(),
+        },
     );
     Ok(Evaluation {
         champion_name: spec.champion_name.clone(),
@@ -180,6 +206,8 @@ pub fn evaluate(spec: &EvalSpec) -> Result<Evaluation, EvalError> {
         broken_count: b,
         fixed,
         broken,
+        calibration,
+        routing,
         decision,
     })
 }

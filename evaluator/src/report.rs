@@ -49,6 +49,25 @@ pub fn render_markdown(
             p => format!("= {p}"),
         }
     ));
+    s.push_str("## Confidence and routing\n\n");
+    s.push_str(&format!(
+        "Expected calibration error of the candidate: {:.3}.\n",
+        eval.calibration.ece
+    ));
+    let r = &eval.routing;
+    match r.threshold {
+        Some(t) => s.push_str(&format!(
+            "Escalation threshold: answer when confidence ≥ {t:.3}, escalate below. On this holdout that \
+             answers {} of queries at {} accuracy (target {}).\n\n",
+            pct(r.coverage),
+            pct(r.accuracy),
+            pct(r.target_accuracy)
+        )),
+        None => s.push_str(&format!(
+            "Escalation threshold: none reaches {} accuracy on this holdout; escalate every query.\n\n",
+            pct(r.target_accuracy)
+        )),
+    }
     if !eval.candidate.per_label.is_empty() {
         s.push_str("## Per label (candidate)\n\n| label | precision | recall | F1 | support |\n|---|---:|---:|---:|---:|\n");
     }
@@ -62,11 +81,14 @@ pub fn render_markdown(
             m.support
         ));
     }
+    if !eval.candidate.per_label.is_empty() {
+        s.push('\n');
+    }
     for (title, flips) in [
         ("Fixed (wrong → right)", &eval.fixed),
         ("Broken (right → wrong)", &eval.broken),
     ] {
-        s.push_str(&format!("\n## {title}\n\n"));
+        s.push_str(&format!("## {title}\n\n"));
         if flips.is_empty() {
             s.push_str("None.\n");
         }
@@ -79,8 +101,9 @@ pub fn render_markdown(
                 f.candidate
             ));
         }
+        s.push('\n');
     }
-    s.push_str("\n## Lineage\n\n```json\n");
+    s.push_str("## Lineage\n\n```json\n");
     s.push_str(&serde_json::to_string_pretty(lineage).expect("json"));
     s.push_str("\n```\n");
     s
@@ -115,8 +138,11 @@ mod tests {
                 candidate: "card_arrival".into(),
             }],
             broken: vec![],
+            calibration: crate::calibration(&[0.9, 0.6], &[true, false], 10),
+            routing: crate::pick_threshold(&[0.9, 0.6], &[true, false], 0.95),
             decision: Decision {
                 promote: false,
+                awaiting_approval: false,
                 rule: Rule::NotSignificant,
                 reason: "held back: +10.0 points could be chance".into(),
             },
@@ -136,6 +162,10 @@ mod tests {
 
         Paired exact McNemar test: 12 fixed, 4 broken, p = 0.2000.
 
+        ## Confidence and routing
+
+        Expected calibration error of the candidate: 0.350.
+        Escalation threshold: answer when confidence ≥ 0.900, escalate below. On this holdout that answers 50.0% of queries at 100.0% accuracy (target 95.0%).
 
         ## Fixed (wrong → right)
 

@@ -22,6 +22,8 @@ pub enum ErrorCode {
     DomainExists,
     JobNotFound,
     VersionNotFound,
+    VersionNotPending,
+    AliasConflict,
     Internal,
 }
 
@@ -35,7 +37,7 @@ impl ErrorCode {
             TextTooLong | BatchTooLarge | PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             DomainNotFound | JobNotFound | VersionNotFound => StatusCode::NOT_FOUND,
-            DomainExists => StatusCode::CONFLICT,
+            DomainExists | VersionNotPending | AliasConflict => StatusCode::CONFLICT,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -95,6 +97,10 @@ impl From<flywheel_registry::RegistryError> for ApiError {
             flywheel_registry::RegistryError::NoSuchVersion { domain, version } => Self::new(
                 ErrorCode::VersionNotFound,
                 format!("version {domain}/{version} does not exist"),
+            ),
+            e @ flywheel_registry::RegistryError::AliasConflict { .. } => Self::new(
+                ErrorCode::AliasConflict,
+                format!("{e}; read it again and retry"),
             ),
             other => {
                 tracing::error!(error = %other, "registry error");

@@ -27,6 +27,17 @@ pub fn routes() -> axum::Router<AppState> {
             "/v1/domains/{domain}/versions/{version}/report",
             get(get_report),
         )
+        .route(
+            "/v1/domains/{domain}/versions/{version}/approve",
+            post(approve),
+        )
+        .route(
+            "/v1/domains/{domain}/versions/{version}/reject",
+            post(reject),
+        )
+        .route("/v1/domains/{domain}/rollback", post(rollback))
+        .route("/v1/domains/{domain}/audit", get(audit_log))
+        .route("/v1/domains/{domain}/aliases/{alias}", get(get_alias))
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/events", get(get_events))
         .fallback(|| async { ApiError::new(ErrorCode::InvalidField, "no such route") })
@@ -413,4 +424,263 @@ async fn get_report(
     };
     let bytes = state.registry.read_file(&name, &version, file).await?;
     Ok(([(header::CONTENT_TYPE, content_type)], bytes).into_response())
+}
+
+/// A steward's decision: who and why.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Review {
+    by: String,
+    reason: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rollback {
+    to: String,
+    by: String,
+    reason: String,
+}
+
+fn non_empty(field: &str, v: &str) -> ApiResult<()> {
+    if v.trim().is_empty() {
+        return Err(ApiError::new(
+            ErrorCode::InvalidField,
+            format!("{field}: must not be empty"),
+        ));
+    }
+    Ok(())
+}
+
+async fn version_of(
+    state: &AppState,
+    domain: &DomainRow,
+    raw: &str,
+) -> ApiResult<flywheel_db::VersionRow> {
+    let not_found = || {
+        ApiError::new(
+            ErrorCode::VersionNotFound,
+            format!("version {}/{raw} does not exist", domain.spec.name),
+        )
+    };
+    let v = VersionId::parse(raw).ok_or_else(not_found)?;
+    state.db.version(domain.id, &v).await?.ok_or_else(not_found)
+}
+
+const PRODUCTION: &str = "production";
+
+async fn approve(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+    raw: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let review: Review = parse_json(&body(raw)?)?;
+    non_empty("by", &review.by)?;
+    non_empty("reason", &review.reason)?;
+    let domain = domain_row(&state, &name).await?;
+    let v = version_of(&state, &domain, &version).await?.version;
+    // Claim the transition first: of two approvals, one wins here.
+    if !state
+        .db
+        .transition_version(domain.id, &v, "pending_approval", "promoted")
+        .await?
+    {
+        return Err(ApiError::new(
+            ErrorCode::VersionNotPending,
+            format!("version {name}/{v} is not awaiting approval"),
+        ));
+    }
+    let current = state
+        .registry
+        .resolve(&domain.spec.name, PRODUCTION)
+        .await?
+        .map(|m| VersionId(m.to));
+    let moved = state
+        .registry
+        .move_alias(
+            &domain.spec.name,
+            PRODUCTION,
+            current.as_ref(),
+            &v,
+            &review.by,
+            &review.reason,
+        )
+        .await;
+    let moved = match moved {
+        Ok(m) => m,
+        Err(e) => {
+            state
+                .db
+                .transition_version(domain.id, &v, "promoted", "pending_approval")
+                .await?;
+            return Err(e.into());
+        }
+    };
+    let data = serde_json::json!({ "alias": PRODUCTION, "from": moved.from, "to": moved.to });
+    state
+        .db
+        .audit(
+            domain.id,
+            &review.by,
+            "approve",
+            Some(&v),
+            &review.reason,
+            Some(&data),
+        )
+        .await?;
+    Ok(Json(
+        serde_json::json!({ "version": v, "status": "promoted", "production": moved.to }),
+    ))
+}
+
+async fn reject(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+    raw: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let review: Review = parse_json(&body(raw)?)?;
+    non_empty("by", &review.by)?;
+    non_empty("reason", &review.reason)?;
+    let domain = domain_row(&state, &name).await?;
+    let v = version_of(&state, &domain, &version).await?.version;
+    if !state
+        .db
+        .transition_version(domain.id, &v, "pending_approval", "rejected")
+        .await?
+    {
+        return Err(ApiError::new(
+            ErrorCode::VersionNotPending,
+            format!("version {name}/{v} is not awaiting approval"),
+        ));
+    }
+    state
+        .db
+        .audit(
+            domain.id,
+            &review.by,
+            "reject",
+            Some(&v),
+            &review.reason,
+            None,
+        )
+        .await?;
+    Ok(Json(
+        serde_json::json!({ "version": v, "status": "rejected" }),
+    ))
+}
+
+/// Points `production` back at a version that was live before.
+async fn rollback(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    raw: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let req: Rollback = parse_json(&body(raw)?)?;
+    non_empty("by", &req.by)?;
+    non_empty("reason", &req.reason)?;
+    let domain = domain_row(&state, &name).await?;
+    let target = version_of(&state, &domain, &req.to).await?;
+    if target.status != "promoted" {
+        return Err(ApiError::new(
+            ErrorCode::InvalidField,
+            format!(
+                "to: version {name}/{} was never promoted ({}); only a version that was live can come back",
+                target.version, target.status
+            ),
+        ));
+    }
+    let current = state
+        .registry
+        .resolve(&domain.spec.name, PRODUCTION)
+        .await?
+        .map(|m| VersionId(m.to));
+    if current.as_ref() == Some(&target.version) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidField,
+            format!("to: {} is already production", target.version),
+        ));
+    }
+    let moved = state
+        .registry
+        .move_alias(
+            &domain.spec.name,
+            PRODUCTION,
+            current.as_ref(),
+            &target.version,
+            &req.by,
+            &req.reason,
+        )
+        .await?;
+    let data = serde_json::json!({ "alias": PRODUCTION, "from": moved.from, "to": moved.to });
+    state
+        .db
+        .audit(
+            domain.id,
+            &req.by,
+            "rollback",
+            Some(&target.version),
+            &req.reason,
+            Some(&data),
+        )
+        .await?;
+    Ok(Json(
+        serde_json::json!({ "production": moved.to, "from": moved.from }),
+    ))
+}
+
+async fn audit_log(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let domain = domain_row(&state, &name).await?;
+    Ok(Json(
+        serde_json::json!({ "data": state.db.audit_log(domain.id).await? }),
+    ))
+}
+
+/// What a serving fleet needs: the version an alias points at, where its adapter files are,
+/// and the confidence below which to escalate.
+async fn get_alias(
+    State(state): State<AppState>,
+    Path((name, alias)): Path<(String, String)>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let domain = domain_row(&state, &name).await?;
+    let not_set = || {
+        ApiError::new(
+            ErrorCode::VersionNotFound,
+            format!("alias `{alias}` of {name} is not set"),
+        )
+    };
+    if alias.is_empty()
+        || !alias
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(not_set());
+    }
+    let mv = state
+        .registry
+        .resolve(&domain.spec.name, &alias)
+        .await?
+        .ok_or_else(not_set)?;
+    let v = VersionId(mv.to.clone());
+    let manifest = state.registry.manifest(&domain.spec.name, &v).await?;
+    let files: Vec<serde_json::Value> = manifest
+        .files
+        .iter()
+        .map(|f| {
+            serde_json::json!({
+                "name": f.name,
+                "sha256": f.sha256,
+                "location": state.registry.locate(&domain.spec.name, &v, &f.name),
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({
+        "alias": alias,
+        "version": v,
+        "generation": mv.generation,
+        "escalation": manifest.lineage["escalation"],
+        "files": files,
+    })))
 }

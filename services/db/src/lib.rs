@@ -8,7 +8,9 @@
 mod models;
 mod repo;
 
-pub use models::{CorrectionRow, DomainRow, InsertOutcome, JobEvent, JobRow, VersionRow};
+pub use models::{
+    AuditEntry, CorrectionRow, DomainRow, InsertOutcome, JobEvent, JobRow, VersionRow,
+};
 pub use repo::Db;
 
 #[derive(Debug, thiserror::Error)]

@@ -60,7 +60,19 @@ pub struct JobEvent {
 pub struct VersionRow {
     pub version: VersionId,
     pub job_id: JobId,
-    pub promoted: bool,
+    /// `promoted`, `held_back`, `pending_approval` or `rejected`.
+    pub status: String,
     pub metrics: serde_json::Value,
     pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    pub actor: String,
+    pub action: String,
+    pub version: Option<String>,
+    pub reason: String,
+    pub data: Option<serde_json::Value>,
 }

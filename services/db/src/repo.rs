@@ -381,23 +381,45 @@ impl Db {
         Ok(VersionId(version))
     }
 
+    /// Records the gate's verdict: `status` is `promoted`, `held_back` or `pending_approval`.
     pub async fn record_version(
         &self,
         domain_id: i64,
         version: &VersionId,
-        promoted: bool,
+        status: &str,
         metrics: &serde_json::Value,
     ) -> Result<()> {
         sqlx::query(
-            "UPDATE versions SET promoted = ?, metrics = ? WHERE domain_id = ? AND version = ?",
+            "UPDATE versions SET promoted = ?, status = ?, metrics = ? WHERE domain_id = ? AND version = ?",
         )
-        .bind(promoted)
+        .bind(status != "held_back")
+        .bind(status)
         .bind(metrics.to_string())
         .bind(domain_id)
         .bind(version.as_str())
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Moves a version from one status to another; false if it was not in `from`.
+    pub async fn transition_version(
+        &self,
+        domain_id: i64,
+        version: &VersionId,
+        from: &str,
+        to: &str,
+    ) -> Result<bool> {
+        let res = sqlx::query(
+            "UPDATE versions SET status = ? WHERE domain_id = ? AND version = ? AND status = ?",
+        )
+        .bind(to)
+        .bind(domain_id)
+        .bind(version.as_str())
+        .bind(from)
+        .execute(&self.pool)
+        .await?;
+        Ok(res.rows_affected() == 1)
     }
 
     pub async fn versions(&self, domain_id: i64) -> Result<Vec<VersionRow>> {
@@ -410,9 +432,66 @@ impl Db {
                 Ok(VersionRow {
                     version: VersionId(r.try_get("version")?),
                     job_id: JobId(r.try_get("job_id")?),
-                    promoted: r.try_get::<i64, _>("promoted")? != 0,
+                    status: r.try_get("status")?,
                     metrics: json(&r.try_get::<String, _>("metrics")?)?,
                     created_at: ts(&r.try_get::<String, _>("created_at")?)?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn version(&self, domain_id: i64, version: &VersionId) -> Result<Option<VersionRow>> {
+        Ok(self
+            .versions(domain_id)
+            .await?
+            .into_iter()
+            .find(|v| &v.version == version))
+    }
+
+    // ---- audit ----
+
+    /// Appends to the audit log (the table refuses updates and deletes).
+    pub async fn audit(
+        &self,
+        domain_id: i64,
+        actor: &str,
+        action: &str,
+        version: Option<&VersionId>,
+        reason: &str,
+        data: Option<&serde_json::Value>,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO audit_log (domain_id, at, actor, action, version, reason, data)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(domain_id)
+        .bind(now())
+        .bind(actor)
+        .bind(action)
+        .bind(version.map(VersionId::as_str))
+        .bind(reason)
+        .bind(data.map(|d| d.to_string()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn audit_log(&self, domain_id: i64) -> Result<Vec<AuditEntry>> {
+        let rows = sqlx::query("SELECT * FROM audit_log WHERE domain_id = ? ORDER BY id")
+            .bind(domain_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let data: Option<String> = r.try_get("data")?;
+                Ok(AuditEntry {
+                    id: r.try_get("id")?,
+                    at: ts(&r.try_get::<String, _>("at")?)?,
+                    actor: r.try_get("actor")?,
+                    action: r.try_get("action")?,
+                    version: r.try_get("version")?,
+                    reason: r.try_get("reason")?,
+                    data: data.as_deref().map(json).transpose()?,
                 })
             })
             .collect()

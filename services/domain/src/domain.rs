@@ -91,6 +91,18 @@ pub struct Policy {
     /// be below this.
     #[serde(default = "Policy::default_significance")]
     pub significance_level: f64,
+    /// No label's recall may fall by more than this (absolute) against the production adapter.
+    #[serde(default = "Policy::default_label_drop")]
+    pub max_label_drop: f64,
+    /// Ceiling on the candidate's expected calibration error (1 turns the rule off).
+    #[serde(default = "Policy::default_one")]
+    pub max_calibration_error: f64,
+    /// Accuracy that answers kept by the small model must reach; sets the escalation threshold.
+    #[serde(default = "Policy::default_target")]
+    pub target_accuracy: f64,
+    /// A candidate that passes waits for a data steward's approval before going live.
+    #[serde(default)]
+    pub require_approval: bool,
 }
 
 impl Policy {
@@ -102,6 +114,15 @@ impl Policy {
     }
     fn default_significance() -> f64 {
         0.05
+    }
+    fn default_label_drop() -> f64 {
+        0.10
+    }
+    fn default_one() -> f64 {
+        1.0
+    }
+    fn default_target() -> f64 {
+        0.95
     }
 
     pub fn validate(&self) -> Result<(), Invalid> {
@@ -129,6 +150,15 @@ impl Policy {
                 "must be in (0, 1]; 1 turns the test off",
             ));
         }
+        for (field, v) in [
+            ("policy.max_label_drop", self.max_label_drop),
+            ("policy.max_calibration_error", self.max_calibration_error),
+            ("policy.target_accuracy", self.target_accuracy),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(Invalid::field(field, "must be between 0 and 1"));
+            }
+        }
         if !(-1.0..=1.0).contains(&self.min_improvement) {
             return Err(Invalid::field(
                 "policy.min_improvement",
@@ -147,6 +177,10 @@ impl Default for Policy {
             min_accuracy: 0.0,
             min_improvement: 0.0,
             significance_level: Self::default_significance(),
+            max_label_drop: Self::default_label_drop(),
+            max_calibration_error: Self::default_one(),
+            target_accuracy: Self::default_target(),
+            require_approval: false,
         }
     }
 }

@@ -237,6 +237,10 @@ pub async fn evaluate(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Bo
                 min_accuracy: domain.spec.policy.min_accuracy,
                 min_improvement: domain.spec.policy.min_improvement,
                 significance_level: domain.spec.policy.significance_level,
+                max_label_drop: domain.spec.policy.max_label_drop,
+                max_calibration_error: domain.spec.policy.max_calibration_error,
+                target_accuracy: domain.spec.policy.target_accuracy,
+                require_approval: domain.spec.policy.require_approval,
             },
         };
         let evaluation = tokio::task::spawn_blocking(move || flywheel_evaluator::evaluate(&spec))
@@ -315,6 +319,13 @@ pub async fn publish(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Box
                 "trainable_parameters": train_report.trainable_parameters,
             },
             "decision": evaluation.decision,
+            // Serving fleets read this: below it, escalate to the larger model.
+            "escalation": {
+                "threshold": evaluation.routing.threshold,
+                "target_accuracy": evaluation.routing.target_accuracy,
+                "coverage": evaluation.routing.coverage,
+            },
+            "calibration_ece": evaluation.calibration.ece,
             "code_version": env!("CARGO_PKG_VERSION"),
         });
         let report_json = serde_json::json!({
@@ -349,7 +360,7 @@ pub async fn publish(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Box
         }
 
         let mut decision = evaluation.decision.clone();
-        if decision.promote {
+        if decision.promote && !decision.awaiting_approval {
             let current = ctx.registry.resolve(name, PRODUCTION).await?;
             let expected = current.map(|m| flywheel_domain::VersionId(m.to));
             if let Err(e) = ctx
@@ -368,10 +379,10 @@ pub async fn publish(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Box
                 decision.reason = format!("gate passed but the alias did not move: {e}");
             }
         }
-        let outcome = if decision.promote {
-            "promoted"
-        } else {
-            "held_back"
+        let outcome = match (decision.promote, decision.awaiting_approval) {
+            (true, false) => "promoted",
+            (true, true) => "pending_approval",
+            (false, _) => "held_back",
         };
         ctx.metrics
             .promotion_decisions
@@ -383,11 +394,23 @@ pub async fn publish(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Box
             "candidate_macro_f1": evaluation.candidate.macro_f1,
             "candidate_token_f1": evaluation.candidate.token_f1,
             "mcnemar_p": evaluation.mcnemar_p,
+            "ece": evaluation.calibration.ece,
+            "escalation_threshold": evaluation.routing.threshold,
             "holdout_size": evaluation.holdout_size,
             "decision": decision,
         });
         ctx.db
-            .record_version(domain.id, &version, decision.promote, &summary)
+            .record_version(domain.id, &version, outcome, &summary)
+            .await?;
+        ctx.db
+            .audit(
+                domain.id,
+                "flywheel-gate",
+                "gate_decision",
+                Some(&version),
+                &decision.reason,
+                Some(&summary),
+            )
             .await?;
         ctx.db
             .set_job_decision(

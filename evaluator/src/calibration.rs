@@ -1,0 +1,168 @@
+//! How far the model's confidence can be trusted, and where to stop trusting it: expected
+//! calibration error, the reliability curve, and the escalation threshold for hybrid routing.
+
+use serde::{Deserialize, Serialize};
+
+/// One bin of the reliability curve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReliabilityBin {
+    pub lower: f64,
+    pub upper: f64,
+    pub count: usize,
+    /// Mean confidence of the predictions in the bin.
+    pub confidence: f64,
+    /// Share of them that were right.
+    pub accuracy: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    /// Expected calibration error: the count-weighted mean |accuracy - confidence| over bins.
+    pub ece: f64,
+    pub bins: Vec<ReliabilityBin>,
+}
+
+/// Equal-width bins over [0, 1].
+pub fn calibration(confidence: &[f64], correct: &[bool], n_bins: usize) -> Calibration {
+    assert_eq!(confidence.len(), correct.len());
+    let mut bins: Vec<ReliabilityBin> = (0..n_bins)
+        .map(|i| ReliabilityBin {
+            lower: i as f64 / n_bins as f64,
+            upper: (i + 1) as f64 / n_bins as f64,
+            count: 0,
+            confidence: 0.0,
+            accuracy: 0.0,
+        })
+        .collect();
+    for (&c, &ok) in confidence.iter().zip(correct) {
+        let i = ((c * n_bins as f64) as usize).min(n_bins - 1);
+        bins[i].count += 1;
+        bins[i].confidence += c;
+        bins[i].accuracy += if ok { 1.0 } else { 0.0 };
+    }
+    let total = confidence.len().max(1) as f64;
+    let mut ece = 0.0;
+    for b in &mut bins {
+        if b.count > 0 {
+            b.confidence /= b.count as f64;
+            b.accuracy /= b.count as f64;
+            ece += b.count as f64 / total * (b.accuracy - b.confidence).abs();
+        }
+    }
+    Calibration { ece, bins }
+}
+
+/// A point of the coverage-vs-accuracy curve: answering only when confidence ≥ `threshold`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoutingPoint {
+    pub threshold: f64,
+    /// Share of queries the small model answers itself.
+    pub coverage: f64,
+    /// Accuracy on those it answers.
+    pub accuracy: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Routing {
+    pub target_accuracy: f64,
+    /// Answer when confidence ≥ this; escalate below. `None` when no threshold reaches the
+    /// target on this holdout: escalate everything.
+    pub threshold: Option<f64>,
+    pub coverage: f64,
+    pub accuracy: f64,
+    pub curve: Vec<RoutingPoint>,
+}
+
+/// Picks the lowest confidence threshold (most coverage) whose accepted answers are at least
+/// `target_accuracy` accurate. Candidate thresholds are the observed confidences, so the
+/// choice is exact on this holdout.
+pub fn pick_threshold(confidence: &[f64], correct: &[bool], target_accuracy: f64) -> Routing {
+    let mut rows: Vec<(f64, bool)> = confidence
+        .iter()
+        .copied()
+        .zip(correct.iter().copied())
+        .collect();
+    // Most confident first; accepting the top k is accepting confidence ≥ the k-th value.
+    rows.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let n = rows.len();
+    let mut curve = Vec::new();
+    let mut right = 0usize;
+    let mut best: Option<RoutingPoint> = None;
+    let mut k = 0;
+    while k < n {
+        // Ties accept together: a threshold cannot split equal confidences.
+        let t = rows[k].0;
+        while k < n && rows[k].0 == t {
+            right += rows[k].1 as usize;
+            k += 1;
+        }
+        let point = RoutingPoint {
+            threshold: t,
+            coverage: k as f64 / n as f64,
+            accuracy: right as f64 / k as f64,
+        };
+        if point.accuracy >= target_accuracy {
+            best = Some(point.clone());
+        }
+        curve.push(point);
+    }
+    match best {
+        Some(p) => Routing {
+            target_accuracy,
+            threshold: Some(p.threshold),
+            coverage: p.coverage,
+            accuracy: p.accuracy,
+            curve,
+        },
+        None => Routing {
+            target_accuracy,
+            threshold: None,
+            coverage: 0.0,
+            accuracy: 0.0,
+            curve,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_calibrated_model_has_small_ece_and_an_overconfident_one_does_not() {
+        // Confidence 0.8, right 8 times in 10: perfectly calibrated.
+        let conf = vec![0.8; 10];
+        let ok: Vec<bool> = (0..10).map(|i| i < 8).collect();
+        assert!(calibration(&conf, &ok, 10).ece < 1e-12);
+        // Confidence 0.95, right half the time.
+        let conf = vec![0.95; 10];
+        let ok: Vec<bool> = (0..10).map(|i| i % 2 == 0).collect();
+        let c = calibration(&conf, &ok, 10);
+        assert!((c.ece - 0.45).abs() < 1e-12);
+        assert_eq!(c.bins[9].count, 10);
+    }
+
+    #[test]
+    fn the_threshold_keeps_the_target_accuracy_with_the_most_coverage() {
+        // Right above 0.6, wrong below: the threshold is exactly the lowest right confidence.
+        let conf = [0.99, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3];
+        let ok = [true, true, true, true, true, false, false, false];
+        let r = pick_threshold(&conf, &ok, 0.95);
+        assert_eq!(r.threshold, Some(0.6));
+        assert_eq!(r.coverage, 5.0 / 8.0);
+        assert_eq!(r.accuracy, 1.0);
+        // With a lower target one wrong answer may come in: accept 0.5 too (5/6 = 83%).
+        assert_eq!(pick_threshold(&conf, &ok, 0.8).threshold, Some(0.5));
+        // Unreachable target: escalate everything.
+        let r = pick_threshold(&[0.9, 0.8], &[false, true], 0.95);
+        assert_eq!((r.threshold, r.coverage), (None, 0.0));
+    }
+
+    #[test]
+    fn tied_confidences_are_accepted_together() {
+        let r = pick_threshold(&[0.9, 0.7, 0.7, 0.7], &[true, true, false, true], 0.9);
+        // Accepting 0.7 takes all three (3/4 right overall): only 0.9 meets 90%.
+        assert_eq!(r.threshold, Some(0.9));
+        assert_eq!(r.curve.len(), 2);
+    }
+}
