@@ -91,7 +91,7 @@ pub fn decide(policy: &GatePolicy, e: &Evidence<'_>) -> Decision {
         return held(
             Rule::NotSignificant,
             format!(
-                "held back: {:+.1} points could be chance (paired exact McNemar p = {}, the policy asks for p < {})",
+                "held back: {:+.1} points could be chance (paired exact McNemar {}, the policy asks for p < {})",
                 100.0 * delta,
                 format_p(p_value),
                 policy.significance_level
@@ -134,7 +134,7 @@ pub fn decide(policy: &GatePolicy, e: &Evidence<'_>) -> Decision {
             awaiting_approval: true,
             rule: Rule::AwaitingApproval,
             reason: format!(
-                "awaiting approval: accuracy {:.1}% ({:+.1} points over the champion, p = {}) passed every rule",
+                "awaiting approval: accuracy {:.1}% ({:+.1} points over the champion, {}) passed every rule",
                 100.0 * candidate.accuracy,
                 100.0 * delta,
                 format_p(p_value)
@@ -146,7 +146,7 @@ pub fn decide(policy: &GatePolicy, e: &Evidence<'_>) -> Decision {
         awaiting_approval: false,
         rule: Rule::AllRulesPassed,
         reason: format!(
-            "promoted: accuracy {:.1}% ({:+.1} points over the champion, p = {})",
+            "promoted: accuracy {:.1}% ({:+.1} points over the champion, {})",
             100.0 * candidate.accuracy,
             100.0 * delta,
             format_p(p_value)
@@ -154,12 +154,12 @@ pub fn decide(policy: &GatePolicy, e: &Evidence<'_>) -> Decision {
     }
 }
 
-/// A p-value as a steward reads it.
+/// A p-value as a steward reads it, with its relation: `p = 0.0123` or `p < 0.0001`.
 pub fn format_p(p: f64) -> String {
     if p < 1e-4 {
-        "< 0.0001".into()
+        "p < 0.0001".into()
     } else {
-        format!("{p:.4}")
+        format!("p = {p:.4}")
     }
 }
 

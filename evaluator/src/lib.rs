@@ -7,6 +7,7 @@
 
 mod calibration;
 mod gate;
+mod html;
 mod metrics;
 mod report;
 
@@ -16,6 +17,7 @@ pub use calibration::{
     Calibration, ReliabilityBin, Routing, RoutingPoint, calibration, pick_threshold,
 };
 pub use gate::{Decision, Evidence, GatePolicy, Rule, decide, format_p};
+pub use html::render_html;
 pub use metrics::{
     LabelMetrics, Metrics, classification_metrics, generation_metrics, mcnemar_exact,
 };

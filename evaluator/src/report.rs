@@ -41,13 +41,10 @@ pub fn render_markdown(
     }
     s.push('\n');
     s.push_str(&format!(
-        "Paired exact McNemar test: {} fixed, {} broken, p {}.\n\n",
+        "Paired exact McNemar test: {} fixed, {} broken, {}.\n\n",
         eval.fixed_count,
         eval.broken_count,
-        match crate::format_p(eval.mcnemar_p) {
-            p if p.starts_with('<') => p,
-            p => format!("= {p}"),
-        }
+        crate::format_p(eval.mcnemar_p)
     ));
     s.push_str("## Confidence and routing\n\n");
     s.push_str(&format!(

@@ -420,6 +420,7 @@ async fn get_report(
     let name = DomainName::parse(domain.spec.name.as_str())?;
     let (file, content_type) = match q.format.as_deref() {
         Some("md") | Some("markdown") => ("report.md", "text/markdown; charset=utf-8"),
+        Some("html") => ("report.html", "text/html; charset=utf-8"),
         _ => ("report.json", "application/json"),
     };
     let bytes = state.registry.read_file(&name, &version, file).await?;

@@ -353,6 +353,14 @@ pub async fn publish(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Box
             serde_json::to_vec_pretty(&report_json).expect("json"),
         ));
         files.push(("report.md".into(), report_md.into_bytes()));
+        let report_html = flywheel_evaluator::render_html(
+            name.as_str(),
+            version.as_str(),
+            &evaluation,
+            &train_report.loss_curve,
+            &lineage,
+        );
+        files.push(("report.html".into(), report_html.into_bytes()));
         match ctx.registry.publish(name, &version, files, lineage).await {
             // A retried publish finds its own earlier upload.
             Ok(_) | Err(RegistryError::VersionExists { .. }) => {}
