@@ -415,6 +415,17 @@ async fn bad_input_gets_a_stable_code_naming_the_field_and_loses_nothing() {
         err["message"].as_str().unwrap().starts_with("name:"),
         "{err}"
     );
+    let (status, err) = app
+        .post("/v1/domains", &json!({"name": "other", "task": "classification", "base_model": "m", "labels": ["a", "b"], "out_of_scope_label": "c"}))
+        .await;
+    assert_eq!(
+        (status, err["message"].as_str()),
+        (
+            422,
+            Some("out_of_scope_label: `c` is not one of the labels")
+        ),
+        "{err}"
+    );
     let (status, err) = app.post("/v1/domains", &json!({"name": "banking", "task": "classification", "base_model": "m", "labels": ["a", "b"]})).await;
     assert_eq!((status, err["code"].as_str()), (409, Some("domain_exists")));
 
@@ -562,7 +573,9 @@ async fn stewards_approve_reject_and_roll_back_and_every_decision_is_audited() {
         "base_model": app.model_dir,
         "labels": app.labels,
         "policy": {"min_new_corrections": 300, "min_improvement": -1.0, "significance_level": 1.0,
-                   "max_label_drop": 1.0, "require_approval": true}
+                   "max_label_drop": 1.0, "require_approval": true},
+        // Banking77 has no "none of the above" intent; one label stands in for it.
+        "out_of_scope_label": "age_limit"
     });
     assert_eq!(app.post("/v1/domains", &spec).await.0, 201);
     let (status, _) = app

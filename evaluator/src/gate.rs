@@ -76,8 +76,9 @@ pub fn decide(policy: &GatePolicy, e: &Evidence<'_>) -> Decision {
             ),
         );
     }
-    // A candidate must strictly beat the champion by the margin: equal is not better.
-    if delta < policy.min_improvement || delta <= 0.0 {
+    // A margin of zero still asks for strictly better: a tie never replaces the champion. A
+    // negative margin is an explicit allowance for regression.
+    if delta < policy.min_improvement || (policy.min_improvement >= 0.0 && delta <= 0.0) {
         return held(
             Rule::MinImprovement,
             format!(
@@ -87,7 +88,7 @@ pub fn decide(policy: &GatePolicy, e: &Evidence<'_>) -> Decision {
             ),
         );
     }
-    if p_value >= policy.significance_level {
+    if policy.significance_level < 1.0 && p_value >= policy.significance_level {
         return held(
             Rule::NotSignificant,
             format!(
@@ -251,6 +252,10 @@ mod tests {
         p0.min_improvement = 0.0;
         p0.significance_level = 1.0;
         assert!(!decide_on(&p0, &m(0.7), &m(0.7), 0.0).promote);
+        // A negative margin allows a bounded regression; significance 1 switches the test off.
+        p0.min_improvement = -0.05;
+        assert!(decide_on(&p0, &m(0.7), &m(0.67), 1.0).promote);
+        assert!(!decide_on(&p0, &m(0.7), &m(0.6), 1.0).promote);
     }
 
     #[test]

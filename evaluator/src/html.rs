@@ -273,6 +273,16 @@ pre{{background:#f6f6f6;padding:10px;overflow:auto}} li{{margin:2px 0}}
         eval.broken_count,
         crate::format_p(eval.mcnemar_p)
     );
+    if let Some(o) = &eval.out_of_scope {
+        let _ = write!(
+            h,
+            "<p>Out-of-scope recall (<code>{}</code>, {} held out): champion {}, candidate {}.</p>",
+            esc(&o.label),
+            o.support,
+            pct(o.champion_recall),
+            pct(o.candidate_recall)
+        );
+    }
     let r = &eval.routing;
     let _ = match r.threshold {
         Some(t) => write!(

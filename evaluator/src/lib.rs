@@ -57,10 +57,20 @@ pub struct EvalSpec {
     pub task: Task,
     /// The label set, for classification.
     pub labels: Vec<String>,
+    /// The "none of the above" label, whose recall is reported on its own.
+    pub out_of_scope_label: Option<String>,
     pub holdout: Vec<HoldoutRow>,
     /// Normalized inputs of the training snapshot, for the leak check.
     pub training_inputs: Vec<String>,
     pub policy: GatePolicy,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OutOfScope {
+    pub label: String,
+    pub champion_recall: f64,
+    pub candidate_recall: f64,
+    pub support: usize,
 }
 
 /// A flipped example: the champion and candidate disagree on correctness.
@@ -86,6 +96,9 @@ pub struct Evaluation {
     /// Up to 20 examples of each.
     pub fixed: Vec<Flip>,
     pub broken: Vec<Flip>,
+    /// Recall on the out-of-scope label, champion and candidate, when the domain has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub out_of_scope: Option<OutOfScope>,
     /// The candidate's calibration on the holdout.
     pub calibration: Calibration,
     /// The candidate's escalation threshold for hybrid routing.
@@ -198,7 +211,24 @@ pub fn evaluate(spec: &EvalSpec) -> Result<Evaluation, EvalError> {
             champion_is_adapter: spec.champion_dir.is_some(),
         },
     );
+    let out_of_scope = spec.out_of_scope_label.as_ref().and_then(|label| {
+        let recall = |m: &Metrics| {
+            m.per_label
+                .iter()
+                .find(|l| &l.label == label)
+                .map(|l| (l.recall, l.support))
+        };
+        let (champion_recall, support) = recall(&champion_metrics)?;
+        let (candidate_recall, _) = recall(&candidate_metrics)?;
+        Some(OutOfScope {
+            label: label.clone(),
+            champion_recall,
+            candidate_recall,
+            support,
+        })
+    });
     Ok(Evaluation {
+        out_of_scope,
         champion_name: spec.champion_name.clone(),
         holdout_size: spec.holdout.len(),
         champion: champion_metrics,

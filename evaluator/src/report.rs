@@ -46,6 +46,15 @@ pub fn render_markdown(
         eval.broken_count,
         crate::format_p(eval.mcnemar_p)
     ));
+    if let Some(o) = &eval.out_of_scope {
+        s.push_str(&format!(
+            "Out-of-scope recall (`{}`, {} held out): champion {}, candidate {}.\n\n",
+            o.label,
+            o.support,
+            pct(o.champion_recall),
+            pct(o.candidate_recall)
+        ));
+    }
     s.push_str("## Confidence and routing\n\n");
     s.push_str(&format!(
         "Expected calibration error of the candidate: {:.3}.\n",
@@ -135,6 +144,7 @@ mod tests {
                 candidate: "card_arrival".into(),
             }],
             broken: vec![],
+            out_of_scope: None,
             calibration: crate::calibration(&[0.9, 0.6], &[true, false], 10),
             routing: crate::pick_threshold(&[0.9, 0.6], &[true, false], 0.95),
             decision: Decision {

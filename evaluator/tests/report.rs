@@ -53,6 +53,7 @@ fn evaluation() -> Evaluation {
             candidate: "card_arrival".into(),
         }],
         broken: vec![],
+        out_of_scope: None,
         calibration: cal,
         routing: pick_threshold(&confidence, &correct, 0.95),
         decision,

@@ -68,14 +68,15 @@ impl Db {
     pub async fn create_domain(&self, spec: &DomainSpec) -> Result<DomainRow> {
         let created_at = now();
         let res = sqlx::query(
-            "INSERT INTO domains (name, task, base_model, labels, policy, created_at)
-             VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO domains (name, task, base_model, labels, policy, out_of_scope_label, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(spec.name.as_str())
         .bind(spec.task.as_str())
         .bind(&spec.base_model)
         .bind(serde_json::to_string(&spec.labels).expect("json"))
         .bind(serde_json::to_string(&spec.policy).expect("json"))
+        .bind(&spec.out_of_scope_label)
         .bind(&created_at)
         .execute(&self.pool)
         .await;
@@ -509,6 +510,7 @@ fn domain_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<DomainRow> {
             .map_err(|e| DbError::Corrupt(e.to_string()))?,
         policy: serde_json::from_str(&r.try_get::<String, _>("policy")?)
             .map_err(|e| DbError::Corrupt(e.to_string()))?,
+        out_of_scope_label: r.try_get("out_of_scope_label")?,
     };
     Ok(DomainRow {
         id: r.try_get("id")?,

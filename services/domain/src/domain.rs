@@ -197,6 +197,10 @@ pub struct DomainSpec {
     pub labels: Vec<String>,
     #[serde(default)]
     pub policy: Policy,
+    /// The label meaning "none of the above", if the domain has one; its recall is reported on
+    /// its own, since missing it sends a query down a wrong path instead of escalating it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub out_of_scope_label: Option<String>,
 }
 
 impl DomainSpec {
@@ -226,6 +230,12 @@ impl DomainSpec {
                 }
             }
             Task::Generation => {
+                if self.out_of_scope_label.is_some() {
+                    return Err(Invalid::field(
+                        "out_of_scope_label",
+                        "only a classification domain has labels",
+                    ));
+                }
                 if !self.labels.is_empty() {
                     return Err(Invalid::field(
                         "labels",
@@ -233,6 +243,15 @@ impl DomainSpec {
                     ));
                 }
             }
+        }
+        if let Some(l) = &self.out_of_scope_label
+            && self.task == Task::Classification
+            && self.label_index(l).is_none()
+        {
+            return Err(Invalid::field(
+                "out_of_scope_label",
+                format!("`{l}` is not one of the labels"),
+            ));
         }
         self.policy.validate()
     }

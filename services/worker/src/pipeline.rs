@@ -231,6 +231,7 @@ pub async fn evaluate(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Bo
             champion_name,
             task: domain.spec.task,
             labels: domain.spec.labels.clone(),
+            out_of_scope_label: domain.spec.out_of_scope_label.clone(),
             holdout,
             training_inputs,
             policy: GatePolicy {
