@@ -154,3 +154,42 @@ fn the_html_report_is_self_contained_escapes_text_and_renders_in_chromium() {
         std::fs::copy(&shot, Path::new(&keep)).unwrap();
     }
 }
+
+#[test]
+fn the_evaluator_refuses_a_holdout_that_leaks_into_training() {
+    let spec = EvalSpec {
+        base_model_dir: "/nonexistent".into(),
+        candidate_dir: "/nonexistent".into(),
+        champion_dir: None,
+        champion_name: "base".into(),
+        task: flywheel_domain::Task::Classification,
+        labels: vec!["a".into(), "b".into()],
+        out_of_scope_label: None,
+        holdout: vec![
+            HoldoutRow {
+                text: "Where is  my CARD?".into(),
+                expected: "a".into(),
+            },
+            HoldoutRow {
+                text: "fresh".into(),
+                expected: "b".into(),
+            },
+        ],
+        training_inputs: vec![flywheel_domain::normalize_text("where is my card?")],
+        policy: GatePolicy {
+            min_accuracy: 0.0,
+            min_improvement: 0.0,
+            significance_level: 0.05,
+            max_label_drop: 0.1,
+            max_calibration_error: 1.0,
+            target_accuracy: 0.95,
+            require_approval: false,
+        },
+    };
+    // Refused before any model is loaded, naming how many rows leak.
+    let err = evaluate(&spec).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "1 holdout inputs also appear in the training snapshot; refusing to evaluate"
+    );
+}
