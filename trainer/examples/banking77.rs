@@ -9,7 +9,8 @@ use std::time::Instant;
 use flywheel_trainer::{ClassifierPredictor, Example, TrainSpec, train_classifier};
 
 fn read(path: PathBuf, labels: &mut Vec<String>) -> Vec<Example> {
-    let mut reader = csv::Reader::from_path(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut reader =
+        csv::Reader::from_path(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     reader
         .records()
         .map(|r| {
@@ -21,7 +22,10 @@ fn read(path: PathBuf, labels: &mut Vec<String>) -> Vec<Example> {
                     labels.len() - 1
                 }
             };
-            Example { text: r[0].to_string(), label }
+            Example {
+                text: r[0].to_string(),
+                label,
+            }
         })
         .collect()
 }
@@ -34,7 +38,9 @@ fn main() {
     }
     let model = PathBuf::from(&args[1]);
     let data = PathBuf::from(&args[2]);
-    let epochs: usize = args.get(3).map_or(3, |e| e.parse().expect("EPOCHS is a number"));
+    let epochs: usize = args
+        .get(3)
+        .map_or(3, |e| e.parse().expect("EPOCHS is a number"));
     let mut labels = Vec::new();
     let train = read(data.join("train.csv"), &mut labels);
     let test = read(data.join("test.csv"), &mut labels);
@@ -56,10 +62,15 @@ fn main() {
     })
     .expect("training");
     let trained = started.elapsed().as_secs_f64();
-    let predictor = ClassifierPredictor::load(&model, Some(&out), &labels, 0).expect("loading the adapter");
+    let predictor =
+        ClassifierPredictor::load(&model, Some(&out), &labels, 0).expect("loading the adapter");
     let texts: Vec<&str> = test.iter().map(|e| e.text.as_str()).collect();
     let preds = predictor.predict(&texts, 64).expect("predicting");
-    let right = preds.iter().zip(&test).filter(|(p, e)| p.label == e.label).count();
+    let right = preds
+        .iter()
+        .zip(&test)
+        .filter(|(p, e)| p.label == e.label)
+        .count();
     println!(
         "banking77: {} train rows, {} labels, {epochs} epochs: test accuracy {:.2}% ({right}/{}), \
          training {trained:.0}s ({:.0} tokens/s), evaluation {:.0}s, trainable {} of {} parameters",

@@ -311,3 +311,94 @@ impl Generator {
         })
     }
 }
+
+/// Timing of LoRA training steps on random token batches, shaped like
+/// `shared/bench/peft_lora_bench.py` so the two can be compared.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepBench {
+    pub batch: usize,
+    pub seq: usize,
+    pub steps: usize,
+    pub median_step_seconds: f64,
+    pub tokens_per_second: f64,
+    pub trainable_parameters: usize,
+    pub total_parameters: usize,
+    pub losses: Vec<f64>,
+}
+
+/// Runs `warmup + steps` full training steps (forward, backward, AdamW) with loss on every
+/// next token, as `labels = input_ids` does in transformers.
+pub fn bench_lora_steps(
+    model_dir: &Path,
+    lora: &crate::LoraSpec,
+    batch: usize,
+    seq: usize,
+    warmup: usize,
+    steps: usize,
+    seed: u64,
+) -> Result<StepBench> {
+    use rand::Rng;
+    let device = crate::device().autodiff();
+    device.seed(seed);
+    let config = load_config(model_dir)?;
+    let mut model = config.load(&mut Checkpoint::open(model_dir)?, Some(lora), &device)?;
+    let total_parameters = model.num_params();
+    let trainable_parameters: usize = layers_of(&model)
+        .filter_map(|(_, p)| {
+            Some(
+                p.lora_a.as_ref()?.shape().num_elements()
+                    + p.lora_b.as_ref()?.shape().num_elements(),
+            )
+        })
+        .sum();
+    let mut optim = AdamWConfig::new().with_weight_decay(0.01).init();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let masks = vec![vec![1.0f32; seq]; batch];
+    let (mut times, mut losses) = (Vec::new(), Vec::new());
+    for step in 0..warmup + steps {
+        let ids: Vec<i64> = (0..batch * seq)
+            .map(|_| rng.random_range(0..config.vocab_size as i64))
+            .collect();
+        let started = Instant::now();
+        let input =
+            Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [batch, seq]), &device);
+        let hidden = model.hidden(input, &masks);
+        let h = hidden.dims()[2];
+        let (mut positions, mut targets) = (Vec::new(), Vec::new());
+        for row in 0..batch {
+            for j in 0..seq - 1 {
+                positions.push((row * seq + j) as i64);
+                targets.push(ids[row * seq + j + 1]);
+            }
+        }
+        let n = positions.len();
+        let picked = hidden.reshape([batch * seq, h]).select(
+            0,
+            Tensor::<1, Int>::from_data(TensorData::new(positions, [n]), &device),
+        );
+        let logp = log_softmax(model.logits(picked), 1);
+        let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
+        let loss = logp.gather(1, targets).mean().neg();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(1e-4, model, grads);
+        // Reading the loss waits for the step to finish.
+        let loss_value = loss.into_scalar::<f32>() as f64;
+        let dt = started.elapsed().as_secs_f64();
+        if step >= warmup {
+            times.push(dt);
+            losses.push(loss_value);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    Ok(StepBench {
+        batch,
+        seq,
+        steps,
+        median_step_seconds: median,
+        tokens_per_second: (batch * seq) as f64 / median,
+        trainable_parameters,
+        total_parameters,
+        losses,
+    })
+}

@@ -16,7 +16,7 @@ mod parity;
 pub mod tiny;
 mod tokenize;
 
-pub use causal::{Generation, Generator, SftExample, train_causal_lm};
+pub use causal::{Generation, Generator, SftExample, StepBench, bench_lora_steps, train_causal_lm};
 pub use classifier::{
     ClassifierPredictor, Example, Prediction, TrainReport, TrainSpec, TrainStep, train_classifier,
 };

@@ -243,6 +243,18 @@ pub fn init_tiny_llama<S: AsRef<str> + Send>(
         .save(dir.join("tokenizer.json"), true)
         .map_err(|e| TrainerError::Tokenizer(e.to_string()))?;
 
+    let parameters = write_random_llama(dir, vocab_size, spec)?;
+    Ok(TinyModel {
+        vocab_size,
+        parameters,
+    })
+}
+
+/// Writes `config.json` and a random `model.safetensors` for a Llama of this shape (no
+/// tokenizer): what benchmarks and tests that feed token ids directly need. Returns the
+/// parameter count.
+pub fn write_random_llama(dir: &Path, vocab_size: usize, spec: &TinyLlamaSpec) -> Result<usize> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let mut config = crate::llama::LlamaConfig::new(
         vocab_size,
         spec.hidden_size,
@@ -300,8 +312,5 @@ pub fn init_tiny_llama<S: AsRef<str> + Send>(
     tensors.push(("model.norm.weight".into(), vec![h], vec![1.0; h]));
     let parameters = tensors.iter().map(|(_, _, d)| d.len()).sum();
     write_safetensors(&dir.join("model.safetensors"), &tensors)?;
-    Ok(TinyModel {
-        vocab_size,
-        parameters,
-    })
+    Ok(parameters)
 }
