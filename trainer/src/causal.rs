@@ -4,7 +4,6 @@
 use std::path::Path;
 use std::time::Instant;
 
-use burn::grad_clipping::GradientClippingConfig;
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::activation::log_softmax;
@@ -15,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::checkpoint::{Checkpoint, to_host};
-use crate::classifier::{TrainReport, TrainSpec, TrainStep, schedule};
+use crate::classifier::{Progress, TrainReport, TrainSpec, TrainStep};
 use crate::llama::{Llama, LlamaConfig};
 use crate::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, write_peft_adapter};
 use crate::{Result, TrainerError, io_err};
@@ -159,17 +158,10 @@ pub fn train_causal_lm(
         })
         .sum();
 
-    let mut optim = AdamWConfig::new()
-        .with_weight_decay(spec.weight_decay as f32)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
-        .init();
-    let total_steps = rows.len().div_ceil(spec.batch_size) * spec.epochs;
-    let warmup = ((total_steps as f64) * spec.warmup_ratio).ceil() as usize;
+    let mut optim = crate::classifier::optimizer(spec);
+    let mut progress = Progress::new(spec, rows.len().div_ceil(spec.batch_size) * spec.epochs);
     let mut rng = StdRng::seed_from_u64(spec.seed);
     let mut order: Vec<usize> = (0..rows.len()).collect();
-    let started = Instant::now();
-    let (mut tokens, mut step) = (0usize, 0usize);
-    let mut loss_curve = Vec::with_capacity(total_steps);
     for epoch in 0..spec.epochs {
         order.shuffle(&mut rng);
         for chunk in order.chunks(spec.batch_size) {
@@ -179,6 +171,7 @@ pub fn train_causal_lm(
             let mut masks = Vec::with_capacity(batch.len());
             // Positions whose next token is a completion token: only their logits are computed.
             let (mut positions, mut targets) = (Vec::new(), Vec::new());
+            let mut tokens = 0;
             for (row, e) in batch.iter().enumerate() {
                 let mut mask = vec![0f32; s];
                 for (j, &id) in e.ids.iter().enumerate() {
@@ -192,40 +185,16 @@ pub fn train_causal_lm(
                 tokens += e.ids.len();
                 masks.push(mask);
             }
-            let n = positions.len();
             let input =
                 Tensor::<2, Int>::from_data(TensorData::new(ids, [batch.len(), s]), &device);
-            let hidden = model.hidden(input, &masks);
-            let h = hidden.dims()[2];
-            let picked = hidden.reshape([batch.len() * s, h]).select(
-                0,
-                Tensor::<1, Int>::from_data(TensorData::new(positions, [n]), &device),
-            );
-            let logp = log_softmax(model.logits(picked), 1);
-            let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
-            let loss = logp.gather(1, targets).mean().neg();
+            let loss = next_token_loss(&model, model.hidden(input, &masks), positions, targets);
             let loss_value = loss.clone().into_scalar::<f32>() as f64;
             let grads = GradientsParams::from_grads(loss.backward(), &model);
-            let lr = schedule(spec.learning_rate, step, warmup, total_steps);
+            let lr = progress.lr();
             model = optim.step(lr, model, grads);
-            step += 1;
-            loss_curve.push((step, loss_value));
-            let elapsed = started.elapsed().as_secs_f64();
-            let progress = TrainStep {
-                step,
-                total_steps,
-                epoch,
-                loss: loss_value,
-                learning_rate: lr,
-                tokens_per_second: tokens as f64 / elapsed.max(1e-9),
-                elapsed_seconds: elapsed,
-            };
-            if !on_step(&progress) {
-                return Err(TrainerError::Cancelled);
-            }
+            progress.record(epoch, loss_value, lr, tokens, on_step)?;
         }
     }
-    let wall_seconds = started.elapsed().as_secs_f64();
     write_peft_adapter(
         &spec.output_dir,
         &spec.base_model_dir,
@@ -233,17 +202,28 @@ pub fn train_causal_lm(
         "CAUSAL_LM",
         layers_of(&model),
     )?;
-    Ok(TrainReport {
-        steps: step,
-        examples: rows.len(),
-        tokens,
-        wall_seconds,
-        tokens_per_second: tokens as f64 / wall_seconds.max(1e-9),
-        loss_curve,
-        trainable_parameters,
-        total_parameters,
-        files: vec![ADAPTER_CONFIG.into(), ADAPTER_WEIGHTS.into()],
-    })
+    let files = vec![ADAPTER_CONFIG.into(), ADAPTER_WEIGHTS.into()];
+    Ok(progress.report(rows.len(), trainable_parameters, total_parameters, files))
+}
+
+/// Mean cross-entropy of the tokens at `positions + 1`, computing logits only at `positions`
+/// (flattened `batch * seq` indices): nothing is spent on logits the loss throws away.
+fn next_token_loss(
+    model: &Llama,
+    hidden: Tensor<3>,
+    positions: Vec<i64>,
+    targets: Vec<i64>,
+) -> Tensor<1> {
+    let [b, s, h] = hidden.dims();
+    let device = hidden.device();
+    let n = positions.len();
+    let picked = hidden.reshape([b * s, h]).select(
+        0,
+        Tensor::<1, Int>::from_data(TensorData::new(positions, [n]), &device),
+    );
+    let logp = log_softmax(model.logits(picked), 1);
+    let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
+    logp.gather(1, targets).mean().neg()
 }
 
 /// A base causal LM plus (optionally) an adapter, ready to generate.
@@ -362,8 +342,6 @@ pub fn bench_lora_steps(
         let started = Instant::now();
         let input =
             Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [batch, seq]), &device);
-        let hidden = model.hidden(input, &masks);
-        let h = hidden.dims()[2];
         let (mut positions, mut targets) = (Vec::new(), Vec::new());
         for row in 0..batch {
             for j in 0..seq - 1 {
@@ -371,14 +349,7 @@ pub fn bench_lora_steps(
                 targets.push(ids[row * seq + j + 1]);
             }
         }
-        let n = positions.len();
-        let picked = hidden.reshape([batch * seq, h]).select(
-            0,
-            Tensor::<1, Int>::from_data(TensorData::new(positions, [n]), &device),
-        );
-        let logp = log_softmax(model.logits(picked), 1);
-        let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
-        let loss = logp.gather(1, targets).mean().neg();
+        let loss = next_token_loss(&model, model.hidden(input, &masks), positions, targets);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(1e-4, model, grads);
         // Reading the loss waits for the step to finish.

@@ -204,68 +204,122 @@ pub fn train_classifier(
     let total_parameters = model.num_params();
     let trainable_parameters = trainable(&model);
 
-    let mut optim = AdamWConfig::new()
-        .with_weight_decay(spec.weight_decay as f32)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
-        .init();
+    let mut optim = optimizer(spec);
     let loss_fn = CrossEntropyLossConfig::new()
         .with_smoothing((spec.label_smoothing > 0.0).then_some(spec.label_smoothing as f32))
         .init(&device);
 
-    let batches_per_epoch = rows.len().div_ceil(spec.batch_size);
-    let total_steps = batches_per_epoch * spec.epochs;
-    let warmup = ((total_steps as f64) * spec.warmup_ratio).ceil() as usize;
+    let mut progress = Progress::new(spec, rows.len().div_ceil(spec.batch_size) * spec.epochs);
     let mut rng = StdRng::seed_from_u64(spec.seed);
     let mut order: Vec<usize> = (0..rows.len()).collect();
-    let started = Instant::now();
-    let mut tokens = 0usize;
-    let mut loss_curve = Vec::with_capacity(total_steps);
-    let mut step = 0;
     for epoch in 0..spec.epochs {
         order.shuffle(&mut rng);
         for chunk in order.chunks(spec.batch_size) {
             let texts: Vec<&str> = chunk.iter().map(|&i| rows[i].text.as_str()).collect();
             let labels: Vec<i64> = chunk.iter().map(|&i| rows[i].label as i64).collect();
             let batch = encoder_text.encode(&texts, &device)?;
-            tokens += batch.tokens;
             let targets =
                 Tensor::<1, Int>::from_data(TensorData::new(labels, [chunk.len()]), &device);
             let logits = model.forward(batch.input_ids, batch.attention_mask);
             let loss = loss_fn.forward(logits, targets);
             let loss_value = loss.clone().into_scalar::<f32>() as f64;
             let grads = GradientsParams::from_grads(loss.backward(), &model);
-            let lr = schedule(spec.learning_rate, step, warmup, total_steps);
+            let lr = progress.lr();
             model = optim.step(lr, model, grads);
-            step += 1;
-            loss_curve.push((step, loss_value));
-            let elapsed = started.elapsed().as_secs_f64();
-            let progress = TrainStep {
-                step,
-                total_steps,
-                epoch,
-                loss: loss_value,
-                learning_rate: lr,
-                tokens_per_second: tokens as f64 / elapsed.max(1e-9),
-                elapsed_seconds: elapsed,
-            };
-            if !on_step(&progress) {
-                return Err(TrainerError::Cancelled);
-            }
+            progress.record(epoch, loss_value, lr, batch.tokens, on_step)?;
         }
     }
-    let wall_seconds = started.elapsed().as_secs_f64();
     let files = export(&model, spec, &config)?;
-    Ok(TrainReport {
-        steps: step,
-        examples: rows.len(),
-        tokens,
-        wall_seconds,
-        tokens_per_second: tokens as f64 / wall_seconds.max(1e-9),
-        loss_curve,
-        trainable_parameters,
-        total_parameters,
-        files,
-    })
+    Ok(progress.report(rows.len(), trainable_parameters, total_parameters, files))
+}
+
+/// Step bookkeeping shared by every training loop: the learning-rate schedule, the loss curve,
+/// throughput, and the caller's progress callback (which may cancel the run).
+pub(crate) struct Progress {
+    started: Instant,
+    tokens: usize,
+    step: usize,
+    total_steps: usize,
+    warmup: usize,
+    peak_lr: f64,
+    loss_curve: Vec<(usize, f64)>,
+}
+
+impl Progress {
+    pub(crate) fn new(spec: &TrainSpec, total_steps: usize) -> Self {
+        Self {
+            started: Instant::now(),
+            tokens: 0,
+            step: 0,
+            total_steps,
+            warmup: ((total_steps as f64) * spec.warmup_ratio).ceil() as usize,
+            peak_lr: spec.learning_rate,
+            loss_curve: Vec::with_capacity(total_steps),
+        }
+    }
+
+    /// The learning rate for the next step.
+    pub(crate) fn lr(&self) -> f64 {
+        schedule(self.peak_lr, self.step, self.warmup, self.total_steps)
+    }
+
+    /// Records a finished step and tells the caller; `Err(Cancelled)` if it asked to stop.
+    pub(crate) fn record(
+        &mut self,
+        epoch: usize,
+        loss: f64,
+        lr: f64,
+        tokens: usize,
+        on_step: &mut dyn FnMut(&TrainStep) -> bool,
+    ) -> Result<()> {
+        self.step += 1;
+        self.tokens += tokens;
+        self.loss_curve.push((self.step, loss));
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let progress = TrainStep {
+            step: self.step,
+            total_steps: self.total_steps,
+            epoch,
+            loss,
+            learning_rate: lr,
+            tokens_per_second: self.tokens as f64 / elapsed.max(1e-9),
+            elapsed_seconds: elapsed,
+        };
+        if on_step(&progress) {
+            Ok(())
+        } else {
+            Err(TrainerError::Cancelled)
+        }
+    }
+
+    pub(crate) fn report(
+        self,
+        examples: usize,
+        trainable_parameters: usize,
+        total_parameters: usize,
+        files: Vec<String>,
+    ) -> TrainReport {
+        let wall_seconds = self.started.elapsed().as_secs_f64();
+        TrainReport {
+            steps: self.step,
+            examples,
+            tokens: self.tokens,
+            wall_seconds,
+            tokens_per_second: self.tokens as f64 / wall_seconds.max(1e-9),
+            loss_curve: self.loss_curve,
+            trainable_parameters,
+            total_parameters,
+            files,
+        }
+    }
+}
+
+/// AdamW with the spec's weight decay and gradient clipping at norm 1.
+pub(crate) fn optimizer(spec: &TrainSpec) -> burn::optim::ModuleOptimizer {
+    AdamWConfig::new()
+        .with_weight_decay(spec.weight_decay as f32)
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
+        .init()
 }
 
 /// Linear warmup, then cosine decay to zero.
