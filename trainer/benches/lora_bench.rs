@@ -101,17 +101,9 @@ fn ours(p: &Preset, steps: usize) -> serde_json::Value {
         r: 16,
         alpha: 32.0,
         dropout: 0.0,
-        target_modules: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
+        target_modules: flywheel_trainer::LLAMA_PROJECTIONS
+            .map(String::from)
+            .to_vec(),
         use_rslora: false,
     };
     let r = bench_lora_steps(&dir, &lora, p.batch, p.seq, 2, steps, 0).expect("bench");

@@ -17,7 +17,7 @@ use crate::checkpoint::{Checkpoint, to_host};
 use crate::classifier::{Progress, TrainReport, TrainSpec, TrainStep};
 use crate::llama::{Llama, LlamaConfig};
 use crate::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, write_peft_adapter};
-use crate::{Result, TrainerError, io_err};
+use crate::{Result, TrainerError};
 
 /// One prompt and the completion the model should have produced.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,20 +83,7 @@ impl TextCodec {
 }
 
 fn load_config(dir: &Path) -> Result<LlamaConfig> {
-    let path = dir.join("config.json");
-    if !path.exists() {
-        return Err(TrainerError::MissingFile {
-            dir: dir.to_owned(),
-            file: "config.json",
-        });
-    }
-    let raw = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&raw).map_err(|e| TrainerError::BadFile {
-            file: path.clone(),
-            message: e.to_string(),
-        })?;
-    LlamaConfig::from_json(&json)
+    LlamaConfig::from_json(&crate::checkpoint::read_config(dir)?)
 }
 
 fn layers_of(model: &Llama) -> impl Iterator<Item = (String, &crate::lora::LoraLinear)> {

@@ -10,6 +10,22 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::{Result, TrainerError, io_err};
 
+/// A model directory's `config.json`, parsed, with an error naming what is missing or broken.
+pub fn read_config(dir: &Path) -> Result<serde_json::Value> {
+    let path = dir.join("config.json");
+    if !path.exists() {
+        return Err(TrainerError::MissingFile {
+            dir: dir.to_owned(),
+            file: "config.json",
+        });
+    }
+    let raw = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    serde_json::from_str(&raw).map_err(|e| TrainerError::BadFile {
+        file: path.clone(),
+        message: e.to_string(),
+    })
+}
+
 /// All tensors of a checkpoint as f32, consumed by name as the model is built.
 pub struct Checkpoint {
     tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,

@@ -58,17 +58,7 @@ impl TrainSpec {
     /// Defaults for a causal LM learning corrected completions: LoRA on every projection.
     pub fn for_generation(base_model_dir: PathBuf, output_dir: PathBuf) -> Self {
         let mut spec = Self::new(base_model_dir, output_dir, vec![]);
-        spec.lora.target_modules = [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec();
+        spec.lora.target_modules = crate::LLAMA_PROJECTIONS.map(String::from).to_vec();
         spec.epochs = 20;
         spec.max_seq_len = 128;
         spec
@@ -166,20 +156,7 @@ impl Classifier {
 }
 
 fn load_config(dir: &Path) -> Result<BertConfig> {
-    let path = dir.join("config.json");
-    if !path.exists() {
-        return Err(TrainerError::MissingFile {
-            dir: dir.to_owned(),
-            file: "config.json",
-        });
-    }
-    let raw = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&raw).map_err(|e| TrainerError::BadFile {
-            file: path.clone(),
-            message: e.to_string(),
-        })?;
-    BertConfig::from_json(&json)
+    BertConfig::from_json(&crate::checkpoint::read_config(dir)?)
 }
 
 /// Trains a LoRA adapter and a classification head; `on_step` sees every step and may stop the

@@ -20,7 +20,7 @@ pub use causal::{Generation, Generator, SftExample, StepBench, bench_lora_steps,
 pub use classifier::{
     ClassifierPredictor, Example, Prediction, TrainReport, TrainSpec, TrainStep, train_classifier,
 };
-pub use lora::LoraSpec;
+pub use lora::{LLAMA_PROJECTIONS, LoraSpec};
 
 use std::path::PathBuf;
 

@@ -38,6 +38,17 @@ impl Default for LoraSpec {
     }
 }
 
+/// Every projection of a Llama-family layer, by PEFT's names.
+pub const LLAMA_PROJECTIONS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 impl LoraSpec {
     pub fn scaling(&self) -> f64 {
         if self.use_rslora {

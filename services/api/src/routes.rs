@@ -470,20 +470,23 @@ async fn version_of(
 
 const PRODUCTION: &str = "production";
 
-async fn approve(
-    State(state): State<AppState>,
-    Path((name, version)): Path<(String, String)>,
+/// Parses a steward's review and claims the version's move out of `pending_approval` into
+/// `to`: of two concurrent reviews, one wins here.
+async fn claim_pending(
+    state: &AppState,
+    name: &str,
+    version: &str,
     raw: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<serde_json::Value>> {
+    to: &str,
+) -> ApiResult<(Review, DomainRow, VersionId)> {
     let review: Review = parse_json(&body(raw)?)?;
     non_empty("by", &review.by)?;
     non_empty("reason", &review.reason)?;
-    let domain = domain_row(&state, &name).await?;
-    let v = version_of(&state, &domain, &version).await?.version;
-    // Claim the transition first: of two approvals, one wins here.
+    let domain = domain_row(state, name).await?;
+    let v = version_of(state, &domain, version).await?.version;
     if !state
         .db
-        .transition_version(domain.id, &v, "pending_approval", "promoted")
+        .transition_version(domain.id, &v, "pending_approval", to)
         .await?
     {
         return Err(ApiError::new(
@@ -491,6 +494,15 @@ async fn approve(
             format!("version {name}/{v} is not awaiting approval"),
         ));
     }
+    Ok((review, domain, v))
+}
+
+async fn approve(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+    raw: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let (review, domain, v) = claim_pending(&state, &name, &version, raw, "promoted").await?;
     let current = state
         .registry
         .resolve(&domain.spec.name, PRODUCTION)
@@ -510,6 +522,7 @@ async fn approve(
     let moved = match moved {
         Ok(m) => m,
         Err(e) => {
+            // Give the claim back so the approval can be retried.
             state
                 .db
                 .transition_version(domain.id, &v, "promoted", "pending_approval")
@@ -539,21 +552,7 @@ async fn reject(
     Path((name, version)): Path<(String, String)>,
     raw: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let review: Review = parse_json(&body(raw)?)?;
-    non_empty("by", &review.by)?;
-    non_empty("reason", &review.reason)?;
-    let domain = domain_row(&state, &name).await?;
-    let v = version_of(&state, &domain, &version).await?.version;
-    if !state
-        .db
-        .transition_version(domain.id, &v, "pending_approval", "rejected")
-        .await?
-    {
-        return Err(ApiError::new(
-            ErrorCode::VersionNotPending,
-            format!("version {name}/{v} is not awaiting approval"),
-        ));
-    }
+    let (review, domain, v) = claim_pending(&state, &name, &version, raw, "rejected").await?;
     state
         .db
         .audit(
