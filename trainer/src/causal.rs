@@ -137,12 +137,7 @@ pub fn train_causal_lm(
     let mut model = config.load(&mut ckpt, Some(&spec.lora), &device)?;
     let total_parameters = model.num_params();
     let trainable_parameters: usize = layers_of(&model)
-        .filter_map(|(_, p)| {
-            Some(
-                p.lora_a.as_ref()?.shape().num_elements()
-                    + p.lora_b.as_ref()?.shape().num_elements(),
-            )
-        })
+        .map(|(_, p)| p.trainable_parameters())
         .sum();
 
     let mut optim = crate::classifier::optimizer(spec);
@@ -311,12 +306,7 @@ pub fn bench_lora_steps(
     let mut model = config.load(&mut Checkpoint::open(model_dir)?, Some(lora), &device)?;
     let total_parameters = model.num_params();
     let trainable_parameters: usize = layers_of(&model)
-        .filter_map(|(_, p)| {
-            Some(
-                p.lora_a.as_ref()?.shape().num_elements()
-                    + p.lora_b.as_ref()?.shape().num_elements(),
-            )
-        })
+        .map(|(_, p)| p.trainable_parameters())
         .sum();
     let mut optim = AdamWConfig::new().with_weight_decay(0.01).init();
     let mut rng = StdRng::seed_from_u64(seed);

@@ -121,7 +121,7 @@ impl Checkpoint {
         self.frozen(name, shape, device)
     }
 
-    /// A frozen linear layer without bias.
+    /// A frozen linear layer without bias, from HF's `[out, in]` weight.
     pub fn linear_no_bias(
         &mut self,
         prefix: &str,
@@ -147,7 +147,7 @@ impl Checkpoint {
         Ok(Param::from_tensor(t).set_require_grad(false))
     }
 
-    /// A frozen linear layer from HF's `[out, in]` weight, stored as burn's `[in, out]`.
+    /// A frozen linear layer from HF's `[out, in]` weight and bias, stored as burn's `[in, out]`.
     pub fn linear(
         &mut self,
         prefix: &str,
@@ -155,10 +155,7 @@ impl Checkpoint {
         d_out: usize,
         device: &Device,
     ) -> Result<Linear> {
-        let w = self.take(&format!("{prefix}.weight"), &[d_out, d_in])?;
-        let w = Tensor::<2>::from_data(TensorData::new(w, [d_out, d_in]), device).transpose();
-        let mut linear = LinearConfig::new(d_in, d_out).init(device);
-        linear.weight = Param::from_tensor(w).set_require_grad(false);
+        let mut linear = self.linear_no_bias(prefix, d_in, d_out, device)?;
         linear.bias = Some(self.frozen(&format!("{prefix}.bias"), [d_out], device)?);
         Ok(linear)
     }

@@ -314,12 +314,7 @@ fn trainable(model: &Classifier) -> usize {
         .layers
         .iter()
         .flat_map(|l| l.projections())
-        .filter_map(|(_, p)| {
-            Some(
-                p.lora_a.as_ref()?.shape().num_elements()
-                    + p.lora_b.as_ref()?.shape().num_elements(),
-            )
-        })
+        .map(|(_, p)| p.trainable_parameters())
         .sum();
     lora + model.head.num_params()
 }

@@ -145,6 +145,15 @@ impl LoraLinear {
         }
     }
 
+    /// Parameters the adapter trains (zero when not adapted).
+    pub fn trainable_parameters(&self) -> usize {
+        [&self.lora_a, &self.lora_b]
+            .into_iter()
+            .flatten()
+            .map(|p| p.shape().num_elements())
+            .sum()
+    }
+
     /// PEFT-layout `(lora_A [r, in], lora_B [out, r])`, if adapted.
     pub fn peft_weights(&self) -> Option<((Vec<usize>, Vec<f32>), (Vec<usize>, Vec<f32>))> {
         let a = self.lora_a.as_ref()?.val().transpose();
