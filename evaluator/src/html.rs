@@ -345,9 +345,9 @@ pre{{background:#f6f6f6;padding:10px;overflow:auto}} li{{margin:2px 0}}
         }
         h.push_str("</ul>");
     }
-    let _ = write!(
+    let _ = writeln!(
         h,
-        "<h2>Lineage</h2><pre>{}</pre></body></html>\n",
+        "<h2>Lineage</h2><pre>{}</pre></body></html>",
         esc(&serde_json::to_string_pretty(lineage).expect("json"))
     );
     h

@@ -79,7 +79,10 @@ impl BertConfig {
                 config.hidden_act
             )));
         }
-        if config.hidden_size % config.num_attention_heads != 0 {
+        if !config
+            .hidden_size
+            .is_multiple_of(config.num_attention_heads)
+        {
             return Err(TrainerError::InvalidSpec(
                 "hidden_size is not a multiple of num_attention_heads".into(),
             ));

@@ -100,8 +100,8 @@ impl LlamaConfig {
             )));
         }
         c.model_type = model_type;
-        if c.hidden_size % c.num_attention_heads != 0
-            || c.num_attention_heads % c.num_key_value_heads != 0
+        if !c.hidden_size.is_multiple_of(c.num_attention_heads)
+            || !c.num_attention_heads.is_multiple_of(c.num_key_value_heads)
         {
             return Err(TrainerError::InvalidSpec(
                 "head counts do not divide the hidden size".into(),

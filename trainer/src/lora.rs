@@ -66,6 +66,9 @@ impl LoraSpec {
     }
 }
 
+/// A tensor copied out of burn: `(shape, row-major data)`.
+pub type HostTensor = (Vec<usize>, Vec<f32>);
+
 /// Configuration of one adapted projection.
 #[derive(Config, Debug)]
 pub struct LoraLinearConfig {
@@ -155,7 +158,7 @@ impl LoraLinear {
     }
 
     /// PEFT-layout `(lora_A [r, in], lora_B [out, r])`, if adapted.
-    pub fn peft_weights(&self) -> Option<((Vec<usize>, Vec<f32>), (Vec<usize>, Vec<f32>))> {
+    pub fn peft_weights(&self) -> Option<(HostTensor, HostTensor)> {
         let a = self.lora_a.as_ref()?.val().transpose();
         let b = self.lora_b.as_ref()?.val().transpose();
         Some((crate::checkpoint::to_host(a), crate::checkpoint::to_host(b)))
