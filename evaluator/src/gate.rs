@@ -1,23 +1,7 @@
+use flywheel_domain::Policy;
 use serde::{Deserialize, Serialize};
 
 use crate::Metrics;
-
-/// The promotion rules of a domain.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GatePolicy {
-    pub min_accuracy: f64,
-    pub min_improvement: f64,
-    /// The paired test's p-value must be below this for an improvement to count.
-    pub significance_level: f64,
-    /// No label's recall may fall by more than this (absolute) against a champion adapter.
-    pub max_label_drop: f64,
-    /// Ceiling on the candidate's expected calibration error.
-    pub max_calibration_error: f64,
-    /// Accuracy the accepted answers must keep; sets the escalation threshold.
-    pub target_accuracy: f64,
-    /// A candidate that passes waits for a steward instead of going live.
-    pub require_approval: bool,
-}
 
 /// What the gate looks at.
 pub struct Evidence<'a> {
@@ -57,7 +41,7 @@ pub struct Decision {
 }
 
 /// Applies the rules in order; the first that fails decides. `p_value` is the paired test's.
-pub fn decide(policy: &GatePolicy, e: &Evidence<'_>) -> Decision {
+pub fn decide(policy: &Policy, e: &Evidence<'_>) -> Decision {
     let (champion, candidate, p_value) = (e.champion, e.candidate, e.p_value);
     let delta = candidate.accuracy - champion.accuracy;
     let held = |rule, reason: String| Decision {
@@ -178,24 +162,16 @@ mod tests {
         }
     }
 
-    fn policy() -> GatePolicy {
-        GatePolicy {
+    fn policy() -> Policy {
+        Policy {
             min_accuracy: 0.6,
             min_improvement: 0.02,
-            significance_level: 0.05,
-            max_label_drop: 0.1,
             max_calibration_error: 0.2,
-            target_accuracy: 0.95,
-            require_approval: false,
+            ..Policy::default()
         }
     }
 
-    fn decide_on(
-        p: &GatePolicy,
-        champion: &Metrics,
-        candidate: &Metrics,
-        p_value: f64,
-    ) -> Decision {
+    fn decide_on(p: &Policy, champion: &Metrics, candidate: &Metrics, p_value: f64) -> Decision {
         decide(
             p,
             &Evidence {

@@ -16,14 +16,14 @@ use std::path::PathBuf;
 pub use calibration::{
     Calibration, ReliabilityBin, Routing, RoutingPoint, calibration, pick_threshold,
 };
-pub use gate::{Decision, Evidence, GatePolicy, Rule, decide, format_p};
+pub use gate::{Decision, Evidence, Rule, decide, format_p};
 pub use html::render_html;
 pub use metrics::{
     LabelMetrics, Metrics, classification_metrics, generation_metrics, mcnemar_exact,
 };
 pub use report::render_markdown;
 
-use flywheel_domain::{Task, normalize_text};
+use flywheel_domain::{Policy, Task, normalize_text};
 use flywheel_trainer::{ClassifierPredictor, Generator, TrainerError};
 use serde::{Deserialize, Serialize};
 
@@ -62,7 +62,8 @@ pub struct EvalSpec {
     pub holdout: Vec<HoldoutRow>,
     /// Normalized inputs of the training snapshot, for the leak check.
     pub training_inputs: Vec<String>,
-    pub policy: GatePolicy,
+    /// The domain's policy: its gate rules and target accuracy.
+    pub policy: Policy,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -17,14 +17,9 @@ fn evaluation() -> Evaluation {
     let correct: Vec<bool> = gold.iter().zip(&cand).map(|(g, c)| g == c).collect();
     let candidate = classification_metrics(&gold, &cand, &labels);
     let champion = classification_metrics(&gold, &champ, &labels);
-    let policy = GatePolicy {
+    let policy = flywheel_domain::Policy {
         min_accuracy: 0.5,
-        min_improvement: 0.0,
-        significance_level: 0.05,
-        max_label_drop: 0.1,
-        max_calibration_error: 1.0,
-        target_accuracy: 0.95,
-        require_approval: false,
+        ..Default::default()
     };
     let p = mcnemar_exact(0, 3);
     let cal = calibration(&confidence, &correct, 10);
@@ -176,15 +171,7 @@ fn the_evaluator_refuses_a_holdout_that_leaks_into_training() {
             },
         ],
         training_inputs: vec![flywheel_domain::normalize_text("where is my card?")],
-        policy: GatePolicy {
-            min_accuracy: 0.0,
-            min_improvement: 0.0,
-            significance_level: 0.05,
-            max_label_drop: 0.1,
-            max_calibration_error: 1.0,
-            target_accuracy: 0.95,
-            require_approval: false,
-        },
+        policy: flywheel_domain::Policy::default(),
     };
     // Refused before any model is loaded, naming how many rows leak.
     let err = evaluate(&spec).unwrap_err();

@@ -65,19 +65,6 @@ impl JobStatus {
     }
 }
 
-/// What a job does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobKind {
-    FineTune,
-}
-
-impl JobKind {
-    pub fn as_str(self) -> &'static str {
-        "fine_tune"
-    }
-}
-
 /// Why a job was started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -9,7 +9,7 @@ use std::time::Instant;
 use apalis::prelude::{BoxDynError, Data};
 use flywheel_db::{DomainRow, JobRow};
 use flywheel_domain::{JobStatus, Split, StageTask, Task, normalize_text};
-use flywheel_evaluator::{EvalSpec, Evaluation, GatePolicy, HoldoutRow};
+use flywheel_evaluator::{EvalSpec, Evaluation, HoldoutRow};
 use flywheel_registry::RegistryError;
 use flywheel_trainer::{Example, SftExample, TrainReport, TrainSpec};
 use sha2::{Digest, Sha256};
@@ -234,15 +234,7 @@ pub async fn evaluate(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Bo
             out_of_scope_label: domain.spec.out_of_scope_label.clone(),
             holdout,
             training_inputs,
-            policy: GatePolicy {
-                min_accuracy: domain.spec.policy.min_accuracy,
-                min_improvement: domain.spec.policy.min_improvement,
-                significance_level: domain.spec.policy.significance_level,
-                max_label_drop: domain.spec.policy.max_label_drop,
-                max_calibration_error: domain.spec.policy.max_calibration_error,
-                target_accuracy: domain.spec.policy.target_accuracy,
-                require_approval: domain.spec.policy.require_approval,
-            },
+            policy: domain.spec.policy.clone(),
         };
         let evaluation = tokio::task::spawn_blocking(move || flywheel_evaluator::evaluate(&spec))
             .await
