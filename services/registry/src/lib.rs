@@ -10,8 +10,22 @@
 //!   disk included, which has no conditional overwrite).
 //! - `domains/<d>/aliases/<alias>.json`: a copy of the latest move, for readers that want one
 //!   object; the history is the truth.
+//! - `models/<sha256>/<file>`: base models, content-addressed (see [`models`]).
+//! - `jobs/<id>/<file>`: a job's intermediate artifacts, so that its stages can run on
+//!   different machines; deleted when the job publishes.
+//!
+//! Every create-only put is a conditional write (`If-None-Match: *` on S3, `O_EXCL` on local
+//! disk). Where a store has no conditional writes, [`Registry::open`] with
+//! `conditional_writes = false` falls back to check-then-put, which is only safe with a single
+//! writer: see the README's registry section.
 //!
 //! This crate knows object paths and bytes. It knows nothing of HTTP, SQL or burn.
+
+pub mod models;
+mod store;
+
+pub use models::{MODEL_REF_PREFIX, ModelManifest, parse_model_ref};
+pub use store::CONDITIONAL_WRITES;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -51,6 +65,10 @@ pub enum RegistryError {
     Malformed { path: String, message: String },
     #[error("local path {0}: {1}")]
     Local(String, std::io::Error),
+    #[error("registry location `{location}`: {message}")]
+    Config { location: String, message: String },
+    #[error("no base model {0} in the registry (import it with `flywheel models import <dir>`)")]
+    NoSuchModel(String),
 }
 
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
@@ -91,8 +109,13 @@ pub struct AliasMove {
 #[derive(Clone, Debug)]
 pub struct Registry {
     store: Arc<dyn ObjectStore>,
+    /// The URL the store's root answers to (`s3://bucket/prefix`, `file:///srv/registry`), for
+    /// handing serving fleets addresses they can fetch.
+    base_url: String,
     /// Where a local-filesystem registry lives, for printing paths people can open.
     local_root: Option<std::path::PathBuf>,
+    /// Whether the store honours create-only puts; see the crate docs.
+    conditional_writes: bool,
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -100,13 +123,6 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 impl Registry {
-    pub fn new(store: Arc<dyn ObjectStore>) -> Self {
-        Self {
-            store,
-            local_root: None,
-        }
-    }
-
     /// A registry in a local directory (created if missing).
     pub fn local(root: &Path) -> Result<Self> {
         std::fs::create_dir_all(root)
@@ -117,8 +133,68 @@ impl Registry {
         let store = LocalFileSystem::new_with_prefix(&root)?;
         Ok(Self {
             store: Arc::new(store),
+            base_url: format!("file://{}", root.display()),
             local_root: Some(root),
+            conditional_writes: true,
         })
+    }
+
+    /// Opens the registry at `location`: a local path or `file://` URL, `s3://bucket/prefix`,
+    /// `gs://bucket/prefix` or `az://container/prefix`. Credentials and endpoints come from the
+    /// store's usual environment (`AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT`, `GOOGLE_…`, `AZURE_…`),
+    /// then from `options` (object_store's config keys, e.g. `aws_endpoint`), which win.
+    pub fn open(location: &str, options: &[(String, String)]) -> Result<Self> {
+        store::open(location, options)
+    }
+
+    /// The store's URL for one of a version's files, for readers outside flywheel.
+    pub fn file_url(&self, domain: &DomainName, version: &VersionId, file: &str) -> String {
+        format!(
+            "{}/{}/{file}",
+            self.base_url,
+            Self::version_dir(domain, version)
+        )
+    }
+
+    /// The registry's own address.
+    pub fn url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// A create-only put. `Ok(false)` when the object already exists.
+    async fn create(&self, path: &ObjPath, bytes: Vec<u8>) -> Result<bool> {
+        if !self.conditional_writes {
+            // Check-then-put: racy between writers, which is why it is opt-in.
+            return match self.store.head(path).await {
+                Ok(_) => Ok(false),
+                Err(object_store::Error::NotFound { .. }) => {
+                    self.store.put(path, PutPayload::from(bytes)).await?;
+                    Ok(true)
+                }
+                Err(e) => Err(e.into()),
+            };
+        }
+        let create = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(path, PutPayload::from(bytes), create)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e @ object_store::Error::NotImplemented { .. }) => Err(RegistryError::Config {
+                location: self.base_url.clone(),
+                message: format!(
+                    "the store refuses conditional writes ({e}); enable them \
+                     (S3: aws_conditional_put=etag) or set FLYWHEEL_REGISTRY_CONDITIONAL_WRITES=false \
+                     and run a single writer"
+                ),
+            }),
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn version_dir(domain: &DomainName, version: &VersionId) -> String {
@@ -145,11 +221,7 @@ impl Registry {
         lineage: serde_json::Value,
     ) -> Result<Manifest> {
         let dir = Self::version_dir(domain, version);
-        let create = || PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        let exists = |_| RegistryError::VersionExists {
+        let exists = || RegistryError::VersionExists {
             domain: domain.to_string(),
             version: version.to_string(),
         };
@@ -161,14 +233,9 @@ impl Registry {
                 name: name.clone(),
             });
             let path = ObjPath::from(format!("{dir}/{name}"));
-            match self
-                .store
-                .put_opts(&path, PutPayload::from(bytes), create())
-                .await
-            {
-                Err(object_store::Error::AlreadyExists { .. }) => return Err(exists(())),
-                other => other?,
-            };
+            if !self.create(&path, bytes).await? {
+                return Err(exists());
+            }
         }
         let manifest = Manifest {
             schema_version: 1,
@@ -180,14 +247,9 @@ impl Registry {
         };
         let raw = serde_json::to_vec_pretty(&manifest).expect("json");
         let path = ObjPath::from(format!("{dir}/{MANIFEST}"));
-        match self
-            .store
-            .put_opts(&path, PutPayload::from(raw), create())
-            .await
-        {
-            Err(object_store::Error::AlreadyExists { .. }) => return Err(exists(())),
-            other => other?,
-        };
+        if !self.create(&path, raw).await? {
+            return Err(exists());
+        }
         Ok(manifest)
     }
 
@@ -239,7 +301,17 @@ impl Registry {
             Self::version_dir(domain, version),
             entry.name
         ));
-        let bytes = self.store.get(&path).await?.bytes().await?.to_vec();
+        let bytes = match self.store.get(&path).await {
+            Ok(r) => r.bytes().await?.to_vec(),
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(RegistryError::Corrupt {
+                    path: path.to_string(),
+                    expected: entry.sha256.clone(),
+                    actual: "nothing (the object is missing)".into(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
         let actual = sha256_hex(&bytes);
         if actual != entry.sha256 {
             return Err(RegistryError::Corrupt {
@@ -270,6 +342,71 @@ impl Registry {
                 .map_err(|e| RegistryError::Local(target.display().to_string(), e))?;
         }
         Ok(manifest)
+    }
+
+    fn stage_key(job: &str, file: &str) -> ObjPath {
+        ObjPath::from(format!("jobs/{job}/{file}"))
+    }
+
+    /// Uploads a job's intermediate files (everything under `dir`, by relative path) to
+    /// `jobs/<job>/`, so that a later stage on another machine can pick them up. Overwrites:
+    /// a retried stage replaces what its failed attempt left.
+    pub async fn stage_files(&self, job: &str, dir: &Path) -> Result<()> {
+        let local = |p: &Path| {
+            let p = p.display().to_string();
+            move |e| RegistryError::Local(p, e)
+        };
+        let mut pending = vec![dir.to_path_buf()];
+        while let Some(current) = pending.pop() {
+            for entry in std::fs::read_dir(&current).map_err(local(&current))? {
+                let path = entry.map_err(local(&current))?.path();
+                if path.is_dir() {
+                    pending.push(path);
+                    continue;
+                }
+                let relative = path.strip_prefix(dir).expect("under dir");
+                let key = Self::stage_key(job, &relative.to_string_lossy());
+                let bytes = std::fs::read(&path).map_err(local(&path))?;
+                self.store.put(&key, PutPayload::from(bytes)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Downloads every staged file of `job` that `dir` lacks, at its relative path.
+    pub async fn fetch_staged(&self, job: &str, dir: &Path) -> Result<()> {
+        let prefix = ObjPath::from(format!("jobs/{job}"));
+        let metas: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
+        for meta in metas {
+            let Some(relative) = meta.location.prefix_match(&prefix) else {
+                continue;
+            };
+            let relative: Vec<_> = relative.map(|p| p.as_ref().to_owned()).collect();
+            let target = relative.iter().fold(dir.to_path_buf(), |p, c| p.join(c));
+            if target.exists() {
+                continue;
+            }
+            let local = |e| RegistryError::Local(target.display().to_string(), e);
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent).map_err(local)?;
+            }
+            let bytes = self.store.get(&meta.location).await?.bytes().await?;
+            std::fs::write(&target, bytes).map_err(local)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes a job's staged files once they are published (or the job is abandoned).
+    pub async fn drop_staged(&self, job: &str) -> Result<()> {
+        let prefix = ObjPath::from(format!("jobs/{job}"));
+        let metas: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
+        for meta in metas {
+            match self.store.delete(&meta.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
 
     fn alias_dir(domain: &DomainName, alias: &str) -> String {
@@ -338,107 +475,12 @@ impl Registry {
             "{}/{generation:020}.json",
             Self::alias_dir(domain, alias)
         ));
-        let create = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        match self
-            .store
-            .put_opts(&path, PutPayload::from(raw.clone()), create)
-            .await
-        {
-            Err(object_store::Error::AlreadyExists { .. }) => {
-                let now = self.resolve(domain, alias).await?.map(|m| m.to);
-                return Err(conflict(now));
-            }
-            other => other?,
-        };
+        if !self.create(&path, raw.clone()).await? {
+            let now = self.resolve(domain, alias).await?.map(|m| m.to);
+            return Err(conflict(now));
+        }
         let pointer = ObjPath::from(format!("domains/{domain}/aliases/{alias}.json"));
         self.store.put(&pointer, PutPayload::from(raw)).await?;
         Ok(mv)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn d() -> DomainName {
-        DomainName::parse("banking").unwrap()
-    }
-
-    async fn registry_with_versions(n: u64) -> (tempfile::TempDir, Registry) {
-        let dir = tempfile::tempdir().unwrap();
-        let reg = Registry::local(dir.path()).unwrap();
-        for i in 1..=n {
-            reg.publish(
-                &d(),
-                &VersionId::nth(i),
-                vec![("a.bin".into(), vec![i as u8; 4])],
-                serde_json::json!({}),
-            )
-            .await
-            .unwrap();
-        }
-        (dir, reg)
-    }
-
-    #[tokio::test]
-    async fn versions_are_immutable_and_verified() {
-        let (dir, reg) = registry_with_versions(1).await;
-        let again = reg
-            .publish(
-                &d(),
-                &VersionId::nth(1),
-                vec![("a.bin".into(), vec![9])],
-                serde_json::json!({}),
-            )
-            .await;
-        assert!(matches!(again, Err(RegistryError::VersionExists { .. })));
-        assert_eq!(
-            reg.read_file(&d(), &VersionId::nth(1), "a.bin")
-                .await
-                .unwrap(),
-            vec![1; 4]
-        );
-        std::fs::write(
-            dir.path().join("domains/banking/versions/v1/a.bin"),
-            b"evil",
-        )
-        .unwrap();
-        let err = reg
-            .read_file(&d(), &VersionId::nth(1), "a.bin")
-            .await
-            .unwrap_err();
-        assert!(matches!(err, RegistryError::Corrupt { .. }), "{err}");
-    }
-
-    #[tokio::test]
-    async fn alias_moves_are_compare_and_swap() {
-        let (_dir, reg) = registry_with_versions(3).await;
-        let (v1, v2, v3) = (VersionId::nth(1), VersionId::nth(2), VersionId::nth(3));
-        reg.move_alias(&d(), "production", None, &v1, "t", "first")
-            .await
-            .unwrap();
-        // A mover with a stale view loses.
-        let stale = reg
-            .move_alias(&d(), "production", None, &v2, "t", "stale")
-            .await;
-        assert!(matches!(stale, Err(RegistryError::AliasConflict { .. })));
-        // Two concurrent movers from v1: exactly one wins.
-        let dom = d();
-        let (a, b) = tokio::join!(
-            reg.move_alias(&dom, "production", Some(&v1), &v2, "a", "race"),
-            reg.move_alias(&dom, "production", Some(&v1), &v3, "b", "race"),
-        );
-        assert_eq!(a.is_ok() as u8 + b.is_ok() as u8, 1, "{a:?} {b:?}");
-        let history = reg.alias_history(&d(), "production").await.unwrap();
-        assert_eq!(history.len(), 2);
-        assert_eq!(history[1].from.as_deref(), Some("v1"));
-        // Unknown versions cannot be aliased.
-        let missing = reg
-            .move_alias(&d(), "production", None, &VersionId::nth(9), "t", "x")
-            .await;
-        assert!(matches!(missing, Err(RegistryError::NoSuchVersion { .. })));
     }
 }
