@@ -10,6 +10,7 @@ mod gate;
 mod html;
 mod metrics;
 mod report;
+pub mod serving;
 
 use std::path::PathBuf;
 
@@ -22,6 +23,7 @@ pub use metrics::{
     LabelMetrics, Metrics, classification_metrics, generation_metrics, mcnemar_exact,
 };
 pub use report::render_markdown;
+pub use serving::{LintReport, ServingLimits, lint_adapter};
 
 use flywheel_domain::{Policy, Task, normalize_text};
 use flywheel_trainer::{ClassifierPredictor, Generator, TrainerError};

@@ -350,3 +350,29 @@ pub fn bench_lora_steps(
         losses,
     })
 }
+
+/// The largest change the adapter in `adapter_dir` makes to the model's logits on `texts`.
+pub(crate) fn llama_adapter_delta(base: &Path, adapter_dir: &Path, texts: &[&str]) -> Result<f32> {
+    let plain = Generator::load(base, None)?;
+    let adapted = Generator::load(base, Some(adapter_dir))?;
+    let mut delta = 0.0f32;
+    for text in texts {
+        let mut ids = plain.codec.ids(&render_prompt(text))?;
+        ids.truncate(plain.max_len);
+        let s = ids.len();
+        let input = || {
+            Tensor::<2, Int>::from_data(
+                TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, s]),
+                &plain.device,
+            )
+        };
+        let logits = |g: &Generator| {
+            let hidden = g.model.hidden(input(), &[vec![1.0; s]]);
+            let h = hidden.dims()[2];
+            g.model.logits(hidden.reshape([s, h]))
+        };
+        let d = to_host((logits(&adapted) - logits(&plain)).abs().max()).1[0];
+        delta = delta.max(d);
+    }
+    Ok(delta)
+}

@@ -479,3 +479,17 @@ fn load_adapter(encoder: &mut Bert, dir: &Path, device: &Device) -> Result<()> {
         });
     load_peft_adapter(dir, layers, device)
 }
+
+/// The largest change the adapter in `adapter_dir` makes to the encoder's hidden states on
+/// `texts` (the head is left out: this asks whether the LoRA weights do anything).
+pub(crate) fn bert_adapter_delta(base: &Path, adapter_dir: &Path, texts: &[&str]) -> Result<f32> {
+    let device = crate::device();
+    let config = load_config(base)?;
+    let mut encoder = config.load(&mut Checkpoint::open(base)?, None, &device)?;
+    let text = TextEncoder::load(base, 128.min(config.max_position_embeddings))?;
+    let batch = text.encode(texts, &device)?;
+    let before = encoder.forward(batch.input_ids.clone(), batch.attention_mask.clone());
+    load_adapter(&mut encoder, adapter_dir, &device)?;
+    let after = encoder.forward(batch.input_ids, batch.attention_mask);
+    Ok(to_host((after - before).abs().max()).1[0])
+}

@@ -22,7 +22,22 @@ pub use classifier::{
 };
 pub use lora::{LLAMA_PROJECTIONS, LoraSpec};
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// The largest absolute change the PEFT adapter in `adapter_dir` makes to the base model's
+/// outputs on `texts` (encoder hidden states for BERT, logits for causal LMs). Zero means the
+/// adapter is a no-op, which publishing refuses.
+pub fn adapter_output_delta(
+    base_model_dir: &Path,
+    adapter_dir: &Path,
+    texts: &[&str],
+) -> Result<f32> {
+    let config = checkpoint::read_config(base_model_dir)?;
+    match config["model_type"].as_str().unwrap_or_default() {
+        "bert" => classifier::bert_adapter_delta(base_model_dir, adapter_dir, texts),
+        _ => causal::llama_adapter_delta(base_model_dir, adapter_dir, texts),
+    }
+}
 
 /// Everything that can go wrong between a spec and an adapter.
 #[derive(Debug, thiserror::Error)]

@@ -14,6 +14,7 @@ pub enum ErrorCode {
     MalformedJson,
     InvalidField,
     UnknownLabel,
+    UnknownBaseModel,
     TextTooLong,
     BatchTooLarge,
     PayloadTooLarge,
@@ -24,6 +25,7 @@ pub enum ErrorCode {
     VersionNotFound,
     VersionNotPending,
     AliasConflict,
+    VersionCorrupt,
     Internal,
 }
 
@@ -33,12 +35,12 @@ impl ErrorCode {
         use ErrorCode::*;
         match self {
             MalformedJson => StatusCode::BAD_REQUEST,
-            InvalidField | UnknownLabel => StatusCode::UNPROCESSABLE_ENTITY,
+            InvalidField | UnknownLabel | UnknownBaseModel => StatusCode::UNPROCESSABLE_ENTITY,
             TextTooLong | BatchTooLarge | PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             DomainNotFound | JobNotFound | VersionNotFound => StatusCode::NOT_FOUND,
             DomainExists | VersionNotPending | AliasConflict => StatusCode::CONFLICT,
-            Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            VersionCorrupt | Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -102,6 +104,16 @@ impl From<flywheel_registry::RegistryError> for ApiError {
                 ErrorCode::AliasConflict,
                 format!("{e}; read it again and retry"),
             ),
+            e @ flywheel_registry::RegistryError::NoSuchModel(_) => {
+                Self::new(ErrorCode::UnknownBaseModel, e.to_string())
+            }
+            e @ flywheel_registry::RegistryError::Corrupt { .. } => {
+                tracing::error!(error = %e, "corrupt registry object");
+                Self::new(
+                    ErrorCode::VersionCorrupt,
+                    format!("{e}; the version is refused until an operator restores it"),
+                )
+            }
             other => {
                 tracing::error!(error = %other, "registry error");
                 Self::new(ErrorCode::Internal, "internal error; see the server log")

@@ -51,9 +51,22 @@ pub struct AppState {
     pub limits: Limits,
 }
 
-pub fn router(state: AppState) -> Router {
+/// What a process serves over HTTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// The whole API.
+    Full,
+    /// `/healthz` and `/metrics` only: worker and scheduler processes, for probes and scraping.
+    Ops,
+}
+
+pub fn router(state: AppState, surface: Surface) -> Router {
     let body_limit = state.limits.max_body_bytes;
-    routes::routes()
+    let routes = match surface {
+        Surface::Full => routes::routes(),
+        Surface::Ops => routes::ops_routes(),
+    };
+    routes
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             record_latency,
@@ -66,9 +79,10 @@ pub fn router(state: AppState) -> Router {
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
+    surface: Surface,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
+    axum::serve(listener, router(state, surface))
         .with_graceful_shutdown(shutdown)
         .await
 }

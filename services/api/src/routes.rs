@@ -7,12 +7,21 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use flywheel_db::DomainRow;
 use flywheel_domain::{CorrectionDraft, DomainName, DomainSpec, JobId, JobStatus, VersionId};
+use flywheel_registry::{MODEL_REF_PREFIX, parse_model_ref};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::{ApiError, AppState, ErrorCode};
 
 type ApiResult<T> = Result<T, ApiError>;
+
+/// Probes and scraping: what every process serves.
+pub fn ops_routes() -> axum::Router<AppState> {
+    axum::Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::new(ErrorCode::InvalidField, "no such route") })
+}
 
 pub fn routes() -> axum::Router<AppState> {
     axum::Router::new()
@@ -38,6 +47,10 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/v1/domains/{domain}/rollback", post(rollback))
         .route("/v1/domains/{domain}/audit", get(audit_log))
         .route("/v1/domains/{domain}/aliases/{alias}", get(get_alias))
+        .route(
+            "/v1/domains/{domain}/aliases/{alias}/history",
+            get(alias_history),
+        )
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/events", get(get_events))
         .fallback(|| async { ApiError::new(ErrorCode::InvalidField, "no such route") })
@@ -153,6 +166,15 @@ async fn create_domain(
 ) -> ApiResult<(StatusCode, Json<DomainView>)> {
     let spec: DomainSpec = parse_json(&body(raw)?)?;
     spec.validate()?;
+    if spec.base_model.starts_with(MODEL_REF_PREFIX) {
+        let id = parse_model_ref(&spec.base_model).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::InvalidField,
+                "base_model: `sha256:` must be followed by 64 lowercase hex digits",
+            )
+        })?;
+        state.registry.model_manifest(id).await?;
+    }
     let row = state.db.create_domain(&spec).await?;
     Ok((StatusCode::CREATED, Json(view(&state, row).await?)))
 }
@@ -651,11 +673,7 @@ async fn get_alias(
             format!("alias `{alias}` of {name} is not set"),
         )
     };
-    if alias.is_empty()
-        || !alias
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
+    if !is_alias_name(&alias) {
         return Err(not_set());
     }
     let mv = state
@@ -672,7 +690,8 @@ async fn get_alias(
             serde_json::json!({
                 "name": f.name,
                 "sha256": f.sha256,
-                "location": state.registry.locate(&domain.spec.name, &v, &f.name),
+                "bytes": f.bytes,
+                "url": state.registry.file_url(&domain.spec.name, &v, &f.name),
             })
         })
         .collect();
@@ -680,7 +699,37 @@ async fn get_alias(
         "alias": alias,
         "version": v,
         "generation": mv.generation,
+        "moved_at": mv.at,
+        "moved_by": mv.by,
         "escalation": manifest.lineage["escalation"],
+        "base_model": manifest.lineage["base_model"],
         "files": files,
     })))
+}
+
+/// Every move of an alias, oldest first: who, when, from, to, why.
+async fn alias_history(
+    State(state): State<AppState>,
+    Path((name, alias)): Path<(String, String)>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let domain = domain_row(&state, &name).await?;
+    if !is_alias_name(&alias) {
+        return Err(ApiError::new(
+            ErrorCode::VersionNotFound,
+            format!("alias `{alias}` of {name} is not set"),
+        ));
+    }
+    let moves = state
+        .registry
+        .alias_history(&domain.spec.name, &alias)
+        .await?;
+    Ok(Json(serde_json::json!({ "data": moves })))
+}
+
+/// Alias names are plain words: they become object keys.
+fn is_alias_name(alias: &str) -> bool {
+    !alias.is_empty()
+        && alias
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }

@@ -23,12 +23,21 @@ use tokio::sync::{Notify, watch};
 /// The embedded Banking77 slice the demo and tests train on (see data/NOTICE.md).
 pub const BANKING77_MINI: &str = include_str!("../data/banking77-mini.csv");
 
-/// Where a flywheel instance keeps its state.
+/// Where a flywheel instance keeps its state, and which parts of flywheel it runs.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub data_dir: PathBuf,
     pub worker: WorkerConfig,
     pub limits: Limits,
+    /// The registry: a path or an `s3://`, `gs://`, `az://` URL; `None` is
+    /// `<data_dir>/registry`.
+    pub registry: Option<String>,
+    /// Extra registry options (object_store keys such as `aws_endpoint`, and
+    /// `conditional_writes`); credentials usually come from the environment instead.
+    pub registry_options: Vec<(String, String)>,
+    /// Whether this process serves the public API; without it, only `/healthz` and
+    /// `/metrics` (for probes and scraping) are served.
+    pub api: bool,
 }
 
 impl Config {
@@ -37,7 +46,19 @@ impl Config {
             worker: WorkerConfig::new(data_dir.clone()),
             data_dir,
             limits: Limits::default(),
+            registry: None,
+            registry_options: Vec::new(),
+            api: true,
         }
+    }
+
+    pub fn open_registry(&self) -> anyhow::Result<Registry> {
+        let location = self
+            .registry
+            .clone()
+            .unwrap_or_else(|| self.registry_dir().display().to_string());
+        Registry::open(&location, &self.registry_options)
+            .with_context(|| format!("opening the registry at {location}"))
     }
     pub fn database_path(&self) -> PathBuf {
         self.data_dir.join("flywheel.db")
@@ -77,7 +98,7 @@ pub async fn open_db(config: &Config) -> anyhow::Result<Db> {
 /// Starts everything on `listener`; the instance runs until [`Running::shutdown`].
 pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
     let db = open_db(&config).await?;
-    let registry = Registry::local(&config.registry_dir()).context("opening the registry")?;
+    let registry = config.open_registry()?;
     let metrics = Metrics::new();
     // The queue gets a pool of its own: apalis turns `synchronous` off on its connections.
     let queue_pool = SqlitePoolOptions::new()
@@ -109,8 +130,13 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         limits: config.limits.clone(),
     };
     let mut api_stop = stopped.clone();
+    let surface = if config.api {
+        flywheel_api::Surface::Full
+    } else {
+        flywheel_api::Surface::Ops
+    };
     let api = tokio::spawn(async move {
-        flywheel_api::serve(listener, state, async move {
+        flywheel_api::serve(listener, state, surface, async move {
             let _ = api_stop.wait_for(|s| *s).await;
         })
         .await

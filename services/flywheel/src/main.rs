@@ -15,6 +15,21 @@ struct Cli {
         global = true
     )]
     data_dir: PathBuf,
+    /// The model registry: a path, or an `s3://bucket/prefix`, `gs://…` or `az://…` URL
+    /// (credentials from the store's usual environment: AWS_ACCESS_KEY_ID, AWS_ENDPOINT, …).
+    /// Default: `<data-dir>/registry`.
+    #[arg(long, env = "FLYWHEEL_REGISTRY", global = true)]
+    registry: Option<String>,
+    /// Set to false only for a store without conditional writes, and then run a single
+    /// writer: alias moves fall back to check-then-put.
+    #[arg(
+        long,
+        env = "FLYWHEEL_REGISTRY_CONDITIONAL_WRITES",
+        default_value_t = true,
+        global = true,
+        action = clap::ArgAction::Set
+    )]
+    registry_conditional_writes: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -25,6 +40,21 @@ enum Command {
     Serve {
         #[arg(long, env = "FLYWHEEL_LISTEN", default_value = "127.0.0.1:8080")]
         listen: String,
+        /// What this process runs: `api`, `scheduler` (one per deployment), and the queues
+        /// it works: `train`, `evaluate`, `publish`. Without `api` it serves only /healthz
+        /// and /metrics.
+        #[arg(
+            long,
+            env = "FLYWHEEL_ROLES",
+            value_delimiter = ',',
+            default_value = "api,scheduler,train,evaluate,publish",
+            value_parser = ["api", "scheduler", "train", "evaluate", "publish"]
+        )]
+        roles: Vec<String>,
+        /// The largest LoRA rank the serving fleet loads (vLLM --max-lora-rank); larger
+        /// adapters are not published.
+        #[arg(long, env = "FLYWHEEL_MAX_LORA_RANK", default_value_t = 64)]
+        max_lora_rank: usize,
     },
     /// Create or upgrade the database schema, then exit.
     Migrate,
@@ -48,6 +78,12 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ModelsCommand {
+    /// Copy a Hugging Face model directory into the registry, content-addressed, and print
+    /// the `sha256:…` reference a domain's `base_model` uses.
+    Import {
+        /// The model directory (config.json, model.safetensors or shards, tokenizer.json).
+        dir: PathBuf,
+    },
     /// Write a tiny random-init model (config.json, model.safetensors, tokenizer.json) whose
     /// tokenizer is trained on the given corpus (CSV or JSONL corrections; the bundled
     /// Banking77 slice if omitted).
@@ -78,9 +114,26 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = flywheel::Config::new(cli.data_dir);
+    let mut config = flywheel::Config::new(cli.data_dir);
+    config.registry = cli.registry;
+    config.registry_options.push((
+        flywheel_registry::CONDITIONAL_WRITES.into(),
+        cli.registry_conditional_writes.to_string(),
+    ));
     match cli.command {
-        Command::Serve { listen } => {
+        Command::Serve {
+            listen,
+            roles,
+            max_lora_rank,
+        } => {
+            config.api = roles.iter().any(|r| r == "api");
+            config.worker.scheduler = roles.iter().any(|r| r == "scheduler");
+            config.worker.queues = roles
+                .iter()
+                .filter(|r| !matches!(r.as_str(), "api" | "scheduler"))
+                .map(|r| format!("flywheel.{r}"))
+                .collect();
+            config.worker.serving.max_rank = max_lora_rank;
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
@@ -108,6 +161,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 flywheel::demo::post_corrections(&reqwest::Client::new(), &server, &domain, &rows)
                     .await?;
             println!("{sent} corrections accepted into `{domain}`");
+            Ok(())
+        }
+        Command::Models {
+            command: ModelsCommand::Import { dir },
+        } => {
+            let registry = config.open_registry()?;
+            let model = registry
+                .import_model(&dir)
+                .await
+                .with_context(|| format!("importing {}", dir.display()))?;
+            let bytes: u64 = model.files.iter().map(|f| f.bytes).sum();
+            println!(
+                "{} ({}, {} files, {:.1} MB) in {}",
+                model.reference(),
+                model.model_type.as_deref().unwrap_or("unknown model_type"),
+                model.files.len(),
+                bytes as f64 / 1e6,
+                registry.url()
+            );
             Ok(())
         }
         Command::Models {

@@ -62,6 +62,32 @@ fn content_id(files: &[FileEntry]) -> String {
     hex::encode(h.finalize())
 }
 
+/// The content id a model directory would get on import, and its files: what lineage
+/// records for a base model given by path.
+pub async fn model_content_id(dir: &Path) -> Result<(String, Vec<FileEntry>)> {
+    let mut names = Vec::new();
+    let mut listing = tokio::fs::read_dir(dir).await.map_err(local_err(dir))?;
+    while let Some(entry) = listing.next_entry().await.map_err(local_err(dir))? {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_file = entry.file_type().await.map_err(local_err(dir))?.is_file();
+        if is_file && !name.starts_with('.') {
+            names.push(name);
+        }
+    }
+    names.sort();
+    if !names.iter().any(|n| n == "config.json") {
+        return Err(RegistryError::Malformed {
+            path: dir.display().to_string(),
+            message: "not a Hugging Face model directory: no config.json".into(),
+        });
+    }
+    let mut files = Vec::with_capacity(names.len());
+    for name in &names {
+        files.push(hash_file(&dir.join(name)).await?);
+    }
+    Ok((content_id(&files), files))
+}
+
 fn local_err(path: &Path) -> impl Fn(std::io::Error) -> RegistryError + '_ {
     move |e| RegistryError::Local(path.display().to_string(), e)
 }
@@ -98,27 +124,7 @@ impl Registry {
     /// Imports the Hugging Face model directory `dir` (its top-level files; hidden files
     /// skipped). Importing the same files again is a no-op that returns the same id.
     pub async fn import_model(&self, dir: &Path) -> Result<ModelManifest> {
-        let mut names = Vec::new();
-        let mut listing = tokio::fs::read_dir(dir).await.map_err(local_err(dir))?;
-        while let Some(entry) = listing.next_entry().await.map_err(local_err(dir))? {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let is_file = entry.file_type().await.map_err(local_err(dir))?.is_file();
-            if is_file && !name.starts_with('.') {
-                names.push(name);
-            }
-        }
-        names.sort();
-        if !names.iter().any(|n| n == "config.json") {
-            return Err(RegistryError::Malformed {
-                path: dir.display().to_string(),
-                message: "not a Hugging Face model directory: no config.json".into(),
-            });
-        }
-        let mut files = Vec::with_capacity(names.len());
-        for name in &names {
-            files.push(hash_file(&dir.join(name)).await?);
-        }
-        let id = content_id(&files);
+        let (id, files) = model_content_id(dir).await?;
         let model_type = std::fs::read(dir.join("config.json"))
             .ok()
             .and_then(|raw| serde_json::from_slice::<serde_json::Value>(&raw).ok())

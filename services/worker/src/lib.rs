@@ -28,6 +28,7 @@ pub use scheduler::schedule_once;
 pub const TRAIN_QUEUE: &str = "flywheel.train";
 pub const EVALUATE_QUEUE: &str = "flywheel.evaluate";
 pub const PUBLISH_QUEUE: &str = "flywheel.publish";
+pub const ALL_QUEUES: [&str; 3] = [TRAIN_QUEUE, EVALUATE_QUEUE, PUBLISH_QUEUE];
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -65,6 +66,12 @@ pub struct WorkerConfig {
     pub heartbeat_interval: Duration,
     /// Epochs per training run; `None` keeps the task's default.
     pub epochs: Option<usize>,
+    /// What the serving fleet accepts; adapters beyond it are not published.
+    pub serving: flywheel_evaluator::ServingLimits,
+    /// The queues this process works ([`TRAIN_QUEUE`] …): a GPU pool takes only training.
+    pub queues: Vec<String>,
+    /// Whether this process runs the scheduler. Exactly one process of a deployment should.
+    pub scheduler: bool,
 }
 
 impl WorkerConfig {
@@ -75,6 +82,9 @@ impl WorkerConfig {
             poll_interval: Duration::from_millis(500),
             heartbeat_interval: Duration::from_secs(2),
             epochs: None,
+            serving: Default::default(),
+            queues: ALL_QUEUES.map(str::to_owned).to_vec(),
+            scheduler: true,
         }
     }
 }
@@ -150,49 +160,53 @@ impl Context {
     }
 }
 
-/// Runs the scheduler and one worker per queue until `shutdown` flips to true.
+/// Runs the scheduler (if configured) and one worker per configured queue until `shutdown`
+/// flips to true.
 pub async fn run(
     ctx: Arc<Context>,
     nudge: Arc<Notify>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), WorkerError> {
-    let scheduler = tokio::spawn(scheduler::run(ctx.clone(), nudge, shutdown.clone()));
+    let scheduler = ctx
+        .config
+        .scheduler
+        .then(|| tokio::spawn(scheduler::run(ctx.clone(), nudge, shutdown.clone())));
     let poll = ctx.config.poll_interval;
-    let monitor = Monitor::new()
-        .register({
+    let mut monitor = Monitor::new();
+    // One arm per stage: each stage function is its own type.
+    macro_rules! worker {
+        ($name:literal, $storage:ident, $stage:path) => {{
             let ctx = ctx.clone();
-            move |_| {
-                WorkerBuilder::new("flywheel-train")
-                    .backend(ctx.queues.train.clone().poll_with_interval(poll))
+            monitor = monitor.register(move |_| {
+                WorkerBuilder::new($name)
+                    .backend(ctx.queues.$storage.clone().poll_with_interval(poll))
                     .data(ctx.clone())
-                    .build(pipeline::train)
-            }
-        })
-        .register({
-            let ctx = ctx.clone();
-            move |_| {
-                WorkerBuilder::new("flywheel-evaluate")
-                    .backend(ctx.queues.evaluate.clone().poll_with_interval(poll))
-                    .data(ctx.clone())
-                    .build(pipeline::evaluate)
-            }
-        })
-        .register({
-            let ctx = ctx.clone();
-            move |_| {
-                WorkerBuilder::new("flywheel-publish")
-                    .backend(ctx.queues.publish.clone().poll_with_interval(poll))
-                    .data(ctx.clone())
-                    .build(pipeline::publish)
-            }
-        });
+                    .build($stage)
+            });
+        }};
+    }
+    for queue in &ctx.config.queues {
+        match queue.as_str() {
+            TRAIN_QUEUE => worker!("flywheel-train", train, pipeline::train),
+            EVALUATE_QUEUE => worker!("flywheel-evaluate", evaluate, pipeline::evaluate),
+            PUBLISH_QUEUE => worker!("flywheel-publish", publish, pipeline::publish),
+            other => return Err(WorkerError::Queue(format!("unknown queue `{other}`"))),
+        }
+    }
     let mut stop = shutdown.clone();
-    let result = monitor
-        .run_with_signal(async move {
-            let _ = stop.wait_for(|s| *s).await;
-            Ok(())
-        })
-        .await;
-    let _ = scheduler.await;
+    let result = if ctx.config.queues.is_empty() {
+        let _ = stop.wait_for(|s| *s).await;
+        Ok(())
+    } else {
+        monitor
+            .run_with_signal(async move {
+                let _ = stop.wait_for(|s| *s).await;
+                Ok(())
+            })
+            .await
+    };
+    if let Some(scheduler) = scheduler {
+        let _ = scheduler.await;
+    }
     result.map_err(|e| WorkerError::Queue(e.to_string()))
 }

@@ -29,6 +29,18 @@ fn job_dir(ctx: &Context, job: &JobRow) -> PathBuf {
     ctx.config.data_dir.join("jobs").join(job.id.as_str())
 }
 
+/// The base model's local directory: a path as given, or this machine's verified copy of a
+/// `sha256:` registry model, fetched on first use.
+async fn base_model_dir(ctx: &Context, domain: &DomainRow) -> Result<PathBuf, WorkerError> {
+    match flywheel_registry::parse_model_ref(&domain.spec.base_model) {
+        Some(id) => Ok(ctx
+            .registry
+            .fetch_model(id, &ctx.config.data_dir.join("cache").join("models"))
+            .await?),
+        None => Ok(PathBuf::from(&domain.spec.base_model)),
+    }
+}
+
 async fn load(ctx: &Context, task: &StageTask) -> Result<Option<(JobRow, DomainRow)>, WorkerError> {
     let job = ctx
         .db
@@ -87,7 +99,7 @@ pub async fn train(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDy
             .corrections(domain.id, job.snapshot_max_id, Some(Split::Train))
             .await?;
         let dir = job_dir(ctx, &job);
-        let base = PathBuf::from(&domain.spec.base_model);
+        let base = base_model_dir(ctx, &domain).await?;
         let mut spec = match domain.spec.task {
             Task::Classification => {
                 TrainSpec::new(base, dir.join("candidate"), domain.spec.labels.clone())
@@ -165,6 +177,8 @@ pub async fn train(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDy
             .map_err(|e| WorkerError::Job(format!("trainer panicked: {e}")))??;
         write_json(&dir.join("train_report.json"), &report)?;
         write_json(&dir.join("train_spec.json"), &spec)?;
+        // The next stages may run on another machine.
+        ctx.registry.stage_files(job.id.as_str(), &dir).await?;
         ctx.db
             .add_event(
                 &job.id,
@@ -224,8 +238,9 @@ pub async fn evaluate(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Bo
             None => (None, "base model (no production adapter yet)".to_string()),
         };
         let dir = job_dir(ctx, &job);
+        ctx.registry.fetch_staged(job.id.as_str(), &dir).await?;
         let spec = EvalSpec {
-            base_model_dir: PathBuf::from(&domain.spec.base_model),
+            base_model_dir: base_model_dir(ctx, &domain).await?,
             candidate_dir: dir.join("candidate"),
             champion_dir,
             champion_name,
@@ -240,6 +255,7 @@ pub async fn evaluate(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Bo
             .await
             .map_err(|e| WorkerError::Job(format!("evaluator panicked: {e}")))??;
         write_json(&dir.join("evaluation.json"), &evaluation)?;
+        ctx.registry.stage_files(job.id.as_str(), &dir).await?;
         ctx.db
             .add_event(
                 &job.id,
@@ -262,9 +278,13 @@ pub async fn publish(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Box
     let ctx: &Context = &ctx;
     stage(ctx, task, "publish", |job, domain| async move {
         let dir = job_dir(ctx, &job);
+        ctx.registry.fetch_staged(job.id.as_str(), &dir).await?;
         let evaluation: Evaluation = read_json(&dir.join("evaluation.json"))?;
         let train_report: TrainReport = read_json(&dir.join("train_report.json"))?;
         let spec: TrainSpec = read_json(&dir.join("train_spec.json"))?;
+        let candidate = dir.join("candidate");
+        let base = base_model_dir(ctx, &domain).await?;
+        let serving = serving_checks(ctx, &job, &domain, &base, &candidate).await?;
         let version = ctx.db.reserve_version(domain.id, &job.id).await?;
         let name = &domain.spec.name;
 
@@ -282,12 +302,12 @@ pub async fn publish(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Box
                 r.input
             ));
         }
-        let base = PathBuf::from(&domain.spec.base_model);
-        let base_hash = file_sha256(&base.join("model.safetensors"))?;
+        let (base_id, _) = flywheel_registry::models::model_content_id(&base).await?;
         let lineage = serde_json::json!({
             "job_id": job.id,
             "trigger": job.trigger,
-            "base_model": { "path": domain.spec.base_model, "model_safetensors_sha256": base_hash },
+            // `content_id` is what `flywheel models import` would name it: `sha256:<content_id>`.
+            "base_model": { "ref": domain.spec.base_model, "content_id": base_id },
             "dataset": {
                 "snapshot_sha256": hex::encode(snapshot.finalize()),
                 "corrections": rows.len(),
@@ -319,6 +339,7 @@ pub async fn publish(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Box
                 "coverage": evaluation.routing.coverage,
             },
             "calibration_ece": evaluation.calibration.ece,
+            "serving": serving,
             "code_version": env!("CARGO_PKG_VERSION"),
         });
         let report_json = serde_json::json!({
@@ -338,7 +359,7 @@ pub async fn publish(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Box
 
         let mut files = Vec::new();
         for file in &train_report.files {
-            let path = spec.output_dir.join(file);
+            let path = candidate.join(file);
             files.push((file.clone(), std::fs::read(&path).map_err(io(&path))?));
         }
         files.push((
@@ -432,10 +453,56 @@ pub async fn publish(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Box
             .finish_job(&job.id, JobStatus::Succeeded, None)
             .await?;
         // The work directory is in the registry now.
+        ctx.registry.drop_staged(job.id.as_str()).await?;
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     })
     .await
+}
+
+/// The serving-compatibility lint, then a check that the adapter changes the base model's
+/// outputs on a few held-out inputs. Either failing fails the job: nothing unservable or
+/// inert reaches the registry.
+async fn serving_checks(
+    ctx: &Context,
+    job: &JobRow,
+    domain: &DomainRow,
+    base: &Path,
+    candidate: &Path,
+) -> Result<serde_json::Value, WorkerError> {
+    let lint = flywheel_evaluator::lint_adapter(base, candidate, &ctx.config.serving)
+        .map_err(|e| WorkerError::Job(format!("serving lint could not read the adapter: {e}")))?;
+    if !lint.passed() {
+        return Err(WorkerError::Job(format!(
+            "the adapter is not servable: {}",
+            lint.summary()
+        )));
+    }
+    let texts: Vec<String> = ctx
+        .db
+        .corrections(domain.id, job.snapshot_max_id, Some(Split::Holdout))
+        .await?
+        .into_iter()
+        .take(8)
+        .map(|r| r.input)
+        .collect();
+    let (base_dir, adapter_dir) = (base.to_owned(), candidate.to_owned());
+    let delta = tokio::task::spawn_blocking(move || {
+        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+        flywheel_trainer::adapter_output_delta(&base_dir, &adapter_dir, &texts)
+    })
+    .await
+    .map_err(|e| WorkerError::Job(format!("adapter check panicked: {e}")))??;
+    // Below f32 noise on these magnitudes the adapter does nothing.
+    if delta <= 1e-6 {
+        return Err(WorkerError::Job(format!(
+            "the adapter is a no-op: it moves the base model's outputs by at most {delta:e}"
+        )));
+    }
+    Ok(serde_json::json!({
+        "lint": lint,
+        "max_output_delta": delta,
+    }))
 }
 
 /// Training rows, by task.
@@ -463,11 +530,4 @@ fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), WorkerE
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, WorkerError> {
     let raw = std::fs::read(path).map_err(io(path))?;
     serde_json::from_slice(&raw).map_err(|e| WorkerError::Job(format!("{}: {e}", path.display())))
-}
-
-fn file_sha256(path: &Path) -> Result<String, WorkerError> {
-    let mut file = std::fs::File::open(path).map_err(io(path))?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher).map_err(io(path))?;
-    Ok(hex::encode(hasher.finalize()))
 }
