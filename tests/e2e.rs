@@ -730,3 +730,181 @@ async fn stewards_approve_reject_and_roll_back_and_every_decision_is_audited() {
         .collect();
     assert_eq!(history, ["v1", "v2", "v1"]);
 }
+
+/// The S3 settings for the SeaweedFS that `.ci/services` starts, under a fresh prefix.
+fn s3_registry() -> (String, Vec<(String, String)>) {
+    let endpoint = std::env::var("FLYWHEEL_TEST_S3").expect(
+        "FLYWHEEL_TEST_S3 is not set: start the test services with `eval \"$(.ci/services)\"`",
+    );
+    let options = [
+        ("aws_endpoint", endpoint.as_str()),
+        ("aws_access_key_id", "flywheel"),
+        ("aws_secret_access_key", "flywheel-secret"),
+        ("aws_region", "us-east-1"),
+        ("aws_allow_http", "true"),
+    ]
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .to_vec();
+    (
+        format!("s3://flywheel/e2e-{}", uuid::Uuid::new_v4()),
+        options,
+    )
+}
+
+/// Scale-out in miniature: an API + scheduler + trainer process and an evaluate + publish
+/// process share one database and an S3 registry, and nothing else. The base model lives in
+/// the registry too; each process fetches and verifies its own copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stages_on_different_machines_meet_in_an_s3_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = flywheel::csv_corrections(flywheel::BANKING77_MINI).unwrap();
+    let texts: Vec<String> = rows
+        .iter()
+        .map(|r| r["input"].as_str().unwrap().to_owned())
+        .collect();
+    let mut labels: Vec<String> = Vec::new();
+    for r in &rows {
+        let l = r["expected"].as_str().unwrap().to_owned();
+        if !labels.contains(&l) {
+            labels.push(l);
+        }
+    }
+    let model_dir = dir.path().join("tiny-bert");
+    flywheel::init_tiny_model(&model_dir, &texts).unwrap();
+    let (registry_url, options) = s3_registry();
+    let machine = |name: &str, roles: &[&str]| {
+        let mut config = flywheel::Config::new(dir.path().join(name));
+        config.database = Some(dir.path().join("shared.db"));
+        config.registry = Some(registry_url.clone());
+        config.registry_options = options.clone();
+        config.api = roles.contains(&"api");
+        config.worker.scheduler = roles.contains(&"scheduler");
+        config.worker.queues = roles
+            .iter()
+            .filter(|r| !matches!(**r, "api" | "scheduler"))
+            .map(|r| format!("flywheel.{r}"))
+            .collect();
+        config.worker.scheduler_interval = Duration::from_millis(200);
+        config.worker.poll_interval = Duration::from_millis(100);
+        config.worker.heartbeat_interval = Duration::from_millis(500);
+        config
+    };
+    let trainer_config = machine("trainer", &["api", "scheduler", "train"]);
+    let registry = trainer_config.open_registry().unwrap();
+    let model = registry.import_model(&model_dir).await.unwrap();
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let trainer = flywheel::start(trainer_config, listener).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let publisher = flywheel::start(machine("publisher", &["evaluate", "publish"]), listener)
+        .await
+        .unwrap();
+    let app = TestApp {
+        base: format!("http://{}", trainer.addr),
+        client: reqwest::Client::new(),
+        dir,
+        running: Some(trainer),
+        model_dir: model.reference(),
+        labels: labels.clone(),
+        rows,
+    };
+
+    // A model reference must name a model the registry has.
+    let spec = |base_model: &str| json!({"name": "banking", "task": "classification", "base_model": base_model, "labels": labels});
+    let (status, body) = app
+        .post("/v1/domains", &spec(&format!("sha256:{}", "0".repeat(64))))
+        .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("unknown_base_model")),
+        "{body}"
+    );
+    let (status, body) = app.post("/v1/domains", &spec("sha256:abc")).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("invalid_field")),
+        "{body}"
+    );
+
+    app.create_domain(300).await;
+    let (status, _) = app
+        .post("/v1/domains/banking/corrections", &json!(app.rows))
+        .await;
+    assert_eq!(status, 202);
+    let job = app.wait_for_job(1).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+
+    // The publisher machine did evaluate and publish, from its own verified model copy.
+    let publisher_dir = app.dir.path().join("publisher");
+    assert!(
+        publisher_dir
+            .join("cache/models")
+            .join(&model.id)
+            .join("model.safetensors")
+            .is_file()
+    );
+    let (_, events) = app
+        .get(&format!("/v1/jobs/{}/events", job["id"].as_str().unwrap()))
+        .await;
+    assert!(events.to_string().contains("evaluated on"), "{events}");
+
+    // Serving fleets get store URLs, the escalation threshold, and what the adapter sits on.
+    let (status, alias) = app.get("/v1/domains/banking/aliases/production").await;
+    assert_eq!(status, 200, "{alias}");
+    assert_eq!(alias["version"], "v1");
+    assert_eq!(alias["base_model"]["ref"], model.reference());
+    assert_eq!(alias["base_model"]["content_id"], model.id);
+    let files = alias["files"].as_array().unwrap();
+    let prefix = format!("{registry_url}/domains/banking/versions/v1/");
+    assert!(
+        files
+            .iter()
+            .any(|f| f["url"] == format!("{prefix}adapter_model.safetensors")),
+        "{alias}"
+    );
+    assert!(alias["escalation"]["threshold"].is_number(), "{alias}");
+    let (_, history) = app
+        .get("/v1/domains/banking/aliases/production/history")
+        .await;
+    let moves = history["data"].as_array().unwrap();
+    assert_eq!(moves.len(), 1, "{history}");
+    assert_eq!(
+        (moves[0]["by"].as_str(), moves[0]["to"].as_str()),
+        (Some("flywheel-gate"), Some("v1"))
+    );
+    // The serving lint's findings travel with the version.
+    let manifest = registry
+        .manifest(
+            &flywheel_domain::DomainName::parse("banking").unwrap(),
+            &flywheel_domain::VersionId::nth(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(manifest.lineage["serving"]["lint"]["findings"], json!([]));
+    assert!(
+        manifest.lineage["serving"]["max_output_delta"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    // Staged intermediates are cleaned up once published.
+    let leftovers = tempfile::tempdir().unwrap();
+    registry
+        .fetch_staged(job["id"].as_str().unwrap(), leftovers.path())
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read_dir(leftovers.path()).unwrap().count(), 0);
+
+    // The worker-only process answers probes, not the API.
+    let client = reqwest::Client::new();
+    let base = format!("http://{}", publisher.addr);
+    let health = client.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let api = client
+        .get(format!("{base}/v1/domains"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(api.status(), 404);
+    publisher.shutdown().await.unwrap();
+}

@@ -323,6 +323,7 @@ pub fn lint_adapter(
     }
 
     let mut max_update_norm = 0f64;
+    let mut checked = 0;
     for (module, &[has_a, has_b]) in &modules {
         if !(has_a && has_b) {
             flag(
@@ -376,12 +377,13 @@ pub fn lint_adapter(
             );
             continue;
         };
+        checked += 1;
         max_update_norm =
             max_update_norm.max(scaling * update_norm(&av, &bv, rank, *input, *output));
     }
     if modules.is_empty() {
         flag("empty", "the adapter holds no LoRA weights".into());
-    } else if max_update_norm == 0.0 {
+    } else if checked == modules.len() && max_update_norm == 0.0 {
         flag(
             "no_op",
             "every update s·B·A is exactly zero: the adapter cannot change the model".into(),

@@ -19,6 +19,7 @@ pub enum ErrorCode {
     BatchTooLarge,
     PayloadTooLarge,
     UnsupportedMediaType,
+    RouteNotFound,
     DomainNotFound,
     DomainExists,
     JobNotFound,
@@ -38,7 +39,7 @@ impl ErrorCode {
             InvalidField | UnknownLabel | UnknownBaseModel => StatusCode::UNPROCESSABLE_ENTITY,
             TextTooLong | BatchTooLarge | PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            DomainNotFound | JobNotFound | VersionNotFound => StatusCode::NOT_FOUND,
+            RouteNotFound | DomainNotFound | JobNotFound | VersionNotFound => StatusCode::NOT_FOUND,
             DomainExists | VersionNotPending | AliasConflict => StatusCode::CONFLICT,
             VersionCorrupt | Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }

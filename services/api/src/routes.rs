@@ -20,7 +20,7 @@ pub fn ops_routes() -> axum::Router<AppState> {
     axum::Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .fallback(|| async { ApiError::new(ErrorCode::InvalidField, "no such route") })
+        .fallback(|| async { ApiError::new(ErrorCode::RouteNotFound, "no such route") })
 }
 
 pub fn routes() -> axum::Router<AppState> {
@@ -53,7 +53,7 @@ pub fn routes() -> axum::Router<AppState> {
         )
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/events", get(get_events))
-        .fallback(|| async { ApiError::new(ErrorCode::InvalidField, "no such route") })
+        .fallback(|| async { ApiError::new(ErrorCode::RouteNotFound, "no such route") })
 }
 
 /// Parses a JSON body, naming the path of the offending field on failure.

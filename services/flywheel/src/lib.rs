@@ -38,6 +38,8 @@ pub struct Config {
     /// Whether this process serves the public API; without it, only `/healthz` and
     /// `/metrics` (for probes and scraping) are served.
     pub api: bool,
+    /// The SQLite database file; `None` is `<data_dir>/flywheel.db`.
+    pub database: Option<PathBuf>,
 }
 
 impl Config {
@@ -49,6 +51,7 @@ impl Config {
             registry: None,
             registry_options: Vec::new(),
             api: true,
+            database: None,
         }
     }
 
@@ -61,7 +64,9 @@ impl Config {
             .with_context(|| format!("opening the registry at {location}"))
     }
     pub fn database_path(&self) -> PathBuf {
-        self.data_dir.join("flywheel.db")
+        self.database
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("flywheel.db"))
     }
     pub fn registry_dir(&self) -> PathBuf {
         self.data_dir.join("registry")

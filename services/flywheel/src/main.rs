@@ -30,6 +30,9 @@ struct Cli {
         action = clap::ArgAction::Set
     )]
     registry_conditional_writes: bool,
+    /// The SQLite database file. Default: `<data-dir>/flywheel.db`.
+    #[arg(long, env = "FLYWHEEL_DATABASE", global = true)]
+    database: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -116,6 +119,7 @@ async fn main() {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut config = flywheel::Config::new(cli.data_dir);
     config.registry = cli.registry;
+    config.database = cli.database;
     config.registry_options.push((
         flywheel_registry::CONDITIONAL_WRITES.into(),
         cli.registry_conditional_writes.to_string(),

@@ -23,6 +23,9 @@ pub const MODEL_REF_PREFIX: &str = "sha256:";
 
 const CHUNK: usize = 8 << 20;
 
+/// The manifest beside a cached copy. Hidden, so the copy's content id is the original's.
+const CACHED_MANIFEST: &str = ".flywheel-manifest.json";
+
 /// A base model in the registry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelManifest {
@@ -198,7 +201,7 @@ impl Registry {
     /// directory; the first rename wins and the rest are discarded.
     pub async fn fetch_model(&self, id: &str, cache_root: &Path) -> Result<PathBuf> {
         let target = cache_root.join(id);
-        if target.join(MANIFEST).is_file() {
+        if target.join(CACHED_MANIFEST).is_file() {
             return Ok(target);
         }
         let manifest = self.model_manifest(id).await?;
@@ -212,7 +215,7 @@ impl Registry {
             return Err(e);
         }
         let raw = serde_json::to_vec_pretty(&manifest).expect("json");
-        let manifest_path = partial.join(MANIFEST);
+        let manifest_path = partial.join(CACHED_MANIFEST);
         tokio::fs::write(&manifest_path, raw)
             .await
             .map_err(local_err(&manifest_path))?;
