@@ -267,7 +267,8 @@ mod serving_lint {
         );
         assert!(report.max_update_norm > 0.0);
 
-        let cases: Vec<(serde_json::Value, Vec<(&str, [usize; 2], f32)>, Vec<&str>)> = vec![
+        type Tensors = Vec<(&'static str, [usize; 2], f32)>;
+        let cases: Vec<(serde_json::Value, Tensors, Vec<&str>)> = vec![
             // PEFT initialises B to zero: an untrained adapter changes nothing.
             (
                 serde_json::json!({}),
