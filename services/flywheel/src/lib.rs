@@ -64,9 +64,13 @@ impl Config {
             .with_context(|| format!("opening the registry at {location}"))
     }
     pub fn database_path(&self) -> PathBuf {
-        self.database
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join("flywheel.db"))
+        match &self.database {
+            Some(db) => match db.to_string_lossy().strip_prefix("sqlite://") {
+                Some(path) => PathBuf::from(path),
+                None => db.clone(),
+            },
+            None => self.data_dir.join("flywheel.db"),
+        }
     }
     pub fn registry_dir(&self) -> PathBuf {
         self.data_dir.join("registry")
@@ -95,6 +99,13 @@ impl Running {
 pub async fn open_db(config: &Config) -> anyhow::Result<Db> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let path = config.database_path();
+    if let Some((scheme, _)) = path.to_string_lossy().split_once("://") {
+        anyhow::bail!(
+            "database `{}`: this build stores in SQLite; give a file path or sqlite:// URL, not {scheme}://",
+            path.display()
+        );
+    }
     Db::open_sqlite(&config.database_path())
         .await
         .with_context(|| format!("opening database {}", config.database_path().display()))

@@ -1,0 +1,145 @@
+{{/* Names, labels and the pieces every pod shares. */}}
+
+{{- define "flywheel.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "flywheel.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else if contains (include "flywheel.name" .) .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name (include "flywheel.name" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Labels beyond the selector's, for pod templates. */}}
+{{- define "flywheel.commonLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "flywheel.labels" -}}
+{{ include "flywheel.commonLabels" . }}
+app.kubernetes.io/name: {{ include "flywheel.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Selector labels for one component: api, scheduler, worker-<pool>, embedded. */}}
+{{- define "flywheel.selector" -}}
+app.kubernetes.io/name: {{ include "flywheel.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "flywheel.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{- define "flywheel.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "flywheel.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Distributed when the database lives outside the pod. */}}
+{{- define "flywheel.distributed" -}}
+{{- if or .Values.database.url .Values.database.existingSecret -}}true{{- end -}}
+{{- end -}}
+
+{{- define "flywheel.secretName" -}}
+{{- include "flywheel.fullname" . -}}
+{{- end -}}
+
+{{- define "flywheel.databaseSecret" -}}
+{{- default (include "flywheel.secretName" .) .Values.database.existingSecret -}}
+{{- end -}}
+
+{{- define "flywheel.storeSecret" -}}
+{{- default (include "flywheel.secretName" .) .Values.registry.credentials.existingSecret -}}
+{{- end -}}
+
+{{/* Environment every flywheel container gets. */}}
+{{- define "flywheel.env" -}}
+- name: FLYWHEEL_DATABASE
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "flywheel.databaseSecret" . }}
+      key: FLYWHEEL_DATABASE
+- name: FLYWHEEL_BOOTSTRAP_ADMIN_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "flywheel.secretName" . }}
+      key: FLYWHEEL_BOOTSTRAP_ADMIN_TOKEN
+{{- if or .Values.registry.credentials.existingSecret .Values.registry.credentials.accessKeyId }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "flywheel.storeSecret" . }}
+      key: AWS_ACCESS_KEY_ID
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "flywheel.storeSecret" . }}
+      key: AWS_SECRET_ACCESS_KEY
+{{- end }}
+{{- end -}}
+
+{{- define "flywheel.container" -}}
+image: {{ include "flywheel.image" . }}
+imagePullPolicy: {{ .Values.image.pullPolicy }}
+securityContext:
+  {{- toYaml .Values.securityContext | nindent 2 }}
+envFrom:
+  - configMapRef:
+      name: {{ include "flywheel.fullname" . }}
+{{- end -}}
+
+{{- define "flywheel.probes" -}}
+ports:
+  - name: http
+    containerPort: 8080
+    protocol: TCP
+livenessProbe:
+  httpGet: {path: /healthz, port: http}
+  periodSeconds: 10
+  timeoutSeconds: 5
+  failureThreshold: 6
+readinessProbe:
+  httpGet: {path: /healthz, port: http}
+  periodSeconds: 5
+  timeoutSeconds: 3
+startupProbe:
+  httpGet: {path: /healthz, port: http}
+  periodSeconds: 2
+  failureThreshold: 60
+{{- end -}}
+
+{{- define "flywheel.podSpecCommon" -}}
+serviceAccountName: {{ include "flywheel.serviceAccountName" . }}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* Scratch space for work directories and the model cache; the root filesystem is read-only. */}}
+{{- define "flywheel.scratchVolume" -}}
+- name: data
+  emptyDir: {}
+- name: tmp
+  emptyDir: {}
+{{- end -}}
+
+{{- define "flywheel.mounts" -}}
+- name: data
+  mountPath: /var/lib/flywheel
+- name: tmp
+  mountPath: /tmp
+{{- end -}}
