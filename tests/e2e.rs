@@ -64,6 +64,20 @@ impl TestApp {
         )
     }
 
+    async fn put(&self, path: &str, body: &Value) -> (u16, Value) {
+        let resp = self
+            .client
+            .put(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        (
+            resp.status().as_u16(),
+            resp.json().await.unwrap_or(Value::Null),
+        )
+    }
+
     async fn post_raw(&self, path: &str, content_type: &str, body: Vec<u8>) -> (u16, Value) {
         let resp = self
             .client
@@ -530,7 +544,35 @@ async fn the_cli_imports_csv_and_jsonl_and_says_what_to_fix_when_it_cannot() {
         + domain["corrections"]["holdout"].as_i64().unwrap();
     assert_eq!(stored, 3);
 
+    // Base models go into the registry by content: the same files, the same reference.
+    let registry = app.dir.path().join("cli-registry");
+    let import = |dir: &str| {
+        std::process::Command::new(bin)
+            .arg("--registry")
+            .arg(&registry)
+            .args(["models", "import", dir])
+            .output()
+            .unwrap()
+    };
+    let first = import(&app.model_dir);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&first.stdout).into_owned();
+    assert!(
+        stdout.starts_with("sha256:") && stdout.contains("(bert, "),
+        "{stdout}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&import(&app.model_dir).stdout),
+        stdout
+    );
+
     // Failures exit non-zero with one line that says what went wrong.
+    let empty_dir = app.dir.path().join("not-a-model");
+    std::fs::create_dir_all(&empty_dir).unwrap();
     let bad_label = app.dir.path().join("bad.csv");
     std::fs::write(&bad_label, "text,category\nhello,mortgage\n").unwrap();
     for (args, expect) in [
@@ -547,6 +589,26 @@ async fn the_cli_imports_csv_and_jsonl_and_says_what_to_fix_when_it_cannot() {
                 app.base.clone(),
             ],
             "unknown_label",
+        ),
+        (
+            vec![
+                "--registry".into(),
+                registry.display().to_string(),
+                "models".into(),
+                "import".into(),
+                empty_dir.display().to_string(),
+            ],
+            "not a Hugging Face model directory: no config.json",
+        ),
+        (
+            vec![
+                "--registry".into(),
+                "ftp://models/x".into(),
+                "models".into(),
+                "import".into(),
+                app.model_dir.clone(),
+            ],
+            "unsupported scheme `ftp`",
         ),
     ] {
         let out = std::process::Command::new(bin)
@@ -691,6 +753,44 @@ async fn stewards_approve_reject_and_roll_back_and_every_decision_is_audited() {
         (409, Some("version_not_pending"))
     );
 
+    // Other aliases move by hand, compare-and-swap, audited; production does not.
+    let staging = "/v1/domains/banking/aliases/staging";
+    let (status, moved) = app
+        .put(
+            staging,
+            &json!({"to": "v2", "by": "dana", "reason": "canary"}),
+        )
+        .await;
+    assert_eq!(
+        (status, moved["generation"].as_u64()),
+        (200, Some(1)),
+        "{moved}"
+    );
+    let (status, err) = app
+        .put(
+            staging,
+            &json!({"to": "v1", "expected": null, "by": "dana", "reason": "stale view"}),
+        )
+        .await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (409, Some("alias_conflict")),
+        "{err}"
+    );
+    let (status, err) = app
+        .put(
+            "/v1/domains/banking/aliases/production",
+            &json!({"to": "v2", "by": "dana", "reason": "shortcut"}),
+        )
+        .await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (422, Some("invalid_field")),
+        "{err}"
+    );
+    let (_, alias) = app.get(staging).await;
+    assert_eq!(alias["version"], "v2");
+
     let (_, audit) = app.get("/v1/domains/banking/audit").await;
     let trail: Vec<(String, String, String)> = audit["data"]
         .as_array()
@@ -710,6 +810,7 @@ async fn stewards_approve_reject_and_roll_back_and_every_decision_is_audited() {
         ("gate_decision", "flywheel-gate", "v2"),
         ("approve", "dana@bank.example", "v2"),
         ("rollback", "sam@bank.example", "v1"),
+        ("alias_move", "dana", "v2"),
     ]
     .iter()
     .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))

@@ -46,7 +46,10 @@ pub fn routes() -> axum::Router<AppState> {
         )
         .route("/v1/domains/{domain}/rollback", post(rollback))
         .route("/v1/domains/{domain}/audit", get(audit_log))
-        .route("/v1/domains/{domain}/aliases/{alias}", get(get_alias))
+        .route(
+            "/v1/domains/{domain}/aliases/{alias}",
+            get(get_alias).put(move_alias),
+        )
         .route(
             "/v1/domains/{domain}/aliases/{alias}/history",
             get(alias_history),
@@ -459,6 +462,23 @@ struct Review {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct MoveAlias {
+    to: String,
+    /// The version the caller believes the alias points at (`null`: unset). When given, the
+    /// move is a compare-and-swap on it; when absent, on whatever the alias points at now.
+    #[serde(default, deserialize_with = "present")]
+    expected: Option<Option<String>>,
+    by: String,
+    reason: String,
+}
+
+/// Tells an explicit `null` (`Some(None)`) from an absent field (`None`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Rollback {
     to: String,
     by: String,
@@ -648,6 +668,64 @@ async fn rollback(
     Ok(Json(
         serde_json::json!({ "production": moved.to, "from": moved.from }),
     ))
+}
+
+/// Moves any alias but `production` (which moves through the gate, approval and rollback) to
+/// a published version: `staging`, `canary`, a customer's pin.
+async fn move_alias(
+    State(state): State<AppState>,
+    Path((name, alias)): Path<(String, String)>,
+    raw: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let req: MoveAlias = parse_json(&body(raw)?)?;
+    non_empty("by", &req.by)?;
+    non_empty("reason", &req.reason)?;
+    if !is_alias_name(&alias) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidField,
+            format!("alias `{alias}`: use letters, digits, `-` and `_`"),
+        ));
+    }
+    if alias == PRODUCTION {
+        return Err(ApiError::new(
+            ErrorCode::InvalidField,
+            "production moves through the gate, /approve and /rollback, not by hand",
+        ));
+    }
+    let domain = domain_row(&state, &name).await?;
+    let target = version_of(&state, &domain, &req.to).await?;
+    let expected = match req.expected {
+        Some(expected) => expected.map(VersionId),
+        None => state
+            .registry
+            .resolve(&domain.spec.name, &alias)
+            .await?
+            .map(|m| VersionId(m.to)),
+    };
+    let moved = state
+        .registry
+        .move_alias(
+            &domain.spec.name,
+            &alias,
+            expected.as_ref(),
+            &target.version,
+            &req.by,
+            &req.reason,
+        )
+        .await?;
+    let data = serde_json::json!({ "alias": alias, "from": moved.from, "to": moved.to });
+    state
+        .db
+        .audit(
+            domain.id,
+            &req.by,
+            "alias_move",
+            Some(&target.version),
+            &req.reason,
+            Some(&data),
+        )
+        .await?;
+    Ok(Json(serde_json::to_value(&moved).expect("json")))
 }
 
 async fn audit_log(
