@@ -1009,3 +1009,96 @@ async fn stages_on_different_machines_meet_in_an_s3_registry() {
     assert_eq!(api.status(), 404);
     publisher.shutdown().await.unwrap();
 }
+
+/// Personal data is redacted before anything is stored; the response and the metrics carry
+/// counts, never values; a `drop` policy stores nothing of a row that had any.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn personal_data_is_redacted_before_it_is_stored() {
+    let app = TestApp::spawn().await;
+    app.create_domain(100_000).await;
+    let label = &app.labels[0];
+    let rows = [
+        json!({"input": "my card 4242 4242 4242 4242 was declined, mail jane@example.com", "expected": label}),
+        json!({"input": "call me on +44 20 7946 0958 about my transfer", "expected": label,
+               "model_output": "refund to GB82 WEST 1234 5698 7654 32"}),
+        json!({"input": "what is the exchange rate for 100 EUR on 2024-01-15", "expected": label}),
+    ];
+    let ndjson: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    let (status, body) = app
+        .post_raw(
+            "/v1/domains/banking/corrections",
+            "application/x-ndjson",
+            ndjson.into_bytes(),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(
+        body["redacted"],
+        json!({"email": 1, "card": 1, "phone": 1, "iban": 1})
+    );
+
+    let db = flywheel_db::Db::open_sqlite(&app.dir.path().join("data/flywheel.db"))
+        .await
+        .unwrap();
+    let domain = db.domain("banking").await.unwrap().unwrap();
+    let stored = db
+        .corrections(domain.id, i64::MAX, None)
+        .await
+        .unwrap();
+    let texts: Vec<String> = stored
+        .iter()
+        .map(|c| {
+            format!(
+                "{} | {}",
+                c.input,
+                c.model_output.clone().unwrap_or_default()
+            )
+        })
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            "my card [CARD] was declined, mail [EMAIL] | ",
+            "call me on [PHONE] about my transfer | refund to [IBAN]",
+            "what is the exchange rate for 100 EUR on 2024-01-15 | ",
+        ]
+    );
+    let (_, metrics) = app.get("/metrics").await;
+    let metrics = metrics.as_str().unwrap();
+    assert!(
+        metrics.contains(r#"flywheel_corrections_redacted_total{domain="banking",kind="card"} 1"#),
+        "{metrics}"
+    );
+
+    // A domain that drops such rows keeps only the clean one.
+    let spec = json!({
+        "name": "strict", "task": "classification", "base_model": app.model_dir,
+        "labels": app.labels, "policy": {"pii": {"action": "drop"}}
+    });
+    assert_eq!(app.post("/v1/domains", &spec).await.0, 201);
+    let (status, body) = app
+        .post("/v1/domains/strict/corrections", &json!(rows))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(
+        (body["accepted"].as_u64(), body["dropped_pii"].as_u64()),
+        (Some(1), Some(2))
+    );
+    let bad = json!({
+        "name": "lax", "task": "classification", "base_model": app.model_dir,
+        "labels": app.labels, "policy": {"pii": {"action": "shred"}}
+    });
+    let (status, err) = app.post("/v1/domains", &bad).await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (422, Some("invalid_field")),
+        "{err}"
+    );
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("policy.pii.action"),
+        "{err}"
+    );
+}

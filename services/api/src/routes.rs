@@ -213,6 +213,12 @@ struct LineError {
 struct IngestResponse {
     accepted: usize,
     duplicates: usize,
+    /// Personal data redacted from the stored rows, by kind (counts, never values).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    redacted: flywheel_domain::PiiCounts,
+    /// Rows not stored because they held personal data under the `drop` policy.
+    #[serde(skip_serializing_if = "is_zero")]
+    dropped_pii: usize,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     rejected: Vec<LineError>,
 }
@@ -315,7 +321,25 @@ async fn post_corrections(
         }
     }
 
+    // Under the `drop` policy a row with personal data is counted, never stored.
+    let before = valid.len();
+    if domain.spec.policy.pii.action == flywheel_domain::PiiAction::Drop {
+        valid.retain(|c| c.redacted.is_empty());
+    }
+    let dropped_pii = before - valid.len();
     let outcome = state.db.insert_corrections(domain.id, &valid).await?;
+    for (kind, n) in &outcome.redacted {
+        state
+            .metrics
+            .corrections_redacted
+            .with_label_values(&[domain.spec.name.as_str(), kind.as_str()])
+            .inc_by(u64::from(*n));
+    }
+    state
+        .metrics
+        .corrections_rejected
+        .with_label_values(&["pii_dropped"])
+        .inc_by(dropped_pii as u64);
     state
         .metrics
         .corrections_ingested
@@ -336,7 +360,7 @@ async fn post_corrections(
     if outcome.accepted > 0 {
         state.nudge.notify_one();
     }
-    let status = if valid.is_empty() {
+    let status = if valid.is_empty() && dropped_pii == 0 {
         StatusCode::UNPROCESSABLE_ENTITY
     } else {
         StatusCode::ACCEPTED
@@ -346,9 +370,15 @@ async fn post_corrections(
         Json(IngestResponse {
             accepted: outcome.accepted,
             duplicates: outcome.duplicates,
+            redacted: outcome.redacted,
+            dropped_pii,
             rejected,
         }),
     ))
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 fn looks_wrapped(raw: &[u8]) -> bool {

@@ -28,6 +28,8 @@ pub struct InsertOutcome {
     pub accepted: usize,
     /// Same content, or same client id, as a row stored earlier: nothing new was written.
     pub duplicates: usize,
+    /// Personal data redacted in the rows that were stored, by kind.
+    pub redacted: flywheel_domain::PiiCounts,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -124,8 +124,8 @@ impl Db {
             let res = sqlx::query(
                 "INSERT INTO corrections
                    (domain_id, client_id, content_hash, input, model_output, expected, source,
-                    teacher, metadata, split, created_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    teacher, metadata, split, created_at, pii_redacted)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                  ON CONFLICT DO NOTHING",
             )
             .bind(domain_id)
@@ -139,16 +139,48 @@ impl Db {
             .bind(c.metadata.to_string())
             .bind(c.split.as_str())
             .bind(&created_at)
+            .bind(
+                (!c.redacted.is_empty()).then(|| serde_json::to_string(&c.redacted).expect("json")),
+            )
             .execute(&mut *tx)
             .await?;
             if res.rows_affected() == 1 {
                 outcome.accepted += 1;
+                for (kind, n) in &c.redacted {
+                    *outcome.redacted.entry(*kind).or_default() += n;
+                }
             } else {
                 outcome.duplicates += 1;
             }
         }
         tx.commit().await?;
         Ok(outcome)
+    }
+
+    /// Personal data redacted from a domain's corrections up to `max_id`, by kind: counts for
+    /// the report, never values.
+    pub async fn redaction_counts(
+        &self,
+        domain_id: i64,
+        max_id: i64,
+    ) -> Result<flywheel_domain::PiiCounts> {
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT pii_redacted FROM corrections
+             WHERE domain_id = ? AND id <= ? AND pii_redacted IS NOT NULL",
+        )
+        .bind(domain_id)
+        .bind(max_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut total = flywheel_domain::PiiCounts::new();
+        for raw in rows {
+            let counts: flywheel_domain::PiiCounts =
+                serde_json::from_str(&raw).map_err(|e| DbError::Corrupt(e.to_string()))?;
+            for (kind, n) in counts {
+                *total.entry(kind).or_default() += n;
+            }
+        }
+        Ok(total)
     }
 
     /// Corrections of a domain up to and including `max_id`, in id order.

@@ -121,6 +121,8 @@ pub struct Correction {
     pub metadata: serde_json::Value,
     pub content_hash: String,
     pub split: Split,
+    /// Personal data found (and redacted) in this correction, by kind.
+    pub redacted: crate::PiiCounts,
 }
 
 impl CorrectionDraft {
@@ -142,6 +144,18 @@ impl CorrectionDraft {
         };
         let input = text("input", self.input)?;
         let expected = text("expected", self.expected)?;
+        // Redacted before anything else sees the text: hashes, splits and storage all work
+        // on what may be kept.
+        let pii = &spec.policy.pii;
+        let mut redacted = crate::PiiCounts::new();
+        let input = crate::pii::redact(&input, pii, &mut redacted);
+        let model_output = self
+            .model_output
+            .map(|o| crate::pii::redact(&o, pii, &mut redacted));
+        let expected = match spec.task {
+            Task::Generation => crate::pii::redact(&expected, pii, &mut redacted),
+            Task::Classification => expected,
+        };
         if spec.task == Task::Classification && spec.label_index(&expected).is_none() {
             return Err(Invalid {
                 field: "expected".into(),
@@ -170,11 +184,12 @@ impl CorrectionDraft {
             split: Split::assign(&input, spec.policy.holdout_fraction),
             client_id: self.client_id,
             input,
-            model_output: self.model_output,
+            model_output,
             expected,
             source,
             teacher: self.teacher,
             metadata,
+            redacted,
         })
     }
 }

@@ -103,6 +103,9 @@ pub struct Policy {
     /// A candidate that passes waits for a data steward's approval before going live.
     #[serde(default)]
     pub require_approval: bool,
+    /// Personal data in corrections: found and redacted before anything is stored.
+    #[serde(default)]
+    pub pii: crate::PiiPolicy,
 }
 
 impl Policy {
@@ -181,6 +184,7 @@ impl Default for Policy {
             max_calibration_error: Self::default_one(),
             target_accuracy: Self::default_target(),
             require_approval: false,
+            pii: Default::default(),
         }
     }
 }

@@ -7,10 +7,12 @@
 mod correction;
 mod domain;
 mod job;
+pub mod pii;
 
 pub use correction::{Correction, CorrectionDraft, Source, Split, content_hash, normalize_text};
 pub use domain::{DomainName, DomainSpec, Policy, Task};
 pub use job::{JobId, JobStatus, StageTask, Trigger, VersionId};
+pub use pii::{PiiAction, PiiCounts, PiiKind, PiiPolicy};
 
 /// A field-level validation failure. `field` names the offending JSON field so that the API can
 /// tell the caller exactly what to fix.

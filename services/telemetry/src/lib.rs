@@ -16,6 +16,7 @@ pub struct Metrics {
     pub corrections_ingested: IntCounterVec,
     /// Corrections not stored, by reason (`duplicate` or an error code).
     pub corrections_rejected: IntCounterVec,
+    pub corrections_redacted: IntCounterVec,
     /// Jobs by state, refreshed on every scrape from the database.
     pub jobs: IntGaugeVec,
     /// Gate decisions, by domain and outcome (`promoted`, `held_back`).
@@ -54,6 +55,11 @@ impl Metrics {
             "Corrections not stored, by reason",
             &["reason"],
         );
+        let corrections_redacted = counter(
+            "flywheel_corrections_redacted_total",
+            "Personal data found and redacted in stored corrections, by kind",
+            &["domain", "kind"],
+        );
         let promotion_decisions = counter(
             "flywheel_promotion_decisions_total",
             "Gate decisions on candidate adapters",
@@ -83,6 +89,7 @@ impl Metrics {
             registry,
             corrections_ingested,
             corrections_rejected,
+            corrections_redacted,
             jobs,
             promotion_decisions,
             stage_seconds,

@@ -302,6 +302,10 @@ pub async fn publish(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Box
                 r.input
             ));
         }
+        let pii_redacted = ctx
+            .db
+            .redaction_counts(domain.id, job.snapshot_max_id)
+            .await?;
         let (base_id, _) = flywheel_registry::models::model_content_id(&base).await?;
         let lineage = serde_json::json!({
             "job_id": job.id,
@@ -314,6 +318,8 @@ pub async fn publish(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Box
                 "train": rows.iter().filter(|r| r.split == Split::Train).count(),
                 "holdout": rows.iter().filter(|r| r.split == Split::Holdout).count(),
                 "max_correction_id": job.snapshot_max_id,
+                // Counts of personal data redacted at ingestion; the values were never stored.
+                "pii_redacted": pii_redacted,
             },
             "hyperparameters": {
                 "lora": spec.lora,
