@@ -15,23 +15,30 @@ struct TestApp {
     rows: Vec<Value>,
 }
 
+/// The bundled Banking77 slice, its labels in order of appearance, and a tiny BERT whose
+/// tokenizer was trained on it, written to `<dir>/tiny-bert`.
+fn banking_fixture(dir: &std::path::Path) -> (Vec<Value>, Vec<String>, std::path::PathBuf) {
+    let rows = flywheel::csv_corrections(flywheel::BANKING77_MINI).unwrap();
+    let texts: Vec<String> = rows
+        .iter()
+        .map(|r| r["input"].as_str().unwrap().to_owned())
+        .collect();
+    let mut labels: Vec<String> = Vec::new();
+    for r in &rows {
+        let l = r["expected"].as_str().unwrap().to_owned();
+        if !labels.contains(&l) {
+            labels.push(l);
+        }
+    }
+    let model_dir = dir.join("tiny-bert");
+    flywheel::init_tiny_model(&model_dir, &texts).unwrap();
+    (rows, labels, model_dir)
+}
+
 impl TestApp {
     async fn spawn() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let rows = flywheel::csv_corrections(flywheel::BANKING77_MINI).unwrap();
-        let texts: Vec<String> = rows
-            .iter()
-            .map(|r| r["input"].as_str().unwrap().to_owned())
-            .collect();
-        let mut labels: Vec<String> = Vec::new();
-        for r in &rows {
-            let l = r["expected"].as_str().unwrap().to_owned();
-            if !labels.contains(&l) {
-                labels.push(l);
-            }
-        }
-        let model_dir = dir.path().join("tiny-bert");
-        flywheel::init_tiny_model(&model_dir, &texts).unwrap();
+        let (rows, labels, model_dir) = banking_fixture(dir.path());
         let mut config = flywheel::Config::new(dir.path().join("data"));
         config.worker.scheduler_interval = Duration::from_millis(200);
         config.worker.poll_interval = Duration::from_millis(100);
@@ -858,20 +865,7 @@ fn s3_registry() -> (String, Vec<(String, String)>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stages_on_different_machines_meet_in_an_s3_registry() {
     let dir = tempfile::tempdir().unwrap();
-    let rows = flywheel::csv_corrections(flywheel::BANKING77_MINI).unwrap();
-    let texts: Vec<String> = rows
-        .iter()
-        .map(|r| r["input"].as_str().unwrap().to_owned())
-        .collect();
-    let mut labels: Vec<String> = Vec::new();
-    for r in &rows {
-        let l = r["expected"].as_str().unwrap().to_owned();
-        if !labels.contains(&l) {
-            labels.push(l);
-        }
-    }
-    let model_dir = dir.path().join("tiny-bert");
-    flywheel::init_tiny_model(&model_dir, &texts).unwrap();
+    let (rows, labels, model_dir) = banking_fixture(dir.path());
     let (registry_url, options) = s3_registry();
     let machine = |name: &str, roles: &[&str]| {
         let mut config = flywheel::Config::new(dir.path().join(name));
@@ -1041,10 +1035,7 @@ async fn personal_data_is_redacted_before_it_is_stored() {
         .await
         .unwrap();
     let domain = db.domain("banking").await.unwrap().unwrap();
-    let stored = db
-        .corrections(domain.id, i64::MAX, None)
-        .await
-        .unwrap();
+    let stored = db.corrections(domain.id, i64::MAX, None).await.unwrap();
     let texts: Vec<String> = stored
         .iter()
         .map(|c| {

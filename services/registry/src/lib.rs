@@ -352,24 +352,30 @@ impl Registry {
     /// `jobs/<job>/`, so that a later stage on another machine can pick them up. Overwrites:
     /// a retried stage replaces what its failed attempt left.
     pub async fn stage_files(&self, job: &str, dir: &Path) -> Result<()> {
-        let local = |p: &Path| {
-            let p = p.display().to_string();
-            move |e| RegistryError::Local(p, e)
-        };
         let mut pending = vec![dir.to_path_buf()];
         while let Some(current) = pending.pop() {
-            for entry in std::fs::read_dir(&current).map_err(local(&current))? {
-                let path = entry.map_err(local(&current))?.path();
+            let local = |e| RegistryError::Local(current.display().to_string(), e);
+            for entry in std::fs::read_dir(&current).map_err(local)? {
+                let path = entry.map_err(local)?.path();
                 if path.is_dir() {
                     pending.push(path);
-                    continue;
+                } else {
+                    let relative = path.strip_prefix(dir).expect("under dir");
+                    self.stage_file(job, &relative.to_string_lossy(), &path)
+                        .await?;
                 }
-                let relative = path.strip_prefix(dir).expect("under dir");
-                let key = Self::stage_key(job, &relative.to_string_lossy());
-                let bytes = std::fs::read(&path).map_err(local(&path))?;
-                self.store.put(&key, PutPayload::from(bytes)).await?;
             }
         }
+        Ok(())
+    }
+
+    /// Uploads one intermediate file of `job` as `jobs/<job>/<relative>`.
+    pub async fn stage_file(&self, job: &str, relative: &str, path: &Path) -> Result<()> {
+        let bytes =
+            std::fs::read(path).map_err(|e| RegistryError::Local(path.display().to_string(), e))?;
+        self.store
+            .put(&Self::stage_key(job, relative), PutPayload::from(bytes))
+            .await?;
         Ok(())
     }
 

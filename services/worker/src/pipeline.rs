@@ -255,7 +255,13 @@ pub async fn evaluate(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Bo
             .await
             .map_err(|e| WorkerError::Job(format!("evaluator panicked: {e}")))??;
         write_json(&dir.join("evaluation.json"), &evaluation)?;
-        ctx.registry.stage_files(job.id.as_str(), &dir).await?;
+        ctx.registry
+            .stage_file(
+                job.id.as_str(),
+                "evaluation.json",
+                &dir.join("evaluation.json"),
+            )
+            .await?;
         ctx.db
             .add_event(
                 &job.id,
@@ -284,14 +290,20 @@ pub async fn publish(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Box
         let spec: TrainSpec = read_json(&dir.join("train_spec.json"))?;
         let candidate = dir.join("candidate");
         let base = base_model_dir(ctx, &domain).await?;
-        let serving = serving_checks(ctx, &job, &domain, &base, &candidate).await?;
-        let version = ctx.db.reserve_version(domain.id, &job.id).await?;
-        let name = &domain.spec.name;
-
         let rows = ctx
             .db
             .corrections(domain.id, job.snapshot_max_id, None)
             .await?;
+        let probes: Vec<String> = rows
+            .iter()
+            .filter(|r| r.split == Split::Holdout)
+            .take(8)
+            .map(|r| r.input.clone())
+            .collect();
+        let serving = serving_checks(ctx, &base, &candidate, probes).await?;
+        let version = ctx.db.reserve_version(domain.id, &job.id).await?;
+        let name = &domain.spec.name;
+
         let mut snapshot = Sha256::new();
         for r in &rows {
             snapshot.update(format!(
@@ -467,14 +479,13 @@ pub async fn publish(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Box
 }
 
 /// The serving-compatibility lint, then a check that the adapter changes the base model's
-/// outputs on a few held-out inputs. Either failing fails the job: nothing unservable or
-/// inert reaches the registry.
+/// outputs on `probes` (a few held-out inputs). Either failing fails the job: nothing
+/// unservable or inert reaches the registry.
 async fn serving_checks(
     ctx: &Context,
-    job: &JobRow,
-    domain: &DomainRow,
     base: &Path,
     candidate: &Path,
+    probes: Vec<String>,
 ) -> Result<serde_json::Value, WorkerError> {
     let lint = flywheel_evaluator::lint_adapter(base, candidate, &ctx.config.serving)
         .map_err(|e| WorkerError::Job(format!("serving lint could not read the adapter: {e}")))?;
@@ -484,17 +495,9 @@ async fn serving_checks(
             lint.summary()
         )));
     }
-    let texts: Vec<String> = ctx
-        .db
-        .corrections(domain.id, job.snapshot_max_id, Some(Split::Holdout))
-        .await?
-        .into_iter()
-        .take(8)
-        .map(|r| r.input)
-        .collect();
     let (base_dir, adapter_dir) = (base.to_owned(), candidate.to_owned());
     let delta = tokio::task::spawn_blocking(move || {
-        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let texts: Vec<&str> = probes.iter().map(String::as_str).collect();
         flywheel_trainer::adapter_output_delta(&base_dir, &adapter_dir, &texts)
     })
     .await
