@@ -40,6 +40,8 @@ impl TestApp {
         let dir = tempfile::tempdir().unwrap();
         let (rows, labels, model_dir) = banking_fixture(dir.path());
         let mut config = flywheel::Config::new(dir.path().join("data"));
+        // Auth has a test of its own; the rest name themselves in `by` fields.
+        config.auth = flywheel_api::AuthMode::Off;
         config.worker.scheduler_interval = Duration::from_millis(200);
         config.worker.poll_interval = Duration::from_millis(100);
         config.worker.heartbeat_interval = Duration::from_millis(500);
@@ -869,6 +871,7 @@ async fn stages_on_different_machines_meet_in_an_s3_registry() {
     let (registry_url, options) = s3_registry();
     let machine = |name: &str, roles: &[&str]| {
         let mut config = flywheel::Config::new(dir.path().join(name));
+        config.auth = flywheel_api::AuthMode::Off;
         config.database = Some(dir.path().join("shared.db"));
         config.registry = Some(registry_url.clone());
         config.registry_options = options.clone();
@@ -1092,4 +1095,297 @@ async fn personal_data_is_redacted_before_it_is_stored() {
             .contains("policy.pii.action"),
         "{err}"
     );
+}
+
+/// Every role against every endpoint, on its own domain and on another: 401 without a valid
+/// token, 403 for a role or domain outside the token's reach, and through to the handler
+/// otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_role_reaches_exactly_its_endpoints_on_its_own_domains() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rows, labels, model_dir) = banking_fixture(dir.path());
+    let mut config = flywheel::Config::new(dir.path().join("data"));
+    config.bootstrap_admin_token = Some("fw_bootstrap_for_tests".into());
+    config.worker.scheduler_interval = Duration::from_millis(200);
+    config.worker.poll_interval = Duration::from_millis(100);
+    config.worker.heartbeat_interval = Duration::from_millis(500);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let running = flywheel::start(config, listener).await.unwrap();
+    let base = format!("http://{}", running.addr);
+    let client = reqwest::Client::new();
+    let call = |method: &str, path: &str, token: Option<&str>, body: Option<Value>| {
+        let mut req = client.request(method.parse().unwrap(), format!("{base}{path}"));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let admin = "fw_bootstrap_for_tests";
+
+    // The platform team sets up two domains and hands out tokens.
+    for name in ["banking", "cards"] {
+        let spec = json!({"name": name, "task": "classification",
+            "base_model": model_dir.display().to_string(), "labels": labels,
+            "policy": {"min_new_corrections": 300}});
+        let (status, body) = call("POST", "/v1/domains", Some(admin), Some(spec)).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let mut tokens = std::collections::HashMap::new();
+    for (name, role, domain) in [
+        ("dept-banking", "department", "banking"),
+        ("dept-cards", "department", "cards"),
+        ("steward-banking", "steward", "banking"),
+        ("steward-cards", "steward", "cards"),
+        ("revoked", "department", "banking"),
+    ] {
+        let (status, body) = call(
+            "POST",
+            "/v1/tokens",
+            Some(admin),
+            Some(json!({"name": name, "role": role, "domains": [domain]})),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        assert!(body["token"].as_str().unwrap().starts_with("fw_"));
+        tokens.insert(
+            name,
+            (
+                body["token"].as_str().unwrap().to_owned(),
+                body["id"].clone(),
+            ),
+        );
+    }
+    let revoked_id = tokens["revoked"].1.as_i64().unwrap();
+    let (status, _) = call(
+        "DELETE",
+        &format!("/v1/tokens/{revoked_id}"),
+        Some(admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    // Secrets are shown once: the listing has none.
+    let (_, listing) = call("GET", "/v1/tokens", Some(admin), None).await;
+    assert!(!listing.to_string().contains(&tokens["dept-banking"].0));
+
+    // A department feeds its domain; a job runs and publishes v1.
+    let dept = tokens["dept-banking"].0.clone();
+    let (status, body) = call(
+        "POST",
+        "/v1/domains/banking/corrections",
+        Some(&dept),
+        Some(json!(rows)),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let job_id = loop {
+        assert!(Instant::now() < deadline, "no job finished");
+        let (_, jobs) = call("GET", "/v1/domains/banking/jobs", Some(&dept), None).await;
+        if let Some(job) = jobs["data"].as_array().and_then(|j| j.first())
+            && job["status"] == "succeeded"
+        {
+            break job["id"].as_str().unwrap().to_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Who {
+        Admin,
+        Dept,
+        Steward,
+    }
+    use Who::*;
+    let all: &[Who] = &[Admin, Dept, Steward];
+    let row = json!({"input": "where is my card", "expected": labels[0]});
+    let review = json!({"reason": "matrix"});
+    let endpoints: Vec<(&str, String, Option<Value>, &[Who])> = vec![
+        ("GET", "/v1/domains".into(), None, all),
+        (
+            "POST",
+            "/v1/domains".into(),
+            Some(json!({"name": "x"})),
+            &[Admin],
+        ),
+        ("GET", "/v1/domains/banking".into(), None, all),
+        (
+            "POST",
+            "/v1/domains/banking/corrections".into(),
+            Some(row),
+            &[Admin, Dept],
+        ),
+        (
+            "GET",
+            "/v1/domains/banking/jobs".into(),
+            None,
+            &[Admin, Dept],
+        ),
+        ("GET", format!("/v1/jobs/{job_id}"), None, &[Admin, Dept]),
+        (
+            "GET",
+            format!("/v1/jobs/{job_id}/events"),
+            None,
+            &[Admin, Dept],
+        ),
+        ("GET", "/v1/domains/banking/versions".into(), None, all),
+        (
+            "GET",
+            "/v1/domains/banking/versions/v1/report".into(),
+            None,
+            all,
+        ),
+        (
+            "POST",
+            "/v1/domains/banking/versions/v1/approve".into(),
+            Some(review.clone()),
+            &[Admin, Steward],
+        ),
+        (
+            "POST",
+            "/v1/domains/banking/versions/v1/reject".into(),
+            Some(review.clone()),
+            &[Admin, Steward],
+        ),
+        (
+            "POST",
+            "/v1/domains/banking/rollback".into(),
+            Some(json!({"to": "v1", "reason": "m"})),
+            &[Admin, Steward],
+        ),
+        (
+            "PUT",
+            "/v1/domains/banking/aliases/staging".into(),
+            Some(json!({"to": "v1", "reason": "m"})),
+            &[Admin, Steward],
+        ),
+        (
+            "GET",
+            "/v1/domains/banking/audit".into(),
+            None,
+            &[Admin, Steward],
+        ),
+        (
+            "GET",
+            "/v1/domains/banking/aliases/production".into(),
+            None,
+            all,
+        ),
+        (
+            "GET",
+            "/v1/domains/banking/aliases/production/history".into(),
+            None,
+            all,
+        ),
+        (
+            "POST",
+            "/v1/tokens".into(),
+            Some(json!({"name": "n", "role": "admin"})),
+            &[Admin],
+        ),
+        ("GET", "/v1/tokens".into(), None, &[Admin]),
+        ("DELETE", "/v1/tokens/999999".into(), None, &[Admin]),
+    ];
+    // (caller, token, role and whether banking is in its scope; `None`: not authenticated)
+    type Caller = (&'static str, Option<String>, Option<(Who, bool)>);
+    let callers: Vec<Caller> = vec![
+        ("no token", None, None),
+        ("unknown token", Some("fw_0000".into()), None),
+        ("revoked token", Some(tokens["revoked"].0.clone()), None),
+        ("admin", Some(admin.into()), Some((Admin, true))),
+        (
+            "department, own domain",
+            Some(tokens["dept-banking"].0.clone()),
+            Some((Dept, true)),
+        ),
+        (
+            "department, other domain",
+            Some(tokens["dept-cards"].0.clone()),
+            Some((Dept, false)),
+        ),
+        (
+            "steward, own domain",
+            Some(tokens["steward-banking"].0.clone()),
+            Some((Steward, true)),
+        ),
+        (
+            "steward, other domain",
+            Some(tokens["steward-cards"].0.clone()),
+            Some((Steward, false)),
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (method, path, body, allowed) in &endpoints {
+        // The domain list is not scoped by path: every role may call it (and sees its own).
+        let scoped = path.contains("/banking") || path.starts_with("/v1/jobs/");
+        for (caller, token, who) in &callers {
+            let (status, resp) = call(method, path, token.as_deref(), body.clone()).await;
+            let expected = match who {
+                None => Some(401),
+                Some((role, _)) if !allowed.contains(role) => Some(403),
+                Some((_, false)) if scoped => Some(403),
+                Some(_) => None,
+            };
+            let ok = match expected {
+                Some(code) => status == code,
+                None => status != 401 && status != 403,
+            };
+            if !ok {
+                failures.push(format!("{caller}: {method} {path} -> {status} {resp}"));
+            } else if let Some(code) = expected {
+                let want = if code == 401 {
+                    "unauthenticated"
+                } else {
+                    "forbidden"
+                };
+                assert_eq!(resp["code"], want, "{caller}: {method} {path}");
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // Public: probes and scrapes.
+    for path in ["/healthz", "/metrics"] {
+        assert_eq!(call("GET", path, None, None).await.0, 200);
+    }
+    // A department sees only its domains.
+    let (_, listed) = call("GET", "/v1/domains", Some(&tokens["dept-cards"].0), None).await;
+    let names: Vec<&str> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["cards"]);
+    // With a token, the actor is the token's name; a `by` naming someone else is refused.
+    let steward = &tokens["steward-banking"].0;
+    let (status, err) = call(
+        "PUT",
+        "/v1/domains/banking/aliases/canary",
+        Some(steward),
+        Some(json!({"to": "v1", "by": "someone-else", "reason": "x"})),
+    )
+    .await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (422, Some("invalid_field")),
+        "{err}"
+    );
+    let (_, audit) = call("GET", "/v1/domains/banking/audit", Some(steward), None).await;
+    let moves: Vec<&str> = audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "alias_move")
+        .map(|e| e["actor"].as_str().unwrap())
+        .collect();
+    assert_eq!(moves, ["bootstrap-admin", "steward-banking"]);
+    running.shutdown().await.unwrap();
 }

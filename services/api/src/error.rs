@@ -12,6 +12,8 @@ use serde::Serialize;
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     MalformedJson,
+    Unauthenticated,
+    Forbidden,
     InvalidField,
     UnknownLabel,
     UnknownBaseModel,
@@ -23,6 +25,7 @@ pub enum ErrorCode {
     DomainNotFound,
     DomainExists,
     JobNotFound,
+    TokenNotFound,
     VersionNotFound,
     VersionNotPending,
     AliasConflict,
@@ -36,10 +39,14 @@ impl ErrorCode {
         use ErrorCode::*;
         match self {
             MalformedJson => StatusCode::BAD_REQUEST,
+            Unauthenticated => StatusCode::UNAUTHORIZED,
+            Forbidden => StatusCode::FORBIDDEN,
             InvalidField | UnknownLabel | UnknownBaseModel => StatusCode::UNPROCESSABLE_ENTITY,
             TextTooLong | BatchTooLarge | PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            RouteNotFound | DomainNotFound | JobNotFound | VersionNotFound => StatusCode::NOT_FOUND,
+            RouteNotFound | DomainNotFound | JobNotFound | TokenNotFound | VersionNotFound => {
+                StatusCode::NOT_FOUND
+            }
             DomainExists | VersionNotPending | AliasConflict => StatusCode::CONFLICT,
             VersionCorrupt | Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }

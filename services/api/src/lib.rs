@@ -4,6 +4,7 @@
 //! crate's newtypes), stores through the db crate and reads the registry; it never trains,
 //! evaluates or talks to the queue — it nudges the scheduler and returns.
 
+mod auth;
 mod error;
 mod routes;
 
@@ -21,6 +22,7 @@ use flywheel_telemetry::Metrics;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
+pub use auth::{AuthMode, Principal};
 pub use error::{ApiError, ErrorCode};
 
 /// Request-size limits.
@@ -49,6 +51,7 @@ pub struct AppState {
     /// Wakes the scheduler when new corrections land.
     pub nudge: Arc<Notify>,
     pub limits: Limits,
+    pub auth: AuthMode,
 }
 
 /// What a process serves over HTTP.
@@ -63,7 +66,10 @@ pub enum Surface {
 pub fn router(state: AppState, surface: Surface) -> Router {
     let body_limit = state.limits.max_body_bytes;
     let routes = match surface {
-        Surface::Full => routes::routes(),
+        Surface::Full => routes::routes().route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authorize,
+        )),
         Surface::Ops => routes::ops_routes(),
     };
     routes

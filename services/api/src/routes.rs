@@ -11,7 +11,8 @@ use flywheel_registry::{MODEL_REF_PREFIX, parse_model_ref};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::{ApiError, AppState, ErrorCode};
+use crate::{ApiError, AppState, ErrorCode, Principal};
+use axum::Extension;
 
 type ApiResult<T> = Result<T, ApiError>;
 
@@ -54,6 +55,8 @@ pub fn routes() -> axum::Router<AppState> {
             "/v1/domains/{domain}/aliases/{alias}/history",
             get(alias_history),
         )
+        .route("/v1/tokens", post(create_token).get(list_tokens))
+        .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/events", get(get_events))
         .fallback(|| async { ApiError::new(ErrorCode::RouteNotFound, "no such route") })
@@ -182,8 +185,12 @@ async fn create_domain(
     Ok((StatusCode::CREATED, Json(view(&state, row).await?)))
 }
 
-async fn list_domains(State(state): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
-    let domains = state.db.domains().await?;
+async fn list_domains(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let mut domains = state.db.domains().await?;
+    domains.retain(|d| who.sees(d.spec.name.as_str()));
     Ok(Json(serde_json::json!({ "data": domains })))
 }
 
@@ -486,7 +493,8 @@ async fn get_report(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Review {
-    by: String,
+    #[serde(default)]
+    by: Option<String>,
     reason: String,
 }
 
@@ -498,8 +506,85 @@ struct MoveAlias {
     /// move is a compare-and-swap on it; when absent, on whatever the alias points at now.
     #[serde(default, deserialize_with = "present")]
     expected: Option<Option<String>>,
-    by: String,
+    #[serde(default)]
+    by: Option<String>,
     reason: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    name: String,
+    role: flywheel_domain::Role,
+    /// Domains a `department` or `steward` token may act on.
+    #[serde(default)]
+    domains: Vec<String>,
+}
+
+/// Creates a token; the secret is in this response and nowhere else, ever.
+async fn create_token(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    raw: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    let req: NewToken = parse_json(&body(raw)?)?;
+    non_empty("name", &req.name)?;
+    match (req.role, req.domains.is_empty()) {
+        (flywheel_domain::Role::Admin, false) => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidField,
+                "domains: admin tokens are not scoped; leave `domains` out",
+            ));
+        }
+        (flywheel_domain::Role::Department | flywheel_domain::Role::Steward, true) => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidField,
+                "domains: name the domains this token may act on",
+            ));
+        }
+        _ => {}
+    }
+    for d in &req.domains {
+        domain_row(&state, d).await?;
+    }
+    let secret = flywheel_domain::auth::new_token();
+    let row = state
+        .db
+        .create_token(
+            &req.name,
+            req.role,
+            &req.domains,
+            &flywheel_domain::auth::hash_token(&secret),
+            &who.name,
+        )
+        .await?;
+    let mut view = serde_json::to_value(&row).expect("json");
+    view["token"] = serde_json::Value::String(secret);
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn list_tokens(State(state): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
+    Ok(Json(
+        serde_json::json!({ "data": state.db.tokens().await? }),
+    ))
+}
+
+async fn revoke_token(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let not_found = || {
+        ApiError::new(
+            ErrorCode::TokenNotFound,
+            format!("no live token with id `{id}`"),
+        )
+    };
+    let n: i64 = id.parse().map_err(|_| not_found())?;
+    if state.db.revoke_token(n).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(not_found())
+    }
 }
 
 /// Tells an explicit `null` (`Some(None)`) from an absent field (`None`).
@@ -511,7 +596,8 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<Strin
 #[serde(deny_unknown_fields)]
 struct Rollback {
     to: String,
-    by: String,
+    #[serde(default)]
+    by: Option<String>,
     reason: String,
 }
 
@@ -544,15 +630,24 @@ const PRODUCTION: &str = "production";
 
 /// Parses a steward's review and claims the version's move out of `pending_approval` into
 /// `to`: of two concurrent reviews, one wins here.
+/// A steward's decision on a pending version: who (the token, or `by` without auth), why.
+struct Claimed {
+    by: String,
+    reason: String,
+    domain: DomainRow,
+    version: VersionId,
+}
+
 async fn claim_pending(
     state: &AppState,
+    who: &Principal,
     name: &str,
     version: &str,
     raw: Result<Bytes, BytesRejection>,
     to: &str,
-) -> ApiResult<(Review, DomainRow, VersionId)> {
+) -> ApiResult<Claimed> {
     let review: Review = parse_json(&body(raw)?)?;
-    non_empty("by", &review.by)?;
+    let by = who.actor(review.by)?;
     non_empty("reason", &review.reason)?;
     let domain = domain_row(state, name).await?;
     let v = version_of(state, &domain, version).await?.version;
@@ -566,15 +661,26 @@ async fn claim_pending(
             format!("version {name}/{v} is not awaiting approval"),
         ));
     }
-    Ok((review, domain, v))
+    Ok(Claimed {
+        by,
+        reason: review.reason,
+        domain,
+        version: v,
+    })
 }
 
 async fn approve(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path((name, version)): Path<(String, String)>,
     raw: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let (review, domain, v) = claim_pending(&state, &name, &version, raw, "promoted").await?;
+    let Claimed {
+        by,
+        reason,
+        domain,
+        version: v,
+    } = claim_pending(&state, &who, &name, &version, raw, "promoted").await?;
     let current = state
         .registry
         .resolve(&domain.spec.name, PRODUCTION)
@@ -587,8 +693,8 @@ async fn approve(
             PRODUCTION,
             current.as_ref(),
             &v,
-            &review.by,
-            &review.reason,
+            &by,
+            &reason,
         )
         .await;
     let moved = match moved {
@@ -605,14 +711,7 @@ async fn approve(
     let data = serde_json::json!({ "alias": PRODUCTION, "from": moved.from, "to": moved.to });
     state
         .db
-        .audit(
-            domain.id,
-            &review.by,
-            "approve",
-            Some(&v),
-            &review.reason,
-            Some(&data),
-        )
+        .audit(domain.id, &by, "approve", Some(&v), &reason, Some(&data))
         .await?;
     Ok(Json(
         serde_json::json!({ "version": v, "status": "promoted", "production": moved.to }),
@@ -621,20 +720,19 @@ async fn approve(
 
 async fn reject(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path((name, version)): Path<(String, String)>,
     raw: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let (review, domain, v) = claim_pending(&state, &name, &version, raw, "rejected").await?;
+    let Claimed {
+        by,
+        reason,
+        domain,
+        version: v,
+    } = claim_pending(&state, &who, &name, &version, raw, "rejected").await?;
     state
         .db
-        .audit(
-            domain.id,
-            &review.by,
-            "reject",
-            Some(&v),
-            &review.reason,
-            None,
-        )
+        .audit(domain.id, &by, "reject", Some(&v), &reason, None)
         .await?;
     Ok(Json(
         serde_json::json!({ "version": v, "status": "rejected" }),
@@ -644,11 +742,12 @@ async fn reject(
 /// Points `production` back at a version that was live before.
 async fn rollback(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
     raw: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let req: Rollback = parse_json(&body(raw)?)?;
-    non_empty("by", &req.by)?;
+    let by = who.actor(req.by)?;
     non_empty("reason", &req.reason)?;
     let domain = domain_row(&state, &name).await?;
     let target = version_of(&state, &domain, &req.to).await?;
@@ -679,7 +778,7 @@ async fn rollback(
             PRODUCTION,
             current.as_ref(),
             &target.version,
-            &req.by,
+            &by,
             &req.reason,
         )
         .await?;
@@ -688,7 +787,7 @@ async fn rollback(
         .db
         .audit(
             domain.id,
-            &req.by,
+            &by,
             "rollback",
             Some(&target.version),
             &req.reason,
@@ -704,11 +803,12 @@ async fn rollback(
 /// a published version: `staging`, `canary`, a customer's pin.
 async fn move_alias(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path((name, alias)): Path<(String, String)>,
     raw: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let req: MoveAlias = parse_json(&body(raw)?)?;
-    non_empty("by", &req.by)?;
+    let by = who.actor(req.by)?;
     non_empty("reason", &req.reason)?;
     if !is_alias_name(&alias) {
         return Err(ApiError::new(
@@ -739,7 +839,7 @@ async fn move_alias(
             &alias,
             expected.as_ref(),
             &target.version,
-            &req.by,
+            &by,
             &req.reason,
         )
         .await?;
@@ -748,7 +848,7 @@ async fn move_alias(
         .db
         .audit(
             domain.id,
-            &req.by,
+            &by,
             "alias_move",
             Some(&target.version),
             &req.reason,

@@ -9,7 +9,7 @@ mod models;
 mod repo;
 
 pub use models::{
-    AuditEntry, CorrectionRow, DomainRow, InsertOutcome, JobEvent, JobRow, VersionRow,
+    AuditEntry, CorrectionRow, DomainRow, InsertOutcome, JobEvent, JobRow, TokenRow, VersionRow,
 };
 pub use repo::Db;
 

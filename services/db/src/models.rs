@@ -68,6 +68,18 @@ pub struct VersionRow {
     pub created_at: DateTime<Utc>,
 }
 
+/// An API token, without its secret.
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenRow {
+    pub id: i64,
+    pub name: String,
+    pub role: flywheel_domain::Role,
+    pub domains: Vec<String>,
+    pub created_at: DateTime<Utc>,
+    pub created_by: String,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditEntry {
     pub id: i64,

@@ -529,6 +529,62 @@ impl Db {
             })
             .collect()
     }
+
+    // ---- tokens ----
+
+    /// Stores a token's hash; returns its row.
+    pub async fn create_token(
+        &self,
+        name: &str,
+        role: flywheel_domain::Role,
+        domains: &[String],
+        token_hash: &str,
+        created_by: &str,
+    ) -> Result<TokenRow> {
+        sqlx::query(
+            "INSERT INTO api_tokens (name, role, domains, token_hash, created_at, created_by)
+             VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (token_hash) DO NOTHING",
+        )
+        .bind(name)
+        .bind(role.as_str())
+        .bind(serde_json::to_string(domains).expect("json"))
+        .bind(token_hash)
+        .bind(now())
+        .bind(created_by)
+        .execute(&self.pool)
+        .await?;
+        self.token_by_hash(token_hash)
+            .await?
+            .ok_or_else(|| DbError::Corrupt("token vanished after insert".into()))
+    }
+
+    /// The live (not revoked) token with this hash.
+    pub async fn token_by_hash(&self, token_hash: &str) -> Result<Option<TokenRow>> {
+        let row = sqlx::query("SELECT * FROM api_tokens WHERE token_hash = ?")
+            .bind(token_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(token_from_row).transpose()
+    }
+
+    pub async fn tokens(&self) -> Result<Vec<TokenRow>> {
+        let rows = sqlx::query("SELECT * FROM api_tokens ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(token_from_row).collect()
+    }
+
+    /// Revokes a token; `false` if there is no such live token.
+    pub async fn revoke_token(&self, id: i64) -> Result<bool> {
+        let res =
+            sqlx::query("UPDATE api_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+                .bind(now())
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+        Ok(res.rows_affected() == 1)
+    }
 }
 
 fn domain_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<DomainRow> {
@@ -577,5 +633,20 @@ fn job_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<JobRow> {
         created_at: ts(&r.try_get::<String, _>("created_at")?)?,
         started_at: opt_ts("started_at")?,
         finished_at: opt_ts("finished_at")?,
+    })
+}
+
+fn token_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<TokenRow> {
+    let role: String = r.try_get("role")?;
+    let revoked: Option<String> = r.try_get("revoked_at")?;
+    Ok(TokenRow {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        role: flywheel_domain::Role::parse(&role).ok_or_else(|| DbError::Corrupt(role.clone()))?,
+        domains: serde_json::from_str(&r.try_get::<String, _>("domains")?)
+            .map_err(|e| DbError::Corrupt(e.to_string()))?,
+        created_at: ts(&r.try_get::<String, _>("created_at")?)?,
+        created_by: r.try_get("created_by")?,
+        revoked_at: revoked.as_deref().map(ts).transpose()?,
     })
 }

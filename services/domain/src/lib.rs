@@ -4,11 +4,13 @@
 //! This crate owns validation rules and the deterministic train/holdout split. It does no IO:
 //! no database, no HTTP, no files, no clock beyond what callers pass in.
 
+pub mod auth;
 mod correction;
 mod domain;
 mod job;
 pub mod pii;
 
+pub use auth::Role;
 pub use correction::{Correction, CorrectionDraft, Source, Split, content_hash, normalize_text};
 pub use domain::{DomainName, DomainSpec, Policy, Task};
 pub use job::{JobId, JobStatus, StageTask, Trigger, VersionId};

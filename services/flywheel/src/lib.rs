@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use flywheel_api::{AppState, Limits};
+use flywheel_api::{AppState, AuthMode, Limits};
 use flywheel_db::Db;
 use flywheel_registry::Registry;
 use flywheel_telemetry::Metrics;
@@ -40,6 +40,11 @@ pub struct Config {
     pub api: bool,
     /// The SQLite database file; `None` is `<data_dir>/flywheel.db`.
     pub database: Option<PathBuf>,
+    /// Whether API calls need a token. Required unless a caller turns it off (the demo does).
+    pub auth: AuthMode,
+    /// An admin token to accept from the first start on (stored hashed), so a fresh install
+    /// has a way in.
+    pub bootstrap_admin_token: Option<String>,
 }
 
 impl Config {
@@ -52,6 +57,8 @@ impl Config {
             registry_options: Vec::new(),
             api: true,
             database: None,
+            auth: AuthMode::Required,
+            bootstrap_admin_token: None,
         }
     }
 
@@ -138,12 +145,36 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     let nudge = Arc::new(Notify::new());
     let (stop, stopped) = watch::channel(false);
     let addr = listener.local_addr()?;
+    if let Some(token) = &config.bootstrap_admin_token {
+        db.create_token(
+            "bootstrap-admin",
+            flywheel_domain::Role::Admin,
+            &[],
+            &flywheel_domain::auth::hash_token(token),
+            "bootstrap",
+        )
+        .await
+        .context("storing the bootstrap admin token")?;
+    }
+    if config.api && config.auth == AuthMode::Required {
+        let tokens = db.tokens().await.context("reading tokens")?;
+        if !tokens
+            .iter()
+            .any(|t| t.role == flywheel_domain::Role::Admin && t.revoked_at.is_none())
+        {
+            tracing::warn!(
+                "auth is required and no admin token exists: set FLYWHEEL_BOOTSTRAP_ADMIN_TOKEN \
+                 to let the platform team in (or --auth off on a laptop)"
+            );
+        }
+    }
     let state = AppState {
         db,
         registry: registry.clone(),
         metrics,
         nudge: nudge.clone(),
         limits: config.limits.clone(),
+        auth: config.auth,
     };
     let mut api_stop = stopped.clone();
     let surface = if config.api {

@@ -58,6 +58,13 @@ enum Command {
         /// adapters are not published.
         #[arg(long, env = "FLYWHEEL_MAX_LORA_RANK", default_value_t = 64)]
         max_lora_rank: usize,
+        /// `required`: every API call but /healthz and /metrics needs a bearer token.
+        /// `off`: anyone on the network is admin — for a laptop only.
+        #[arg(long, env = "FLYWHEEL_AUTH", default_value = "required", value_parser = ["required", "off"])]
+        auth: String,
+        /// An admin token accepted from the first start on (stored hashed).
+        #[arg(long, env = "FLYWHEEL_BOOTSTRAP_ADMIN_TOKEN", hide_env_values = true)]
+        bootstrap_admin_token: Option<String>,
     },
     /// Create or upgrade the database schema, then exit.
     Migrate,
@@ -129,7 +136,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             roles,
             max_lora_rank,
+            auth,
+            bootstrap_admin_token,
         } => {
+            config.auth = if auth == "off" {
+                flywheel_api::AuthMode::Off
+            } else {
+                flywheel_api::AuthMode::Required
+            };
+            config.bootstrap_admin_token = bootstrap_admin_token;
             config.api = roles.iter().any(|r| r == "api");
             config.worker.scheduler = roles.iter().any(|r| r == "scheduler");
             config.worker.queues = roles
