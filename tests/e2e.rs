@@ -37,6 +37,11 @@ fn banking_fixture(dir: &std::path::Path) -> (Vec<Value>, Vec<String>, std::path
 
 impl TestApp {
     async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    /// A fresh instance whose config `adjust` may change before it starts.
+    async fn spawn_with(adjust: impl FnOnce(&mut flywheel::Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (rows, labels, model_dir) = banking_fixture(dir.path());
         let mut config = flywheel::Config::new(dir.path().join("data"));
@@ -46,6 +51,7 @@ impl TestApp {
         config.worker.poll_interval = Duration::from_millis(100);
         config.worker.heartbeat_interval = Duration::from_millis(500);
         config.limits.max_body_bytes = 256 * 1024;
+        adjust(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let running = flywheel::start(config, listener).await.unwrap();
         Self {
@@ -1388,4 +1394,87 @@ async fn every_role_reaches_exactly_its_endpoints_on_its_own_domains() {
         .collect();
     assert_eq!(moves, ["bootstrap-admin", "steward-banking"]);
     running.shutdown().await.unwrap();
+}
+
+/// Manual runs, one at a time; cancelling a training job stops the trainer at its next step
+/// and publishes nothing; a queued job cancels before it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_run_can_be_cancelled_mid_training() {
+    // Long enough that the cancel lands while the trainer is stepping.
+    let app = TestApp::spawn_with(|c| c.worker.epochs = Some(40)).await;
+    app.create_domain(100_000).await;
+    let (status, _) = app
+        .post("/v1/domains/banking/corrections", &json!(app.rows))
+        .await;
+    assert_eq!(status, 202);
+    let (status, job) = app.post("/v1/domains/banking/jobs", &json!({})).await;
+    assert_eq!(
+        (status, job["trigger"].as_str()),
+        (201, Some("manual")),
+        "{job}"
+    );
+    let id = job["id"].as_str().unwrap().to_owned();
+    let (status, err) = app.post("/v1/domains/banking/jobs", &json!({})).await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (409, Some("job_in_flight")),
+        "{err}"
+    );
+
+    // Wait for training steps, then cancel.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(Instant::now() < deadline, "training never started");
+        let (_, events) = app.get(&format!("/v1/jobs/{id}/events")).await;
+        if events.to_string().contains("\"kind\":\"metrics\"") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, job) = app.post(&format!("/v1/jobs/{id}/cancel"), &json!({})).await;
+    assert_eq!(
+        (status, job["status"].as_str()),
+        (200, Some("cancelled")),
+        "{job}"
+    );
+    loop {
+        assert!(Instant::now() < deadline, "the trainer did not stop");
+        let (_, events) = app.get(&format!("/v1/jobs/{id}/events")).await;
+        if events
+            .to_string()
+            .contains("stopped: the job was cancelled")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, job) = app.get(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(job["status"], "cancelled", "{job}");
+    let (_, versions) = app.get("/v1/domains/banking/versions").await;
+    assert_eq!(versions["data"], json!([]), "{versions}");
+    let (status, err) = app.post(&format!("/v1/jobs/{id}/cancel"), &json!({})).await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (409, Some("job_not_cancellable"))
+    );
+    let (_, listed) = app.get("/v1/jobs?status=cancelled").await;
+    assert_eq!(listed["data"][0]["id"], id.as_str(), "{listed}");
+    let (status, err) = app.get("/v1/jobs?status=sleeping").await;
+    assert_eq!((status, err["code"].as_str()), (422, Some("invalid_field")));
+
+    // The domain is free again; a job cancelled while queued never trains.
+    let (status, job) = app.post("/v1/domains/banking/jobs", &json!({})).await;
+    assert_eq!(status, 201, "{job}");
+    let second = job["id"].as_str().unwrap();
+    let (status, job) = app
+        .post(&format!("/v1/jobs/{second}/cancel"), &json!({}))
+        .await;
+    assert_eq!(
+        (status, job["status"].as_str()),
+        (200, Some("cancelled")),
+        "{job}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, events) = app.get(&format!("/v1/jobs/{second}/events")).await;
+    assert!(!events.to_string().contains("training on"), "{events}");
 }

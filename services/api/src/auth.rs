@@ -96,7 +96,9 @@ fn rule(method: &Method, route: &str) -> Option<(&'static [Role], Scope)> {
         ("GET", "/v1/domains") => (ALL, Scope::None),
         ("GET", "/v1/domains/{domain}") => (ALL, Scope::Domain),
         ("POST", "/v1/domains/{domain}/corrections") => (DEPARTMENT, Scope::Domain),
-        ("GET", "/v1/domains/{domain}/jobs") => (DEPARTMENT, Scope::Domain),
+        ("GET" | "POST", "/v1/domains/{domain}/jobs") => (DEPARTMENT, Scope::Domain),
+        ("GET", "/v1/jobs") => (DEPARTMENT, Scope::None),
+        ("POST", "/v1/jobs/{id}/cancel") => (DEPARTMENT, Scope::Job),
         ("GET", "/v1/jobs/{id}" | "/v1/jobs/{id}/events") => (DEPARTMENT, Scope::Job),
         (
             "GET",

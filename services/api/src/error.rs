@@ -29,6 +29,8 @@ pub enum ErrorCode {
     VersionNotFound,
     VersionNotPending,
     AliasConflict,
+    JobInFlight,
+    JobNotCancellable,
     VersionCorrupt,
     Internal,
 }
@@ -47,7 +49,9 @@ impl ErrorCode {
             RouteNotFound | DomainNotFound | JobNotFound | TokenNotFound | VersionNotFound => {
                 StatusCode::NOT_FOUND
             }
-            DomainExists | VersionNotPending | AliasConflict => StatusCode::CONFLICT,
+            DomainExists | VersionNotPending | AliasConflict | JobInFlight | JobNotCancellable => {
+                StatusCode::CONFLICT
+            }
             VersionCorrupt | Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -31,7 +31,9 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/v1/domains", post(create_domain).get(list_domains))
         .route("/v1/domains/{domain}", get(get_domain))
         .route("/v1/domains/{domain}/corrections", post(post_corrections))
-        .route("/v1/domains/{domain}/jobs", get(list_jobs))
+        .route("/v1/domains/{domain}/jobs", get(list_jobs).post(start_job))
+        .route("/v1/jobs", get(all_jobs))
+        .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/domains/{domain}/versions", get(list_versions))
         .route(
             "/v1/domains/{domain}/versions/{version}/report",
@@ -401,6 +403,110 @@ async fn list_jobs(
     let domain = domain_row(&state, &name).await?;
     let jobs = state.db.jobs_of(domain.id).await?;
     Ok(Json(serde_json::json!({ "data": jobs })))
+}
+
+/// Starts a fine-tune now, on every correction so far (`trigger: manual`).
+async fn start_job(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<(StatusCode, Json<flywheel_db::JobRow>)> {
+    let domain = domain_row(&state, &name).await?;
+    if let Some(running) = state
+        .db
+        .jobs_of(domain.id)
+        .await?
+        .into_iter()
+        .find(|j| !j.status.is_terminal())
+    {
+        return Err(ApiError::new(
+            ErrorCode::JobInFlight,
+            format!(
+                "job {} of {name} is {}; one run at a time",
+                running.id,
+                running.status.as_str()
+            ),
+        ));
+    }
+    let id = state
+        .db
+        .try_create_job(domain.id, flywheel_domain::Trigger::Manual, 0)
+        .await?
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::InvalidField,
+                format!("{name} has no corrections yet (or another run just started)"),
+            )
+        })?;
+    state
+        .db
+        .add_event(
+            &id,
+            "message",
+            &format!("queued: started by {}", who.name),
+            None,
+        )
+        .await?;
+    // The scheduler hands queued jobs to the queue.
+    state.nudge.notify_one();
+    let job = state.db.job(&id).await?.expect("just created");
+    Ok((StatusCode::CREATED, Json(job)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobsQuery {
+    status: Option<String>,
+    limit: Option<i64>,
+}
+
+/// Jobs across the caller's domains, newest first.
+async fn all_jobs(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Query(q): Query<JobsQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let status = match q.status.as_deref() {
+        None => None,
+        Some(raw) => Some(JobStatus::parse(raw).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::InvalidField,
+                format!(
+                    "status: `{raw}` is not one of queued, running, succeeded, failed, cancelled"
+                ),
+            )
+        })?),
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let mut jobs = state.db.jobs(status, limit).await?;
+    jobs.retain(|j| who.sees(&j.domain));
+    Ok(Json(serde_json::json!({ "data": jobs })))
+}
+
+/// Stops a queued or training job. Publishing is not interrupted: by then a version is being
+/// written, and it is recorded.
+async fn cancel_job(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<flywheel_db::JobRow>> {
+    let id = job_id(&id)?;
+    let not_found = || ApiError::new(ErrorCode::JobNotFound, format!("job `{id}` does not exist"));
+    state.db.job(&id).await?.ok_or_else(not_found)?;
+    let reason = format!("cancelled by {}", who.name);
+    if !state.db.cancel_job(&id, &reason).await? {
+        let job = state.db.job(&id).await?.ok_or_else(not_found)?;
+        return Err(ApiError::new(
+            ErrorCode::JobNotCancellable,
+            format!(
+                "job {id} is {} (stage {}); only queued or training jobs can be cancelled",
+                job.status.as_str(),
+                job.stage
+            ),
+        ));
+    }
+    state.db.add_event(&id, "message", &reason, None).await?;
+    Ok(Json(state.db.job(&id).await?.ok_or_else(not_found)?))
 }
 
 fn job_id(raw: &str) -> ApiResult<JobId> {

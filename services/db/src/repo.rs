@@ -286,6 +286,20 @@ impl Db {
         rows.iter().map(job_from_row).collect()
     }
 
+    /// Moves a queued job to running at its first stage; `false` if it is not queued (another
+    /// worker has it, or it was cancelled).
+    pub async fn claim_job(&self, id: &JobId) -> Result<bool> {
+        let res = sqlx::query(
+            "UPDATE training_jobs SET status = 'running', stage = 'train', started_at = ?
+             WHERE id = ? AND status = 'queued'",
+        )
+        .bind(now())
+        .bind(id.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
     /// Marks a job running at `stage` (idempotent: a retried stage may call it again).
     pub async fn job_stage(&self, id: &JobId, stage: &str) -> Result<()> {
         sqlx::query(
@@ -300,14 +314,17 @@ impl Db {
         Ok(())
     }
 
+    /// Ends a job that is still queued or running; `false` if it had already ended (a
+    /// cancelled job stays cancelled whatever its stage says afterwards).
     pub async fn finish_job(
         &self,
         id: &JobId,
         status: JobStatus,
         error: Option<&str>,
-    ) -> Result<()> {
-        sqlx::query(
-            "UPDATE training_jobs SET status = ?, stage = 'done', error = ?, finished_at = ? WHERE id = ?",
+    ) -> Result<bool> {
+        let res = sqlx::query(
+            "UPDATE training_jobs SET status = ?, stage = 'done', error = ?, finished_at = ?
+             WHERE id = ? AND status IN ('queued', 'running')",
         )
         .bind(status.as_str())
         .bind(error)
@@ -315,7 +332,57 @@ impl Db {
         .bind(id.as_str())
         .execute(&self.pool)
         .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    /// Cancels a job that has not reached publishing. `Ok(false)`: it had ended, or it is
+    /// publishing (a version is being written and will be recorded).
+    pub async fn cancel_job(&self, id: &JobId, reason: &str) -> Result<bool> {
+        let res = sqlx::query(
+            "UPDATE training_jobs SET status = 'cancelled', stage = 'done', error = ?, finished_at = ?
+             WHERE id = ? AND status IN ('queued', 'running') AND stage != 'publish'",
+        )
+        .bind(reason)
+        .bind(now())
+        .bind(id.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    /// Queued jobs not yet handed to the queue, oldest first.
+    pub async fn unenqueued_jobs(&self) -> Result<Vec<JobId>> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM training_jobs WHERE status = 'queued' AND enqueued_at IS NULL ORDER BY created_at",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        ids.iter()
+            .map(|i| JobId::parse(i).ok_or_else(|| DbError::Corrupt(format!("job id {i}"))))
+            .collect()
+    }
+
+    pub async fn mark_enqueued(&self, id: &JobId) -> Result<()> {
+        sqlx::query("UPDATE training_jobs SET enqueued_at = ? WHERE id = ?")
+            .bind(now())
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
         Ok(())
+    }
+
+    /// Jobs across domains, newest first, optionally of one status.
+    pub async fn jobs(&self, status: Option<JobStatus>, limit: i64) -> Result<Vec<JobRow>> {
+        let rows = sqlx::query(
+            "SELECT j.*, d.name AS domain FROM training_jobs j JOIN domains d ON d.id = j.domain_id
+             WHERE (? IS NULL OR j.status = ?) ORDER BY j.created_at DESC LIMIT ?",
+        )
+        .bind(status.map(JobStatus::as_str))
+        .bind(status.map(JobStatus::as_str))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
     }
 
     pub async fn set_job_decision(

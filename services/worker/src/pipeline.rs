@@ -72,7 +72,14 @@ where
     let Some((job, domain)) = load(ctx, &task).await? else {
         return Ok(());
     };
-    ctx.db.job_stage(&job.id, name).await?;
+    if name == "train" {
+        if !ctx.db.claim_job(&job.id).await? {
+            tracing::warn!(job = %job.id, "train stage skipped: the job is not queued any more");
+            return Ok(());
+        }
+    } else {
+        ctx.db.job_stage(&job.id, name).await?;
+    }
     let started = Instant::now();
     let result = body(job.clone(), domain).await;
     let outcome = if result.is_ok() { "ok" } else { "error" };
@@ -80,7 +87,11 @@ where
         .stage_seconds
         .with_label_values(&[name, outcome])
         .observe(started.elapsed().as_secs_f64());
-    if let Err(e) = result {
+    if let Err(WorkerError::Train(flywheel_trainer::TrainerError::Cancelled)) = result {
+        ctx.db
+            .add_event(&job.id, "message", "stopped: the job was cancelled", None)
+            .await?;
+    } else if let Err(e) = result {
         tracing::error!(job = %job.id, stage = name, error = %e, "stage failed");
         let message = format!("{name} failed: {e}");
         ctx.db.add_event(&job.id, "message", &message, None).await?;
@@ -142,10 +153,13 @@ pub async fn train(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDy
         // few events per epoch rather than one per step.
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let train_spec = spec.clone();
+        // Set when the job is cancelled; the trainer stops at its next step.
+        let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = cancelled.clone();
         let handle = tokio::task::spawn_blocking(move || {
             let mut on_step = |step: &flywheel_trainer::TrainStep| {
                 let _ = tx.send(step.clone());
-                true
+                !stop.load(std::sync::atomic::Ordering::Relaxed)
             };
             match data {
                 TrainData::Labels(rows) => {
@@ -157,7 +171,19 @@ pub async fn train(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDy
             }
         });
         let mut last_logged = 0;
+        let mut last_check = Instant::now();
         while let Some(step) = rx.recv().await {
+            if last_check.elapsed() >= std::time::Duration::from_millis(250) {
+                last_check = Instant::now();
+                if ctx
+                    .db
+                    .job(&job.id)
+                    .await?
+                    .is_some_and(|j| j.status == JobStatus::Cancelled)
+                {
+                    cancelled.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
             if step.step == step.total_steps
                 || step.step >= last_logged + (step.total_steps / 10).max(1)
             {

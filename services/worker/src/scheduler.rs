@@ -5,10 +5,10 @@ use tokio::sync::{Notify, watch};
 
 use crate::{Context, TRAIN_QUEUE, WorkerError};
 
-/// Starts a job for every domain with enough new corrections and none in flight.
-/// Returns how many jobs it started.
+/// Creates a job for every domain with enough new corrections and none in flight, then hands
+/// the queue every queued job it has not seen: those just created, manual ones from the API,
+/// and any that a crash left between insert and push. Returns how many it handed over.
 pub async fn schedule_once(ctx: &Context) -> Result<usize, WorkerError> {
-    let mut started = 0;
     for domain in ctx.db.domains().await? {
         let min_new = i64::from(domain.spec.policy.min_new_corrections);
         if let Some(job) = ctx
@@ -20,20 +20,17 @@ pub async fn schedule_once(ctx: &Context) -> Result<usize, WorkerError> {
             ctx.db
                 .add_event(&job, "message", "queued: enough new corrections", None)
                 .await?;
-            if let Err(e) = ctx.enqueue(TRAIN_QUEUE, &job).await {
-                ctx.db
-                    .finish_job(
-                        &job,
-                        flywheel_domain::JobStatus::Failed,
-                        Some(&e.to_string()),
-                    )
-                    .await?;
-                return Err(e);
-            }
-            started += 1;
         }
     }
-    Ok(started)
+    let mut pushed = 0;
+    for job in ctx.db.unenqueued_jobs().await? {
+        // Pushed before it is marked: a crash in between pushes it twice, and the train
+        // stage's claim lets only one run (at-least-once beats never).
+        ctx.enqueue(TRAIN_QUEUE, &job).await?;
+        ctx.db.mark_enqueued(&job).await?;
+        pushed += 1;
+    }
+    Ok(pushed)
 }
 
 pub(crate) async fn run(
