@@ -1234,6 +1234,19 @@ async fn every_role_reaches_exactly_its_endpoints_on_its_own_domains() {
             None,
             &[Admin, Dept],
         ),
+        (
+            "POST",
+            "/v1/domains/banking/jobs".into(),
+            None,
+            &[Admin, Dept],
+        ),
+        ("GET", "/v1/jobs".into(), None, &[Admin, Dept]),
+        (
+            "POST",
+            format!("/v1/jobs/{job_id}/cancel"),
+            None,
+            &[Admin, Dept],
+        ),
         ("GET", format!("/v1/jobs/{job_id}"), None, &[Admin, Dept]),
         (
             "GET",
