@@ -319,6 +319,16 @@ async fn corrections_train_a_promoted_adapter_and_a_bad_round_leaves_production_
         )
     );
     assert!(metrics.contains("flywheel_jobs{state=\"succeeded\"} 2"));
+    assert!(
+        metrics.contains("flywheel_job_duration_seconds_count{outcome=\"succeeded\"} 2"),
+        "{metrics}"
+    );
+    for gauge in [
+        "flywheel_training_loss{domain=\"banking\"}",
+        "flywheel_training_tokens_per_second{domain=\"banking\"}",
+    ] {
+        assert!(metrics.contains(gauge), "{gauge} missing");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1490,4 +1500,12 @@ async fn a_manual_run_can_be_cancelled_mid_training() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (_, events) = app.get(&format!("/v1/jobs/{second}/events")).await;
     assert!(!events.to_string().contains("training on"), "{events}");
+    let (_, metrics) = app.get("/metrics").await;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains("flywheel_job_duration_seconds_count{outcome=\"cancelled\"} 2"),
+        "{metrics}"
+    );
 }

@@ -492,7 +492,7 @@ async fn cancel_job(
 ) -> ApiResult<Json<flywheel_db::JobRow>> {
     let id = job_id(&id)?;
     let not_found = || ApiError::new(ErrorCode::JobNotFound, format!("job `{id}` does not exist"));
-    state.db.job(&id).await?.ok_or_else(not_found)?;
+    let job = state.db.job(&id).await?.ok_or_else(not_found)?;
     let reason = format!("cancelled by {}", who.name);
     if !state.db.cancel_job(&id, &reason).await? {
         let job = state.db.job(&id).await?.ok_or_else(not_found)?;
@@ -506,6 +506,12 @@ async fn cancel_job(
         ));
     }
     state.db.add_event(&id, "message", &reason, None).await?;
+    let seconds = (chrono::Utc::now() - job.created_at).as_seconds_f64();
+    state
+        .metrics
+        .job_duration_seconds
+        .with_label_values(&["cancelled"])
+        .observe(seconds.max(0.0));
     Ok(Json(state.db.job(&id).await?.ok_or_else(not_found)?))
 }
 

@@ -5,7 +5,8 @@
 //! decide anything from them.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Handles on every metric. Cheap to clone; clones share the same series.
@@ -25,6 +26,11 @@ pub struct Metrics {
     pub stage_seconds: HistogramVec,
     /// HTTP request latency, by route and status class.
     pub http_request_seconds: HistogramVec,
+    /// Wall time of whole jobs, queued to finished, by outcome.
+    pub job_duration_seconds: HistogramVec,
+    /// The latest training throughput and loss, by domain (updated as steps are reported).
+    pub training_tokens_per_second: GaugeVec,
+    pub training_loss: GaugeVec,
 }
 
 impl Metrics {
@@ -85,8 +91,32 @@ impl Metrics {
             &["route", "status"],
             prometheus::exponential_buckets(0.0005, 2.0, 16).expect("buckets"),
         );
+        let job_duration_seconds = histogram(
+            "flywheel_job_duration_seconds",
+            "Wall time of a fine-tuning job, from queued to finished",
+            &["outcome"],
+            prometheus::exponential_buckets(1.0, 2.0, 16).expect("buckets"),
+        );
+        let gauge = |name: &str, help: &str| {
+            let g = GaugeVec::new(Opts::new(name, help), &["domain"]).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let training_tokens_per_second = gauge(
+            "flywheel_training_tokens_per_second",
+            "Training throughput of the domain's latest reported step",
+        );
+        let training_loss = gauge(
+            "flywheel_training_loss",
+            "Training loss of the domain's latest reported step",
+        );
         Self {
             registry,
+            job_duration_seconds,
+            training_tokens_per_second,
+            training_loss,
             corrections_ingested,
             corrections_rejected,
             corrections_redacted,

@@ -95,9 +95,13 @@ where
         tracing::error!(job = %job.id, stage = name, error = %e, "stage failed");
         let message = format!("{name} failed: {e}");
         ctx.db.add_event(&job.id, "message", &message, None).await?;
-        ctx.db
+        if ctx
+            .db
             .finish_job(&job.id, JobStatus::Failed, Some(&message))
-            .await?;
+            .await?
+        {
+            observe_job(ctx, &job, "failed");
+        }
     }
     Ok(())
 }
@@ -188,6 +192,15 @@ pub async fn train(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDy
                 || step.step >= last_logged + (step.total_steps / 10).max(1)
             {
                 last_logged = step.step;
+                let domain_label = [domain.spec.name.as_str()];
+                ctx.metrics
+                    .training_loss
+                    .with_label_values(&domain_label)
+                    .set(step.loss);
+                ctx.metrics
+                    .training_tokens_per_second
+                    .with_label_values(&domain_label)
+                    .set(step.tokens_per_second);
                 let message = format!(
                     "step {}/{} loss {:.4} ({:.0} tokens/s)",
                     step.step, step.total_steps, step.loss, step.tokens_per_second
@@ -493,9 +506,13 @@ pub async fn publish(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Box
                 None,
             )
             .await?;
-        ctx.db
+        if ctx
+            .db
             .finish_job(&job.id, JobStatus::Succeeded, None)
-            .await?;
+            .await?
+        {
+            observe_job(ctx, &job, "succeeded");
+        }
         // The work directory is in the registry now.
         ctx.registry.drop_staged(job.id.as_str()).await?;
         let _ = std::fs::remove_dir_all(&dir);
@@ -538,6 +555,15 @@ async fn serving_checks(
         "lint": lint,
         "max_output_delta": delta,
     }))
+}
+
+/// Records a finished job's wall time, queued to now.
+fn observe_job(ctx: &Context, job: &JobRow, outcome: &str) {
+    let seconds = (chrono::Utc::now() - job.created_at).as_seconds_f64();
+    ctx.metrics
+        .job_duration_seconds
+        .with_label_values(&[outcome])
+        .observe(seconds.max(0.0));
 }
 
 /// Training rows, by task.
