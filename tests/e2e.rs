@@ -1509,3 +1509,64 @@ async fn a_manual_run_can_be_cancelled_mid_training() {
         "{metrics}"
     );
 }
+
+/// `/openapi.json` documents exactly the routes the router serves, each with its roles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_matches_the_router() {
+    let app = TestApp::spawn().await;
+    app.create_domain(100_000).await;
+    let (status, doc) = app.get("/openapi.json").await;
+    assert_eq!(status, 200);
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().unwrap();
+
+    // Every path the router source declares is documented, and nothing more.
+    let source = include_str!("../services/api/src/routes.rs");
+    let mut routed: Vec<&str> = source
+        .split(".route(")
+        .skip(1)
+        .filter_map(|rest| rest.trim_start().strip_prefix('"')?.split('"').next())
+        .collect();
+    routed.sort();
+    routed.dedup();
+    let mut documented: Vec<&str> = paths.keys().map(String::as_str).collect();
+    documented.sort();
+    assert_eq!(documented, routed);
+
+    // Every documented operation is routed with that method.
+    for (path, ops) in paths {
+        let concrete = path
+            .replace("{domain}", "banking")
+            .replace("{version}", "v1")
+            .replace("{alias}", "production")
+            .replace("{id}", "1");
+        for (method, op) in ops.as_object().unwrap() {
+            let resp = app
+                .client
+                .request(
+                    method.to_uppercase().parse().unwrap(),
+                    format!("{}{concrete}", app.base),
+                )
+                .header("content-type", "application/json")
+                .body("{}")
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let body: Value = resp.json().await.unwrap_or(Value::Null);
+            assert!(
+                status != 405 && body["code"] != "route_not_found",
+                "{method} {path}: {status} {body}"
+            );
+            let public = ["/healthz", "/metrics", "/openapi.json"].contains(&path.as_str());
+            assert_eq!(op["security"] == json!([]), public, "{method} {path}");
+            if !public {
+                assert!(!op["x-flywheel-roles"].as_array().unwrap().is_empty());
+            }
+        }
+    }
+    let codes = doc["components"]["schemas"]["Error"]["properties"]["code"]["oneOf"]
+        .as_array()
+        .unwrap();
+    assert!(codes.iter().any(|c| c["const"] == "job_not_cancellable"));
+}

@@ -91,7 +91,7 @@ const STEWARD: &[Role] = &[Role::Admin, Role::Steward];
 fn rule(method: &Method, route: &str) -> Option<(&'static [Role], Scope)> {
     let m = method.as_str();
     Some(match (m, route) {
-        ("GET", "/healthz" | "/metrics") => return None,
+        ("GET", "/healthz" | "/metrics" | "/openapi.json") => return None,
         ("POST", "/v1/domains") => (ADMIN, Scope::None),
         ("GET", "/v1/domains") => (ALL, Scope::None),
         ("GET", "/v1/domains/{domain}") => (ALL, Scope::Domain),
@@ -118,6 +118,12 @@ fn rule(method: &Method, route: &str) -> Option<(&'static [Role], Scope)> {
         ) => (ALL, Scope::Domain),
         _ => (ADMIN, Scope::None),
     })
+}
+
+/// The roles that may call a route; `None` for public routes.
+pub fn roles_for(method: &str, route: &str) -> Option<&'static [Role]> {
+    let method: Method = method.parse().ok()?;
+    rule(&method, route).map(|(roles, _)| roles)
 }
 
 fn unauthenticated(message: &str) -> Response {

@@ -36,6 +36,35 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, for the OpenAPI document.
+    pub const ALL: [ErrorCode; 22] = {
+        use ErrorCode::*;
+        [
+            MalformedJson,
+            Unauthenticated,
+            Forbidden,
+            InvalidField,
+            UnknownLabel,
+            UnknownBaseModel,
+            TextTooLong,
+            BatchTooLarge,
+            PayloadTooLarge,
+            UnsupportedMediaType,
+            RouteNotFound,
+            DomainNotFound,
+            DomainExists,
+            JobNotFound,
+            TokenNotFound,
+            VersionNotFound,
+            VersionNotPending,
+            AliasConflict,
+            JobInFlight,
+            JobNotCancellable,
+            VersionCorrupt,
+            Internal,
+        ]
+    };
+
     /// The table.
     pub fn status(self) -> StatusCode {
         use ErrorCode::*;

@@ -6,6 +6,7 @@
 
 mod auth;
 mod error;
+pub mod openapi;
 mod routes;
 
 use std::future::Future;

@@ -28,6 +28,10 @@ pub fn routes() -> axum::Router<AppState> {
     axum::Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .route(
+            "/openapi.json",
+            get(|| async { Json(crate::openapi::document()) }),
+        )
         .route("/v1/domains", post(create_domain).get(list_domains))
         .route("/v1/domains/{domain}", get(get_domain))
         .route("/v1/domains/{domain}/corrections", post(post_corrections))
