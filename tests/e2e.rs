@@ -1570,3 +1570,157 @@ async fn the_openapi_document_matches_the_router() {
         .unwrap();
     assert!(codes.iter().any(|c| c["const"] == "job_not_cancellable"));
 }
+
+/// A `flywheel serve` child process, killed with SIGKILL when dropped or asked.
+struct Server {
+    child: std::process::Child,
+    base: String,
+}
+
+impl Server {
+    fn start(data_dir: &std::path::Path) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flywheel"))
+            .args(["--data-dir"])
+            .arg(data_dir)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--auth",
+                "off",
+                "--roles",
+                "api",
+            ])
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("the server exited before it was up")
+                .unwrap();
+            if let Some(rest) = line.split("addr=").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_owned();
+            }
+        };
+        // Keep draining the log so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Self {
+            child,
+            base: format!("http://{addr}"),
+        }
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+/// Corrections acknowledged with 202 survive SIGKILL at any moment, and retries after a
+/// crash store nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_corrections_survive_kill_9_and_none_is_stored_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, labels, model_dir) = banking_fixture(dir.path());
+    let data = dir.path().join("data");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let mut server = Server::start(&data);
+    let spec = json!({"name": "banking", "task": "classification",
+        "base_model": model_dir.display().to_string(), "labels": labels,
+        "policy": {"min_new_corrections": 1_000_000}});
+    let resp = client
+        .post(format!("{}/v1/domains", server.base))
+        .json(&spec)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+
+    let batch = |n: usize| -> Value {
+        json!(
+            (0..50)
+                .map(|i| json!({
+                    "client_id": format!("b{n}-{i}"),
+                    "input": format!("batch {n} row {i}: where is my card"),
+                    "expected": labels[i % labels.len()],
+                }))
+                .collect::<Vec<_>>()
+        )
+    };
+    let mut acknowledged = 0usize;
+    let mut next = 0usize;
+    // Batches sent but not acknowledged (the server died under them): resent after restart.
+    let mut pending: Vec<usize> = Vec::new();
+    for round in 0..6 {
+        let killer = {
+            let delay = 150 + 97 * round as u64;
+            tokio::time::sleep(Duration::from_millis(delay))
+        };
+        tokio::pin!(killer);
+        loop {
+            let n = pending.pop().unwrap_or_else(|| {
+                next += 1;
+                next
+            });
+            let send = client
+                .post(format!("{}/v1/domains/banking/corrections", server.base))
+                .json(&batch(n))
+                .send();
+            tokio::select! {
+                resp = send => match resp {
+                    Ok(r) if r.status() == 202 => acknowledged += 1,
+                    _ => pending.push(n),
+                },
+                _ = &mut killer => {
+                    pending.push(n);
+                    break;
+                }
+            }
+        }
+        server.kill();
+        server = Server::start(&data);
+    }
+    // Resend whatever was in flight at a kill: retries are idempotent by client id.
+    for n in pending.drain(..) {
+        let resp = client
+            .post(format!("{}/v1/domains/banking/corrections", server.base))
+            .json(&batch(n))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202);
+        acknowledged += 1;
+    }
+    server.kill();
+
+    eprintln!("{acknowledged} batches of 50 acknowledged across 6 kills");
+    assert!(
+        acknowledged >= 6,
+        "the load never got going: {acknowledged}"
+    );
+    let db = flywheel_db::Db::open_sqlite(&data.join("flywheel.db"))
+        .await
+        .unwrap();
+    let domain = db.domain("banking").await.unwrap().unwrap();
+    let rows = db.corrections(domain.id, i64::MAX, None).await.unwrap();
+    let mut ids: Vec<String> = rows.iter().filter_map(|r| r.client_id.clone()).collect();
+    let stored = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), stored, "a correction was stored twice");
+    // Every batch that was ever sent ends up acknowledged, and then stored in full.
+    assert_eq!(
+        stored,
+        acknowledged * 50,
+        "acknowledged {acknowledged} batches"
+    );
+}
