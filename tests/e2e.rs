@@ -443,6 +443,34 @@ async fn bad_input_gets_a_stable_code_naming_the_field_and_loses_nothing() {
         .collect();
     assert_eq!(lines, vec![(2, "malformed_json"), (3, "unknown_label")]);
 
+    // NDJSON streams: larger than the JSON body limit, committed in chunks as it arrives.
+    let mut big_upload = String::new();
+    for i in 1..=3000 {
+        if [5, 1500, 2999].contains(&i) {
+            big_upload.push_str("{\"input\": \"broken line\"\n");
+        } else {
+            big_upload.push_str(&format!(
+                "{{\"input\": \"streamed question number {i} about a card that never arrived\", \"expected\": \"card_arrival\"}}\n"
+            ));
+        }
+    }
+    assert!(big_upload.len() > 256 * 1024);
+    let (status, body) = app
+        .post_raw(path, "application/x-ndjson", big_upload.into_bytes())
+        .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(
+        (body["accepted"].as_u64(), body["rejected_total"].as_u64()),
+        (Some(2997), Some(3))
+    );
+    let lines: Vec<u64> = body["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(lines, [5, 1500, 2999]);
+
     // Domain registration errors name the field too.
     let (status, err) = app.post("/v1/domains", &json!({"name": "Bad Name", "task": "classification", "base_model": "m", "labels": ["a", "b"]})).await;
     assert_eq!(
@@ -472,7 +500,8 @@ async fn bad_input_gets_a_stable_code_naming_the_field_and_loses_nothing() {
     let (_, domain) = app.get("/v1/domains/banking").await;
     let stored = domain["corrections"]["train"].as_i64().unwrap()
         + domain["corrections"]["holdout"].as_i64().unwrap();
-    assert_eq!(stored, 2, "{domain}");
+    // One good row, one good NDJSON line, and the streamed upload's 2997.
+    assert_eq!(stored, 2 + 2997, "{domain}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
