@@ -1753,3 +1753,85 @@ async fn acknowledged_corrections_survive_kill_9_and_none_is_stored_twice() {
         "acknowledged {acknowledged} batches"
     );
 }
+
+/// A domain can leave out what a teacher model answered (or weigh it): excluded rows are
+/// neither trained on nor judged by.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn teacher_rows_can_be_left_out_of_training() {
+    let app = TestApp::spawn().await;
+    let spec = |teacher: Value| {
+        json!({"name": "banking", "task": "classification", "base_model": app.model_dir,
+            "labels": app.labels, "policy": {"min_new_corrections": 300, "teacher": teacher}})
+    };
+    let (status, err) = app.post("/v1/domains", &spec(json!({"weight": 0}))).await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (422, Some("invalid_field")),
+        "{err}"
+    );
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("policy.teacher.weight"),
+        "{err}"
+    );
+    assert_eq!(
+        app.post("/v1/domains", &spec(json!({"include": false})))
+            .await
+            .0,
+        201
+    );
+
+    // Every fourth row came from an escalation to a larger model.
+    let rows: Vec<Value> = app
+        .rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut r = r.clone();
+            if i % 4 == 0 {
+                r["source"] = json!("teacher");
+                r["teacher"] = json!("big-model-70b");
+            }
+            r
+        })
+        .collect();
+    assert_eq!(
+        app.post("/v1/domains/banking/corrections", &json!(rows))
+            .await
+            .0,
+        202
+    );
+    let job = app.wait_for_job(1).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+
+    let db = flywheel_db::Db::open_sqlite(&app.dir.path().join("data/flywheel.db"))
+        .await
+        .unwrap();
+    let domain = db.domain("banking").await.unwrap().unwrap();
+    let stored = db.corrections(domain.id, i64::MAX, None).await.unwrap();
+    let human = |split| {
+        stored
+            .iter()
+            .filter(|r| r.split == split && r.source == flywheel_domain::Source::Human)
+            .count()
+    };
+    let (_, events) = app
+        .get(&format!("/v1/jobs/{}/events", job["id"].as_str().unwrap()))
+        .await;
+    let text = events.to_string();
+    let (train, holdout) = (
+        human(flywheel_domain::Split::Train),
+        human(flywheel_domain::Split::Holdout),
+    );
+    assert!(
+        text.contains(&format!("training on {train} corrections")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("evaluated on {holdout} held-out rows")),
+        "{text}"
+    );
+    assert!(train + holdout < stored.len());
+}

@@ -25,6 +25,7 @@ fn read(path: PathBuf, labels: &mut Vec<String>) -> Vec<Example> {
             Example {
                 text: r[0].to_string(),
                 label,
+                weight: 1.0,
             }
         })
         .collect()

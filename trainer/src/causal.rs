@@ -24,6 +24,9 @@ use crate::{Result, TrainerError};
 pub struct SftExample {
     pub prompt: String,
     pub completion: String,
+    /// Weight of this row's tokens in the loss (1 for a person's correction; a domain may
+    /// weigh a teacher model's answers up or down).
+    pub weight: f32,
 }
 
 /// What the model generated, with its confidence: the geometric mean of the chosen tokens'
@@ -152,9 +155,10 @@ pub fn train_causal_lm(
             let mut ids = vec![codec.eos as i64; batch.len() * s];
             let mut masks = Vec::with_capacity(batch.len());
             // Positions whose next token is a completion token: only their logits are computed.
-            let (mut positions, mut targets) = (Vec::new(), Vec::new());
+            let (mut positions, mut targets, mut weights) = (Vec::new(), Vec::new(), Vec::new());
             let mut tokens = 0;
             for (row, e) in batch.iter().enumerate() {
+                let weight = rows[chunk[row]].weight;
                 let mut mask = vec![0f32; s];
                 for (j, &id) in e.ids.iter().enumerate() {
                     ids[row * s + j] = id as i64;
@@ -162,6 +166,7 @@ pub fn train_causal_lm(
                     if j >= e.completion_start && j > 0 {
                         positions.push((row * s + j - 1) as i64);
                         targets.push(id as i64);
+                        weights.push(weight);
                     }
                 }
                 tokens += e.ids.len();
@@ -169,7 +174,14 @@ pub fn train_causal_lm(
             }
             let input =
                 Tensor::<2, Int>::from_data(TensorData::new(ids, [batch.len(), s]), &device);
-            let loss = next_token_loss(&model, model.hidden(input, &masks), positions, targets);
+            let weights = weights.iter().any(|&w| w != 1.0).then_some(weights);
+            let loss = next_token_loss(
+                &model,
+                model.hidden(input, &masks),
+                positions,
+                targets,
+                weights,
+            );
             let loss_value = loss.clone().into_scalar::<f32>() as f64;
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             let lr = progress.lr();
@@ -189,12 +201,14 @@ pub fn train_causal_lm(
 }
 
 /// Mean cross-entropy of the tokens at `positions + 1`, computing logits only at `positions`
-/// (flattened `batch * seq` indices): nothing is spent on logits the loss throws away.
+/// (flattened `batch * seq` indices): nothing is spent on logits the loss throws away. With
+/// `weights` (one per target), the weighted mean.
 fn next_token_loss(
     model: &Llama,
     hidden: Tensor<3>,
     positions: Vec<i64>,
     targets: Vec<i64>,
+    weights: Option<Vec<f32>>,
 ) -> Tensor<1> {
     let [b, s, h] = hidden.dims();
     let device = hidden.device();
@@ -205,7 +219,15 @@ fn next_token_loss(
     );
     let logp = log_softmax(model.logits(picked), 1);
     let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
-    logp.gather(1, targets).mean().neg()
+    let picked = logp.gather(1, targets);
+    match weights {
+        None => picked.mean().neg(),
+        Some(w) => {
+            let total: f32 = w.iter().sum();
+            let w = Tensor::<2>::from_data(TensorData::new(w, [n, 1]), &device);
+            (picked * w).sum().div_scalar(total).neg()
+        }
+    }
 }
 
 /// A base causal LM plus (optionally) an adapter, ready to generate.
@@ -326,7 +348,13 @@ pub fn bench_lora_steps(
                 targets.push(ids[row * seq + j + 1]);
             }
         }
-        let loss = next_token_loss(&model, model.hidden(input, &masks), positions, targets);
+        let loss = next_token_loss(
+            &model,
+            model.hidden(input, &masks),
+            positions,
+            targets,
+            None,
+        );
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(1e-4, model, grads);
         // Reading the loss waits for the step to finish.

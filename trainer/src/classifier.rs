@@ -32,6 +32,9 @@ pub const HEAD_CONFIG: &str = "classifier_config.json";
 pub struct Example {
     pub text: String,
     pub label: usize,
+    /// Weight in the loss (1 for a person's correction; a domain may weigh a teacher model's
+    /// answers up or down).
+    pub weight: f32,
 }
 
 /// Everything a training run needs besides its rows.
@@ -101,6 +104,12 @@ impl TrainSpec {
         }
         if !(0.0..1.0).contains(&self.label_smoothing) {
             return bad("label_smoothing must be in [0, 1)".into());
+        }
+        if let Some(r) = rows
+            .iter()
+            .find(|r| !(r.weight.is_finite() && r.weight > 0.0))
+        {
+            return bad(format!("row weight {} must be positive", r.weight));
         }
         Ok(())
     }
@@ -198,7 +207,12 @@ pub fn train_classifier(
             let targets =
                 Tensor::<1, Int>::from_data(TensorData::new(labels, [chunk.len()]), &device);
             let logits = model.forward(batch.input_ids, batch.attention_mask);
-            let loss = loss_fn.forward(logits, targets);
+            let weights: Vec<f32> = chunk.iter().map(|&i| rows[i].weight).collect();
+            let loss = if weights.iter().all(|&w| w == 1.0) {
+                loss_fn.forward(logits, targets)
+            } else {
+                weighted_cross_entropy(logits, targets, weights, spec.label_smoothing as f32)
+            };
             let loss_value = loss.clone().into_scalar::<f32>() as f64;
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             let lr = progress.lr();
@@ -208,6 +222,30 @@ pub fn train_classifier(
     }
     let files = export(&model, spec, &config)?;
     Ok(progress.report(rows.len(), trainable_parameters, total_parameters, files))
+}
+
+/// Cross-entropy with label smoothing `eps`, each row weighted: `Σ wᵢ·CEᵢ / Σ wᵢ`, where
+/// `CEᵢ = (1-eps)·(-log p[yᵢ]) + eps·mean_k(-log p[k])`, burn's smoothed target
+/// `(1-eps)·onehot + eps/K` written out.
+///
+/// # Shapes
+/// - logits: `[batch, classes]`, targets: `[batch]`, weights: `batch` values
+/// - output: `[1]`
+fn weighted_cross_entropy(
+    logits: Tensor<2>,
+    targets: Tensor<1, Int>,
+    weights: Vec<f32>,
+    eps: f32,
+) -> Tensor<1> {
+    let [n, _] = logits.dims();
+    let device = logits.device();
+    let logp = burn::tensor::activation::log_softmax(logits, 1);
+    let nll = logp.clone().gather(1, targets.reshape([n, 1])).neg();
+    let uniform = logp.mean_dim(1).neg();
+    let per_row = nll.mul_scalar(1.0 - eps) + uniform.mul_scalar(eps);
+    let total: f32 = weights.iter().sum();
+    let w = Tensor::<2>::from_data(TensorData::new(weights, [n, 1]), &device);
+    (per_row * w).sum().div_scalar(total)
 }
 
 /// Step bookkeeping shared by every training loop: the learning-rate schedule, the loss curve,
@@ -492,4 +530,62 @@ pub(crate) fn bert_adapter_delta(base: &Path, adapter_dir: &Path, texts: &[&str]
     load_adapter(&mut encoder, adapter_dir, &device)?;
     let after = encoder.forward(batch.input_ids, batch.attention_mask);
     Ok(to_host((after - before).abs().max()).1[0])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits_and_targets(device: &Device) -> (Tensor<2>, Tensor<1, Int>) {
+        let logits = Tensor::<2>::from_data(
+            TensorData::new(
+                vec![2.0f32, -1.0, 0.5, 0.1, 0.3, -0.7, -2.0, 1.5, 0.0],
+                [3, 3],
+            ),
+            device,
+        );
+        let targets = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 2, 1], [3]), device);
+        (logits, targets)
+    }
+
+    #[test]
+    fn unit_weights_reproduce_burns_smoothed_cross_entropy() {
+        let device = crate::device();
+        for eps in [0.0f32, 0.1] {
+            let (logits, targets) = logits_and_targets(&device);
+            let burn_loss = CrossEntropyLossConfig::new()
+                .with_smoothing((eps > 0.0).then_some(eps))
+                .init(&device)
+                .forward(logits.clone(), targets.clone())
+                .into_scalar::<f32>();
+            let ours =
+                weighted_cross_entropy(logits, targets, vec![1.0; 3], eps).into_scalar::<f32>();
+            assert!(
+                (burn_loss - ours).abs() < 1e-6,
+                "eps {eps}: {burn_loss} vs {ours}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_weight_counts_like_repeating_the_row() {
+        let device = crate::device();
+        let (logits, targets) = logits_and_targets(&device);
+        let weighted =
+            weighted_cross_entropy(logits.clone(), targets.clone(), vec![1.0, 2.0, 1.0], 0.0)
+                .into_scalar::<f32>();
+        // Row 1 twice, unweighted.
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 1, 1, 2], [4]), &device);
+        let repeated = weighted_cross_entropy(
+            logits.select(0, idx.clone()),
+            targets.select(0, idx),
+            vec![1.0; 4],
+            0.0,
+        )
+        .into_scalar::<f32>();
+        assert!(
+            (weighted - repeated).abs() < 1e-6,
+            "{weighted} vs {repeated}"
+        );
+    }
 }

@@ -21,6 +21,7 @@ fn banking() -> (Vec<String>, Vec<Example>) {
         rows.push(Example {
             text: rec[0].to_string(),
             label: idx,
+            weight: 1.0,
         });
     }
     (labels, rows)
@@ -127,6 +128,7 @@ fn causal_lm_sft_learns_to_generate_the_corrected_completion() {
         .map(|r| SftExample {
             prompt: r.text.clone(),
             completion: labels[r.label].replace('_', " "),
+            weight: 1.0,
         })
         .collect();
     let corpus = examples

@@ -106,6 +106,39 @@ pub struct Policy {
     /// Personal data in corrections: found and redacted before anything is stored.
     #[serde(default)]
     pub pii: crate::PiiPolicy,
+    /// How corrections from a teacher model (`source: teacher`) count: distillation.
+    #[serde(default)]
+    pub teacher: TeacherPolicy,
+}
+
+/// How a domain uses corrections a larger model wrote (escalated queries it answered).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherPolicy {
+    /// Train and evaluate on teacher rows at all.
+    #[serde(default = "TeacherPolicy::yes")]
+    pub include: bool,
+    /// Their weight in the training loss relative to a person's correction (1 = equal).
+    #[serde(default = "TeacherPolicy::one")]
+    pub weight: f64,
+}
+
+impl TeacherPolicy {
+    fn yes() -> bool {
+        true
+    }
+    fn one() -> f64 {
+        1.0
+    }
+}
+
+impl Default for TeacherPolicy {
+    fn default() -> Self {
+        Self {
+            include: true,
+            weight: 1.0,
+        }
+    }
 }
 
 impl Policy {
@@ -168,6 +201,12 @@ impl Policy {
                 "must be between -1 and 1",
             ));
         }
+        if !(self.teacher.weight > 0.0 && self.teacher.weight <= 10.0) {
+            return Err(Invalid::field(
+                "policy.teacher.weight",
+                "must be in (0, 10]; to leave teacher rows out, set include: false",
+            ));
+        }
         Ok(())
     }
 }
@@ -185,6 +224,7 @@ impl Default for Policy {
             target_accuracy: Self::default_target(),
             require_approval: false,
             pii: Default::default(),
+            teacher: Default::default(),
         }
     }
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use apalis::prelude::{BoxDynError, Data};
 use flywheel_db::{DomainRow, JobRow};
-use flywheel_domain::{JobStatus, Split, StageTask, Task, normalize_text};
+use flywheel_domain::{JobStatus, Source, Split, StageTask, Task, normalize_text};
 use flywheel_evaluator::{EvalSpec, Evaluation, HoldoutRow};
 use flywheel_registry::RegistryError;
 use flywheel_trainer::{Example, SftExample, TrainReport, TrainSpec};
@@ -109,10 +109,18 @@ where
 pub async fn train(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDynError> {
     let ctx: &Context = &ctx;
     stage(ctx, task, "train", |job, domain| async move {
-        let rows = ctx
+        let teacher = &domain.spec.policy.teacher;
+        let rows: Vec<_> = ctx
             .db
             .corrections(domain.id, job.snapshot_max_id, Some(Split::Train))
-            .await?;
+            .await?
+            .into_iter()
+            .filter(|r| teacher.include || r.source != Source::Teacher)
+            .collect();
+        let weight = |r: &flywheel_db::CorrectionRow| match r.source {
+            Source::Teacher => teacher.weight as f32,
+            Source::Human => 1.0,
+        };
         let dir = job_dir(ctx, &job);
         let base = base_model_dir(ctx, &domain).await?;
         let mut spec = match domain.spec.task {
@@ -131,6 +139,7 @@ pub async fn train(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDy
                         domain.spec.label_index(&r.expected).map(|label| Example {
                             text: r.input.clone(),
                             label,
+                            weight: weight(r),
                         })
                     })
                     .collect(),
@@ -140,6 +149,7 @@ pub async fn train(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDy
                     .map(|r| SftExample {
                         prompt: r.input.clone(),
                         completion: r.expected.clone(),
+                        weight: weight(r),
                     })
                     .collect(),
             ),
@@ -241,9 +251,12 @@ pub async fn evaluate(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Bo
             .db
             .corrections(domain.id, job.snapshot_max_id, None)
             .await?;
+        // Excluded teacher rows are excluded from judging too.
+        let include_teacher = domain.spec.policy.teacher.include;
         let holdout: Vec<HoldoutRow> = rows
             .iter()
             .filter(|r| r.split == Split::Holdout)
+            .filter(|r| include_teacher || r.source != Source::Teacher)
             .map(|r| HoldoutRow {
                 text: r.input.clone(),
                 expected: r.expected.clone(),
