@@ -1835,3 +1835,41 @@ async fn teacher_rows_can_be_left_out_of_training() {
     );
     assert!(train + holdout < stored.len());
 }
+
+/// Below the threshold, corrections that waited too long start a run of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_corrections_start_a_run_below_the_threshold() {
+    let app = TestApp::spawn().await;
+    let spec = json!({"name": "banking", "task": "classification", "base_model": app.model_dir,
+        "labels": app.labels,
+        "policy": {"min_new_corrections": 100_000, "max_staleness_seconds": 1}});
+    assert_eq!(app.post("/v1/domains", &spec).await.0, 201);
+    let bad = json!({"name": "other", "task": "classification", "base_model": app.model_dir,
+        "labels": app.labels, "policy": {"schedule": "every tuesday"}});
+    let (status, err) = app.post("/v1/domains", &bad).await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (422, Some("invalid_field")),
+        "{err}"
+    );
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("policy.schedule"),
+        "{err}"
+    );
+
+    assert_eq!(
+        app.post("/v1/domains/banking/corrections", &json!(app.rows))
+            .await
+            .0,
+        202
+    );
+    let job = app.wait_for_job(1).await;
+    assert_eq!(
+        (job["status"].as_str(), job["trigger"].as_str()),
+        (Some("succeeded"), Some("staleness")),
+        "{job}"
+    );
+}

@@ -350,6 +350,36 @@ impl Db {
         Ok(res.rows_affected() == 1)
     }
 
+    /// What the scheduler needs to decide whether `domain_id` trains now.
+    pub async fn trigger_state(
+        &self,
+        domain_id: i64,
+        domain_created_at: DateTime<Utc>,
+    ) -> Result<flywheel_domain::TriggerState> {
+        let row = sqlx::query(
+            "WITH seen AS (SELECT COALESCE(MAX(snapshot_max_id), 0) AS max_id
+                           FROM training_jobs WHERE domain_id = ?1)
+             SELECT
+               (SELECT COUNT(*) FROM corrections, seen WHERE domain_id = ?1 AND id > seen.max_id) AS new_rows,
+               (SELECT MIN(created_at) FROM corrections, seen WHERE domain_id = ?1 AND id > seen.max_id) AS oldest_new,
+               (SELECT MAX(created_at) FROM training_jobs WHERE domain_id = ?1) AS last_started,
+               (SELECT MAX(finished_at) FROM training_jobs WHERE domain_id = ?1) AS last_finished,
+               EXISTS (SELECT 1 FROM training_jobs WHERE domain_id = ?1
+                       AND status IN ('queued', 'running')) AS in_flight",
+        )
+        .bind(domain_id)
+        .fetch_one(&self.pool)
+        .await?;
+        let time = |col: &str| r_opt_ts(&row, col);
+        Ok(flywheel_domain::TriggerState {
+            new_corrections: row.try_get("new_rows")?,
+            oldest_new_at: time("oldest_new")?,
+            last_started_at: time("last_started")?.unwrap_or(domain_created_at),
+            last_finished_at: time("last_finished")?,
+            in_flight: row.try_get("in_flight")?,
+        })
+    }
+
     /// Queued jobs not yet handed to the queue, oldest first.
     pub async fn unenqueued_jobs(&self) -> Result<Vec<JobId>> {
         let ids: Vec<String> = sqlx::query_scalar(
@@ -716,4 +746,9 @@ fn token_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<TokenRow> {
         created_by: r.try_get("created_by")?,
         revoked_at: revoked.as_deref().map(ts).transpose()?,
     })
+}
+
+fn r_opt_ts(row: &sqlx::sqlite::SqliteRow, col: &str) -> Result<Option<DateTime<Utc>>> {
+    let raw: Option<String> = row.try_get(col)?;
+    raw.as_deref().map(ts).transpose()
 }

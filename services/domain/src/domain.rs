@@ -109,6 +109,15 @@ pub struct Policy {
     /// How corrections from a teacher model (`source: teacher`) count: distillation.
     #[serde(default)]
     pub teacher: TeacherPolicy,
+    /// Train anyway once the oldest untrained correction is this old (seconds).
+    #[serde(default)]
+    pub max_staleness_seconds: Option<u32>,
+    /// Train on this cron schedule (UTC; 5 fields, or 6 with seconds) when anything is new.
+    #[serde(default)]
+    pub schedule: Option<String>,
+    /// No automatic run starts until this long after the previous one ended (seconds).
+    #[serde(default)]
+    pub cooldown_seconds: u32,
 }
 
 /// How a domain uses corrections a larger model wrote (escalated queries it answered).
@@ -201,6 +210,15 @@ impl Policy {
                 "must be between -1 and 1",
             ));
         }
+        if let Some(raw) = &self.schedule {
+            crate::schedule::parse_schedule(raw)?;
+        }
+        if self.max_staleness_seconds == Some(0) {
+            return Err(Invalid::field(
+                "policy.max_staleness_seconds",
+                "must be at least 1 (or left out)",
+            ));
+        }
         if !(self.teacher.weight > 0.0 && self.teacher.weight <= 10.0) {
             return Err(Invalid::field(
                 "policy.teacher.weight",
@@ -225,6 +243,9 @@ impl Default for Policy {
             require_approval: false,
             pii: Default::default(),
             teacher: Default::default(),
+            max_staleness_seconds: None,
+            schedule: None,
+            cooldown_seconds: 0,
         }
     }
 }

@@ -73,6 +73,10 @@ pub enum Trigger {
     NewCorrections,
     /// Someone asked for it.
     Manual,
+    /// The oldest untrained correction waited longer than the policy allows.
+    Staleness,
+    /// The domain's cron schedule fired.
+    Schedule,
 }
 
 impl Trigger {
@@ -80,6 +84,8 @@ impl Trigger {
         match self {
             Trigger::NewCorrections => "new_corrections",
             Trigger::Manual => "manual",
+            Trigger::Staleness => "staleness",
+            Trigger::Schedule => "schedule",
         }
     }
 }

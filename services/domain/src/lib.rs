@@ -9,12 +9,14 @@ mod correction;
 mod domain;
 mod job;
 pub mod pii;
+pub mod schedule;
 
 pub use auth::Role;
 pub use correction::{Correction, CorrectionDraft, Source, Split, content_hash, normalize_text};
 pub use domain::{DomainName, DomainSpec, Policy, Task};
 pub use job::{JobId, JobStatus, StageTask, Trigger, VersionId};
 pub use pii::{PiiAction, PiiCounts, PiiKind, PiiPolicy};
+pub use schedule::{TriggerState, due};
 
 /// A field-level validation failure. `field` names the offending JSON field so that the API can
 /// tell the caller exactly what to fix.

@@ -10,15 +10,26 @@ use crate::{Context, TRAIN_QUEUE, WorkerError};
 /// and any that a crash left between insert and push. Returns how many it handed over.
 pub async fn schedule_once(ctx: &Context) -> Result<usize, WorkerError> {
     for domain in ctx.db.domains().await? {
-        let min_new = i64::from(domain.spec.policy.min_new_corrections);
-        if let Some(job) = ctx
-            .db
-            .try_create_job(domain.id, Trigger::NewCorrections, min_new)
-            .await?
-        {
-            tracing::info!(domain = %domain.spec.name, %job, "scheduled fine-tune");
+        let policy = &domain.spec.policy;
+        let state = ctx.db.trigger_state(domain.id, domain.created_at).await?;
+        let Some(trigger) = flywheel_domain::due(policy, &state, chrono::Utc::now()) else {
+            continue;
+        };
+        // The insert re-checks "nothing in flight" and "enough new rows" atomically.
+        let min_new = match trigger {
+            Trigger::NewCorrections => i64::from(policy.min_new_corrections),
+            _ => 1,
+        };
+        if let Some(job) = ctx.db.try_create_job(domain.id, trigger, min_new).await? {
+            tracing::info!(domain = %domain.spec.name, %job, trigger = trigger.as_str(), "scheduled fine-tune");
+            let why = match trigger {
+                Trigger::NewCorrections => "enough new corrections",
+                Trigger::Staleness => "the oldest untrained correction waited too long",
+                Trigger::Schedule => "the domain's schedule fired",
+                Trigger::Manual => "started by hand",
+            };
             ctx.db
-                .add_event(&job, "message", "queued: enough new corrections", None)
+                .add_event(&job, "message", &format!("queued: {why}"), None)
                 .await?;
         }
     }
