@@ -117,40 +117,45 @@ impl Db {
         domain_id: i64,
         rows: &[Correction],
     ) -> Result<InsertOutcome> {
+        // Multi-row INSERTs: per-statement overhead, not SQLite, is what limits a row-at-a-time
+        // loop. RETURNING names the rows that were new; the rest were duplicates.
+        const PER_STATEMENT: usize = 100;
         let mut tx = self.pool.begin().await?;
         let mut outcome = InsertOutcome::default();
         let created_at = now();
-        for c in rows {
-            let res = sqlx::query(
+        for chunk in rows.chunks(PER_STATEMENT) {
+            let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
                 "INSERT INTO corrections
                    (domain_id, client_id, content_hash, input, model_output, expected, source,
-                    teacher, metadata, split, created_at, pii_redacted)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(domain_id)
-            .bind(&c.client_id)
-            .bind(&c.content_hash)
-            .bind(&c.input)
-            .bind(&c.model_output)
-            .bind(&c.expected)
-            .bind(c.source.as_str())
-            .bind(&c.teacher)
-            .bind(c.metadata.to_string())
-            .bind(c.split.as_str())
-            .bind(&created_at)
-            .bind(
-                (!c.redacted.is_empty()).then(|| serde_json::to_string(&c.redacted).expect("json")),
-            )
-            .execute(&mut *tx)
-            .await?;
-            if res.rows_affected() == 1 {
-                outcome.accepted += 1;
-                for (kind, n) in &c.redacted {
-                    *outcome.redacted.entry(*kind).or_default() += n;
+                    teacher, metadata, split, created_at, pii_redacted) ",
+            );
+            query.push_values(chunk, |mut row, c| {
+                row.push_bind(domain_id)
+                    .push_bind(&c.client_id)
+                    .push_bind(&c.content_hash)
+                    .push_bind(&c.input)
+                    .push_bind(&c.model_output)
+                    .push_bind(&c.expected)
+                    .push_bind(c.source.as_str())
+                    .push_bind(&c.teacher)
+                    .push_bind(c.metadata.to_string())
+                    .push_bind(c.split.as_str())
+                    .push_bind(&created_at)
+                    .push_bind(
+                        (!c.redacted.is_empty())
+                            .then(|| serde_json::to_string(&c.redacted).expect("json")),
+                    );
+            });
+            query.push(" ON CONFLICT DO NOTHING RETURNING content_hash");
+            let inserted: Vec<String> = query.build_query_scalar().fetch_all(&mut *tx).await?;
+            outcome.accepted += inserted.len();
+            outcome.duplicates += chunk.len() - inserted.len();
+            for hash in &inserted {
+                if let Some(c) = chunk.iter().find(|c| &c.content_hash == hash) {
+                    for (kind, n) in &c.redacted {
+                        *outcome.redacted.entry(*kind).or_default() += n;
+                    }
                 }
-            } else {
-                outcome.duplicates += 1;
             }
         }
         tx.commit().await?;
