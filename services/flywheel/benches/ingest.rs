@@ -1,7 +1,7 @@
 //! Ingestion throughput and latency over real HTTP into SQLite, beside the limit: a raw
 //! bulk-insert loop into the same schema. Not a test: it prints numbers.
 //!
-//! cargo bench -p flywheel --bench ingest [-- --rows 200000 --batch 1000 --singles 2000]
+//! cargo bench -p flywheel --bench ingest [-- --rows 200000 --batch 1000 --singles 2000 --pii off]
 
 use std::time::{Duration, Instant};
 
@@ -12,6 +12,8 @@ struct Args {
     batch: usize,
     singles: usize,
     concurrency: usize,
+    /// The domain's PII action (`replace` is the default policy; `off` skips detection).
+    pii: String,
 }
 
 fn args() -> Args {
@@ -20,6 +22,7 @@ fn args() -> Args {
         batch: 1_000,
         singles: 2_000,
         concurrency: 4,
+        pii: "replace".into(),
     };
     let argv: Vec<String> = std::env::args().collect();
     for pair in argv.windows(2) {
@@ -29,6 +32,7 @@ fn args() -> Args {
             "--batch" => a.batch = value(),
             "--singles" => a.singles = value(),
             "--concurrency" => a.concurrency = value(),
+            "--pii" => a.pii = pair[1].clone(),
             _ => {}
         }
     }
@@ -73,7 +77,7 @@ async fn main() -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let spec = json!({"name": "bench", "task": "classification",
         "base_model": model.display().to_string(), "labels": LABELS,
-        "policy": {"min_new_corrections": 100_000_000, "pii": {"action": "replace"}}});
+        "policy": {"min_new_corrections": 100_000_000, "pii": {"action": args.pii}}});
     let status = client
         .post(format!("{base}/v1/domains"))
         .json(&spec)
@@ -177,10 +181,11 @@ async fn main() -> anyhow::Result<()> {
     let raw = args.rows as f64 / started.elapsed().as_secs_f64();
 
     println!(
-        "ingestion, SQLite, {} rows in batches of {} ({} concurrent clients), {} cores",
+        "ingestion, SQLite, {} rows in batches of {} ({} concurrent clients, PII {}), {} cores",
         args.rows,
         args.batch,
         args.concurrency,
+        args.pii,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!("  batched over HTTP:      {batched:>10.0} corrections/s");
