@@ -1607,7 +1607,14 @@ struct Server {
 }
 
 impl Server {
+    /// The API alone.
     fn start(data_dir: &std::path::Path) -> Self {
+        Self::start_with(data_dir, "api")
+    }
+
+    /// `roles` as `--roles` takes them; a 3-second job lease, so a dead worker's job comes
+    /// back quickly.
+    fn start_with(data_dir: &std::path::Path, roles: &str) -> Self {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flywheel"))
             .args(["--data-dir"])
@@ -1619,8 +1626,9 @@ impl Server {
                 "--auth",
                 "off",
                 "--roles",
-                "api",
+                roles,
             ])
+            .env("FLYWHEEL_JOB_LEASE_SECONDS", "3")
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
             .stderr(std::process::Stdio::piped())
@@ -1645,9 +1653,14 @@ impl Server {
         }
     }
 
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
+    /// SIGKILL: no shutdown, no flush beyond what was committed.
+    fn kill(self) {}
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -1872,4 +1885,83 @@ async fn stale_corrections_start_a_run_below_the_threshold() {
         (Some("succeeded"), Some("staleness")),
         "{job}"
     );
+}
+
+/// A worker killed in the middle of training gives its job back: after the lease runs out the
+/// job is requeued, trained from the start by the restarted process, and published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_worker_dies_is_requeued_and_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rows, labels, model_dir) = banking_fixture(dir.path());
+    let data = dir.path().join("data");
+    let all = "api,scheduler,train,evaluate,publish";
+    let client = reqwest::Client::new();
+    let get = |base: String, path: String| {
+        let client = client.clone();
+        async move {
+            client
+                .get(format!("{base}{path}"))
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let server = Server::start_with(&data, all);
+    let spec = json!({"name": "banking", "task": "classification",
+        "base_model": model_dir.display().to_string(), "labels": labels,
+        "policy": {"min_new_corrections": 300}});
+    for (path, body, want) in [
+        ("/v1/domains", spec, 201),
+        ("/v1/domains/banking/corrections", json!(rows), 202),
+    ] {
+        let resp = client
+            .post(format!("{}{path}", server.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), want);
+    }
+
+    // Kill the process once training is under way.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let job_id = loop {
+        assert!(Instant::now() < deadline, "training never started");
+        let jobs = get(server.base.clone(), "/v1/domains/banking/jobs".into()).await;
+        if let Some(id) = jobs["data"][0]["id"].as_str() {
+            let events = get(server.base.clone(), format!("/v1/jobs/{id}/events")).await;
+            if events.to_string().contains("\"kind\":\"metrics\"") {
+                break id.to_owned();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    server.kill();
+
+    let server = Server::start_with(&data, all);
+    let job = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the job never finished after the restart"
+        );
+        let job = get(server.base.clone(), format!("/v1/jobs/{job_id}")).await;
+        if job["status"] != "running" && job["status"] != "queued" {
+            break job;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let events = get(server.base.clone(), format!("/v1/jobs/{job_id}/events")).await;
+    assert!(
+        events
+            .to_string()
+            .contains("requeued: its worker stopped answering"),
+        "{events}"
+    );
+    let versions = get(server.base.clone(), "/v1/domains/banking/versions".into()).await;
+    assert_eq!(versions["data"].as_array().unwrap().len(), 1, "{versions}");
+    server.kill();
 }

@@ -295,8 +295,9 @@ impl Db {
     /// worker has it, or it was cancelled).
     pub async fn claim_job(&self, id: &JobId) -> Result<bool> {
         let res = sqlx::query(
-            "UPDATE training_jobs SET status = 'running', stage = 'train', started_at = ?
-             WHERE id = ? AND status = 'queued'",
+            "UPDATE training_jobs SET status = 'running', stage = 'train',
+               started_at = COALESCE(started_at, ?1), heartbeat_at = ?1, attempts = attempts + 1
+             WHERE id = ?2 AND status = 'queued'",
         )
         .bind(now())
         .bind(id.as_str())
@@ -308,8 +309,9 @@ impl Db {
     /// Marks a job running at `stage` (idempotent: a retried stage may call it again).
     pub async fn job_stage(&self, id: &JobId, stage: &str) -> Result<()> {
         sqlx::query(
-            "UPDATE training_jobs SET status = 'running', stage = ?, started_at = COALESCE(started_at, ?)
-             WHERE id = ? AND status IN ('queued', 'running')",
+            "UPDATE training_jobs SET status = 'running', stage = ?1,
+               started_at = COALESCE(started_at, ?2), heartbeat_at = ?2
+             WHERE id = ?3 AND status = 'running'",
         )
         .bind(stage)
         .bind(now())
@@ -383,6 +385,53 @@ impl Db {
             last_finished_at: time("last_finished")?,
             in_flight: row.try_get("in_flight")?,
         })
+    }
+
+    /// Proves a running job's worker is alive.
+    pub async fn heartbeat(&self, id: &JobId) -> Result<()> {
+        sqlx::query(
+            "UPDATE training_jobs SET heartbeat_at = ? WHERE id = ? AND status = 'running'",
+        )
+        .bind(now())
+        .bind(id.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Running jobs whose heartbeat is older than `lease`: those with attempts left go back
+    /// to the queue (from training: stages keep nothing a restart could trust), the rest
+    /// fail. Returns `(requeued, failed)`.
+    pub async fn reclaim_stale_jobs(
+        &self,
+        lease: std::time::Duration,
+        max_attempts: i64,
+    ) -> Result<(Vec<JobId>, Vec<JobId>)> {
+        let cutoff = (Utc::now() - chrono::Duration::from_std(lease).unwrap_or_default())
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let ids = |raw: Vec<String>| -> Result<Vec<JobId>> {
+            raw.iter()
+                .map(|i| JobId::parse(i).ok_or_else(|| DbError::Corrupt(format!("job id {i}"))))
+                .collect()
+        };
+        let failed: Vec<String> = sqlx::query_scalar(
+            "UPDATE training_jobs SET status = 'failed', stage = 'done', finished_at = ?1,
+               error = 'its worker stopped answering ' || attempts || ' times'
+             WHERE status = 'running' AND heartbeat_at < ?2 AND attempts >= ?3 RETURNING id",
+        )
+        .bind(now())
+        .bind(&cutoff)
+        .bind(max_attempts)
+        .fetch_all(&self.pool)
+        .await?;
+        let requeued: Vec<String> = sqlx::query_scalar(
+            "UPDATE training_jobs SET status = 'queued', stage = 'train', enqueued_at = NULL
+             WHERE status = 'running' AND heartbeat_at < ?1 RETURNING id",
+        )
+        .bind(&cutoff)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok((ids(requeued)?, ids(failed)?))
     }
 
     /// Queued jobs not yet handed to the queue, oldest first.

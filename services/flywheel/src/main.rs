@@ -62,6 +62,9 @@ enum Command {
         /// `off`: anyone on the network is admin — for a laptop only.
         #[arg(long, env = "FLYWHEEL_AUTH", default_value = "required", value_parser = ["required", "off"])]
         auth: String,
+        /// A running job whose worker is silent this long goes back to the queue.
+        #[arg(long, env = "FLYWHEEL_JOB_LEASE_SECONDS", default_value_t = 120)]
+        job_lease_seconds: u64,
         /// An admin token accepted from the first start on (stored hashed).
         #[arg(long, env = "FLYWHEEL_BOOTSTRAP_ADMIN_TOKEN", hide_env_values = true)]
         bootstrap_admin_token: Option<String>,
@@ -138,7 +141,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             max_lora_rank,
             auth,
             bootstrap_admin_token,
+            job_lease_seconds,
         } => {
+            config.worker.job_lease = std::time::Duration::from_secs(job_lease_seconds.max(3));
             config.auth = if auth == "off" {
                 flywheel_api::AuthMode::Off
             } else {

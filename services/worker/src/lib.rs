@@ -72,6 +72,11 @@ pub struct WorkerConfig {
     pub queues: Vec<String>,
     /// Whether this process runs the scheduler. Exactly one process of a deployment should.
     pub scheduler: bool,
+    /// A running job whose worker has not proved itself alive for this long goes back to the
+    /// queue (its worker died); workers prove it every third of this.
+    pub job_lease: Duration,
+    /// How many times a job may be started before a lost worker fails it for good.
+    pub max_attempts: i64,
 }
 
 impl WorkerConfig {
@@ -85,6 +90,8 @@ impl WorkerConfig {
             serving: Default::default(),
             queues: ALL_QUEUES.map(str::to_owned).to_vec(),
             scheduler: true,
+            job_lease: Duration::from_secs(120),
+            max_attempts: 3,
         }
     }
 }
@@ -173,12 +180,16 @@ pub async fn run(
         .then(|| tokio::spawn(scheduler::run(ctx.clone(), nudge, shutdown.clone())));
     let poll = ctx.config.poll_interval;
     let mut monitor = Monitor::new();
+    // apalis registers workers by name and refuses a name it still holds: a restarted process
+    // (or a second replica) must not reuse one, or its workers die at start.
+    let instance = uuid::Uuid::new_v4().simple().to_string();
     // One arm per stage: each stage function is its own type.
     macro_rules! worker {
         ($name:literal, $storage:ident, $stage:path) => {{
             let ctx = ctx.clone();
+            let name = format!("{}-{}", $name, &instance[..12]);
             monitor = monitor.register(move |_| {
-                WorkerBuilder::new($name)
+                WorkerBuilder::new(name.clone())
                     .backend(ctx.queues.$storage.clone().poll_with_interval(poll))
                     .data(ctx.clone())
                     .build($stage)

@@ -81,7 +81,21 @@ where
         ctx.db.job_stage(&job.id, name).await?;
     }
     let started = Instant::now();
+    // The lease: while this stage runs, its job is seen alive.
+    let beat = {
+        let (db, id) = (ctx.db.clone(), job.id.clone());
+        let every = ctx.config.job_lease / 3;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = db.heartbeat(&id).await {
+                    tracing::warn!(job = %id, error = %e, "heartbeat failed");
+                }
+            }
+        })
+    };
     let result = body(job.clone(), domain).await;
+    beat.abort();
     let outcome = if result.is_ok() { "ok" } else { "error" };
     ctx.metrics
         .stage_seconds

@@ -9,6 +9,32 @@ use crate::{Context, TRAIN_QUEUE, WorkerError};
 /// the queue every queued job it has not seen: those just created, manual ones from the API,
 /// and any that a crash left between insert and push. Returns how many it handed over.
 pub async fn schedule_once(ctx: &Context) -> Result<usize, WorkerError> {
+    let (requeued, failed) = ctx
+        .db
+        .reclaim_stale_jobs(ctx.config.job_lease, ctx.config.max_attempts)
+        .await?;
+    for job in &requeued {
+        tracing::warn!(%job, "requeued: its worker stopped answering");
+        ctx.db
+            .add_event(
+                job,
+                "message",
+                "requeued: its worker stopped answering",
+                None,
+            )
+            .await?;
+    }
+    for job in &failed {
+        tracing::error!(%job, "failed: its workers kept dying");
+        ctx.db
+            .add_event(
+                job,
+                "message",
+                "failed: its worker stopped answering too often",
+                None,
+            )
+            .await?;
+    }
     for domain in ctx.db.domains().await? {
         let policy = &domain.spec.policy;
         let state = ctx.db.trigger_state(domain.id, domain.created_at).await?;
