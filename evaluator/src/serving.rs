@@ -64,15 +64,7 @@ impl LintReport {
 /// Module names the serving stacks accept as LoRA targets, by `model_type`.
 pub fn servable_targets(model_type: &str) -> &'static [&'static str] {
     match model_type {
-        "llama" | "mistral" | "qwen2" => &[
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
+        "llama" | "mistral" | "qwen2" => &flywheel_trainer::LLAMA_PROJECTIONS,
         "bert" => &["query", "key", "value", "dense"],
         _ => &[],
     }

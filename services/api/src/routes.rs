@@ -980,32 +980,40 @@ async fn rollback(
             format!("to: {} is already production", target.version),
         ));
     }
-    let moved = state
-        .registry
-        .move_alias(
-            &domain.spec.name,
-            PRODUCTION,
-            current.as_ref(),
-            &target.version,
-            &by,
-            &req.reason,
-        )
-        .await?;
-    let data = serde_json::json!({ "alias": PRODUCTION, "from": moved.from, "to": moved.to });
-    state
-        .db
-        .audit(
-            domain.id,
-            &by,
-            "rollback",
-            Some(&target.version),
-            &req.reason,
-            Some(&data),
-        )
-        .await?;
+    let moved = move_audited(
+        &state,
+        &domain,
+        PRODUCTION,
+        current.as_ref(),
+        &target.version,
+        (&by, &req.reason, "rollback"),
+    )
+    .await?;
     Ok(Json(
         serde_json::json!({ "production": moved.to, "from": moved.from }),
     ))
+}
+
+/// Moves `alias` from `expected` to `to` (compare-and-swap) and writes the audit row;
+/// The last argument is `(actor, reason, audit action)`.
+async fn move_audited(
+    state: &AppState,
+    domain: &DomainRow,
+    alias: &str,
+    expected: Option<&VersionId>,
+    to: &VersionId,
+    (by, reason, action): (&str, &str, &str),
+) -> ApiResult<flywheel_registry::AliasMove> {
+    let moved = state
+        .registry
+        .move_alias(&domain.spec.name, alias, expected, to, by, reason)
+        .await?;
+    let data = serde_json::json!({ "alias": alias, "from": moved.from, "to": moved.to });
+    state
+        .db
+        .audit(domain.id, by, action, Some(to), reason, Some(&data))
+        .await?;
+    Ok(moved)
 }
 
 /// Moves any alias but `production` (which moves through the gate, approval and rollback) to
@@ -1041,29 +1049,15 @@ async fn move_alias(
             .await?
             .map(|m| VersionId(m.to)),
     };
-    let moved = state
-        .registry
-        .move_alias(
-            &domain.spec.name,
-            &alias,
-            expected.as_ref(),
-            &target.version,
-            &by,
-            &req.reason,
-        )
-        .await?;
-    let data = serde_json::json!({ "alias": alias, "from": moved.from, "to": moved.to });
-    state
-        .db
-        .audit(
-            domain.id,
-            &by,
-            "alias_move",
-            Some(&target.version),
-            &req.reason,
-            Some(&data),
-        )
-        .await?;
+    let moved = move_audited(
+        &state,
+        &domain,
+        &alias,
+        expected.as_ref(),
+        &target.version,
+        (&by, &req.reason, "alias_move"),
+    )
+    .await?;
     Ok(Json(serde_json::to_value(&moved).expect("json")))
 }
 
