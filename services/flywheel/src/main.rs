@@ -62,6 +62,9 @@ enum Command {
         /// `off`: anyone on the network is admin — for a laptop only.
         #[arg(long, env = "FLYWHEEL_AUTH", default_value = "required", value_parser = ["required", "off"])]
         auth: String,
+        /// Stage tasks each queue worker of this process runs at once.
+        #[arg(long, env = "FLYWHEEL_SLOTS", default_value_t = 1)]
+        slots: usize,
         /// A running job whose worker is silent this long goes back to the queue.
         #[arg(long, env = "FLYWHEEL_JOB_LEASE_SECONDS", default_value_t = 120)]
         job_lease_seconds: u64,
@@ -142,7 +145,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             auth,
             bootstrap_admin_token,
             job_lease_seconds,
+            slots,
         } => {
+            config.worker.slots = slots;
             config.worker.job_lease = std::time::Duration::from_secs(job_lease_seconds.max(3));
             config.auth = if auth == "off" {
                 flywheel_api::AuthMode::Off

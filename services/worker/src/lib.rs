@@ -77,6 +77,9 @@ pub struct WorkerConfig {
     pub job_lease: Duration,
     /// How many times a job may be started before a lost worker fails it for good.
     pub max_attempts: i64,
+    /// Stage tasks each queue worker runs at once. Training saturates a machine's cores (or
+    /// its GPU), so one is the default.
+    pub slots: usize,
 }
 
 impl WorkerConfig {
@@ -92,6 +95,7 @@ impl WorkerConfig {
             scheduler: true,
             job_lease: Duration::from_secs(120),
             max_attempts: 3,
+            slots: 1,
         }
     }
 }
@@ -179,6 +183,7 @@ pub async fn run(
         .scheduler
         .then(|| tokio::spawn(scheduler::run(ctx.clone(), nudge, shutdown.clone())));
     let poll = ctx.config.poll_interval;
+    let slots = ctx.config.slots.max(1);
     let mut monitor = Monitor::new();
     // apalis registers workers by name and refuses a name it still holds: a restarted process
     // (or a second replica) must not reuse one, or its workers die at start.
@@ -191,6 +196,7 @@ pub async fn run(
             monitor = monitor.register(move |_| {
                 WorkerBuilder::new(name.clone())
                     .backend(ctx.queues.$storage.clone().poll_with_interval(poll))
+                    .concurrency(slots)
                     .data(ctx.clone())
                     .build($stage)
             });
