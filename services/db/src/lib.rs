@@ -25,4 +25,21 @@ pub enum DbError {
     Corrupt(String),
 }
 
+impl DbError {
+    /// Whether trying again later may succeed: the database was unreachable, saturated or
+    /// locked, not wrong.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DbError::Sqlx(
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::WorkerCrashed,
+            ) => true,
+            DbError::Sqlx(e) => e.as_database_error().is_some_and(|d| {
+                let message = d.message();
+                message.contains("locked") || message.contains("busy")
+            }),
+            _ => false,
+        }
+    }
+}
+
 pub type Result<T, E = DbError> = std::result::Result<T, E>;

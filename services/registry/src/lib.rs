@@ -71,6 +71,17 @@ pub enum RegistryError {
     NoSuchModel(String),
 }
 
+impl RegistryError {
+    /// Whether trying again later may succeed: the store could not be reached or answered
+    /// with a server-side error. A missing, corrupt or conflicting object never is.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            RegistryError::Store(object_store::Error::Generic { .. }) | RegistryError::Local(_, _)
+        )
+    }
+}
+
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
 
 /// One file of a version, as listed in its manifest.

@@ -51,6 +51,46 @@ pub enum WorkerError {
     },
 }
 
+impl WorkerError {
+    /// Whether a stage that failed this way should be tried again after a pause: the database,
+    /// the store or the queue was unreachable or busy. Bad input, a bad model or a failed
+    /// check never are.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            WorkerError::Db(e) => e.is_transient(),
+            WorkerError::Registry(e) => e.is_transient(),
+            WorkerError::Queue(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Runs `attempt` until it succeeds, fails for good, or `backoff` runs out: after the n-th
+/// transient failure it waits `backoff[n]` (calling `on_retry` first) and tries again.
+pub async fn retry_transient<T, F, Fut>(
+    backoff: &[Duration],
+    mut attempt: F,
+    mut on_retry: impl FnMut(&WorkerError, Duration),
+) -> Result<T, WorkerError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, WorkerError>>,
+{
+    let mut waits = backoff.iter();
+    loop {
+        match attempt().await {
+            Err(e) if e.is_transient() => match waits.next() {
+                Some(&wait) => {
+                    on_retry(&e, wait);
+                    tokio::time::sleep(wait).await;
+                }
+                None => return Err(e),
+            },
+            other => return other,
+        }
+    }
+}
+
 /// Knobs of the background work.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -80,6 +120,8 @@ pub struct WorkerConfig {
     /// Stage tasks each queue worker runs at once. Training saturates a machine's cores (or
     /// its GPU), so one is the default.
     pub slots: usize,
+    /// Pauses before retrying a stage that failed transiently; their number is the retries.
+    pub retry_backoff: Vec<Duration>,
 }
 
 impl WorkerConfig {
@@ -96,6 +138,7 @@ impl WorkerConfig {
             job_lease: Duration::from_secs(120),
             max_attempts: 3,
             slots: 1,
+            retry_backoff: [1, 5, 25].map(Duration::from_secs).to_vec(),
         }
     }
 }
@@ -226,4 +269,60 @@ pub async fn run(
         let _ = scheduler.await;
     }
     result.map_err(|e| WorkerError::Queue(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    #[tokio::test]
+    async fn transient_failures_are_retried_and_permanent_ones_are_not() {
+        let backoff = [Duration::ZERO; 3];
+        let calls = Cell::new(0);
+        let retries = Cell::new(0);
+        let result = retry_transient(
+            &backoff,
+            || {
+                calls.set(calls.get() + 1);
+                let n = calls.get();
+                async move {
+                    if n < 3 {
+                        Err(WorkerError::Queue("connection refused".into()))
+                    } else {
+                        Ok(n)
+                    }
+                }
+            },
+            |_, _| retries.set(retries.get() + 1),
+        )
+        .await;
+        assert_eq!((result.unwrap(), retries.get()), (3, 2));
+
+        calls.set(0);
+        let result: Result<(), _> = retry_transient(
+            &backoff,
+            || {
+                calls.set(calls.get() + 1);
+                async { Err(WorkerError::Job("the holdout is empty".into())) }
+            },
+            |_, _| {},
+        )
+        .await;
+        assert!(result.is_err());
+        assert_eq!(calls.get(), 1);
+
+        // Out of retries: the last error comes back.
+        calls.set(0);
+        let result: Result<(), _> = retry_transient(
+            &backoff,
+            || {
+                calls.set(calls.get() + 1);
+                async { Err(WorkerError::Queue("still down".into())) }
+            },
+            |_, _| {},
+        )
+        .await;
+        assert_eq!((result.is_err(), calls.get()), (true, 4));
+    }
 }

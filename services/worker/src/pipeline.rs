@@ -58,7 +58,9 @@ async fn load(ctx: &Context, task: &StageTask) -> Result<Option<(JobRow, DomainR
     Ok(Some((job, domain)))
 }
 
-/// Runs a stage, failing the job (and never the worker) if it errs.
+/// Runs a stage, retrying it after transient failures (the database, store or queue was
+/// unreachable) with the configured backoff, and failing the job (never the worker) if it
+/// errs for good. Every stage is safe to run again: outputs are overwritten or idempotent.
 async fn stage<F, Fut>(
     ctx: &Context,
     task: StageTask,
@@ -66,7 +68,7 @@ async fn stage<F, Fut>(
     body: F,
 ) -> Result<(), BoxDynError>
 where
-    F: FnOnce(JobRow, DomainRow) -> Fut,
+    F: Fn(JobRow, DomainRow) -> Fut,
     Fut: std::future::Future<Output = Result<(), WorkerError>>,
 {
     let Some((job, domain)) = load(ctx, &task).await? else {
@@ -94,7 +96,12 @@ where
             }
         })
     };
-    let result = body(job.clone(), domain).await;
+    let result = crate::retry_transient(
+        &ctx.config.retry_backoff,
+        || body(job.clone(), domain.clone()),
+        |e, wait| tracing::warn!(job = %job.id, stage = name, error = %e, ?wait, "retrying after a transient failure"),
+    )
+    .await;
     beat.abort();
     let outcome = if result.is_ok() { "ok" } else { "error" };
     ctx.metrics
