@@ -1409,6 +1409,36 @@ async fn every_role_reaches_exactly_its_endpoints_on_its_own_domains() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 
+    // The CLI sends corrections with a token, and says what is wrong without one.
+    let csv = dir.path().join("more.csv");
+    std::fs::write(
+        &csv,
+        format!("text,category\nmy card is late,{}\n", labels[0]),
+    )
+    .unwrap();
+    let import = |token: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_flywheel"));
+        cmd.args(["import", "banking"])
+            .arg(&csv)
+            .args(["--server", &base]);
+        if let Some(t) = token {
+            cmd.args(["--token", t]);
+        }
+        cmd.output().unwrap()
+    };
+    let out = import(Some(&tokens["dept-banking"].0));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = import(None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("unauthenticated"),
+        "{stderr}"
+    );
+
     // Public: probes and scrapes.
     for path in ["/healthz", "/metrics"] {
         assert_eq!(call("GET", path, None, None).await.0, 200);

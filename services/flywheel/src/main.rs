@@ -84,6 +84,9 @@ enum Command {
         file: PathBuf,
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         server: String,
+        /// An API token that may send corrections to the domain (department or admin).
+        #[arg(long, env = "FLYWHEEL_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Base-model utilities.
     Models {
@@ -184,11 +187,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             domain,
             file,
             server,
+            token,
         } => {
             let rows = flywheel::read_corrections(&file)?;
-            let sent =
-                flywheel::demo::post_corrections(&reqwest::Client::new(), &server, &domain, &rows)
-                    .await?;
+            let mut headers = reqwest::header::HeaderMap::new();
+            if let Some(token) = token {
+                let value = format!("Bearer {token}")
+                    .parse()
+                    .context("the token has characters a header cannot carry")?;
+                headers.insert(reqwest::header::AUTHORIZATION, value);
+            }
+            let client = reqwest::Client::builder()
+                .default_headers(headers)
+                .build()
+                .context("building the HTTP client")?;
+            let sent = flywheel::demo::post_corrections(&client, &server, &domain, &rows).await?;
             println!("{sent} corrections accepted into `{domain}`");
             Ok(())
         }
