@@ -48,6 +48,9 @@ async fn load(ctx: &Context, task: &StageTask) -> Result<Option<(JobRow, DomainR
         .await?
         .ok_or_else(|| WorkerError::Job(format!("job {} does not exist", task.job_id)))?;
     if job.status.is_terminal() {
+        // A job cancelled (or failed) between stages leaves nothing staged behind.
+        ctx.registry.drop_staged(job.id.as_str()).await?;
+        let _ = std::fs::remove_dir_all(job_dir(ctx, &job));
         return Ok(None);
     }
     let domain = ctx
@@ -122,6 +125,10 @@ where
             .await?
         {
             observe_job(ctx, &job, "failed");
+        }
+        // Nothing will pick the staged files up; a failure to delete them is only litter.
+        if let Err(e) = ctx.registry.drop_staged(job.id.as_str()).await {
+            tracing::warn!(job = %job.id, error = %e, "could not remove staged files");
         }
     }
     Ok(())
