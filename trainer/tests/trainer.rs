@@ -144,17 +144,9 @@ fn causal_lm_sft_learns_to_generate_the_corrected_completion() {
 
     let out = dir.path().join("adapter");
     let mut spec = TrainSpec::new(base.clone(), out.clone(), vec![]);
-    spec.lora.target_modules = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ]
-    .map(String::from)
-    .to_vec();
+    spec.lora.target_modules = flywheel_trainer::LLAMA_PROJECTIONS
+        .map(String::from)
+        .to_vec();
     spec.epochs = 20;
     spec.learning_rate = 3e-3;
     let report = train_causal_lm(&spec, &train, &mut |_| true).unwrap();

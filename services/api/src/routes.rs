@@ -587,12 +587,11 @@ async fn cancel_job(
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<flywheel_db::JobRow>> {
-    let id = job_id(&id)?;
-    let not_found = || ApiError::new(ErrorCode::JobNotFound, format!("job `{id}` does not exist"));
-    let job = state.db.job(&id).await?.ok_or_else(not_found)?;
+    let job = job_row(&state, &id).await?;
+    let id = job.id.clone();
     let reason = format!("cancelled by {}", who.name);
     if !state.db.cancel_job(&id, &reason).await? {
-        let job = state.db.job(&id).await?.ok_or_else(not_found)?;
+        let job = job_row(&state, id.as_str()).await?;
         return Err(ApiError::new(
             ErrorCode::JobNotCancellable,
             format!(
@@ -603,33 +602,31 @@ async fn cancel_job(
         ));
     }
     state.db.add_event(&id, "message", &reason, None).await?;
-    let seconds = (chrono::Utc::now() - job.created_at).as_seconds_f64();
     state
         .metrics
         .job_duration_seconds
         .with_label_values(&["cancelled"])
-        .observe(seconds.max(0.0));
-    Ok(Json(state.db.job(&id).await?.ok_or_else(not_found)?))
+        .observe(job.age_seconds());
+    Ok(Json(job_row(&state, id.as_str()).await?))
 }
 
-fn job_id(raw: &str) -> ApiResult<JobId> {
-    JobId::parse(raw).ok_or_else(|| {
+/// The job named by a path segment, or `404 job_not_found`.
+async fn job_row(state: &AppState, raw: &str) -> ApiResult<flywheel_db::JobRow> {
+    let not_found = || {
         ApiError::new(
             ErrorCode::JobNotFound,
             format!("job `{raw}` does not exist"),
         )
-    })
+    };
+    let id = JobId::parse(raw).ok_or_else(not_found)?;
+    state.db.job(&id).await?.ok_or_else(not_found)
 }
 
 async fn get_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<flywheel_db::JobRow>> {
-    let id = job_id(&id)?;
-    let job = state.db.job(&id).await?.ok_or_else(|| {
-        ApiError::new(ErrorCode::JobNotFound, format!("job `{id}` does not exist"))
-    })?;
-    Ok(Json(job))
+    Ok(Json(job_row(&state, &id).await?))
 }
 
 #[derive(Deserialize)]
@@ -643,13 +640,7 @@ async fn get_events(
     Path(id): Path<String>,
     Query(q): Query<EventsQuery>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let id = job_id(&id)?;
-    if state.db.job(&id).await?.is_none() {
-        return Err(ApiError::new(
-            ErrorCode::JobNotFound,
-            format!("job `{id}` does not exist"),
-        ));
-    }
+    let id = job_row(&state, &id).await?.id;
     let events = state.db.events(&id, q.after).await?;
     Ok(Json(serde_json::json!({ "data": events })))
 }

@@ -49,6 +49,13 @@ pub struct JobRow {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
+impl JobRow {
+    /// Seconds since the job was created: its wall time, once it ends.
+    pub fn age_seconds(&self) -> f64 {
+        (Utc::now() - self.created_at).as_seconds_f64().max(0.0)
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct JobEvent {
     pub id: i64,

@@ -409,11 +409,6 @@ impl Db {
     ) -> Result<(Vec<JobId>, Vec<JobId>)> {
         let cutoff = (Utc::now() - chrono::Duration::from_std(lease).unwrap_or_default())
             .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-        let ids = |raw: Vec<String>| -> Result<Vec<JobId>> {
-            raw.iter()
-                .map(|i| JobId::parse(i).ok_or_else(|| DbError::Corrupt(format!("job id {i}"))))
-                .collect()
-        };
         let failed: Vec<String> = sqlx::query_scalar(
             "UPDATE training_jobs SET status = 'failed', stage = 'done', finished_at = ?1,
                error = 'its worker stopped answering ' || attempts || ' times'
@@ -431,7 +426,7 @@ impl Db {
         .bind(&cutoff)
         .fetch_all(&self.pool)
         .await?;
-        Ok((ids(requeued)?, ids(failed)?))
+        Ok((job_ids(requeued)?, job_ids(failed)?))
     }
 
     /// Queued jobs not yet handed to the queue, oldest first.
@@ -441,9 +436,7 @@ impl Db {
         )
         .fetch_all(&self.pool)
         .await?;
-        ids.iter()
-            .map(|i| JobId::parse(i).ok_or_else(|| DbError::Corrupt(format!("job id {i}"))))
-            .collect()
+        job_ids(ids)
     }
 
     pub async fn mark_enqueued(&self, id: &JobId) -> Result<()> {
@@ -789,7 +782,6 @@ fn job_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<JobRow> {
 
 fn token_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<TokenRow> {
     let role: String = r.try_get("role")?;
-    let revoked: Option<String> = r.try_get("revoked_at")?;
     Ok(TokenRow {
         id: r.try_get("id")?,
         name: r.try_get("name")?,
@@ -798,8 +790,14 @@ fn token_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<TokenRow> {
             .map_err(|e| DbError::Corrupt(e.to_string()))?,
         created_at: ts(&r.try_get::<String, _>("created_at")?)?,
         created_by: r.try_get("created_by")?,
-        revoked_at: revoked.as_deref().map(ts).transpose()?,
+        revoked_at: r_opt_ts(r, "revoked_at")?,
     })
+}
+
+fn job_ids(raw: Vec<String>) -> Result<Vec<JobId>> {
+    raw.iter()
+        .map(|i| JobId::parse(i).ok_or_else(|| DbError::Corrupt(format!("job id {i}"))))
+        .collect()
 }
 
 fn r_opt_ts(row: &sqlx::sqlite::SqliteRow, col: &str) -> Result<Option<DateTime<Utc>>> {

@@ -55,6 +55,18 @@ fn row(i: usize) -> Value {
     })
 }
 
+/// POSTs one JSON body of corrections; anything but 202 is an error.
+async fn send(client: &reqwest::Client, url: &str, body: String) -> anyhow::Result<()> {
+    let resp = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await?;
+    anyhow::ensure!(resp.status() == 202, "POST corrections: {}", resp.status());
+    Ok(())
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -100,13 +112,7 @@ async fn main() -> anyhow::Result<()> {
         let (client, url, chunk) = (client.clone(), url.clone(), chunk.to_vec());
         tasks.push(tokio::spawn(async move {
             for body in chunk {
-                let resp = client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await?;
-                anyhow::ensure!(resp.status() == 202, "batch: {}", resp.status());
+                send(&client, &url, body).await?;
             }
             anyhow::Ok(())
         }));
@@ -120,13 +126,7 @@ async fn main() -> anyhow::Result<()> {
     for i in 0..args.singles {
         let body = serde_json::to_string(&row(args.rows + i))?;
         let t = Instant::now();
-        let resp = client
-            .post(&url)
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await?;
-        anyhow::ensure!(resp.status() == 202, "single: {}", resp.status());
+        send(&client, &url, body).await?;
         latencies.push(t.elapsed());
     }
     latencies.sort();

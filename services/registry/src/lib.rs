@@ -72,6 +72,15 @@ pub enum RegistryError {
 }
 
 impl RegistryError {
+    /// A file the manifest lists is not in the store: as corrupt as a wrong checksum.
+    fn missing(path: &ObjPath, entry: &FileEntry) -> Self {
+        RegistryError::Corrupt {
+            path: path.to_string(),
+            expected: entry.sha256.clone(),
+            actual: "nothing (the object is missing)".into(),
+        }
+    }
+
     /// Whether trying again later may succeed: the store could not be reached or answered
     /// with a server-side error. A missing, corrupt or conflicting object never is.
     pub fn is_transient(&self) -> bool {
@@ -315,11 +324,7 @@ impl Registry {
         let bytes = match self.store.get(&path).await {
             Ok(r) => r.bytes().await?.to_vec(),
             Err(object_store::Error::NotFound { .. }) => {
-                return Err(RegistryError::Corrupt {
-                    path: path.to_string(),
-                    expected: entry.sha256.clone(),
-                    actual: "nothing (the object is missing)".into(),
-                });
+                return Err(RegistryError::missing(&path, entry));
             }
             Err(e) => return Err(e.into()),
         };

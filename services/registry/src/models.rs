@@ -236,11 +236,7 @@ impl Registry {
             let mut stream = match self.store.get(&key).await {
                 Ok(r) => r.into_stream(),
                 Err(object_store::Error::NotFound { .. }) => {
-                    return Err(RegistryError::Corrupt {
-                        path: key.to_string(),
-                        expected: entry.sha256.clone(),
-                        actual: "nothing (the object is missing)".into(),
-                    });
+                    return Err(RegistryError::missing(&key, entry));
                 }
                 Err(e) => return Err(e.into()),
             };

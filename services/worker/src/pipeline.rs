@@ -600,11 +600,10 @@ async fn serving_checks(
 
 /// Records a finished job's wall time, queued to now.
 fn observe_job(ctx: &Context, job: &JobRow, outcome: &str) {
-    let seconds = (chrono::Utc::now() - job.created_at).as_seconds_f64();
     ctx.metrics
         .job_duration_seconds
         .with_label_values(&[outcome])
-        .observe(seconds.max(0.0));
+        .observe(job.age_seconds());
 }
 
 /// Training rows, by task.
