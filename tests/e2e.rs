@@ -1,5 +1,8 @@
-//! The whole loop over real HTTP against a real SQLite file, a real registry directory and
-//! real burn training: `TestApp::spawn()` gives each test a fresh instance on port 0.
+//! The whole loop over real HTTP against a real database, a real registry and real burn
+//! training: `TestApp::spawn()` gives each test a fresh instance on port 0 and a fresh
+//! database: a SQLite file, or with `FLYWHEEL_TEST_DATABASE=postgres` a new database on the
+//! PostgreSQL server `FLYWHEEL_TEST_POSTGRES` names (`.ci/services` starts one). The README's
+//! test command runs this suite once per database.
 
 use std::time::{Duration, Instant};
 
@@ -9,6 +12,7 @@ struct TestApp {
     base: String,
     client: reqwest::Client,
     dir: tempfile::TempDir,
+    database: flywheel_db::DatabaseUrl,
     running: Option<flywheel::Running>,
     model_dir: String,
     labels: Vec<String>,
@@ -35,6 +39,32 @@ fn banking_fixture(dir: &std::path::Path) -> (Vec<Value>, Vec<String>, std::path
     (rows, labels, model_dir)
 }
 
+/// A fresh database for one test, of the kind `FLYWHEEL_TEST_DATABASE` asks for.
+async fn test_database(dir: &std::path::Path) -> flywheel_db::DatabaseUrl {
+    match std::env::var("FLYWHEEL_TEST_DATABASE").as_deref() {
+        Ok("postgres") => {
+            let server = std::env::var("FLYWHEEL_TEST_POSTGRES").expect(
+                "FLYWHEEL_TEST_POSTGRES names the PostgreSQL server to test against: run eval \"$(.ci/services)\" first",
+            );
+            let name = format!("flywheel_e2e_{}", uuid::Uuid::new_v4().simple());
+            let url = flywheel_db::Db::create_postgres_database(&server, &name)
+                .await
+                .unwrap();
+            flywheel_db::DatabaseUrl::Postgres(url)
+        }
+        Ok("sqlite") | Err(_) => flywheel_db::DatabaseUrl::Sqlite(dir.join("flywheel.db")),
+        Ok(other) => panic!("FLYWHEEL_TEST_DATABASE={other}: use sqlite or postgres"),
+    }
+}
+
+/// `--database` for a child process.
+fn database_arg(url: &flywheel_db::DatabaseUrl) -> String {
+    match url {
+        flywheel_db::DatabaseUrl::Sqlite(path) => path.display().to_string(),
+        flywheel_db::DatabaseUrl::Postgres(url) => url.clone(),
+    }
+}
+
 impl TestApp {
     async fn spawn() -> Self {
         Self::spawn_with(|_| {}).await
@@ -45,6 +75,8 @@ impl TestApp {
         let dir = tempfile::tempdir().unwrap();
         let (rows, labels, model_dir) = banking_fixture(dir.path());
         let mut config = flywheel::Config::new(dir.path().join("data"));
+        let database = test_database(dir.path()).await;
+        config.database = Some(database.clone());
         // Auth has a test of its own; the rest name themselves in `by` fields.
         config.auth = flywheel_api::AuthMode::Off;
         config.worker.scheduler_interval = Duration::from_millis(200);
@@ -58,6 +90,7 @@ impl TestApp {
             base: format!("http://{}", running.addr),
             client: reqwest::Client::new(),
             dir,
+            database,
             running: Some(running),
             model_dir: model_dir.display().to_string(),
             labels,
@@ -914,10 +947,11 @@ async fn stages_on_different_machines_meet_in_an_s3_registry() {
     let dir = tempfile::tempdir().unwrap();
     let (rows, labels, model_dir) = banking_fixture(dir.path());
     let (registry_url, options) = s3_registry();
+    let database = test_database(dir.path()).await;
     let machine = |name: &str, roles: &[&str]| {
         let mut config = flywheel::Config::new(dir.path().join(name));
         config.auth = flywheel_api::AuthMode::Off;
-        config.database = Some(dir.path().join("shared.db"));
+        config.database = Some(database.clone());
         config.registry = Some(registry_url.clone());
         config.registry_options = options.clone();
         config.api = roles.contains(&"api");
@@ -946,6 +980,7 @@ async fn stages_on_different_machines_meet_in_an_s3_registry() {
         base: format!("http://{}", trainer.addr),
         client: reqwest::Client::new(),
         dir,
+        database: database.clone(),
         running: Some(trainer),
         model_dir: model.reference(),
         labels: labels.clone(),
@@ -1079,9 +1114,7 @@ async fn personal_data_is_redacted_before_it_is_stored() {
         json!({"email": 1, "card": 1, "phone": 1, "iban": 1})
     );
 
-    let db = flywheel_db::Db::open_sqlite(&app.dir.path().join("data/flywheel.db"))
-        .await
-        .unwrap();
+    let db = flywheel_db::Db::open(&app.database).await.unwrap();
     let domain = db.domain("banking").await.unwrap().unwrap();
     let stored = db.corrections(domain.id, i64::MAX, None).await.unwrap();
     let texts: Vec<String> = stored
@@ -1638,17 +1671,22 @@ struct Server {
 
 impl Server {
     /// The API alone.
-    fn start(data_dir: &std::path::Path) -> Self {
-        Self::start_with(data_dir, "api")
+    fn start(data_dir: &std::path::Path, database: &flywheel_db::DatabaseUrl) -> Self {
+        Self::start_with(data_dir, database, "api")
     }
 
     /// `roles` as `--roles` takes them; a 3-second job lease, so a dead worker's job comes
     /// back quickly.
-    fn start_with(data_dir: &std::path::Path, roles: &str) -> Self {
+    fn start_with(
+        data_dir: &std::path::Path,
+        database: &flywheel_db::DatabaseUrl,
+        roles: &str,
+    ) -> Self {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flywheel"))
             .args(["--data-dir"])
             .arg(data_dir)
+            .args(["--database", &database_arg(database)])
             .args([
                 "serve",
                 "--listen",
@@ -1701,11 +1739,12 @@ async fn acknowledged_corrections_survive_kill_9_and_none_is_stored_twice() {
     let dir = tempfile::tempdir().unwrap();
     let (_, labels, model_dir) = banking_fixture(dir.path());
     let data = dir.path().join("data");
+    let database = test_database(dir.path()).await;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
         .unwrap();
-    let mut server = Server::start(&data);
+    let mut server = Server::start(&data, &database);
     let spec = json!({"name": "banking", "task": "classification",
         "base_model": model_dir.display().to_string(), "labels": labels,
         "policy": {"min_new_corrections": 1_000_000}});
@@ -1759,7 +1798,7 @@ async fn acknowledged_corrections_survive_kill_9_and_none_is_stored_twice() {
             }
         }
         server.kill();
-        server = Server::start(&data);
+        server = Server::start(&data, &database);
     }
     // Resend whatever was in flight at a kill: retries are idempotent by client id.
     for n in pending.drain(..) {
@@ -1779,9 +1818,7 @@ async fn acknowledged_corrections_survive_kill_9_and_none_is_stored_twice() {
         acknowledged >= 6,
         "the load never got going: {acknowledged}"
     );
-    let db = flywheel_db::Db::open_sqlite(&data.join("flywheel.db"))
-        .await
-        .unwrap();
+    let db = flywheel_db::Db::open(&database).await.unwrap();
     let domain = db.domain("banking").await.unwrap().unwrap();
     let rows = db.corrections(domain.id, i64::MAX, None).await.unwrap();
     let mut ids: Vec<String> = rows.iter().filter_map(|r| r.client_id.clone()).collect();
@@ -1849,9 +1886,7 @@ async fn teacher_rows_can_be_left_out_of_training() {
     let job = app.wait_for_job(1).await;
     assert_eq!(job["status"], "succeeded", "{job}");
 
-    let db = flywheel_db::Db::open_sqlite(&app.dir.path().join("data/flywheel.db"))
-        .await
-        .unwrap();
+    let db = flywheel_db::Db::open(&app.database).await.unwrap();
     let domain = db.domain("banking").await.unwrap().unwrap();
     let stored = db.corrections(domain.id, i64::MAX, None).await.unwrap();
     let human = |split| {
@@ -1924,6 +1959,7 @@ async fn a_job_whose_worker_dies_is_requeued_and_finishes() {
     let dir = tempfile::tempdir().unwrap();
     let (rows, labels, model_dir) = banking_fixture(dir.path());
     let data = dir.path().join("data");
+    let database = test_database(dir.path()).await;
     let all = "api,scheduler,train,evaluate,publish";
     let client = reqwest::Client::new();
     let get = |base: String, path: String| {
@@ -1939,7 +1975,7 @@ async fn a_job_whose_worker_dies_is_requeued_and_finishes() {
                 .unwrap()
         }
     };
-    let server = Server::start_with(&data, all);
+    let server = Server::start_with(&data, &database, all);
     let spec = json!({"name": "banking", "task": "classification",
         "base_model": model_dir.display().to_string(), "labels": labels,
         "policy": {"min_new_corrections": 300}});
@@ -1971,7 +2007,7 @@ async fn a_job_whose_worker_dies_is_requeued_and_finishes() {
     };
     server.kill();
 
-    let server = Server::start_with(&data, all);
+    let server = Server::start_with(&data, &database, all);
     let job = loop {
         assert!(
             Instant::now() < deadline,

@@ -1,4 +1,4 @@
-// `sqlx::migrate!` embeds the migrations at compile time; rebuild when one is added or edited.
 fn main() {
+    // sqlx::migrate! embeds the migrations at compile time; a changed file must rebuild.
     println!("cargo:rerun-if-changed=../../migrations");
 }

@@ -1,17 +1,19 @@
-//! Durable state of flywheel in SQL: domains, corrections, jobs and their events, versions.
+//! Durable state of flywheel in SQL: domains, corrections, jobs and their events, versions,
+//! tokens and the audit log, on SQLite (the embedded default) or PostgreSQL (to scale out).
 //!
-//! This crate owns the schema (through `migrations/`) and every query. It knows nothing of HTTP
-//! or of the queue; callers get plain domain types back. Writes that acknowledge client data go
-//! through a pool whose connections run `synchronous = FULL`, so an acknowledged correction
-//! survives power loss.
+//! This crate owns the schema (through `migrations/sqlite` and `migrations/postgres`) and every
+//! query. It knows nothing of HTTP or of the queue; callers get plain domain types back. Writes
+//! that acknowledge client data are durable before they return: SQLite connections run
+//! `synchronous = FULL`, PostgreSQL ones `synchronous_commit = on`.
 
 mod models;
 mod repo;
+mod sql;
 
 pub use models::{
     AuditEntry, CorrectionRow, DomainRow, InsertOutcome, JobEvent, JobRow, TokenRow, VersionRow,
 };
-pub use repo::Db;
+pub use repo::{DatabaseUrl, Db};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -23,6 +25,8 @@ pub enum DbError {
     DomainExists(String),
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl DbError {
@@ -34,8 +38,13 @@ impl DbError {
                 sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::WorkerCrashed,
             ) => true,
             DbError::Sqlx(e) => e.as_database_error().is_some_and(|d| {
+                // PostgreSQL: serialization failure, deadlock, too many connections, server
+                // shutting down or starting up. SQLite says so in words.
+                let code = d.code().unwrap_or_default();
                 let message = d.message();
-                message.contains("locked") || message.contains("busy")
+                matches!(&*code, "40001" | "40P01" | "53300" | "57P01" | "57P03")
+                    || message.contains("locked")
+                    || message.contains("busy")
             }),
             _ => false,
         }

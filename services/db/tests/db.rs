@@ -1,8 +1,16 @@
-//! Schema changes against databases that already hold data.
+//! The repository's behaviour on both databases, and schema changes against databases that
+//! already hold data.
+//!
+//! Every behaviour test runs on SQLite and on PostgreSQL (`FLYWHEEL_TEST_POSTGRES`, which
+//! `.ci/services` starts); without that variable the PostgreSQL half fails, saying so.
 
 use std::borrow::Cow;
+use std::collections::BTreeSet;
 
 use flywheel_db::Db;
+use flywheel_domain::{
+    CorrectionDraft, DomainName, DomainSpec, JobStatus, Policy, Role, Task, Trigger,
+};
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::SqliteConnectOptions;
 
@@ -75,5 +83,228 @@ async fn rebuilding_the_audit_log_keeps_its_rows_ids_and_append_only_triggers() 
             err.to_string().contains("append-only"),
             "{statement}: {err}"
         );
+    }
+}
+
+/// A fresh, migrated database of each kind.
+async fn databases() -> Vec<(Db, tempfile::TempDir)> {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = Db::open_sqlite(&dir.path().join("flywheel.db"))
+        .await
+        .unwrap();
+    let server = std::env::var("FLYWHEEL_TEST_POSTGRES").expect(
+        "FLYWHEEL_TEST_POSTGRES names a PostgreSQL server to test against: run eval \"$(.ci/services)\" first",
+    );
+    let name = format!("flywheel_db_{}", uuid::Uuid::new_v4().simple());
+    let url = Db::create_postgres_database(&server, &name).await.unwrap();
+    let postgres = Db::open_postgres(&url).await.unwrap();
+    vec![(sqlite, dir), (postgres, tempfile::tempdir().unwrap())]
+}
+
+fn spec(name: &str) -> DomainSpec {
+    DomainSpec {
+        name: DomainName::parse(name).unwrap(),
+        task: Task::Classification,
+        base_model: "models/minilm".into(),
+        labels: vec!["card_lost".into(), "refund".into()],
+        policy: Policy::default(),
+        out_of_scope_label: None,
+    }
+}
+
+fn correction(
+    spec: &DomainSpec,
+    input: &str,
+    expected: &str,
+    client_id: Option<&str>,
+) -> flywheel_domain::Correction {
+    CorrectionDraft {
+        client_id: client_id.map(str::to_owned),
+        input: Some(input.into()),
+        expected: Some(expected.into()),
+        ..Default::default()
+    }
+    .validate(spec, 10_000)
+    .unwrap()
+}
+
+#[tokio::test]
+async fn domains_corrections_and_tokens_behave_the_same_on_both_databases() {
+    for (db, _dir) in databases().await {
+        let which = db.backend();
+        let banking = spec("banking");
+        let row = db.create_domain(&banking).await.unwrap();
+        assert!(
+            matches!(
+                db.create_domain(&banking).await,
+                Err(flywheel_db::DbError::DomainExists(_))
+            ),
+            "{which}"
+        );
+        let read = db.domain("banking").await.unwrap().unwrap();
+        assert_eq!((read.id, &read.spec), (row.id, &banking), "{which}");
+        // Timestamps keep microseconds on both.
+        assert_eq!(read.created_at, row.created_at, "{which}");
+
+        let batch: Vec<_> = (0..250)
+            .map(|i| {
+                correction(
+                    &banking,
+                    &format!("lost card {i}"),
+                    "card_lost",
+                    Some(&format!("c{i}")),
+                )
+            })
+            .collect();
+        let first = db.insert_corrections(row.id, &batch).await.unwrap();
+        assert_eq!((first.accepted, first.duplicates), (250, 0), "{which}");
+        // A retry of the same rows and a same-content row under a new client id: all duplicates.
+        let mut again = batch[..10].to_vec();
+        again.push(correction(
+            &banking,
+            "lost card 3",
+            "card_lost",
+            Some("other"),
+        ));
+        let second = db.insert_corrections(row.id, &again).await.unwrap();
+        assert_eq!((second.accepted, second.duplicates), (0, 11), "{which}");
+        let (train, holdout) = db.correction_counts(row.id).await.unwrap();
+        assert_eq!(train + holdout, 250, "{which}");
+        let all = db.corrections(row.id, i64::MAX, None).await.unwrap();
+        let held = db
+            .corrections(row.id, i64::MAX, Some(flywheel_domain::Split::Holdout))
+            .await
+            .unwrap();
+        assert_eq!((all.len(), held.len() as i64), (250, holdout), "{which}");
+        assert!(all.windows(2).all(|w| w[0].id < w[1].id), "{which}");
+
+        let token = db
+            .create_token("ops", Role::Steward, &["banking".into()], "h1", "admin")
+            .await
+            .unwrap();
+        assert_eq!(token.domains, vec!["banking".to_string()], "{which}");
+        assert!(db.revoke_token(token.id).await.unwrap(), "{which}");
+        assert!(!db.revoke_token(token.id).await.unwrap(), "{which}");
+        assert!(
+            db.token_by_hash("h1")
+                .await
+                .unwrap()
+                .unwrap()
+                .revoked_at
+                .is_some(),
+            "{which}"
+        );
+
+        db.audit(
+            row.id,
+            "dana",
+            "approve",
+            None,
+            "fine",
+            Some(&serde_json::json!({"k": 1})),
+        )
+        .await
+        .unwrap();
+        assert!(
+            db.audit(row.id, "dana", "teleport", None, "x", None)
+                .await
+                .is_err(),
+            "{which}"
+        );
+        let log = db.audit_log(row.id).await.unwrap();
+        assert_eq!(log.len(), 1, "{which}");
+        assert_eq!(log[0].data, Some(serde_json::json!({"k": 1})), "{which}");
+    }
+}
+
+#[tokio::test]
+async fn racing_schedulers_workers_and_publishers_never_double_up() {
+    for (db, _dir) in databases().await {
+        let which = db.backend();
+        let banking = spec("banking");
+        let row = db.create_domain(&banking).await.unwrap();
+        let batch: Vec<_> = (0..20)
+            .map(|i| correction(&banking, &format!("refund please {i}"), "refund", None))
+            .collect();
+        db.insert_corrections(row.id, &batch).await.unwrap();
+
+        // Sixteen schedulers at once: one job.
+        let created: Vec<_> = futures::future::join_all(
+            (0..16).map(|_| db.try_create_job(row.id, Trigger::NewCorrections, 1)),
+        )
+        .await
+        .into_iter()
+        .filter_map(Result::unwrap)
+        .collect();
+        assert_eq!(created.len(), 1, "{which}: {created:?}");
+        let job = &created[0];
+        let state = db.trigger_state(row.id, row.created_at).await.unwrap();
+        assert!(state.in_flight, "{which}");
+        assert_eq!(state.new_corrections, 0, "{which}");
+
+        // Sixteen workers claim it: one wins.
+        let claims = futures::future::join_all((0..16).map(|_| db.claim_job(job))).await;
+        let won = claims.into_iter().filter(|c| *c.as_ref().unwrap()).count();
+        assert_eq!(won, 1, "{which}");
+        assert_eq!(
+            db.job(job).await.unwrap().unwrap().status,
+            JobStatus::Running,
+            "{which}"
+        );
+
+        // A lease of zero: the job's worker is "gone", it goes back to the queue.
+        let (requeued, failed) = db
+            .reclaim_stale_jobs(std::time::Duration::ZERO, 3)
+            .await
+            .unwrap();
+        assert_eq!((requeued.len(), failed.len()), (1, 0), "{which}");
+        assert_eq!(
+            db.unenqueued_jobs().await.unwrap(),
+            vec![job.clone()],
+            "{which}"
+        );
+        assert!(db.claim_job(job).await.unwrap(), "{which}");
+        assert!(
+            db.finish_job(job, JobStatus::Succeeded, None)
+                .await
+                .unwrap(),
+            "{which}"
+        );
+        assert!(!db.cancel_job(job, "late").await.unwrap(), "{which}");
+
+        // Publishers of different jobs racing for version numbers each get their own.
+        let mut jobs = vec![job.clone()];
+        for i in 0..5 {
+            db.insert_corrections(
+                row.id,
+                &[correction(&banking, &format!("more {i}"), "refund", None)],
+            )
+            .await
+            .unwrap();
+            let next = db
+                .try_create_job(row.id, Trigger::Manual, 0)
+                .await
+                .unwrap()
+                .unwrap();
+            db.finish_job(&next, JobStatus::Succeeded, None)
+                .await
+                .unwrap();
+            jobs.push(next);
+        }
+        let versions =
+            futures::future::join_all(jobs.iter().map(|j| db.reserve_version(row.id, j))).await;
+        let names: BTreeSet<_> = versions.into_iter().map(|v| v.unwrap().0).collect();
+        assert_eq!(names.len(), jobs.len(), "{which}: {names:?}");
+        // Reserving again for a job is idempotent.
+        let again = db.reserve_version(row.id, &jobs[0]).await.unwrap();
+        assert!(names.contains(&again.0), "{which}");
+        assert_eq!(
+            db.versions(row.id).await.unwrap().len(),
+            jobs.len(),
+            "{which}"
+        );
+
+        let counts = db.job_counts().await.unwrap();
+        assert_eq!(counts, vec![(JobStatus::Succeeded, 6)], "{which}");
     }
 }

@@ -12,10 +12,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use flywheel_api::{AppState, AuthMode, Limits};
-use flywheel_db::Db;
+use flywheel_db::{DatabaseUrl, Db};
 use flywheel_registry::Registry;
 use flywheel_telemetry::Metrics;
 use flywheel_worker::WorkerConfig;
+use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
@@ -38,8 +39,8 @@ pub struct Config {
     /// Whether this process serves the public API; without it, only `/healthz` and
     /// `/metrics` (for probes and scraping) are served.
     pub api: bool,
-    /// The SQLite database file; `None` is `<data_dir>/flywheel.db`.
-    pub database: Option<PathBuf>,
+    /// The database: a SQLite file or a PostgreSQL URL; `None` is `<data_dir>/flywheel.db`.
+    pub database: Option<DatabaseUrl>,
     /// Whether API calls need a token. Required unless a caller turns it off (the demo does).
     pub auth: AuthMode,
     /// An admin token to accept from the first start on (stored hashed), so a fresh install
@@ -70,14 +71,10 @@ impl Config {
         Registry::open(&location, &self.registry_options)
             .with_context(|| format!("opening the registry at {location}"))
     }
-    pub fn database_path(&self) -> PathBuf {
-        match &self.database {
-            Some(db) => match db.to_string_lossy().strip_prefix("sqlite://") {
-                Some(path) => PathBuf::from(path),
-                None => db.clone(),
-            },
-            None => self.data_dir.join("flywheel.db"),
-        }
+    pub fn database(&self) -> DatabaseUrl {
+        self.database
+            .clone()
+            .unwrap_or_else(|| DatabaseUrl::Sqlite(self.data_dir.join("flywheel.db")))
     }
     pub fn registry_dir(&self) -> PathBuf {
         self.data_dir.join("registry")
@@ -106,16 +103,35 @@ impl Running {
 pub async fn open_db(config: &Config) -> anyhow::Result<Db> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
-    let path = config.database_path();
-    if let Some((scheme, _)) = path.to_string_lossy().split_once("://") {
-        anyhow::bail!(
-            "database `{}`: this build stores in SQLite; give a file path or sqlite:// URL, not {scheme}://",
-            path.display()
-        );
-    }
-    Db::open_sqlite(&config.database_path())
+    let url = config.database();
+    Db::open(&url)
         .await
-        .with_context(|| format!("opening database {}", config.database_path().display()))
+        .with_context(|| format!("opening database {}", url.redacted()))
+}
+
+/// The job queue's own connections, to the same database.
+async fn open_queue(url: &DatabaseUrl) -> anyhow::Result<flywheel_worker::QueueDb> {
+    let queue = match url {
+        // A pool of its own: apalis turns `synchronous` off on its connections.
+        DatabaseUrl::Sqlite(path) => flywheel_worker::QueueDb::Sqlite(
+            SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(
+                    SqliteConnectOptions::new()
+                        .filename(path)
+                        .busy_timeout(Duration::from_secs(30)),
+                )
+                .await?,
+        ),
+        DatabaseUrl::Postgres(url) => flywheel_worker::QueueDb::Postgres(
+            PgPoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(Duration::from_secs(30))
+                .connect(url)
+                .await?,
+        ),
+    };
+    Ok(queue)
 }
 
 /// Starts everything on `listener`; the instance runs until [`Running::shutdown`].
@@ -123,14 +139,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     let db = open_db(&config).await?;
     let registry = config.open_registry()?;
     let metrics = Metrics::new();
-    // The queue gets a pool of its own: apalis turns `synchronous` off on its connections.
-    let queue_pool = SqlitePoolOptions::new()
-        .max_connections(4)
-        .connect_with(
-            SqliteConnectOptions::new()
-                .filename(config.database_path())
-                .busy_timeout(Duration::from_secs(30)),
-        )
+    let queue = open_queue(&config.database())
         .await
         .context("opening the queue database")?;
     let ctx = flywheel_worker::Context::new(
@@ -138,7 +147,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         registry.clone(),
         metrics.clone(),
         config.worker.clone(),
-        queue_pool,
+        queue,
     )
     .await
     .context("setting up the job queue")?;

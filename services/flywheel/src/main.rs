@@ -30,9 +30,10 @@ struct Cli {
         action = clap::ArgAction::Set
     )]
     registry_conditional_writes: bool,
-    /// The SQLite database file. Default: `<data-dir>/flywheel.db`.
-    #[arg(long, env = "FLYWHEEL_DATABASE", global = true)]
-    database: Option<PathBuf>,
+    /// The database: a SQLite file (path or `sqlite://` URL) or a `postgres://` URL.
+    /// Default: `<data-dir>/flywheel.db`.
+    #[arg(long, env = "FLYWHEEL_DATABASE", global = true, value_parser = parse_database)]
+    database: Option<flywheel_db::DatabaseUrl>,
     #[command(subcommand)]
     command: Command,
 }
@@ -176,10 +177,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Migrate => {
             flywheel::open_db(&config).await?;
-            println!(
-                "database {} is up to date",
-                config.database_path().display()
-            );
+            println!("database {} is up to date", config.database().redacted());
             Ok(())
         }
         Command::Demo => flywheel::demo::run(&config.data_dir.join("demo")).await,
@@ -268,4 +266,8 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+fn parse_database(raw: &str) -> Result<flywheel_db::DatabaseUrl, String> {
+    flywheel_db::DatabaseUrl::parse(raw).map_err(|e| e.to_string())
 }

@@ -13,12 +13,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use apalis::prelude::*;
-use apalis_sqlite::{Config as QueueConfig, SqliteStorage};
+use apalis_postgres::PostgresStorage;
+use apalis_sqlite::SqliteStorage;
 use flywheel_db::Db;
 use flywheel_domain::{JobId, StageTask};
 use flywheel_registry::Registry;
 use flywheel_telemetry::Metrics;
-use sqlx::SqlitePool;
+use sqlx::{PgPool, SqlitePool};
 use tokio::sync::{Notify, watch};
 
 pub use scheduler::schedule_once;
@@ -152,39 +153,83 @@ pub struct Context {
     queues: Queues,
 }
 
-#[derive(Clone)]
-struct Queues {
-    train: SqliteStorage<StageTask>,
-    evaluate: SqliteStorage<StageTask>,
-    publish: SqliteStorage<StageTask>,
+/// Where the job queue lives: beside flywheel's tables, in the same database.
+#[derive(Clone, Debug)]
+pub enum QueueDb {
+    /// A pool of its own: apalis switches its connections to `synchronous = OFF`, which must
+    /// never acknowledge client data.
+    Sqlite(SqlitePool),
+    /// apalis keeps its tables in the `apalis` schema.
+    Postgres(PgPool),
 }
 
-fn storage(pool: &SqlitePool, queue: &str, heartbeat: Duration) -> SqliteStorage<StageTask> {
-    SqliteStorage::new(pool).with_config(
-        QueueConfig::default()
-            .queue(queue)
-            .heartbeat_interval(heartbeat),
-    )
+#[derive(Clone)]
+struct Stages<S> {
+    train: S,
+    evaluate: S,
+    publish: S,
+}
+
+impl<S: Clone> Stages<S> {
+    fn new(storage: impl Fn(&str) -> S) -> Self {
+        Self {
+            train: storage(TRAIN_QUEUE),
+            evaluate: storage(EVALUATE_QUEUE),
+            publish: storage(PUBLISH_QUEUE),
+        }
+    }
+
+    fn of(&self, queue: &str) -> S {
+        match queue {
+            TRAIN_QUEUE => self.train.clone(),
+            EVALUATE_QUEUE => self.evaluate.clone(),
+            _ => self.publish.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Queues {
+    Sqlite(Stages<SqliteStorage<StageTask>>),
+    Postgres(Stages<PostgresStorage<StageTask>>),
 }
 
 impl Context {
-    /// Sets up the queue tables in `queue_pool` (a pool of its own: apalis switches its
-    /// connections to `synchronous = OFF`, which must never acknowledge client data).
+    /// Sets up the queue's tables (apalis migrates them itself).
     pub async fn new(
         db: Db,
         registry: Registry,
         metrics: Metrics,
         config: WorkerConfig,
-        queue_pool: SqlitePool,
+        queue: QueueDb,
     ) -> Result<Arc<Self>, WorkerError> {
-        SqliteStorage::setup(&queue_pool)
-            .await
-            .map_err(|e| WorkerError::Queue(e.to_string()))?;
+        let queue_error = |e: &dyn std::fmt::Display| WorkerError::Queue(e.to_string());
         let beat = config.heartbeat_interval;
-        let queues = Queues {
-            train: storage(&queue_pool, TRAIN_QUEUE, beat),
-            evaluate: storage(&queue_pool, EVALUATE_QUEUE, beat),
-            publish: storage(&queue_pool, PUBLISH_QUEUE, beat),
+        let queues = match queue {
+            QueueDb::Sqlite(pool) => {
+                SqliteStorage::setup(&pool)
+                    .await
+                    .map_err(|e| queue_error(&e))?;
+                Queues::Sqlite(Stages::new(|queue| {
+                    SqliteStorage::new(&pool).with_config(
+                        apalis_sqlite::Config::default()
+                            .queue(queue)
+                            .heartbeat_interval(beat),
+                    )
+                }))
+            }
+            QueueDb::Postgres(pool) => {
+                PostgresStorage::setup(&pool)
+                    .await
+                    .map_err(|e| queue_error(&e))?;
+                Queues::Postgres(Stages::new(|queue| {
+                    PostgresStorage::new(&pool).with_config(
+                        apalis_postgres::Config::default()
+                            .queue(queue)
+                            .heartbeat_interval(beat),
+                    )
+                }))
+            }
         };
         Ok(Arc::new(Self {
             db,
@@ -196,21 +241,25 @@ impl Context {
     }
 
     pub(crate) async fn enqueue(&self, queue: &str, job: &JobId) -> Result<(), WorkerError> {
-        let mut storage = match queue {
-            TRAIN_QUEUE => self.queues.train.clone(),
-            EVALUATE_QUEUE => self.queues.evaluate.clone(),
-            _ => self.queues.publish.clone(),
-        };
         // One attempt: a stage that fails marks its job failed; retrying bad input helps nobody.
         let task = TaskBuilder::new(StageTask {
             job_id: job.clone(),
         })
         .max_attempts(1)
         .build();
-        storage
-            .push_task(task)
-            .await
-            .map_err(|e| WorkerError::Queue(e.to_string()))
+        let pushed = match &self.queues {
+            Queues::Sqlite(stages) => stages
+                .of(queue)
+                .push_task(task)
+                .await
+                .map_err(|e| e.to_string()),
+            Queues::Postgres(stages) => stages
+                .of(queue)
+                .push_task(task)
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        pushed.map_err(WorkerError::Queue)
     }
 }
 
@@ -236,13 +285,28 @@ pub async fn run(
         ($name:literal, $storage:ident, $stage:path) => {{
             let ctx = ctx.clone();
             let name = format!("{}-{}", $name, &instance[..12]);
-            monitor = monitor.register(move |_| {
-                WorkerBuilder::new(name.clone())
-                    .backend(ctx.queues.$storage.clone().poll_with_interval(poll))
-                    .concurrency(slots)
-                    .data(ctx.clone())
-                    .build($stage)
-            });
+            monitor = match &ctx.queues {
+                Queues::Sqlite(stages) => {
+                    let backend = stages.$storage.clone();
+                    monitor.register(move |_| {
+                        WorkerBuilder::new(name.clone())
+                            .backend(backend.clone().poll_with_interval(poll))
+                            .concurrency(slots)
+                            .data(ctx.clone())
+                            .build($stage)
+                    })
+                }
+                Queues::Postgres(stages) => {
+                    let backend = stages.$storage.clone();
+                    monitor.register(move |_| {
+                        WorkerBuilder::new(name.clone())
+                            .backend(backend.clone().poll_with_interval(poll))
+                            .concurrency(slots)
+                            .data(ctx.clone())
+                            .build($stage)
+                    })
+                }
+            };
         }};
     }
     for queue in &ctx.config.queues {
