@@ -13,7 +13,7 @@ mod sql;
 pub use models::{
     AuditEntry, CorrectionRow, DomainRow, InsertOutcome, JobEvent, JobRow, TokenRow, VersionRow,
 };
-pub use repo::{DatabaseUrl, Db};
+pub use repo::{DatabaseUrl, Db, SQLITE_WRITER_CACHE_KIB};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {

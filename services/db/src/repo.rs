@@ -20,7 +20,38 @@ use crate::{DbError, Result};
 #[derive(Clone, Debug)]
 pub struct Db {
     pool: Pool,
+    /// SQLite: the one connection corrections are written through. SQLite has one writer
+    /// anyway; a connection of its own keeps its page cache (the content-hash index, whose
+    /// keys land at random) warm instead of re-reading pages another connection's write made
+    /// stale, and concurrent uploads queue for it instead of sleeping in SQLite's busy handler.
+    writer: Option<sqlx::SqlitePool>,
+    /// SQLite: while any clone of this handle lives, WAL checkpoints run in the background.
+    _alive: Option<std::sync::Arc<()>>,
 }
+
+/// Copies SQLite's write-ahead log back into the database off the commit path. Left to the
+/// writer, every commit that crosses the WAL's size threshold pays for the copy (and its
+/// fsync) before the client hears back; here a reader connection does it twice a second,
+/// PASSIVE so it never blocks a writer. Stops when the last handle on the database drops.
+async fn checkpoint_in_background(pool: sqlx::SqlitePool, alive: std::sync::Weak<()>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if alive.strong_count() == 0 || pool.is_closed() {
+            return;
+        }
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&pool)
+            .await
+        {
+            tracing::warn!(error = %e, "WAL checkpoint failed; the next one tries again");
+        }
+    }
+}
+
+/// The writer's page cache, in KiB: enough for the content-hash index of a few million rows.
+pub const SQLITE_WRITER_CACHE_KIB: i64 = 64 * 1024;
 
 /// Which database an instance uses, parsed from `--database`: a `postgres://` (or
 /// `postgresql://`) URL, or a SQLite file given as a path or `sqlite://` URL.
@@ -87,10 +118,26 @@ impl Db {
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(SQLITE_CONNECTIONS)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(60))
+            .connect_with(
+                options
+                    .pragma("cache_size", format!("-{SQLITE_WRITER_CACHE_KIB}"))
+                    .pragma("wal_autocheckpoint", "0"),
+            )
+            .await?;
+        let alive = std::sync::Arc::new(());
+        tokio::spawn(checkpoint_in_background(
+            pool.clone(),
+            std::sync::Arc::downgrade(&alive),
+        ));
         let db = Self {
             pool: Pool::Sqlite(pool),
+            writer: Some(writer),
+            _alive: Some(alive),
         };
         db.migrate().await?;
         Ok(db)
@@ -109,6 +156,8 @@ impl Db {
             .await?;
         let db = Self {
             pool: Pool::Postgres(pool),
+            writer: None,
+            _alive: None,
         };
         db.migrate().await?;
         Ok(db)
@@ -166,7 +215,10 @@ impl Db {
     }
 
     pub async fn close(&self) {
-        with_pool!(self, pool => pool.close().await)
+        with_pool!(self, pool => pool.close().await);
+        if let Some(writer) = &self.writer {
+            writer.close().await;
+        }
     }
 
     // ---- domains ----
@@ -238,7 +290,11 @@ impl Db {
         const PER_STATEMENT: usize = 100;
         let mut outcome = InsertOutcome::default();
         let created_at = Stamp::now();
-        with_pool!(self, pool => {
+        let target = match &self.writer {
+            Some(writer) => Pool::Sqlite(writer.clone()),
+            None => self.pool.clone(),
+        };
+        with_pool!(pool target, pool => {
             let mut tx = pool.begin().await?;
             for chunk in rows.chunks(PER_STATEMENT) {
                 let mut query = sqlx::QueryBuilder::new(

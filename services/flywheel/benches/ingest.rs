@@ -1,7 +1,10 @@
-//! Ingestion throughput and latency over real HTTP into SQLite, beside the limit: a raw
-//! bulk-insert loop into the same schema. Not a test: it prints numbers.
+//! Ingestion throughput and latency over real HTTP into SQLite and PostgreSQL, each beside
+//! its limit: a raw bulk-insert loop into the same schema of the same database. Not a test: it
+//! prints numbers.
 //!
-//! cargo bench -p flywheel --bench ingest [-- --rows 200000 --batch 1000 --singles 2000 --pii off]
+//! eval "$(.ci/services)"   # PostgreSQL, for FLYWHEEL_TEST_POSTGRES
+//! cargo bench -p flywheel --bench ingest [-- --rows 200000 --batch 1000 --singles 2000
+//!     --pii off --database sqlite|postgres|both]
 
 use std::time::{Duration, Instant};
 
@@ -14,6 +17,7 @@ struct Args {
     concurrency: usize,
     /// The domain's PII action (`replace` is the default policy; `off` skips detection).
     pii: String,
+    database: String,
 }
 
 fn args() -> Args {
@@ -23,6 +27,7 @@ fn args() -> Args {
         singles: 2_000,
         concurrency: 4,
         pii: "replace".into(),
+        database: "both".into(),
     };
     let argv: Vec<String> = std::env::args().collect();
     for pair in argv.windows(2) {
@@ -33,6 +38,7 @@ fn args() -> Args {
             "--singles" => a.singles = value(),
             "--concurrency" => a.concurrency = value(),
             "--pii" => a.pii = pair[1].clone(),
+            "--database" => a.database = pair[1].clone(),
             _ => {}
         }
     }
@@ -71,15 +77,86 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = args();
-    let dir = tempfile::tempdir()?;
-    let texts: Vec<String> = LABELS.iter().map(|s| s.to_string()).collect();
-    let model = dir.path().join("model");
-    flywheel::init_tiny_model(&model, &texts)?;
+struct Figures {
+    batched: f64,
+    raw: f64,
+    p50: Duration,
+    p99: Duration,
+}
 
-    let mut config = flywheel::Config::new(dir.path().join("data"));
+/// The limit: the same rows straight into the same schema with no HTTP, JSON, validation or
+/// redaction: multi-row INSERTs of 100 rows in transactions of `batch` rows, committed as
+/// durably as the server's own (`synchronous = FULL`; PostgreSQL's default commit).
+macro_rules! raw_loop {
+    ($pool:expr, $rows:expr, $batch:expr, $metadata:expr, $at:expr) => {{
+        let pool = $pool;
+        sqlx::query(
+            "INSERT INTO domains (name, task, base_model, labels, policy, created_at)
+             VALUES ('raw', 'classification', 'm', $1, $2, $3)",
+        )
+        .bind(sqlx::types::Json(json!([])))
+        .bind(sqlx::types::Json(json!({})))
+        .bind($at)
+        .execute(&pool)
+        .await?;
+        let started = Instant::now();
+        for batch in $rows.chunks($batch) {
+            let mut tx = pool.begin().await?;
+            for chunk in batch.chunks(100) {
+                let mut q = sqlx::QueryBuilder::new(
+                    "INSERT INTO corrections (domain_id, client_id, content_hash, input, model_output,
+                       expected, source, metadata, split, created_at) ",
+                );
+                q.push_values(chunk, |mut b, r| {
+                    b.push_bind(1i64)
+                        .push_bind(r["client_id"].as_str())
+                        .push_bind(r["content_hash"].as_str())
+                        .push_bind(r["input"].as_str())
+                        .push_bind(r["model_output"].as_str())
+                        .push_bind(r["expected"].as_str())
+                        .push_bind("human")
+                        .push_bind($metadata)
+                        .push_bind("train")
+                        .push_bind($at);
+                });
+                q.push(" ON CONFLICT DO NOTHING");
+                q.build().execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+        }
+        $rows.len() as f64 / started.elapsed().as_secs_f64()
+    }};
+}
+
+/// A fresh database of the kind `which` names, in `dir` or on the test PostgreSQL server.
+async fn fresh_database(
+    which: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<flywheel_db::DatabaseUrl> {
+    Ok(match which {
+        "sqlite" => flywheel_db::DatabaseUrl::Sqlite(
+            dir.join(format!("{}.db", uuid::Uuid::new_v4().simple())),
+        ),
+        _ => {
+            let server = std::env::var("FLYWHEEL_TEST_POSTGRES").map_err(|_| {
+                anyhow::anyhow!("the PostgreSQL half needs FLYWHEEL_TEST_POSTGRES: run eval \"$(.ci/services)\" first, or pass --database sqlite")
+            })?;
+            let name = format!("flywheel_bench_{}", uuid::Uuid::new_v4().simple());
+            flywheel_db::DatabaseUrl::Postgres(
+                flywheel_db::Db::create_postgres_database(&server, &name).await?,
+            )
+        }
+    })
+}
+
+async fn measure(
+    args: &Args,
+    which: &str,
+    dir: &std::path::Path,
+    model: &std::path::Path,
+) -> anyhow::Result<Figures> {
+    let mut config = flywheel::Config::new(dir.join("data"));
+    config.database = Some(fresh_database(which, dir).await?);
     config.auth = flywheel_api::AuthMode::Off;
     config.worker.queues.clear();
     config.worker.scheduler = false;
@@ -132,70 +209,107 @@ async fn main() -> anyhow::Result<()> {
     latencies.sort();
     running.shutdown().await?;
 
-    // The limit: the same rows straight into the same schema with no HTTP, JSON, validation or
-    // redaction: multi-row INSERTs of 100 rows in transactions of `batch` rows,
-    // synchronous = FULL like the server's own connections.
-    let raw_db = flywheel_db::Db::open_sqlite(&dir.path().join("raw.db")).await?;
-    drop(raw_db);
-    let pool = sqlx::sqlite::SqlitePoolOptions::new()
-        .max_connections(1)
-        .connect_with(
-            sqlx::sqlite::SqliteConnectOptions::new()
-                .filename(dir.path().join("raw.db"))
-                .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-                .synchronous(sqlx::sqlite::SqliteSynchronous::Full),
-        )
-        .await?;
-    sqlx::query(
-        "INSERT INTO domains (name, task, base_model, labels, policy, created_at)
-         VALUES ('raw', 'classification', 'm', '[]', '{}', '2026-01-01T00:00:00Z')",
-    )
-    .execute(&pool)
-    .await?;
-    let rows: Vec<Value> = (0..args.rows).map(row).collect();
-    let started = Instant::now();
-    for batch in rows.chunks(args.batch) {
-        let mut tx = pool.begin().await?;
-        for chunk in batch.chunks(100) {
-            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                "INSERT INTO corrections (domain_id, client_id, content_hash, input, model_output,
-                   expected, source, metadata, split, created_at) ",
+    let raw_url = fresh_database(which, dir).await?;
+    flywheel_db::Db::open(&raw_url).await?.close().await;
+    // The rows as the server stores them: keyed by the same content hash (computed before
+    // the clock starts: hashing is the server's work, not the database's).
+    let rows: Vec<Value> = (0..args.rows)
+        .map(|i| {
+            let mut r = row(i);
+            let hash = flywheel_domain::content_hash(
+                r["input"].as_str().unwrap(),
+                r["expected"].as_str().unwrap(),
             );
-            q.push_values(chunk, |mut b, r| {
-                b.push_bind(1i64)
-                    .push_bind(r["client_id"].as_str())
-                    .push_bind(r["client_id"].as_str())
-                    .push_bind(r["input"].as_str())
-                    .push_bind(r["model_output"].as_str())
-                    .push_bind(r["expected"].as_str())
-                    .push_bind("human")
-                    .push_bind("null")
-                    .push_bind("train")
-                    .push_bind("2026-01-01T00:00:00Z");
+            r["content_hash"] = hash.into();
+            r
+        })
+        .collect();
+    let raw = match &raw_url {
+        flywheel_db::DatabaseUrl::Sqlite(path) => {
+            // Set up as the server's writer is: its page cache, and the WAL copied back by
+            // another connection twice a second instead of by the committing one.
+            let options = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(path)
+                .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                .synchronous(sqlx::sqlite::SqliteSynchronous::Full);
+            let pool = sqlx::sqlite::SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(
+                    options
+                        .clone()
+                        .pragma(
+                            "cache_size",
+                            format!("-{}", flywheel_db::SQLITE_WRITER_CACHE_KIB),
+                        )
+                        .pragma("wal_autocheckpoint", "0"),
+                )
+                .await?;
+            let checkpointer = sqlx::SqlitePool::connect_with(options).await?;
+            let background = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let _ = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                        .execute(&checkpointer)
+                        .await;
+                }
             });
-            q.push(" ON CONFLICT DO NOTHING");
-            q.build().execute(&mut *tx).await?;
+            let raw = raw_loop!(pool, rows, args.batch, "null", "2026-01-01T00:00:00Z");
+            background.abort();
+            raw
         }
-        tx.commit().await?;
-    }
-    let raw = args.rows as f64 / started.elapsed().as_secs_f64();
+        flywheel_db::DatabaseUrl::Postgres(url) => {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .connect(url)
+                .await?;
+            let at: chrono::DateTime<chrono::Utc> = "2026-01-01T00:00:00Z".parse()?;
+            raw_loop!(pool, rows, args.batch, sqlx::types::Json(Value::Null), at)
+        }
+    };
+    Ok(Figures {
+        batched,
+        raw,
+        p50: percentile(&latencies, 0.50),
+        p99: percentile(&latencies, 0.99),
+    })
+}
 
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = args();
+    let dir = tempfile::tempdir()?;
+    let texts: Vec<String> = LABELS.iter().map(|s| s.to_string()).collect();
+    let model = dir.path().join("model");
+    flywheel::init_tiny_model(&model, &texts)?;
+    let databases: &[&str] = match args.database.as_str() {
+        "sqlite" => &["sqlite"],
+        "postgres" => &["postgres"],
+        "both" => &["sqlite", "postgres"],
+        other => anyhow::bail!("--database {other}: use sqlite, postgres or both"),
+    };
     println!(
-        "ingestion, SQLite, {} rows in batches of {} ({} concurrent clients, PII {}), {} cores",
+        "ingestion, {} rows in batches of {} ({} concurrent clients, PII {}), {} cores",
         args.rows,
         args.batch,
         args.concurrency,
         args.pii,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    println!("  batched over HTTP:      {batched:>10.0} corrections/s");
-    println!("  raw bulk-insert loop:   {raw:>10.0} rows/s");
-    println!("  ratio batched / raw:    {:>10.2}", batched / raw);
     println!(
-        "  single POST ({}):      p50 {:.2} ms, p99 {:.2} ms",
-        args.singles,
-        percentile(&latencies, 0.50).as_secs_f64() * 1e3,
-        percentile(&latencies, 0.99).as_secs_f64() * 1e3
+        "  {:<10} {:>16} {:>14} {:>8} {:>12} {:>12}",
+        "database", "batched (rows/s)", "raw (rows/s)", "ratio", "single p50", "single p99"
     );
+    for which in databases {
+        let f = measure(&args, which, dir.path(), &model).await?;
+        println!(
+            "  {:<10} {:>16.0} {:>14.0} {:>8.2} {:>9.2} ms {:>9.2} ms",
+            which,
+            f.batched,
+            f.raw,
+            f.batched / f.raw,
+            f.p50.as_secs_f64() * 1e3,
+            f.p99.as_secs_f64() * 1e3
+        );
+    }
     Ok(())
 }
