@@ -8,13 +8,12 @@ use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use rand::seq::SliceRandom;
 use rand::{SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::checkpoint::{Checkpoint, to_host};
-use crate::classifier::{Progress, TrainReport, TrainSpec, TrainStep};
+use crate::classifier::{TrainReport, TrainSpec, TrainStep};
 use crate::llama::{Llama, LlamaConfig};
 use crate::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, write_peft_adapter};
 use crate::{Result, TrainerError};
@@ -127,6 +126,7 @@ pub fn train_causal_lm(
     if rows.is_empty() {
         return Err(TrainerError::InvalidSpec("no training rows".into()));
     }
+    let _turn = crate::fit::exclusive();
     let device = crate::device().autodiff();
     device.seed(spec.seed);
     let config = load_config(&spec.base_model_dir)?;
@@ -137,19 +137,28 @@ pub fn train_causal_lm(
         .map(|r| encode(&codec, r, max_len))
         .collect::<Result<_>>()?;
     let mut ckpt = Checkpoint::open(&spec.base_model_dir)?;
-    let mut model = config.load(&mut ckpt, Some(&spec.lora), &device)?;
+    let model = config.load(&mut ckpt, Some(&spec.lora), &device)?;
     let total_parameters = model.num_params();
     let trainable_parameters: usize = layers_of(&model)
         .map(|(_, p)| p.trainable_parameters())
         .sum();
 
-    let mut optim = crate::classifier::optimizer(spec);
-    let mut progress = Progress::new(spec, rows.len().div_ceil(spec.batch_size) * spec.epochs);
-    let mut rng = StdRng::seed_from_u64(spec.seed);
-    let mut order: Vec<usize> = (0..rows.len()).collect();
-    for epoch in 0..spec.epochs {
-        order.shuffle(&mut rng);
-        for chunk in order.chunks(spec.batch_size) {
+    let fingerprint = crate::fit::fingerprint(spec, |h| {
+        for r in rows {
+            h.write(r.prompt.as_bytes());
+            h.write_u8(0);
+            h.write(r.completion.as_bytes());
+            h.write_u32(r.weight.to_bits());
+        }
+    });
+    let (model, progress) = crate::fit::fit(
+        spec,
+        &fingerprint,
+        rows.len(),
+        &device,
+        model,
+        on_step,
+        |model: &Llama, chunk| {
             let batch: Vec<&Encoded> = chunk.iter().map(|&i| &encoded[i]).collect();
             let s = batch.iter().map(|e| e.ids.len()).max().unwrap_or(1);
             let mut ids = vec![codec.eos as i64; batch.len() * s];
@@ -176,19 +185,15 @@ pub fn train_causal_lm(
                 Tensor::<2, Int>::from_data(TensorData::new(ids, [batch.len(), s]), &device);
             let weights = weights.iter().any(|&w| w != 1.0).then_some(weights);
             let loss = next_token_loss(
-                &model,
+                model,
                 model.hidden(input, &masks),
                 positions,
                 targets,
                 weights,
             );
-            let loss_value = loss.clone().into_scalar::<f32>() as f64;
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            let lr = progress.lr();
-            model = optim.step(lr, model, grads);
-            progress.record(epoch, loss_value, lr, tokens, on_step)?;
-        }
-    }
+            Ok((loss, tokens))
+        },
+    )?;
     write_peft_adapter(
         &spec.output_dir,
         &spec.base_model_dir,

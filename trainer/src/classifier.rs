@@ -2,17 +2,12 @@
 //! encoder. Training, PEFT export and inference.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
-use burn::grad_clipping::GradientClippingConfig;
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Linear, LinearConfig};
-use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use rand::seq::SliceRandom;
-use rand::{SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 
 use crate::bert::{Bert, BertConfig};
@@ -55,6 +50,16 @@ pub struct TrainSpec {
     pub max_seq_len: usize,
     pub label_smoothing: f64,
     pub seed: u64,
+    /// Micro-batches of `batch_size` whose gradients make one optimizer step.
+    #[serde(default = "one")]
+    pub grad_accumulation: usize,
+    /// Where to save the run's state every few steps, and resume it from after a crash.
+    #[serde(default)]
+    pub checkpointing: Option<crate::Checkpointing>,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl TrainSpec {
@@ -85,6 +90,8 @@ impl TrainSpec {
             max_seq_len: 64,
             label_smoothing: 0.0,
             seed: 17,
+            grad_accumulation: 1,
+            checkpointing: None,
         }
     }
 
@@ -99,8 +106,12 @@ impl TrainSpec {
         if let Some(r) = rows.iter().find(|r| r.label >= self.labels.len()) {
             return bad(format!("label index {} out of range", r.label));
         }
-        if self.lora.r == 0 || self.epochs == 0 || self.batch_size == 0 {
-            return bad("rank, epochs and batch size must be positive".into());
+        if self.lora.r == 0
+            || self.epochs == 0
+            || self.batch_size == 0
+            || self.grad_accumulation == 0
+        {
+            return bad("rank, epochs, batch size and grad_accumulation must be positive".into());
         }
         if !(0.0..1.0).contains(&self.label_smoothing) {
             return bad("label_smoothing must be in [0, 1)".into());
@@ -125,6 +136,8 @@ pub struct TrainStep {
     pub learning_rate: f64,
     pub tokens_per_second: f64,
     pub elapsed_seconds: f64,
+    /// At this step's pace, how long the rest of the run takes.
+    pub eta_seconds: f64,
 }
 
 /// What a finished run reports.
@@ -176,6 +189,7 @@ pub fn train_classifier(
     on_step: &mut dyn FnMut(&TrainStep) -> bool,
 ) -> Result<TrainReport> {
     spec.validate(rows)?;
+    let _turn = crate::fit::exclusive();
     let device = crate::device().autodiff();
     device.seed(spec.seed);
     let config = load_config(&spec.base_model_dir)?;
@@ -186,21 +200,28 @@ pub fn train_classifier(
     let mut ckpt = Checkpoint::open(&spec.base_model_dir)?;
     let encoder = config.load(&mut ckpt, Some(&spec.lora), &device)?;
     let head = LinearConfig::new(config.hidden_size, spec.labels.len()).init(&device);
-    let mut model = Classifier { encoder, head };
+    let model = Classifier { encoder, head };
     let total_parameters = model.num_params();
     let trainable_parameters = trainable(&model);
 
-    let mut optim = optimizer(spec);
     let loss_fn = CrossEntropyLossConfig::new()
         .with_smoothing((spec.label_smoothing > 0.0).then_some(spec.label_smoothing as f32))
         .init(&device);
-
-    let mut progress = Progress::new(spec, rows.len().div_ceil(spec.batch_size) * spec.epochs);
-    let mut rng = StdRng::seed_from_u64(spec.seed);
-    let mut order: Vec<usize> = (0..rows.len()).collect();
-    for epoch in 0..spec.epochs {
-        order.shuffle(&mut rng);
-        for chunk in order.chunks(spec.batch_size) {
+    let fingerprint = crate::fit::fingerprint(spec, |h| {
+        for r in rows {
+            h.write(r.text.as_bytes());
+            h.write_usize(r.label);
+            h.write_u32(r.weight.to_bits());
+        }
+    });
+    let (model, progress) = crate::fit::fit(
+        spec,
+        &fingerprint,
+        rows.len(),
+        &device,
+        model,
+        on_step,
+        |model: &Classifier, chunk| {
             let texts: Vec<&str> = chunk.iter().map(|&i| rows[i].text.as_str()).collect();
             let labels: Vec<i64> = chunk.iter().map(|&i| rows[i].label as i64).collect();
             let batch = encoder_text.encode(&texts, &device)?;
@@ -213,13 +234,9 @@ pub fn train_classifier(
             } else {
                 weighted_cross_entropy(logits, targets, weights, spec.label_smoothing as f32)
             };
-            let loss_value = loss.clone().into_scalar::<f32>() as f64;
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            let lr = progress.lr();
-            model = optim.step(lr, model, grads);
-            progress.record(epoch, loss_value, lr, batch.tokens, on_step)?;
-        }
-    }
+            Ok((loss, batch.tokens))
+        },
+    )?;
     let files = export(&model, spec, &config)?;
     Ok(progress.report(rows.len(), trainable_parameters, total_parameters, files))
 }
@@ -246,104 +263,6 @@ fn weighted_cross_entropy(
     let total: f32 = weights.iter().sum();
     let w = Tensor::<2>::from_data(TensorData::new(weights, [n, 1]), &device);
     (per_row * w).sum().div_scalar(total)
-}
-
-/// Step bookkeeping shared by every training loop: the learning-rate schedule, the loss curve,
-/// throughput, and the caller's progress callback (which may cancel the run).
-pub(crate) struct Progress {
-    started: Instant,
-    tokens: usize,
-    step: usize,
-    total_steps: usize,
-    warmup: usize,
-    peak_lr: f64,
-    loss_curve: Vec<(usize, f64)>,
-}
-
-impl Progress {
-    pub(crate) fn new(spec: &TrainSpec, total_steps: usize) -> Self {
-        Self {
-            started: Instant::now(),
-            tokens: 0,
-            step: 0,
-            total_steps,
-            warmup: ((total_steps as f64) * spec.warmup_ratio).ceil() as usize,
-            peak_lr: spec.learning_rate,
-            loss_curve: Vec::with_capacity(total_steps),
-        }
-    }
-
-    /// The learning rate for the next step.
-    pub(crate) fn lr(&self) -> f64 {
-        schedule(self.peak_lr, self.step, self.warmup, self.total_steps)
-    }
-
-    /// Records a finished step and tells the caller; `Err(Cancelled)` if it asked to stop.
-    pub(crate) fn record(
-        &mut self,
-        epoch: usize,
-        loss: f64,
-        lr: f64,
-        tokens: usize,
-        on_step: &mut dyn FnMut(&TrainStep) -> bool,
-    ) -> Result<()> {
-        self.step += 1;
-        self.tokens += tokens;
-        self.loss_curve.push((self.step, loss));
-        let elapsed = self.started.elapsed().as_secs_f64();
-        let progress = TrainStep {
-            step: self.step,
-            total_steps: self.total_steps,
-            epoch,
-            loss,
-            learning_rate: lr,
-            tokens_per_second: self.tokens as f64 / elapsed.max(1e-9),
-            elapsed_seconds: elapsed,
-        };
-        if on_step(&progress) {
-            Ok(())
-        } else {
-            Err(TrainerError::Cancelled)
-        }
-    }
-
-    pub(crate) fn report(
-        self,
-        examples: usize,
-        trainable_parameters: usize,
-        total_parameters: usize,
-        files: Vec<String>,
-    ) -> TrainReport {
-        let wall_seconds = self.started.elapsed().as_secs_f64();
-        TrainReport {
-            steps: self.step,
-            examples,
-            tokens: self.tokens,
-            wall_seconds,
-            tokens_per_second: self.tokens as f64 / wall_seconds.max(1e-9),
-            loss_curve: self.loss_curve,
-            trainable_parameters,
-            total_parameters,
-            files,
-        }
-    }
-}
-
-/// AdamW with the spec's weight decay and gradient clipping at norm 1.
-pub(crate) fn optimizer(spec: &TrainSpec) -> burn::optim::ModuleOptimizer {
-    AdamWConfig::new()
-        .with_weight_decay(spec.weight_decay as f32)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
-        .init()
-}
-
-/// Linear warmup, then cosine decay to zero.
-pub(crate) fn schedule(peak: f64, step: usize, warmup: usize, total: usize) -> f64 {
-    if step < warmup {
-        return peak * (step + 1) as f64 / warmup as f64;
-    }
-    let progress = (step - warmup) as f64 / (total - warmup).max(1) as f64;
-    peak * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
 }
 
 fn trainable(model: &Classifier) -> usize {

@@ -9,6 +9,7 @@ mod bert;
 mod causal;
 mod checkpoint;
 mod classifier;
+mod fit;
 mod llama;
 mod lora;
 #[cfg(test)]
@@ -20,6 +21,7 @@ pub use causal::{Generation, Generator, SftExample, StepBench, bench_lora_steps,
 pub use classifier::{
     ClassifierPredictor, Example, Prediction, TrainReport, TrainSpec, TrainStep, train_classifier,
 };
+pub use fit::Checkpointing;
 pub use lora::{LLAMA_PROJECTIONS, LoraSpec};
 
 use std::path::{Path, PathBuf};

@@ -174,3 +174,141 @@ fn causal_lm_sft_learns_to_generate_the_corrected_completion() {
         .unwrap();
     assert_eq!(b.shape(), &[64, 8]);
 }
+
+/// A run killed after its last checkpoint and started again resumes there and follows the
+/// loss curve of a run that was never interrupted, step for step (dropout and gradient
+/// accumulation included), and writes the same adapter.
+#[test]
+fn a_run_resumed_from_its_checkpoint_follows_the_uninterrupted_loss_curve() {
+    use flywheel_trainer::tiny::{TinyLlamaSpec, init_tiny_llama};
+    use flywheel_trainer::{Checkpointing, SftExample, TrainerError, train_causal_lm};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (labels, rows) = banking();
+    let rows: Vec<Example> = rows.into_iter().take(96).collect();
+    let bert = dir.path().join("bert");
+    init_tiny_bert(
+        &bert,
+        rows.iter().map(|r| r.text.as_str()),
+        &TinyBertSpec::default(),
+    )
+    .unwrap();
+    let sft: Vec<SftExample> = rows
+        .iter()
+        .map(|r| SftExample {
+            prompt: r.text.clone(),
+            completion: labels[r.label].replace('_', " "),
+            weight: 1.0,
+        })
+        .collect();
+    let llama = dir.path().join("llama");
+    init_tiny_llama(
+        &llama,
+        sft.iter()
+            .flat_map(|e| [e.prompt.clone(), e.completion.clone()]),
+        &TinyLlamaSpec::default(),
+    )
+    .unwrap();
+
+    let spec_for = |base: &Path, name: &str| {
+        let mut spec = TrainSpec::new(base.to_owned(), dir.path().join(name), labels.clone());
+        if base == llama {
+            spec.labels.clear();
+            spec.lora.target_modules = flywheel_trainer::LLAMA_PROJECTIONS
+                .map(String::from)
+                .to_vec();
+        }
+        spec.epochs = 3;
+        spec.batch_size = 8;
+        spec.grad_accumulation = 2;
+        spec.lora.dropout = 0.1;
+        spec.checkpointing = Some(Checkpointing {
+            dir: dir.path().join(format!("{name}-checkpoints")),
+            every_steps: 4,
+        });
+        spec
+    };
+    let train = |spec: &TrainSpec, stop_after: Option<usize>| {
+        let mut stop = |s: &flywheel_trainer::TrainStep| Some(s.step) != stop_after;
+        if spec.labels.is_empty() {
+            train_causal_lm(spec, &sft, &mut stop)
+        } else {
+            train_classifier(spec, &rows, &mut stop)
+        }
+    };
+
+    for base in [&bert, &llama] {
+        let whole = train(&spec_for(base, "whole"), None).unwrap();
+        // 96 rows / 8 = 12 micro-batches = 6 steps an epoch.
+        assert_eq!(whole.steps, 18);
+
+        let spec = spec_for(base, "crashed");
+        // Stopped during step 10: the checkpoint of step 8 is the newest.
+        assert!(matches!(
+            train(&spec, Some(10)),
+            Err(TrainerError::Cancelled)
+        ));
+        let mut resumed_steps = Vec::new();
+        let resumed = if spec.labels.is_empty() {
+            train_causal_lm(&spec, &sft, &mut |s| {
+                resumed_steps.push(s.step);
+                true
+            })
+        } else {
+            train_classifier(&spec, &rows, &mut |s| {
+                resumed_steps.push(s.step);
+                true
+            })
+        }
+        .unwrap();
+        assert_eq!(resumed_steps.first(), Some(&9), "{}", base.display());
+        assert_eq!(resumed.loss_curve.len(), whole.loss_curve.len());
+        for ((step, a), (_, b)) in whole.loss_curve.iter().zip(&resumed.loss_curve) {
+            assert!(
+                (a - b).abs() <= 1e-6 * a.abs().max(1.0),
+                "{}: step {step}: {a} uninterrupted, {b} resumed",
+                base.display()
+            );
+        }
+        let weights = |name: &str| {
+            std::fs::read(dir.path().join(name).join("adapter_model.safetensors")).unwrap()
+        };
+        assert_eq!(weights("whole"), weights("crashed"), "{}", base.display());
+
+        // A checkpoint holds what trains, not the frozen base model again.
+        let ckpt_dir = spec.checkpointing.as_ref().unwrap().dir.clone();
+        let newest = std::fs::read_dir(&ckpt_dir)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let saved = std::fs::metadata(newest.join("trainable.bpk"))
+            .unwrap()
+            .len();
+        let base_size = std::fs::metadata(base.join("model.safetensors"))
+            .unwrap()
+            .len();
+        eprintln!(
+            "{}: checkpoint {saved} B, base {base_size} B",
+            base.display()
+        );
+        assert!(saved * 3 < base_size, "{saved} vs {base_size}");
+
+        // The checkpoint dir now holds a finished run's last checkpoint; another run (another
+        // seed) pointed at it starts from step 1 instead of resuming someone else's state.
+        let mut other = spec.clone();
+        other.seed += 1;
+        let mut first_step = None;
+        let mut note = |s: &flywheel_trainer::TrainStep| {
+            first_step.get_or_insert(s.step);
+            false
+        };
+        let _ = if other.labels.is_empty() {
+            train_causal_lm(&other, &sft, &mut note)
+        } else {
+            train_classifier(&other, &rows, &mut note)
+        };
+        assert_eq!(first_step, Some(1), "{}", base.display());
+    }
+}

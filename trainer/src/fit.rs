@@ -1,0 +1,385 @@
+//! The training loop both objectives share: the seeded data order, gradient accumulation, the
+//! learning-rate schedule, progress, and checkpoints a crashed run resumes from on the same
+//! loss trajectory.
+//!
+//! A checkpoint is a directory `step-<n>/` holding the trainable parameters (burnpack, with
+//! their parameter ids, so the optimizer state keyed by those ids applies to them again), the
+//! optimizer state, and `state.json` (step, loss curve, tokens, and a fingerprint of the spec
+//! and the data: a checkpoint of a different run is never resumed). It is written under a
+//! temporary name and renamed into place, so a crash mid-write leaves the previous one.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::grad_clipping::GradientClippingConfig;
+use burn::module::{Module, ParamGroup};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::store::ModuleRecord;
+use burn::tensor::{Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::{SeedableRng, rngs::StdRng};
+use serde::{Deserialize, Serialize};
+
+use crate::classifier::{TrainReport, TrainSpec, TrainStep};
+use crate::{Result, TrainerError, io_err};
+
+/// Where and how often a run saves its state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Checkpointing {
+    /// A directory of the run's own; a run started again with the same spec and data resumes
+    /// from the newest checkpoint in it.
+    pub dir: PathBuf,
+    /// Optimizer steps between checkpoints.
+    pub every_steps: usize,
+}
+
+/// The parameters a run trains: LoRA matrices and, for classifiers, the head. Everything else
+/// is the frozen base model, which the checkpoint does not repeat.
+const TRAINABLE: &str = r"(^|\.)lora_[ab](\.|$)|^head\.";
+
+const STATE: &str = "state.json";
+const TRAINABLE_FILE: &str = "trainable.bpk";
+const OPTIMIZER_FILE: &str = "optimizer.bpk";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct State {
+    fingerprint: String,
+    step: usize,
+    tokens: usize,
+    elapsed_seconds: f64,
+    loss_curve: Vec<(usize, f64)>,
+}
+
+/// What identifies a run for resuming: every spec field that shapes the trajectory, and the
+/// rows (through `data`, which the caller hashes its rows into).
+pub(crate) fn fingerprint(spec: &TrainSpec, data: impl FnOnce(&mut dyn Hasher)) -> String {
+    // SipHash with fixed keys: stable for a given build, which is all a resume needs (a new
+    // build restarting an old run trains it from the start).
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new();
+    format!(
+        "{:?}|{:?}|{}|{}|{}|{}|{}|{}|{}|{}|{}",
+        spec.base_model_dir,
+        spec.lora,
+        spec.labels.join("\u{1f}"),
+        spec.epochs,
+        spec.batch_size,
+        spec.grad_accumulation,
+        spec.learning_rate,
+        spec.weight_decay,
+        spec.warmup_ratio,
+        spec.max_seq_len,
+        spec.seed,
+    )
+    .hash(&mut h);
+    spec.label_smoothing.to_bits().hash(&mut h);
+    data(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+/// Holds the process's random-number generator for one run. burn's CPU backend seeds a single
+/// process-wide generator (LoRA initialisation and dropout draw from it), so two runs
+/// interleaving their draws would each stop being reproducible, and a resumed run would leave
+/// its uninterrupted trajectory. Runs in one process take turns; training saturates the
+/// cores anyway.
+pub(crate) fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    static RUN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A run that panicked left nothing behind that the next one relies on.
+    RUN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Optimizer steps in a run over `rows` rows.
+pub(crate) fn total_steps(spec: &TrainSpec, rows: usize) -> usize {
+    rows.div_ceil(spec.batch_size)
+        .div_ceil(spec.grad_accumulation.max(1))
+        * spec.epochs
+}
+
+/// Trains `model` on `rows` rows. `batch_loss` computes the loss of a micro-batch (row
+/// indices) and the tokens it processed; every `grad_accumulation` micro-batches make one
+/// optimizer step. Returns the trained model and the bookkeeping for the report.
+pub(crate) fn fit<M: Module + Clone>(
+    spec: &TrainSpec,
+    fingerprint: &str,
+    rows: usize,
+    device: &Device,
+    mut model: M,
+    on_step: &mut dyn FnMut(&TrainStep) -> bool,
+    mut batch_loss: impl FnMut(&M, &[usize]) -> Result<(Tensor<1>, usize)>,
+) -> Result<(M, Progress)> {
+    let accumulate = spec.grad_accumulation.max(1);
+    let mut optim = optimizer(spec);
+    let mut progress = Progress::new(spec, total_steps(spec, rows));
+    if let Some(checkpoints) = &spec.checkpointing
+        && let Some((dir, state)) = latest(&checkpoints.dir, fingerprint)?
+    {
+        let record = ModuleRecord::load(dir.join(TRAINABLE_FILE))
+            .map_err(|e| bad_checkpoint(&dir, e))?
+            .allow_partial(true);
+        model = model
+            .try_load_record(record)
+            .map_err(|e| bad_checkpoint(&dir, e))?;
+        optim = optim
+            .load(dir.join(OPTIMIZER_FILE))
+            .map_err(|e| bad_checkpoint(&dir, e))?;
+        progress.resume(&state);
+        tracing::info!(step = state.step, dir = %dir.display(), "resuming from a checkpoint");
+    }
+
+    let mut rng = StdRng::seed_from_u64(spec.seed);
+    let mut order: Vec<usize> = (0..rows).collect();
+    let mut step = 0;
+    for epoch in 0..spec.epochs {
+        // Shuffled every epoch, resumed or not, so the order after a resume is the order the
+        // uninterrupted run would have seen.
+        order.shuffle(&mut rng);
+        let batches: Vec<&[usize]> = order.chunks(spec.batch_size).collect();
+        for group in batches.chunks(accumulate) {
+            step += 1;
+            if step <= progress.step {
+                continue;
+            }
+            // Dropout draws from the device's generator: seeding it per step makes a resumed
+            // step draw what the uninterrupted one did.
+            device.seed(spec.seed.wrapping_add(step as u64));
+            let mut accumulator = GradientsAccumulator::<M>::new();
+            let (mut loss_sum, mut tokens) = (0.0, 0);
+            for batch in group {
+                let (loss, n) = batch_loss(&model, batch)?;
+                let loss = loss.div_scalar(group.len() as f32);
+                loss_sum += loss.clone().into_scalar::<f32>() as f64;
+                tokens += n;
+                accumulator
+                    .accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
+            }
+            let lr = progress.lr();
+            model = optim.step(lr, model, accumulator.grads());
+            progress.record(epoch, loss_sum, lr, tokens, on_step)?;
+            if let Some(checkpoints) = &spec.checkpointing
+                && checkpoints.every_steps > 0
+                && step % checkpoints.every_steps == 0
+                && step < progress.total_steps
+            {
+                save(checkpoints, fingerprint, &model, &optim, &progress)?;
+            }
+        }
+    }
+    Ok((model, progress))
+}
+
+/// AdamW with the spec's weight decay and gradient clipping at norm 1.
+pub(crate) fn optimizer(spec: &TrainSpec) -> ModuleOptimizer {
+    AdamWConfig::new()
+        .with_weight_decay(spec.weight_decay as f32)
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
+        .init()
+}
+
+/// Linear warmup, then cosine decay to zero.
+pub(crate) fn schedule(peak: f64, step: usize, warmup: usize, total: usize) -> f64 {
+    if step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    let progress = (step - warmup) as f64 / (total - warmup).max(1) as f64;
+    peak * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+fn bad_checkpoint(dir: &Path, e: impl std::fmt::Display) -> TrainerError {
+    TrainerError::BadFile {
+        file: dir.to_owned(),
+        message: format!("unreadable checkpoint: {e}"),
+    }
+}
+
+/// The newest complete checkpoint of this run in `dir`, if any.
+fn latest(dir: &Path, fingerprint: &str) -> Result<Option<(PathBuf, State)>> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(None);
+    };
+    let mut found: Vec<(usize, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let step = name.strip_prefix("step-")?.parse().ok()?;
+            Some((step, e.path()))
+        })
+        .collect();
+    found.sort();
+    while let Some((_, path)) = found.pop() {
+        let Ok(raw) = std::fs::read_to_string(path.join(STATE)) else {
+            continue;
+        };
+        match serde_json::from_str::<State>(&raw) {
+            Ok(state) if state.fingerprint == fingerprint => return Ok(Some((path, state))),
+            Ok(_) => {
+                tracing::warn!(dir = %path.display(), "checkpoint of another run; starting afresh");
+                return Ok(None);
+            }
+            Err(_) => continue,
+        }
+    }
+    Ok(None)
+}
+
+fn save<M: Module + Clone>(
+    checkpoints: &Checkpointing,
+    fingerprint: &str,
+    model: &M,
+    optim: &ModuleOptimizer,
+    progress: &Progress,
+) -> Result<()> {
+    let dir = &checkpoints.dir;
+    let final_dir = dir.join(format!("step-{}", progress.step));
+    let tmp = dir.join(format!(".step-{}.partial", progress.step));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    let group = ParamGroup::from_regex(TRAINABLE)
+        .expect("the trainable-parameter patterns are valid regexes");
+    model
+        .clone()
+        .into_record_group(group)
+        .save(tmp.join(TRAINABLE_FILE))
+        .map_err(|e| bad_checkpoint(&tmp, e))?;
+    optim
+        .save(tmp.join(OPTIMIZER_FILE))
+        .map_err(|e| bad_checkpoint(&tmp, e))?;
+    let state = State {
+        fingerprint: fingerprint.to_owned(),
+        step: progress.step,
+        tokens: progress.tokens,
+        elapsed_seconds: progress.elapsed(),
+        loss_curve: progress.loss_curve.clone(),
+    };
+    let path = tmp.join(STATE);
+    std::fs::write(&path, serde_json::to_vec(&state).expect("json")).map_err(io_err(&path))?;
+    let _ = std::fs::remove_dir_all(&final_dir);
+    std::fs::rename(&tmp, &final_dir).map_err(io_err(&final_dir))?;
+    // Older checkpoints are superseded once the new one is in place.
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))?.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("step-") && entry.path() != final_dir {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// Step bookkeeping: the learning-rate schedule, the loss curve, throughput, and the caller's
+/// progress callback (which may cancel the run).
+pub(crate) struct Progress {
+    started: Instant,
+    /// Wall time of the run before this process resumed it.
+    earlier_seconds: f64,
+    /// Tokens processed by this process (for its throughput) and by the whole run.
+    tokens_here: usize,
+    pub(crate) tokens: usize,
+    pub(crate) step: usize,
+    steps_here: usize,
+    pub(crate) total_steps: usize,
+    warmup: usize,
+    peak_lr: f64,
+    pub(crate) loss_curve: Vec<(usize, f64)>,
+}
+
+impl Progress {
+    pub(crate) fn new(spec: &TrainSpec, total_steps: usize) -> Self {
+        Self {
+            started: Instant::now(),
+            earlier_seconds: 0.0,
+            tokens_here: 0,
+            tokens: 0,
+            step: 0,
+            steps_here: 0,
+            total_steps,
+            warmup: ((total_steps as f64) * spec.warmup_ratio).ceil() as usize,
+            peak_lr: spec.learning_rate,
+            loss_curve: Vec::with_capacity(total_steps),
+        }
+    }
+
+    fn resume(&mut self, state: &State) {
+        self.step = state.step;
+        self.tokens = state.tokens;
+        self.earlier_seconds = state.elapsed_seconds;
+        self.loss_curve = state.loss_curve.clone();
+    }
+
+    fn elapsed(&self) -> f64 {
+        self.earlier_seconds + self.started.elapsed().as_secs_f64()
+    }
+
+    /// The learning rate for the next step.
+    pub(crate) fn lr(&self) -> f64 {
+        schedule(self.peak_lr, self.step, self.warmup, self.total_steps)
+    }
+
+    /// Records a finished step and tells the caller; `Err(Cancelled)` if it asked to stop.
+    pub(crate) fn record(
+        &mut self,
+        epoch: usize,
+        loss: f64,
+        lr: f64,
+        tokens: usize,
+        on_step: &mut dyn FnMut(&TrainStep) -> bool,
+    ) -> Result<()> {
+        self.step += 1;
+        self.steps_here += 1;
+        self.tokens += tokens;
+        self.tokens_here += tokens;
+        self.loss_curve.push((self.step, loss));
+        let here = self.started.elapsed().as_secs_f64().max(1e-9);
+        let per_step = here / self.steps_here as f64;
+        let progress = TrainStep {
+            step: self.step,
+            total_steps: self.total_steps,
+            epoch,
+            loss,
+            learning_rate: lr,
+            tokens_per_second: self.tokens_here as f64 / here,
+            elapsed_seconds: self.elapsed(),
+            eta_seconds: per_step * self.total_steps.saturating_sub(self.step) as f64,
+        };
+        if on_step(&progress) {
+            Ok(())
+        } else {
+            Err(TrainerError::Cancelled)
+        }
+    }
+
+    pub(crate) fn report(
+        self,
+        examples: usize,
+        trainable_parameters: usize,
+        total_parameters: usize,
+        files: Vec<String>,
+    ) -> TrainReport {
+        let wall_seconds = self.elapsed();
+        TrainReport {
+            steps: self.step,
+            examples,
+            tokens: self.tokens,
+            wall_seconds,
+            tokens_per_second: self.tokens_here as f64
+                / self.started.elapsed().as_secs_f64().max(1e-9),
+            loss_curve: self.loss_curve,
+            trainable_parameters,
+            total_parameters,
+            files,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::schedule;
+
+    #[test]
+    fn warmup_then_cosine() {
+        assert!((schedule(1.0, 0, 4, 20) - 0.25).abs() < 1e-12);
+        assert!((schedule(1.0, 3, 4, 20) - 1.0).abs() < 1e-12);
+        assert!((schedule(1.0, 12, 4, 20) - 0.5).abs() < 1e-12);
+        assert!(schedule(1.0, 20, 4, 20).abs() < 1e-12);
+    }
+}
