@@ -1326,6 +1326,12 @@ async fn every_role_reaches_exactly_its_endpoints_on_its_own_domains() {
             None,
             &[Admin, Dept],
         ),
+        (
+            "GET",
+            format!("/v1/jobs/{job_id}/checkpoints"),
+            None,
+            &[Admin, Dept],
+        ),
         ("GET", "/v1/domains/banking/versions".into(), None, all),
         (
             "GET",
@@ -1697,6 +1703,7 @@ impl Server {
                 roles,
             ])
             .env("FLYWHEEL_JOB_LEASE_SECONDS", "3")
+            .env("FLYWHEEL_CHECKPOINT_EVERY_STEPS", "5")
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
             .stderr(std::process::Stdio::piped())
@@ -1953,7 +1960,8 @@ async fn stale_corrections_start_a_run_below_the_threshold() {
 }
 
 /// A worker killed in the middle of training gives its job back: after the lease runs out the
-/// job is requeued, trained from the start by the restarted process, and published.
+/// job is requeued, the restarted process resumes training from the newest checkpoint (not
+/// from step 1), and the job is published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_whose_worker_dies_is_requeued_and_finishes() {
     let dir = tempfile::tempdir().unwrap();
@@ -1992,18 +2000,21 @@ async fn a_job_whose_worker_dies_is_requeued_and_finishes() {
         assert_eq!(resp.status(), want);
     }
 
-    // Kill the process once training is under way.
+    // Kill the process once training has saved a checkpoint.
     let deadline = Instant::now() + Duration::from_secs(120);
-    let job_id = loop {
-        assert!(Instant::now() < deadline, "training never started");
+    let (job_id, saved) = loop {
+        assert!(
+            Instant::now() < deadline,
+            "training never saved a checkpoint"
+        );
         let jobs = get(server.base.clone(), "/v1/domains/banking/jobs".into()).await;
         if let Some(id) = jobs["data"][0]["id"].as_str() {
-            let events = get(server.base.clone(), format!("/v1/jobs/{id}/events")).await;
-            if events.to_string().contains("\"kind\":\"metrics\"") {
-                break id.to_owned();
+            let checkpoints = get(server.base.clone(), format!("/v1/jobs/{id}/checkpoints")).await;
+            if let Some(step) = checkpoints["data"][0]["step"].as_u64() {
+                break (id.to_owned(), step);
             }
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     };
     server.kill();
 
@@ -2026,6 +2037,24 @@ async fn a_job_whose_worker_dies_is_requeued_and_finishes() {
             .to_string()
             .contains("requeued: its worker stopped answering"),
         "{events}"
+    );
+    // Resumed at or after the checkpoint seen before the kill (a later one may have landed
+    // between the look and the kill), never from the start.
+    let resumed: u64 = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|e| {
+            e["message"]
+                .as_str()?
+                .strip_prefix("resumed from the checkpoint of step ")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no resume in {events}"));
+    assert!(
+        resumed >= saved && resumed.is_multiple_of(5),
+        "saved {saved}, resumed {resumed}"
     );
     let versions = get(server.base.clone(), "/v1/domains/banking/versions".into()).await;
     assert_eq!(versions["data"].as_array().unwrap().len(), 1, "{versions}");

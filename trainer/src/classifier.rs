@@ -138,6 +138,9 @@ pub struct TrainStep {
     pub elapsed_seconds: f64,
     /// At this step's pace, how long the rest of the run takes.
     pub eta_seconds: f64,
+    /// The checkpoint saved after this step, if one was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<PathBuf>,
 }
 
 /// What a finished run reports.

@@ -155,14 +155,18 @@ pub(crate) fn fit<M: Module + Clone>(
             }
             let lr = progress.lr();
             model = optim.step(lr, model, accumulator.grads());
-            progress.record(epoch, loss_sum, lr, tokens, on_step)?;
-            if let Some(checkpoints) = &spec.checkpointing
-                && checkpoints.every_steps > 0
-                && step % checkpoints.every_steps == 0
-                && step < progress.total_steps
-            {
-                save(checkpoints, fingerprint, &model, &optim, &progress)?;
-            }
+            progress.push(loss_sum, tokens);
+            let checkpoint = match &spec.checkpointing {
+                Some(checkpoints)
+                    if checkpoints.every_steps > 0
+                        && step % checkpoints.every_steps == 0
+                        && step < progress.total_steps =>
+                {
+                    Some(save(checkpoints, fingerprint, &model, &optim, &progress)?)
+                }
+                _ => None,
+            };
+            progress.notify(epoch, loss_sum, lr, checkpoint, on_step)?;
         }
     }
     Ok((model, progress))
@@ -228,7 +232,7 @@ fn save<M: Module + Clone>(
     model: &M,
     optim: &ModuleOptimizer,
     progress: &Progress,
-) -> Result<()> {
+) -> Result<PathBuf> {
     let dir = &checkpoints.dir;
     let final_dir = dir.join(format!("step-{}", progress.step));
     let tmp = dir.join(format!(".step-{}.partial", progress.step));
@@ -263,7 +267,7 @@ fn save<M: Module + Clone>(
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
-    Ok(())
+    Ok(final_dir)
 }
 
 /// Step bookkeeping: the learning-rate schedule, the loss curve, throughput, and the caller's
@@ -315,20 +319,24 @@ impl Progress {
         schedule(self.peak_lr, self.step, self.warmup, self.total_steps)
     }
 
-    /// Records a finished step and tells the caller; `Err(Cancelled)` if it asked to stop.
-    pub(crate) fn record(
-        &mut self,
-        epoch: usize,
-        loss: f64,
-        lr: f64,
-        tokens: usize,
-        on_step: &mut dyn FnMut(&TrainStep) -> bool,
-    ) -> Result<()> {
+    /// Records a finished step.
+    fn push(&mut self, loss: f64, tokens: usize) {
         self.step += 1;
         self.steps_here += 1;
         self.tokens += tokens;
         self.tokens_here += tokens;
         self.loss_curve.push((self.step, loss));
+    }
+
+    /// Tells the caller about the step just pushed; `Err(Cancelled)` if it asked to stop.
+    fn notify(
+        &mut self,
+        epoch: usize,
+        loss: f64,
+        lr: f64,
+        checkpoint: Option<PathBuf>,
+        on_step: &mut dyn FnMut(&TrainStep) -> bool,
+    ) -> Result<()> {
         let here = self.started.elapsed().as_secs_f64().max(1e-9);
         let per_step = here / self.steps_here as f64;
         let progress = TrainStep {
@@ -340,6 +348,7 @@ impl Progress {
             tokens_per_second: self.tokens_here as f64 / here,
             elapsed_seconds: self.elapsed(),
             eta_seconds: per_step * self.total_steps.saturating_sub(self.step) as f64,
+            checkpoint,
         };
         if on_step(&progress) {
             Ok(())

@@ -99,7 +99,9 @@ fn rule(method: &Method, route: &str) -> Option<(&'static [Role], Scope)> {
         ("GET" | "POST", "/v1/domains/{domain}/jobs") => (DEPARTMENT, Scope::Domain),
         ("GET", "/v1/jobs") => (DEPARTMENT, Scope::None),
         ("POST", "/v1/jobs/{id}/cancel") => (DEPARTMENT, Scope::Job),
-        ("GET", "/v1/jobs/{id}" | "/v1/jobs/{id}/events") => (DEPARTMENT, Scope::Job),
+        ("GET", "/v1/jobs/{id}" | "/v1/jobs/{id}/events" | "/v1/jobs/{id}/checkpoints") => {
+            (DEPARTMENT, Scope::Job)
+        }
         (
             "GET",
             "/v1/domains/{domain}/versions" | "/v1/domains/{domain}/versions/{version}/report",

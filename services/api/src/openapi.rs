@@ -169,6 +169,13 @@ pub const ROUTES: &[Operation] = &[
         200,
     ),
     op(
+        "GET",
+        "/v1/jobs/{id}/checkpoints",
+        "The training checkpoints a job saved, newest first: step, loss, where it is staged.",
+        None,
+        200,
+    ),
+    op(
         "POST",
         "/v1/jobs/{id}/cancel",
         "Cancel a queued or training job.",

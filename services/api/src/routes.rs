@@ -65,6 +65,7 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/events", get(get_events))
+        .route("/v1/jobs/{id}/checkpoints", get(get_checkpoints))
         .fallback(|| async { ApiError::new(ErrorCode::RouteNotFound, "no such route") })
 }
 
@@ -643,6 +644,30 @@ async fn get_events(
     let id = job_row(&state, &id).await?.id;
     let events = state.db.events(&id, q.after).await?;
     Ok(Json(serde_json::json!({ "data": events })))
+}
+
+/// The checkpoints a job's training saved, newest first (OpenAI's
+/// `fine_tuning/jobs/{id}/checkpoints`): step, loss, and where it is staged. Only the newest
+/// is kept; a job whose worker dies resumes from it.
+async fn get_checkpoints(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let id = job_row(&state, &id).await?.id;
+    let mut checkpoints: Vec<serde_json::Value> = state
+        .db
+        .events(&id, 0)
+        .await?
+        .into_iter()
+        .filter(|e| e.kind == "checkpoint")
+        .map(|e| {
+            let mut data = e.data.unwrap_or_default();
+            data["created_at"] = serde_json::json!(e.at);
+            data
+        })
+        .collect();
+    checkpoints.reverse();
+    Ok(Json(serde_json::json!({ "data": checkpoints })))
 }
 
 async fn list_versions(

@@ -592,8 +592,8 @@ impl Db {
     }
 
     /// Running jobs whose heartbeat is older than `lease`: those with attempts left go back
-    /// to the queue (from training: stages keep nothing a restart could trust), the rest
-    /// fail. Returns `(requeued, failed)`.
+    /// to the queue at training (which resumes from its newest checkpoint), the rest fail.
+    /// Returns `(requeued, failed)`.
     pub async fn reclaim_stale_jobs(
         &self,
         lease: std::time::Duration,

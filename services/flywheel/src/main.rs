@@ -69,6 +69,10 @@ enum Command {
         /// A running job whose worker is silent this long goes back to the queue.
         #[arg(long, env = "FLYWHEEL_JOB_LEASE_SECONDS", default_value_t = 120)]
         job_lease_seconds: u64,
+        /// Training saves a checkpoint (staged in the registry) every this many steps; a job
+        /// whose worker died resumes from the newest. 0: no checkpoints.
+        #[arg(long, env = "FLYWHEEL_CHECKPOINT_EVERY_STEPS", default_value_t = 50)]
+        checkpoint_every_steps: usize,
         /// An admin token accepted from the first start on (stored hashed).
         #[arg(long, env = "FLYWHEEL_BOOTSTRAP_ADMIN_TOKEN", hide_env_values = true)]
         bootstrap_admin_token: Option<String>,
@@ -149,9 +153,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             auth,
             bootstrap_admin_token,
             job_lease_seconds,
+            checkpoint_every_steps,
             slots,
         } => {
             config.worker.slots = slots;
+            config.worker.checkpoint_every_steps = checkpoint_every_steps;
             config.worker.job_lease = std::time::Duration::from_secs(job_lease_seconds.max(3));
             config.auth = if auth == "off" {
                 flywheel_api::AuthMode::Off

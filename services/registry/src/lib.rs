@@ -397,7 +397,17 @@ impl Registry {
 
     /// Downloads every staged file of `job` that `dir` lacks, at its relative path.
     pub async fn fetch_staged(&self, job: &str, dir: &Path) -> Result<()> {
-        let prefix = ObjPath::from(format!("jobs/{job}"));
+        self.fetch_staged_under(job, "", dir).await
+    }
+
+    /// Like [`fetch_staged`](Self::fetch_staged) for the staged files under `relative` only,
+    /// into `dir` (which stands for `relative`).
+    pub async fn fetch_staged_under(&self, job: &str, relative: &str, dir: &Path) -> Result<()> {
+        let prefix = ObjPath::from(
+            format!("jobs/{job}/{relative}")
+                .trim_end_matches('/')
+                .to_owned(),
+        );
         let metas: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
         for meta in metas {
             let Some(relative) = meta.location.prefix_match(&prefix) else {
@@ -420,7 +430,16 @@ impl Registry {
 
     /// Deletes a job's staged files once they are published (or the job is abandoned).
     pub async fn drop_staged(&self, job: &str) -> Result<()> {
-        let prefix = ObjPath::from(format!("jobs/{job}"));
+        self.drop_staged_under(job, "").await
+    }
+
+    /// Deletes the staged files of `job` under `relative` (a directory, e.g. an old checkpoint).
+    pub async fn drop_staged_under(&self, job: &str, relative: &str) -> Result<()> {
+        let prefix = ObjPath::from(
+            format!("jobs/{job}/{relative}")
+                .trim_end_matches('/')
+                .to_owned(),
+        );
         let metas: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
         for meta in metas {
             match self.store.delete(&meta.location).await {

@@ -123,6 +123,9 @@ pub struct WorkerConfig {
     pub slots: usize,
     /// Pauses before retrying a stage that failed transiently; their number is the retries.
     pub retry_backoff: Vec<Duration>,
+    /// Training saves a checkpoint (staged in the registry) every this many optimizer steps,
+    /// and a job whose worker died resumes from the newest; 0 turns checkpoints off.
+    pub checkpoint_every_steps: usize,
 }
 
 impl WorkerConfig {
@@ -140,6 +143,7 @@ impl WorkerConfig {
             max_attempts: 3,
             slots: 1,
             retry_backoff: [1, 5, 25].map(Duration::from_secs).to_vec(),
+            checkpoint_every_steps: 50,
         }
     }
 }

@@ -8,10 +8,10 @@ use std::time::Instant;
 
 use apalis::prelude::{BoxDynError, Data};
 use flywheel_db::{DomainRow, JobRow};
-use flywheel_domain::{JobStatus, Source, Split, StageTask, Task, normalize_text};
+use flywheel_domain::{JobId, JobStatus, Source, Split, StageTask, Task, normalize_text};
 use flywheel_evaluator::{EvalSpec, Evaluation, HoldoutRow};
 use flywheel_registry::RegistryError;
-use flywheel_trainer::{Example, SftExample, TrainReport, TrainSpec};
+use flywheel_trainer::{Checkpointing, Example, SftExample, TrainReport, TrainSpec};
 use sha2::{Digest, Sha256};
 
 use crate::{Context, EVALUATE_QUEUE, PUBLISH_QUEUE, WorkerError};
@@ -160,6 +160,15 @@ pub async fn train(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDy
         if let Some(epochs) = ctx.config.epochs {
             spec.epochs = epochs;
         }
+        // A job whose worker died resumes from its newest checkpoint, wherever it was saved:
+        // checkpoints are staged in the registry as they are written.
+        spec.checkpointing = (ctx.config.checkpoint_every_steps > 0).then(|| Checkpointing {
+            dir: dir.join(CHECKPOINTS),
+            every_steps: ctx.config.checkpoint_every_steps,
+        });
+        ctx.registry
+            .fetch_staged_under(job.id.as_str(), CHECKPOINTS, &dir.join(CHECKPOINTS))
+            .await?;
         let data = match domain.spec.task {
             Task::Classification => TrainData::Labels(
                 rows.iter()
@@ -214,7 +223,37 @@ pub async fn train(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDy
         });
         let mut last_logged = 0;
         let mut last_check = Instant::now();
+        let mut staged_checkpoint: Option<String> = None;
+        let mut first = true;
         while let Some(step) = rx.recv().await {
+            if std::mem::take(&mut first) && step.step > 1 {
+                ctx.db
+                    .add_event(
+                        &job.id,
+                        "message",
+                        &format!("resumed from the checkpoint of step {}", step.step - 1),
+                        None,
+                    )
+                    .await?;
+            }
+            if let Some(checkpoint) = &step.checkpoint {
+                let name =
+                    stage_checkpoint(ctx, &job.id, checkpoint, staged_checkpoint.take()).await?;
+                let data = serde_json::json!({
+                    "step": step.step,
+                    "loss": step.loss,
+                    "checkpoint": format!("{CHECKPOINTS}/{name}"),
+                });
+                ctx.db
+                    .add_event(
+                        &job.id,
+                        "checkpoint",
+                        &format!("checkpoint at step {}", step.step),
+                        Some(&data),
+                    )
+                    .await?;
+                staged_checkpoint = Some(name);
+            }
             if last_check.elapsed() >= std::time::Duration::from_millis(250) {
                 last_check = Instant::now();
                 if ctx
@@ -254,6 +293,11 @@ pub async fn train(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDy
             .map_err(|e| WorkerError::Job(format!("trainer panicked: {e}")))??;
         write_json(&dir.join("train_report.json"), &report)?;
         write_json(&dir.join("train_spec.json"), &spec)?;
+        // Training is done: its checkpoints are not needed again, here or in the registry.
+        let _ = std::fs::remove_dir_all(dir.join(CHECKPOINTS));
+        ctx.registry
+            .drop_staged_under(job.id.as_str(), CHECKPOINTS)
+            .await?;
         // The next stages may run on another machine.
         ctx.registry.stage_files(job.id.as_str(), &dir).await?;
         ctx.db
@@ -631,4 +675,44 @@ fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), WorkerE
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, WorkerError> {
     let raw = std::fs::read(path).map_err(io(path))?;
     serde_json::from_slice(&raw).map_err(|e| WorkerError::Job(format!("{}: {e}", path.display())))
+}
+
+/// Where a job's training checkpoints live, in its work directory and among its staged files.
+const CHECKPOINTS: &str = "checkpoints";
+
+/// Stages a checkpoint the trainer just wrote, `state.json` last (a checkpoint without it is
+/// incomplete and never resumed), then drops the one it supersedes. Returns its name.
+async fn stage_checkpoint(
+    ctx: &Context,
+    job: &JobId,
+    checkpoint: &Path,
+    previous: Option<String>,
+) -> Result<String, WorkerError> {
+    let name = checkpoint
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| WorkerError::Job(format!("checkpoint {}", checkpoint.display())))?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(checkpoint)
+        .map_err(|source| WorkerError::Io {
+            path: checkpoint.to_owned(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    files.sort_by_key(|p| p.file_name().is_some_and(|n| n == "state.json"));
+    for file in files {
+        let relative = format!(
+            "{CHECKPOINTS}/{name}/{}",
+            file.file_name().expect("a file").to_string_lossy()
+        );
+        ctx.registry
+            .stage_file(job.as_str(), &relative, &file)
+            .await?;
+    }
+    if let Some(previous) = previous.filter(|p| *p != name) {
+        ctx.registry
+            .drop_staged_under(job.as_str(), &format!("{CHECKPOINTS}/{previous}"))
+            .await?;
+    }
+    Ok(name)
 }
