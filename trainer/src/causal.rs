@@ -208,7 +208,7 @@ pub fn train_causal_lm(
 /// Mean cross-entropy of the tokens at `positions + 1`, computing logits only at `positions`
 /// (flattened `batch * seq` indices): nothing is spent on logits the loss throws away. With
 /// `weights` (one per target), the weighted mean.
-fn next_token_loss(
+pub(crate) fn next_token_loss(
     model: &Llama,
     hidden: Tensor<3>,
     positions: Vec<i64>,

@@ -56,10 +56,18 @@ pub struct TrainSpec {
     /// Where to save the run's state every few steps, and resume it from after a crash.
     #[serde(default)]
     pub checkpointing: Option<crate::Checkpointing>,
+    /// Each parameter tensor's gradient is scaled down to this norm when it is longer (burn
+    /// clips per tensor; HF's Trainer clips all of them together). `None`: no clipping.
+    #[serde(default = "default_clip")]
+    pub max_grad_norm: Option<f64>,
 }
 
 fn one() -> usize {
     1
+}
+
+fn default_clip() -> Option<f64> {
+    Some(1.0)
 }
 
 impl TrainSpec {
@@ -92,6 +100,7 @@ impl TrainSpec {
             seed: 17,
             grad_accumulation: 1,
             checkpointing: None,
+            max_grad_norm: default_clip(),
         }
     }
 

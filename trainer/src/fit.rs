@@ -59,7 +59,7 @@ pub(crate) fn fingerprint(spec: &TrainSpec, data: impl FnOnce(&mut dyn Hasher)) 
     #[allow(deprecated)]
     let mut h = std::hash::SipHasher::new();
     format!(
-        "{:?}|{:?}|{}|{}|{}|{}|{}|{}|{}|{}|{}",
+        "{:?}|{:?}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{:?}",
         spec.base_model_dir,
         spec.lora,
         spec.labels.join("\u{1f}"),
@@ -71,6 +71,7 @@ pub(crate) fn fingerprint(spec: &TrainSpec, data: impl FnOnce(&mut dyn Hasher)) 
         spec.warmup_ratio,
         spec.max_seq_len,
         spec.seed,
+        spec.max_grad_norm,
     )
     .hash(&mut h);
     spec.label_smoothing.to_bits().hash(&mut h);
@@ -172,11 +173,14 @@ pub(crate) fn fit<M: Module + Clone>(
     Ok((model, progress))
 }
 
-/// AdamW with the spec's weight decay and gradient clipping at norm 1.
+/// AdamW with the spec's weight decay and gradient clipping.
 pub(crate) fn optimizer(spec: &TrainSpec) -> ModuleOptimizer {
     AdamWConfig::new()
         .with_weight_decay(spec.weight_decay as f32)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
+        .with_grad_clipping(
+            spec.max_grad_norm
+                .map(|n| GradientClippingConfig::Norm(n as f32)),
+        )
         .init()
 }
 
