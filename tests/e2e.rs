@@ -596,6 +596,50 @@ async fn a_generation_domain_learns_to_produce_the_corrected_text() {
     assert_eq!(config["target_modules"].as_array().unwrap().len(), 7);
 }
 
+/// A classification domain may sit on a causal LM: the loop trains a head over the last
+/// token with LoRA on the Llama projections, evaluates it, and publishes it past the lint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_classification_domain_on_a_causal_lm_is_trained_and_published() {
+    let app = TestApp::spawn().await;
+    let corpus: Vec<String> = app
+        .rows
+        .iter()
+        .map(|r| r["input"].as_str().unwrap().to_owned())
+        .collect();
+    let llama = app.dir.path().join("tiny-llama");
+    flywheel::init_tiny_llama(&llama, &corpus).unwrap();
+    let spec = json!({
+        "name": "banking",
+        "task": "classification",
+        "base_model": llama.display().to_string(),
+        "labels": app.labels,
+        "policy": {"min_new_corrections": 300}
+    });
+    let (status, body) = app.post("/v1/domains", &spec).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = app
+        .post("/v1/domains/banking/corrections", &json!(app.rows))
+        .await;
+    assert_eq!(status, 202, "{body}");
+
+    let job = app.wait_for_job(1).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["decision"]["promote"], true, "{job}");
+    let (_, versions) = app.get("/v1/domains/banking/versions").await;
+    let m = &versions["data"][0]["metrics"];
+    let (before, after) = (
+        m["champion_accuracy"].as_f64().unwrap(),
+        m["candidate_accuracy"].as_f64().unwrap(),
+    );
+    assert!(after > before + 0.2, "accuracy {before} -> {after}");
+    let head: Value = serde_json::from_slice(
+        &std::fs::read(app.registry_path("domains/banking/versions/v1/classifier_config.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(head["pooling"], "last_token");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_imports_csv_and_jsonl_and_says_what_to_fix_when_it_cannot() {
     let app = TestApp::spawn().await;

@@ -88,7 +88,7 @@ fn load_config(dir: &Path) -> Result<LlamaConfig> {
     LlamaConfig::from_json(&crate::checkpoint::read_config(dir)?)
 }
 
-fn layers_of(model: &Llama) -> impl Iterator<Item = (String, &crate::lora::LoraLinear)> {
+pub(crate) fn layers_of(model: &Llama) -> impl Iterator<Item = (String, &crate::lora::LoraLinear)> {
     model.layers.iter().enumerate().flat_map(|(i, layer)| {
         layer
             .projections()

@@ -1,5 +1,6 @@
-//! Sequence classification on a BERT-family encoder: mean pooling, a linear head, LoRA on the
-//! encoder. Training, PEFT export and inference.
+//! Sequence classification: a linear head over a BERT-family encoder (mean pooling) or a
+//! Llama-family causal LM (the last real token's state, the only one that has seen the whole
+//! text), LoRA on the backbone. Training, PEFT export and inference.
 
 use std::path::{Path, PathBuf};
 
@@ -12,10 +13,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::bert::{Bert, BertConfig};
 use crate::checkpoint::{Checkpoint, to_host, write_safetensors};
+use crate::llama::{Llama, LlamaConfig};
+use crate::lora::LoraLinear;
 use crate::lora::{
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraSpec, load_peft_adapter, write_peft_adapter,
 };
-use crate::tokenize::TextEncoder;
+use crate::tokenize::{Batch, TextEncoder};
 use crate::{Result, TrainerError, io_err};
 
 /// File names of a classifier's head, beside the PEFT adapter.
@@ -168,29 +171,168 @@ pub struct TrainReport {
     pub files: Vec<String>,
 }
 
+/// The network under the head.
+#[derive(Module, Debug)]
+enum Backbone {
+    Bert(Bert),
+    Llama(Llama),
+}
+
+impl Backbone {
+    /// One vector per row: the mean of an encoder's token states, or a causal LM's state at
+    /// the row's last real token.
+    ///
+    /// # Shapes
+    /// - batch: `[batch, seq]` ids and mask
+    /// - output: `[batch, hidden]`
+    fn pooled(&self, batch: &Batch) -> Tensor<2> {
+        let [b, s] = batch.input_ids.dims();
+        match self {
+            Backbone::Bert(bert) => {
+                let hidden = bert.forward(batch.input_ids.clone(), batch.attention_mask.clone());
+                let h = hidden.dims()[2];
+                let mask = batch.attention_mask.clone().reshape([b, s, 1]);
+                let summed = (hidden * mask.clone()).sum_dim(1).reshape([b, h]);
+                let counts = mask.sum_dim(1).reshape([b, 1]).clamp_min(1.0);
+                summed / counts
+            }
+            Backbone::Llama(llama) => {
+                let masks: Vec<Vec<f32>> = batch
+                    .lengths
+                    .iter()
+                    .map(|&n| (0..s).map(|j| if j < n { 1.0 } else { 0.0 }).collect())
+                    .collect();
+                let hidden = llama.hidden(batch.input_ids.clone(), &masks);
+                let h = hidden.dims()[2];
+                let last: Vec<i64> = batch
+                    .lengths
+                    .iter()
+                    .enumerate()
+                    .map(|(row, &n)| (row * s + n.max(1) - 1) as i64)
+                    .collect();
+                let device = hidden.device();
+                hidden.reshape([b * s, h]).select(
+                    0,
+                    Tensor::<1, Int>::from_data(TensorData::new(last, [b]), &device),
+                )
+            }
+        }
+    }
+
+    /// The LoRA-wrapped projections with their PEFT module paths.
+    fn adapted(&self) -> Vec<(String, &LoraLinear)> {
+        match self {
+            Backbone::Bert(bert) => {
+                let prefix = &bert.module_prefix;
+                bert.layers
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, layer)| {
+                        layer
+                            .projections()
+                            .into_iter()
+                            .map(move |(name, p)| (bert_module_path(prefix, i, name), p))
+                    })
+                    .collect()
+            }
+            Backbone::Llama(llama) => crate::causal::layers_of(llama).collect(),
+        }
+    }
+
+    fn adapted_mut(&mut self) -> Vec<(String, &mut LoraLinear)> {
+        match self {
+            Backbone::Bert(bert) => {
+                let prefix = bert.module_prefix.clone();
+                bert.layers
+                    .iter_mut()
+                    .enumerate()
+                    .flat_map(|(i, layer)| {
+                        let prefix = prefix.clone();
+                        layer
+                            .projections_mut()
+                            .into_iter()
+                            .map(move |(name, p)| (bert_module_path(&prefix, i, name), p))
+                    })
+                    .collect()
+            }
+            Backbone::Llama(llama) => llama
+                .layers
+                .iter_mut()
+                .enumerate()
+                .flat_map(|(i, layer)| {
+                    layer
+                        .projections_mut()
+                        .into_iter()
+                        .map(move |(name, p)| (format!("model.layers.{i}.{name}"), p))
+                })
+                .collect(),
+        }
+    }
+
+    /// How the head pools, as the head's config names it.
+    fn pooling(&self) -> &'static str {
+        match self {
+            Backbone::Bert(_) => "mean",
+            Backbone::Llama(_) => "last_token",
+        }
+    }
+}
+
 #[derive(Module, Debug)]
 struct Classifier {
-    encoder: Bert,
+    encoder: Backbone,
     head: Linear,
 }
 
 impl Classifier {
     /// # Shapes
-    /// - input_ids, attention_mask: `[batch, seq]`
+    /// - batch: `[batch, seq]` ids and mask
     /// - output: logits `[batch, labels]`
-    fn forward(&self, input_ids: Tensor<2, Int>, attention_mask: Tensor<2>) -> Tensor<2> {
-        let [b, s] = input_ids.dims();
-        let hidden = self.encoder.forward(input_ids, attention_mask.clone());
-        let h = hidden.dims()[2];
-        let mask = attention_mask.reshape([b, s, 1]);
-        let summed = (hidden * mask.clone()).sum_dim(1).reshape([b, h]);
-        let counts = mask.sum_dim(1).reshape([b, 1]).clamp_min(1.0);
-        self.head.forward(summed / counts)
+    fn forward(&self, batch: &Batch) -> Tensor<2> {
+        self.head.forward(self.encoder.pooled(batch))
     }
 }
 
-fn load_config(dir: &Path) -> Result<BertConfig> {
-    BertConfig::from_json(&crate::checkpoint::read_config(dir)?)
+/// A backbone's config: what the classifier needs of either family.
+enum BackboneConfig {
+    Bert(BertConfig),
+    Llama(LlamaConfig),
+}
+
+impl BackboneConfig {
+    fn read(dir: &Path) -> Result<Self> {
+        let raw = crate::checkpoint::read_config(dir)?;
+        Ok(match raw["model_type"].as_str().unwrap_or_default() {
+            "bert" => BackboneConfig::Bert(BertConfig::from_json(&raw)?),
+            _ => BackboneConfig::Llama(LlamaConfig::from_json(&raw)?),
+        })
+    }
+
+    fn hidden_size(&self) -> usize {
+        match self {
+            BackboneConfig::Bert(c) => c.hidden_size,
+            BackboneConfig::Llama(c) => c.hidden_size,
+        }
+    }
+
+    fn max_position_embeddings(&self) -> usize {
+        match self {
+            BackboneConfig::Bert(c) => c.max_position_embeddings,
+            BackboneConfig::Llama(c) => c.max_position_embeddings,
+        }
+    }
+
+    fn load(
+        &self,
+        ckpt: &mut Checkpoint,
+        lora: Option<&LoraSpec>,
+        device: &Device,
+    ) -> Result<Backbone> {
+        Ok(match self {
+            BackboneConfig::Bert(c) => Backbone::Bert(c.load(ckpt, lora, device)?),
+            BackboneConfig::Llama(c) => Backbone::Llama(c.load(ckpt, lora, device)?),
+        })
+    }
 }
 
 /// Trains a LoRA adapter and a classification head; `on_step` sees every step and may stop the
@@ -204,14 +346,14 @@ pub fn train_classifier(
     let _turn = crate::fit::exclusive();
     let device = crate::device().autodiff();
     device.seed(spec.seed);
-    let config = load_config(&spec.base_model_dir)?;
+    let config = BackboneConfig::read(&spec.base_model_dir)?;
     let encoder_text = TextEncoder::load(
         &spec.base_model_dir,
-        spec.max_seq_len.min(config.max_position_embeddings),
+        spec.max_seq_len.min(config.max_position_embeddings()),
     )?;
     let mut ckpt = Checkpoint::open(&spec.base_model_dir)?;
     let encoder = config.load(&mut ckpt, Some(&spec.lora), &device)?;
-    let head = LinearConfig::new(config.hidden_size, spec.labels.len()).init(&device);
+    let head = LinearConfig::new(config.hidden_size(), spec.labels.len()).init(&device);
     let model = Classifier { encoder, head };
     let total_parameters = model.num_params();
     let trainable_parameters = trainable(&model);
@@ -239,7 +381,7 @@ pub fn train_classifier(
             let batch = encoder_text.encode(&texts, &device)?;
             let targets =
                 Tensor::<1, Int>::from_data(TensorData::new(labels, [chunk.len()]), &device);
-            let logits = model.forward(batch.input_ids, batch.attention_mask);
+            let logits = model.forward(&batch);
             let weights: Vec<f32> = chunk.iter().map(|&i| rows[i].weight).collect();
             let loss = if weights.iter().all(|&w| w == 1.0) {
                 loss_fn.forward(logits, targets)
@@ -280,39 +422,32 @@ fn weighted_cross_entropy(
 fn trainable(model: &Classifier) -> usize {
     let lora: usize = model
         .encoder
-        .layers
+        .adapted()
         .iter()
-        .flat_map(|l| l.projections())
         .map(|(_, p)| p.trainable_parameters())
         .sum();
     lora + model.head.num_params()
 }
 
-/// PEFT's module path of projection `name` in layer `i`.
-fn module_path(prefix: &str, i: usize, name: &str) -> String {
+/// PEFT's module path of BERT projection `name` in layer `i`.
+fn bert_module_path(prefix: &str, i: usize, name: &str) -> String {
     format!("{prefix}encoder.layer.{i}.{name}")
 }
 
-fn export(model: &Classifier, spec: &TrainSpec, config: &BertConfig) -> Result<Vec<String>> {
+fn export(model: &Classifier, spec: &TrainSpec, config: &BackboneConfig) -> Result<Vec<String>> {
     let dir = &spec.output_dir;
-    let prefix = &model.encoder.module_prefix;
-    let layers = model
-        .encoder
-        .layers
-        .iter()
-        .enumerate()
-        .flat_map(|(i, layer)| {
-            layer
-                .projections()
-                .into_iter()
-                .map(move |(name, proj)| (module_path(prefix, i, name), proj))
-        });
+    // PEFT's task type of the base model the adapter goes on: a bare encoder, or a causal
+    // LM (whose sequence-classification head lives beside the adapter, not in it).
+    let task_type = match model.encoder {
+        Backbone::Bert(_) => "FEATURE_EXTRACTION",
+        Backbone::Llama(_) => "CAUSAL_LM",
+    };
     write_peft_adapter(
         dir,
         &spec.base_model_dir,
         &spec.lora,
-        "FEATURE_EXTRACTION",
-        layers,
+        task_type,
+        model.encoder.adapted().into_iter(),
     )?;
     let w = to_host(model.head.weight.val().transpose());
     let b = to_host(model.head.bias.as_ref().expect("head has bias").val());
@@ -324,9 +459,9 @@ fn export(model: &Classifier, spec: &TrainSpec, config: &BertConfig) -> Result<V
         ],
     )?;
     let head_config = serde_json::json!({
-        "pooling": "mean",
+        "pooling": model.encoder.pooling(),
         "labels": spec.labels,
-        "hidden_size": config.hidden_size,
+        "hidden_size": config.hidden_size(),
         "max_seq_len": spec.max_seq_len,
     });
     write_json(&dir.join(HEAD_CONFIG), &head_config)?;
@@ -374,10 +509,10 @@ impl ClassifierPredictor {
     ) -> Result<Self> {
         let device = crate::device();
         device.seed(seed);
-        let config = load_config(base_model_dir)?;
+        let config = BackboneConfig::read(base_model_dir)?;
         let mut ckpt = Checkpoint::open(base_model_dir)?;
         let mut encoder = config.load(&mut ckpt, None, &device)?;
-        let mut head = LinearConfig::new(config.hidden_size, labels.len()).init(&device);
+        let mut head = LinearConfig::new(config.hidden_size(), labels.len()).init(&device);
         let mut max_seq_len = 128;
         if let Some(dir) = adapter_dir {
             let head_config = read_json(&dir.join(HEAD_CONFIG))?;
@@ -393,13 +528,13 @@ impl ClassifierPredictor {
                 )));
             }
             max_seq_len = head_config["max_seq_len"].as_u64().unwrap_or(128) as usize;
-            load_adapter(&mut encoder, dir, &device)?;
+            load_peft_adapter(dir, encoder.adapted_mut().into_iter(), &device)?;
             let mut head_ckpt = Checkpoint::open_file(&dir.join(HEAD_WEIGHTS))?;
-            head = head_ckpt.linear("classifier", config.hidden_size, labels.len(), &device)?;
+            head = head_ckpt.linear("classifier", config.hidden_size(), labels.len(), &device)?;
         }
         let text = TextEncoder::load(
             base_model_dir,
-            max_seq_len.min(config.max_position_embeddings),
+            max_seq_len.min(config.max_position_embeddings()),
         )?;
         Ok(Self {
             model: Classifier { encoder, head },
@@ -417,7 +552,7 @@ impl ClassifierPredictor {
         let mut out = Vec::with_capacity(texts.len());
         for chunk in texts.chunks(batch_size.max(1)) {
             let batch = self.text.encode(chunk, &self.device)?;
-            let probs = softmax(self.model.forward(batch.input_ids, batch.attention_mask), 1);
+            let probs = softmax(self.model.forward(&batch), 1);
             let (shape, data) = to_host(probs);
             let n = shape[1];
             for row in data.chunks(n) {
@@ -433,33 +568,26 @@ impl ClassifierPredictor {
     }
 }
 
-fn load_adapter(encoder: &mut Bert, dir: &Path, device: &Device) -> Result<()> {
-    let prefix = encoder.module_prefix.clone();
-    let layers = encoder
-        .layers
-        .iter_mut()
-        .enumerate()
-        .flat_map(|(i, layer)| {
-            let prefix = prefix.clone();
-            layer
-                .projections_mut()
-                .into_iter()
-                .map(move |(name, proj)| (module_path(&prefix, i, name), proj))
-        });
-    load_peft_adapter(dir, layers, device)
-}
-
 /// The largest change the adapter in `adapter_dir` makes to the encoder's hidden states on
 /// `texts` (the head is left out: this asks whether the LoRA weights do anything).
 pub(crate) fn bert_adapter_delta(base: &Path, adapter_dir: &Path, texts: &[&str]) -> Result<f32> {
     let device = crate::device();
-    let config = load_config(base)?;
+    let config = BackboneConfig::read(base)?;
     let mut encoder = config.load(&mut Checkpoint::open(base)?, None, &device)?;
-    let text = TextEncoder::load(base, 128.min(config.max_position_embeddings))?;
+    let text = TextEncoder::load(base, 128.min(config.max_position_embeddings()))?;
     let batch = text.encode(texts, &device)?;
-    let before = encoder.forward(batch.input_ids.clone(), batch.attention_mask.clone());
-    load_adapter(&mut encoder, adapter_dir, &device)?;
-    let after = encoder.forward(batch.input_ids, batch.attention_mask);
+    let Backbone::Bert(bert) = &encoder else {
+        return Err(TrainerError::InvalidSpec(format!(
+            "{} is not BERT-family",
+            base.display()
+        )));
+    };
+    let before = bert.forward(batch.input_ids.clone(), batch.attention_mask.clone());
+    load_peft_adapter(adapter_dir, encoder.adapted_mut().into_iter(), &device)?;
+    let Backbone::Bert(bert) = &encoder else {
+        unreachable!("still the same backbone")
+    };
+    let after = bert.forward(batch.input_ids, batch.attention_mask);
     Ok(to_host((after - before).abs().max()).1[0])
 }
 

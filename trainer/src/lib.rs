@@ -41,6 +41,19 @@ pub fn adapter_output_delta(
     }
 }
 
+/// The LoRA target modules a classifier on `model_dir` trains by default: attention and
+/// feed-forward projections, named as its family names them (PEFT's names).
+pub fn classifier_target_modules(model_dir: &Path) -> Result<Vec<String>> {
+    let config = checkpoint::read_config(model_dir)?;
+    Ok(match config["model_type"].as_str().unwrap_or_default() {
+        "bert" => ["query", "key", "value", "dense"]
+            .map(String::from)
+            .to_vec(),
+        "llama" | "mistral" | "qwen2" => LLAMA_PROJECTIONS.map(String::from).to_vec(),
+        other => return Err(TrainerError::UnsupportedArchitecture(other.to_owned())),
+    })
+}
+
 /// Everything that can go wrong between a spec and an adapter.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainerError {

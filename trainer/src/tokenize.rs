@@ -18,6 +18,8 @@ pub struct Batch {
     pub attention_mask: Tensor<2>,
     /// Real (non-pad) tokens in the batch.
     pub tokens: usize,
+    /// Real tokens of each row (right-padded: they come first).
+    pub lengths: Vec<usize>,
 }
 
 impl TextEncoder {
@@ -67,6 +69,7 @@ impl TextEncoder {
             input_ids: Tensor::from_data(TensorData::new(ids, [b, seq]), device),
             attention_mask: Tensor::from_data(TensorData::new(mask, [b, seq]), device),
             tokens,
+            lengths: encodings.iter().map(|e| e.len()).collect(),
         })
     }
 }

@@ -153,7 +153,14 @@ pub async fn train(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDy
         let base = base_model_dir(ctx, &domain).await?;
         let mut spec = match domain.spec.task {
             Task::Classification => {
-                TrainSpec::new(base, dir.join("candidate"), domain.spec.labels.clone())
+                let mut spec = TrainSpec::new(
+                    base.clone(),
+                    dir.join("candidate"),
+                    domain.spec.labels.clone(),
+                );
+                // A BERT-family encoder or a causal LM, each with its own projection names.
+                spec.lora.target_modules = flywheel_trainer::classifier_target_modules(&base)?;
+                spec
             }
             Task::Generation => TrainSpec::for_generation(base, dir.join("candidate")),
         };
