@@ -63,6 +63,10 @@ pub struct TrainSpec {
     /// clips per tensor; HF's Trainer clips all of them together). `None`: no clipping.
     #[serde(default = "default_clip")]
     pub max_grad_norm: Option<f64>,
+    /// Hold out part of the rows, stop when their loss stops improving, and keep the best
+    /// weights seen. `None`: train every epoch on every row.
+    #[serde(default)]
+    pub early_stopping: Option<crate::EarlyStopping>,
 }
 
 fn one() -> usize {
@@ -104,6 +108,7 @@ impl TrainSpec {
             grad_accumulation: 1,
             checkpointing: None,
             max_grad_norm: default_clip(),
+            early_stopping: None,
         }
     }
 
@@ -169,6 +174,15 @@ pub struct TrainReport {
     pub total_parameters: usize,
     /// Files written into the output directory.
     pub files: Vec<String>,
+    /// `(step, loss)` on the validation rows, with early stopping.
+    #[serde(default)]
+    pub validation_curve: Vec<(usize, f64)>,
+    /// With early stopping: the step whose weights were kept (the best validation loss).
+    #[serde(default)]
+    pub best_step: Option<usize>,
+    /// Whether early stopping ended the run before its last planned step.
+    #[serde(default)]
+    pub stopped_early: bool,
 }
 
 /// The network under the head.

@@ -34,6 +34,19 @@ pub struct Checkpointing {
     pub every_steps: usize,
 }
 
+/// Stop training when the loss on held-back rows stops improving.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EarlyStopping {
+    /// Share of the rows held back from training to measure the validation loss on (at least
+    /// one row, chosen by the seed).
+    pub validation_fraction: f64,
+    /// Optimizer steps between validations.
+    pub eval_every_steps: usize,
+    /// Validations in a row without an improvement of more than `min_delta` that stop the run.
+    pub patience: usize,
+    pub min_delta: f64,
+}
+
 /// The parameters a run trains: LoRA matrices and, for classifiers, the head. Everything else
 /// is the frozen base model, which the checkpoint does not repeat.
 const TRAINABLE: &str = r"(^|\.)lora_[ab](\.|$)|^head\.";
@@ -74,6 +87,7 @@ pub(crate) fn fingerprint(spec: &TrainSpec, data: impl FnOnce(&mut dyn Hasher)) 
         spec.max_grad_norm,
     )
     .hash(&mut h);
+    format!("{:?}", spec.early_stopping).hash(&mut h);
     spec.label_smoothing.to_bits().hash(&mut h);
     data(&mut h);
     format!("{:016x}", h.finish())
@@ -90,11 +104,27 @@ pub(crate) fn exclusive() -> std::sync::MutexGuard<'static, ()> {
     RUN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Optimizer steps in a run over `rows` rows.
+/// Optimizer steps in a run over `rows` training rows.
 pub(crate) fn total_steps(spec: &TrainSpec, rows: usize) -> usize {
     rows.div_ceil(spec.batch_size)
         .div_ceil(spec.grad_accumulation.max(1))
         * spec.epochs
+}
+
+/// Splits `0..rows` into training and validation indices: all training without early
+/// stopping, else a seeded `validation_fraction` (at least one row, never all) held back.
+fn split_rows(spec: &TrainSpec, rows: usize) -> (Vec<usize>, Vec<usize>) {
+    let all: Vec<usize> = (0..rows).collect();
+    let Some(stopping) = &spec.early_stopping else {
+        return (all, Vec::new());
+    };
+    let n = ((rows as f64 * stopping.validation_fraction).ceil() as usize).clamp(1, rows - 1);
+    let mut shuffled = all;
+    shuffled.shuffle(&mut StdRng::seed_from_u64(spec.seed ^ 0x76a1_1da7));
+    let mut validation = shuffled.split_off(rows - n);
+    shuffled.sort_unstable();
+    validation.sort_unstable();
+    (shuffled, validation)
 }
 
 /// Trains `model` on `rows` rows. `batch_loss` computes the loss of a micro-batch (row
@@ -110,8 +140,14 @@ pub(crate) fn fit<M: Module + Clone>(
     mut batch_loss: impl FnMut(&M, &[usize]) -> Result<(Tensor<1>, usize)>,
 ) -> Result<(M, Progress)> {
     let accumulate = spec.grad_accumulation.max(1);
+    if spec.early_stopping.is_some() && rows < 2 {
+        return Err(TrainerError::InvalidSpec(
+            "early stopping needs at least two rows".into(),
+        ));
+    }
+    let (train, validation) = split_rows(spec, rows);
     let mut optim = optimizer(spec);
-    let mut progress = Progress::new(spec, total_steps(spec, rows));
+    let mut progress = Progress::new(spec, total_steps(spec, train.len()));
     if let Some(checkpoints) = &spec.checkpointing
         && let Some((dir, state)) = latest(&checkpoints.dir, fingerprint)?
     {
@@ -129,9 +165,13 @@ pub(crate) fn fit<M: Module + Clone>(
     }
 
     let mut rng = StdRng::seed_from_u64(spec.seed);
-    let mut order: Vec<usize> = (0..rows).collect();
+    let mut order = train;
     let mut step = 0;
-    for epoch in 0..spec.epochs {
+    // With early stopping: the best validation loss, its step and weights, and how many
+    // validations since brought nothing. A resumed run starts its patience afresh.
+    let mut best: Option<(f64, usize, M)> = None;
+    let mut stale = 0;
+    'epochs: for epoch in 0..spec.epochs {
         // Shuffled every epoch, resumed or not, so the order after a resume is the order the
         // uninterrupted run would have seen.
         order.shuffle(&mut rng);
@@ -168,9 +208,48 @@ pub(crate) fn fit<M: Module + Clone>(
                 _ => None,
             };
             progress.notify(epoch, loss_sum, lr, checkpoint, on_step)?;
+            if let Some(stopping) = &spec.early_stopping
+                && (step % stopping.eval_every_steps.max(1) == 0 || step == progress.total_steps)
+            {
+                let loss = validation_loss(spec, &validation, &model, &mut batch_loss)?;
+                progress.validation_curve.push((step, loss));
+                match &best {
+                    Some((best_loss, ..)) if loss >= best_loss - stopping.min_delta => {
+                        stale += 1;
+                        if stale >= stopping.patience.max(1) {
+                            progress.stopped_early = true;
+                            break 'epochs;
+                        }
+                    }
+                    _ => {
+                        best = Some((loss, step, model.clone()));
+                        stale = 0;
+                    }
+                }
+            }
         }
     }
+    if let Some((_, best_step, weights)) = best {
+        progress.best_step = Some(best_step);
+        model = weights;
+    }
     Ok((model, progress))
+}
+
+/// Mean loss over the validation rows, in batches, without updating anything.
+fn validation_loss<M>(
+    spec: &TrainSpec,
+    validation: &[usize],
+    model: &M,
+    batch_loss: &mut impl FnMut(&M, &[usize]) -> Result<(Tensor<1>, usize)>,
+) -> Result<f64> {
+    let mut total = 0.0;
+    for chunk in validation.chunks(spec.batch_size) {
+        let (loss, _) = batch_loss(model, chunk)?;
+        // The graph autodiff recorded is dropped with the tensor, never walked.
+        total += loss.into_scalar::<f32>() as f64 * chunk.len() as f64;
+    }
+    Ok(total / validation.len() as f64)
 }
 
 /// AdamW with the spec's weight decay and gradient clipping.
@@ -289,6 +368,9 @@ pub(crate) struct Progress {
     warmup: usize,
     peak_lr: f64,
     pub(crate) loss_curve: Vec<(usize, f64)>,
+    validation_curve: Vec<(usize, f64)>,
+    best_step: Option<usize>,
+    stopped_early: bool,
 }
 
 impl Progress {
@@ -304,6 +386,9 @@ impl Progress {
             warmup: ((total_steps as f64) * spec.warmup_ratio).ceil() as usize,
             peak_lr: spec.learning_rate,
             loss_curve: Vec::with_capacity(total_steps),
+            validation_curve: Vec::new(),
+            best_step: None,
+            stopped_early: false,
         }
     }
 
@@ -380,6 +465,9 @@ impl Progress {
             trainable_parameters,
             total_parameters,
             files,
+            validation_curve: self.validation_curve,
+            best_step: self.best_step,
+            stopped_early: self.stopped_early,
         }
     }
 }

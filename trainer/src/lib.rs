@@ -21,7 +21,7 @@ pub use causal::{Generation, Generator, SftExample, StepBench, bench_lora_steps,
 pub use classifier::{
     ClassifierPredictor, Example, Prediction, TrainReport, TrainSpec, TrainStep, train_classifier,
 };
-pub use fit::Checkpointing;
+pub use fit::{Checkpointing, EarlyStopping};
 pub use lora::{LLAMA_PROJECTIONS, LoraSpec};
 
 use std::path::{Path, PathBuf};

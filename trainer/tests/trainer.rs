@@ -364,3 +364,56 @@ fn a_run_resumed_from_its_checkpoint_follows_the_uninterrupted_loss_curve() {
         assert_eq!(first_step, Some(1), "{}", base.display());
     }
 }
+
+/// With early stopping a run that starts to overfit stops, and keeps the weights of its best
+/// validation loss rather than its last.
+#[test]
+fn early_stopping_ends_an_overfitting_run_at_its_best_validation_loss() {
+    use flywheel_trainer::EarlyStopping;
+
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let (labels, rows) = banking();
+    init_tiny_bert(
+        &base,
+        rows.iter().map(|r| r.text.as_str()),
+        &TinyBertSpec::default(),
+    )
+    .unwrap();
+    let mut spec = TrainSpec::new(base, dir.path().join("adapter"), labels);
+    // A learning rate and a run long enough to overfit 300 rows.
+    spec.learning_rate = 1e-2;
+    spec.epochs = 40;
+    spec.batch_size = 32;
+    let per_epoch = (rows.len() - rows.len() / 5).div_ceil(32);
+    spec.early_stopping = Some(EarlyStopping {
+        validation_fraction: 0.2,
+        eval_every_steps: per_epoch,
+        patience: 3,
+        min_delta: 0.0,
+    });
+    let report = train_classifier(&spec, &rows, &mut |_| true).unwrap();
+    let planned = per_epoch * 40;
+    eprintln!(
+        "stopped at step {} of {planned}; validation {:?}",
+        report.steps, report.validation_curve
+    );
+    assert!(report.stopped_early && report.steps < planned, "{report:?}");
+    let (best_step, best_loss) = report
+        .validation_curve
+        .iter()
+        .copied()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap();
+    assert_eq!(report.best_step, Some(best_step));
+    // Three validations without improvement after the best, then the stop.
+    let after: Vec<_> = report
+        .validation_curve
+        .iter()
+        .filter(|(s, _)| *s > best_step)
+        .collect();
+    assert_eq!(after.len(), 3, "{:?}", report.validation_curve);
+    assert!(after.iter().all(|(_, l)| *l >= best_loss));
+    // Validation rows were held back: an epoch is 80% of the rows.
+    assert_eq!(report.validation_curve[0].0, per_epoch);
+}
