@@ -328,6 +328,7 @@ pub fn bench_lora_steps(
 ) -> Result<StepBench> {
     use rand::Rng;
     let device = crate::device().autodiff();
+    let _turn = crate::fit::exclusive();
     device.seed(seed);
     let config = load_config(model_dir)?;
     let mut model = config.load(&mut Checkpoint::open(model_dir)?, Some(lora), &device)?;

@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::module::Param;
-use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{
+    Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
+};
 use burn::tensor::{Device, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 
@@ -131,7 +133,12 @@ impl Checkpoint {
     ) -> Result<Linear> {
         let w = self.take(&format!("{prefix}.weight"), &[d_out, d_in])?;
         let w = Tensor::<2>::from_data(TensorData::new(w, [d_out, d_in]), device).transpose();
-        let mut linear = LinearConfig::new(d_in, d_out).with_bias(false).init(device);
+        // Zeros, not burn's random init: loading must not draw from the process-wide
+        // generator a training run's dropout is drawing from.
+        let mut linear = LinearConfig::new(d_in, d_out)
+            .with_bias(false)
+            .with_initializer(Initializer::Zeros)
+            .init(device);
         linear.weight = Param::from_tensor(w).set_require_grad(false);
         Ok(linear)
     }
@@ -186,7 +193,9 @@ impl Checkpoint {
         d: usize,
         device: &Device,
     ) -> Result<Embedding> {
-        let mut e = EmbeddingConfig::new(n, d).init(device);
+        let mut e = EmbeddingConfig::new(n, d)
+            .with_initializer(Initializer::Zeros)
+            .init(device);
         e.weight = self.frozen(name, [n, d], device)?;
         Ok(e)
     }

@@ -521,6 +521,8 @@ impl ClassifierPredictor {
         labels: &[String],
         seed: u64,
     ) -> Result<Self> {
+        // The untrained head draws from burn's process-wide generator: not while a run does.
+        let _turn = crate::fit::exclusive();
         let device = crate::device();
         device.seed(seed);
         let config = BackboneConfig::read(base_model_dir)?;
