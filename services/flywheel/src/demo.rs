@@ -189,14 +189,15 @@ async fn wait_for_job(client: &reqwest::Client, base: &str) -> anyhow::Result<Va
             for e in events["data"].as_array().into_iter().flatten() {
                 after = e["id"].as_i64().unwrap_or(after);
                 let message = e["message"].as_str().unwrap_or("");
-                match e.get("data").filter(|d| d.is_object()) {
+                match e.get("data").filter(|_| e["kind"] == "metrics") {
                     Some(d) if !bar.is_hidden() => {
                         bar.set_length(d["total_steps"].as_u64().unwrap_or(1));
                         bar.set_position(d["step"].as_u64().unwrap_or(0));
                         bar.set_message(format!(
-                            "loss {:.3}, {:.0} tokens/s",
+                            "loss {:.3}, {:.0} tokens/s, {:.0}s to go",
                             d["loss"].as_f64().unwrap_or(0.0),
-                            d["tokens_per_second"].as_f64().unwrap_or(0.0)
+                            d["tokens_per_second"].as_f64().unwrap_or(0.0),
+                            d["eta_seconds"].as_f64().unwrap_or(0.0)
                         ));
                     }
                     // Not a terminal (CI, a pipe): the progress events as log lines.
