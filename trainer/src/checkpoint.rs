@@ -93,6 +93,18 @@ impl Checkpoint {
         self.tensors.remove(name)
     }
 
+    /// Names of the tensors not yet taken, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.tensors.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// Puts a tensor (back) under `name`.
+    pub fn put(&mut self, name: String, shape: Vec<usize>, data: Vec<f32>) {
+        self.tensors.insert(name, (shape, data));
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }

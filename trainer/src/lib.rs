@@ -12,6 +12,7 @@ mod classifier;
 mod fit;
 mod llama;
 mod lora;
+mod merge;
 #[cfg(test)]
 mod parity;
 pub mod tiny;
@@ -23,6 +24,7 @@ pub use classifier::{
 };
 pub use fit::{Checkpointing, EarlyStopping};
 pub use lora::{LLAMA_PROJECTIONS, LoraSpec};
+pub use merge::export_merged;
 
 use std::path::{Path, PathBuf};
 
@@ -57,10 +59,11 @@ pub fn classifier_target_modules(model_dir: &Path) -> Result<Vec<String>> {
 /// Everything that can go wrong between a spec and an adapter.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainerError {
-    #[error("{path}: {source}")]
+    // Not `source`: the message already says it, and error chains would say it twice.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("model directory {dir} has no {file}")]
     MissingFile { dir: PathBuf, file: &'static str },
@@ -90,7 +93,7 @@ pub type Result<T, E = TrainerError> = std::result::Result<T, E>;
 
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainerError {
     let path = path.into();
-    move |source| TrainerError::Io { path, source }
+    move |error| TrainerError::Io { path, error }
 }
 
 /// The burn device the trainer runs on. CPU (flex) unless the build has GPU support and the

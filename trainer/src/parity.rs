@@ -174,7 +174,7 @@ fn twenty_lora_steps_follow_pefts_loss_curve_within_one_percent() {
     spec.warmup_ratio = golden["warmup_steps"].as_f64().unwrap() / steps as f64;
     spec.max_grad_norm = None;
     let s = ids[0].len();
-    let (_, progress) = crate::fit::fit(
+    let (model, progress) = crate::fit::fit(
         &spec,
         "parity",
         ids.len(),
@@ -226,4 +226,50 @@ fn twenty_lora_steps_follow_pefts_loss_curve_within_one_percent() {
     }
     // The run learned: the comparison is not between two flat lines.
     assert!(theirs[steps - 1] < theirs[0] * 0.6);
+
+    // The adapter these steps trained is the one `gen_ours_golden.py` hands to PEFT (see
+    // the test below); FLYWHEEL_WRITE_FIXTURES=1 writes it again.
+    if std::env::var_os("FLYWHEEL_WRITE_FIXTURES").is_some() {
+        let spec = crate::LoraSpec {
+            r: golden["r"].as_u64().unwrap() as usize,
+            alpha: golden["lora_alpha"].as_f64().unwrap(),
+            dropout: 0.0,
+            target_modules: crate::LLAMA_PROJECTIONS.map(String::from).to_vec(),
+            use_rslora: false,
+        };
+        crate::lora::write_peft_adapter(
+            &fixture("tiny-llama-ours"),
+            Path::new("tiny-llama"),
+            &spec,
+            "CAUSAL_LM",
+            crate::causal::layers_of(&model),
+        )
+        .unwrap();
+    }
+}
+
+/// PEFT loaded an adapter this trainer wrote (`tiny-llama-ours`, written by the test above)
+/// and computed logits (`gen_ours_golden.py`): our model with the adapter reproduces them,
+/// and so does our merged export without any adapter, both to 1e-4.
+#[test]
+fn peft_loads_our_adapter_and_our_merged_export_reproduces_its_logits() {
+    let adapter = fixture("tiny-llama-ours");
+    let base = fixture("tiny-llama");
+    let (diff, _) = causal_logits(&base, Some(&adapter), &adapter);
+    assert!(diff < TOLERANCE, "adapter: max |ours - PEFT| = {diff}");
+
+    let merged = tempfile::tempdir().unwrap();
+    let files = crate::export_merged(&base, &adapter, merged.path()).unwrap();
+    assert!(
+        files.contains(&"model.safetensors".to_string())
+            && files.contains(&"config.json".to_string())
+    );
+    let (diff, n) = causal_logits(merged.path(), None, &adapter);
+    assert!(
+        n > 0 && diff < TOLERANCE,
+        "merged: max |ours - PEFT| = {diff}"
+    );
+    // Without the adapter the base model is far off: the adapter is not a no-op.
+    let (base_diff, _) = causal_logits(&base, None, &adapter);
+    assert!(base_diff > 100.0 * TOLERANCE, "{base_diff}");
 }

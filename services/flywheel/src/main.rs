@@ -120,6 +120,17 @@ enum ModelsCommand {
         #[arg(long, default_value = "bert", value_parser = ["bert", "llama"])]
         arch: String,
     },
+    /// Fold a LoRA adapter (a published version's directory, or any PEFT adapter) into its
+    /// base model and write a full Hugging Face checkpoint, for runtimes that serve no
+    /// adapters.
+    Merge {
+        /// The base model directory the adapter was trained on.
+        base: PathBuf,
+        /// The adapter directory (adapter_config.json, adapter_model.safetensors).
+        adapter: PathBuf,
+        /// Output directory.
+        out: PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -226,6 +237,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 bytes as f64 / 1e6,
                 registry.url()
             );
+            Ok(())
+        }
+        Command::Models {
+            command: ModelsCommand::Merge { base, adapter, out },
+        } => {
+            let files =
+                flywheel_trainer::export_merged(&base, &adapter, &out).with_context(|| {
+                    format!("merging {} into {}", adapter.display(), base.display())
+                })?;
+            println!("{}: {}", out.display(), files.join(", "));
             Ok(())
         }
         Command::Models {
