@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::checkpoint::{Checkpoint, write_safetensors};
-use crate::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+use crate::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, HostTensor};
 use crate::{Result, TrainerError, io_err};
 
 /// Writes `base_model_dir` with the PEFT adapter in `adapter_dir` folded in to `out_dir`:
@@ -38,7 +38,7 @@ pub fn export_merged(
 
     // Pair each module's A and B.
     let mut lora = Checkpoint::open_file(&adapter_dir.join(ADAPTER_WEIGHTS))?;
-    let mut modules: BTreeMap<String, [Option<(Vec<usize>, Vec<f32>)>; 2]> = BTreeMap::new();
+    let mut modules: BTreeMap<String, [Option<HostTensor>; 2]> = BTreeMap::new();
     for name in lora.names() {
         let (module, which) = match name.strip_prefix("base_model.model.").and_then(|n| {
             n.strip_suffix(".lora_A.weight")
