@@ -13,6 +13,50 @@ use crate::models::*;
 use crate::sql::{Cells, Pool, Stamp, with_pool};
 use crate::{DbError, Result};
 
+/// Inserts `rows` on `conn` (inside the caller's transaction) and counts what was new.
+/// Multi-row INSERTs: per-statement overhead, not the database, is what limits a
+/// row-at-a-time loop. RETURNING names the rows that were new; the rest were duplicates.
+/// A macro rather than a function so one body serves both drivers' connections.
+macro_rules! insert_rows {
+    ($conn:expr, $domain_id:expr, $rows:expr, $created_at:expr) => {{
+        const PER_STATEMENT: usize = 100;
+        let mut outcome = InsertOutcome::default();
+        for chunk in $rows.chunks(PER_STATEMENT) {
+            let mut query = sqlx::QueryBuilder::new(
+                "INSERT INTO corrections
+                   (domain_id, client_id, content_hash, input, model_output, expected, source,
+                    teacher, metadata, split, created_at, pii_redacted) ",
+            );
+            query.push_values(chunk, |mut row, c: &Correction| {
+                row.push_bind($domain_id)
+                    .push_bind(&c.client_id)
+                    .push_bind(&c.content_hash)
+                    .push_bind(&c.input)
+                    .push_bind(&c.model_output)
+                    .push_bind(&c.expected)
+                    .push_bind(c.source.as_str())
+                    .push_bind(&c.teacher)
+                    .push_bind(Json(&c.metadata))
+                    .push_bind(c.split.as_str())
+                    .push_bind($created_at)
+                    .push_bind((!c.redacted.is_empty()).then_some(Json(&c.redacted)));
+            });
+            query.push(" ON CONFLICT DO NOTHING RETURNING content_hash");
+            let inserted: Vec<String> = query.build_query_scalar().fetch_all($conn).await?;
+            outcome.accepted += inserted.len();
+            outcome.duplicates += chunk.len() - inserted.len();
+            for hash in &inserted {
+                if let Some(c) = chunk.iter().find(|c| &c.content_hash == hash) {
+                    for (kind, n) in &c.redacted {
+                        *outcome.redacted.entry(*kind).or_default() += n;
+                    }
+                }
+            }
+        }
+        outcome
+    }};
+}
+
 /// Handle on flywheel's database, SQLite or PostgreSQL. Cheap to clone.
 ///
 /// Every query is written once, with `$N` placeholders (SQLite reads them as positions too),
@@ -20,11 +64,8 @@ use crate::{DbError, Result};
 #[derive(Clone, Debug)]
 pub struct Db {
     pool: Pool,
-    /// SQLite: the one connection corrections are written through. SQLite has one writer
-    /// anyway; a connection of its own keeps its page cache (the content-hash index, whose
-    /// keys land at random) warm instead of re-reading pages another connection's write made
-    /// stale, and concurrent uploads queue for it instead of sleeping in SQLite's busy handler.
-    writer: Option<sqlx::SqlitePool>,
+    /// SQLite: corrections are written by one task on one connection (see `group_writer`).
+    writer: Option<(tokio::sync::mpsc::Sender<WriteRequest>, sqlx::SqlitePool)>,
     /// SQLite: while any clone of this handle lives, WAL checkpoints run in the background.
     _alive: Option<std::sync::Arc<()>>,
 }
@@ -48,6 +89,81 @@ async fn checkpoint_in_background(pool: sqlx::SqlitePool, alive: std::sync::Weak
             tracing::warn!(error = %e, "WAL checkpoint failed; the next one tries again");
         }
     }
+}
+
+/// One upload's rows, waiting for the writer.
+#[derive(Debug)]
+struct WriteRequest {
+    domain_id: i64,
+    rows: Vec<Correction>,
+    reply: tokio::sync::oneshot::Sender<Result<InsertOutcome>>,
+}
+
+/// Rows one group commit takes at most.
+const GROUP_ROWS: usize = 20_000;
+
+/// Writes corrections to SQLite with group commit. SQLite has one writer anyway; a connection
+/// of its own keeps its page cache (the content-hash index, whose keys land at random) warm
+/// instead of re-reading pages other connections' commits made stale, and uploads queue here
+/// instead of sleeping in SQLite's busy handler. Uploads that arrived while a commit was under
+/// way share the next one: a page the index touches is written to the WAL once per group, not
+/// once per upload, and each upload still hears back only after its rows are durable. A group
+/// that fails is retried upload by upload, so one upload's error is never another's.
+async fn group_writer(
+    pool: sqlx::SqlitePool,
+    mut requests: tokio::sync::mpsc::Receiver<WriteRequest>,
+) {
+    while let Some(first) = requests.recv().await {
+        let mut rows = first.rows.len();
+        let mut group = vec![first];
+        while rows < GROUP_ROWS {
+            match requests.try_recv() {
+                Ok(next) => {
+                    rows += next.rows.len();
+                    group.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        let created_at = Stamp::now();
+        match commit_group(&pool, &group, created_at).await {
+            Ok(outcomes) => {
+                for (request, outcome) in group.into_iter().zip(outcomes) {
+                    let _ = request.reply.send(Ok(outcome));
+                }
+            }
+            Err(e) if group.len() == 1 => {
+                let _ = group.pop().expect("one").reply.send(Err(e));
+            }
+            Err(_) => {
+                for request in group {
+                    let alone = commit_group(&pool, std::slice::from_ref(&request), created_at)
+                        .await
+                        .map(|mut outcomes| outcomes.remove(0));
+                    let _ = request.reply.send(alone);
+                }
+            }
+        }
+    }
+}
+
+async fn commit_group(
+    pool: &sqlx::SqlitePool,
+    group: &[WriteRequest],
+    created_at: Stamp,
+) -> Result<Vec<InsertOutcome>> {
+    let mut tx = pool.begin().await?;
+    let mut outcomes = Vec::with_capacity(group.len());
+    for request in group {
+        outcomes.push(insert_rows!(
+            &mut *tx,
+            request.domain_id,
+            &request.rows,
+            created_at
+        ));
+    }
+    tx.commit().await?;
+    Ok(outcomes)
 }
 
 /// The writer's page cache, in KiB: enough for the content-hash index of a few million rows.
@@ -120,7 +236,7 @@ impl Db {
             .max_connections(SQLITE_CONNECTIONS)
             .connect_with(options.clone())
             .await?;
-        let writer = SqlitePoolOptions::new()
+        let writer_pool = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(60))
             .connect_with(
@@ -134,9 +250,11 @@ impl Db {
             pool.clone(),
             std::sync::Arc::downgrade(&alive),
         ));
+        let (send, receive) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(group_writer(writer_pool.clone(), receive));
         let db = Self {
             pool: Pool::Sqlite(pool),
-            writer: Some(writer),
+            writer: Some((send, writer_pool)),
             _alive: Some(alive),
         };
         db.migrate().await?;
@@ -216,7 +334,7 @@ impl Db {
 
     pub async fn close(&self) {
         with_pool!(self, pool => pool.close().await);
-        if let Some(writer) = &self.writer {
+        if let Some((_, writer)) = &self.writer {
             writer.close().await;
         }
     }
@@ -285,53 +403,24 @@ impl Db {
         domain_id: i64,
         rows: &[Correction],
     ) -> Result<InsertOutcome> {
-        // Multi-row INSERTs: per-statement overhead, not the database, is what limits a
-        // row-at-a-time loop. RETURNING names the rows that were new; the rest were duplicates.
-        const PER_STATEMENT: usize = 100;
-        let mut outcome = InsertOutcome::default();
+        if let Some((writer, _)) = &self.writer {
+            let (reply, outcome) = tokio::sync::oneshot::channel();
+            let request = WriteRequest {
+                domain_id,
+                rows: rows.to_vec(),
+                reply,
+            };
+            let gone = || DbError::Unsupported("the database writer has stopped".into());
+            writer.send(request).await.map_err(|_| gone())?;
+            return outcome.await.map_err(|_| gone())?;
+        }
         let created_at = Stamp::now();
-        let target = match &self.writer {
-            Some(writer) => Pool::Sqlite(writer.clone()),
-            None => self.pool.clone(),
-        };
-        with_pool!(pool target, pool => {
+        with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
-            for chunk in rows.chunks(PER_STATEMENT) {
-                let mut query = sqlx::QueryBuilder::new(
-                    "INSERT INTO corrections
-                       (domain_id, client_id, content_hash, input, model_output, expected, source,
-                        teacher, metadata, split, created_at, pii_redacted) ",
-                );
-                query.push_values(chunk, |mut row, c| {
-                    row.push_bind(domain_id)
-                        .push_bind(&c.client_id)
-                        .push_bind(&c.content_hash)
-                        .push_bind(&c.input)
-                        .push_bind(&c.model_output)
-                        .push_bind(&c.expected)
-                        .push_bind(c.source.as_str())
-                        .push_bind(&c.teacher)
-                        .push_bind(Json(&c.metadata))
-                        .push_bind(c.split.as_str())
-                        .push_bind(created_at)
-                        .push_bind((!c.redacted.is_empty()).then_some(Json(&c.redacted)));
-                });
-                query.push(" ON CONFLICT DO NOTHING RETURNING content_hash");
-                let inserted: Vec<String> =
-                    query.build_query_scalar().fetch_all(&mut *tx).await?;
-                outcome.accepted += inserted.len();
-                outcome.duplicates += chunk.len() - inserted.len();
-                for hash in &inserted {
-                    if let Some(c) = chunk.iter().find(|c| &c.content_hash == hash) {
-                        for (kind, n) in &c.redacted {
-                            *outcome.redacted.entry(*kind).or_default() += n;
-                        }
-                    }
-                }
-            }
+            let outcome = insert_rows!(&mut *tx, domain_id, rows, created_at);
             tx.commit().await?;
-        });
-        Ok(outcome)
+            Ok(outcome)
+        })
     }
 
     /// Personal data redacted from a domain's corrections up to `max_id`, by kind: counts for

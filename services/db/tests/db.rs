@@ -308,3 +308,38 @@ async fn racing_schedulers_workers_and_publishers_never_double_up() {
         assert_eq!(counts, vec![(JobStatus::Succeeded, 6)], "{which}");
     }
 }
+
+/// Uploads that arrive together (and share a commit on SQLite) each get their own counts, and
+/// a row sent by two of them is stored once, counted new for exactly one.
+#[tokio::test]
+async fn concurrent_uploads_share_commits_but_not_counts() {
+    for (db, _dir) in databases().await {
+        let which = db.backend();
+        let banking = spec("banking");
+        let row = db.create_domain(&banking).await.unwrap();
+        // Eight uploads of 500 rows; neighbours overlap by 100.
+        let uploads: Vec<Vec<_>> = (0..8)
+            .map(|u| {
+                (u * 400..u * 400 + 500)
+                    .map(|i| correction(&banking, &format!("card {i} is lost"), "card_lost", None))
+                    .collect()
+            })
+            .collect();
+        let outcomes = futures::future::join_all(
+            uploads
+                .iter()
+                .map(|rows| db.insert_corrections(row.id, rows)),
+        )
+        .await;
+        let mut accepted = 0;
+        for (rows, outcome) in uploads.iter().zip(outcomes) {
+            let outcome = outcome.unwrap();
+            assert_eq!(outcome.accepted + outcome.duplicates, rows.len(), "{which}");
+            accepted += outcome.accepted;
+        }
+        let distinct = 7 * 400 + 500;
+        assert_eq!(accepted, distinct, "{which}");
+        let (train, holdout) = db.correction_counts(row.id).await.unwrap();
+        assert_eq!((train + holdout) as usize, distinct, "{which}");
+    }
+}
