@@ -25,12 +25,6 @@ pub(crate) enum Pool {
 /// Runs `$body` with `$pool` bound to the open pool. The body is compiled once per driver, so
 /// it may use driver-specific types through inference (rows, transactions, query builders).
 macro_rules! with_pool {
-    (pool $target:expr, $pool:ident => $body:expr) => {
-        match &$target {
-            $crate::sql::Pool::Sqlite($pool) => $body,
-            $crate::sql::Pool::Postgres($pool) => $body,
-        }
-    };
     ($db:expr, $pool:ident => $body:expr) => {
         match &$db.pool {
             $crate::sql::Pool::Sqlite($pool) => $body,
