@@ -613,7 +613,7 @@ async fn a_classification_domain_on_a_causal_lm_is_trained_and_published() {
         "task": "classification",
         "base_model": llama.display().to_string(),
         "labels": app.labels,
-        "policy": {"min_new_corrections": 300}
+        "policy": {"min_new_corrections": 300, "early_stopping": true}
     });
     let (status, body) = app.post("/v1/domains", &spec).await;
     assert_eq!(status, 201, "{body}");
@@ -638,6 +638,17 @@ async fn a_classification_domain_on_a_causal_lm_is_trained_and_published() {
     )
     .unwrap();
     assert_eq!(head["pooling"], "last_token");
+    // The run validated every epoch on rows it held back, and kept its best weights.
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(app.registry_path("domains/banking/versions/v1/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let training = &manifest["lineage"]["training"];
+    assert!(
+        training["validation_curve"].as_array().unwrap().len() >= 2,
+        "{training}"
+    );
+    assert!(training["best_step"].as_u64().is_some(), "{training}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -118,6 +118,10 @@ pub struct Policy {
     /// No automatic run starts until this long after the previous one ended (seconds).
     #[serde(default)]
     pub cooldown_seconds: u32,
+    /// Hold back a tenth of the training rows, measure their loss every epoch, stop after two
+    /// epochs without improvement and keep the best epoch's weights.
+    #[serde(default)]
+    pub early_stopping: bool,
 }
 
 /// How a domain uses corrections a larger model wrote (escalated queries it answered).
@@ -246,6 +250,7 @@ impl Default for Policy {
             max_staleness_seconds: None,
             schedule: None,
             cooldown_seconds: 0,
+            early_stopping: false,
         }
     }
 }

@@ -11,7 +11,7 @@ use flywheel_db::{DomainRow, JobRow};
 use flywheel_domain::{JobId, JobStatus, Source, Split, StageTask, Task, normalize_text};
 use flywheel_evaluator::{EvalSpec, Evaluation, HoldoutRow};
 use flywheel_registry::RegistryError;
-use flywheel_trainer::{Checkpointing, Example, SftExample, TrainReport, TrainSpec};
+use flywheel_trainer::{Checkpointing, EarlyStopping, Example, SftExample, TrainReport, TrainSpec};
 use sha2::{Digest, Sha256};
 
 use crate::{Context, EVALUATE_QUEUE, PUBLISH_QUEUE, WorkerError};
@@ -198,6 +198,19 @@ pub async fn train(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDy
                     .collect(),
             ),
         };
+        if domain.spec.policy.early_stopping {
+            const VALIDATION: f64 = 0.1;
+            let trained = (data.len() as f64 * (1.0 - VALIDATION)).floor() as usize;
+            let per_epoch = trained
+                .div_ceil(spec.batch_size)
+                .div_ceil(spec.grad_accumulation.max(1));
+            spec.early_stopping = Some(EarlyStopping {
+                validation_fraction: VALIDATION,
+                eval_every_steps: per_epoch.max(1),
+                patience: 2,
+                min_delta: 0.0,
+            });
+        }
         ctx.db
             .add_event(
                 &job.id,
@@ -473,12 +486,20 @@ pub async fn publish(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Box
                 "warmup_ratio": spec.warmup_ratio,
                 "max_seq_len": spec.max_seq_len,
                 "seed": spec.seed,
+                "grad_accumulation": spec.grad_accumulation,
+                "max_grad_norm": spec.max_grad_norm,
+                "early_stopping": spec.early_stopping,
             },
             "training": {
                 "steps": train_report.steps,
                 "wall_seconds": train_report.wall_seconds,
                 "tokens_per_second": train_report.tokens_per_second,
                 "trainable_parameters": train_report.trainable_parameters,
+                // With early stopping: the held-back rows' loss and the step whose weights
+                // were kept.
+                "validation_curve": train_report.validation_curve,
+                "best_step": train_report.best_step,
+                "stopped_early": train_report.stopped_early,
             },
             "decision": evaluation.decision,
             // Serving fleets read this: below it, escalate to the larger model.
