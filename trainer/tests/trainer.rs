@@ -27,6 +27,23 @@ fn banking() -> (Vec<String>, Vec<Example>) {
     (labels, rows)
 }
 
+/// Every fifth row held out, the rest to train on: `(holdout, train)`.
+fn hold_out_every_fifth<T>(rows: Vec<T>) -> (Vec<T>, Vec<T>) {
+    let (holdout, train): (Vec<_>, Vec<_>) =
+        rows.into_iter().enumerate().partition(|(i, _)| i % 5 == 0);
+    let strip = |v: Vec<(usize, T)>| v.into_iter().map(|(_, r)| r).collect();
+    (strip(holdout), strip(train))
+}
+
+/// Mean loss of the first and of the last five steps.
+fn loss_ends(report: &flywheel_trainer::TrainReport) -> (f64, f64) {
+    let mean = |steps: &[(usize, f64)]| steps.iter().map(|l| l.1).sum::<f64>() / 5.0;
+    (
+        mean(&report.loss_curve[..5]),
+        mean(&report.loss_curve[report.steps - 5..]),
+    )
+}
+
 fn accuracy(p: &ClassifierPredictor, rows: &[Example]) -> f64 {
     let texts: Vec<&str> = rows.iter().map(|r| r.text.as_str()).collect();
     let preds = p.predict(&texts, 32).unwrap();
@@ -51,10 +68,7 @@ fn lora_training_beats_the_untrained_baseline_and_round_trips_through_peft_files
     .unwrap();
     assert!(model.vocab_size > 100, "vocab {}", model.vocab_size);
 
-    let (holdout, train): (Vec<_>, Vec<_>) =
-        rows.into_iter().enumerate().partition(|(i, _)| i % 5 == 0);
-    let holdout: Vec<Example> = holdout.into_iter().map(|(_, r)| r).collect();
-    let train: Vec<Example> = train.into_iter().map(|(_, r)| r).collect();
+    let (holdout, train) = hold_out_every_fifth(rows);
 
     let out = dir.path().join("adapter");
     let spec = TrainSpec::new(base.clone(), out.clone(), labels.clone());
@@ -65,12 +79,7 @@ fn lora_training_beats_the_untrained_baseline_and_round_trips_through_peft_files
     })
     .unwrap();
     assert_eq!(report.steps, steps);
-    let first = report.loss_curve[..5].iter().map(|l| l.1).sum::<f64>() / 5.0;
-    let last = report.loss_curve[report.steps - 5..]
-        .iter()
-        .map(|l| l.1)
-        .sum::<f64>()
-        / 5.0;
+    let (first, last) = loss_ends(&report);
     assert!(last < first * 0.7, "loss did not fall: {first} -> {last}");
     assert!(report.trainable_parameters < report.total_parameters / 2);
 
@@ -111,22 +120,14 @@ fn a_causal_lm_learns_to_classify_with_last_token_pooling() {
         &TinyLlamaSpec::default(),
     )
     .unwrap();
-    let (holdout, train): (Vec<_>, Vec<_>) =
-        rows.into_iter().enumerate().partition(|(i, _)| i % 5 == 0);
-    let holdout: Vec<Example> = holdout.into_iter().map(|(_, r)| r).collect();
-    let train: Vec<Example> = train.into_iter().map(|(_, r)| r).collect();
+    let (holdout, train) = hold_out_every_fifth(rows);
 
     let out = dir.path().join("adapter");
     let mut spec = TrainSpec::new(base.clone(), out.clone(), labels.clone());
     spec.lora.target_modules = flywheel_trainer::classifier_target_modules(&base).unwrap();
     assert!(spec.lora.target_modules.contains(&"gate_proj".to_string()));
     let report = train_classifier(&spec, &train, &mut |_| true).unwrap();
-    let first = report.loss_curve[..5].iter().map(|l| l.1).sum::<f64>() / 5.0;
-    let last = report.loss_curve[report.steps - 5..]
-        .iter()
-        .map(|l| l.1)
-        .sum::<f64>()
-        / 5.0;
+    let (first, last) = loss_ends(&report);
     assert!(last < first * 0.7, "loss did not fall: {first} -> {last}");
 
     let baseline = ClassifierPredictor::load(&base, None, &labels, 1).unwrap();
@@ -187,12 +188,7 @@ fn causal_lm_sft_learns_to_generate_the_corrected_completion() {
         .iter()
         .flat_map(|e| [e.prompt.clone(), e.completion.clone()]);
     init_tiny_llama(&base, corpus, &TinyLlamaSpec::default()).unwrap();
-    let (holdout, train): (Vec<_>, Vec<_>) = examples
-        .into_iter()
-        .enumerate()
-        .partition(|(i, _)| i % 5 == 0);
-    let holdout: Vec<SftExample> = holdout.into_iter().map(|(_, r)| r).collect();
-    let train: Vec<SftExample> = train.into_iter().map(|(_, r)| r).collect();
+    let (holdout, train) = hold_out_every_fifth(examples);
 
     let out = dir.path().join("adapter");
     let mut spec = TrainSpec::new(base.clone(), out.clone(), vec![]);
@@ -305,38 +301,32 @@ fn resumed_run_body() {
         });
         spec
     };
-    let train = |spec: &TrainSpec, stop_after: Option<usize>| {
-        let mut stop = |s: &flywheel_trainer::TrainStep| Some(s.step) != stop_after;
+    // A spec without labels is the causal LM's SFT run.
+    let train = |spec: &TrainSpec,
+                 on_step: &mut dyn FnMut(&flywheel_trainer::TrainStep) -> bool| {
         if spec.labels.is_empty() {
-            train_causal_lm(spec, &sft, &mut stop)
+            train_causal_lm(spec, &sft, on_step)
         } else {
-            train_classifier(spec, &rows, &mut stop)
+            train_classifier(spec, &rows, on_step)
         }
     };
 
     for base in [&bert, &llama] {
-        let whole = train(&spec_for(base, "whole"), None).unwrap();
+        let whole = train(&spec_for(base, "whole"), &mut |_| true).unwrap();
         // 96 rows / 8 = 12 micro-batches = 6 steps an epoch.
         assert_eq!(whole.steps, 18);
 
         let spec = spec_for(base, "crashed");
         // Stopped during step 10: the checkpoint of step 8 is the newest.
         assert!(matches!(
-            train(&spec, Some(10)),
+            train(&spec, &mut |s| s.step != 10),
             Err(TrainerError::Cancelled)
         ));
         let mut resumed_steps = Vec::new();
-        let resumed = if spec.labels.is_empty() {
-            train_causal_lm(&spec, &sft, &mut |s| {
-                resumed_steps.push(s.step);
-                true
-            })
-        } else {
-            train_classifier(&spec, &rows, &mut |s| {
-                resumed_steps.push(s.step);
-                true
-            })
-        }
+        let resumed = train(&spec, &mut |s| {
+            resumed_steps.push(s.step);
+            true
+        })
         .unwrap();
         assert_eq!(resumed_steps.first(), Some(&9), "{}", base.display());
         assert_eq!(resumed.loss_curve.len(), whole.loss_curve.len());
@@ -381,11 +371,7 @@ fn resumed_run_body() {
             first_step.get_or_insert(s.step);
             false
         };
-        let _ = if other.labels.is_empty() {
-            train_causal_lm(&other, &sft, &mut note)
-        } else {
-            train_classifier(&other, &rows, &mut note)
-        };
+        let _ = train(&other, &mut note);
         assert_eq!(first_step, Some(1), "{}", base.display());
     }
 }
