@@ -40,7 +40,7 @@ pub struct EarlyStopping {
     /// Share of the rows held back from training to measure the validation loss on (at least
     /// one row, chosen by the seed).
     pub validation_fraction: f64,
-    /// Optimizer steps between validations.
+    /// Optimizer steps between validations; 0: once an epoch.
     pub eval_every_steps: usize,
     /// Validations in a row without an improvement of more than `min_delta` that stop the run.
     pub patience: usize,
@@ -171,6 +171,10 @@ pub(crate) fn fit<M: Module + Clone>(
     // validations since brought nothing. A resumed run starts its patience afresh.
     let mut best: Option<(f64, usize, M)> = None;
     let mut stale = 0;
+    let eval_every = match &spec.early_stopping {
+        Some(stopping) if stopping.eval_every_steps > 0 => stopping.eval_every_steps,
+        _ => (progress.total_steps / spec.epochs.max(1)).max(1),
+    };
     'epochs: for epoch in 0..spec.epochs {
         // Shuffled every epoch, resumed or not, so the order after a resume is the order the
         // uninterrupted run would have seen.
@@ -209,7 +213,7 @@ pub(crate) fn fit<M: Module + Clone>(
             };
             progress.notify(epoch, loss_sum, lr, checkpoint, on_step)?;
             if let Some(stopping) = &spec.early_stopping
-                && (step % stopping.eval_every_steps.max(1) == 0 || step == progress.total_steps)
+                && (step.is_multiple_of(eval_every) || step == progress.total_steps)
             {
                 let loss = validation_loss(spec, &validation, &model, &mut batch_loss)?;
                 progress.validation_curve.push((step, loss));

@@ -199,14 +199,10 @@ pub async fn train(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDy
             ),
         };
         if domain.spec.policy.early_stopping {
-            const VALIDATION: f64 = 0.1;
-            let trained = (data.len() as f64 * (1.0 - VALIDATION)).floor() as usize;
-            let per_epoch = trained
-                .div_ceil(spec.batch_size)
-                .div_ceil(spec.grad_accumulation.max(1));
             spec.early_stopping = Some(EarlyStopping {
-                validation_fraction: VALIDATION,
-                eval_every_steps: per_epoch.max(1),
+                validation_fraction: 0.1,
+                // Once an epoch.
+                eval_every_steps: 0,
                 patience: 2,
                 min_delta: 0.0,
             });
