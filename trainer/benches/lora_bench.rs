@@ -1,6 +1,6 @@
 //! LoRA training throughput, ours against PyTorch + PEFT on the same shapes in one run.
 //!
-//! cargo bench -p flywheel-trainer --bench lora_bench -- [--preset tiny|smollm2-135m|all]
+//! cargo bench -p flywheel-trainer --bench lora_bench -- [--preset tiny|smollm2-135m|minilm|realistic|all]
 //!     [--python python3] [--peft-script ../shared/bench/peft_lora_bench.py] [--steps N]
 //!
 //! Each measurement runs in a child process so its peak RSS is its own. PEFT runs in float32
@@ -9,22 +9,50 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use flywheel_trainer::tiny::{TinyLlamaSpec, write_random_llama};
-use flywheel_trainer::{LoraSpec, bench_lora_steps};
+use flywheel_trainer::tiny::{TinyBertSpec, TinyLlamaSpec, write_random_bert, write_random_llama};
+use flywheel_trainer::{Encoded, LoraSpec, StepBench, bench_classifier_steps, bench_sft_steps};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+enum Arch {
+    Llama(TinyLlamaSpec),
+    Bert(TinyBertSpec),
+}
+
+enum Workload {
+    /// Every row `seq` tokens, loss on every next token (or the label, for BERT).
+    Fixed { batch: usize, seq: usize },
+    /// Corrections of varied length, loss on the completion only: `batch` rows a step.
+    Realistic { batch: usize },
+}
 
 struct Preset {
     name: &'static str,
-    spec: TinyLlamaSpec,
+    arch: Arch,
     vocab: usize,
-    batch: usize,
-    seq: usize,
+    workload: Workload,
+}
+
+const WARMUP: usize = 2;
+
+fn smollm2_135m() -> TinyLlamaSpec {
+    TinyLlamaSpec {
+        hidden_size: 576,
+        intermediate_size: 1536,
+        num_hidden_layers: 30,
+        num_attention_heads: 9,
+        num_key_value_heads: 3,
+        max_position_embeddings: 2048,
+        vocab_size: 49152,
+        tie_word_embeddings: true,
+        seed: 0,
+    }
 }
 
 fn presets() -> Vec<Preset> {
     vec![
         Preset {
             name: "tiny",
-            spec: TinyLlamaSpec {
+            arch: Arch::Llama(TinyLlamaSpec {
                 hidden_size: 64,
                 intermediate_size: 172,
                 num_hidden_layers: 2,
@@ -34,29 +62,101 @@ fn presets() -> Vec<Preset> {
                 vocab_size: 512,
                 tie_word_embeddings: true,
                 seed: 0,
-            },
+            }),
             vocab: 512,
-            batch: 8,
-            seq: 64,
+            workload: Workload::Fixed { batch: 8, seq: 64 },
         },
         Preset {
             name: "smollm2-135m",
-            spec: TinyLlamaSpec {
-                hidden_size: 576,
-                intermediate_size: 1536,
-                num_hidden_layers: 30,
-                num_attention_heads: 9,
-                num_key_value_heads: 3,
-                max_position_embeddings: 2048,
-                vocab_size: 49152,
-                tie_word_embeddings: true,
-                seed: 0,
-            },
+            arch: Arch::Llama(smollm2_135m()),
             vocab: 49152,
-            batch: 4,
-            seq: 128,
+            workload: Workload::Fixed { batch: 4, seq: 128 },
+        },
+        Preset {
+            name: "minilm",
+            arch: Arch::Bert(TinyBertSpec {
+                hidden_size: 384,
+                num_hidden_layers: 6,
+                num_attention_heads: 12,
+                intermediate_size: 1536,
+                max_position_embeddings: 512,
+                vocab_size: 30522,
+                seed: 0,
+            }),
+            vocab: 30522,
+            workload: Workload::Fixed { batch: 32, seq: 32 },
+        },
+        Preset {
+            name: "realistic",
+            arch: Arch::Llama(smollm2_135m()),
+            vocab: 49152,
+            workload: Workload::Realistic { batch: 8 },
         },
     ]
+}
+
+/// Banking77's label count: the MiniLM preset's head.
+const LABELS: usize = 77;
+
+fn model_dir(p: &Preset) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("flywheel-bench-{}", p.name));
+    if !dir.join("model.safetensors").exists() {
+        match &p.arch {
+            Arch::Llama(spec) => write_random_llama(&dir, p.vocab, spec).map(drop),
+            Arch::Bert(spec) => write_random_bert(&dir, p.vocab, spec).map(drop),
+        }
+        .expect("writing the bench model");
+    }
+    dir
+}
+
+/// The realistic preset's batches: prompts log-uniform in 16..320 tokens, completions in
+/// 8..96, the spread of corrections where a short answer fixes a long request. Seeded, so both
+/// sides see the same rows.
+fn realistic_batches(batch: usize, count: usize, vocab: usize) -> Vec<Vec<Encoded>> {
+    let mut rng = StdRng::seed_from_u64(77);
+    let mut log_uniform =
+        |lo: f64, hi: f64| (lo.ln() + rng.random::<f64>() * (hi.ln() - lo.ln())).exp() as usize;
+    let lengths: Vec<(usize, usize)> = (0..batch * count)
+        .map(|_| (log_uniform(16.0, 320.0), log_uniform(8.0, 96.0)))
+        .collect();
+    let mut rng = StdRng::seed_from_u64(78);
+    lengths
+        .chunks(batch)
+        .map(|rows| {
+            rows.iter()
+                .map(|&(prompt, completion)| Encoded {
+                    ids: (0..prompt + completion)
+                        .map(|_| rng.random_range(1..vocab as u32))
+                        .collect(),
+                    completion_start: prompt,
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn fixed_batches(batch: usize, seq: usize, count: usize, vocab: usize) -> Vec<Vec<Encoded>> {
+    let mut rng = StdRng::seed_from_u64(0);
+    (0..count)
+        .map(|_| {
+            (0..batch)
+                .map(|_| Encoded {
+                    ids: (0..seq)
+                        .map(|_| rng.random_range(0..vocab as u32))
+                        .collect(),
+                    completion_start: 0,
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn batches(p: &Preset, steps: usize) -> Vec<Vec<Encoded>> {
+    match p.workload {
+        Workload::Fixed { batch, seq } => fixed_batches(batch, seq, WARMUP + steps, p.vocab),
+        Workload::Realistic { batch } => realistic_batches(batch, WARMUP + steps, p.vocab),
+    }
 }
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -74,39 +174,56 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// Model FLOPs of one LoRA step: forward 2·N·T plus the activation gradients 2·N·T through the
-/// frozen matmuls (no weight gradients), attention scores and values 4·s·h per token per
-/// layer each way, and the head. LoRA's own matmuls are negligible at these ranks.
-fn step_flops(p: &Preset) -> f64 {
-    let s = &p.spec;
-    let (h, f, l) = (
-        s.hidden_size as f64,
-        s.intermediate_size as f64,
-        s.num_hidden_layers as f64,
-    );
-    let kv = (s.num_key_value_heads * (s.hidden_size / s.num_attention_heads)) as f64;
-    let per_layer = h * h * 2.0 + h * kv * 2.0 + 3.0 * h * f;
-    let tokens = (p.batch * p.seq) as f64;
-    let matmul = 4.0 * (per_layer * l + h * p.vocab as f64) * tokens;
-    let attention = 2.0 * 4.0 * p.seq as f64 * h * l * tokens;
-    matmul + attention
+/// Model FLOPs per token of a LoRA step at sequence length `seq`: forward 2·N plus the
+/// activation gradients 2·N through the frozen matmuls (no weight gradients), attention scores
+/// and values 4·s·h per layer each way, and the LM head. LoRA's own matmuls are negligible at
+/// these ranks.
+fn flops_per_token(p: &Preset, seq: usize) -> f64 {
+    let (h, per_layer, layers, head) = match &p.arch {
+        Arch::Llama(s) => {
+            let h = s.hidden_size as f64;
+            let kv = (s.num_key_value_heads * (s.hidden_size / s.num_attention_heads)) as f64;
+            let per_layer = h * h * 2.0 + h * kv * 2.0 + 3.0 * h * s.intermediate_size as f64;
+            (h, per_layer, s.num_hidden_layers as f64, h * p.vocab as f64)
+        }
+        Arch::Bert(s) => {
+            let h = s.hidden_size as f64;
+            let per_layer = 4.0 * h * h + 2.0 * h * s.intermediate_size as f64;
+            (h, per_layer, s.num_hidden_layers as f64, 0.0)
+        }
+    };
+    4.0 * (per_layer * layers + head) + 2.0 * 4.0 * seq as f64 * h * layers
 }
 
-fn ours(p: &Preset, steps: usize) -> serde_json::Value {
-    let dir = std::env::temp_dir().join(format!("flywheel-bench-{}", p.name));
-    if !dir.join("model.safetensors").exists() {
-        write_random_llama(&dir, p.vocab, &p.spec).expect("writing the bench model");
-    }
-    let lora = LoraSpec {
+fn lora_for(p: &Preset) -> LoraSpec {
+    let targets: Vec<String> = match p.arch {
+        Arch::Llama(_) => flywheel_trainer::LLAMA_PROJECTIONS
+            .map(String::from)
+            .to_vec(),
+        Arch::Bert(_) => ["query", "key", "value", "dense"]
+            .map(String::from)
+            .to_vec(),
+    };
+    LoraSpec {
         r: 16,
         alpha: 32.0,
         dropout: 0.0,
-        target_modules: flywheel_trainer::LLAMA_PROJECTIONS
-            .map(String::from)
-            .to_vec(),
+        target_modules: targets,
         use_rslora: false,
-    };
-    let r = bench_lora_steps(&dir, &lora, p.batch, p.seq, 2, steps, 0).expect("bench");
+    }
+}
+
+fn ours(p: &Preset, steps: usize) -> serde_json::Value {
+    let dir = model_dir(p);
+    let lora = lora_for(p);
+    let r: StepBench = match (&p.arch, &p.workload) {
+        (Arch::Bert(_), Workload::Fixed { batch, seq }) => {
+            bench_classifier_steps(&dir, &lora, LABELS, *batch, *seq, WARMUP, steps, 0)
+        }
+        (Arch::Bert(_), Workload::Realistic { .. }) => unreachable!("no realistic BERT preset"),
+        (Arch::Llama(_), _) => bench_sft_steps(&dir, &lora, &batches(p, steps), WARMUP, 0),
+    }
+    .expect("bench");
     serde_json::json!({
         "tokens_per_s": r.tokens_per_second,
         "median_step_s": r.median_step_seconds,
@@ -132,36 +249,12 @@ fn matmul_limit() -> f64 {
     2.0 * (n as f64).powi(3) * reps as f64 / started.elapsed().as_secs_f64() / 1e9
 }
 
-fn peft(
-    python: &str,
-    script: &Path,
-    p: &Preset,
-    dtype: &str,
-    steps: usize,
-) -> Option<serde_json::Value> {
-    let out = Command::new(python)
-        .arg(script)
-        .args([
-            "--preset",
-            p.name,
-            "--batch",
-            &p.batch.to_string(),
-            "--seq",
-            &p.seq.to_string(),
-        ])
-        .args([
-            "--steps",
-            &steps.to_string(),
-            "--warmup",
-            "2",
-            "--dtype",
-            dtype,
-        ])
-        .output()
-        .ok()?;
+/// Runs a Python command and returns the JSON line it printed last.
+fn python_json(python: &str, args: &[String], what: &str) -> Option<serde_json::Value> {
+    let out = Command::new(python).args(args).output().ok()?;
     if !out.status.success() {
         eprintln!(
-            "peft ({dtype}) failed: {}",
+            "{what} failed: {}",
             String::from_utf8_lossy(&out.stderr)
                 .lines()
                 .last()
@@ -173,6 +266,73 @@ fn peft(
         .lines()
         .rev()
         .find_map(|l| serde_json::from_str(l).ok())
+}
+
+struct Scripts {
+    python: String,
+    /// `shared/bench/peft_lora_bench.py`: the fixed Llama shapes.
+    shared: PathBuf,
+    /// `peft_bench.py` beside this file: MiniLM and the realistic run.
+    ours: PathBuf,
+}
+
+fn peft(scripts: &Scripts, p: &Preset, dtype: &str, steps: usize) -> Option<serde_json::Value> {
+    let common = [
+        "--steps".to_string(),
+        steps.to_string(),
+        "--warmup".into(),
+        WARMUP.to_string(),
+        "--dtype".into(),
+        dtype.into(),
+    ];
+    let mut args: Vec<String> = match (&p.arch, &p.workload) {
+        (Arch::Llama(_), Workload::Fixed { batch, seq }) => vec![
+            scripts.shared.display().to_string(),
+            "--preset".into(),
+            p.name.into(),
+            "--batch".into(),
+            batch.to_string(),
+            "--seq".into(),
+            seq.to_string(),
+        ],
+        (Arch::Bert(_), Workload::Fixed { batch, seq }) => vec![
+            scripts.ours.display().to_string(),
+            "--task".into(),
+            "classify".into(),
+            "--model-dir".into(),
+            model_dir(p).display().to_string(),
+            "--labels".into(),
+            LABELS.to_string(),
+            "--batch".into(),
+            batch.to_string(),
+            "--seq".into(),
+            seq.to_string(),
+        ],
+        (_, Workload::Realistic { .. }) => {
+            let rows = std::env::temp_dir().join(format!("flywheel-bench-{}.json", p.name));
+            let batches: Vec<serde_json::Value> = batches(p, steps)
+                .iter()
+                .map(|rows| {
+                    rows.iter()
+                        .map(|e| serde_json::json!({"ids": e.ids, "completion_start": e.completion_start}))
+                        .collect()
+                })
+                .collect();
+            let json = serde_json::json!({"warmup": WARMUP, "batches": batches});
+            std::fs::write(&rows, json.to_string()).expect("writing the rows");
+            vec![
+                scripts.ours.display().to_string(),
+                "--task".into(),
+                "sft".into(),
+                "--model-dir".into(),
+                model_dir(p).display().to_string(),
+                "--rows".into(),
+                rows.display().to_string(),
+            ]
+        }
+    };
+    args.extend(common);
+    python_json(&scripts.python, &args, &format!("peft ({dtype})"))
 }
 
 fn main() {
@@ -188,16 +348,35 @@ fn main() {
         return;
     }
     let which = arg(&args, "--preset").unwrap_or_else(|| "all".into());
-    let python = arg(&args, "--python").unwrap_or_else(|| "python3".into());
-    let script = arg(&args, "--peft-script")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/bench/peft_lora_bench.py")
-        });
-    let limit = matmul_limit();
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let scripts = Scripts {
+        python: arg(&args, "--python").unwrap_or_else(|| "python3".into()),
+        shared: arg(&args, "--peft-script")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| here.join("../../shared/bench/peft_lora_bench.py")),
+        ours: here.join("benches/peft_bench.py"),
+    };
+    let torch = python_json(
+        &scripts.python,
+        &[
+            scripts.ours.display().to_string(),
+            "--task".into(),
+            "matmul".into(),
+        ],
+        "torch matmul",
+    );
+    let limit = |key: &str| {
+        torch
+            .as_ref()
+            .and_then(|t| t[key].as_f64())
+            .map_or("-".into(), |v| format!("{v:.0}"))
+    };
     println!(
-        "machine: {} threads; f32 matmul (1024³, flex) {limit:.1} GFLOP/s",
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        "machine: {} threads; matmul 1024³ GFLOP/s: flex f32 {:.0}, torch f32 {}, torch bf16 {}",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        matmul_limit(),
+        limit("f32_gflops"),
+        limit("bf16_gflops"),
     );
     println!(
         "{:<14} {:>12} {:>12} {:>12} {:>8} {:>10} {:>10} {:>9}",
@@ -207,6 +386,8 @@ fn main() {
         .into_iter()
         .filter(|p| which == "all" || which == p.name)
     {
+        // Written here, before either side runs, so neither times the writing.
+        model_dir(&p);
         let exe = std::env::current_exe().expect("own path");
         let child = Command::new(exe)
             .args(["--child", p.name, "--steps", &steps.to_string()])
@@ -219,8 +400,8 @@ fn main() {
             .unwrap_or_else(|| {
                 panic!("our run failed: {}", String::from_utf8_lossy(&child.stderr))
             });
-        let f32 = peft(&python, &script, &p, "float32", steps);
-        let bf16 = peft(&python, &script, &p, "bfloat16", steps);
+        let f32 = peft(&scripts, &p, "float32", steps);
+        let bf16 = peft(&scripts, &p, "bfloat16", steps);
         let tps =
             |v: &Option<serde_json::Value>| v.as_ref().and_then(|v| v["tokens_per_s"].as_f64());
         let best = [tps(&f32), tps(&bf16)]
@@ -233,9 +414,15 @@ fn main() {
             .flatten()
             .filter_map(|v| v["peak_rss_mib"].as_f64())
             .fold(f64::NAN, f64::min);
-        let gflops = step_flops(&p) / ours["median_step_s"].as_f64().unwrap_or(f64::INFINITY) / 1e9;
+        // Achieved rate on the fixed shapes; a realistic batch's FLOPs depend on its packing.
+        let gflops = match p.workload {
+            Workload::Fixed { seq, .. } => {
+                format!("{:.1}", flops_per_token(&p, seq) * ours_tps / 1e9)
+            }
+            Workload::Realistic { .. } => "-".into(),
+        };
         println!(
-            "{:<14} {:>12.0} {:>12} {:>12} {:>8} {:>10.0} {:>10.0} {:>9.1}",
+            "{:<14} {:>12.0} {:>12} {:>12} {:>8} {:>10.0} {:>10.0} {:>9}",
             p.name,
             ours_tps,
             tps(&f32).map_or("-".into(), |v| format!("{v:.0}")),

@@ -8,13 +8,13 @@ use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use rand::{SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
+use crate::chat::ChatTemplate;
 use crate::checkpoint::{Checkpoint, to_host};
 use crate::classifier::{TrainReport, TrainSpec, TrainStep};
-use crate::llama::{Llama, LlamaConfig};
+use crate::llama::{Layout, Llama, LlamaConfig};
 use crate::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, write_peft_adapter};
 use crate::{Result, TrainerError};
 
@@ -38,14 +38,13 @@ pub struct Generation {
 
 const EOS_CANDIDATES: [&str; 4] = ["<|endoftext|>", "</s>", "<|im_end|>", "<eos>"];
 
-/// The prompt as the model sees it. Kept in one place so training and generation agree.
-fn render_prompt(prompt: &str) -> String {
-    format!("{prompt}\n")
-}
-
+/// Text to ids and back, in the model's prompt format. Kept in one place so training and
+/// generation agree.
 struct TextCodec {
     tokenizer: Tokenizer,
+    /// Where generation stops: the template's end-of-turn token when it names one.
     eos: u32,
+    chat: Option<ChatTemplate>,
 }
 
 impl TextCodec {
@@ -59,13 +58,55 @@ impl TextCodec {
         }
         let tokenizer =
             Tokenizer::from_file(&path).map_err(|e| TrainerError::Tokenizer(e.to_string()))?;
-        let eos = EOS_CANDIDATES
-            .iter()
+        let chat = ChatTemplate::load(dir)?;
+        let configured = chat.as_ref().and_then(|c| c.eos_token.as_deref());
+        let eos = configured
+            .into_iter()
+            .chain(EOS_CANDIDATES)
             .find_map(|t| tokenizer.token_to_id(t))
             .ok_or_else(|| {
                 TrainerError::Tokenizer("no end-of-sequence token in tokenizer.json".into())
             })?;
-        Ok(Self { tokenizer, eos })
+        Ok(Self {
+            tokenizer,
+            eos,
+            chat,
+        })
+    }
+
+    /// The text generation continues from.
+    fn prompt(&self, prompt: &str) -> Result<String> {
+        match &self.chat {
+            Some(chat) => chat.prompt(prompt),
+            None => Ok(format!("{prompt}\n")),
+        }
+    }
+
+    /// A training row as ids. A chat template closes the assistant's turn itself; a plain
+    /// prompt gets EOS after the completion so the model learns to stop.
+    fn encode(&self, ex: &SftExample, max_len: usize) -> Result<Encoded> {
+        let (prompt, completion, eos) = match &self.chat {
+            Some(chat) => {
+                let r = chat.split(&ex.prompt, &ex.completion)?;
+                (r.prompt, r.completion, None)
+            }
+            None => (
+                self.prompt(&ex.prompt)?,
+                ex.completion.clone(),
+                Some(self.eos),
+            ),
+        };
+        let mut ids = self.ids(&prompt)?;
+        // Keep at least a few completion tokens: a prompt that fills the window teaches nothing.
+        ids.truncate(max_len.saturating_sub(8).max(1));
+        let completion_start = ids.len();
+        ids.extend(self.ids(&completion)?);
+        ids.extend(eos);
+        ids.truncate(max_len);
+        Ok(Encoded {
+            ids,
+            completion_start,
+        })
     }
 
     fn ids(&self, text: &str) -> Result<Vec<u32>> {
@@ -98,23 +139,10 @@ pub(crate) fn layers_of(model: &Llama) -> impl Iterator<Item = (String, &crate::
 }
 
 /// A tokenized row: ids, and from which position on the tokens are the completion.
-struct Encoded {
-    ids: Vec<u32>,
-    completion_start: usize,
-}
-
-fn encode(codec: &TextCodec, ex: &SftExample, max_len: usize) -> Result<Encoded> {
-    let mut ids = codec.ids(&render_prompt(&ex.prompt))?;
-    // Keep at least a few completion tokens: a prompt that fills the window teaches nothing.
-    ids.truncate(max_len.saturating_sub(8).max(1));
-    let completion_start = ids.len();
-    ids.extend(codec.ids(&ex.completion)?);
-    ids.push(codec.eos);
-    ids.truncate(max_len);
-    Ok(Encoded {
-        ids,
-        completion_start,
-    })
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoded {
+    pub ids: Vec<u32>,
+    pub completion_start: usize,
 }
 
 /// Trains a LoRA adapter for causal-LM SFT; the loss covers only completion tokens (and EOS).
@@ -134,7 +162,7 @@ pub fn train_causal_lm(
     let max_len = spec.max_seq_len.min(config.max_position_embeddings);
     let encoded: Vec<Encoded> = rows
         .iter()
-        .map(|r| encode(&codec, r, max_len))
+        .map(|r| codec.encode(r, max_len))
         .collect::<Result<_>>()?;
     let mut ckpt = Checkpoint::open(&spec.base_model_dir)?;
     let model = config.load(&mut ckpt, Some(&spec.lora), &device)?;
@@ -159,39 +187,11 @@ pub fn train_causal_lm(
         model,
         on_step,
         |model: &Llama, chunk| {
-            let batch: Vec<&Encoded> = chunk.iter().map(|&i| &encoded[i]).collect();
-            let s = batch.iter().map(|e| e.ids.len()).max().unwrap_or(1);
-            let mut ids = vec![codec.eos as i64; batch.len() * s];
-            let mut masks = Vec::with_capacity(batch.len());
-            // Positions whose next token is a completion token: only their logits are computed.
-            let (mut positions, mut targets, mut weights) = (Vec::new(), Vec::new(), Vec::new());
-            let mut tokens = 0;
-            for (row, e) in batch.iter().enumerate() {
-                let weight = rows[chunk[row]].weight;
-                let mut mask = vec![0f32; s];
-                for (j, &id) in e.ids.iter().enumerate() {
-                    ids[row * s + j] = id as i64;
-                    mask[j] = 1.0;
-                    if j >= e.completion_start && j > 0 {
-                        positions.push((row * s + j - 1) as i64);
-                        targets.push(id as i64);
-                        weights.push(weight);
-                    }
-                }
-                tokens += e.ids.len();
-                masks.push(mask);
-            }
-            let input =
-                Tensor::<2, Int>::from_data(TensorData::new(ids, [batch.len(), s]), &device);
-            let weights = weights.iter().any(|&w| w != 1.0).then_some(weights);
-            let loss = next_token_loss(
-                model,
-                model.hidden(input, &masks),
-                positions,
-                targets,
-                weights,
-            );
-            Ok((loss, tokens))
+            let batch: Vec<(&Encoded, f32)> = chunk
+                .iter()
+                .map(|&i| (&encoded[i], rows[i].weight))
+                .collect();
+            Ok(sft_loss(model, &batch, codec.eos, &device))
         },
     )?;
     write_peft_adapter(
@@ -203,6 +203,72 @@ pub fn train_causal_lm(
     )?;
     let files = vec![ADAPTER_CONFIG.into(), ADAPTER_WEIGHTS.into()];
     Ok(progress.report(rows.len(), trainable_parameters, total_parameters, files))
+}
+
+/// Rows of a batch packed into as few rows as fit, each as long as the batch's longest: first
+/// fit, longest first. `result[r]` lists the indices packed into row `r`, in order.
+fn pack(lengths: &[usize]) -> Vec<Vec<usize>> {
+    let capacity = lengths.iter().copied().max().unwrap_or(0);
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+    let (mut bins, mut used): (Vec<Vec<usize>>, Vec<usize>) = (Vec::new(), Vec::new());
+    for i in order {
+        match used.iter().position(|&u| u + lengths[i] <= capacity) {
+            Some(b) => {
+                bins[b].push(i);
+                used[b] += lengths[i];
+            }
+            None => {
+                bins.push(vec![i]);
+                used.push(lengths[i]);
+            }
+        }
+    }
+    bins
+}
+
+/// The SFT loss of a batch of (row, weight): the weighted mean cross-entropy of its completion
+/// tokens, and how many tokens it holds. Rows are packed (attention kept within each) rather than
+/// padded, and logits are computed only where a completion token is predicted: variable-length
+/// corrections would otherwise spend most of a step on padding and on the prompt's logits.
+pub(crate) fn sft_loss(
+    model: &Llama,
+    batch: &[(&Encoded, f32)],
+    pad: u32,
+    device: &Device,
+) -> (Tensor<1>, usize) {
+    let lengths: Vec<usize> = batch.iter().map(|(e, _)| e.ids.len()).collect();
+    let packed = pack(&lengths);
+    let s = lengths.iter().copied().max().unwrap_or(1);
+    let mut ids = vec![pad as i64; packed.len() * s];
+    let (mut positions, mut targets, mut weights) = (Vec::new(), Vec::new(), Vec::new());
+    for (row, members) in packed.iter().enumerate() {
+        let mut at = row * s;
+        for &m in members {
+            let (e, weight) = batch[m];
+            for (j, &id) in e.ids.iter().enumerate() {
+                ids[at + j] = id as i64;
+                if j >= e.completion_start && j > 0 {
+                    positions.push((at + j - 1) as i64);
+                    targets.push(id as i64);
+                    weights.push(weight);
+                }
+            }
+            at += e.ids.len();
+        }
+    }
+    let layout = Layout::packed(
+        &packed
+            .iter()
+            .map(|members| members.iter().map(|&m| lengths[m]).collect())
+            .collect::<Vec<_>>(),
+        s,
+    );
+    let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [packed.len(), s]), device);
+    let weights = weights.iter().any(|&w| w != 1.0).then_some(weights);
+    let hidden = model.hidden(input, &layout);
+    let loss = next_token_loss(model, hidden, positions, targets, weights);
+    (loss, lengths.iter().sum())
 }
 
 /// Mean cross-entropy of the tokens at `positions + 1`, computing logits only at `positions`
@@ -268,7 +334,7 @@ impl Generator {
 
     /// Greedy decoding, up to `max_new_tokens` or end of sequence.
     pub fn generate(&self, prompt: &str, max_new_tokens: usize) -> Result<Generation> {
-        let mut ids = self.codec.ids(&render_prompt(prompt))?;
+        let mut ids = self.codec.ids(&self.codec.prompt(prompt)?)?;
         ids.truncate(self.max_len.saturating_sub(max_new_tokens).max(1));
         let start = ids.len();
         let mut log_prob = 0.0f64;
@@ -278,7 +344,7 @@ impl Generator {
                 TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, s]),
                 &self.device,
             );
-            let hidden = self.model.hidden(input, &[vec![1.0; s]]);
+            let hidden = self.model.hidden(input, &Layout::padded(&[s], s));
             let h = hidden.dims()[2];
             let last = hidden.narrow(1, s - 1, 1).reshape([1, h]);
             let (_, logp) = to_host(log_softmax(self.model.logits(last), 1));
@@ -301,32 +367,49 @@ impl Generator {
     }
 }
 
-/// Timing of LoRA training steps on random token batches, shaped like
-/// `shared/bench/peft_lora_bench.py` so the two can be compared.
+/// Timing of LoRA training steps, for comparison with PyTorch + PEFT on the same batches.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepBench {
-    pub batch: usize,
-    pub seq: usize,
     pub steps: usize,
     pub median_step_seconds: f64,
+    /// Real (non-padding) tokens over the timed steps' total time.
     pub tokens_per_second: f64,
     pub trainable_parameters: usize,
     pub total_parameters: usize,
     pub losses: Vec<f64>,
 }
 
-/// Runs `warmup + steps` full training steps (forward, backward, AdamW) with loss on every
-/// next token, as `labels = input_ids` does in transformers.
-pub fn bench_lora_steps(
+impl StepBench {
+    pub(crate) fn new(
+        times: &[f64],
+        tokens: usize,
+        losses: Vec<f64>,
+        params: (usize, usize),
+    ) -> Self {
+        let mut sorted = times.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        Self {
+            steps: times.len(),
+            median_step_seconds: sorted[sorted.len() / 2],
+            tokens_per_second: tokens as f64 / times.iter().sum::<f64>(),
+            trainable_parameters: params.0,
+            total_parameters: params.1,
+            losses,
+        }
+    }
+}
+
+/// Runs one full SFT training step (forward, backward, AdamW) per batch of token rows, the
+/// training loop's own batch code included (packing, logits only where the loss is), and
+/// times all but the first `warmup`. A row with `completion_start` 0 has loss on every next
+/// token, as `labels = input_ids` does in transformers.
+pub fn bench_sft_steps(
     model_dir: &Path,
     lora: &crate::LoraSpec,
-    batch: usize,
-    seq: usize,
+    batches: &[Vec<Encoded>],
     warmup: usize,
-    steps: usize,
     seed: u64,
 ) -> Result<StepBench> {
-    use rand::Rng;
     let device = crate::device().autodiff();
     let _turn = crate::fit::exclusive();
     device.seed(seed);
@@ -337,52 +420,32 @@ pub fn bench_lora_steps(
         .map(|(_, p)| p.trainable_parameters())
         .sum();
     let mut optim = AdamWConfig::new().with_weight_decay(0.01).init();
-    let mut rng = StdRng::seed_from_u64(seed);
-    let masks = vec![vec![1.0f32; seq]; batch];
-    let (mut times, mut losses) = (Vec::new(), Vec::new());
-    for step in 0..warmup + steps {
-        let ids: Vec<i64> = (0..batch * seq)
-            .map(|_| rng.random_range(0..config.vocab_size as i64))
-            .collect();
+    let (mut times, mut losses, mut tokens) = (Vec::new(), Vec::new(), 0);
+    for (step, rows) in batches.iter().enumerate() {
         let started = Instant::now();
-        let input =
-            Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [batch, seq]), &device);
-        let (mut positions, mut targets) = (Vec::new(), Vec::new());
-        for row in 0..batch {
-            for j in 0..seq - 1 {
-                positions.push((row * seq + j) as i64);
-                targets.push(ids[row * seq + j + 1]);
-            }
-        }
-        let loss = next_token_loss(
-            &model,
-            model.hidden(input, &masks),
-            positions,
-            targets,
-            None,
-        );
+        let batch: Vec<(&Encoded, f32)> = rows.iter().map(|e| (e, 1.0)).collect();
+        let (loss, n) = sft_loss(&model, &batch, 0, &device);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(1e-4, model, grads);
         // Reading the loss waits for the step to finish.
         let loss_value = loss.into_scalar::<f32>() as f64;
-        let dt = started.elapsed().as_secs_f64();
         if step >= warmup {
-            times.push(dt);
+            times.push(started.elapsed().as_secs_f64());
             losses.push(loss_value);
+            tokens += n;
         }
     }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
-    Ok(StepBench {
-        batch,
-        seq,
-        steps,
-        median_step_seconds: median,
-        tokens_per_second: (batch * seq) as f64 / median,
-        trainable_parameters,
-        total_parameters,
+    if times.is_empty() {
+        return Err(TrainerError::InvalidSpec(
+            "no batches left to time after warmup".into(),
+        ));
+    }
+    Ok(StepBench::new(
+        &times,
+        tokens,
         losses,
-    })
+        (trainable_parameters, total_parameters),
+    ))
 }
 
 /// The largest change the adapter in `adapter_dir` makes to the model's logits on `texts`.
@@ -391,7 +454,7 @@ pub(crate) fn llama_adapter_delta(base: &Path, adapter_dir: &Path, texts: &[&str
     let adapted = Generator::load(base, Some(adapter_dir))?;
     let mut delta = 0.0f32;
     for text in texts {
-        let mut ids = plain.codec.ids(&render_prompt(text))?;
+        let mut ids = plain.codec.ids(&plain.codec.prompt(text)?)?;
         ids.truncate(plain.max_len);
         let s = ids.len();
         let input = || {
@@ -401,7 +464,7 @@ pub(crate) fn llama_adapter_delta(base: &Path, adapter_dir: &Path, texts: &[&str
             )
         };
         let logits = |g: &Generator| {
-            let hidden = g.model.hidden(input(), &[vec![1.0; s]]);
+            let hidden = g.model.hidden(input(), &Layout::padded(&[s], s));
             let h = hidden.dims()[2];
             g.model.logits(hidden.reshape([s, h]))
         };
@@ -409,4 +472,107 @@ pub(crate) fn llama_adapter_delta(base: &Path, adapter_dir: &Path, texts: &[&str
         delta = delta.max(d);
     }
     Ok(delta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packing_fills_rows_longest_first() {
+        assert_eq!(pack(&[8, 3, 5, 2]), vec![vec![0], vec![2, 1], vec![3]]);
+        assert_eq!(pack(&[4, 4]), vec![vec![0], vec![1]]);
+        assert_eq!(pack(&[]), Vec::<Vec<usize>>::new());
+    }
+
+    /// With a chat template the loss starts after the assistant's header and covers the
+    /// template's own end of turn; no extra EOS follows it. Without one, `prompt\n` and EOS.
+    #[test]
+    fn rows_are_wrapped_in_the_chat_template() {
+        let dir = tempfile::tempdir().unwrap();
+        let corpus = ["where is my card", "cards arrive in a week", "hello there"];
+        let spec = crate::tiny::TinyLlamaSpec {
+            vocab_size: 300,
+            ..Default::default()
+        };
+        crate::tiny::init_tiny_llama(dir.path(), corpus.iter(), &spec).unwrap();
+        let row = SftExample {
+            prompt: "where is my card".into(),
+            completion: "cards arrive in a week".into(),
+            weight: 1.0,
+        };
+        let plain = TextCodec::load(dir.path()).unwrap();
+        let e = plain.encode(&row, 512).unwrap();
+        assert_eq!(
+            plain.text(&e.ids[..e.completion_start]).unwrap(),
+            "where is my card\n"
+        );
+        assert_eq!(e.ids.last(), Some(&plain.eos));
+
+        let template = "{% for m in messages %}<|endoftext|>{{ m.role }}: {{ m.content }}{% if m.role == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}<|endoftext|>assistant: {% endif %}";
+        let config = serde_json::json!({"chat_template": template, "eos_token": "<|endoftext|>"});
+        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+        let chat = TextCodec::load(dir.path()).unwrap();
+        let e = chat.encode(&row, 512).unwrap();
+        let decode = |ids: &[u32]| chat.tokenizer.decode(ids, false).unwrap();
+        assert_eq!(
+            decode(&e.ids[..e.completion_start]),
+            "<|endoftext|>user: where is my card\n<|endoftext|>assistant: "
+        );
+        assert_eq!(
+            decode(&e.ids[e.completion_start..]),
+            "cards arrive in a week<|endoftext|>\n"
+        );
+        assert_eq!(
+            chat.prompt("hi").unwrap(),
+            "<|endoftext|>user: hi\n<|endoftext|>assistant: "
+        );
+    }
+
+    /// Packed rows must give the loss that padding each sequence alone gives: attention stays
+    /// inside a sequence and positions restart with it.
+    #[test]
+    fn packed_loss_equals_padded_loss() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+        let device = crate::device();
+        let config = load_config(&dir).unwrap();
+        let model = config
+            .load(&mut Checkpoint::open(&dir).unwrap(), None, &device)
+            .unwrap();
+        let rows: Vec<Encoded> = [(8, 3), (3, 1), (5, 2), (2, 1)]
+            .into_iter()
+            .map(|(n, completion_start)| Encoded {
+                ids: (0..n)
+                    .map(|j| (7 * j as u32 + n as u32) % 100 + 1)
+                    .collect(),
+                completion_start,
+            })
+            .collect();
+        let weights = [1.0, 2.0, 0.5, 1.0];
+        let batch: Vec<(&Encoded, f32)> = rows.iter().zip(weights).collect();
+        assert_eq!(pack(&[8, 3, 5, 2]).len(), 3, "the batch really packs");
+        let (packed, tokens) = sft_loss(&model, &batch, 0, &device);
+        assert_eq!(tokens, 18);
+
+        // The same loss, one padded row per sequence.
+        let s = 8;
+        let mut ids = vec![0i64; rows.len() * s];
+        let (mut positions, mut targets, mut w) = (Vec::new(), Vec::new(), Vec::new());
+        for (r, (e, weight)) in batch.iter().enumerate() {
+            for (j, &id) in e.ids.iter().enumerate() {
+                ids[r * s + j] = id as i64;
+                if j >= e.completion_start && j > 0 {
+                    positions.push((r * s + j - 1) as i64);
+                    targets.push(id as i64);
+                    w.push(*weight);
+                }
+            }
+        }
+        let lengths: Vec<usize> = rows.iter().map(|e| e.ids.len()).collect();
+        let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [rows.len(), s]), &device);
+        let hidden = model.hidden(input, &Layout::padded(&lengths, s));
+        let padded = next_token_loss(&model, hidden, positions, targets, Some(w));
+        let (a, b) = (packed.into_scalar::<f32>(), padded.into_scalar::<f32>());
+        assert!((a - b).abs() < 1e-5, "packed {a}, padded {b}");
+    }
 }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bert::{Bert, BertConfig};
 use crate::checkpoint::{Checkpoint, to_host, write_safetensors};
-use crate::llama::{Llama, LlamaConfig};
+use crate::llama::{Layout, Llama, LlamaConfig};
 use crate::lora::LoraLinear;
 use crate::lora::{
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraSpec, load_peft_adapter, write_peft_adapter,
@@ -211,12 +211,8 @@ impl Backbone {
                 summed / counts
             }
             Backbone::Llama(llama) => {
-                let masks: Vec<Vec<f32>> = batch
-                    .lengths
-                    .iter()
-                    .map(|&n| (0..s).map(|j| if j < n { 1.0 } else { 0.0 }).collect())
-                    .collect();
-                let hidden = llama.hidden(batch.input_ids.clone(), &masks);
+                let layout = Layout::padded(&batch.lengths, s);
+                let hidden = llama.hidden(batch.input_ids.clone(), &layout);
                 let h = hidden.dims()[2];
                 let last: Vec<i64> = batch
                     .lengths
@@ -407,6 +403,71 @@ pub fn train_classifier(
     )?;
     let files = export(&model, spec, &config)?;
     Ok(progress.report(rows.len(), trainable_parameters, total_parameters, files))
+}
+
+/// Times full classifier training steps (forward, backward, AdamW on LoRA and head) on random
+/// `[batch, seq]` id batches with random labels, all but the first `warmup` of them.
+#[allow(clippy::too_many_arguments)]
+pub fn bench_classifier_steps(
+    model_dir: &Path,
+    lora: &LoraSpec,
+    num_labels: usize,
+    batch: usize,
+    seq: usize,
+    warmup: usize,
+    steps: usize,
+    seed: u64,
+) -> Result<crate::StepBench> {
+    use burn::optim::{AdamWConfig, GradientsParams};
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+    use std::time::Instant;
+
+    let _turn = crate::fit::exclusive();
+    let device = crate::device().autodiff();
+    device.seed(seed);
+    let config = BackboneConfig::read(model_dir)?;
+    let vocab = match &config {
+        BackboneConfig::Bert(c) => c.vocab_size,
+        BackboneConfig::Llama(c) => c.vocab_size,
+    };
+    let encoder = config.load(&mut Checkpoint::open(model_dir)?, Some(lora), &device)?;
+    let head = LinearConfig::new(config.hidden_size(), num_labels).init(&device);
+    let mut model = Classifier { encoder, head };
+    let params = (trainable(&model), model.num_params());
+    let loss_fn = CrossEntropyLossConfig::new().init(&device);
+    let mut optim = AdamWConfig::new().with_weight_decay(0.01).init();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut times, mut losses) = (Vec::new(), Vec::new());
+    for step in 0..warmup + steps {
+        let ids: Vec<i64> = (0..batch * seq)
+            .map(|_| rng.random_range(0..vocab as i64))
+            .collect();
+        let labels: Vec<i64> = (0..batch)
+            .map(|_| rng.random_range(0..num_labels as i64))
+            .collect();
+        let started = Instant::now();
+        let input = Batch {
+            input_ids: Tensor::from_data(TensorData::new(ids, [batch, seq]), &device),
+            attention_mask: Tensor::ones([batch, seq], &device),
+            tokens: batch * seq,
+            lengths: vec![seq; batch],
+        };
+        let targets = Tensor::<1, Int>::from_data(TensorData::new(labels, [batch]), &device);
+        let loss = loss_fn.forward(model.forward(&input), targets);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(1e-4, model, grads);
+        let loss_value = loss.into_scalar::<f32>() as f64;
+        if step >= warmup {
+            times.push(started.elapsed().as_secs_f64());
+            losses.push(loss_value);
+        }
+    }
+    Ok(crate::StepBench::new(
+        &times,
+        batch * seq * steps,
+        losses,
+        params,
+    ))
 }
 
 /// Cross-entropy with label smoothing `eps`, each row weighted: `Σ wᵢ·CEᵢ / Σ wᵢ`, where

@@ -7,6 +7,7 @@
 
 mod bert;
 mod causal;
+mod chat;
 mod checkpoint;
 mod classifier;
 mod fit;
@@ -18,7 +19,10 @@ mod parity;
 pub mod tiny;
 mod tokenize;
 
-pub use causal::{Generation, Generator, SftExample, StepBench, bench_lora_steps, train_causal_lm};
+pub use causal::{
+    Encoded, Generation, Generator, SftExample, StepBench, bench_sft_steps, train_causal_lm,
+};
+pub use classifier::bench_classifier_steps;
 pub use classifier::{
     ClassifierPredictor, Example, Prediction, TrainReport, TrainSpec, TrainStep, train_classifier,
 };

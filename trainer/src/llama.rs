@@ -245,8 +245,8 @@ pub struct LlamaLayer {
 impl LlamaLayer {
     /// # Shapes
     /// - x: `[batch, seq, hidden]`
-    /// - cos, sin: `[1, 1, seq, head_dim]`
-    /// - bias: `[batch, 1, seq, seq]` (causal and padding mask, 0 or a large negative)
+    /// - cos, sin: `[batch, 1, seq, head_dim]`
+    /// - bias: `[batch, 1, seq, seq]` (causal, padding and packing mask: 0 or a large negative)
     pub fn forward(
         &self,
         x: Tensor<3>,
@@ -342,23 +342,18 @@ impl Llama {
     /// Final hidden states.
     ///
     /// # Shapes
-    /// - input_ids, attention_mask: `[batch, seq]` (mask 1 for tokens, 0 for right padding)
+    /// - input_ids: `[batch, seq]`, laid out as `layout` says
     /// - output: `[batch, seq, hidden]`
-    pub fn hidden(&self, input_ids: Tensor<2, Int>, attention_mask: &[Vec<f32>]) -> Tensor<3> {
+    pub fn hidden(&self, input_ids: Tensor<2, Int>, layout: &Layout) -> Tensor<3> {
         let [b, s] = input_ids.dims();
+        assert_eq!(
+            [b, s],
+            [layout.batch, layout.seq],
+            "layout of another batch"
+        );
         let device = input_ids.device();
-        let (cos, sin) = rope_tables(s, self.head_dim, self.rope_theta, &device);
-        let mut bias = vec![0f32; b * s * s];
-        for (row, mask) in attention_mask.iter().enumerate() {
-            for i in 0..s {
-                for j in 0..s {
-                    if j > i || mask[j] == 0.0 {
-                        bias[row * s * s + i * s + j] = -1.0e9;
-                    }
-                }
-            }
-        }
-        let bias = Tensor::<4>::from_data(TensorData::new(bias, [b, 1, s, s]), &device);
+        let (cos, sin) = rope_tables(layout, self.head_dim, self.rope_theta, &device);
+        let bias = layout.attention_bias(&device);
         let mut x = self.embed_tokens.forward(input_ids);
         for layer in &self.layers {
             x = layer.forward(x, &cos, &sin, &bias);
@@ -379,20 +374,96 @@ impl Llama {
     }
 }
 
-fn rope_tables(seq: usize, d: usize, theta: f64, device: &Device) -> (Tensor<4>, Tensor<4>) {
+/// Which sequence each token of a batch belongs to, and its position in that sequence. A padded
+/// batch holds one sequence per row; a packed one puts several in a row, and attention must not
+/// cross from one into the next.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Layout {
+    batch: usize,
+    seq: usize,
+    /// Per token: which sequence of its row it belongs to, counted from 1; 0 is padding.
+    segment: Vec<u32>,
+    /// Per token: its position within its sequence (what RoPE rotates by).
+    position: Vec<u32>,
+}
+
+impl Layout {
+    /// One right-padded sequence per row, of the given lengths.
+    pub fn padded(lengths: &[usize], seq: usize) -> Self {
+        let rows: Vec<Vec<usize>> = lengths.iter().map(|&n| vec![n]).collect();
+        Self::packed(&rows, seq)
+    }
+
+    /// Each row holds the sequences of the given lengths one after another, then padding.
+    pub fn packed(rows: &[Vec<usize>], seq: usize) -> Self {
+        let mut segment = vec![0; rows.len() * seq];
+        let mut position = vec![0; rows.len() * seq];
+        for (row, lengths) in rows.iter().enumerate() {
+            assert!(lengths.iter().sum::<usize>() <= seq, "row {row} overflows");
+            let mut at = row * seq;
+            for (k, &n) in lengths.iter().enumerate() {
+                for p in 0..n {
+                    segment[at] = k as u32 + 1;
+                    position[at] = p as u32;
+                    at += 1;
+                }
+            }
+        }
+        Self {
+            batch: rows.len(),
+            seq,
+            segment,
+            position,
+        }
+    }
+
+    /// 0 where query `i` may attend to key `j` (same sequence, not later), a large negative
+    /// elsewhere. Not -inf: a padding query sees nothing, and its softmax must stay finite.
+    ///
+    /// # Shapes
+    /// - output: `[batch, 1, seq, seq]`
+    fn attention_bias(&self, device: &Device) -> Tensor<4> {
+        let s = self.seq;
+        let mut bias = vec![-1.0e9f32; self.batch * s * s];
+        for row in 0..self.batch {
+            let seg = &self.segment[row * s..(row + 1) * s];
+            for i in 0..s {
+                if seg[i] == 0 {
+                    continue;
+                }
+                // A sequence's tokens are contiguous: walk back from i while still in it.
+                let out = &mut bias[(row * s + i) * s..];
+                for j in (0..=i).rev().take_while(|&j| seg[j] == seg[i]) {
+                    out[j] = 0.0;
+                }
+            }
+        }
+        Tensor::from_data(TensorData::new(bias, [self.batch, 1, s, s]), device)
+    }
+}
+
+/// RoPE's cosines and sines at each token's position.
+///
+/// # Shapes
+/// - output: `[batch, 1, seq, head_dim]` each
+fn rope_tables(layout: &Layout, d: usize, theta: f64, device: &Device) -> (Tensor<4>, Tensor<4>) {
     let half = d / 2;
-    let mut cos = Vec::with_capacity(seq * d);
-    let mut sin = Vec::with_capacity(seq * d);
-    for pos in 0..seq {
+    let inv_freq: Vec<f64> = (0..half)
+        .map(|j| 1.0 / theta.powf((2 * j) as f64 / d as f64))
+        .collect();
+    let n = layout.position.len();
+    let mut cos = Vec::with_capacity(n * d);
+    let mut sin = Vec::with_capacity(n * d);
+    for &pos in &layout.position {
         for j in 0..d {
-            let inv_freq = 1.0 / theta.powf((2 * (j % half)) as f64 / d as f64);
-            let angle = pos as f64 * inv_freq;
+            let angle = pos as f64 * inv_freq[j % half];
             cos.push(angle.cos() as f32);
             sin.push(angle.sin() as f32);
         }
     }
+    let shape = [layout.batch, 1, layout.seq, d];
     (
-        Tensor::from_data(TensorData::new(cos, [1, 1, seq, d]), device),
-        Tensor::from_data(TensorData::new(sin, [1, 1, seq, d]), device),
+        Tensor::from_data(TensorData::new(cos, shape), device),
+        Tensor::from_data(TensorData::new(sin, shape), device),
     )
 }

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::bert::BertConfig;
+use crate::causal::Encoded;
 use crate::checkpoint::{Checkpoint, to_host};
-use crate::llama::LlamaConfig;
+use crate::llama::{Layout, LlamaConfig};
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -97,9 +98,14 @@ fn causal_logits(model_dir: &Path, adapter: Option<&Path>, golden_dir: &Path) ->
     }
     let mut g = golden(golden_dir);
     let [b, s] = g.shape;
-    let masks: Vec<Vec<f32>> = g.mask.chunks(s).map(<[f32]>::to_vec).collect();
+    // The fixtures pad on the right: a row's length is its count of ones.
+    let lengths: Vec<usize> = g
+        .mask
+        .chunks(s)
+        .map(|m| m.iter().filter(|&&x| x == 1.0).count())
+        .collect();
     let ids = Tensor::<2, Int>::from_data(TensorData::new(g.ids.clone(), g.shape), &device);
-    let hidden = model.hidden(ids, &masks);
+    let hidden = model.hidden(ids, &Layout::padded(&lengths, s));
     let h = hidden.dims()[2];
     let (_, ours) = to_host(model.logits(hidden.reshape([b * s, h])));
     let (_, theirs) = g.ckpt.take_any("logits").unwrap();
@@ -173,7 +179,6 @@ fn twenty_lora_steps_follow_pefts_loss_curve_within_one_percent() {
     spec.weight_decay = golden["weight_decay"].as_f64().unwrap();
     spec.warmup_ratio = golden["warmup_steps"].as_f64().unwrap() / steps as f64;
     spec.max_grad_norm = None;
-    let s = ids[0].len();
     let (model, progress) = crate::fit::fit(
         &spec,
         "parity",
@@ -182,28 +187,19 @@ fn twenty_lora_steps_follow_pefts_loss_curve_within_one_percent() {
         model,
         &mut |_| true,
         |model, chunk| {
-            let flat: Vec<i64> = chunk.iter().flat_map(|&r| ids[r].clone()).collect();
-            let masks: Vec<Vec<f32>> = chunk
-                .iter()
-                .map(|&r| mask[r].iter().map(|&m| m as f32).collect())
-                .collect();
             // Every non-padding token after the first is a target, as with HF's `labels`.
-            let (mut positions, mut targets) = (Vec::new(), Vec::new());
-            for (row, &r) in chunk.iter().enumerate() {
-                for j in 1..s {
-                    if mask[r][j] == 1 {
-                        positions.push((row * s + j - 1) as i64);
-                        targets.push(ids[r][j]);
-                    }
-                }
-            }
-            let input =
-                Tensor::<2, Int>::from_data(TensorData::new(flat, [chunk.len(), s]), &device);
-            let hidden = model.hidden(input, &masks);
-            Ok((
-                crate::causal::next_token_loss(model, hidden, positions, targets, None),
-                0,
-            ))
+            let rows: Vec<Encoded> = chunk
+                .iter()
+                .map(|&r| Encoded {
+                    ids: (0..mask[r].len())
+                        .filter(|&j| mask[r][j] == 1)
+                        .map(|j| ids[r][j] as u32)
+                        .collect(),
+                    completion_start: 0,
+                })
+                .collect();
+            let batch: Vec<(&Encoded, f32)> = rows.iter().map(|e| (e, 1.0)).collect();
+            Ok((crate::causal::sft_loss(model, &batch, 0, &device).0, 0))
         },
     )
     .unwrap();

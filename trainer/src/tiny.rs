@@ -65,7 +65,17 @@ pub fn init_tiny_bert<S: AsRef<str> + Send>(
     tokenizer
         .save(&tok_path, true)
         .map_err(|e| TrainerError::Tokenizer(e.to_string()))?;
+    let parameters = write_random_bert(dir, vocab_size, spec)?;
+    Ok(TinyModel {
+        vocab_size,
+        parameters,
+    })
+}
 
+/// Writes `config.json` and `model.safetensors` of a randomly initialised BERT (no tokenizer):
+/// benchmarks need the shapes, not the words. Returns the parameter count.
+pub fn write_random_bert(dir: &Path, vocab_size: usize, spec: &TinyBertSpec) -> Result<usize> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let config = BertConfig::new(
         vocab_size,
         spec.hidden_size,
@@ -133,10 +143,7 @@ pub fn init_tiny_bert<S: AsRef<str> + Send>(
     }
     let parameters = tensors.iter().map(|(_, _, d)| d.len()).sum();
     write_safetensors(&dir.join("model.safetensors"), &tensors)?;
-    Ok(TinyModel {
-        vocab_size,
-        parameters,
-    })
+    Ok(parameters)
 }
 
 fn train_wordpiece<S: AsRef<str> + Send>(
