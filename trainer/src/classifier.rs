@@ -59,8 +59,8 @@ pub struct TrainSpec {
     /// Where to save the run's state every few steps, and resume it from after a crash.
     #[serde(default)]
     pub checkpointing: Option<crate::Checkpointing>,
-    /// Each parameter tensor's gradient is scaled down to this norm when it is longer (burn
-    /// clips per tensor; HF's Trainer clips all of them together). `None`: no clipping.
+    /// All gradients are scaled down together when their joint L2 norm exceeds this, as HF's
+    /// Trainer does. `None`: no clipping.
     #[serde(default = "default_clip")]
     pub max_grad_norm: Option<f64>,
     /// Hold out part of the rows, stop when their loss stops improving, and keep the best

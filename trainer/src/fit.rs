@@ -12,8 +12,7 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::grad_clipping::GradientClippingConfig;
-use burn::module::{Module, ParamGroup};
+use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::store::ModuleRecord;
 use burn::tensor::{Device, Tensor};
@@ -199,7 +198,11 @@ pub(crate) fn fit<M: Module + Clone>(
                     .accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
             }
             let lr = progress.lr();
-            model = optim.step(lr, model, accumulator.grads());
+            let mut grads = accumulator.grads();
+            if let Some(max_norm) = spec.max_grad_norm {
+                clip_global_norm(&model, &mut grads, max_norm as f32);
+            }
+            model = optim.step(lr, model, grads);
             progress.push(loss_sum, tokens);
             let checkpoint = match &spec.checkpointing {
                 Some(checkpoints)
@@ -256,15 +259,58 @@ fn validation_loss<M>(
     Ok(total / validation.len() as f64)
 }
 
-/// AdamW with the spec's weight decay and gradient clipping.
+/// AdamW with the spec's weight decay. Clipping is [`clip_global_norm`]'s, not the
+/// optimizer's: burn clips tensor by tensor.
 pub(crate) fn optimizer(spec: &TrainSpec) -> ModuleOptimizer {
     AdamWConfig::new()
         .with_weight_decay(spec.weight_decay as f32)
-        .with_grad_clipping(
-            spec.max_grad_norm
-                .map(|n| GradientClippingConfig::Norm(n as f32)),
-        )
         .init()
+}
+
+/// Scales all gradients by one factor so that their joint L2 norm is at most `max_norm`, as
+/// PyTorch's `clip_grad_norm_` (and so HF's Trainer) does: clipping each tensor on its own
+/// would change the update's direction, not just its length. Returns the norm before clipping.
+pub(crate) fn clip_global_norm<M: Module>(
+    model: &M,
+    grads: &mut GradientsParams,
+    max_norm: f32,
+) -> f32 {
+    struct SumSquares<'a> {
+        grads: &'a GradientsParams,
+        total: Option<Tensor<1>>,
+    }
+    impl ModuleVisitor for SumSquares<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(param.id) {
+                let sq = g.square().sum();
+                self.total = Some(match self.total.take() {
+                    Some(t) => t + sq,
+                    None => sq,
+                });
+            }
+        }
+    }
+    struct Scale<'a> {
+        grads: &'a mut GradientsParams,
+        factor: f32,
+    }
+    impl ModuleVisitor for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.remove::<D>(param.id) {
+                self.grads.register(param.id, g.mul_scalar(self.factor));
+            }
+        }
+    }
+    let mut sum = SumSquares { grads, total: None };
+    model.visit(&mut sum);
+    let Some(total) = sum.total else { return 0.0 };
+    let norm = total.into_scalar::<f32>().sqrt();
+    // PyTorch's epsilon, so a norm just at the limit scales the same way.
+    let factor = max_norm / (norm + 1e-6);
+    if factor < 1.0 {
+        model.visit(&mut Scale { grads, factor });
+    }
+    norm
 }
 
 /// Linear warmup, then cosine decay to zero.
@@ -478,7 +524,41 @@ impl Progress {
 
 #[cfg(test)]
 mod tests {
-    use super::schedule;
+    use super::*;
+    use burn::nn::{Linear, LinearConfig};
+
+    /// Two tensors with gradient norms 3 and 4: globally the norm is 5, and clipping to 1
+    /// scales both by 1/5 (per-tensor clipping would give both norm 1).
+    #[test]
+    fn clipping_scales_all_gradients_by_one_factor() {
+        #[derive(Module, Debug)]
+        struct Two {
+            a: Linear,
+            b: Linear,
+        }
+        let device = crate::device().autodiff();
+        let two = Two {
+            a: LinearConfig::new(1, 1).with_bias(false).init(&device),
+            b: LinearConfig::new(1, 1).with_bias(false).init(&device),
+        };
+        let x = Tensor::<2>::ones([1, 1], &device);
+        // d/dw (3·w_a·x + 4·w_b·x) = 3 and 4.
+        let loss =
+            (two.a.forward(x.clone()).mul_scalar(3.0) + two.b.forward(x).mul_scalar(4.0)).sum();
+        let mut grads = GradientsParams::from_grads(loss.backward(), &two);
+        let norm = clip_global_norm(&two, &mut grads, 1.0);
+        assert!((norm - 5.0).abs() < 1e-5, "{norm}");
+        let get = |grads: &GradientsParams, p: &Param<Tensor<2>>| {
+            grads.get::<2>(p.id).unwrap().into_scalar::<f32>()
+        };
+        assert!((get(&grads, &two.a.weight) - 0.6).abs() < 1e-5);
+        assert!((get(&grads, &two.b.weight) - 0.8).abs() < 1e-5);
+
+        // Under the limit nothing changes.
+        let norm = clip_global_norm(&two, &mut grads, 10.0);
+        assert!((norm - 1.0).abs() < 1e-4, "{norm}");
+        assert!((get(&grads, &two.a.weight) - 0.6).abs() < 1e-5);
+    }
 
     #[test]
     fn warmup_then_cosine() {

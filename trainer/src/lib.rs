@@ -91,6 +91,8 @@ pub enum TrainerError {
     Tokenizer(String),
     #[error("training was cancelled")]
     Cancelled,
+    #[error("{0}")]
+    Device(String),
 }
 
 pub type Result<T, E = TrainerError> = std::result::Result<T, E>;
@@ -100,8 +102,58 @@ pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) ->
     move |error| TrainerError::Io { path, error }
 }
 
-/// The burn device the trainer runs on. CPU (flex) unless the build has GPU support and the
-/// caller asks for it.
+/// Where training and inference run, chosen once per process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Accelerator {
+    /// burn's flex backend on the CPU's cores.
+    #[default]
+    Cpu,
+    /// burn-wgpu: Vulkan, Metal or DirectX 12 GPUs (builds with the `wgpu` feature only).
+    Wgpu,
+}
+
+impl std::str::FromStr for Accelerator {
+    type Err = TrainerError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "wgpu" => Ok(Self::Wgpu),
+            other => Err(TrainerError::Device(format!(
+                "unknown device `{other}`: use cpu or wgpu"
+            ))),
+        }
+    }
+}
+
+static ACCELERATOR: std::sync::OnceLock<Accelerator> = std::sync::OnceLock::new();
+
+/// Picks the accelerator for the rest of the process; call it before any training. A build
+/// without the `wgpu` feature refuses `Wgpu` rather than quietly training on the CPU.
+pub fn use_accelerator(accelerator: Accelerator) -> Result<()> {
+    if accelerator == Accelerator::Wgpu && !cfg!(feature = "wgpu") {
+        return Err(TrainerError::Device(
+            "this build has no GPU support: rebuild with `--features wgpu` or use --device cpu"
+                .into(),
+        ));
+    }
+    let chosen = *ACCELERATOR.get_or_init(|| accelerator);
+    if chosen != accelerator {
+        return Err(TrainerError::Device(format!(
+            "the device was already set to {chosen:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// The burn device the trainer runs on: flex on the CPU unless [`use_accelerator`] chose a
+/// GPU.
 pub(crate) fn device() -> burn::tensor::Device {
-    burn::tensor::Device::flex()
+    match ACCELERATOR.get().copied().unwrap_or_default() {
+        Accelerator::Cpu => burn::tensor::Device::flex(),
+        #[cfg(feature = "wgpu")]
+        Accelerator::Wgpu => burn::tensor::Device::wgpu(Default::default()),
+        #[cfg(not(feature = "wgpu"))]
+        Accelerator::Wgpu => unreachable!("use_accelerator refuses wgpu without the feature"),
+    }
 }

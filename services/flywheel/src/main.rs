@@ -34,6 +34,10 @@ struct Cli {
     /// Default: `<data-dir>/flywheel.db`.
     #[arg(long, env = "FLYWHEEL_DATABASE", global = true, value_parser = parse_database)]
     database: Option<flywheel_db::DatabaseUrl>,
+    /// Where training and evaluation run: `cpu`, or `wgpu` (GPUs; builds with
+    /// `--features wgpu`).
+    #[arg(long, env = "FLYWHEEL_DEVICE", default_value = "cpu", global = true, value_parser = ["cpu", "wgpu"])]
+    device: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -149,6 +153,7 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    flywheel_trainer::use_accelerator(cli.device.parse()?).context("--device")?;
     let mut config = flywheel::Config::new(cli.data_dir);
     config.registry = cli.registry;
     config.database = cli.database;
