@@ -2,10 +2,8 @@
 //! and greedy generation for evaluation.
 
 use std::path::Path;
-use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -414,37 +412,27 @@ pub fn bench_sft_steps(
     let _turn = crate::fit::exclusive();
     device.seed(seed);
     let config = load_config(model_dir)?;
-    let mut model = config.load(&mut Checkpoint::open(model_dir)?, Some(lora), &device)?;
+    let model = config.load(&mut Checkpoint::open(model_dir)?, Some(lora), &device)?;
     let total_parameters = model.num_params();
     let trainable_parameters: usize = layers_of(&model)
         .map(|(_, p)| p.trainable_parameters())
         .sum();
-    let mut optim = AdamWConfig::new().with_weight_decay(0.01).init();
-    let (mut times, mut losses, mut tokens) = (Vec::new(), Vec::new(), 0);
-    for (step, rows) in batches.iter().enumerate() {
-        let started = Instant::now();
-        let batch: Vec<(&Encoded, f32)> = rows.iter().map(|e| (e, 1.0)).collect();
-        let (loss, n) = sft_loss(&model, &batch, 0, &device);
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optim.step(1e-4, model, grads);
-        // Reading the loss waits for the step to finish.
-        let loss_value = loss.into_scalar::<f32>() as f64;
-        if step >= warmup {
-            times.push(started.elapsed().as_secs_f64());
-            losses.push(loss_value);
-            tokens += n;
-        }
-    }
-    if times.is_empty() {
+    if batches.len() <= warmup {
         return Err(TrainerError::InvalidSpec(
             "no batches left to time after warmup".into(),
         ));
     }
-    Ok(StepBench::new(
-        &times,
-        tokens,
-        losses,
-        (trainable_parameters, total_parameters),
+    let params = (trainable_parameters, total_parameters);
+    let steps = batches.len() - warmup;
+    Ok(crate::fit::timed_steps(
+        model,
+        warmup,
+        steps,
+        params,
+        |model, i| {
+            let batch: Vec<(&Encoded, f32)> = batches[i].iter().map(|e| (e, 1.0)).collect();
+            sft_loss(model, &batch, 0, &device)
+        },
     ))
 }
 

@@ -418,9 +418,7 @@ pub fn bench_classifier_steps(
     steps: usize,
     seed: u64,
 ) -> Result<crate::StepBench> {
-    use burn::optim::{AdamWConfig, GradientsParams};
     use rand::{Rng, SeedableRng, rngs::StdRng};
-    use std::time::Instant;
 
     let _turn = crate::fit::exclusive();
     let device = crate::device().autodiff();
@@ -432,41 +430,31 @@ pub fn bench_classifier_steps(
     };
     let encoder = config.load(&mut Checkpoint::open(model_dir)?, Some(lora), &device)?;
     let head = LinearConfig::new(config.hidden_size(), num_labels).init(&device);
-    let mut model = Classifier { encoder, head };
+    let model = Classifier { encoder, head };
     let params = (trainable(&model), model.num_params());
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
-    let mut optim = AdamWConfig::new().with_weight_decay(0.01).init();
     let mut rng = StdRng::seed_from_u64(seed);
-    let (mut times, mut losses) = (Vec::new(), Vec::new());
-    for step in 0..warmup + steps {
-        let ids: Vec<i64> = (0..batch * seq)
-            .map(|_| rng.random_range(0..vocab as i64))
-            .collect();
-        let labels: Vec<i64> = (0..batch)
-            .map(|_| rng.random_range(0..num_labels as i64))
-            .collect();
-        let started = Instant::now();
-        let input = Batch {
-            input_ids: Tensor::from_data(TensorData::new(ids, [batch, seq]), &device),
-            attention_mask: Tensor::ones([batch, seq], &device),
-            tokens: batch * seq,
-            lengths: vec![seq; batch],
-        };
-        let targets = Tensor::<1, Int>::from_data(TensorData::new(labels, [batch]), &device);
-        let loss = loss_fn.forward(model.forward(&input), targets);
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optim.step(1e-4, model, grads);
-        let loss_value = loss.into_scalar::<f32>() as f64;
-        if step >= warmup {
-            times.push(started.elapsed().as_secs_f64());
-            losses.push(loss_value);
-        }
-    }
-    Ok(crate::StepBench::new(
-        &times,
-        batch * seq * steps,
-        losses,
+    Ok(crate::fit::timed_steps(
+        model,
+        warmup,
+        steps,
         params,
+        |model, _| {
+            let ids: Vec<i64> = (0..batch * seq)
+                .map(|_| rng.random_range(0..vocab as i64))
+                .collect();
+            let labels: Vec<i64> = (0..batch)
+                .map(|_| rng.random_range(0..num_labels as i64))
+                .collect();
+            let input = Batch {
+                input_ids: Tensor::from_data(TensorData::new(ids, [batch, seq]), &device),
+                attention_mask: Tensor::ones([batch, seq], &device),
+                tokens: batch * seq,
+                lengths: vec![seq; batch],
+            };
+            let targets = Tensor::<1, Int>::from_data(TensorData::new(labels, [batch]), &device);
+            (loss_fn.forward(model.forward(&input), targets), batch * seq)
+        },
     ))
 }
 

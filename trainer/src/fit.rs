@@ -259,6 +259,33 @@ fn validation_loss<M>(
     Ok(total / validation.len() as f64)
 }
 
+/// Times `warmup + steps` plain AdamW steps (lr 1e-4, no schedule or clipping) for the
+/// benches; `step_loss(model, i)` gives step `i`'s loss and the real tokens it covered.
+pub(crate) fn timed_steps<M: Module + Clone>(
+    mut model: M,
+    warmup: usize,
+    steps: usize,
+    params: (usize, usize),
+    mut step_loss: impl FnMut(&M, usize) -> (Tensor<1>, usize),
+) -> crate::StepBench {
+    let mut optim = AdamWConfig::new().with_weight_decay(0.01).init();
+    let (mut times, mut losses, mut tokens) = (Vec::new(), Vec::new(), 0);
+    for step in 0..warmup + steps {
+        let started = Instant::now();
+        let (loss, n) = step_loss(&model, step);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(1e-4, model, grads);
+        // Reading the loss waits for the step to finish.
+        let loss_value = loss.into_scalar::<f32>() as f64;
+        if step >= warmup {
+            times.push(started.elapsed().as_secs_f64());
+            losses.push(loss_value);
+            tokens += n;
+        }
+    }
+    crate::StepBench::new(&times, tokens, losses, params)
+}
+
 /// AdamW with the spec's weight decay. Clipping is [`clip_global_norm`]'s, not the
 /// optimizer's: burn clips tensor by tensor.
 pub(crate) fn optimizer(spec: &TrainSpec) -> ModuleOptimizer {
