@@ -417,23 +417,12 @@ pub fn bench_sft_steps(
     let trainable_parameters: usize = layers_of(&model)
         .map(|(_, p)| p.trainable_parameters())
         .sum();
-    if batches.len() <= warmup {
-        return Err(TrainerError::InvalidSpec(
-            "no batches left to time after warmup".into(),
-        ));
-    }
     let params = (trainable_parameters, total_parameters);
-    let steps = batches.len() - warmup;
-    Ok(crate::fit::timed_steps(
-        model,
-        warmup,
-        steps,
-        params,
-        |model, i| {
-            let batch: Vec<(&Encoded, f32)> = batches[i].iter().map(|e| (e, 1.0)).collect();
-            sft_loss(model, &batch, 0, &device)
-        },
-    ))
+    let steps = batches.len().saturating_sub(warmup);
+    crate::fit::timed_steps(model, warmup, steps, params, |model, i| {
+        let batch: Vec<(&Encoded, f32)> = batches[i].iter().map(|e| (e, 1.0)).collect();
+        sft_loss(model, &batch, 0, &device)
+    })
 }
 
 /// The largest change the adapter in `adapter_dir` makes to the model's logits on `texts`.

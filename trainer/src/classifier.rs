@@ -325,6 +325,13 @@ impl BackboneConfig {
         }
     }
 
+    fn vocab_size(&self) -> usize {
+        match self {
+            BackboneConfig::Bert(c) => c.vocab_size,
+            BackboneConfig::Llama(c) => c.vocab_size,
+        }
+    }
+
     fn max_position_embeddings(&self) -> usize {
         match self {
             BackboneConfig::Bert(c) => c.max_position_embeddings,
@@ -424,38 +431,29 @@ pub fn bench_classifier_steps(
     let device = crate::device().autodiff();
     device.seed(seed);
     let config = BackboneConfig::read(model_dir)?;
-    let vocab = match &config {
-        BackboneConfig::Bert(c) => c.vocab_size,
-        BackboneConfig::Llama(c) => c.vocab_size,
-    };
+    let vocab = config.vocab_size();
     let encoder = config.load(&mut Checkpoint::open(model_dir)?, Some(lora), &device)?;
     let head = LinearConfig::new(config.hidden_size(), num_labels).init(&device);
     let model = Classifier { encoder, head };
     let params = (trainable(&model), model.num_params());
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
     let mut rng = StdRng::seed_from_u64(seed);
-    Ok(crate::fit::timed_steps(
-        model,
-        warmup,
-        steps,
-        params,
-        |model, _| {
-            let ids: Vec<i64> = (0..batch * seq)
-                .map(|_| rng.random_range(0..vocab as i64))
-                .collect();
-            let labels: Vec<i64> = (0..batch)
-                .map(|_| rng.random_range(0..num_labels as i64))
-                .collect();
-            let input = Batch {
-                input_ids: Tensor::from_data(TensorData::new(ids, [batch, seq]), &device),
-                attention_mask: Tensor::ones([batch, seq], &device),
-                tokens: batch * seq,
-                lengths: vec![seq; batch],
-            };
-            let targets = Tensor::<1, Int>::from_data(TensorData::new(labels, [batch]), &device);
-            (loss_fn.forward(model.forward(&input), targets), batch * seq)
-        },
-    ))
+    crate::fit::timed_steps(model, warmup, steps, params, |model, _| {
+        let ids: Vec<i64> = (0..batch * seq)
+            .map(|_| rng.random_range(0..vocab as i64))
+            .collect();
+        let labels: Vec<i64> = (0..batch)
+            .map(|_| rng.random_range(0..num_labels as i64))
+            .collect();
+        let input = Batch {
+            input_ids: Tensor::from_data(TensorData::new(ids, [batch, seq]), &device),
+            attention_mask: Tensor::ones([batch, seq], &device),
+            tokens: batch * seq,
+            lengths: vec![seq; batch],
+        };
+        let targets = Tensor::<1, Int>::from_data(TensorData::new(labels, [batch]), &device);
+        (loss_fn.forward(model.forward(&input), targets), batch * seq)
+    })
 }
 
 /// Cross-entropy with label smoothing `eps`, each row weighted: `Σ wᵢ·CEᵢ / Σ wᵢ`, where

@@ -267,7 +267,12 @@ pub(crate) fn timed_steps<M: Module + Clone>(
     steps: usize,
     params: (usize, usize),
     mut step_loss: impl FnMut(&M, usize) -> (Tensor<1>, usize),
-) -> crate::StepBench {
+) -> Result<crate::StepBench> {
+    if steps == 0 {
+        return Err(TrainerError::InvalidSpec(
+            "no steps left to time after warmup".into(),
+        ));
+    }
     let mut optim = AdamWConfig::new().with_weight_decay(0.01).init();
     let (mut times, mut losses, mut tokens) = (Vec::new(), Vec::new(), 0);
     for step in 0..warmup + steps {
@@ -283,7 +288,7 @@ pub(crate) fn timed_steps<M: Module + Clone>(
             tokens += n;
         }
     }
-    crate::StepBench::new(&times, tokens, losses, params)
+    Ok(crate::StepBench::new(&times, tokens, losses, params))
 }
 
 /// AdamW with the spec's weight decay. Clipping is [`clip_global_norm`]'s, not the
