@@ -12,6 +12,7 @@ use tokenizers::Tokenizer;
 use crate::chat::ChatTemplate;
 use crate::checkpoint::{Checkpoint, to_host};
 use crate::classifier::{TrainReport, TrainSpec, TrainStep};
+use crate::fit::ShardLoss;
 use crate::llama::{Layout, Llama, LlamaConfig};
 use crate::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, write_peft_adapter};
 use crate::{Result, TrainerError};
@@ -226,7 +227,7 @@ fn pack(lengths: &[usize]) -> Vec<Vec<usize>> {
 }
 
 /// The SFT loss of a batch of (row, weight): the weighted mean cross-entropy of its completion
-/// tokens, and how many tokens it holds. Rows are packed (attention kept within each) rather than
+/// tokens, the total weight of those tokens, and how many tokens it holds. Rows are packed (attention kept within each) rather than
 /// padded, and logits are computed only where a completion token is predicted: variable-length
 /// corrections would otherwise spend most of a step on padding and on the prompt's logits.
 pub(crate) fn sft_loss(
@@ -234,7 +235,7 @@ pub(crate) fn sft_loss(
     batch: &[(&Encoded, f32)],
     pad: u32,
     device: &Device,
-) -> (Tensor<1>, usize) {
+) -> ShardLoss {
     let lengths: Vec<usize> = batch.iter().map(|(e, _)| e.ids.len()).collect();
     let packed = pack(&lengths);
     let s = lengths.iter().copied().max().unwrap_or(1);
@@ -263,10 +264,14 @@ pub(crate) fn sft_loss(
         s,
     );
     let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [packed.len(), s]), device);
+    let weight = weights.iter().sum();
     let weights = weights.iter().any(|&w| w != 1.0).then_some(weights);
     let hidden = model.hidden(input, &layout);
-    let loss = next_token_loss(model, hidden, positions, targets, weights);
-    (loss, lengths.iter().sum())
+    ShardLoss {
+        loss: next_token_loss(model, hidden, positions, targets, weights),
+        weight,
+        tokens: lengths.iter().sum(),
+    }
 }
 
 /// Mean cross-entropy of the tokens at `positions + 1`, computing logits only at `positions`
@@ -418,10 +423,9 @@ pub fn bench_sft_steps(
         .map(|(_, p)| p.trainable_parameters())
         .sum();
     let params = (trainable_parameters, total_parameters);
-    let steps = batches.len().saturating_sub(warmup);
-    crate::fit::timed_steps(model, warmup, steps, params, |model, i| {
-        let batch: Vec<(&Encoded, f32)> = batches[i].iter().map(|e| (e, 1.0)).collect();
-        sft_loss(model, &batch, 0, &device)
+    crate::fit::timed_steps(model, warmup, batches, params, |model, rows| {
+        let batch: Vec<(&Encoded, f32)> = rows.iter().map(|e| (e, 1.0)).collect();
+        Ok(sft_loss(model, &batch, 0, &device))
     })
 }
 
@@ -506,6 +510,94 @@ mod tests {
         );
     }
 
+    /// A batch split into shards that run side by side has the whole batch's loss and gradient:
+    /// each shard's mean weighs by its share of the targets, and a shard with no targets (the
+    /// last, here) adds nothing instead of a NaN.
+    #[test]
+    fn sharded_gradients_equal_whole_batch_gradients() {
+        use burn::module::{ModuleMapper, ModuleVisitor, Param};
+        use burn::optim::GradientsParams;
+        use burn::tensor::Distribution;
+
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+        let device = crate::device().autodiff();
+        let _turn = crate::fit::exclusive();
+        device.seed(7);
+        let lora = crate::LoraSpec {
+            target_modules: crate::lora::LLAMA_PROJECTIONS.map(String::from).to_vec(),
+            ..Default::default()
+        };
+        let model = load_config(&dir)
+            .unwrap()
+            .load(&mut Checkpoint::open(&dir).unwrap(), Some(&lora), &device)
+            .unwrap();
+        // B starts at zero, which would leave A's gradient zero too: make both random.
+        struct Randomize(Device);
+        impl ModuleMapper for Randomize {
+            fn map_float<const D: usize>(&mut self, p: Param<Tensor<D>>) -> Param<Tensor<D>> {
+                p.map(|t| match t.is_require_grad() {
+                    true => Tensor::random(t.shape(), Distribution::Normal(0.0, 0.1), &self.0)
+                        .require_grad(),
+                    false => t,
+                })
+            }
+        }
+        let model = model.map(&mut Randomize(device.clone()));
+        let rows: Vec<(Encoded, f32)> = [
+            (8, 3, 1.0),
+            (3, 1, 2.0),
+            (5, 2, 0.5),
+            (2, 1, 1.0),
+            (4, 4, 3.0),
+        ]
+        .into_iter()
+        .map(|(n, completion_start, weight)| {
+            let ids = (0..n)
+                .map(|j| (7 * j as u32 + n as u32) % 100 + 1)
+                .collect();
+            (
+                Encoded {
+                    ids,
+                    completion_start,
+                },
+                weight,
+            )
+        })
+        .collect();
+        let loss = |model: &Llama, part: &[(Encoded, f32)]| {
+            let batch: Vec<(&Encoded, f32)> = part.iter().map(|(e, w)| (e, *w)).collect();
+            Ok(sft_loss(model, &batch, 0, &device))
+        };
+        let (whole, whole_loss, whole_tokens) =
+            crate::fit::batch_gradients(&model, &rows, 1, &loss).unwrap();
+        let (sharded, sharded_loss, sharded_tokens) =
+            crate::fit::batch_gradients(&model, &rows, 3, &loss).unwrap();
+        assert_eq!(whole_tokens, 22);
+        assert_eq!(sharded_tokens, 22);
+        assert!(
+            (whole_loss - sharded_loss).abs() < 1e-5 * whole_loss.abs(),
+            "whole {whole_loss}, sharded {sharded_loss}"
+        );
+
+        struct Compare<'a>(&'a GradientsParams, &'a GradientsParams, usize, f32);
+        impl ModuleVisitor for Compare<'_> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                if let Some(a) = self.0.get::<D>(param.id) {
+                    let b = self.1.get::<D>(param.id).expect("the same parameters");
+                    let scale = a.clone().abs().max().into_scalar::<f32>();
+                    assert!(scale > 0.0, "a gradient that is all zero compares nothing");
+                    let gap = (a - b).abs().max().into_scalar::<f32>() / scale;
+                    self.2 += 1;
+                    self.3 = self.3.max(gap);
+                }
+            }
+        }
+        let mut compare = Compare(&whole, &sharded, 0, 0.0);
+        model.visit(&mut compare);
+        assert_eq!(compare.2, 2 * 7 * 2, "A and B of 7 projections in 2 layers");
+        assert!(compare.3 < 1e-4, "largest relative gap {}", compare.3);
+    }
+
     /// Packed rows must give the loss that padding each sequence alone gives: attention stays
     /// inside a sequence and positions restart with it.
     #[test]
@@ -528,8 +620,10 @@ mod tests {
         let weights = [1.0, 2.0, 0.5, 1.0];
         let batch: Vec<(&Encoded, f32)> = rows.iter().zip(weights).collect();
         assert_eq!(pack(&[8, 3, 5, 2]).len(), 3, "the batch really packs");
-        let (packed, tokens) = sft_loss(&model, &batch, 0, &device);
-        assert_eq!(tokens, 18);
+        let packed = sft_loss(&model, &batch, 0, &device);
+        assert_eq!(packed.tokens, 18);
+        assert_eq!(packed.weight, 2.0 * 2.0 + 1.0 * 5.0 + 0.5 * 3.0 + 1.0 * 1.0);
+        let packed = packed.loss;
 
         // The same loss, one padded row per sequence.
         let s = 8;

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bert::{Bert, BertConfig};
 use crate::checkpoint::{Checkpoint, to_host, write_safetensors};
+use crate::fit::ShardLoss;
 use crate::llama::{Layout, Llama, LlamaConfig};
 use crate::lora::LoraLinear;
 use crate::lora::{
@@ -400,12 +401,17 @@ pub fn train_classifier(
                 Tensor::<1, Int>::from_data(TensorData::new(labels, [chunk.len()]), &device);
             let logits = model.forward(&batch);
             let weights: Vec<f32> = chunk.iter().map(|&i| rows[i].weight).collect();
+            let weight = weights.iter().sum();
             let loss = if weights.iter().all(|&w| w == 1.0) {
                 loss_fn.forward(logits, targets)
             } else {
                 weighted_cross_entropy(logits, targets, weights, spec.label_smoothing as f32)
             };
-            Ok((loss, batch.tokens))
+            Ok(ShardLoss {
+                loss,
+                weight,
+                tokens: batch.tokens,
+            })
         },
     )?;
     let files = export(&model, spec, &config)?;
@@ -438,21 +444,38 @@ pub fn bench_classifier_steps(
     let params = (trainable(&model), model.num_params());
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
     let mut rng = StdRng::seed_from_u64(seed);
-    crate::fit::timed_steps(model, warmup, steps, params, |model, _| {
-        let ids: Vec<i64> = (0..batch * seq)
-            .map(|_| rng.random_range(0..vocab as i64))
+    // Rows of `seq` random ids, each with a random label.
+    let batches: Vec<Vec<(Vec<i64>, i64)>> = (0..warmup + steps)
+        .map(|_| {
+            (0..batch)
+                .map(|_| {
+                    let ids = (0..seq)
+                        .map(|_| rng.random_range(0..vocab as i64))
+                        .collect();
+                    (ids, rng.random_range(0..num_labels as i64))
+                })
+                .collect()
+        })
+        .collect();
+    crate::fit::timed_steps(model, warmup, &batches, params, |model, rows| {
+        let n = rows.len();
+        let ids: Vec<i64> = rows
+            .iter()
+            .flat_map(|(ids, _)| ids.iter().copied())
             .collect();
-        let labels: Vec<i64> = (0..batch)
-            .map(|_| rng.random_range(0..num_labels as i64))
-            .collect();
+        let labels: Vec<i64> = rows.iter().map(|&(_, label)| label).collect();
         let input = Batch {
-            input_ids: Tensor::from_data(TensorData::new(ids, [batch, seq]), &device),
-            attention_mask: Tensor::ones([batch, seq], &device),
-            tokens: batch * seq,
-            lengths: vec![seq; batch],
+            input_ids: Tensor::from_data(TensorData::new(ids, [n, seq]), &device),
+            attention_mask: Tensor::ones([n, seq], &device),
+            tokens: n * seq,
+            lengths: vec![seq; n],
         };
-        let targets = Tensor::<1, Int>::from_data(TensorData::new(labels, [batch]), &device);
-        (loss_fn.forward(model.forward(&input), targets), batch * seq)
+        let targets = Tensor::<1, Int>::from_data(TensorData::new(labels, [n]), &device);
+        Ok(ShardLoss {
+            loss: loss_fn.forward(model.forward(&input), targets),
+            weight: n as f32,
+            tokens: n * seq,
+        })
     })
 }
 
