@@ -301,13 +301,16 @@ pub(crate) struct ShardLoss {
     pub tokens: usize,
 }
 
-/// How many shards a batch is split into: one per thread of the pool burn's CPU backend
-/// computes on. flex runs elementwise ops on the calling thread and only matmuls on the pool,
-/// so one batch at a time leaves cores idle for much of a step; shards running side by side
-/// keep them busy. On 2 cores, 2 shards took SmolLM2-shaped steps from 147 to 232 tokens/s;
-/// 4 were slower (smaller matmuls) but lighter on memory.
+/// How many shards a batch is split into: on the CPU, one per thread of the pool burn's flex
+/// backend computes on. flex runs elementwise ops on the calling thread and only matmuls on
+/// the pool, so one batch at a time leaves cores idle for much of a step; shards running side
+/// by side keep them busy. On 2 cores, 2 shards took SmolLM2-shaped steps from 147 to 232
+/// tokens/s; 4 were slower (smaller matmuls) but lighter on memory. A GPU gets the batch whole.
 fn shards() -> usize {
-    rayon::current_num_threads()
+    match crate::accelerator() {
+        crate::Accelerator::Cpu => rayon::current_num_threads(),
+        crate::Accelerator::Wgpu => 1,
+    }
 }
 
 /// The gradient of a batch's loss, its value and the tokens it covered, computed in up to

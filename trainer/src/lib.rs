@@ -146,10 +146,14 @@ pub fn use_accelerator(accelerator: Accelerator) -> Result<()> {
     Ok(())
 }
 
+pub(crate) fn accelerator() -> Accelerator {
+    ACCELERATOR.get().copied().unwrap_or_default()
+}
+
 /// The burn device the trainer runs on: flex on the CPU unless [`use_accelerator`] chose a
 /// GPU.
 pub(crate) fn device() -> burn::tensor::Device {
-    match ACCELERATOR.get().copied().unwrap_or_default() {
+    match accelerator() {
         Accelerator::Cpu => burn::tensor::Device::flex(),
         #[cfg(feature = "wgpu")]
         Accelerator::Wgpu => burn::tensor::Device::wgpu(Default::default()),

@@ -245,44 +245,27 @@ pub struct LlamaLayer {
 impl LlamaLayer {
     /// # Shapes
     /// - x: `[batch, seq, hidden]`
-    /// - cos, sin: `[batch, 1, seq, head_dim]`
+    /// - rope: the rotations at each token's position
     /// - bias: `[batch, 1, seq, seq]` (causal, padding and packing mask: 0 or a large negative)
-    pub fn forward(
-        &self,
-        x: Tensor<3>,
-        cos: &Tensor<4>,
-        sin: &Tensor<4>,
-        bias: &Tensor<4>,
-    ) -> Tensor<3> {
+    pub fn forward(&self, x: Tensor<3>, rope: &Rope, bias: &Tensor<4>) -> Tensor<3> {
         let [b, s, h] = x.dims();
         let d = h / self.num_heads;
-        let group = self.num_heads / self.num_kv_heads;
+        let (heads, kv_heads) = (self.num_heads, self.num_kv_heads);
+        let group = heads / kv_heads;
         let normed = self.input_layernorm.forward(x.clone());
         let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, d]).swap_dims(1, 2);
-        let q = rope(
-            split(self.q_proj.forward(normed.clone()), self.num_heads),
-            cos,
-            sin,
-        );
-        let k = rope(
-            split(self.k_proj.forward(normed.clone()), self.num_kv_heads),
-            cos,
-            sin,
-        );
-        let v = split(self.v_proj.forward(normed), self.num_kv_heads);
-        let (k, v) = if group > 1 {
-            let widen = |t: Tensor<4>| {
-                t.reshape([b, self.num_kv_heads, 1, s, d])
-                    .repeat_dim(2, group)
-                    .reshape([b, self.num_heads, s, d])
-            };
-            (widen(k), widen(v))
-        } else {
-            (k, v)
-        };
-        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((d as f64).sqrt()) + bias.clone();
+        let q = rope.query(split(self.q_proj.forward(normed.clone()), heads));
+        let k = rope.key(split(self.k_proj.forward(normed.clone()), kv_heads));
+        let v = split(self.v_proj.forward(normed), kv_heads);
+        // Grouped-query attention without copying K and V once per query head: the `group`
+        // query heads that share a KV head (adjacent, as HF numbers them) are stacked along
+        // the sequence axis, so one batched matmul per KV head serves all of them.
+        let q = q.reshape([b, kv_heads, group * s, d]);
+        let scores = q.matmul(k.swap_dims(2, 3)).reshape([b, heads, s, s]) + bias.clone();
         let context = softmax(scores, 3)
+            .reshape([b, kv_heads, group * s, s])
             .matmul(v)
+            .reshape([b, heads, s, d])
             .swap_dims(1, 2)
             .reshape([b, s, h]);
         let x = x + self.o_proj.forward(context);
@@ -318,13 +301,70 @@ impl LlamaLayer {
     }
 }
 
-/// HF's rotary embedding: the head dimension is split in halves, not interleaved pairs.
-fn rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+/// HF's rotary embedding at each token's position: the head dimension is split in halves, not
+/// interleaved pairs. `x·cos + rotate_half(x)·sin`, with `rotate_half(x) = [-x₂, x₁]`; the sign
+/// lives in the sine table, and the query's tables carry attention's `1/√d`, so neither costs a
+/// pass over the activations.
+pub struct Rope {
+    /// `[batch, 1, seq, head_dim]` each.
+    cos: Tensor<4>,
+    sin: Tensor<4>,
+    query_cos: Tensor<4>,
+    query_sin: Tensor<4>,
+}
+
+impl Rope {
+    fn new(layout: &Layout, d: usize, theta: f64, device: &Device) -> Self {
+        let half = d / 2;
+        let inv_freq: Vec<f64> = (0..half)
+            .map(|j| 1.0 / theta.powf((2 * j) as f64 / d as f64))
+            .collect();
+        let n = layout.position.len();
+        let mut cos = Vec::with_capacity(n * d);
+        let mut sin = Vec::with_capacity(n * d);
+        for &pos in &layout.position {
+            for j in 0..d {
+                let angle = pos as f64 * inv_freq[j % half];
+                cos.push(angle.cos() as f32);
+                sin.push(if j < half { -angle.sin() } else { angle.sin() } as f32);
+            }
+        }
+        let shape = [layout.batch, 1, layout.seq, d];
+        let cos = Tensor::<4>::from_data(TensorData::new(cos, shape), device);
+        let sin = Tensor::<4>::from_data(TensorData::new(sin, shape), device);
+        let scale = 1.0 / (d as f64).sqrt();
+        Self {
+            query_cos: cos.clone().mul_scalar(scale),
+            query_sin: sin.clone().mul_scalar(scale),
+            cos,
+            sin,
+        }
+    }
+
+    /// The rotated query, already scaled by `1/√head_dim`.
+    ///
+    /// # Shapes
+    /// - x, output: `[batch, heads, seq, head_dim]`
+    fn query(&self, x: Tensor<4>) -> Tensor<4> {
+        rotate(x, &self.query_cos, &self.query_sin)
+    }
+
+    /// The rotated key.
+    fn key(&self, x: Tensor<4>) -> Tensor<4> {
+        rotate(x, &self.cos, &self.sin)
+    }
+}
+
+fn rotate(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
     let d = x.dims()[3];
-    let x1 = x.clone().narrow(3, 0, d / 2);
-    let x2 = x.clone().narrow(3, d / 2, d / 2);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos.clone() + rotated * sin.clone()
+    let halves_swapped = Tensor::cat(
+        vec![
+            x.clone().narrow(3, d / 2, d / 2),
+            x.clone().narrow(3, 0, d / 2),
+        ],
+        3,
+    );
+    x * cos.clone() + halves_swapped * sin.clone()
 }
 
 #[derive(Module, Debug)]
@@ -352,11 +392,11 @@ impl Llama {
             "layout of another batch"
         );
         let device = input_ids.device();
-        let (cos, sin) = rope_tables(layout, self.head_dim, self.rope_theta, &device);
+        let rope = Rope::new(layout, self.head_dim, self.rope_theta, &device);
         let bias = layout.attention_bias(&device);
         let mut x = self.embed_tokens.forward(input_ids);
         for layer in &self.layers {
-            x = layer.forward(x, &cos, &sin, &bias);
+            x = layer.forward(x, &rope, &bias);
         }
         self.norm.forward(x)
     }
@@ -440,30 +480,4 @@ impl Layout {
         }
         Tensor::from_data(TensorData::new(bias, [self.batch, 1, s, s]), device)
     }
-}
-
-/// RoPE's cosines and sines at each token's position.
-///
-/// # Shapes
-/// - output: `[batch, 1, seq, head_dim]` each
-fn rope_tables(layout: &Layout, d: usize, theta: f64, device: &Device) -> (Tensor<4>, Tensor<4>) {
-    let half = d / 2;
-    let inv_freq: Vec<f64> = (0..half)
-        .map(|j| 1.0 / theta.powf((2 * j) as f64 / d as f64))
-        .collect();
-    let n = layout.position.len();
-    let mut cos = Vec::with_capacity(n * d);
-    let mut sin = Vec::with_capacity(n * d);
-    for &pos in &layout.position {
-        for j in 0..d {
-            let angle = pos as f64 * inv_freq[j % half];
-            cos.push(angle.cos() as f32);
-            sin.push(angle.sin() as f32);
-        }
-    }
-    let shape = [layout.batch, 1, layout.seq, d];
-    (
-        Tensor::from_data(TensorData::new(cos, shape), device),
-        Tensor::from_data(TensorData::new(sin, shape), device),
-    )
 }
