@@ -95,9 +95,8 @@ impl TextCodec {
                 Some(self.eos),
             ),
         };
-        let mut ids = self.ids(&prompt)?;
         // Keep at least a few completion tokens: a prompt that fills the window teaches nothing.
-        ids.truncate(max_len.saturating_sub(8).max(1));
+        let mut ids = shorten(self.ids(&prompt)?, max_len.saturating_sub(8).max(1));
         let completion_start = ids.len();
         ids.extend(self.ids(&completion)?);
         ids.extend(eos);
@@ -106,6 +105,11 @@ impl TextCodec {
             ids,
             completion_start,
         })
+    }
+
+    /// The prompt's ids, at most `budget` of them, as generation sees them.
+    fn prompt_ids(&self, prompt: &str, budget: usize) -> Result<Vec<u32>> {
+        Ok(shorten(self.ids(&self.prompt(prompt)?)?, budget))
     }
 
     fn ids(&self, text: &str) -> Result<Vec<u32>> {
@@ -122,6 +126,17 @@ impl TextCodec {
             .decode(ids, true)
             .map_err(|e| TrainerError::Tokenizer(e.to_string()))
     }
+}
+
+/// A prompt cut to `budget` tokens by dropping its middle: its head (the template's opening, the
+/// start of the instructions) and its tail (the end of the question and, with a chat template,
+/// the assistant's header that the answer must follow) both survive.
+fn shorten(mut ids: Vec<u32>, budget: usize) -> Vec<u32> {
+    if ids.len() > budget {
+        let head = budget / 2;
+        ids.drain(head..ids.len() - (budget - head));
+    }
+    ids
 }
 
 fn load_config(dir: &Path) -> Result<LlamaConfig> {
@@ -337,8 +352,8 @@ impl Generator {
 
     /// Greedy decoding, up to `max_new_tokens` or end of sequence.
     pub fn generate(&self, prompt: &str, max_new_tokens: usize) -> Result<Generation> {
-        let mut ids = self.codec.ids(&self.codec.prompt(prompt)?)?;
-        ids.truncate(self.max_len.saturating_sub(max_new_tokens).max(1));
+        let budget = self.max_len.saturating_sub(max_new_tokens).max(1);
+        let mut ids = self.codec.prompt_ids(prompt, budget)?;
         let start = ids.len();
         let mut log_prob = 0.0f64;
         for _ in 0..max_new_tokens {
@@ -435,8 +450,7 @@ pub(crate) fn llama_adapter_delta(base: &Path, adapter_dir: &Path, texts: &[&str
     let adapted = Generator::load(base, Some(adapter_dir))?;
     let mut delta = 0.0f32;
     for text in texts {
-        let mut ids = plain.codec.ids(&plain.codec.prompt(text)?)?;
-        ids.truncate(plain.max_len);
+        let ids = plain.codec.prompt_ids(text, plain.max_len)?;
         let s = ids.len();
         let input = || {
             Tensor::<2, Int>::from_data(
@@ -508,6 +522,22 @@ mod tests {
             chat.prompt("hi").unwrap(),
             "<|endoftext|>user: hi\n<|endoftext|>assistant: "
         );
+
+        // A prompt too long for the window loses its middle: the template's opening and the
+        // assistant's header stay, and the completion still follows the header.
+        let long = SftExample {
+            prompt: ["where is my card"; 40].join(" "),
+            ..row
+        };
+        let e = chat.encode(&long, 40).unwrap();
+        assert_eq!(e.completion_start, 32);
+        let prompt = decode(&e.ids[..e.completion_start]);
+        assert!(prompt.starts_with("<|endoftext|>user: where"), "{prompt}");
+        assert!(
+            prompt.ends_with("card\n<|endoftext|>assistant: "),
+            "{prompt}"
+        );
+        assert!(decode(&e.ids[e.completion_start..]).starts_with("cards arrive"));
     }
 
     /// A batch split into shards that run side by side has the whole batch's loss and gradient:
