@@ -45,10 +45,12 @@ pub enum WorkerError {
     Queue(String),
     #[error("{0}")]
     Job(String),
-    #[error("{path}: {source}")]
+    // The cause is in the message and deliberately not a `source`: error reporters that walk
+    // the chain would print it twice.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 

@@ -19,9 +19,9 @@ use crate::{Context, EVALUATE_QUEUE, PUBLISH_QUEUE, WorkerError};
 const PRODUCTION: &str = "production";
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WorkerError + '_ {
-    move |source| WorkerError::Io {
+    move |error| WorkerError::Io {
         path: path.to_owned(),
-        source,
+        error,
     }
 }
 
@@ -717,10 +717,7 @@ async fn stage_checkpoint(
         .map(|n| n.to_string_lossy().into_owned())
         .ok_or_else(|| WorkerError::Job(format!("checkpoint {}", checkpoint.display())))?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(checkpoint)
-        .map_err(|source| WorkerError::Io {
-            path: checkpoint.to_owned(),
-            source,
-        })?
+        .map_err(io(checkpoint))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
     files.sort_by_key(|p| p.file_name().is_some_and(|n| n == "state.json"));
