@@ -132,20 +132,22 @@ impl LoraLinear {
     /// - input: `[..., d_input]`
     /// - output: `[..., d_output]`
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        // One 2-D matmul over all rows: burn keeps `[batch, seq, in]` inputs batched, and the CPU
+        // backend then packs the weight again for every sequence of the batch.
+        let mut dims = x.dims();
+        let d_in = dims[D - 1];
+        let rows = x.shape().num_elements() / d_in;
+        let x: Tensor<2> = x.reshape([rows, d_in]);
         let y = self.base.forward(x.clone());
-        match (&self.lora_a, &self.lora_b) {
+        let y = match (&self.lora_a, &self.lora_b) {
             (Some(a), Some(b)) => {
-                // Flatten to 2-D so the two thin matmuls need no broadcasting.
-                let mut dims = x.dims();
-                let d_in = dims[D - 1];
-                let rows = x.shape().num_elements() / d_in;
-                let x2: Tensor<2> = self.dropout.forward(x).reshape([rows, d_in]);
-                let update = x2.matmul(a.val()).matmul(b.val());
-                dims[D - 1] = update.dims()[1];
-                y + update.reshape(dims).mul_scalar(self.scaling)
+                let update = self.dropout.forward(x).matmul(a.val()).matmul(b.val());
+                y + update.mul_scalar(self.scaling)
             }
             _ => y,
-        }
+        };
+        dims[D - 1] = y.dims()[1];
+        y.reshape(dims)
     }
 
     /// Parameters the adapter trains (zero when not adapted).
