@@ -146,13 +146,10 @@ pub fn evaluate(spec: &EvalSpec) -> Result<Evaluation, EvalError> {
         Task::Generation => {
             let run = |adapter| -> Result<Vec<(String, f64)>, EvalError> {
                 let g = Generator::load(&spec.base_model_dir, adapter)?;
-                texts
-                    .iter()
-                    .map(|t| {
-                        let out = g.generate(t, MAX_NEW_TOKENS)?;
-                        Ok((out.text, out.confidence as f64))
-                    })
-                    .collect()
+                Ok(g.generate_all(&texts, MAX_NEW_TOKENS)?
+                    .into_iter()
+                    .map(|out| (out.text, out.confidence as f64))
+                    .collect())
             };
             (run(champion_dir)?, run(candidate_dir)?)
         }

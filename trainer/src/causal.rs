@@ -350,6 +350,11 @@ impl Generator {
         })
     }
 
+    /// [`Generator::generate`] for each prompt, in order (several at once on the CPU's cores).
+    pub fn generate_all(&self, prompts: &[&str], max_new_tokens: usize) -> Result<Vec<Generation>> {
+        crate::map_on_pool(prompts, |prompt| self.generate(prompt, max_new_tokens))
+    }
+
     /// Greedy decoding, up to `max_new_tokens` or end of sequence.
     pub fn generate(&self, prompt: &str, max_new_tokens: usize) -> Result<Generation> {
         let budget = self.max_len.saturating_sub(max_new_tokens).max(1);

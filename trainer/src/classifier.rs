@@ -634,23 +634,26 @@ impl ClassifierPredictor {
         &self.labels
     }
 
+    /// The most likely label of each text and its probability, in batches of `batch_size`
+    /// (several at once on the CPU's cores).
     pub fn predict(&self, texts: &[&str], batch_size: usize) -> Result<Vec<Prediction>> {
-        let mut out = Vec::with_capacity(texts.len());
-        for chunk in texts.chunks(batch_size.max(1)) {
+        let chunks: Vec<&[&str]> = texts.chunks(batch_size.max(1)).collect();
+        let batches = crate::map_on_pool(&chunks, |chunk| {
             let batch = self.text.encode(chunk, &self.device)?;
-            let probs = softmax(self.model.forward(&batch), 1);
-            let (shape, data) = to_host(probs);
-            let n = shape[1];
-            for row in data.chunks(n) {
-                let (label, &confidence) = row
-                    .iter()
-                    .enumerate()
-                    .max_by(|a, b| a.1.total_cmp(b.1))
-                    .expect("at least two labels");
-                out.push(Prediction { label, confidence });
-            }
-        }
-        Ok(out)
+            let (shape, data) = to_host(softmax(self.model.forward(&batch), 1));
+            Ok(data
+                .chunks(shape[1])
+                .map(|row| {
+                    let (label, &confidence) = row
+                        .iter()
+                        .enumerate()
+                        .max_by(|a, b| a.1.total_cmp(b.1))
+                        .expect("at least two labels");
+                    Prediction { label, confidence }
+                })
+                .collect::<Vec<_>>())
+        })?;
+        Ok(batches.into_iter().flatten().collect())
     }
 }
 

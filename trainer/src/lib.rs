@@ -150,6 +150,20 @@ pub(crate) fn accelerator() -> Accelerator {
     ACCELERATOR.get().copied().unwrap_or_default()
 }
 
+/// `f` over `items`, in order. On the CPU the items run side by side on burn's thread pool:
+/// flex computes elementwise ops on the calling thread, so one item at a time leaves cores
+/// idle. A GPU takes them one by one.
+pub(crate) fn map_on_pool<T: Sync, R: Send>(
+    items: &[T],
+    f: impl Fn(&T) -> Result<R> + Sync,
+) -> Result<Vec<R>> {
+    use rayon::prelude::*;
+    match accelerator() {
+        Accelerator::Cpu => items.par_iter().map(&f).collect(),
+        Accelerator::Wgpu => items.iter().map(f).collect(),
+    }
+}
+
 /// The burn device the trainer runs on: flex on the CPU unless [`use_accelerator`] chose a
 /// GPU.
 pub(crate) fn device() -> burn::tensor::Device {
