@@ -4,8 +4,10 @@
 //!
 //! A checkpoint is a directory `step-<n>/` holding the trainable parameters (burnpack, with
 //! their parameter ids, so the optimizer state keyed by those ids applies to them again), the
-//! optimizer state, and `state.json` (step, loss curve, tokens, and a fingerprint of the spec
-//! and the data: a checkpoint of a different run is never resumed). It is written under a
+//! optimizer state, with early stopping the weights of the best validation so far, and
+//! `state.json` (step, loss and validation curves, tokens, early stopping's best step and spent
+//! patience, and a fingerprint of the spec and the data: a checkpoint of a different run is
+//! never resumed). It is written under a
 //! temporary name and renamed into place, so a crash mid-write leaves the previous one.
 
 use std::hash::{Hash, Hasher};
@@ -54,6 +56,8 @@ const TRAINABLE: &str = r"(^|\.)lora_[ab](\.|$)|^head\.";
 const STATE: &str = "state.json";
 const TRAINABLE_FILE: &str = "trainable.bpk";
 const OPTIMIZER_FILE: &str = "optimizer.bpk";
+/// With early stopping: the trainable parameters at the best validation loss so far.
+const BEST_FILE: &str = "best.bpk";
 
 #[derive(Debug, Serialize, Deserialize)]
 struct State {
@@ -62,6 +66,15 @@ struct State {
     tokens: usize,
     elapsed_seconds: f64,
     loss_curve: Vec<(usize, f64)>,
+    /// Early stopping's bookkeeping, so a resumed run stops where the uninterrupted one would.
+    #[serde(default)]
+    validation_curve: Vec<(usize, f64)>,
+    /// The best validation loss and its step (its weights are in `best.bpk`).
+    #[serde(default)]
+    best: Option<(f64, usize)>,
+    /// Validations since the best that brought nothing.
+    #[serde(default)]
+    stale: usize,
 }
 
 /// What identifies a run for resuming: every spec field that shapes the trajectory, and the
@@ -151,18 +164,28 @@ pub(crate) fn fit<M: Module + Clone + Sync>(
     let (train, validation) = split_rows(spec, rows);
     let mut optim = optimizer(spec);
     let mut progress = Progress::new(spec, total_steps(spec, train.len()));
+    // With early stopping: the best validation loss, its step and weights, and how many
+    // validations since brought nothing.
+    let mut best: Option<(f64, usize, M)> = None;
+    let mut stale = 0;
     if let Some(checkpoints) = &spec.checkpointing
         && let Some((dir, state)) = latest(&checkpoints.dir, fingerprint)?
     {
-        let record = ModuleRecord::load(dir.join(TRAINABLE_FILE))
-            .map_err(|e| bad_checkpoint(&dir, e))?
-            .allow_partial(true);
-        model = model
-            .try_load_record(record)
-            .map_err(|e| bad_checkpoint(&dir, e))?;
+        let trainable = |file: &str, into: M| -> Result<M> {
+            let record = ModuleRecord::load(dir.join(file))
+                .map_err(|e| bad_checkpoint(&dir, e))?
+                .allow_partial(true);
+            into.try_load_record(record)
+                .map_err(|e| bad_checkpoint(&dir, e))
+        };
+        model = trainable(TRAINABLE_FILE, model)?;
         optim = optim
             .load(dir.join(OPTIMIZER_FILE))
             .map_err(|e| bad_checkpoint(&dir, e))?;
+        if let Some((loss, step)) = state.best {
+            best = Some((loss, step, trainable(BEST_FILE, model.clone())?));
+        }
+        stale = state.stale;
         progress.resume(&state);
         tracing::info!(step = state.step, dir = %dir.display(), "resuming from a checkpoint");
     }
@@ -170,10 +193,6 @@ pub(crate) fn fit<M: Module + Clone + Sync>(
     let mut rng = StdRng::seed_from_u64(spec.seed);
     let mut order = train;
     let mut step = 0;
-    // With early stopping: the best validation loss, its step and weights, and how many
-    // validations since brought nothing. A resumed run starts its patience afresh.
-    let mut best: Option<(f64, usize, M)> = None;
-    let mut stale = 0;
     let eval_every = match &spec.early_stopping {
         Some(stopping) if stopping.eval_every_steps > 0 => stopping.eval_every_steps,
         _ => (progress.total_steps / spec.epochs.max(1)).max(1),
@@ -209,17 +228,8 @@ pub(crate) fn fit<M: Module + Clone + Sync>(
             }
             model = optim.step(lr, model, grads);
             progress.push(loss_sum, tokens);
-            let checkpoint = match &spec.checkpointing {
-                Some(checkpoints)
-                    if checkpoints.every_steps > 0
-                        && step % checkpoints.every_steps == 0
-                        && step < progress.total_steps =>
-                {
-                    Some(save(checkpoints, fingerprint, &model, &optim, &progress)?)
-                }
-                _ => None,
-            };
-            progress.notify(epoch, loss_sum, lr, checkpoint, on_step)?;
+            // Validate before checkpointing: a run resumed from this step's checkpoint must
+            // not validate it again, nor miss it.
             if let Some(stopping) = &spec.early_stopping
                 && (step.is_multiple_of(eval_every) || step == progress.total_steps)
             {
@@ -228,16 +238,37 @@ pub(crate) fn fit<M: Module + Clone + Sync>(
                 match &best {
                     Some((best_loss, ..)) if loss >= best_loss - stopping.min_delta => {
                         stale += 1;
-                        if stale >= stopping.patience.max(1) {
-                            progress.stopped_early = true;
-                            break 'epochs;
-                        }
+                        progress.stopped_early = stale >= stopping.patience.max(1);
                     }
                     _ => {
                         best = Some((loss, step, model.clone()));
                         stale = 0;
                     }
                 }
+            }
+            let checkpoint = match &spec.checkpointing {
+                Some(checkpoints)
+                    if checkpoints.every_steps > 0
+                        && step % checkpoints.every_steps == 0
+                        && step < progress.total_steps
+                        && !progress.stopped_early =>
+                {
+                    let best = best.as_ref().map(|(loss, step, m)| (*loss, *step, m));
+                    let early = (best, stale);
+                    Some(save(
+                        checkpoints,
+                        fingerprint,
+                        &model,
+                        &optim,
+                        &progress,
+                        early,
+                    )?)
+                }
+                _ => None,
+            };
+            progress.notify(epoch, loss_sum, lr, checkpoint, on_step)?;
+            if progress.stopped_early {
+                break 'epochs;
             }
         }
     }
@@ -481,25 +512,35 @@ fn latest(dir: &Path, fingerprint: &str) -> Result<Option<(PathBuf, State)>> {
     Ok(None)
 }
 
+/// Early stopping's best (validation loss, step, weights) and its count of stale validations.
+type EarlyStoppingState<'a, M> = (Option<(f64, usize, &'a M)>, usize);
+
 fn save<M: Module + Clone>(
     checkpoints: &Checkpointing,
     fingerprint: &str,
     model: &M,
     optim: &ModuleOptimizer,
     progress: &Progress,
+    (best, stale): EarlyStoppingState<'_, M>,
 ) -> Result<PathBuf> {
     let dir = &checkpoints.dir;
     let final_dir = dir.join(format!("step-{}", progress.step));
     let tmp = dir.join(format!(".step-{}.partial", progress.step));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-    let group = ParamGroup::from_regex(TRAINABLE)
-        .expect("the trainable-parameter patterns are valid regexes");
-    model
-        .clone()
-        .into_record_group(group)
-        .save(tmp.join(TRAINABLE_FILE))
-        .map_err(|e| bad_checkpoint(&tmp, e))?;
+    let save_trainable = |model: &M, file: &str| {
+        let group = ParamGroup::from_regex(TRAINABLE)
+            .expect("the trainable-parameter patterns are valid regexes");
+        model
+            .clone()
+            .into_record_group(group)
+            .save(tmp.join(file))
+            .map_err(|e| bad_checkpoint(&tmp, e))
+    };
+    save_trainable(model, TRAINABLE_FILE)?;
+    if let Some((.., weights)) = best {
+        save_trainable(weights, BEST_FILE)?;
+    }
     optim
         .save(tmp.join(OPTIMIZER_FILE))
         .map_err(|e| bad_checkpoint(&tmp, e))?;
@@ -509,6 +550,9 @@ fn save<M: Module + Clone>(
         tokens: progress.tokens,
         elapsed_seconds: progress.elapsed(),
         loss_curve: progress.loss_curve.clone(),
+        validation_curve: progress.validation_curve.clone(),
+        best: best.map(|(loss, step, _)| (loss, step)),
+        stale,
     };
     let path = tmp.join(STATE);
     std::fs::write(&path, serde_json::to_vec(&state).expect("json")).map_err(io_err(&path))?;
@@ -569,6 +613,7 @@ impl Progress {
         self.tokens = state.tokens;
         self.earlier_seconds = state.elapsed_seconds;
         self.loss_curve = state.loss_curve.clone();
+        self.validation_curve = state.validation_curve.clone();
     }
 
     fn elapsed(&self) -> f64 {

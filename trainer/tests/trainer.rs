@@ -428,3 +428,78 @@ fn early_stopping_ends_an_overfitting_run_at_its_best_validation_loss() {
     // Validation rows were held back: an epoch is 80% of the rows.
     assert_eq!(report.validation_curve[0].0, per_epoch);
 }
+
+/// A run with early stopping that crashes and resumes from its checkpoint keeps its best
+/// weights and its patience: it stops at the step, and with the adapter, of the run that never
+/// crashed.
+#[test]
+fn an_early_stopping_run_resumed_after_a_crash_stops_where_the_uninterrupted_one_did() {
+    use flywheel_trainer::{Checkpointing, EarlyStopping, TrainerError};
+
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let (labels, rows) = banking();
+    init_tiny_bert(
+        &base,
+        rows.iter().map(|r| r.text.as_str()),
+        &TinyBertSpec::default(),
+    )
+    .unwrap();
+    let per_epoch = (rows.len() - rows.len() / 5).div_ceil(32);
+    let spec_for = |name: &str| {
+        let mut spec = TrainSpec::new(base.clone(), dir.path().join(name), labels.clone());
+        spec.learning_rate = 1e-2;
+        spec.epochs = 40;
+        spec.batch_size = 32;
+        spec.early_stopping = Some(EarlyStopping {
+            validation_fraction: 0.2,
+            eval_every_steps: per_epoch,
+            patience: 3,
+            min_delta: 0.0,
+        });
+        // Checkpoints on the steps that validate: the case where the order of the two matters.
+        spec.checkpointing = Some(Checkpointing {
+            dir: dir.path().join(format!("{name}-checkpoints")),
+            every_steps: per_epoch,
+        });
+        spec
+    };
+    let whole = train_classifier(&spec_for("whole"), &rows, &mut |_| true).unwrap();
+    assert!(whole.stopped_early, "{whole:?}");
+    let best = whole.best_step.unwrap();
+    assert!(whole.steps - best >= 2 * per_epoch, "{whole:?}");
+
+    // Crashed one step before the stop: the newest checkpoint is one validation earlier, after
+    // the best, with patience partly spent.
+    let spec = spec_for("crashed");
+    assert!(matches!(
+        train_classifier(&spec, &rows, &mut |s| s.step != whole.steps - 1),
+        Err(TrainerError::Cancelled)
+    ));
+    let mut first = None;
+    let resumed = train_classifier(&spec, &rows, &mut |s| {
+        first.get_or_insert(s.step);
+        true
+    })
+    .unwrap();
+    assert_eq!(first, Some(whole.steps - per_epoch + 1));
+    assert!(resumed.stopped_early);
+    assert_eq!(resumed.steps, whole.steps);
+    assert_eq!(resumed.best_step, whole.best_step);
+    assert_eq!(resumed.validation_curve.len(), whole.validation_curve.len());
+    for ((s, a), (t, b)) in whole.validation_curve.iter().zip(&resumed.validation_curve) {
+        assert_eq!(s, t);
+        assert!(
+            (a - b).abs() <= 1e-6 * a.abs().max(1.0),
+            "step {s}: {a} vs {b}"
+        );
+    }
+    let weights = |name: &str| {
+        std::fs::read(dir.path().join(name).join("adapter_model.safetensors")).unwrap()
+    };
+    assert_eq!(
+        weights("whole"),
+        weights("crashed"),
+        "the best step's adapter"
+    );
+}
