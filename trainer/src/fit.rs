@@ -7,8 +7,8 @@
 //! optimizer state, with early stopping the weights of the best validation so far, and
 //! `state.json` (step, loss and validation curves, tokens, early stopping's best step and spent
 //! patience, and a fingerprint of the spec and the data: a checkpoint of a different run is
-//! never resumed). It is written under a
-//! temporary name and renamed into place, so a crash mid-write leaves the previous one.
+//! never resumed). It is written under a temporary name and renamed into place, so a crash
+//! mid-write leaves the previous one.
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
