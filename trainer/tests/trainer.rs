@@ -233,12 +233,19 @@ fn causal_lm_sft_learns_to_generate_the_corrected_completion() {
 /// own (this test binary again, running only the body below).
 #[test]
 fn a_run_resumed_from_its_checkpoint_follows_the_uninterrupted_loss_curve() {
-    const BODY: &str = "resumed_run_body";
+    run_alone("resumed_run_body");
+}
+
+/// Runs the test `body` in a process of its own (this test binary again), one such process
+/// at a time; a no-op inside that process.
+fn run_alone(body: &str) {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     if std::env::var_os("FLYWHEEL_TRAINER_CHILD").is_some() {
         return;
     }
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", BODY, "--test-threads=1", "--nocapture"])
+        .args(["--exact", body, "--test-threads=1", "--nocapture"])
         .env("FLYWHEEL_TRAINER_CHILD", "1")
         .output()
         .unwrap();
@@ -431,10 +438,20 @@ fn early_stopping_ends_an_overfitting_run_at_its_best_validation_loss() {
 
 /// A run with early stopping that crashes and resumes from its checkpoint keeps its best
 /// weights and its patience: it stops at the step, and with the adapter, of the run that never
-/// crashed.
+/// crashed. Bit for bit, so alone, as the resume test above.
 #[test]
 fn an_early_stopping_run_resumed_after_a_crash_stops_where_the_uninterrupted_one_did() {
+    run_alone("early_stopping_resume_body");
+}
+
+/// The body of the test above; passes trivially unless that test runs it in a child process.
+#[test]
+fn early_stopping_resume_body() {
     use flywheel_trainer::{Checkpointing, EarlyStopping, TrainerError};
+
+    if std::env::var_os("FLYWHEEL_TRAINER_CHILD").is_none() {
+        return;
+    }
 
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base");
