@@ -604,9 +604,9 @@ mod tests {
             Ok(sft_loss(model, &batch, 0, &device))
         };
         let (whole, whole_loss, whole_tokens) =
-            crate::fit::batch_gradients(&model, &rows, 1, &loss).unwrap();
+            crate::fit::batch_gradients(&model, &rows, 1, 0, &loss).unwrap();
         let (sharded, sharded_loss, sharded_tokens) =
-            crate::fit::batch_gradients(&model, &rows, 3, &loss).unwrap();
+            crate::fit::batch_gradients(&model, &rows, 3, 0, &loss).unwrap();
         assert_eq!(whole_tokens, 22);
         assert_eq!(sharded_tokens, 22);
         assert!(

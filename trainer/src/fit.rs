@@ -10,6 +10,7 @@
 //! never resumed). It is written under a temporary name and renamed into place, so a crash
 //! mid-write leaves the previous one.
 
+use std::cell::RefCell;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -19,7 +20,7 @@ use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOpti
 use burn::store::ModuleRecord;
 use burn::tensor::{Device, Tensor};
 use rand::seq::SliceRandom;
-use rand::{SeedableRng, rngs::StdRng};
+use rand::{Rng, SeedableRng, rngs::StdRng};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -153,9 +154,6 @@ pub(crate) fn fit<M: Module + Clone + Sync>(
     shard_loss: impl Fn(&M, &[usize]) -> Result<ShardLoss> + Sync,
 ) -> Result<(M, Progress)> {
     let accumulate = spec.grad_accumulation.max(1);
-    // Dropout draws from the device's one generator: shards on threads would draw in whatever
-    // order they run, and a seeded run would no longer repeat itself.
-    let shards = if spec.lora.dropout > 0.0 { 1 } else { shards() };
     if spec.early_stopping.is_some() && rows < 2 {
         return Err(TrainerError::InvalidSpec(
             "early stopping needs at least two rows".into(),
@@ -212,8 +210,10 @@ pub(crate) fn fit<M: Module + Clone + Sync>(
             device.seed(spec.seed.wrapping_add(step as u64));
             let mut accumulator = GradientsAccumulator::<M>::new();
             let (mut loss_sum, mut tokens) = (0.0, 0);
-            for batch in group {
-                let (mut grads, loss, n) = batch_gradients(&model, batch, shards, &shard_loss)?;
+            for (i, batch) in group.iter().enumerate() {
+                let seed = mix(spec.seed, (step * accumulate + i) as u64);
+                let (mut grads, loss, n) =
+                    batch_gradients(&model, batch, shards(), seed, &shard_loss)?;
                 if group.len() > 1 {
                     scale_gradients(&model, &mut grads, 1.0 / group.len() as f32);
                 }
@@ -313,7 +313,7 @@ pub(crate) fn timed_steps<M: Module + Clone + Sync, T: Sync>(
     let (mut times, mut losses, mut tokens) = (Vec::new(), Vec::new(), 0);
     for (step, batch) in batches.iter().enumerate() {
         let started = Instant::now();
-        let (grads, loss, n) = batch_gradients(&model, batch, shards(), &shard_loss)?;
+        let (grads, loss, n) = batch_gradients(&model, batch, shards(), step as u64, &shard_loss)?;
         model = optim.step(1e-4, model, grads);
         if step >= warmup {
             times.push(started.elapsed().as_secs_f64());
@@ -348,31 +348,32 @@ fn shards() -> usize {
 /// `shards` parts at once on burn's thread pool. The parts combine as `Σ (wᵢ/W)·∇ᵢ`: the
 /// gradient of the batch's weighted mean, whatever the split, in a fixed order (a seeded run
 /// repeats itself). A shard with nothing to learn from (weight 0) adds nothing rather than
-/// a NaN mean.
+/// a NaN mean. Shard `i` draws its dropout masks from a generator seeded by `(seed, i)`.
 pub(crate) fn batch_gradients<M: Module + Sync, T: Sync>(
     model: &M,
     rows: &[T],
     shards: usize,
+    seed: u64,
     shard_loss: &(impl Fn(&M, &[T]) -> Result<ShardLoss> + Sync),
 ) -> Result<(GradientsParams, f64, usize)> {
     let per_shard = rows.len().div_ceil(shards.max(1)).max(1);
     let parts: Vec<&[T]> = rows.chunks(per_shard).collect();
-    let run = |model: &M, part: &[T]| -> Result<(GradientsParams, f32, f64, usize)> {
-        let shard = shard_loss(model, part)?;
+    let run = |model: &M, i: usize| -> Result<(GradientsParams, f32, f64, usize)> {
+        let shard = with_dropout_seed(mix(seed, i as u64), || shard_loss(model, parts[i]))?;
         let value = shard.loss.clone().into_scalar::<f32>() as f64;
         let grads = GradientsParams::from_grads(shard.loss.backward(), model);
         Ok((grads, shard.weight, value, shard.tokens))
     };
     if parts.len() == 1 {
-        let (grads, _, value, tokens) = run(model, rows)?;
+        let (grads, _, value, tokens) = run(model, 0)?;
         return Ok((grads, value, tokens));
     }
     // Each shard backpropagates through its own copy of the trainable tensors: burn-autodiff
     // merges the graphs of computations that share a tracked tensor and walks a graph under one
     // lock, which would run the shards one after another.
-    let results = parts
-        .par_iter()
-        .map(|part| run(&detached_trainables(model), part))
+    let results = (0..parts.len())
+        .into_par_iter()
+        .map(|i| run(&detached_trainables(model), i))
         .collect::<Vec<Result<_>>>();
     let results = results.into_iter().collect::<Result<Vec<_>>>()?;
     let total: f32 = results.iter().map(|(_, w, ..)| w).sum();
@@ -387,6 +388,58 @@ pub(crate) fn batch_gradients<M: Module + Sync, T: Sync>(
         }
     }
     Ok((accumulator.grads(), loss, tokens))
+}
+
+thread_local! {
+    /// Dropout generators of the shards running on this thread, innermost last. A stack, not
+    /// one slot: while a shard waits on a parallel matmul, rayon may run another shard on the
+    /// same thread, and the first must find its own generator again when that one returns.
+    static DROPOUT: RefCell<Vec<StdRng>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with LoRA dropout drawing from a generator of its own, seeded by `seed`: masks then
+/// depend on the shard, not on the order in which threads happen to draw from burn's one
+/// device-wide generator, and a seeded (or resumed) run repeats itself.
+fn with_dropout_seed<R>(seed: u64, f: impl FnOnce() -> R) -> R {
+    struct Pop;
+    impl Drop for Pop {
+        fn drop(&mut self) {
+            DROPOUT.with(|stack| stack.borrow_mut().pop());
+        }
+    }
+    DROPOUT.with(|stack| stack.borrow_mut().push(StdRng::seed_from_u64(seed)));
+    let _pop = Pop;
+    f()
+}
+
+/// A dropout mask of `n` values, each `1/keep` with probability `keep` and 0 otherwise, from the
+/// generator of the shard running on this thread; `None` outside a training shard (validation,
+/// inference), where there is no dropout.
+pub(crate) fn dropout_mask(n: usize, keep: f64) -> Option<Vec<f32>> {
+    DROPOUT.with(|stack| {
+        let mut stack = stack.borrow_mut();
+        let rng = stack.last_mut()?;
+        let (keep, scale) = (keep as f32, (1.0 / keep) as f32);
+        Some(
+            (0..n)
+                .map(|_| {
+                    if rng.random::<f32>() < keep {
+                        scale
+                    } else {
+                        0.0
+                    }
+                })
+                .collect(),
+        )
+    })
+}
+
+/// Two seeds into one (SplitMix64's finalizer over their sum with a golden-ratio step).
+fn mix(seed: u64, i: u64) -> u64 {
+    let mut z = seed.wrapping_add(i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// `model` with each trainable tensor replaced by a new leaf over the same data, under the same
@@ -696,6 +749,32 @@ mod tests {
 
     /// Two tensors with gradient norms 3 and 4: globally the norm is 5, and clipping to 1
     /// scales both by 1/5 (per-tensor clipping would give both norm 1).
+    /// Masks repeat with their seed, keep the right share scaled by `1/keep`, survive another
+    /// shard running nested on the same thread, and exist only inside a shard.
+    #[test]
+    fn dropout_masks_come_from_the_running_shard() {
+        assert!(dropout_mask(10, 0.9).is_none());
+        let a = with_dropout_seed(7, || dropout_mask(10_000, 0.9).unwrap());
+        assert_eq!(
+            a,
+            with_dropout_seed(7, || dropout_mask(10_000, 0.9).unwrap())
+        );
+        assert_ne!(
+            a,
+            with_dropout_seed(8, || dropout_mask(10_000, 0.9).unwrap())
+        );
+        let kept = a.iter().filter(|&&m| m > 0.0).count();
+        assert!((8_800..9_200).contains(&kept), "{kept} of 10000 kept");
+        assert!(a.iter().all(|&m| m == 0.0 || (m - 1.0 / 0.9).abs() < 1e-6));
+        let interrupted = with_dropout_seed(7, || {
+            let first = dropout_mask(4_000, 0.9).unwrap();
+            with_dropout_seed(8, || dropout_mask(100, 0.9));
+            [first, dropout_mask(6_000, 0.9).unwrap()].concat()
+        });
+        assert_eq!(interrupted, a);
+        assert!(dropout_mask(10, 0.9).is_none());
+    }
+
     #[test]
     fn clipping_scales_all_gradients_by_one_factor() {
         #[derive(Module, Debug)]

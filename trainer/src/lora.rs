@@ -7,7 +7,7 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Linear};
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 /// LoRA hyperparameters, with PEFT's names and meanings.
@@ -141,13 +141,30 @@ impl LoraLinear {
         let y = self.base.forward(x.clone());
         let y = match (&self.lora_a, &self.lora_b) {
             (Some(a), Some(b)) => {
-                let update = self.dropout.forward(x).matmul(a.val()).matmul(b.val());
+                let update = self.dropped(x).matmul(a.val()).matmul(b.val());
                 y + update.mul_scalar(self.scaling)
             }
             _ => y,
         };
         dims[D - 1] = y.dims()[1];
         y.reshape(dims)
+    }
+
+    /// The adapter's input with dropout, as PEFT applies it: in training shards only, with
+    /// masks from the shard's own generator (see `fit::dropout_mask`).
+    fn dropped(&self, x: Tensor<2>) -> Tensor<2> {
+        let p = self.dropout.prob;
+        if p == 0.0 || !x.device().is_autodiff() {
+            return x;
+        }
+        let [rows, cols] = x.dims();
+        match crate::fit::dropout_mask(rows * cols, 1.0 - p) {
+            Some(mask) => {
+                let mask = Tensor::<2>::from_data(TensorData::new(mask, [rows, cols]), &x.device());
+                x * mask
+            }
+            None => x,
+        }
     }
 
     /// Parameters the adapter trains (zero when not adapted).
@@ -176,7 +193,6 @@ impl LoraLinear {
         scaling: f64,
         device: &Device,
     ) {
-        use burn::tensor::TensorData;
         let a = Tensor::<2>::from_data(TensorData::new(a, a_shape), device).transpose();
         let b = Tensor::<2>::from_data(TensorData::new(b, b_shape), device).transpose();
         self.lora_a = Some(Param::from_tensor(a).set_require_grad(false));
