@@ -387,29 +387,9 @@ fn resumed_run_body() {
 /// validation loss rather than its last.
 #[test]
 fn early_stopping_ends_an_overfitting_run_at_its_best_validation_loss() {
-    use flywheel_trainer::EarlyStopping;
-
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base");
-    let (labels, rows) = banking();
-    init_tiny_bert(
-        &base,
-        rows.iter().map(|r| r.text.as_str()),
-        &TinyBertSpec::default(),
-    )
-    .unwrap();
-    let mut spec = TrainSpec::new(base, dir.path().join("adapter"), labels);
-    // A learning rate and a run long enough to overfit 300 rows.
-    spec.learning_rate = 1e-2;
-    spec.epochs = 40;
-    spec.batch_size = 32;
-    let per_epoch = (rows.len() - rows.len() / 5).div_ceil(32);
-    spec.early_stopping = Some(EarlyStopping {
-        validation_fraction: 0.2,
-        eval_every_steps: per_epoch,
-        patience: 3,
-        min_delta: 0.0,
-    });
+    let (rows, per_epoch, spec_for) = overfitting_run(dir.path());
+    let spec = spec_for("adapter");
     let report = train_classifier(&spec, &rows, &mut |_| true).unwrap();
     let planned = per_epoch * 40;
     eprintln!(
@@ -436,6 +416,37 @@ fn early_stopping_ends_an_overfitting_run_at_its_best_validation_loss() {
     assert_eq!(report.validation_curve[0].0, per_epoch);
 }
 
+/// Banking rows on a tiny BERT, its optimizer steps per epoch, and a spec per output name for
+/// a run that overfits them (a high learning rate, 40 epochs) unless early stopping (20% of the
+/// rows, a validation per epoch, patience 3) ends it.
+fn overfitting_run(dir: &Path) -> (Vec<Example>, usize, impl Fn(&str) -> TrainSpec + '_) {
+    use flywheel_trainer::EarlyStopping;
+
+    let base = dir.join("base");
+    let (labels, rows) = banking();
+    init_tiny_bert(
+        &base,
+        rows.iter().map(|r| r.text.as_str()),
+        &TinyBertSpec::default(),
+    )
+    .unwrap();
+    let per_epoch = (rows.len() - rows.len() / 5).div_ceil(32);
+    let spec_for = move |name: &str| {
+        let mut spec = TrainSpec::new(base.clone(), dir.join(name), labels.clone());
+        spec.learning_rate = 1e-2;
+        spec.epochs = 40;
+        spec.batch_size = 32;
+        spec.early_stopping = Some(EarlyStopping {
+            validation_fraction: 0.2,
+            eval_every_steps: per_epoch,
+            patience: 3,
+            min_delta: 0.0,
+        });
+        spec
+    };
+    (rows, per_epoch, spec_for)
+}
+
 /// A run with early stopping that crashes and resumes from its checkpoint keeps its best
 /// weights and its patience: it stops at the step, and with the adapter, of the run that never
 /// crashed. Bit for bit, so alone, as the resume test above.
@@ -447,33 +458,16 @@ fn an_early_stopping_run_resumed_after_a_crash_stops_where_the_uninterrupted_one
 /// The body of the test above; passes trivially unless that test runs it in a child process.
 #[test]
 fn early_stopping_resume_body() {
-    use flywheel_trainer::{Checkpointing, EarlyStopping, TrainerError};
+    use flywheel_trainer::{Checkpointing, TrainerError};
 
     if std::env::var_os("FLYWHEEL_TRAINER_CHILD").is_none() {
         return;
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base");
-    let (labels, rows) = banking();
-    init_tiny_bert(
-        &base,
-        rows.iter().map(|r| r.text.as_str()),
-        &TinyBertSpec::default(),
-    )
-    .unwrap();
-    let per_epoch = (rows.len() - rows.len() / 5).div_ceil(32);
+    let (rows, per_epoch, overfitting) = overfitting_run(dir.path());
     let spec_for = |name: &str| {
-        let mut spec = TrainSpec::new(base.clone(), dir.path().join(name), labels.clone());
-        spec.learning_rate = 1e-2;
-        spec.epochs = 40;
-        spec.batch_size = 32;
-        spec.early_stopping = Some(EarlyStopping {
-            validation_fraction: 0.2,
-            eval_every_steps: per_epoch,
-            patience: 3,
-            min_delta: 0.0,
-        });
+        let mut spec = overfitting(name);
         // Checkpoints on the steps that validate: the case where the order of the two matters.
         spec.checkpointing = Some(Checkpointing {
             dir: dir.path().join(format!("{name}-checkpoints")),
