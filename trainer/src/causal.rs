@@ -197,7 +197,6 @@ pub fn train_causal_lm(
         spec,
         &fingerprint,
         rows.len(),
-        &device,
         model,
         on_step,
         |model: &Llama, chunk| {

@@ -390,7 +390,6 @@ pub fn train_classifier(
         spec,
         &fingerprint,
         rows.len(),
-        &device,
         model,
         on_step,
         |model: &Classifier, chunk| {

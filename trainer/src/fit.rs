@@ -18,7 +18,7 @@ use std::time::Instant;
 use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::store::ModuleRecord;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rayon::prelude::*;
@@ -148,7 +148,6 @@ pub(crate) fn fit<M: Module + Clone + Sync>(
     spec: &TrainSpec,
     fingerprint: &str,
     rows: usize,
-    device: &Device,
     mut model: M,
     on_step: &mut dyn FnMut(&TrainStep) -> bool,
     shard_loss: impl Fn(&M, &[usize]) -> Result<ShardLoss> + Sync,
@@ -205,9 +204,6 @@ pub(crate) fn fit<M: Module + Clone + Sync>(
             if step <= progress.step {
                 continue;
             }
-            // Dropout draws from the device's generator: seeding it per step makes a resumed
-            // step draw what the uninterrupted one did.
-            device.seed(spec.seed.wrapping_add(step as u64));
             let mut accumulator = GradientsAccumulator::<M>::new();
             let (mut loss_sum, mut tokens) = (0.0, 0);
             for (i, batch) in group.iter().enumerate() {

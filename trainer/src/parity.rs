@@ -183,7 +183,6 @@ fn twenty_lora_steps_follow_pefts_loss_curve_within_one_percent() {
         &spec,
         "parity",
         ids.len(),
-        &device,
         model,
         &mut |_| true,
         |model, chunk| {
