@@ -241,9 +241,10 @@ fn pack(lengths: &[usize]) -> Vec<Vec<usize>> {
 }
 
 /// The SFT loss of a batch of (row, weight): the weighted mean cross-entropy of its completion
-/// tokens, the total weight of those tokens, and how many tokens it holds. Rows are packed (attention kept within each) rather than
-/// padded, and logits are computed only where a completion token is predicted: variable-length
-/// corrections would otherwise spend most of a step on padding and on the prompt's logits.
+/// tokens, the total weight of those tokens, and how many tokens it holds. Rows are packed
+/// (attention kept within each) rather than padded, and logits are computed only where a
+/// completion token is predicted: variable-length corrections would otherwise spend most of a
+/// step on padding and on the prompt's logits.
 pub(crate) fn sft_loss(
     model: &Llama,
     batch: &[(&Encoded, f32)],

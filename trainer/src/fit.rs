@@ -21,7 +21,6 @@ use burn::store::ModuleRecord;
 use burn::tensor::Tensor;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::classifier::{TrainReport, TrainSpec, TrainStep};
@@ -141,8 +140,8 @@ fn split_rows(spec: &TrainSpec, rows: usize) -> (Vec<usize>, Vec<usize>) {
     (shuffled, validation)
 }
 
-/// Trains `model` on `rows` rows. `batch_loss` computes the loss of a micro-batch (row
-/// indices) and the tokens it processed; every `grad_accumulation` micro-batches make one
+/// Trains `model` on `rows` rows. `shard_loss` computes the loss of a shard of a micro-batch
+/// (row indices; see [`batch_gradients`]); every `grad_accumulation` micro-batches make one
 /// optimizer step. Returns the trained model and the bookkeeping for the report.
 pub(crate) fn fit<M: Module + Clone + Sync>(
     spec: &TrainSpec,
@@ -367,11 +366,8 @@ pub(crate) fn batch_gradients<M: Module + Sync, T: Sync>(
     // Each shard backpropagates through its own copy of the trainable tensors: burn-autodiff
     // merges the graphs of computations that share a tracked tensor and walks a graph under one
     // lock, which would run the shards one after another.
-    let results = (0..parts.len())
-        .into_par_iter()
-        .map(|i| run(&detached_trainables(model), i))
-        .collect::<Vec<Result<_>>>();
-    let results = results.into_iter().collect::<Result<Vec<_>>>()?;
+    let shards: Vec<usize> = (0..parts.len()).collect();
+    let results = crate::map_on_pool(&shards, |&i| run(&detached_trainables(model), i))?;
     let total: f32 = results.iter().map(|(_, w, ..)| w).sum();
     let mut accumulator = GradientsAccumulator::<M>::new();
     let (mut loss, mut tokens) = (0.0, 0);
