@@ -3,14 +3,18 @@
 //! cargo bench -p flywheel-trainer --bench lora_bench -- [--preset tiny|smollm2-135m|minilm|realistic|all]
 //!     [--python python3] [--peft-script ../shared/bench/peft_lora_bench.py] [--steps N]
 //!
-//! Each measurement runs in a child process so its peak RSS is its own. PEFT runs in float32
-//! and bfloat16 and the faster counts. Not a test: numbers go to stdout for people to read.
+//! Each measurement runs in a child process so its peak RSS is its own. Both sides run in
+//! float32 and in bfloat16 (ours: bf16 products of the frozen weights, where the CPU has AMX);
+//! ratios compare like with like, and our best with PEFT's best. Not a test: numbers go to
+//! stdout for people to read.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use flywheel_trainer::tiny::{TinyBertSpec, TinyLlamaSpec, write_random_bert, write_random_llama};
-use flywheel_trainer::{Encoded, LoraSpec, StepBench, bench_classifier_steps, bench_sft_steps};
+use flywheel_trainer::{
+    Compute, Encoded, LoraSpec, StepBench, bench_classifier_steps, bench_sft_steps,
+};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 enum Arch {
@@ -213,15 +217,15 @@ fn lora_for(p: &Preset) -> LoraSpec {
     }
 }
 
-fn ours(p: &Preset, steps: usize) -> serde_json::Value {
+fn ours(p: &Preset, steps: usize, compute: Compute) -> serde_json::Value {
     let dir = model_dir(p);
     let lora = lora_for(p);
     let r: StepBench = match (&p.arch, &p.workload) {
         (Arch::Bert(_), Workload::Fixed { batch, seq }) => {
-            bench_classifier_steps(&dir, &lora, LABELS, *batch, *seq, WARMUP, steps, 0)
+            bench_classifier_steps(&dir, &lora, LABELS, *batch, *seq, WARMUP, steps, 0, compute)
         }
         (Arch::Bert(_), Workload::Realistic { .. }) => unreachable!("no realistic BERT preset"),
-        (Arch::Llama(_), _) => bench_sft_steps(&dir, &lora, &batches(p, steps), WARMUP, 0),
+        (Arch::Llama(_), _) => bench_sft_steps(&dir, &lora, &batches(p, steps), WARMUP, 0, compute),
     }
     .expect("bench");
     serde_json::json!({
@@ -344,7 +348,10 @@ fn main() {
             .into_iter()
             .find(|p| p.name == name)
             .expect("known preset");
-        println!("{}", ours(&p, steps));
+        let compute = arg(&args, "--compute").map_or(Compute::Float32, |c| {
+            c.parse().expect("--compute float32|bfloat16")
+        });
+        println!("{}", ours(&p, steps, compute));
         return;
     }
     let which = arg(&args, "--preset").unwrap_or_else(|| "all".into());
@@ -379,58 +386,91 @@ fn main() {
         limit("bf16_gflops"),
     );
     println!(
-        "{:<14} {:>12} {:>12} {:>12} {:>8} {:>10} {:>10} {:>9}",
-        "preset", "ours tok/s", "peft f32", "peft bf16", "ratio", "ours MiB", "peft MiB", "GFLOP/s"
+        "{:<14} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>11} {:>11} {:>9}",
+        "preset",
+        "ours f32",
+        "ours bf16",
+        "peft f32",
+        "peft bf16",
+        "f32/f32",
+        "best/best",
+        "ours MiB",
+        "peft MiB",
+        "GFLOP/s"
     );
+    let bf16 = Compute::Bfloat16.is_available();
+    if !bf16 {
+        println!("(no AMX-BF16 on this CPU: our bf16 column is empty)");
+    }
     for p in presets()
         .into_iter()
         .filter(|p| which == "all" || which == p.name)
     {
         // Written here, before either side runs, so neither times the writing.
         model_dir(&p);
-        let exe = std::env::current_exe().expect("own path");
-        let child = Command::new(exe)
-            .args(["--child", p.name, "--steps", &steps.to_string()])
-            .output()
-            .expect("child");
-        let ours: serde_json::Value = String::from_utf8_lossy(&child.stdout)
-            .lines()
-            .rev()
-            .find_map(|l| serde_json::from_str(l).ok())
-            .unwrap_or_else(|| {
-                panic!("our run failed: {}", String::from_utf8_lossy(&child.stderr))
-            });
-        let f32 = peft(&scripts, &p, "float32", steps);
-        let bf16 = peft(&scripts, &p, "bfloat16", steps);
+        let ours_f32 = Some(our_child(&p, steps, "float32"));
+        let ours_bf16 = bf16.then(|| our_child(&p, steps, "bfloat16"));
+        let peft_f32 = peft(&scripts, &p, "float32", steps);
+        let peft_bf16 = peft(&scripts, &p, "bfloat16", steps);
         let tps =
             |v: &Option<serde_json::Value>| v.as_ref().and_then(|v| v["tokens_per_s"].as_f64());
-        let best = [tps(&f32), tps(&bf16)]
-            .into_iter()
-            .flatten()
-            .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
-        let ours_tps = ours["tokens_per_s"].as_f64().unwrap_or(0.0);
-        let peft_rss = [&f32, &bf16]
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v["peak_rss_mib"].as_f64())
-            .fold(f64::NAN, f64::min);
-        // Achieved rate on the fixed shapes; a realistic batch's FLOPs depend on its packing.
-        let gflops = match p.workload {
-            Workload::Fixed { seq, .. } => {
-                format!("{:.1}", flops_per_token(&p, seq) * ours_tps / 1e9)
-            }
-            Workload::Realistic { .. } => "-".into(),
+        let best = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
         };
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) => format!("{:.2}x", a / b),
+            _ => "-".into(),
+        };
+        let ours_best = best(tps(&ours_f32), tps(&ours_bf16));
+        let rss = |v: &Option<serde_json::Value>, key: &str| {
+            v.as_ref()
+                .and_then(|v| v[key].as_f64())
+                .map_or("-".into(), |m| format!("{m:.0}"))
+        };
+        // Achieved rate on the fixed shapes; a realistic batch's FLOPs depend on its packing.
+        let gflops = match (&p.workload, ours_best) {
+            (Workload::Fixed { seq, .. }, Some(t)) => {
+                format!("{:.1}", flops_per_token(&p, *seq) * t / 1e9)
+            }
+            _ => "-".into(),
+        };
+        let show = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
         println!(
-            "{:<14} {:>12.0} {:>12} {:>12} {:>8} {:>10.0} {:>10.0} {:>9}",
+            "{:<14} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>11} {:>11} {:>9}",
             p.name,
-            ours_tps,
-            tps(&f32).map_or("-".into(), |v| format!("{v:.0}")),
-            tps(&bf16).map_or("-".into(), |v| format!("{v:.0}")),
-            best.map_or("-".into(), |b| format!("{:.2}x", ours_tps / b)),
-            ours["peak_rss_mb"].as_f64().unwrap_or(0.0),
-            peft_rss,
+            show(tps(&ours_f32)),
+            show(tps(&ours_bf16)),
+            show(tps(&peft_f32)),
+            show(tps(&peft_bf16)),
+            ratio(tps(&ours_f32), tps(&peft_f32)),
+            ratio(ours_best, best(tps(&peft_f32), tps(&peft_bf16))),
+            format!(
+                "{}/{}",
+                rss(&ours_f32, "peak_rss_mb"),
+                rss(&ours_bf16, "peak_rss_mb")
+            ),
+            format!(
+                "{}/{}",
+                rss(&peft_f32, "peak_rss_mib"),
+                rss(&peft_bf16, "peak_rss_mib")
+            ),
             gflops,
         );
     }
+}
+
+/// One measurement of ours in a child process, so its peak RSS is its own.
+fn our_child(p: &Preset, steps: usize, compute: &str) -> serde_json::Value {
+    let exe = std::env::current_exe().expect("own path");
+    let child = Command::new(exe)
+        .args(["--child", p.name, "--steps", &steps.to_string()])
+        .args(["--compute", compute])
+        .output()
+        .expect("child");
+    String::from_utf8_lossy(&child.stdout)
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("our run failed: {}", String::from_utf8_lossy(&child.stderr)))
 }

@@ -179,7 +179,8 @@ pub fn train_causal_lm(
         .map(|r| codec.encode(r, max_len))
         .collect::<Result<_>>()?;
     let mut ckpt = Checkpoint::open(&spec.base_model_dir)?;
-    let model = config.load(&mut ckpt, Some(&spec.lora), &device)?;
+    let mut model = config.load(&mut ckpt, Some(&spec.lora), &device)?;
+    model.set_compute(spec.compute)?;
     let total_parameters = model.num_params();
     let trainable_parameters: usize = layers_of(&model)
         .map(|(_, p)| p.trainable_parameters())
@@ -432,12 +433,14 @@ pub fn bench_sft_steps(
     batches: &[Vec<Encoded>],
     warmup: usize,
     seed: u64,
+    compute: crate::Compute,
 ) -> Result<StepBench> {
     let device = crate::device().autodiff();
     let _turn = crate::fit::exclusive();
     device.seed(seed);
     let config = load_config(model_dir)?;
-    let model = config.load(&mut Checkpoint::open(model_dir)?, Some(lora), &device)?;
+    let mut model = config.load(&mut Checkpoint::open(model_dir)?, Some(lora), &device)?;
+    model.set_compute(compute)?;
     let total_parameters = model.num_params();
     let trainable_parameters: usize = layers_of(&model)
         .map(|(_, p)| p.trainable_parameters())

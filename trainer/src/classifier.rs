@@ -68,6 +68,10 @@ pub struct TrainSpec {
     /// weights seen. `None`: train every epoch on every row.
     #[serde(default)]
     pub early_stopping: Option<crate::EarlyStopping>,
+    /// Precision of the frozen base model's products: bf16 is several times faster where the
+    /// CPU has AMX, and rounds the base model's weights and inputs to 8 significant bits.
+    #[serde(default)]
+    pub compute: crate::Compute,
 }
 
 fn one() -> usize {
@@ -110,6 +114,7 @@ impl TrainSpec {
             checkpointing: None,
             max_grad_norm: default_clip(),
             early_stopping: None,
+            compute: crate::Compute::default(),
         }
     }
 
@@ -370,7 +375,11 @@ pub fn train_classifier(
         spec.max_seq_len.min(config.max_position_embeddings()),
     )?;
     let mut ckpt = Checkpoint::open(&spec.base_model_dir)?;
-    let encoder = config.load(&mut ckpt, Some(&spec.lora), &device)?;
+    let mut encoder = config.load(&mut ckpt, Some(&spec.lora), &device)?;
+    crate::lora::set_compute(
+        spec.compute,
+        encoder.adapted_mut().into_iter().map(|(_, p)| p),
+    )?;
     let head = LinearConfig::new(config.hidden_size(), spec.labels.len()).init(&device);
     let model = Classifier { encoder, head };
     let total_parameters = model.num_params();
@@ -429,6 +438,7 @@ pub fn bench_classifier_steps(
     warmup: usize,
     steps: usize,
     seed: u64,
+    compute: crate::Compute,
 ) -> Result<crate::StepBench> {
     use rand::{Rng, SeedableRng, rngs::StdRng};
 
@@ -437,7 +447,8 @@ pub fn bench_classifier_steps(
     device.seed(seed);
     let config = BackboneConfig::read(model_dir)?;
     let vocab = config.vocab_size();
-    let encoder = config.load(&mut Checkpoint::open(model_dir)?, Some(lora), &device)?;
+    let mut encoder = config.load(&mut Checkpoint::open(model_dir)?, Some(lora), &device)?;
+    crate::lora::set_compute(compute, encoder.adapted_mut().into_iter().map(|(_, p)| p))?;
     let head = LinearConfig::new(config.hidden_size(), num_labels).init(&device);
     let model = Classifier { encoder, head };
     let params = (trainable(&model), model.num_params());

@@ -5,7 +5,9 @@
 //! and local files come in, adapter files and a [`TrainReport`] go out. burn types never appear
 //! in its public API, so callers need not know burn exists.
 
+mod amx;
 mod bert;
+mod bf16;
 mod causal;
 mod chat;
 mod checkpoint;
@@ -27,7 +29,7 @@ pub use classifier::{
     ClassifierPredictor, Example, Prediction, TrainReport, TrainSpec, TrainStep, train_classifier,
 };
 pub use fit::{Checkpointing, EarlyStopping};
-pub use lora::{LLAMA_PROJECTIONS, LoraSpec};
+pub use lora::{Compute, LLAMA_PROJECTIONS, LoraSpec};
 pub use merge::export_merged;
 
 use std::path::{Path, PathBuf};

@@ -221,6 +221,7 @@ impl LlamaConfig {
             layers,
             norm: norm_f,
             lm_head,
+            head_bf16: None,
             rope_theta: self.rope_theta,
             head_dim: d,
         })
@@ -374,11 +375,32 @@ pub struct Llama {
     pub norm: RmsNorm,
     /// `None` when tied to `embed_tokens`.
     pub lm_head: Option<Linear>,
+    /// The output projection packed for bf16 products, when training computes in bf16.
+    #[module(skip)]
+    pub head_bf16: Option<std::sync::Arc<crate::bf16::FrozenWeight>>,
     pub rope_theta: f64,
     pub head_dim: usize,
 }
 
 impl Llama {
+    /// Sets the precision of every frozen product: the projections and the output head (the
+    /// vocabulary-wide one, and at SmolLM2's size a fifth of a step's work).
+    pub fn set_compute(&mut self, compute: crate::Compute) -> crate::Result<()> {
+        let projections = self
+            .layers
+            .iter_mut()
+            .flat_map(|layer| layer.projections_mut().map(|(_, p)| p));
+        crate::lora::set_compute(compute, projections)?;
+        if compute == crate::Compute::Bfloat16 {
+            let head = match &self.lm_head {
+                Some(head) => head.weight.val(),
+                None => self.embed_tokens.weight.val().transpose(),
+            };
+            self.head_bf16 = Some(std::sync::Arc::new(crate::bf16::FrozenWeight::new(head)));
+        }
+        Ok(())
+    }
+
     /// Final hidden states.
     ///
     /// # Shapes
@@ -407,9 +429,10 @@ impl Llama {
     /// - hidden: `[n, hidden]`
     /// - output: `[n, vocab]`
     pub fn logits(&self, hidden: Tensor<2>) -> Tensor<2> {
-        match &self.lm_head {
-            Some(head) => head.forward(hidden),
-            None => hidden.matmul(self.embed_tokens.weight.val().transpose()),
+        match (&self.head_bf16, &self.lm_head) {
+            (Some(packed), _) => crate::bf16::frozen_matmul(hidden, packed),
+            (None, Some(head)) => head.forward(hidden),
+            (None, None) => hidden.matmul(self.embed_tokens.weight.val().transpose()),
         }
     }
 }

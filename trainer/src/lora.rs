@@ -9,6 +9,44 @@ use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Linear};
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// The precision of the frozen base model's matrix products while training. The adapter, the
+/// head, attention and every sum stay f32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compute {
+    /// f32 products: what the parity fixtures were made with.
+    #[default]
+    Float32,
+    /// Frozen weights and their inputs rounded to bf16, products summed in f32, on the CPU's
+    /// AMX tiles (Intel Xeon 4th generation and later); refused where the CPU has none.
+    Bfloat16,
+}
+
+impl Compute {
+    /// Whether training can compute this way on this machine's CPU.
+    pub fn is_available(self) -> bool {
+        match self {
+            Compute::Float32 => true,
+            Compute::Bfloat16 => crate::bf16::available(),
+        }
+    }
+}
+
+impl std::str::FromStr for Compute {
+    type Err = crate::TrainerError;
+
+    fn from_str(s: &str) -> crate::Result<Self> {
+        match s {
+            "float32" => Ok(Self::Float32),
+            "bfloat16" => Ok(Self::Bfloat16),
+            other => Err(crate::TrainerError::InvalidSpec(format!(
+                "unknown compute `{other}`: use float32 or bfloat16"
+            ))),
+        }
+    }
+}
 
 /// LoRA hyperparameters, with PEFT's names and meanings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -95,6 +133,9 @@ pub struct LoraLinear {
     pub lora_b: Option<Param<Tensor<2>>>,
     pub dropout: Dropout,
     pub scaling: f64,
+    /// The frozen weight packed for bf16 products, when training computes in bf16.
+    #[module(skip)]
+    pub bf16: Option<Arc<crate::bf16::FrozenWeight>>,
 }
 
 impl LoraLinear {
@@ -106,6 +147,7 @@ impl LoraLinear {
             lora_b: None,
             dropout: DropoutConfig::new(0.0).init(),
             scaling: 0.0,
+            bf16: None,
         }
     }
 
@@ -125,6 +167,7 @@ impl LoraLinear {
             lora_b: Some(Param::from_tensor(b)),
             dropout: DropoutConfig::new(config.dropout).init(),
             scaling: config.scaling,
+            bf16: None,
         }
     }
 
@@ -138,7 +181,16 @@ impl LoraLinear {
         let d_in = dims[D - 1];
         let rows = x.shape().num_elements() / d_in;
         let x: Tensor<2> = x.reshape([rows, d_in]);
-        let y = self.base.forward(x.clone());
+        let y = match &self.bf16 {
+            Some(weight) => {
+                let y = crate::bf16::frozen_matmul(x.clone(), weight);
+                match &self.base.bias {
+                    Some(bias) => y + bias.val().unsqueeze_dim(0),
+                    None => y,
+                }
+            }
+            None => self.base.forward(x.clone()),
+        };
         let y = match (&self.lora_a, &self.lora_b) {
             (Some(a), Some(b)) => {
                 let update = self.dropped(x).matmul(a.val()).matmul(b.val());
@@ -165,6 +217,14 @@ impl LoraLinear {
             }
             None => x,
         }
+    }
+
+    /// From now on the frozen product runs in bf16. The weight is packed here, once: call it
+    /// after the base weights are loaded, and not on a layer whose base weight will change.
+    fn compute_in_bf16(&mut self) {
+        self.bf16 = Some(Arc::new(crate::bf16::FrozenWeight::new(
+            self.base.weight.val(),
+        )));
     }
 
     /// Parameters the adapter trains (zero when not adapted).
@@ -199,6 +259,32 @@ impl LoraLinear {
         self.lora_b = Some(Param::from_tensor(b).set_require_grad(false));
         self.scaling = scaling;
     }
+}
+
+/// Sets the precision of the frozen products of `layers`. bf16 needs AMX on the CPU backend;
+/// anywhere else it is refused with a message saying so, rather than quietly running in f32.
+pub(crate) fn set_compute<'a>(
+    compute: Compute,
+    layers: impl Iterator<Item = &'a mut LoraLinear>,
+) -> crate::Result<()> {
+    if compute == Compute::Float32 {
+        return Ok(());
+    }
+    if crate::accelerator() != crate::Accelerator::Cpu {
+        return Err(crate::TrainerError::InvalidSpec(
+            "compute bfloat16 runs on the CPU only; use float32 on a GPU".into(),
+        ));
+    }
+    if !compute.is_available() {
+        return Err(crate::TrainerError::InvalidSpec(
+            "compute bfloat16 needs a CPU with AMX-BF16 (Intel Xeon 4th generation or later); use float32"
+                .into(),
+        ));
+    }
+    for layer in layers {
+        layer.compute_in_bf16();
+    }
+    Ok(())
 }
 
 /// Writes `adapter_config.json` and `adapter_model.safetensors` in PEFT's layout from

@@ -514,3 +514,87 @@ fn early_stopping_resume_body() {
         "the best step's adapter"
     );
 }
+
+/// bf16 products of the frozen weights (AMX) follow the f32 run's loss curve, for a causal LM
+/// (projections and the tied output head) and a BERT classifier. Where the CPU has no AMX the
+/// spec is refused, saying why.
+#[test]
+fn bf16_compute_follows_the_f32_loss_curve() {
+    use flywheel_trainer::tiny::{TinyLlamaSpec, init_tiny_llama};
+    use flywheel_trainer::{Compute, SftExample, train_causal_lm};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (labels, rows) = banking();
+    let rows = &rows[..96];
+    let llama = dir.path().join("llama");
+    let sft: Vec<SftExample> = rows
+        .iter()
+        .map(|r| SftExample {
+            prompt: r.text.clone(),
+            completion: labels[r.label].replace('_', " "),
+            weight: 1.0,
+        })
+        .collect();
+    let corpus = sft
+        .iter()
+        .flat_map(|e| [e.prompt.clone(), e.completion.clone()]);
+    init_tiny_llama(&llama, corpus, &TinyLlamaSpec::default()).unwrap();
+    let bert = dir.path().join("bert");
+    init_tiny_bert(
+        &bert,
+        rows.iter().map(|r| r.text.clone()),
+        &TinyBertSpec::default(),
+    )
+    .unwrap();
+
+    let spec = |base: &Path, labels: Vec<String>, compute: Compute| {
+        let mut spec = TrainSpec::new(base.to_owned(), dir.path().join("out"), labels);
+        spec.epochs = 3;
+        spec.compute = compute;
+        spec
+    };
+    let causal = |compute| {
+        let mut spec = spec(&llama, vec![], compute);
+        spec.lora.target_modules = flywheel_trainer::LLAMA_PROJECTIONS
+            .map(String::from)
+            .to_vec();
+        train_causal_lm(&spec, &sft, &mut |_| true)
+    };
+    let classifier =
+        |compute| train_classifier(&spec(&bert, labels.clone(), compute), rows, &mut |_| true);
+
+    if !Compute::Bfloat16.is_available() {
+        for refused in [causal(Compute::Bfloat16), classifier(Compute::Bfloat16)] {
+            assert!(refused.unwrap_err().to_string().contains("AMX"));
+        }
+        return;
+    }
+    for (what, f32, bf16) in [
+        (
+            "causal LM",
+            causal(Compute::Float32),
+            causal(Compute::Bfloat16),
+        ),
+        (
+            "classifier",
+            classifier(Compute::Float32),
+            classifier(Compute::Bfloat16),
+        ),
+    ] {
+        let (f32, bf16) = (f32.unwrap().loss_curve, bf16.unwrap().loss_curve);
+        assert_eq!(f32.len(), bf16.len());
+        let worst = f32
+            .iter()
+            .zip(&bf16)
+            .map(|(a, b)| (a.1 - b.1).abs() / a.1)
+            .fold(0.0, f64::max);
+        eprintln!(
+            "{what}: bf16 loss within {:.3}% of f32 at every step",
+            worst * 100.0
+        );
+        assert!(worst < 0.02, "{what}: {f32:?} vs {bf16:?}");
+        // Identical curves would mean the products never left f32.
+        assert!(worst > 0.0, "{what}: bf16 changed nothing");
+        assert!(bf16.last().unwrap().1 < bf16[0].1 * 0.8, "{what}: {bf16:?}");
+    }
+}

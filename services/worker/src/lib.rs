@@ -128,6 +128,8 @@ pub struct WorkerConfig {
     /// Training saves a checkpoint (staged in the registry) every this many optimizer steps,
     /// and a job whose worker died resumes from the newest; 0 turns checkpoints off.
     pub checkpoint_every_steps: usize,
+    /// Precision of the base model's frozen products while training.
+    pub compute: flywheel_trainer::Compute,
 }
 
 impl WorkerConfig {
@@ -146,6 +148,7 @@ impl WorkerConfig {
             slots: 1,
             retry_backoff: [1, 5, 25].map(Duration::from_secs).to_vec(),
             checkpoint_every_steps: 50,
+            compute: flywheel_trainer::Compute::Float32,
         }
     }
 }

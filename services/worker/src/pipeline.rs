@@ -167,6 +167,7 @@ pub async fn train(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDy
         if let Some(epochs) = ctx.config.epochs {
             spec.epochs = epochs;
         }
+        spec.compute = ctx.config.compute;
         // A job whose worker died resumes from its newest checkpoint, wherever it was saved:
         // checkpoints are staged in the registry as they are written.
         spec.checkpointing = (ctx.config.checkpoint_every_steps > 0).then(|| Checkpointing {
@@ -485,6 +486,7 @@ pub async fn publish(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Box
                 "grad_accumulation": spec.grad_accumulation,
                 "max_grad_norm": spec.max_grad_norm,
                 "early_stopping": spec.early_stopping,
+                "compute": spec.compute,
             },
             "training": {
                 "steps": train_report.steps,

@@ -1,0 +1,399 @@
+//! bf16 matrix products on Intel AMX tiles, for the frozen weights of a LoRA model.
+//!
+//! A frozen projection multiplies activations by the same weight every step, so the weight is
+//! rounded to bf16 and laid out the way the tile unit reads it once ([`Packed`]), and each
+//! product only rounds its activations. Products of bf16 operands are summed in f32 (the tile
+//! unit accumulates in f32), as PyTorch's bf16 CPU matmul does.
+//!
+//! The tile instructions are written as inline assembly because Rust's AMX intrinsics are
+//! unstable; everything unsafe lives in this file.
+
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// Tile geometry: a tile is 16 rows of 64 bytes (16 f32 or 32 bf16).
+const ROWS: usize = 16;
+/// bf16 values along `k` per tile row, so one tile product consumes 32 of `k`.
+const K_STEP: usize = 32;
+/// Rows (and columns) of the 2 × 2 tile block each step of the kernel computes.
+const BLOCK: usize = 2 * ROWS;
+/// Row blocks per task: enough work per task to amortise loading the tile configuration,
+/// few enough that a matrix splits into more tasks than threads.
+const BLOCKS_PER_TASK: usize = 4;
+
+/// Whether this CPU and kernel let the process use AMX tiles for bf16 products. Linux hands
+/// out the 8 KiB tile state only on request, once per process; the answer is kept.
+pub(crate) fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(detect)
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn detect() -> bool {
+    // CPUID leaf 7: EDX bit 22 is AMX-BF16, bit 24 AMX-TILE. The activations are rounded with
+    // AVX-512, which every AMX CPU has.
+    let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+    let amx = leaf7.edx & (1 << 22) != 0 && leaf7.edx & (1 << 24) != 0;
+    if !amx || !std::arch::is_x86_feature_detected!("avx512bw") {
+        return false;
+    }
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: arch_prctl with these arguments only changes which xsave state the kernel lets
+    // this process use; it touches no memory of ours.
+    unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        ) == 0
+    }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect() -> bool {
+    false
+}
+
+/// The right-hand side `b` of `a · b`, `[k, n]`, rounded to bf16 and laid out for the tile
+/// unit: panels of 16 columns, each `k / 2` rows of 16 column pairs `(b[2i][j], b[2i+1][j])`
+/// (the "VNNI" layout `tdpbf16ps` reads). `k` is padded to 32 and `n` to 32 with zeros.
+pub(crate) struct Packed {
+    k: usize,
+    n: usize,
+    k_padded: usize,
+    n_padded: usize,
+    data: Vec<u16>,
+}
+
+impl std::fmt::Debug for Packed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Packed [{}, {}] bf16", self.k, self.n)
+    }
+}
+
+impl Packed {
+    /// Packs a row-major `[k, n]` matrix.
+    pub(crate) fn from_rows(b: &[f32], k: usize, n: usize) -> Self {
+        assert_eq!(b.len(), k * n, "matrix is not [{k}, {n}]");
+        Self::pack(k, n, |row, col| b[row * n + col])
+    }
+
+    /// Packs the transpose of a row-major `[n, k]` matrix, i.e. `b[row][col] = t[col][row]`.
+    pub(crate) fn from_transposed(t: &[f32], k: usize, n: usize) -> Self {
+        assert_eq!(t.len(), k * n, "matrix is not [{n}, {k}]");
+        Self::pack(k, n, |row, col| t[col * k + row])
+    }
+
+    fn pack(k: usize, n: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
+        let k_padded = k.div_ceil(K_STEP) * K_STEP;
+        let n_padded = n.div_ceil(BLOCK) * BLOCK;
+        let panel_len = k_padded * ROWS;
+        let mut data = vec![0u16; n_padded / ROWS * panel_len];
+        data.par_chunks_mut(panel_len)
+            .enumerate()
+            .for_each(|(panel, out)| {
+                for col in (panel * ROWS..(panel + 1) * ROWS).filter(|&c| c < n) {
+                    let lane = col % ROWS;
+                    for row in 0..k {
+                        out[(row / 2) * 2 * ROWS + lane * 2 + row % 2] = bf16_bits(at(row, col));
+                    }
+                }
+            });
+        Self {
+            k,
+            n,
+            k_padded,
+            n_padded,
+            data,
+        }
+    }
+
+    pub(crate) fn k(&self) -> usize {
+        self.k
+    }
+
+    pub(crate) fn n(&self) -> usize {
+        self.n
+    }
+}
+
+fn bf16_bits(x: f32) -> u16 {
+    half::bf16::from_f32(x).to_bits()
+}
+
+/// `a · b` for a row-major `[m, k]` matrix `a`: a row-major `[m, n]` f32 matrix. Only call it
+/// when [`available`] said yes.
+pub(crate) fn matmul(a: &[f32], m: usize, b: &Packed) -> Vec<f32> {
+    assert!(available(), "AMX bf16 is not available on this CPU");
+    assert_eq!(a.len(), m * b.k, "left operand is not [{m}, {}]", b.k);
+    let m_padded = m.div_ceil(BLOCK) * BLOCK;
+    let lhs = round_rows(a, m, b.k, m_padded, b.k_padded);
+    let mut out = vec![0f32; m * b.n];
+    if m == 0 || b.n == 0 {
+        return out;
+    }
+    let col_blocks = b.n_padded / BLOCK;
+    let row_groups = (m_padded / BLOCK).div_ceil(BLOCKS_PER_TASK);
+    let dst = SendPtr(out.as_mut_ptr());
+    (0..col_blocks * row_groups)
+        .into_par_iter()
+        .for_each(|task| {
+            let (col_block, group) = (task / row_groups, task % row_groups);
+            let first = group * BLOCKS_PER_TASK;
+            let last = (first + BLOCKS_PER_TASK).min(m_padded / BLOCK);
+            // SAFETY: `available()` holds; each task writes only its own rows × columns of `out`,
+            // which outlives the parallel loop; `lhs` and `b` are padded to whole blocks.
+            unsafe { kernel(&lhs, b, m, col_block, first..last, dst) };
+        });
+    out
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: tasks write disjoint parts of the buffer behind the pointer.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// `a` rounded to bf16, `[m_padded, k_padded]`, zeros in the padding.
+fn round_rows(a: &[f32], m: usize, k: usize, m_padded: usize, k_padded: usize) -> Vec<u16> {
+    let mut out = vec![0u16; m_padded * k_padded];
+    let rows_per_chunk = 64;
+    out.par_chunks_mut(rows_per_chunk * k_padded)
+        .enumerate()
+        .for_each(|(chunk, dst)| {
+            for (i, dst_row) in dst.chunks_mut(k_padded).enumerate() {
+                let row = chunk * rows_per_chunk + i;
+                if row >= m {
+                    break;
+                }
+                round_row(&a[row * k..(row + 1) * k], &mut dst_row[..k]);
+            }
+        });
+    out
+}
+
+fn round_row(src: &[f32], dst: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512bw") {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { round_row_avx512(src, dst) };
+    }
+    round_row_portable(src, dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn round_row_avx512(src: &[f32], dst: &mut [u16]) {
+    // The same loop; the attribute lets it vectorise 16 lanes wide.
+    round_row_portable(src, dst)
+}
+
+/// Round to nearest, ties to even (what `half` and PyTorch do), in integer arithmetic that
+/// vectorises; NaN stays NaN.
+#[inline(always)]
+fn round_row_portable(src: &[f32], dst: &mut [u16]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        let bits = s.to_bits();
+        let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+        *d = if s.is_nan() { 0x7fc0 } else { rounded as u16 };
+    }
+}
+
+/// The tile configuration: palette 1, tiles 0–3 accumulate a 2 × 2 block of 16 × 16 f32,
+/// tiles 4–5 hold two 16-row strips of `a`, 6–7 two 16-column panels of `b`.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+impl TileConfig {
+    fn new() -> Self {
+        let mut bytes = [0u8; 64];
+        bytes[0] = 1;
+        for tile in 0..8 {
+            bytes[16 + 2 * tile] = 64; // bytes per row (u16, little end)
+            bytes[48 + tile] = ROWS as u8;
+        }
+        Self(bytes)
+    }
+}
+
+/// Computes the columns `32·col_block ..` of `out` for row blocks `blocks` (32 rows each).
+///
+/// # Safety
+/// AMX must be available; `lhs` must be `[m_padded, b.k_padded]`; `out` must point at an
+/// `[m, b.n]` buffer that no other thread writes in these rows and columns.
+#[cfg(target_arch = "x86_64")]
+unsafe fn kernel(
+    lhs: &[u16],
+    b: &Packed,
+    m: usize,
+    col_block: usize,
+    blocks: std::ops::Range<usize>,
+    out: SendPtr,
+) {
+    use std::arch::asm;
+    let config = TileConfig::new();
+    let k_padded = b.k_padded;
+    let lhs_stride = k_padded * 2;
+    let panel_len = k_padded * ROWS;
+    let mut spill = [[0f32; ROWS * ROWS]; 4];
+    unsafe {
+        asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack));
+        let panel0 = b.data.as_ptr().add(col_block * 2 * panel_len);
+        let panel1 = panel0.add(panel_len);
+        for block in blocks {
+            let strip0 = lhs.as_ptr().add(block * BLOCK * k_padded);
+            let strip1 = strip0.add(ROWS * k_padded);
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack)
+            );
+            for step in 0..k_padded / K_STEP {
+                asm!(
+                    "tileloadd tmm4, [{a0} + {a_stride}*1]",
+                    "tileloadd tmm5, [{a1} + {a_stride}*1]",
+                    "tileloadd tmm6, [{b0} + {b_stride}*1]",
+                    "tileloadd tmm7, [{b1} + {b_stride}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) strip0.add(step * K_STEP),
+                    a1 = in(reg) strip1.add(step * K_STEP),
+                    b0 = in(reg) panel0.add(step * K_STEP * ROWS),
+                    b1 = in(reg) panel1.add(step * K_STEP * ROWS),
+                    a_stride = in(reg) lhs_stride,
+                    b_stride = in(reg) 2 * ROWS * 2,
+                    options(nostack)
+                );
+            }
+            // A tile that lies wholly inside `out` is stored there directly; edge tiles go
+            // through `spill` and only their valid part is copied.
+            let row0 = block * BLOCK;
+            let col0 = col_block * BLOCK;
+            let out_stride = b.n * 4;
+            let tiles = [(0, 0), (0, ROWS), (ROWS, 0), (ROWS, ROWS)];
+            for (tile, &(dr, dc)) in tiles.iter().enumerate() {
+                let (r, c) = (row0 + dr, col0 + dc);
+                let whole = r + ROWS <= m && c + ROWS <= b.n;
+                let (dst, stride) = if whole {
+                    (out.0.add(r * b.n + c), out_stride)
+                } else {
+                    (spill[tile].as_mut_ptr(), ROWS * 4)
+                };
+                match tile {
+                    0 => {
+                        asm!("tilestored [{d} + {s}*1], tmm0", d = in(reg) dst, s = in(reg) stride, options(nostack))
+                    }
+                    1 => {
+                        asm!("tilestored [{d} + {s}*1], tmm1", d = in(reg) dst, s = in(reg) stride, options(nostack))
+                    }
+                    2 => {
+                        asm!("tilestored [{d} + {s}*1], tmm2", d = in(reg) dst, s = in(reg) stride, options(nostack))
+                    }
+                    _ => {
+                        asm!("tilestored [{d} + {s}*1], tmm3", d = in(reg) dst, s = in(reg) stride, options(nostack))
+                    }
+                }
+                if !whole && r < m && c < b.n {
+                    let cols = (b.n - c).min(ROWS);
+                    for i in 0..(m - r).min(ROWS) {
+                        std::ptr::copy_nonoverlapping(
+                            spill[tile].as_ptr().add(i * ROWS),
+                            out.0.add((r + i) * b.n + c),
+                            cols,
+                        );
+                    }
+                }
+            }
+        }
+        asm!("tilerelease", options(nostack));
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn kernel(_: &[u16], _: &Packed, _: usize, _: usize, _: std::ops::Range<usize>, _: SendPtr) {
+    unreachable!("AMX exists on x86_64 only")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bf16(x: f32) -> f64 {
+        half::bf16::from_f32(x).to_f64()
+    }
+
+    fn matrix(rows: usize, cols: usize, seed: usize) -> Vec<f32> {
+        (0..rows * cols)
+            .map(|i| ((i * 7919 + seed * 104_729) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    /// Odd shapes on purpose: every edge (rows, columns, `k` not a multiple of the tile) and
+    /// both packings, against products of the same bf16-rounded values summed in f64.
+    #[test]
+    fn products_match_bf16_rounded_reference() {
+        if !available() {
+            // Nothing to compare on a CPU without AMX: the trainer refuses bf16 compute there
+            // (see `lora::tests`), so the kernel never runs.
+            assert!(!detect());
+            return;
+        }
+        for &(m, k, n) in &[(1, 1, 1), (37, 50, 45), (64, 96, 32), (70, 130, 100)] {
+            let a = matrix(m, k, 1);
+            let b = matrix(k, n, 2);
+            let by_rows = matmul(&a, m, &Packed::from_rows(&b, k, n));
+            let mut bt = vec![0f32; k * n];
+            for row in 0..k {
+                for col in 0..n {
+                    bt[col * k + row] = b[row * n + col];
+                }
+            }
+            let by_transpose = matmul(&a, m, &Packed::from_transposed(&bt, k, n));
+            assert_eq!(
+                by_rows, by_transpose,
+                "{m}x{k}x{n}: the two packings differ"
+            );
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|p| bf16(a[i * k + p]) * bf16(b[p * n + j]))
+                        .sum();
+                    let got = by_rows[i * n + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()) * k as f64,
+                        "{m}x{k}x{n} at ({i}, {j}): {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        // Two exact ties (1 + 2⁻⁸ rounds down to even, 1 + 3·2⁻⁸ up), a plain value, specials.
+        let src = [
+            1.0f32,
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            -2.5e-3,
+            f32::NAN,
+            f32::INFINITY,
+            3.4e38,
+        ];
+        let mut dst = [0u16; 7];
+        round_row(&src, &mut dst);
+        for (s, d) in src.iter().zip(dst) {
+            let want = half::bf16::from_f32(*s);
+            if s.is_nan() {
+                assert!(half::bf16::from_bits(d).is_nan());
+            } else {
+                assert_eq!(d, want.to_bits(), "{s}");
+            }
+        }
+    }
+}
