@@ -307,14 +307,12 @@ pub(crate) fn next_token_loss(
         0,
         Tensor::<1, Int>::from_data(TensorData::new(positions, [n]), &device),
     );
-    let logp = log_softmax(model.logits(picked), 1);
-    let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
-    let picked = logp.gather(1, targets);
+    let picked = crate::xent::target_log_probs(model.logits(picked), targets);
     match weights {
         None => picked.mean().neg(),
         Some(w) => {
             let total: f32 = w.iter().sum();
-            let w = Tensor::<2>::from_data(TensorData::new(w, [n, 1]), &device);
+            let w = Tensor::<1>::from_data(TensorData::new(w, [n]), &device);
             (picked * w).sum().div_scalar(total).neg()
         }
     }

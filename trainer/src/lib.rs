@@ -20,6 +20,7 @@ mod merge;
 mod parity;
 pub mod tiny;
 mod tokenize;
+mod xent;
 
 pub use causal::{
     Encoded, Generation, Generator, SftExample, StepBench, bench_sft_steps, train_causal_lm,
