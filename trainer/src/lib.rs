@@ -13,6 +13,7 @@ mod chat;
 mod checkpoint;
 mod classifier;
 mod fit;
+mod fused;
 mod llama;
 mod lora;
 mod merge;
@@ -20,7 +21,6 @@ mod merge;
 mod parity;
 pub mod tiny;
 mod tokenize;
-mod xent;
 
 pub use causal::{
     Encoded, Generation, Generator, SftExample, StepBench, bench_sft_steps, train_causal_lm,

@@ -5,7 +5,7 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Embedding, Linear, RmsNorm, RmsNormConfig};
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::checkpoint::Checkpoint;
@@ -271,9 +271,13 @@ impl LlamaLayer {
             .reshape([b, s, h]);
         let x = x + self.o_proj.forward(context);
         let normed = self.post_attention_layernorm.forward(x.clone());
-        let mlp = self
-            .down_proj
-            .forward(silu(self.gate_proj.forward(normed.clone())) * self.up_proj.forward(normed));
+        let [b, s, h] = normed.dims();
+        let rows: Tensor<2> = normed.reshape([b * s, h]);
+        let mlp = self.down_proj.forward(crate::fused::swiglu(
+            self.gate_proj.forward(rows.clone()),
+            self.up_proj.forward(rows),
+        ));
+        let mlp: Tensor<3> = mlp.reshape([b, s, h]);
         x + mlp
     }
 

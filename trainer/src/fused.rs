@@ -1,10 +1,12 @@
-//! The log-probability of each row's target token, fused: one pass over the logits forward,
-//! one backward, no `[rows, vocab]` intermediates.
+//! Fused ops with a hand-written backward on the CPU backend: one pass each way, no
+//! intermediate tensors, a vectorised `exp`. Other backends get burn's own ops.
 //!
-//! `log_softmax` then `gather` on a vocabulary of 49k builds several `[rows, vocab]` tensors in
-//! each direction and calls the scalar `expf` twice per logit (burn's `exp` recomputes itself
-//! in backward); at SmolLM2's size that was a tenth of a step. Here each direction calls a
-//! vectorised `exp` once per logit and keeps only each row's log-sum-exp between them.
+//! - [`target_log_probs`]: `log_softmax` then `gather` on a vocabulary of 49k built several
+//!   `[rows, vocab]` tensors in each direction and called the scalar `expf` twice per logit
+//!   (burn's `exp` recomputes itself in backward); at SmolLM2's size that was a tenth of a
+//!   step. Here each direction calls `exp` once per logit and keeps only each row's
+//!   log-sum-exp between them.
+//! - [`swiglu`]: `silu(gate) · up`, the Llama MLP's activation, saving only its two inputs.
 
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -12,7 +14,7 @@ use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::flex::{Flex, FlexTensor};
-use burn::tensor::activation::log_softmax;
+use burn::tensor::activation::{log_softmax, silu};
 use burn::tensor::{Int, Tensor, TensorData};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -202,10 +204,185 @@ fn exp(x: f32) -> f32 {
     p * f32::from_bits(((k as i32 + 127) as u32) << 23)
 }
 
+/// `silu(gate) · up`, elementwise.
+///
+/// # Shapes
+/// - gate, up: `[rows, width]`
+/// - output: `[rows, width]`
+pub(crate) fn swiglu(gate: Tensor<2>, up: Tensor<2>) -> Tensor<2> {
+    if let (Ok(g), Ok(u)) = (
+        gate.clone().try_into_primitive::<Autodiff<Flex>>(),
+        up.clone().try_into_primitive::<Autodiff<Flex>>(),
+    ) {
+        let (g, g_node) = g.into_parts();
+        let (u, u_node) = u.into_parts();
+        let (g, u) = (contiguous(g), contiguous(u));
+        let out = swiglu_forward(&g, &u);
+        let out = match SwiGlu
+            .prepare::<NoCheckpointing>([g_node, u_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((g, u), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        return Tensor::from_primitive::<Autodiff<Flex>>(out);
+    }
+    if let (Ok(g), Ok(u)) = (
+        gate.clone().try_into_primitive::<Flex>(),
+        up.clone().try_into_primitive::<Flex>(),
+    ) {
+        let out = swiglu_forward(&contiguous(g), &contiguous(u));
+        return Tensor::from_primitive::<Flex>(out);
+    }
+    silu(gate) * up
+}
+
+fn swiglu_forward(gate: &FlexTensor, up: &FlexTensor) -> FlexTensor {
+    let (g, u) = (f32s(gate), f32s(up));
+    let mut out = vec![0f32; g.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+        .for_each(|(out, (g, u))| swiglu_chunk(g, u, out));
+    FlexTensor::from_data(TensorData::new(out, gate.layout().shape().clone()))
+}
+
+/// Elements per parallel task of the elementwise ops.
+const CHUNK: usize = 1 << 14;
+
+fn f32s(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("contiguous f32")
+}
+
+#[derive(Debug)]
+struct SwiGlu;
+
+impl Backward<Flex, 2> for SwiGlu {
+    type State = (FlexTensor, FlexTensor);
+
+    /// With `σ = sigmoid(gate)`: `∂up = g · gate·σ`, `∂gate = g · up · σ·(1 + gate·(1 − σ))`.
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (gate, up) = ops.state;
+        let grad = contiguous(grads.consume::<Flex>(&ops.node));
+        let (g, x, u) = (f32s(&grad), f32s(&gate), f32s(&up));
+        let mut d_gate = vec![0f32; g.len()];
+        let mut d_up = vec![0f32; g.len()];
+        d_gate
+            .par_chunks_mut(CHUNK)
+            .zip(d_up.par_chunks_mut(CHUNK))
+            .zip(
+                g.par_chunks(CHUNK)
+                    .zip(x.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))),
+            )
+            .for_each(|((dg, du), (g, (x, u)))| swiglu_grad_chunk(g, x, u, dg, du));
+        let shape = gate.layout().shape().clone();
+        let [gate_parent, up_parent] = ops.parents;
+        if let Some(node) = gate_parent {
+            let d = FlexTensor::from_data(TensorData::new(d_gate, shape.clone()));
+            grads.register::<Flex>(node.id, d);
+        }
+        if let Some(node) = up_parent {
+            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(d_up, shape)));
+        }
+    }
+}
+
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+fn swiglu_chunk(g: &[f32], u: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has the feature the function is compiled for.
+        return unsafe { swiglu_chunk_avx512(g, u, out) };
+    }
+    swiglu_chunk_portable(g, u, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn swiglu_chunk_avx512(g: &[f32], u: &[f32], out: &mut [f32]) {
+    swiglu_chunk_portable(g, u, out)
+}
+
+#[inline(always)]
+fn swiglu_chunk_portable(g: &[f32], u: &[f32], out: &mut [f32]) {
+    for ((o, &x), &u) in out.iter_mut().zip(g).zip(u) {
+        *o = x * sigmoid(x) * u;
+    }
+}
+
+fn swiglu_grad_chunk(g: &[f32], x: &[f32], u: &[f32], d_gate: &mut [f32], d_up: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has the feature the function is compiled for.
+        return unsafe { swiglu_grad_chunk_avx512(g, x, u, d_gate, d_up) };
+    }
+    swiglu_grad_chunk_portable(g, x, u, d_gate, d_up)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn swiglu_grad_chunk_avx512(g: &[f32], x: &[f32], u: &[f32], d_gate: &mut [f32], d_up: &mut [f32]) {
+    swiglu_grad_chunk_portable(g, x, u, d_gate, d_up)
+}
+
+#[inline(always)]
+fn swiglu_grad_chunk_portable(
+    g: &[f32],
+    x: &[f32],
+    u: &[f32],
+    d_gate: &mut [f32],
+    d_up: &mut [f32],
+) {
+    for i in 0..g
+        .len()
+        .min(x.len())
+        .min(u.len())
+        .min(d_gate.len())
+        .min(d_up.len())
+    {
+        let s = sigmoid(x[i]);
+        d_up[i] = g[i] * x[i] * s;
+        d_gate[i] = g[i] * u[i] * s * (1.0 + x[i] * (1.0 - s));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use burn::tensor::{Device, Distribution, Tolerance};
+
+    #[test]
+    fn swiglu_matches_silu_times_up() {
+        let device = Device::flex().autodiff();
+        let shape = [37, 1000];
+        let gate = Tensor::<2>::random(shape, Distribution::Normal(0.0, 4.0), &device);
+        let up = Tensor::<2>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let upstream = Tensor::<2>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let run = |fused: bool| {
+            let (g, u) = (gate.clone().require_grad(), up.clone().require_grad());
+            let out = if fused {
+                swiglu(g.clone(), u.clone())
+            } else {
+                silu(g.clone()) * u.clone()
+            };
+            let grads = (out.clone() * upstream.clone()).sum().backward();
+            [
+                out.into_data(),
+                g.grad(&grads).unwrap().into_data(),
+                u.grad(&grads).unwrap().into_data(),
+            ]
+        };
+        let tolerance = Tolerance::rel_abs(1e-5, 1e-6);
+        for (ours, burns) in run(true).iter().zip(&run(false)) {
+            ours.assert_approx_eq::<f32>(burns, tolerance);
+        }
+        let plain = swiglu(gate.clone().inner(), up.clone().inner()).into_data();
+        plain.assert_approx_eq::<f32>(&run(false)[0], tolerance);
+    }
 
     #[test]
     fn exp_is_within_a_few_ulp_of_std() {
