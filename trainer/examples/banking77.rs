@@ -2,6 +2,7 @@
 //! ships) on Banking77 with LoRA and reports test accuracy and wall time.
 //!
 //! cargo run --release -p flywheel-trainer --example banking77 -- MODEL_DIR BANKING77_DIR [EPOCHS]
+//!     [float32|bfloat16]
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -34,7 +35,7 @@ fn read(path: PathBuf, labels: &mut Vec<String>) -> Vec<Example> {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 3 {
-        eprintln!("usage: banking77 MODEL_DIR BANKING77_DIR [EPOCHS]");
+        eprintln!("usage: banking77 MODEL_DIR BANKING77_DIR [EPOCHS] [float32|bfloat16]");
         std::process::exit(2);
     }
     let model = PathBuf::from(&args[1]);
@@ -51,6 +52,9 @@ fn main() {
     spec.batch_size = 32;
     spec.learning_rate = 2e-3;
     spec.max_seq_len = 64;
+    if let Some(compute) = args.get(4) {
+        spec.compute = compute.parse().expect("COMPUTE is float32 or bfloat16");
+    }
     let started = Instant::now();
     let report = train_classifier(&spec, &train, &mut |s| {
         if s.step % 50 == 0 || s.step == s.total_steps {
