@@ -128,11 +128,13 @@ pub(crate) fn matmul(a: &[f32], m: usize, b: &Packed) -> Vec<f32> {
     assert!(available(), "AMX bf16 is not available on this CPU");
     assert_eq!(a.len(), m * b.k, "left operand is not [{m}, {}]", b.k);
     let m_padded = m.div_ceil(BLOCK) * BLOCK;
-    let lhs = round_rows(a, m, b.k, m_padded, b.k_padded);
-    let mut out = vec![0f32; m * b.n];
     if m == 0 || b.n == 0 {
-        return out;
+        return vec![0f32; m * b.n];
     }
+    let lhs = round_rows(a, m, b.k, m_padded, b.k_padded);
+    // Not zeroed: the tiles below write every element (whole tiles directly, edge tiles their
+    // valid part), and zeroing first was a pass over the output for nothing.
+    let mut out = Vec::<f32>::with_capacity(m * b.n);
     let col_blocks = b.n_padded / BLOCK;
     let row_groups = (m_padded / BLOCK).div_ceil(BLOCKS_PER_TASK);
     let dst = SendPtr(out.as_mut_ptr());
@@ -146,6 +148,9 @@ pub(crate) fn matmul(a: &[f32], m: usize, b: &Packed) -> Vec<f32> {
             // which outlives the parallel loop; `lhs` and `b` are padded to whole blocks.
             unsafe { kernel(&lhs, b, m, col_block, first..last, dst) };
         });
+    // SAFETY: the column blocks cover `n` and the row groups `m`, so every element of the
+    // `m × n` buffer was written above.
+    unsafe { out.set_len(m * b.n) };
     out
 }
 

@@ -85,12 +85,8 @@ impl Backward<Flex, 1> for FrozenMatmul {
 
 /// `x · b` for a 2-D f32 flex tensor.
 fn product(x: FlexTensor, b: &Packed) -> FlexTensor {
-    let x = if x.as_slice::<f32>().is_some() {
-        x
-    } else {
-        x.to_contiguous()
-    };
-    let values = x.as_slice::<f32>().expect("f32 activations");
+    let x = crate::fused::contiguous(x);
+    let values = crate::fused::f32s(&x);
     let rows = values.len() / b.k();
     let out = amx::matmul(values, rows, b);
     FlexTensor::from_data(TensorData::new(out, [rows, b.n()]))

@@ -37,7 +37,7 @@ pub(crate) fn target_log_probs(logits: Tensor<2>, targets: Vec<i64>) -> Tensor<1
     }
     if let Ok(plain) = logits.clone().try_into_primitive::<Flex>() {
         let targets: Vec<usize> = targets.into_iter().map(|t| t as usize).collect();
-        return Tensor::from_primitive::<Flex>(forward(&plain, &targets, vocab).0);
+        return Tensor::from_primitive::<Flex>(forward(&contiguous(plain), &targets, vocab).0);
     }
     // Other backends (GPUs): burn's own ops.
     let device = logits.device();
@@ -49,6 +49,8 @@ type AutodiffTensor = <Autodiff<Flex> as burn::backend::BackendTypes>::FloatTens
 
 fn autodiff(logits: AutodiffTensor, targets: Arc<Vec<usize>>, vocab: usize) -> AutodiffTensor {
     let (logits, node) = logits.into_parts();
+    // Contiguous once, here: the backward reads the very tensor the forward read.
+    let logits = contiguous(logits);
     let (out, lse) = forward(&logits, &targets, vocab);
     match TargetLogProbs
         .prepare::<NoCheckpointing>([node])
@@ -93,8 +95,7 @@ impl Backward<Flex, 1> for TargetLogProbs {
         unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
             let grad = contiguous(grad);
             let g = grad.as_slice::<f32>().expect("f32 gradient");
-            let logits = contiguous(logits);
-            let x = logits.as_slice::<f32>().expect("f32 logits");
+            let x = f32s(&logits);
             let mut out = vec![0f32; x.len()];
             out.par_chunks_mut(vocab)
                 .zip(x.par_chunks(vocab))
@@ -108,7 +109,8 @@ impl Backward<Flex, 1> for TargetLogProbs {
     }
 }
 
-fn contiguous(t: FlexTensor) -> FlexTensor {
+/// `t` itself when its f32 values lie in one slice, else a contiguous copy.
+pub(crate) fn contiguous(t: FlexTensor) -> FlexTensor {
     if t.as_slice::<f32>().is_some() {
         t
     } else {
@@ -117,9 +119,9 @@ fn contiguous(t: FlexTensor) -> FlexTensor {
 }
 
 /// `(log p of each target, log-sum-exp of each row)`.
+/// `logits` must be contiguous.
 fn forward(logits: &FlexTensor, targets: &[usize], vocab: usize) -> (FlexTensor, Vec<f32>) {
-    let logits = contiguous(logits.clone());
-    let x = logits.as_slice::<f32>().expect("f32 logits");
+    let x = f32s(logits);
     let rows = targets.len();
     let lse: Vec<f32> = x.par_chunks(vocab).map(log_sum_exp).collect::<Vec<_>>();
     let out: Vec<f32> = (0..rows)
@@ -250,7 +252,7 @@ fn swiglu_forward(gate: &FlexTensor, up: &FlexTensor) -> FlexTensor {
 /// Elements per parallel task of the elementwise ops.
 const CHUNK: usize = 1 << 14;
 
-fn f32s(t: &FlexTensor) -> &[f32] {
+pub(crate) fn f32s(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("contiguous f32")
 }
 

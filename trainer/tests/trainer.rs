@@ -44,6 +44,29 @@ fn loss_ends(report: &flywheel_trainer::TrainReport) -> (f64, f64) {
     )
 }
 
+/// A generation task on the Banking77 rows: answer each query with its intent name, as text.
+/// Writes a tiny Llama whose tokenizer covers prompts and answers to `base`.
+fn answer_with_intent(
+    labels: &[String],
+    rows: &[Example],
+    base: &Path,
+) -> Vec<flywheel_trainer::SftExample> {
+    use flywheel_trainer::tiny::{TinyLlamaSpec, init_tiny_llama};
+    let examples: Vec<flywheel_trainer::SftExample> = rows
+        .iter()
+        .map(|r| flywheel_trainer::SftExample {
+            prompt: r.text.clone(),
+            completion: labels[r.label].replace('_', " "),
+            weight: 1.0,
+        })
+        .collect();
+    let corpus = examples
+        .iter()
+        .flat_map(|e| [e.prompt.clone(), e.completion.clone()]);
+    init_tiny_llama(base, corpus, &TinyLlamaSpec::default()).unwrap();
+    examples
+}
+
 fn accuracy(p: &ClassifierPredictor, rows: &[Example]) -> f64 {
     let texts: Vec<&str> = rows.iter().map(|r| r.text.as_str()).collect();
     let preds = p.predict(&texts, 32).unwrap();
@@ -169,25 +192,12 @@ fn a_model_directory_without_weights_is_refused_by_name() {
 
 #[test]
 fn causal_lm_sft_learns_to_generate_the_corrected_completion() {
-    use flywheel_trainer::tiny::{TinyLlamaSpec, init_tiny_llama};
-    use flywheel_trainer::{Generator, SftExample, train_causal_lm};
+    use flywheel_trainer::{Generator, train_causal_lm};
 
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("llama");
     let (labels, rows) = banking();
-    // Generation task: answer each query with its intent name, as text.
-    let examples: Vec<SftExample> = rows
-        .iter()
-        .map(|r| SftExample {
-            prompt: r.text.clone(),
-            completion: labels[r.label].replace('_', " "),
-            weight: 1.0,
-        })
-        .collect();
-    let corpus = examples
-        .iter()
-        .flat_map(|e| [e.prompt.clone(), e.completion.clone()]);
-    init_tiny_llama(&base, corpus, &TinyLlamaSpec::default()).unwrap();
+    let examples = answer_with_intent(&labels, &rows, &base);
     let (holdout, train) = hold_out_every_fifth(examples);
 
     let out = dir.path().join("adapter");
@@ -260,8 +270,7 @@ fn resumed_run_body() {
     if std::env::var_os("FLYWHEEL_TRAINER_CHILD").is_none() {
         return;
     }
-    use flywheel_trainer::tiny::{TinyLlamaSpec, init_tiny_llama};
-    use flywheel_trainer::{Checkpointing, SftExample, TrainerError, train_causal_lm};
+    use flywheel_trainer::{Checkpointing, TrainerError, train_causal_lm};
 
     let dir = tempfile::tempdir().unwrap();
     let (labels, rows) = banking();
@@ -273,22 +282,8 @@ fn resumed_run_body() {
         &TinyBertSpec::default(),
     )
     .unwrap();
-    let sft: Vec<SftExample> = rows
-        .iter()
-        .map(|r| SftExample {
-            prompt: r.text.clone(),
-            completion: labels[r.label].replace('_', " "),
-            weight: 1.0,
-        })
-        .collect();
     let llama = dir.path().join("llama");
-    init_tiny_llama(
-        &llama,
-        sft.iter()
-            .flat_map(|e| [e.prompt.clone(), e.completion.clone()]),
-        &TinyLlamaSpec::default(),
-    )
-    .unwrap();
+    let sft = answer_with_intent(&labels, &rows, &llama);
 
     let spec_for = |base: &Path, name: &str| {
         let mut spec = TrainSpec::new(base.to_owned(), dir.path().join(name), labels.clone());
@@ -520,25 +515,13 @@ fn early_stopping_resume_body() {
 /// spec is refused, saying why.
 #[test]
 fn bf16_compute_follows_the_f32_loss_curve() {
-    use flywheel_trainer::tiny::{TinyLlamaSpec, init_tiny_llama};
-    use flywheel_trainer::{Compute, SftExample, train_causal_lm};
+    use flywheel_trainer::{Compute, train_causal_lm};
 
     let dir = tempfile::tempdir().unwrap();
     let (labels, rows) = banking();
     let rows = &rows[..96];
     let llama = dir.path().join("llama");
-    let sft: Vec<SftExample> = rows
-        .iter()
-        .map(|r| SftExample {
-            prompt: r.text.clone(),
-            completion: labels[r.label].replace('_', " "),
-            weight: 1.0,
-        })
-        .collect();
-    let corpus = sft
-        .iter()
-        .flat_map(|e| [e.prompt.clone(), e.completion.clone()]);
-    init_tiny_llama(&llama, corpus, &TinyLlamaSpec::default()).unwrap();
+    let sft = answer_with_intent(&labels, rows, &llama);
     let bert = dir.path().join("bert");
     init_tiny_bert(
         &bert,
