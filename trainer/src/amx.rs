@@ -344,7 +344,7 @@ mod tests {
     fn products_match_bf16_rounded_reference() {
         if !available() {
             // Nothing to compare on a CPU without AMX: the trainer refuses bf16 compute there
-            // (see `lora::tests`), so the kernel never runs.
+            // (`bf16::tests` and the trainer's bf16 test check the refusal), so the kernel never runs.
             assert!(!detect());
             return;
         }

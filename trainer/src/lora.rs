@@ -32,6 +32,17 @@ impl Compute {
             Compute::Bfloat16 => crate::bf16::available(),
         }
     }
+
+    /// [`Self::is_available`] as an error that says what to do instead.
+    pub fn ensure_available(self) -> crate::Result<()> {
+        if self.is_available() {
+            return Ok(());
+        }
+        Err(crate::TrainerError::InvalidSpec(
+            "compute bfloat16 needs a CPU with AMX-BF16 (Intel Xeon 4th generation or later); use float32"
+                .into(),
+        ))
+    }
 }
 
 impl std::str::FromStr for Compute {
@@ -275,12 +286,7 @@ pub(crate) fn set_compute<'a>(
             "compute bfloat16 runs on the CPU only; use float32 on a GPU".into(),
         ));
     }
-    if !compute.is_available() {
-        return Err(crate::TrainerError::InvalidSpec(
-            "compute bfloat16 needs a CPU with AMX-BF16 (Intel Xeon 4th generation or later); use float32"
-                .into(),
-        ));
-    }
+    compute.ensure_available()?;
     for layer in layers {
         layer.compute_in_bf16();
     }

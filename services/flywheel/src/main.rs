@@ -159,12 +159,7 @@ async fn main() {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     flywheel_trainer::use_accelerator(cli.device.parse()?).context("--device")?;
     let compute: flywheel_trainer::Compute = cli.compute.parse()?;
-    if !compute.is_available() {
-        anyhow::bail!(
-            "--compute {}: this CPU has no AMX-BF16 (Intel Xeon 4th generation or later); use float32",
-            cli.compute
-        );
-    }
+    compute.ensure_available().context("--compute")?;
     let mut config = flywheel::Config::new(cli.data_dir);
     config.worker.compute = compute;
     config.registry = cli.registry;
