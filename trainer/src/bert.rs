@@ -3,8 +3,11 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Embedding, LayerNorm};
-use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Int, Tensor};
+use std::sync::Arc;
+
+use crate::attention::Attention;
 
 use crate::checkpoint::Checkpoint;
 use crate::lora::{LoraLinear, LoraLinearConfig, LoraSpec};
@@ -219,20 +222,13 @@ pub struct BertLayer {
 impl BertLayer {
     /// # Shapes
     /// - x: `[batch, seq, hidden]`
-    /// - mask_bias: `[batch, 1, 1, seq]`, 0 where attended and a large negative where padded
     /// - output: `[batch, seq, hidden]`
-    pub fn forward(&self, x: Tensor<3>, mask_bias: Tensor<4>) -> Tensor<3> {
-        let [b, s, h] = x.dims();
-        let d = h / self.num_heads;
-        let heads = |t: Tensor<3>| t.reshape([b, s, self.num_heads, d]).swap_dims(1, 2);
-        let q = heads(self.query.forward(x.clone()));
-        let k = heads(self.key.forward(x.clone()));
-        let v = heads(self.value.forward(x.clone()));
-        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((d as f64).sqrt()) + mask_bias;
-        let context = softmax(scores, 3)
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([b, s, h]);
+    pub fn forward(&self, x: Tensor<3>, attention: &Arc<Attention>) -> Tensor<3> {
+        let context = attention.forward(
+            self.query.forward(x.clone()),
+            self.key.forward(x.clone()),
+            self.value.forward(x.clone()),
+        );
         let x = self
             .attention_norm
             .forward(self.attention_output.forward(context) + x);
@@ -276,9 +272,9 @@ pub struct Bert {
 
 impl Bert {
     /// # Shapes
-    /// - input_ids, attention_mask: `[batch, seq]` (mask 1 for tokens, 0 for padding)
+    /// - input_ids: `[batch, seq]`, each row's `lengths` real tokens first, then padding
     /// - output: `[batch, seq, hidden]`
-    pub fn forward(&self, input_ids: Tensor<2, Int>, attention_mask: Tensor<2>) -> Tensor<3> {
+    pub fn forward(&self, input_ids: Tensor<2, Int>, lengths: &[usize]) -> Tensor<3> {
         let [b, s] = input_ids.dims();
         let device = input_ids.device();
         let positions = Tensor::<1, Int>::arange(0..s as i64, &device)
@@ -290,14 +286,23 @@ impl Bert {
             + e.position_embeddings.forward(positions)
             + e.token_type_embeddings.forward(token_types);
         let mut x = e.layer_norm.forward(x);
-        // Padding gets a large negative bias, as transformers does with finfo.min.
-        let mask_bias = attention_mask
-            .neg()
-            .add_scalar(1.0)
-            .mul_scalar(-1.0e9)
-            .reshape([b, 1, 1, s]);
+        // Every query, padding too, attends to its row's real tokens, as transformers' key
+        // mask has it.
+        assert_eq!(lengths.len(), b, "one length per row");
+        let keys = lengths
+            .iter()
+            .flat_map(|&n| std::iter::repeat_n((0, n.clamp(1, s) as u32), s))
+            .collect();
+        let heads = self.layers.first().map_or(1, |l| l.num_heads);
+        let h = x.dims()[2];
+        let attention = Arc::new(Attention::new(
+            [b, s],
+            [heads, heads, h / heads],
+            keys,
+            None,
+        ));
         for layer in &self.layers {
-            x = layer.forward(x, mask_bias.clone());
+            x = layer.forward(x, &attention);
         }
         x
     }

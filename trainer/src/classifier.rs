@@ -209,7 +209,7 @@ impl Backbone {
         let [b, s] = batch.input_ids.dims();
         match self {
             Backbone::Bert(bert) => {
-                let hidden = bert.forward(batch.input_ids.clone(), batch.attention_mask.clone());
+                let hidden = bert.forward(batch.input_ids.clone(), &batch.lengths);
                 let h = hidden.dims()[2];
                 let mask = batch.attention_mask.clone().reshape([b, s, 1]);
                 let summed = (hidden * mask.clone()).sum_dim(1).reshape([b, h]);
@@ -681,12 +681,12 @@ pub(crate) fn bert_adapter_delta(base: &Path, adapter_dir: &Path, texts: &[&str]
             base.display()
         )));
     };
-    let before = bert.forward(batch.input_ids.clone(), batch.attention_mask.clone());
+    let before = bert.forward(batch.input_ids.clone(), &batch.lengths);
     load_peft_adapter(adapter_dir, encoder.adapted_mut().into_iter(), &device)?;
     let Backbone::Bert(bert) = &encoder else {
         unreachable!("still the same backbone")
     };
-    let after = bert.forward(batch.input_ids, batch.attention_mask);
+    let after = bert.forward(batch.input_ids, &batch.lengths);
     Ok(to_host((after - before).abs().max()).1[0])
 }
 

@@ -189,7 +189,7 @@ fn softmax_row_portable(x: &[f32], lse: f32, scale: f32, out: &mut [f32]) {
 /// in the exponent bits. Below −87 it returns about 1e-38 rather than 0: a probability that
 /// small changes nothing here.
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 in two parts, so `k·LN2_HI` is exact and `r` keeps its low bits.
     const LN2_HI: f32 = 0.693_145_75;

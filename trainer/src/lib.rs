@@ -6,6 +6,7 @@
 //! in its public API, so callers need not know burn exists.
 
 mod amx;
+mod attention;
 mod bert;
 mod bf16;
 mod causal;

@@ -5,8 +5,10 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Embedding, Linear, RmsNorm, RmsNormConfig};
-use burn::tensor::activation::softmax;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor};
+use std::sync::Arc;
+
+use crate::attention::Attention;
 
 use crate::checkpoint::Checkpoint;
 use crate::lora::{LoraLinear, LoraLinearConfig, LoraSpec};
@@ -246,29 +248,13 @@ pub struct LlamaLayer {
 impl LlamaLayer {
     /// # Shapes
     /// - x: `[batch, seq, hidden]`
-    /// - rope: the rotations at each token's position
-    /// - bias: `[batch, 1, seq, seq]` (causal, padding and packing mask: 0 or a large negative)
-    pub fn forward(&self, x: Tensor<3>, rope: &Rope, bias: &Tensor<4>) -> Tensor<3> {
-        let [b, s, h] = x.dims();
-        let d = h / self.num_heads;
-        let (heads, kv_heads) = (self.num_heads, self.num_kv_heads);
-        let group = heads / kv_heads;
+    pub fn forward(&self, x: Tensor<3>, attention: &Arc<Attention>) -> Tensor<3> {
         let normed = self.input_layernorm.forward(x.clone());
-        let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, d]).swap_dims(1, 2);
-        let q = rope.query(split(self.q_proj.forward(normed.clone()), heads));
-        let k = rope.key(split(self.k_proj.forward(normed.clone()), kv_heads));
-        let v = split(self.v_proj.forward(normed), kv_heads);
-        // Grouped-query attention without copying K and V once per query head: the `group`
-        // query heads that share a KV head (adjacent, as HF numbers them) are stacked along
-        // the sequence axis, so one batched matmul per KV head serves all of them.
-        let q = q.reshape([b, kv_heads, group * s, d]);
-        let scores = q.matmul(k.swap_dims(2, 3)).reshape([b, heads, s, s]) + bias.clone();
-        let context = softmax(scores, 3)
-            .reshape([b, kv_heads, group * s, s])
-            .matmul(v)
-            .reshape([b, heads, s, d])
-            .swap_dims(1, 2)
-            .reshape([b, s, h]);
+        let context = attention.forward(
+            self.q_proj.forward(normed.clone()),
+            self.k_proj.forward(normed.clone()),
+            self.v_proj.forward(normed),
+        );
         let x = x + self.o_proj.forward(context);
         let normed = self.post_attention_layernorm.forward(x.clone());
         let [b, s, h] = normed.dims();
@@ -304,72 +290,6 @@ impl LlamaLayer {
             ("mlp.down_proj", &mut self.down_proj),
         ]
     }
-}
-
-/// HF's rotary embedding at each token's position: the head dimension is split in halves, not
-/// interleaved pairs. `x·cos + rotate_half(x)·sin`, with `rotate_half(x) = [-x₂, x₁]`; the sign
-/// lives in the sine table, and the query's tables carry attention's `1/√d`, so neither costs a
-/// pass over the activations.
-pub struct Rope {
-    /// `[batch, 1, seq, head_dim]` each.
-    cos: Tensor<4>,
-    sin: Tensor<4>,
-    query_cos: Tensor<4>,
-    query_sin: Tensor<4>,
-}
-
-impl Rope {
-    fn new(layout: &Layout, d: usize, theta: f64, device: &Device) -> Self {
-        let half = d / 2;
-        let inv_freq: Vec<f64> = (0..half)
-            .map(|j| 1.0 / theta.powf((2 * j) as f64 / d as f64))
-            .collect();
-        let n = layout.position.len();
-        let mut cos = Vec::with_capacity(n * d);
-        let mut sin = Vec::with_capacity(n * d);
-        for &pos in &layout.position {
-            for j in 0..d {
-                let angle = pos as f64 * inv_freq[j % half];
-                cos.push(angle.cos() as f32);
-                sin.push(if j < half { -angle.sin() } else { angle.sin() } as f32);
-            }
-        }
-        let shape = [layout.batch, 1, layout.seq, d];
-        let cos = Tensor::<4>::from_data(TensorData::new(cos, shape), device);
-        let sin = Tensor::<4>::from_data(TensorData::new(sin, shape), device);
-        let scale = 1.0 / (d as f64).sqrt();
-        Self {
-            query_cos: cos.clone().mul_scalar(scale),
-            query_sin: sin.clone().mul_scalar(scale),
-            cos,
-            sin,
-        }
-    }
-
-    /// The rotated query, already scaled by `1/√head_dim`.
-    ///
-    /// # Shapes
-    /// - x, output: `[batch, heads, seq, head_dim]`
-    fn query(&self, x: Tensor<4>) -> Tensor<4> {
-        rotate(x, &self.query_cos, &self.query_sin)
-    }
-
-    /// The rotated key.
-    fn key(&self, x: Tensor<4>) -> Tensor<4> {
-        rotate(x, &self.cos, &self.sin)
-    }
-}
-
-fn rotate(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
-    let d = x.dims()[3];
-    let halves_swapped = Tensor::cat(
-        vec![
-            x.clone().narrow(3, d / 2, d / 2),
-            x.clone().narrow(3, 0, d / 2),
-        ],
-        3,
-    );
-    x * cos.clone() + halves_swapped * sin.clone()
 }
 
 #[derive(Module, Debug)]
@@ -417,12 +337,19 @@ impl Llama {
             [layout.batch, layout.seq],
             "layout of another batch"
         );
-        let device = input_ids.device();
-        let rope = Rope::new(layout, self.head_dim, self.rope_theta, &device);
-        let bias = layout.attention_bias(&device);
+        let heads = self
+            .layers
+            .first()
+            .map_or([1, 1], |l| [l.num_heads, l.num_kv_heads]);
+        let attention = Arc::new(Attention::new(
+            [b, s],
+            [heads[0], heads[1], self.head_dim],
+            layout.keys(),
+            Some((self.rope_theta, &layout.position)),
+        ));
         let mut x = self.embed_tokens.forward(input_ids);
         for layer in &self.layers {
-            x = layer.forward(x, &rope, &bias);
+            x = layer.forward(x, &attention);
         }
         self.norm.forward(x)
     }
@@ -484,27 +411,21 @@ impl Layout {
         }
     }
 
-    /// 0 where query `i` may attend to key `j` (same sequence, not later), a large negative
-    /// elsewhere. Not -inf: a padding query sees nothing, and its softmax must stay finite.
-    ///
-    /// # Shapes
-    /// - output: `[batch, 1, seq, seq]`
-    fn attention_bias(&self, device: &Device) -> Tensor<4> {
+    /// Per token, the keys its query attends to: its own sequence up to itself. A padding
+    /// query attends to itself alone, so its softmax stays finite.
+    fn keys(&self) -> Vec<(u32, u32)> {
         let s = self.seq;
-        let mut bias = vec![-1.0e9f32; self.batch * s * s];
-        for row in 0..self.batch {
-            let seg = &self.segment[row * s..(row + 1) * s];
+        let mut keys = Vec::with_capacity(self.segment.len());
+        for seg in self.segment.chunks(s) {
+            let mut start = 0;
             for i in 0..s {
-                if seg[i] == 0 {
-                    continue;
+                if i > 0 && seg[i] != seg[i - 1] {
+                    start = i;
                 }
-                // A sequence's tokens are contiguous: walk back from i while still in it.
-                let out = &mut bias[(row * s + i) * s..];
-                for j in (0..=i).rev().take_while(|&j| seg[j] == seg[i]) {
-                    out[j] = 0.0;
-                }
+                let lo = if seg[i] == 0 { i } else { start };
+                keys.push((lo as u32, i as u32 + 1));
             }
         }
-        Tensor::from_data(TensorData::new(bias, [self.batch, 1, s, s]), device)
+        keys
     }
 }

@@ -1,0 +1,921 @@
+//! Scaled dot-product attention for both families, fused on the CPU backend.
+//!
+//! Which keys a query sees is always one contiguous range: its own sequence up to itself in a
+//! causal LM (packed rows hold several sequences), the row's real tokens in an encoder. The
+//! fused op visits only those keys, row by row, so no `[batch, heads, seq, seq]` score tensor,
+//! mask or softmax output is ever built, and a packed row of short sequences costs what the
+//! sequences cost, not what the row does. It applies the rotary embedding itself, reads q, k and
+//! v in the projections' `[batch, seq, heads·head_dim]` layout and writes its output in the
+//! same layout, so the head split and merge copies disappear too. The backward recomputes each
+//! query's probabilities from its saved log-sum-exp (flash attention's trick): it keeps q, k,
+//! v, the output and one float per query and head.
+//!
+//! Other backends (GPUs) get the same attention from burn's ops, with a bias tensor for the
+//! ranges; the tests check one against the other.
+
+use std::sync::Arc;
+
+use burn::backend::autodiff::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::{Flex, FlexTensor};
+use burn::tensor::activation::softmax;
+use burn::tensor::{Device, Tensor, TensorData};
+use rayon::prelude::*;
+
+use crate::fused::{contiguous, exp, f32s};
+
+/// Everything attention needs besides q, k and v, for one batch; built once and shared by
+/// every layer.
+#[derive(Debug)]
+pub(crate) struct Attention {
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    /// Per token: the keys its query attends to, `[lo, hi)` within its row.
+    keys: Vec<(u32, u32)>,
+    /// Per token, HF's rotary tables, `head_dim` each: `x·cos + rotate_half(x)·sin`, with
+    /// `rotate_half`'s sign folded into the first half of the sines.
+    rope: Option<(Vec<f32>, Vec<f32>)>,
+    scale: f32,
+}
+
+impl Attention {
+    /// `keys[token]` is the range of its row's keys that token's query attends to; a query
+    /// must see at least one key. `rope` is `(theta, positions)`: the rotary base and each
+    /// token's position in its sequence.
+    pub(crate) fn new(
+        [batch, seq]: [usize; 2],
+        [heads, kv_heads, head_dim]: [usize; 3],
+        keys: Vec<(u32, u32)>,
+        rope: Option<(f64, &[u32])>,
+    ) -> Self {
+        assert_eq!(keys.len(), batch * seq, "one key range per token");
+        assert!(
+            keys.iter().all(|&(lo, hi)| lo < hi && hi as usize <= seq),
+            "every query sees a key of its row"
+        );
+        assert!(heads.is_multiple_of(kv_heads) && head_dim.is_multiple_of(2));
+        let rope = rope.map(|(theta, positions)| {
+            assert_eq!(positions.len(), batch * seq, "one position per token");
+            rope_tables(theta, positions, head_dim)
+        });
+        Self {
+            batch,
+            seq,
+            heads,
+            kv_heads,
+            head_dim,
+            keys,
+            rope,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        }
+    }
+
+    /// `softmax(rope(q)·rope(k)ᵀ/√d + mask)·v`, heads in groups sharing a key/value head.
+    ///
+    /// # Shapes
+    /// - q, output: `[batch, seq, heads · head_dim]`
+    /// - k, v: `[batch, seq, kv_heads · head_dim]`
+    pub(crate) fn forward(self: &Arc<Self>, q: Tensor<3>, k: Tensor<3>, v: Tensor<3>) -> Tensor<3> {
+        let [b, s, _] = q.dims();
+        assert_eq!([b, s], [self.batch, self.seq], "attention of another batch");
+        if let (Ok(q), Ok(k), Ok(v)) = (
+            q.clone().try_into_primitive::<Autodiff<Flex>>(),
+            k.clone().try_into_primitive::<Autodiff<Flex>>(),
+            v.clone().try_into_primitive::<Autodiff<Flex>>(),
+        ) {
+            let (q, q_node) = q.into_parts();
+            let (k, k_node) = k.into_parts();
+            let (v, v_node) = v.into_parts();
+            let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
+            let (out, lse) = self.fused_forward(f32s(&q), f32s(&k), f32s(&v));
+            let out = FlexTensor::from_data(TensorData::new(out, q.layout().shape().clone()));
+            let out = match Fused
+                .prepare::<NoCheckpointing>([q_node, k_node, v_node])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(
+                    State {
+                        plan: self.clone(),
+                        q,
+                        k,
+                        v,
+                        out: out.clone(),
+                        lse: Arc::new(lse),
+                    },
+                    out,
+                ),
+                OpsKind::UnTracked(prep) => prep.finish(out),
+            };
+            return Tensor::from_primitive::<Autodiff<Flex>>(out);
+        }
+        if let (Ok(q), Ok(k), Ok(v)) = (
+            q.clone().try_into_primitive::<Flex>(),
+            k.clone().try_into_primitive::<Flex>(),
+            v.clone().try_into_primitive::<Flex>(),
+        ) {
+            let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
+            let (out, _) = self.fused_forward(f32s(&q), f32s(&k), f32s(&v));
+            let out = FlexTensor::from_data(TensorData::new(out, q.layout().shape().clone()));
+            return Tensor::from_primitive::<Flex>(out);
+        }
+        self.reference(q, k, v)
+    }
+
+    /// The same attention from burn's ops: what other backends run, and what the fused op is
+    /// tested against.
+    pub(crate) fn reference(&self, q: Tensor<3>, k: Tensor<3>, v: Tensor<3>) -> Tensor<3> {
+        let (b, s, d) = (self.batch, self.seq, self.head_dim);
+        let (heads, kv_heads) = (self.heads, self.kv_heads);
+        let group = heads / kv_heads;
+        let device = q.device();
+        let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, d]).swap_dims(1, 2);
+        let (mut q, mut k) = (split(q, heads), split(k, kv_heads));
+        if let Some((cos, sin)) = &self.rope {
+            let table = |t: &[f32]| {
+                Tensor::<4>::from_data(TensorData::new(t.to_vec(), [b, 1, s, d]), &device)
+            };
+            let (cos, sin) = (table(cos), table(sin));
+            let rotate = |x: Tensor<4>| {
+                let swapped = Tensor::cat(
+                    vec![
+                        x.clone().narrow(3, d / 2, d / 2),
+                        x.clone().narrow(3, 0, d / 2),
+                    ],
+                    3,
+                );
+                x * cos.clone() + swapped * sin.clone()
+            };
+            q = rotate(q);
+            k = rotate(k);
+        }
+        let v = split(v, kv_heads);
+        // Grouped-query attention without copying K and V once per query head: the `group`
+        // query heads that share a KV head (adjacent, as HF numbers them) are stacked along
+        // the sequence axis, so one batched matmul per KV head serves all of them.
+        let q = q
+            .mul_scalar(self.scale)
+            .reshape([b, kv_heads, group * s, d]);
+        let scores = q.matmul(k.swap_dims(2, 3)).reshape([b, heads, s, s]) + self.bias(&device);
+        softmax(scores, 3)
+            .reshape([b, kv_heads, group * s, s])
+            .matmul(v)
+            .reshape([b, heads, s, d])
+            .swap_dims(1, 2)
+            .reshape([b, s, heads * d])
+    }
+
+    /// 0 where a query attends to a key, a large negative elsewhere.
+    ///
+    /// # Shapes
+    /// - output: `[batch, 1, seq, seq]`
+    fn bias(&self, device: &Device) -> Tensor<4> {
+        let s = self.seq;
+        let mut bias = vec![-1.0e9f32; self.batch * s * s];
+        for (token, &(lo, hi)) in self.keys.iter().enumerate() {
+            bias[token * s + lo as usize..token * s + hi as usize].fill(0.0);
+        }
+        Tensor::from_data(TensorData::new(bias, [self.batch, 1, s, s]), device)
+    }
+
+    /// `(output, log-sum-exp of each query's scores)`, the latter `[batch, heads, seq]`.
+    fn fused_forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let parts: Vec<(Vec<f32>, Vec<f32>)> = self
+            .tasks()
+            .map(|(b, g)| {
+                let task = ForwardTask {
+                    plan: self,
+                    inputs: [q, k, v],
+                    b,
+                    g,
+                };
+                dispatch(task)
+            })
+            .collect();
+        let out = self.merge_heads(self.heads, |b, g| &parts[b * self.kv_heads + g].0);
+        // Task (b, g) holds heads g·group .. (g+1)·group of batch row b: in order already.
+        let lse = parts.into_iter().flat_map(|(_, lse)| lse).collect();
+        (out, lse)
+    }
+
+    /// `(∂q, ∂k, ∂v)`, in their inputs' layouts.
+    fn fused_backward(
+        &self,
+        inputs: [&[f32]; 3],
+        out: &[f32],
+        lse: &[f32],
+        grad: &[f32],
+    ) -> [Vec<f32>; 3] {
+        let parts: Vec<[Vec<f32>; 3]> = self
+            .tasks()
+            .map(|(b, g)| {
+                let task = BackwardTask {
+                    plan: self,
+                    inputs,
+                    out,
+                    lse,
+                    grad,
+                    b,
+                    g,
+                };
+                dispatch(task)
+            })
+            .collect();
+        let part = |b: usize, g: usize, n: usize| parts[b * self.kv_heads + g][n].as_slice();
+        [
+            self.merge_heads(self.heads, |b, g| part(b, g, 0)),
+            self.merge_heads(self.kv_heads, |b, g| part(b, g, 1)),
+            self.merge_heads(self.kv_heads, |b, g| part(b, g, 2)),
+        ]
+    }
+
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+
+    /// One task per batch row and key/value head: it owns that head's keys and values, and the
+    /// gradients flowing into them, outright.
+    fn tasks(&self) -> impl IndexedParallelIterator<Item = (usize, usize)> + '_ {
+        (0..self.batch * self.kv_heads)
+            .into_par_iter()
+            .map(|t| (t / self.kv_heads, t % self.kv_heads))
+    }
+
+    /// The `[batch, seq, heads_total · head_dim]` tensor whose head block `g` of row `b` is
+    /// `part(b, g)`, `[heads_total / kv_heads, seq, head_dim]`.
+    fn merge_heads<'a>(
+        &self,
+        heads_total: usize,
+        part: impl Fn(usize, usize) -> &'a [f32] + Sync,
+    ) -> Vec<f32> {
+        let (s, d) = (self.seq, self.head_dim);
+        let per = heads_total / self.kv_heads;
+        let mut out = vec![0f32; self.batch * s * heads_total * d];
+        out.par_chunks_mut(heads_total * d)
+            .enumerate()
+            .for_each(|(token, row)| {
+                let (b, i) = (token / s, token % s);
+                for (g, row) in row.chunks_mut(per * d).enumerate() {
+                    let part = part(b, g);
+                    for (t, row) in row.chunks_mut(d).enumerate() {
+                        row.copy_from_slice(&part[(t * s + i) * d..][..d]);
+                    }
+                }
+            });
+        out
+    }
+
+    /// The padded sizes the kernels work in.
+    fn geometry(&self) -> Geometry {
+        let (s, d) = (self.seq, self.head_dim);
+        Geometry {
+            s,
+            d,
+            dp: d.next_multiple_of(TILE),
+            sp: s.next_multiple_of(LANES) + TILE,
+        }
+    }
+
+    /// Key/value head `g` of batch row `b`, rotated when `rotate`: `[seq, dp]` rows.
+    #[inline(always)]
+    fn head_rows(&self, x: &[f32], b: usize, g: usize, rotate: bool) -> Vec<f32> {
+        let Geometry { s, d, dp, .. } = self.geometry();
+        let mut rows = vec![0f32; s * dp];
+        for (j, row) in rows.chunks_exact_mut(dp).enumerate() {
+            let token = b * s + j;
+            let src = &x[(token * self.kv_heads + g) * d..][..d];
+            match (&self.rope, rotate) {
+                (Some((cos, sin)), true) => rope(
+                    src,
+                    &cos[token * d..][..d],
+                    &sin[token * d..][..d],
+                    1.0,
+                    &mut row[..d],
+                ),
+                _ => row[..d].copy_from_slice(src),
+            }
+        }
+        rows
+    }
+
+    /// `[dp, sp]` columns of `[seq, dp]` rows.
+    #[inline(always)]
+    fn columns(&self, rows: &[f32]) -> Vec<f32> {
+        let Geometry { dp, sp, .. } = self.geometry();
+        let mut cols = vec![0f32; dp * sp];
+        for (j, row) in rows.chunks_exact(dp).enumerate() {
+            for (t, &x) in row.iter().enumerate() {
+                cols[t * sp + j] = x;
+            }
+        }
+        cols
+    }
+
+    /// Query row `i` of head `h` in batch row `b`, rotated and scaled by `1/√d`.
+    #[inline(always)]
+    fn query(&self, q: &[f32], [b, h, i]: [usize; 3], out: &mut [f32]) {
+        let d = self.head_dim;
+        let token = b * self.seq + i;
+        let src = &q[(token * self.heads + h) * d..][..d];
+        match &self.rope {
+            Some((cos, sin)) => rope(
+                src,
+                &cos[token * d..][..d],
+                &sin[token * d..][..d],
+                self.scale,
+                &mut out[..d],
+            ),
+            None => out[..d]
+                .iter_mut()
+                .zip(src)
+                .for_each(|(o, &x)| *o = x * self.scale),
+        }
+    }
+
+    /// The query rows `i0 .. i0 + ROWS` (those that exist) of batch row `b`.
+    #[inline(always)]
+    fn tile(&self, b: usize, i0: usize) -> Tile {
+        let n = ROWS.min(self.seq - i0);
+        let key = |r: usize| {
+            let (lo, hi) = self.keys[b * self.seq + i0 + r];
+            (lo as usize, hi as usize)
+        };
+        let lo = (0..n).map(|r| key(r).0).min().expect("a row");
+        let hi = (0..n).map(|r| key(r).1).max().expect("a row");
+        Tile {
+            n,
+            keys: std::array::from_fn(|r| if r < n { key(r) } else { (lo, lo) }),
+            lo,
+            hi,
+        }
+    }
+}
+
+/// Query rows per tile: each key or value block loaded serves this many rows.
+const ROWS: usize = 4;
+/// f32 lanes of one vector register (AVX-512).
+const LANES: usize = 16;
+/// Keys per score tile and head-vector elements per output tile: two vectors.
+const TILE: usize = 2 * LANES;
+
+/// A task's sizes: `s` keys, head width `d`; rows of a head vector are padded to `dp`, a whole
+/// number of tiles, and the transposed (column) layout has a key stride `sp` with room for a
+/// tile past the last key, so no tile has a ragged edge.
+#[derive(Clone, Copy)]
+struct Geometry {
+    s: usize,
+    d: usize,
+    dp: usize,
+    sp: usize,
+}
+
+/// Up to `ROWS` consecutive query rows of one head: each one's keys, and their union.
+struct Tile {
+    /// Rows that exist (fewer than `ROWS` at the end of a sequence); the rest see no keys.
+    n: usize,
+    keys: [(usize, usize); ROWS],
+    lo: usize,
+    hi: usize,
+}
+
+/// A task compiled for the CPU at hand (a closure would not be: it would not inline).
+trait Kernel {
+    type Out;
+    fn run(self) -> Self::Out;
+}
+
+fn dispatch<K: Kernel>(kernel: K) -> K::Out {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has the feature the function is compiled for.
+        return unsafe { dispatch_avx512(kernel) };
+    }
+    kernel.run()
+}
+
+/// The kernels' loops work on whole vectors of `LANES`; compiled for AVX-512 each is one
+/// instruction.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn dispatch_avx512<K: Kernel>(kernel: K) -> K::Out {
+    kernel.run()
+}
+
+/// The forward of batch row `b`'s query heads that share key/value head `g`.
+struct ForwardTask<'a> {
+    plan: &'a Attention,
+    inputs: [&'a [f32]; 3],
+    b: usize,
+    g: usize,
+}
+
+impl Kernel for ForwardTask<'_> {
+    /// `[group, seq, head_dim]` outputs and `[group, seq]` log-sum-exps.
+    type Out = (Vec<f32>, Vec<f32>);
+
+    #[inline(always)]
+    fn run(self) -> Self::Out {
+        let Self {
+            plan,
+            inputs: [q, k, v],
+            b,
+            g,
+        } = self;
+        let Geometry { s, d, dp, sp } = plan.geometry();
+        let group = plan.group();
+        let kt = plan.columns(&plan.head_rows(k, b, g, true));
+        let vs = plan.head_rows(v, b, g, false);
+        let mut out = vec![0f32; group * s * d];
+        let mut lse = vec![0f32; group * s];
+        let mut x = vec![0f32; ROWS * dp];
+        let mut p = vec![0f32; ROWS * sp];
+        let mut o = vec![0f32; ROWS * dp];
+        for t in 0..group {
+            let h = g * group + t;
+            for i0 in (0..s).step_by(ROWS) {
+                let tile = plan.tile(b, i0);
+                for (r, x) in x.chunks_exact_mut(dp).enumerate() {
+                    match r < tile.n {
+                        true => plan.query(q, [b, h, i0 + r], x),
+                        false => x.fill(0.0),
+                    }
+                }
+                scores(&x, dp, d, &kt, sp, &tile, &mut p);
+                let mut sums = [0f32; ROWS];
+                for (r, p) in p.chunks_exact_mut(sp).enumerate() {
+                    let (lo, hi) = tile.keys[r];
+                    if lo == hi {
+                        p[tile.lo..tile.hi].fill(0.0);
+                        continue;
+                    }
+                    let max = max(&p[lo..hi]);
+                    p[lo..hi].iter_mut().for_each(|x| *x = exp(*x - max));
+                    sums[r] = sum(&p[lo..hi]);
+                    p[tile.lo..lo].fill(0.0);
+                    p[hi..tile.hi].fill(0.0);
+                    lse[t * s + i0 + r] = max + sums[r].ln();
+                }
+                accumulate(&p, sp, &tile, &vs, dp, &mut o);
+                for r in 0..tile.n {
+                    let row = &mut out[(t * s + i0 + r) * d..][..d];
+                    for (out, &o) in row.iter_mut().zip(&o[r * dp..][..d]) {
+                        *out = o / sums[r];
+                    }
+                }
+            }
+        }
+        (out, lse)
+    }
+}
+
+/// The backward of what [`ForwardTask`] computed. With `P` the probabilities recomputed from
+/// the saved log-sum-exp and `∂O` the upstream gradient: `∂V = Pᵀ∂O`,
+/// `∂S = P∘(∂O·Vᵀ − rowsum(∂O∘O))`, `∂Q = ∂S·K/√d`, `∂K = ∂Sᵀ·Q/√d`, each then rotated back
+/// (the rotation's transpose) where the forward rotated.
+struct BackwardTask<'a> {
+    plan: &'a Attention,
+    inputs: [&'a [f32]; 3],
+    out: &'a [f32],
+    lse: &'a [f32],
+    grad: &'a [f32],
+    b: usize,
+    g: usize,
+}
+
+impl Kernel for BackwardTask<'_> {
+    /// `∂q` `[group, seq, head_dim]`, `∂k` and `∂v` `[seq, head_dim]`.
+    type Out = [Vec<f32>; 3];
+
+    #[inline(always)]
+    fn run(self) -> Self::Out {
+        let Self {
+            plan,
+            inputs: [q, k, v],
+            out,
+            lse,
+            grad,
+            b,
+            g,
+        } = self;
+        let Geometry { s, d, dp, sp } = plan.geometry();
+        let group = plan.group();
+        let ks = plan.head_rows(k, b, g, true);
+        let kt = plan.columns(&ks);
+        let vt = plan.columns(&plan.head_rows(v, b, g, false));
+        let mut dq = vec![0f32; group * s * d];
+        let mut dk = vec![0f32; s * dp];
+        let mut dv = vec![0f32; s * dp];
+        let (mut x, mut go, mut dx) = (
+            vec![0f32; ROWS * dp],
+            vec![0f32; ROWS * dp],
+            vec![0f32; ROWS * dp],
+        );
+        let (mut p, mut ds) = (vec![0f32; ROWS * sp], vec![0f32; ROWS * sp]);
+        for t in 0..group {
+            let h = g * group + t;
+            for i0 in (0..s).step_by(ROWS) {
+                let tile = plan.tile(b, i0);
+                let mut delta = [0f32; ROWS];
+                for (r, (x, go)) in x
+                    .chunks_exact_mut(dp)
+                    .zip(go.chunks_exact_mut(dp))
+                    .enumerate()
+                {
+                    if r < tile.n {
+                        plan.query(q, [b, h, i0 + r], x);
+                        let at = ((b * s + i0 + r) * plan.heads + h) * d;
+                        go[..d].copy_from_slice(&grad[at..][..d]);
+                        delta[r] = dot(&go[..d], &out[at..][..d]);
+                    } else {
+                        x.fill(0.0);
+                        go.fill(0.0);
+                    }
+                }
+                scores(&x, dp, d, &kt, sp, &tile, &mut p);
+                scores(&go, dp, d, &vt, sp, &tile, &mut ds);
+                for (r, (p, ds)) in p
+                    .chunks_exact_mut(sp)
+                    .zip(ds.chunks_exact_mut(sp))
+                    .enumerate()
+                {
+                    let (lo, hi) = tile.keys[r];
+                    let lse = if lo < hi {
+                        lse[(b * plan.heads + h) * s + i0 + r]
+                    } else {
+                        0.0
+                    };
+                    p[lo..hi].iter_mut().for_each(|x| *x = exp(*x - lse));
+                    p[tile.lo..lo].fill(0.0);
+                    p[hi..tile.hi].fill(0.0);
+                    for (ds, &p) in ds[tile.lo..tile.hi].iter_mut().zip(&p[tile.lo..tile.hi]) {
+                        *ds = p * (*ds - delta[r]);
+                    }
+                }
+                accumulate(&ds, sp, &tile, &ks, dp, &mut dx);
+                scatter(&ds, sp, &tile, &x, dp, &mut dk);
+                scatter(&p, sp, &tile, &go, dp, &mut dv);
+                for r in 0..tile.n {
+                    let token = b * s + i0 + r;
+                    let (from, to) = (&dx[r * dp..][..d], &mut dq[(t * s + i0 + r) * d..][..d]);
+                    match &plan.rope {
+                        Some((cos, sin)) => rope_transposed(
+                            from,
+                            &cos[token * d..][..d],
+                            &sin[token * d..][..d],
+                            plan.scale,
+                            to,
+                        ),
+                        None => to
+                            .iter_mut()
+                            .zip(from)
+                            .for_each(|(o, &x)| *o = x * plan.scale),
+                    }
+                }
+            }
+        }
+        let unpad = |rows: &[f32], rotate: bool| {
+            let mut out = vec![0f32; s * d];
+            for (j, (from, to)) in rows
+                .chunks_exact(dp)
+                .zip(out.chunks_exact_mut(d))
+                .enumerate()
+            {
+                let token = b * s + j;
+                match (&plan.rope, rotate) {
+                    (Some((cos, sin)), true) => rope_transposed(
+                        &from[..d],
+                        &cos[token * d..][..d],
+                        &sin[token * d..][..d],
+                        1.0,
+                        to,
+                    ),
+                    _ => to.copy_from_slice(&from[..d]),
+                }
+            }
+            out
+        };
+        [dq, unpad(&dk, true), unpad(&dv, false)]
+    }
+}
+
+/// `p[r·sp + j] = x[r] · cols[:, j]` for the `ROWS` rows of `x` (stride `dp`, `d` used) and the
+/// tile's keys, in whole tiles: keys up to a tile past the last get scores too, which callers
+/// ignore. One column block loaded serves every row; the accumulators stay in registers.
+#[inline(always)]
+fn scores(x: &[f32], dp: usize, d: usize, cols: &[f32], sp: usize, tile: &Tile, p: &mut [f32]) {
+    let mut j = tile.lo - tile.lo % LANES;
+    while j < tile.hi {
+        let mut acc = [[0f32; LANES]; 2 * ROWS];
+        for t in 0..d {
+            let c = [
+                block(&cols[t * sp + j..]),
+                block(&cols[t * sp + j + LANES..]),
+            ];
+            for r in 0..ROWS {
+                let xr = x[r * dp + t];
+                for (half, c) in c.iter().enumerate() {
+                    for k in 0..LANES {
+                        acc[2 * r + half][k] += xr * c[k];
+                    }
+                }
+            }
+        }
+        for r in 0..ROWS {
+            p[r * sp + j..][..LANES].copy_from_slice(&acc[2 * r]);
+            p[r * sp + j + LANES..][..LANES].copy_from_slice(&acc[2 * r + 1]);
+        }
+        j += TILE;
+    }
+}
+
+/// `o[r] = Σⱼ w[r·sp + j] · rows[j]` over the tile's keys, for the `ROWS` rows (`o` stride `dp`).
+#[inline(always)]
+fn accumulate(w: &[f32], sp: usize, tile: &Tile, rows: &[f32], dp: usize, o: &mut [f32]) {
+    for c in (0..dp).step_by(TILE) {
+        let mut acc = [[0f32; LANES]; 2 * ROWS];
+        for j in tile.lo..tile.hi {
+            let v = [
+                block(&rows[j * dp + c..]),
+                block(&rows[j * dp + c + LANES..]),
+            ];
+            for r in 0..ROWS {
+                let wr = w[r * sp + j];
+                for (half, v) in v.iter().enumerate() {
+                    for k in 0..LANES {
+                        acc[2 * r + half][k] += wr * v[k];
+                    }
+                }
+            }
+        }
+        for r in 0..ROWS {
+            o[r * dp + c..][..LANES].copy_from_slice(&acc[2 * r]);
+            o[r * dp + c + LANES..][..LANES].copy_from_slice(&acc[2 * r + 1]);
+        }
+    }
+}
+
+/// `rows[j] += Σᵣ w[r·sp + j] · x[r]` over the tile's keys.
+#[inline(always)]
+fn scatter(w: &[f32], sp: usize, tile: &Tile, x: &[f32], dp: usize, rows: &mut [f32]) {
+    for c in (0..dp).step_by(TILE) {
+        let xs: [[f32; LANES]; 2 * ROWS] =
+            std::array::from_fn(|n| block(&x[(n / 2) * dp + c + (n % 2) * LANES..]));
+        for j in tile.lo..tile.hi {
+            let w: [f32; ROWS] = std::array::from_fn(|r| w[r * sp + j]);
+            for half in 0..2 {
+                let at = j * dp + c + half * LANES;
+                let mut y = block(&rows[at..]);
+                for k in 0..LANES {
+                    // Pairwise, so the four rows' terms are two short chains, not one long one.
+                    let a = w[0] * xs[half][k] + w[1] * xs[2 + half][k];
+                    let b = w[2] * xs[4 + half][k] + w[3] * xs[6 + half][k];
+                    y[k] += a + b;
+                }
+                rows[at..][..LANES].copy_from_slice(&y);
+            }
+        }
+    }
+}
+
+/// A block of `LANES` values copied out of the front of a slice. Working on copies tells the
+/// compiler that blocks of different slices cannot overlap, so a block is one vector operation
+/// (on slices a loop of known length unrolls into scalar code instead).
+#[inline(always)]
+fn block(x: &[f32]) -> [f32; LANES] {
+    x[..LANES].try_into().expect("a whole block")
+}
+
+/// Reductions in `LANES` lanes, so they vectorise (one running f32 would have to go in order).
+#[inline(always)]
+fn reduce(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [init; LANES];
+    let mut xs = x.chunks_exact(LANES);
+    for x in &mut xs {
+        let x = block(x);
+        for k in 0..LANES {
+            lanes[k] = f(lanes[k], x[k]);
+        }
+    }
+    xs.remainder()
+        .iter()
+        .fold(lanes.into_iter().fold(init, &f), |a, &x| f(a, x))
+}
+
+#[inline(always)]
+fn max(x: &[f32]) -> f32 {
+    reduce(x, f32::NEG_INFINITY, |a, b| if a > b { a } else { b })
+}
+
+#[inline(always)]
+fn sum(x: &[f32]) -> f32 {
+    reduce(x, 0.0, |a, b| a + b)
+}
+
+#[inline(always)]
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let mut xs = x.chunks_exact(LANES);
+    let mut ys = y[..x.len()].chunks_exact(LANES);
+    for (x, y) in (&mut xs).zip(&mut ys) {
+        let (x, y) = (block(x), block(y));
+        for k in 0..LANES {
+            lanes[k] += x[k] * y[k];
+        }
+    }
+    let tail: f32 = xs
+        .remainder()
+        .iter()
+        .zip(ys.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `out = scale · (x·cos + rotate_half(x)·sin)`; `rotate_half` swaps the halves (its sign is
+/// in `sin`).
+#[inline(always)]
+fn rope(x: &[f32], cos: &[f32], sin: &[f32], scale: f32, out: &mut [f32]) {
+    rotate(x, cos, sin, false, scale, out)
+}
+
+/// The transpose of [`rope`]: swapping halves is its own inverse, so
+/// `out[j] = scale · (y[j]·cos[j] + y[j']·sin[j'])` with `j'` the swapped index.
+#[inline(always)]
+fn rope_transposed(y: &[f32], cos: &[f32], sin: &[f32], scale: f32, out: &mut [f32]) {
+    rotate(y, cos, sin, true, scale, out)
+}
+
+/// `out[j] = scale · (x[j]·cos[j] + x[j']·sin[i])`, `j'` the index `j` in the other half, and
+/// `i` that too when `transposed`, else `j`.
+#[inline(always)]
+fn rotate(x: &[f32], cos: &[f32], sin: &[f32], transposed: bool, scale: f32, out: &mut [f32]) {
+    let half = x.len() / 2;
+    let (x1, x2) = x.split_at(half);
+    let (o1, o2) = out.split_at_mut(half);
+    let (s1, s2) = sin.split_at(half);
+    let (s1, s2) = if transposed { (s2, s1) } else { (s1, s2) };
+    let halves = [
+        (x1, x2, o1, &cos[..half], s1),
+        (x2, x1, o2, &cos[half..], s2),
+    ];
+    for (x, other, out, cos, sin) in halves {
+        let mut j = 0;
+        while j + LANES <= half {
+            let (a, b) = (block(&x[j..]), block(&other[j..]));
+            let (c, s) = (block(&cos[j..]), block(&sin[j..]));
+            let mut o = [0f32; LANES];
+            for k in 0..LANES {
+                o[k] = scale * (a[k] * c[k] + b[k] * s[k]);
+            }
+            out[j..][..LANES].copy_from_slice(&o);
+            j += LANES;
+        }
+        for j in j..half {
+            out[j] = scale * (x[j] * cos[j] + other[j] * sin[j]);
+        }
+    }
+}
+
+fn rope_tables(theta: f64, positions: &[u32], d: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = d / 2;
+    let inv_freq: Vec<f64> = (0..half)
+        .map(|j| 1.0 / theta.powf((2 * j) as f64 / d as f64))
+        .collect();
+    let mut cos = Vec::with_capacity(positions.len() * d);
+    let mut sin = Vec::with_capacity(positions.len() * d);
+    for &pos in positions {
+        for j in 0..d {
+            let angle = pos as f64 * inv_freq[j % half];
+            cos.push(angle.cos() as f32);
+            sin.push(if j < half { -angle.sin() } else { angle.sin() } as f32);
+        }
+    }
+    (cos, sin)
+}
+
+#[derive(Debug)]
+struct Fused;
+
+#[derive(Debug, Clone)]
+struct State {
+    plan: Arc<Attention>,
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+    out: FlexTensor,
+    lse: Arc<Vec<f32>>,
+}
+
+impl Backward<Flex, 3> for Fused {
+    type State = State;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let State {
+            plan,
+            q,
+            k,
+            v,
+            out,
+            lse,
+        } = ops.state;
+        let grad = contiguous(grads.consume::<Flex>(&ops.node));
+        let inputs = [f32s(&q), f32s(&k), f32s(&v)];
+        let d = plan.fused_backward(inputs, f32s(&out), &lse, f32s(&grad));
+        for ((parent, d), input) in ops.parents.into_iter().zip(d).zip([&q, &k, &v]) {
+            if let Some(node) = parent {
+                let shape = input.layout().shape().clone();
+                grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(d, shape)));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Distribution, Tolerance};
+
+    /// Packed causal rows with GQA and rotary embeddings (two sequences and padding in the
+    /// first row, a full one in the second), and a padded bidirectional batch: the fused op's
+    /// output and all three gradients against burn's ops.
+    #[test]
+    fn fused_attention_matches_burns_ops() {
+        // Head widths off the tiles: 40 pads to 64 and its rotary halves leave a ragged 4.
+        let (b, s) = (2, 11);
+        let causal = {
+            let segments: [&[usize]; 2] = [&[4, 5], &[11]];
+            let (mut keys, mut positions) = (Vec::new(), Vec::new());
+            for lengths in segments {
+                let mut start = 0;
+                for &n in lengths {
+                    for p in 0..n {
+                        keys.push((start as u32, (start + p + 1) as u32));
+                        positions.push(p as u32);
+                    }
+                    start += n;
+                }
+                for i in start..s {
+                    keys.push((i as u32, i as u32 + 1));
+                    positions.push(0);
+                }
+            }
+            Attention::new([b, s], [6, 2, 40], keys, Some((10_000.0, &positions)))
+        };
+        let bidirectional = {
+            let lengths = [7u32, 11];
+            let keys = lengths
+                .iter()
+                .flat_map(|&n| std::iter::repeat_n((0, n), s))
+                .collect();
+            Attention::new([b, s], [3, 3, 8], keys, None)
+        };
+        for plan in [causal, bidirectional] {
+            let plan = Arc::new(plan);
+            let device = Device::flex().autodiff();
+            let d = plan.head_dim;
+            let random = |width: usize| {
+                Tensor::<3>::random([b, s, width * d], Distribution::Normal(0.0, 1.0), &device)
+            };
+            let (q, k, v) = (
+                random(plan.heads),
+                random(plan.kv_heads),
+                random(plan.kv_heads),
+            );
+            let upstream = random(plan.heads);
+            let run = |fused: bool| {
+                let (q, k, v) = (
+                    q.clone().require_grad(),
+                    k.clone().require_grad(),
+                    v.clone().require_grad(),
+                );
+                let out = if fused {
+                    plan.forward(q.clone(), k.clone(), v.clone())
+                } else {
+                    plan.reference(q.clone(), k.clone(), v.clone())
+                };
+                let grads = (out.clone() * upstream.clone()).sum().backward();
+                [
+                    out.into_data(),
+                    q.grad(&grads).unwrap().into_data(),
+                    k.grad(&grads).unwrap().into_data(),
+                    v.grad(&grads).unwrap().into_data(),
+                ]
+            };
+            let tolerance = Tolerance::rel_abs(1e-4, 1e-5);
+            let (ours, burns) = (run(true), run(false));
+            for (ours, burns) in ours.iter().zip(&burns) {
+                ours.assert_approx_eq::<f32>(burns, tolerance);
+            }
+            let plain = plan.forward(q.clone().inner(), k.clone().inner(), v.clone().inner());
+            plain
+                .into_data()
+                .assert_approx_eq::<f32>(&burns[0], tolerance);
+        }
+    }
+}
