@@ -277,8 +277,8 @@ impl Attention {
         Geometry {
             s,
             d,
-            dp: d.next_multiple_of(TILE),
-            sp: s.next_multiple_of(LANES) + TILE,
+            dp: d.next_multiple_of(LANES),
+            sp: s.next_multiple_of(LANES) + 2 * LANES,
         }
     }
 
@@ -357,16 +357,15 @@ impl Attention {
     }
 }
 
-/// Query rows per tile: each key or value block loaded serves this many rows.
+/// Query rows per tile: each key or value block loaded serves this many rows. [`scatter`]
+/// spells out four.
 const ROWS: usize = 4;
 /// f32 lanes of one vector register (AVX-512).
 const LANES: usize = 16;
-/// Keys per score tile and head-vector elements per output tile: two vectors.
-const TILE: usize = 2 * LANES;
 
 /// A task's sizes: `s` keys, head width `d`; rows of a head vector are padded to `dp`, a whole
-/// number of tiles, and the transposed (column) layout has a key stride `sp` with room for a
-/// tile past the last key, so no tile has a ragged edge.
+/// number of vectors, and the transposed (column) layout has a key stride `sp` with room for
+/// two vectors past the last key, so no block has a ragged edge.
 #[derive(Clone, Copy)]
 struct Geometry {
     s: usize,
@@ -382,6 +381,15 @@ struct Tile {
     keys: [(usize, usize); ROWS],
     lo: usize,
     hi: usize,
+}
+
+impl Tile {
+    /// The keys `lo..hi` widened to whole vectors, which [`scores`] has filled: the row-wise
+    /// softmax works on these, with the keys a row must not see at −∞, so it needs no scalar
+    /// loop at either end.
+    fn span(&self) -> (usize, usize) {
+        (self.lo - self.lo % LANES, self.hi.next_multiple_of(LANES))
+    }
 }
 
 /// A task compiled for the CPU at hand (a closure would not be: it would not inline).
@@ -448,17 +456,19 @@ impl Kernel for ForwardTask<'_> {
                 }
                 scores(&x, dp, d, &kt, sp, &tile, &mut p);
                 let mut sums = [0f32; ROWS];
+                let (a, z) = tile.span();
                 for (r, p) in p.chunks_exact_mut(sp).enumerate() {
+                    let p = &mut p[a..z];
                     let (lo, hi) = tile.keys[r];
                     if lo == hi {
-                        p[tile.lo..tile.hi].fill(0.0);
+                        p.fill(0.0);
                         continue;
                     }
-                    let max = max(&p[lo..hi]);
-                    p[lo..hi].iter_mut().for_each(|x| *x = exp(*x - max));
-                    sums[r] = sum(&p[lo..hi]);
-                    p[tile.lo..lo].fill(0.0);
-                    p[hi..tile.hi].fill(0.0);
+                    p[..lo - a].fill(f32::NEG_INFINITY);
+                    p[hi - a..].fill(f32::NEG_INFINITY);
+                    let max = max(p);
+                    p.iter_mut().for_each(|x| *x = exp(*x - max));
+                    sums[r] = sum(p);
                     lse[t * s + i0 + r] = max + sums[r].ln();
                 }
                 accumulate(&p, sp, &tile, &vs, dp, &mut o);
@@ -539,22 +549,25 @@ impl Kernel for BackwardTask<'_> {
                 }
                 scores(&x, dp, d, &kt, sp, &tile, &mut p);
                 scores(&go, dp, d, &vt, sp, &tile, &mut ds);
+                let (a, z) = tile.span();
                 for (r, (p, ds)) in p
                     .chunks_exact_mut(sp)
                     .zip(ds.chunks_exact_mut(sp))
                     .enumerate()
                 {
+                    let (p, ds) = (&mut p[a..z], &mut ds[a..z]);
                     let (lo, hi) = tile.keys[r];
-                    let lse = if lo < hi {
-                        lse[(b * plan.heads + h) * s + i0 + r]
-                    } else {
-                        0.0
-                    };
-                    p[lo..hi].iter_mut().for_each(|x| *x = exp(*x - lse));
-                    p[tile.lo..lo].fill(0.0);
-                    p[hi..tile.hi].fill(0.0);
-                    for (ds, &p) in ds[tile.lo..tile.hi].iter_mut().zip(&p[tile.lo..tile.hi]) {
-                        *ds = p * (*ds - delta[r]);
+                    if lo == hi {
+                        p.fill(0.0);
+                        ds.fill(0.0);
+                        continue;
+                    }
+                    p[..lo - a].fill(f32::NEG_INFINITY);
+                    p[hi - a..].fill(f32::NEG_INFINITY);
+                    let lse = lse[(b * plan.heads + h) * s + i0 + r];
+                    for (p, ds) in p.iter_mut().zip(ds.iter_mut()) {
+                        *p = exp(*p - lse);
+                        *ds = *p * (*ds - delta[r]);
                     }
                 }
                 accumulate(&ds, sp, &tile, &ks, dp, &mut dx);
@@ -605,82 +618,134 @@ impl Kernel for BackwardTask<'_> {
 }
 
 /// `p[r·sp + j] = x[r] · cols[:, j]` for the `ROWS` rows of `x` (stride `dp`, `d` used) and the
-/// tile's keys, in whole tiles: keys up to a tile past the last get scores too, which callers
-/// ignore. One column block loaded serves every row; the accumulators stay in registers.
+/// tile's keys, in whole blocks: keys up to a block past the last get scores too, which
+/// callers ignore.
 #[inline(always)]
 fn scores(x: &[f32], dp: usize, d: usize, cols: &[f32], sp: usize, tile: &Tile, p: &mut [f32]) {
     let mut j = tile.lo - tile.lo % LANES;
     while j < tile.hi {
-        let mut acc = [[0f32; LANES]; 2 * ROWS];
-        for t in 0..d {
-            let c = [
-                block(&cols[t * sp + j..]),
-                block(&cols[t * sp + j + LANES..]),
-            ];
-            for r in 0..ROWS {
-                let xr = x[r * dp + t];
-                for (half, c) in c.iter().enumerate() {
-                    for k in 0..LANES {
-                        acc[2 * r + half][k] += xr * c[k];
-                    }
+        j += match tile.hi - j > LANES {
+            true => score_block::<2>(x, dp, d, cols, sp, j, p),
+            false => score_block::<1>(x, dp, d, cols, sp, j, p),
+        };
+    }
+}
+
+/// [`scores`] for the `V·LANES` keys from `j`: one column block loaded serves every row, and
+/// the `ROWS·V` accumulators stay in registers. Returns the keys done.
+#[inline(always)]
+fn score_block<const V: usize>(
+    x: &[f32],
+    dp: usize,
+    d: usize,
+    cols: &[f32],
+    sp: usize,
+    j: usize,
+    p: &mut [f32],
+) -> usize {
+    let mut acc = [[[0f32; LANES]; V]; ROWS];
+    for t in 0..d {
+        let c: [[f32; LANES]; V] = std::array::from_fn(|v| block(&cols[t * sp + j + v * LANES..]));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let xr = x[r * dp + t];
+            for (acc, c) in acc.iter_mut().zip(&c) {
+                for k in 0..LANES {
+                    acc[k] += xr * c[k];
                 }
             }
         }
-        for r in 0..ROWS {
-            p[r * sp + j..][..LANES].copy_from_slice(&acc[2 * r]);
-            p[r * sp + j + LANES..][..LANES].copy_from_slice(&acc[2 * r + 1]);
-        }
-        j += TILE;
     }
+    for (r, acc) in acc.iter().enumerate() {
+        for (v, acc) in acc.iter().enumerate() {
+            p[r * sp + j + v * LANES..][..LANES].copy_from_slice(acc);
+        }
+    }
+    V * LANES
+}
+
+/// Splits a padded head vector into chunks of two vectors, the last of one where `dp` is odd
+/// in vectors, and runs `f::<V>(start)` on each: the kernels' register tiles.
+macro_rules! by_chunks {
+    ($dp:expr, $f:ident ( $($arg:expr),* )) => {{
+        let mut c = 0;
+        while c < $dp {
+            c += match $dp - c >= 2 * LANES {
+                true => $f::<2>($($arg,)* c),
+                false => $f::<1>($($arg,)* c),
+            };
+        }
+    }};
 }
 
 /// `o[r] = Σⱼ w[r·sp + j] · rows[j]` over the tile's keys, for the `ROWS` rows (`o` stride `dp`).
 #[inline(always)]
 fn accumulate(w: &[f32], sp: usize, tile: &Tile, rows: &[f32], dp: usize, o: &mut [f32]) {
-    for c in (0..dp).step_by(TILE) {
-        let mut acc = [[0f32; LANES]; 2 * ROWS];
-        for j in tile.lo..tile.hi {
-            let v = [
-                block(&rows[j * dp + c..]),
-                block(&rows[j * dp + c + LANES..]),
-            ];
-            for r in 0..ROWS {
-                let wr = w[r * sp + j];
-                for (half, v) in v.iter().enumerate() {
-                    for k in 0..LANES {
-                        acc[2 * r + half][k] += wr * v[k];
-                    }
+    by_chunks!(dp, accumulate_chunk(w, sp, tile, rows, dp, o));
+}
+
+#[inline(always)]
+fn accumulate_chunk<const V: usize>(
+    w: &[f32],
+    sp: usize,
+    tile: &Tile,
+    rows: &[f32],
+    dp: usize,
+    o: &mut [f32],
+    c: usize,
+) -> usize {
+    let mut acc = [[[0f32; LANES]; V]; ROWS];
+    for j in tile.lo..tile.hi {
+        let x: [[f32; LANES]; V] = std::array::from_fn(|v| block(&rows[j * dp + c + v * LANES..]));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let wr = w[r * sp + j];
+            for (acc, x) in acc.iter_mut().zip(&x) {
+                for k in 0..LANES {
+                    acc[k] += wr * x[k];
                 }
             }
         }
-        for r in 0..ROWS {
-            o[r * dp + c..][..LANES].copy_from_slice(&acc[2 * r]);
-            o[r * dp + c + LANES..][..LANES].copy_from_slice(&acc[2 * r + 1]);
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (v, acc) in acc.iter().enumerate() {
+            o[r * dp + c + v * LANES..][..LANES].copy_from_slice(acc);
         }
     }
+    V * LANES
 }
 
 /// `rows[j] += Σᵣ w[r·sp + j] · x[r]` over the tile's keys.
 #[inline(always)]
 fn scatter(w: &[f32], sp: usize, tile: &Tile, x: &[f32], dp: usize, rows: &mut [f32]) {
-    for c in (0..dp).step_by(TILE) {
-        let xs: [[f32; LANES]; 2 * ROWS] =
-            std::array::from_fn(|n| block(&x[(n / 2) * dp + c + (n % 2) * LANES..]));
-        for j in tile.lo..tile.hi {
-            let w: [f32; ROWS] = std::array::from_fn(|r| w[r * sp + j]);
-            for half in 0..2 {
-                let at = j * dp + c + half * LANES;
-                let mut y = block(&rows[at..]);
-                for k in 0..LANES {
-                    // Pairwise, so the four rows' terms are two short chains, not one long one.
-                    let a = w[0] * xs[half][k] + w[1] * xs[2 + half][k];
-                    let b = w[2] * xs[4 + half][k] + w[3] * xs[6 + half][k];
-                    y[k] += a + b;
-                }
-                rows[at..][..LANES].copy_from_slice(&y);
+    by_chunks!(dp, scatter_chunk(w, sp, tile, x, dp, rows));
+}
+
+#[inline(always)]
+fn scatter_chunk<const V: usize>(
+    w: &[f32],
+    sp: usize,
+    tile: &Tile,
+    x: &[f32],
+    dp: usize,
+    rows: &mut [f32],
+    c: usize,
+) -> usize {
+    let xs: [[[f32; LANES]; V]; ROWS] =
+        std::array::from_fn(|r| std::array::from_fn(|v| block(&x[r * dp + c + v * LANES..])));
+    for j in tile.lo..tile.hi {
+        let w: [f32; ROWS] = std::array::from_fn(|r| w[r * sp + j]);
+        for v in 0..V {
+            let at = j * dp + c + v * LANES;
+            let mut y = block(&rows[at..]);
+            for k in 0..LANES {
+                // Pairwise, so the four rows' terms are two short chains, not one long one.
+                let a = w[0] * xs[0][v][k] + w[1] * xs[1][v][k];
+                let b = w[2] * xs[2][v][k] + w[3] * xs[3][v][k];
+                y[k] += a + b;
             }
+            rows[at..][..LANES].copy_from_slice(&y);
         }
     }
+    V * LANES
 }
 
 /// A block of `LANES` values copied out of the front of a slice. Working on copies tells the
@@ -691,7 +756,8 @@ fn block(x: &[f32]) -> [f32; LANES] {
     x[..LANES].try_into().expect("a whole block")
 }
 
-/// Reductions in `LANES` lanes, so they vectorise (one running f32 would have to go in order).
+/// Reductions in `LANES` lanes, so they vectorise (one running f32 would have to go in order),
+/// then across the lanes in halves.
 #[inline(always)]
 fn reduce(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
     let mut lanes = [init; LANES];
@@ -702,9 +768,17 @@ fn reduce(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
             lanes[k] = f(lanes[k], x[k]);
         }
     }
-    xs.remainder()
-        .iter()
-        .fold(lanes.into_iter().fold(init, &f), |a, &x| f(a, x))
+    for (lane, &x) in lanes.iter_mut().zip(xs.remainder()) {
+        *lane = f(*lane, x);
+    }
+    let mut width = LANES / 2;
+    while width > 0 {
+        for k in 0..width {
+            lanes[k] = f(lanes[k], lanes[k + width]);
+        }
+        width /= 2;
+    }
+    lanes[0]
 }
 
 #[inline(always)]

@@ -186,8 +186,7 @@ fn softmax_row_portable(x: &[f32], lse: f32, scale: f32, out: &mut [f32]) {
 
 /// `eˣ` to within 2.5 ulp for `x ≤ 88`, in arithmetic that vectorises: `x = k·ln 2 + r` with
 /// `|r| ≤ ln 2 / 2`, `eʳ` by its Taylor series to r⁶ (error < r⁷/7! ≈ 6e-8), times `2ᵏ` built
-/// in the exponent bits. Below −87 it returns about 1e-38 rather than 0: a probability that
-/// small changes nothing here.
+/// in the exponent bits. Below −87 it returns 0 (attention masks keys with −∞).
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -196,6 +195,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     // Adding and subtracting 1.5·2²³ rounds to the nearest integer without a branch.
     const ROUND: f32 = 12_582_912.0;
+    let below = x < -87.0;
     let x = x.clamp(-87.0, 88.0);
     let k = (x * LOG2E + ROUND) - ROUND;
     let r = (x - k * LN2_HI) - k * LN2_LO;
@@ -203,7 +203,8 @@ pub(crate) fn exp(x: f32) -> f32 {
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits(((k as i32 + 127) as u32) << 23)
+    let e = p * f32::from_bits(((k as i32 + 127) as u32) << 23);
+    if below { 0.0 } else { e }
 }
 
 /// `silu(gate) · up`, elementwise.
