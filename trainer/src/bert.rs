@@ -3,7 +3,6 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Embedding, LayerNorm};
-use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Int, Tensor};
 use std::sync::Arc;
 
@@ -234,7 +233,7 @@ impl BertLayer {
             .forward(self.attention_output.forward(context) + x);
         let ff = self
             .output
-            .forward(gelu(self.intermediate.forward(x.clone())));
+            .forward(crate::fused::gelu(self.intermediate.forward(x.clone())));
         self.output_norm.forward(ff + x)
     }
 
