@@ -729,17 +729,17 @@ fn scatter_chunk<const V: usize>(
     rows: &mut [f32],
     c: usize,
 ) -> usize {
-    let xs: [[[f32; LANES]; V]; ROWS] =
-        std::array::from_fn(|r| std::array::from_fn(|v| block(&x[r * dp + c + v * LANES..])));
+    let xs: [[[f32; LANES]; ROWS]; V] =
+        std::array::from_fn(|v| std::array::from_fn(|r| block(&x[r * dp + c + v * LANES..])));
     for j in tile.lo..tile.hi {
         let w: [f32; ROWS] = std::array::from_fn(|r| w[r * sp + j]);
-        for v in 0..V {
+        for (v, [x0, x1, x2, x3]) in xs.iter().enumerate() {
             let at = j * dp + c + v * LANES;
             let mut y = block(&rows[at..]);
             for k in 0..LANES {
                 // Pairwise, so the four rows' terms are two short chains, not one long one.
-                let a = w[0] * xs[0][v][k] + w[1] * xs[1][v][k];
-                let b = w[2] * xs[2][v][k] + w[3] * xs[3][v][k];
+                let a = w[0] * x0[k] + w[1] * x1[k];
+                let b = w[2] * x2[k] + w[3] * x3[k];
                 y[k] += a + b;
             }
             rows[at..][..LANES].copy_from_slice(&y);
