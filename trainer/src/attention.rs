@@ -25,7 +25,7 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::fused::{contiguous, exp, f32s};
+use crate::fused::{LANES, block, contiguous, dot, exp, f32s, max, sum};
 
 /// Everything attention needs besides q, k and v, for one batch; built once and shared by
 /// every layer.
@@ -360,9 +360,6 @@ impl Attention {
 /// Query rows per tile: each key or value block loaded serves this many rows. [`scatter`]
 /// spells out four.
 const ROWS: usize = 4;
-/// f32 lanes of one vector register (AVX-512).
-const LANES: usize = 16;
-
 /// A task's sizes: `s` keys, head width `d`; rows of a head vector are padded to `dp`, a whole
 /// number of vectors, and the transposed (column) layout has a key stride `sp` with room for
 /// two vectors past the last key, so no block has a ragged edge.
@@ -746,69 +743,6 @@ fn scatter_chunk<const V: usize>(
         }
     }
     V * LANES
-}
-
-/// A block of `LANES` values copied out of the front of a slice. Working on copies tells the
-/// compiler that blocks of different slices cannot overlap, so a block is one vector operation
-/// (on slices a loop of known length unrolls into scalar code instead).
-#[inline(always)]
-fn block(x: &[f32]) -> [f32; LANES] {
-    x[..LANES].try_into().expect("a whole block")
-}
-
-/// Reductions in `LANES` lanes, so they vectorise (one running f32 would have to go in order),
-/// then across the lanes in halves.
-#[inline(always)]
-fn reduce(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut lanes = [init; LANES];
-    let mut xs = x.chunks_exact(LANES);
-    for x in &mut xs {
-        let x = block(x);
-        for k in 0..LANES {
-            lanes[k] = f(lanes[k], x[k]);
-        }
-    }
-    for (lane, &x) in lanes.iter_mut().zip(xs.remainder()) {
-        *lane = f(*lane, x);
-    }
-    let mut width = LANES / 2;
-    while width > 0 {
-        for k in 0..width {
-            lanes[k] = f(lanes[k], lanes[k + width]);
-        }
-        width /= 2;
-    }
-    lanes[0]
-}
-
-#[inline(always)]
-fn max(x: &[f32]) -> f32 {
-    reduce(x, f32::NEG_INFINITY, |a, b| if a > b { a } else { b })
-}
-
-#[inline(always)]
-fn sum(x: &[f32]) -> f32 {
-    reduce(x, 0.0, |a, b| a + b)
-}
-
-#[inline(always)]
-fn dot(x: &[f32], y: &[f32]) -> f32 {
-    let mut lanes = [0f32; LANES];
-    let mut xs = x.chunks_exact(LANES);
-    let mut ys = y[..x.len()].chunks_exact(LANES);
-    for (x, y) in (&mut xs).zip(&mut ys) {
-        let (x, y) = (block(x), block(y));
-        for k in 0..LANES {
-            lanes[k] += x[k] * y[k];
-        }
-    }
-    let tail: f32 = xs
-        .remainder()
-        .iter()
-        .zip(ys.remainder())
-        .map(|(a, b)| a * b)
-        .sum();
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// `out = scale · (x·cos + rotate_half(x)·sin)`; `rotate_half` swaps the halves (its sign is

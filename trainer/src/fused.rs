@@ -7,6 +7,8 @@
 //!   step. Here each direction calls `exp` once per logit and keeps only each row's
 //!   log-sum-exp between them.
 //! - [`swiglu`]: `silu(gate) · up`, the Llama MLP's activation, saving only its two inputs.
+//! - [`rms_norm`]: the Llama norm, a handful of passes and their backwards in burn's ops, is
+//!   one pass each way that keeps one float per row.
 //! - [`gelu`]: BERT's exact (erf) GELU; burn's calls the scalar `erff` once per element each
 //!   way, a sixteenth of a MiniLM step.
 
@@ -16,6 +18,7 @@ use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::flex::{Flex, FlexTensor};
+use burn::nn::RmsNorm;
 use burn::tensor::activation::{gelu as burn_gelu, log_softmax, silu};
 use burn::tensor::{Int, Tensor, TensorData};
 use rayon::prelude::*;
@@ -207,6 +210,72 @@ pub(crate) fn exp(x: f32) -> f32 {
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
     let e = p * f32::from_bits(((k as i32 + 127) as u32) << 23);
     if below { 0.0 } else { e }
+}
+
+/// f32 lanes of one vector register (AVX-512).
+pub(crate) const LANES: usize = 16;
+
+/// A block of `LANES` values copied out of the front of a slice. Working on copies tells the
+/// compiler that blocks of different slices cannot overlap, so a block is one vector operation
+/// (on slices a loop of known length unrolls into scalar code instead).
+#[inline(always)]
+pub(crate) fn block(x: &[f32]) -> [f32; LANES] {
+    x[..LANES].try_into().expect("a whole block")
+}
+
+/// Reductions in `LANES` lanes, so they vectorise (one running f32 would have to go in order),
+/// then across the lanes in halves.
+#[inline(always)]
+fn reduce(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [init; LANES];
+    let mut xs = x.chunks_exact(LANES);
+    for x in &mut xs {
+        let x = block(x);
+        for k in 0..LANES {
+            lanes[k] = f(lanes[k], x[k]);
+        }
+    }
+    for (lane, &x) in lanes.iter_mut().zip(xs.remainder()) {
+        *lane = f(*lane, x);
+    }
+    let mut width = LANES / 2;
+    while width > 0 {
+        for k in 0..width {
+            lanes[k] = f(lanes[k], lanes[k + width]);
+        }
+        width /= 2;
+    }
+    lanes[0]
+}
+
+#[inline(always)]
+pub(crate) fn max(x: &[f32]) -> f32 {
+    reduce(x, f32::NEG_INFINITY, |a, b| if a > b { a } else { b })
+}
+
+#[inline(always)]
+pub(crate) fn sum(x: &[f32]) -> f32 {
+    reduce(x, 0.0, |a, b| a + b)
+}
+
+#[inline(always)]
+pub(crate) fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let mut xs = x.chunks_exact(LANES);
+    let mut ys = y[..x.len()].chunks_exact(LANES);
+    for (x, y) in (&mut xs).zip(&mut ys) {
+        let (x, y) = (block(x), block(y));
+        for k in 0..LANES {
+            lanes[k] += x[k] * y[k];
+        }
+    }
+    let tail: f32 = xs
+        .remainder()
+        .iter()
+        .zip(ys.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// `silu(gate) · up`, elementwise.
@@ -479,6 +548,198 @@ fn gelu_grad_chunk_portable(g: &[f32], x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `x / √(mean(x²) + ε) · γ` over the last axis, as transformers' `LlamaRMSNorm` (in f32).
+///
+/// # Shapes
+/// - x, output: `[..., width]`
+pub(crate) fn rms_norm<const D: usize>(x: Tensor<D>, norm: &RmsNorm) -> Tensor<D> {
+    let (gamma, eps) = (norm.gamma.val(), norm.epsilon as f32);
+    if let (Ok(x), Ok(g)) = (
+        x.clone().try_into_primitive::<Autodiff<Flex>>(),
+        gamma.clone().try_into_primitive::<Autodiff<Flex>>(),
+    ) {
+        let (x, x_node) = x.into_parts();
+        let (g, g_node) = g.into_parts();
+        let (x, g) = (contiguous(x), contiguous(g));
+        let (out, inv) = rms_norm_forward(&x, &g, eps);
+        let out = match RmsNormOp
+            .prepare::<NoCheckpointing>([x_node, g_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((x, g, Arc::new(inv)), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        return Tensor::from_primitive::<Autodiff<Flex>>(out);
+    }
+    if let (Ok(x), Ok(g)) = (
+        x.clone().try_into_primitive::<Flex>(),
+        gamma.try_into_primitive::<Flex>(),
+    ) {
+        let out = rms_norm_forward(&contiguous(x), &contiguous(g), eps).0;
+        return Tensor::from_primitive::<Flex>(out);
+    }
+    norm.forward(x)
+}
+
+/// `(output, 1/√(mean(x²) + ε) of each row)`.
+fn rms_norm_forward(x: &FlexTensor, gamma: &FlexTensor, eps: f32) -> (FlexTensor, Vec<f32>) {
+    let (values, g) = (f32s(x), f32s(gamma));
+    let width = g.len();
+    let mut out = vec![0f32; values.len()];
+    let mut inv = vec![0f32; values.len() / width];
+    let rows = (CHUNK / width).max(1);
+    out.par_chunks_mut(rows * width)
+        .zip(values.par_chunks(rows * width))
+        .zip(inv.par_chunks_mut(rows))
+        .for_each(|((out, x), inv)| {
+            dispatch(RmsRows {
+                x,
+                gamma: g,
+                eps,
+                out,
+                inv,
+            })
+        });
+    let out = FlexTensor::from_data(TensorData::new(out, x.layout().shape().clone()));
+    (out, inv)
+}
+
+struct RmsRows<'a> {
+    x: &'a [f32],
+    gamma: &'a [f32],
+    eps: f32,
+    out: &'a mut [f32],
+    inv: &'a mut [f32],
+}
+
+impl Kernel for RmsRows<'_> {
+    type Out = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let width = self.gamma.len();
+        for ((x, out), inv) in self
+            .x
+            .chunks_exact(width)
+            .zip(self.out.chunks_exact_mut(width))
+            .zip(self.inv.iter_mut())
+        {
+            *inv = 1.0 / (dot(x, x) / width as f32 + self.eps).sqrt();
+            for ((o, &x), &g) in out.iter_mut().zip(x).zip(self.gamma) {
+                *o = x * *inv * g;
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RmsNormOp;
+
+impl Backward<Flex, 2> for RmsNormOp {
+    type State = (FlexTensor, FlexTensor, Arc<Vec<f32>>);
+
+    /// With `r` a row's `1/√(mean(x²) + ε)` and `u = ∂y∘γ`:
+    /// `∂x = r·u − x·r³·mean(u∘x)`, `∂γ = Σ_rows ∂y∘x·r`.
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, gamma, inv) = ops.state;
+        let grad = contiguous(grads.consume::<Flex>(&ops.node));
+        let (dy, xs, g) = (f32s(&grad), f32s(&x), f32s(&gamma));
+        let width = g.len();
+        let rows = (CHUNK / width).max(1);
+        let [x_parent, gamma_parent] = ops.parents;
+        if let Some(node) = x_parent {
+            let mut dx = vec![0f32; xs.len()];
+            dx.par_chunks_mut(rows * width)
+                .zip(dy.par_chunks(rows * width).zip(xs.par_chunks(rows * width)))
+                .zip(inv.par_chunks(rows))
+                .for_each(|((dx, (dy, x)), inv)| {
+                    dispatch(RmsRowsGrad {
+                        dy,
+                        x,
+                        gamma: g,
+                        inv,
+                        dx,
+                    })
+                });
+            let shape = x.layout().shape().clone();
+            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, shape)));
+        }
+        if let Some(node) = gamma_parent {
+            let mut dg = vec![0f32; width];
+            for ((dy, x), &r) in dy
+                .chunks_exact(width)
+                .zip(xs.chunks_exact(width))
+                .zip(&*inv)
+            {
+                for ((dg, &dy), &x) in dg.iter_mut().zip(dy).zip(x) {
+                    *dg += dy * x * r;
+                }
+            }
+            let d = FlexTensor::from_data(TensorData::new(dg, [width]));
+            grads.register::<Flex>(node.id, d);
+        }
+    }
+}
+
+struct RmsRowsGrad<'a> {
+    dy: &'a [f32],
+    x: &'a [f32],
+    gamma: &'a [f32],
+    inv: &'a [f32],
+    dx: &'a mut [f32],
+}
+
+impl Kernel for RmsRowsGrad<'_> {
+    type Out = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let width = self.gamma.len();
+        let rows = self
+            .dy
+            .chunks_exact(width)
+            .zip(self.x.chunks_exact(width))
+            .zip(self.dx.chunks_exact_mut(width))
+            .zip(self.inv);
+        for (((dy, x), dx), &r) in rows {
+            for ((dx, &dy), &g) in dx.iter_mut().zip(dy).zip(self.gamma) {
+                *dx = dy * g;
+            }
+            let c = dot(dx, x) * r * r * r / width as f32;
+            for (dx, &x) in dx.iter_mut().zip(x) {
+                *dx = r * *dx - c * x;
+            }
+        }
+    }
+}
+
+/// A kernel to be compiled for the CPU at hand. A closure would not do: the kernel's body,
+/// inlined into it, makes it too big to inline into the AVX-512 wrapper, and it stays generic
+/// x86-64 code.
+pub(crate) trait Kernel {
+    type Out;
+    /// Must be `#[inline(always)]`, and so must everything it calls in its loops.
+    fn run(self) -> Self::Out;
+}
+
+/// Runs `kernel` compiled for AVX-512 where the CPU has it: kernels' loops work on whole
+/// vectors of `LANES`, each then one instruction.
+pub(crate) fn dispatch<K: Kernel>(kernel: K) -> K::Out {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has the feature the function is compiled for.
+        return unsafe { dispatch_avx512(kernel) };
+    }
+    kernel.run()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn dispatch_avx512<K: Kernel>(kernel: K) -> K::Out {
+    kernel.run()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -511,6 +772,44 @@ mod tests {
         }
         let plain = swiglu(gate.clone().inner(), up.clone().inner()).into_data();
         plain.assert_approx_eq::<f32>(&run(false)[0], tolerance);
+    }
+
+    /// Against burn's `RmsNorm`: output and both gradients.
+    #[test]
+    fn rms_norm_matches_burns() {
+        let device = Device::flex().autodiff();
+        let mut norm = burn::nn::RmsNormConfig::new(200)
+            .with_epsilon(1e-5)
+            .init(&device);
+        norm.gamma = burn::module::Param::from_tensor(Tensor::random(
+            [200],
+            Distribution::Normal(1.0, 0.5),
+            &device,
+        ));
+        let x = Tensor::<3>::random([3, 7, 200], Distribution::Normal(0.0, 2.0), &device);
+        let upstream = Tensor::<3>::random([3, 7, 200], Distribution::Normal(0.0, 1.0), &device);
+        let run = |fused: bool| {
+            let x = x.clone().require_grad();
+            let out = if fused {
+                rms_norm(x.clone(), &norm)
+            } else {
+                norm.forward(x.clone())
+            };
+            let grads = (out.clone() * upstream.clone()).sum().backward();
+            [
+                out.into_data(),
+                x.grad(&grads).unwrap().into_data(),
+                norm.gamma.val().grad(&grads).unwrap().into_data(),
+            ]
+        };
+        let tolerance = Tolerance::rel_abs(1e-4, 1e-5);
+        let burns = run(false);
+        for (ours, burns) in run(true).iter().zip(&burns) {
+            ours.assert_approx_eq::<f32>(burns, tolerance);
+        }
+        use burn::module::Module;
+        let plain = rms_norm(x.clone().inner(), &norm.valid()).into_data();
+        plain.assert_approx_eq::<f32>(&burns[0], tolerance);
     }
 
     #[test]

@@ -249,14 +249,14 @@ impl LlamaLayer {
     /// # Shapes
     /// - x: `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<3>, attention: &Arc<Attention>) -> Tensor<3> {
-        let normed = self.input_layernorm.forward(x.clone());
+        let normed = crate::fused::rms_norm(x.clone(), &self.input_layernorm);
         let context = attention.forward(
             self.q_proj.forward(normed.clone()),
             self.k_proj.forward(normed.clone()),
             self.v_proj.forward(normed),
         );
         let x = x + self.o_proj.forward(context);
-        let normed = self.post_attention_layernorm.forward(x.clone());
+        let normed = crate::fused::rms_norm(x.clone(), &self.post_attention_layernorm);
         let [b, s, h] = normed.dims();
         let rows: Tensor<2> = normed.reshape([b * s, h]);
         let mlp = self.down_proj.forward(crate::fused::swiglu(
@@ -351,7 +351,7 @@ impl Llama {
         for layer in &self.layers {
             x = layer.forward(x, &attention);
         }
-        self.norm.forward(x)
+        crate::fused::rms_norm(x, &self.norm)
     }
 
     /// Logits for the given hidden states.
