@@ -187,12 +187,14 @@ impl BertConfig {
                 output: proj(ckpt, format!("{p}.output.dense"), self.intermediate_size, h)?,
                 output_norm: ckpt.layer_norm(&format!("{p}.output.LayerNorm"), h, eps, device)?,
                 num_heads: self.num_attention_heads,
+                layer_norm_eps: eps,
             });
         }
         Ok(Bert {
             embeddings,
             layers,
             module_prefix: ckpt.prefix.clone(),
+            layer_norm_eps: eps,
         })
     }
 }
@@ -216,6 +218,8 @@ pub struct BertLayer {
     pub output: LoraLinear,
     pub output_norm: LayerNorm,
     pub num_heads: usize,
+    /// Epsilon of both norms (burn's `LayerNorm` keeps its own private).
+    pub layer_norm_eps: f64,
 }
 
 impl BertLayer {
@@ -228,13 +232,15 @@ impl BertLayer {
             self.key.forward(x.clone()),
             self.value.forward(x.clone()),
         );
-        let x = self
-            .attention_norm
-            .forward(self.attention_output.forward(context) + x);
+        let x = crate::fused::layer_norm(
+            self.attention_output.forward(context) + x,
+            &self.attention_norm,
+            self.layer_norm_eps,
+        );
         let ff = self
             .output
             .forward(crate::fused::gelu(self.intermediate.forward(x.clone())));
-        self.output_norm.forward(ff + x)
+        crate::fused::layer_norm(ff + x, &self.output_norm, self.layer_norm_eps)
     }
 
     pub fn projections(&self) -> [(&'static str, &LoraLinear); 6] {
@@ -267,6 +273,8 @@ pub struct Bert {
     pub layers: Vec<BertLayer>,
     /// Prefix of module names in the checkpoint (`bert.` for `BertForX`), kept for PEFT names.
     pub module_prefix: String,
+    /// Epsilon of the embeddings' norm.
+    pub layer_norm_eps: f64,
 }
 
 impl Bert {
@@ -284,7 +292,7 @@ impl Bert {
         let x = e.word_embeddings.forward(input_ids)
             + e.position_embeddings.forward(positions)
             + e.token_type_embeddings.forward(token_types);
-        let mut x = e.layer_norm.forward(x);
+        let mut x = crate::fused::layer_norm(x, &e.layer_norm, self.layer_norm_eps);
         // Every query, padding too, attends to its row's real tokens, as transformers' key
         // mask has it.
         assert_eq!(lengths.len(), b, "one length per row");

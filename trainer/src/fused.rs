@@ -9,6 +9,7 @@
 //! - [`swiglu`]: `silu(gate) · up`, the Llama MLP's activation, saving only its two inputs.
 //! - [`rms_norm`]: the Llama norm, a handful of passes and their backwards in burn's ops, is
 //!   one pass each way that keeps one float per row.
+//! - [`layer_norm`]: BERT's norm, likewise, keeping two floats per row.
 //! - [`gelu`]: BERT's exact (erf) GELU; burn's calls the scalar `erff` once per element each
 //!   way, a sixteenth of a MiniLM step.
 
@@ -18,7 +19,7 @@ use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::flex::{Flex, FlexTensor};
-use burn::nn::RmsNorm;
+use burn::nn::{LayerNorm, RmsNorm};
 use burn::tensor::activation::{gelu as burn_gelu, log_softmax, silu};
 use burn::tensor::{Int, Tensor, TensorData};
 use rayon::prelude::*;
@@ -480,27 +481,22 @@ impl Backward<Flex, 1> for Gelu {
     }
 }
 
-/// `erf(x)` to within 1.5e-7 (Abramowitz and Stegun 7.1.26), in arithmetic that vectorises.
-#[inline(always)]
-fn erf(x: f32) -> f32 {
-    let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = t
-        * (0.254_829_6
-            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    let y = 1.0 - poly * exp(-a * a);
-    if x < 0.0 { -y } else { y }
-}
-
-/// `(Φ(x), φ(x))`.
+/// `(Φ(x), φ(x))`, the standard normal CDF and density. `Φ` goes through `erf` by Abramowitz
+/// and Stegun 7.1.26 (within 1.5e-7), whose `e^(−x²/2)` is the density's too, so one `exp`
+/// serves both; all of it vectorises.
 #[inline(always)]
 fn normal_cdf_pdf(x: f32) -> (f32, f32) {
     const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
     const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
-    (
-        0.5 * (1.0 + erf(x * FRAC_1_SQRT_2)),
-        FRAC_1_SQRT_2PI * exp(-0.5 * x * x),
-    )
+    let a = x.abs() * FRAC_1_SQRT_2;
+    let gauss = exp(-a * a);
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    let erf = 1.0 - poly * gauss;
+    let erf = if x < 0.0 { -erf } else { erf };
+    (0.5 * (1.0 + erf), FRAC_1_SQRT_2PI * gauss)
 }
 
 fn gelu_chunk(x: &[f32], out: &mut [f32]) {
@@ -714,6 +710,203 @@ impl Kernel for RmsRowsGrad<'_> {
     }
 }
 
+/// `(x − mean(x)) / √(var(x) + ε) · γ + β` over the last axis (biased variance, as
+/// transformers' `nn.LayerNorm`). `eps` must be the one `norm` was made with (burn keeps its
+/// own private).
+///
+/// # Shapes
+/// - x, output: `[..., width]`
+pub(crate) fn layer_norm<const D: usize>(x: Tensor<D>, norm: &LayerNorm, eps: f64) -> Tensor<D> {
+    let Some(beta) = &norm.beta else {
+        return norm.forward(x);
+    };
+    let (gamma, beta, eps) = (norm.gamma.val(), beta.val(), eps as f32);
+    if let (Ok(x), Ok(g), Ok(b)) = (
+        x.clone().try_into_primitive::<Autodiff<Flex>>(),
+        gamma.clone().try_into_primitive::<Autodiff<Flex>>(),
+        beta.clone().try_into_primitive::<Autodiff<Flex>>(),
+    ) {
+        let (x, x_node) = x.into_parts();
+        let (g, g_node) = g.into_parts();
+        let (b, b_node) = b.into_parts();
+        let (x, g, b) = (contiguous(x), contiguous(g), contiguous(b));
+        let (out, stats) = layer_norm_forward(&x, &g, &b, eps);
+        let out = match LayerNormOp
+            .prepare::<NoCheckpointing>([x_node, g_node, b_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((x, g, Arc::new(stats)), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        return Tensor::from_primitive::<Autodiff<Flex>>(out);
+    }
+    if let (Ok(x), Ok(g), Ok(b)) = (
+        x.clone().try_into_primitive::<Flex>(),
+        gamma.try_into_primitive::<Flex>(),
+        beta.try_into_primitive::<Flex>(),
+    ) {
+        let out = layer_norm_forward(&contiguous(x), &contiguous(g), &contiguous(b), eps).0;
+        return Tensor::from_primitive::<Flex>(out);
+    }
+    norm.forward(x)
+}
+
+/// `(output, (mean, 1/√(var + ε)) of each row)`.
+fn layer_norm_forward(
+    x: &FlexTensor,
+    gamma: &FlexTensor,
+    beta: &FlexTensor,
+    eps: f32,
+) -> (FlexTensor, Vec<(f32, f32)>) {
+    let (values, g, b) = (f32s(x), f32s(gamma), f32s(beta));
+    let width = g.len();
+    let mut out = vec![0f32; values.len()];
+    let mut stats = vec![(0f32, 0f32); values.len() / width];
+    let rows = (CHUNK / width).max(1);
+    out.par_chunks_mut(rows * width)
+        .zip(values.par_chunks(rows * width))
+        .zip(stats.par_chunks_mut(rows))
+        .for_each(|((out, x), stats)| {
+            dispatch(LayerNormRows {
+                x,
+                gamma: g,
+                beta: b,
+                eps,
+                out,
+                stats,
+            })
+        });
+    let out = FlexTensor::from_data(TensorData::new(out, x.layout().shape().clone()));
+    (out, stats)
+}
+
+struct LayerNormRows<'a> {
+    x: &'a [f32],
+    gamma: &'a [f32],
+    beta: &'a [f32],
+    eps: f32,
+    out: &'a mut [f32],
+    stats: &'a mut [(f32, f32)],
+}
+
+impl Kernel for LayerNormRows<'_> {
+    type Out = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let width = self.gamma.len();
+        let n = width as f32;
+        for ((x, out), stats) in self
+            .x
+            .chunks_exact(width)
+            .zip(self.out.chunks_exact_mut(width))
+            .zip(self.stats.iter_mut())
+        {
+            let mean = sum(x) / n;
+            // Centred first, then squared: the variance of values far from zero keeps its
+            // digits.
+            for (o, &x) in out.iter_mut().zip(x) {
+                *o = x - mean;
+            }
+            let r = 1.0 / (dot(out, out) / n + self.eps).sqrt();
+            for ((o, &g), &b) in out.iter_mut().zip(self.gamma).zip(self.beta) {
+                *o = *o * r * g + b;
+            }
+            *stats = (mean, r);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct LayerNormOp;
+
+impl Backward<Flex, 3> for LayerNormOp {
+    type State = (FlexTensor, FlexTensor, Arc<Vec<(f32, f32)>>);
+
+    /// With `x̂ = (x − mean)·r` and `u = ∂y∘γ`: `∂x = r·(u − mean(u) − x̂·mean(u∘x̂))`,
+    /// `∂γ = Σ_rows ∂y∘x̂`, `∂β = Σ_rows ∂y`.
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, gamma, stats) = ops.state;
+        let grad = contiguous(grads.consume::<Flex>(&ops.node));
+        let (dy, xs, g) = (f32s(&grad), f32s(&x), f32s(&gamma));
+        let width = g.len();
+        let rows = (CHUNK / width).max(1);
+        let [x_parent, gamma_parent, beta_parent] = ops.parents;
+        if let Some(node) = x_parent {
+            let mut dx = vec![0f32; xs.len()];
+            dx.par_chunks_mut(rows * width)
+                .zip(dy.par_chunks(rows * width).zip(xs.par_chunks(rows * width)))
+                .zip(stats.par_chunks(rows))
+                .for_each(|((dx, (dy, x)), stats)| {
+                    dispatch(LayerNormRowsGrad {
+                        dy,
+                        x,
+                        gamma: g,
+                        stats,
+                        dx,
+                    })
+                });
+            let shape = x.layout().shape().clone();
+            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, shape)));
+        }
+        if let Some(node) = gamma_parent {
+            let mut dg = vec![0f32; width];
+            let rows = dy.chunks_exact(width).zip(xs.chunks_exact(width));
+            for ((dy, x), &(mean, r)) in rows.zip(&*stats) {
+                for ((dg, &dy), &x) in dg.iter_mut().zip(dy).zip(x) {
+                    *dg += dy * (x - mean) * r;
+                }
+            }
+            let d = FlexTensor::from_data(TensorData::new(dg, [width]));
+            grads.register::<Flex>(node.id, d);
+        }
+        if let Some(node) = beta_parent {
+            let mut db = vec![0f32; width];
+            for dy in dy.chunks_exact(width) {
+                db.iter_mut().zip(dy).for_each(|(db, &dy)| *db += dy);
+            }
+            let d = FlexTensor::from_data(TensorData::new(db, [width]));
+            grads.register::<Flex>(node.id, d);
+        }
+    }
+}
+
+struct LayerNormRowsGrad<'a> {
+    dy: &'a [f32],
+    x: &'a [f32],
+    gamma: &'a [f32],
+    stats: &'a [(f32, f32)],
+    dx: &'a mut [f32],
+}
+
+impl Kernel for LayerNormRowsGrad<'_> {
+    type Out = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let width = self.gamma.len();
+        let n = width as f32;
+        let rows = self
+            .dy
+            .chunks_exact(width)
+            .zip(self.x.chunks_exact(width))
+            .zip(self.dx.chunks_exact_mut(width))
+            .zip(self.stats);
+        for (((dy, x), dx), &(mean, r)) in rows {
+            // `dx` holds `u` first.
+            for ((dx, &dy), &g) in dx.iter_mut().zip(dy).zip(self.gamma) {
+                *dx = dy * g;
+            }
+            let sum_u = sum(dx);
+            let (mean_u, mean_ux) = (sum_u / n, (dot(dx, x) - mean * sum_u) * r / n);
+            for (dx, &x) in dx.iter_mut().zip(x) {
+                *dx = r * (*dx - mean_u - (x - mean) * r * mean_ux);
+            }
+        }
+    }
+}
+
 /// A kernel to be compiled for the CPU at hand. A closure would not do: the kernel's body,
 /// inlined into it, makes it too big to inline into the AVX-512 wrapper, and it stays generic
 /// x86-64 code.
@@ -772,6 +965,50 @@ mod tests {
         }
         let plain = swiglu(gate.clone().inner(), up.clone().inner()).into_data();
         plain.assert_approx_eq::<f32>(&run(false)[0], tolerance);
+    }
+
+    /// Against burn's `LayerNorm`: output and all three gradients, on values far from zero.
+    #[test]
+    fn layer_norm_matches_burns() {
+        let device = Device::flex().autodiff();
+        let mut norm = burn::nn::LayerNormConfig::new(200)
+            .with_epsilon(1e-6)
+            .init(&device);
+        let param = |mean| {
+            burn::module::Param::from_tensor(Tensor::random(
+                [200],
+                Distribution::Normal(mean, 0.5),
+                &device,
+            ))
+        };
+        norm.gamma = param(1.0);
+        norm.beta = Some(param(0.0));
+        let x = Tensor::<3>::random([3, 7, 200], Distribution::Normal(3.0, 2.0), &device);
+        let upstream = Tensor::<3>::random([3, 7, 200], Distribution::Normal(0.0, 1.0), &device);
+        let run = |fused: bool| {
+            let x = x.clone().require_grad();
+            let out = if fused {
+                layer_norm(x.clone(), &norm, 1e-6)
+            } else {
+                norm.forward(x.clone())
+            };
+            let grads = (out.clone() * upstream.clone()).sum().backward();
+            let beta = norm.beta.as_ref().unwrap().val();
+            [
+                out.into_data(),
+                x.grad(&grads).unwrap().into_data(),
+                norm.gamma.val().grad(&grads).unwrap().into_data(),
+                beta.grad(&grads).unwrap().into_data(),
+            ]
+        };
+        let tolerance = Tolerance::rel_abs(1e-4, 1e-4);
+        let burns = run(false);
+        for (ours, burns) in run(true).iter().zip(&burns) {
+            ours.assert_approx_eq::<f32>(burns, tolerance);
+        }
+        use burn::module::Module;
+        let plain = layer_norm(x.clone().inner(), &norm.valid(), 1e-6).into_data();
+        plain.assert_approx_eq::<f32>(&burns[0], tolerance);
     }
 
     /// Against burn's `RmsNorm`: output and both gradients.
