@@ -199,17 +199,21 @@ pub(crate) fn exp(x: f32) -> f32 {
     // ln 2 in two parts, so `k·LN2_HI` is exact and `r` keeps its low bits.
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
-    // Adding and subtracting 1.5·2²³ rounds to the nearest integer without a branch.
+    // Adding 1.5·2²³ rounds to the nearest integer without a branch, and leaves that integer
+    // in the low bits of the sum: `2ᵏ` comes from integer arithmetic on them, not from a
+    // float-to-int conversion (Rust's saturating `as` does not vectorise).
     const ROUND: f32 = 12_582_912.0;
     let below = x < -87.0;
     let x = x.clamp(-87.0, 88.0);
-    let k = (x * LOG2E + ROUND) - ROUND;
+    let shifted = x * LOG2E + ROUND;
+    let k = shifted - ROUND;
     let r = (x - k * LN2_HI) - k * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let e = p * f32::from_bits(((k as i32 + 127) as u32) << 23);
+    let k_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    let e = p * f32::from_bits(k_bits.wrapping_add(127) << 23);
     if below { 0.0 } else { e }
 }
 
