@@ -392,24 +392,49 @@ impl Tile {
 /// A task compiled for the CPU at hand (a closure would not be: it would not inline).
 trait Kernel {
     type Out;
-    fn run(self) -> Self::Out;
+    fn run<M: MulAdd>(self) -> Self::Out;
 }
 
 fn dispatch<K: Kernel>(kernel: K) -> K::Out {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has the feature the function is compiled for.
+    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
+    {
+        // SAFETY: the CPU has the features the function is compiled for.
         return unsafe { dispatch_avx512(kernel) };
     }
-    kernel.run()
+    kernel.run::<Separate>()
 }
 
 /// The kernels' loops work on whole vectors of `LANES`; compiled for AVX-512 each is one
-/// instruction.
+/// instruction, and a multiply-add one fused instruction.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,fma")]
 fn dispatch_avx512<K: Kernel>(kernel: K) -> K::Out {
-    kernel.run()
+    kernel.run::<Fma>()
+}
+
+/// `a·b + c` as the kernels compute it: fused where the CPU has FMA, a multiply and an add
+/// elsewhere (`f32::mul_add` without FMA is a library call, far slower than both).
+trait MulAdd {
+    fn mul_add(a: f32, b: f32, c: f32) -> f32;
+}
+
+struct Fma;
+
+impl MulAdd for Fma {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+struct Separate;
+
+impl MulAdd for Separate {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
 }
 
 /// The forward of batch row `b`'s query heads that share key/value head `g`.
@@ -425,7 +450,7 @@ impl Kernel for ForwardTask<'_> {
     type Out = (Vec<f32>, Vec<f32>);
 
     #[inline(always)]
-    fn run(self) -> Self::Out {
+    fn run<M: MulAdd>(self) -> Self::Out {
         let Self {
             plan,
             inputs: [q, k, v],
@@ -451,7 +476,7 @@ impl Kernel for ForwardTask<'_> {
                         false => x.fill(0.0),
                     }
                 }
-                scores(&x, dp, d, &kt, sp, &tile, &mut p);
+                scores::<M>(&x, dp, d, &kt, sp, &tile, &mut p);
                 let mut sums = [0f32; ROWS];
                 let (a, z) = tile.span();
                 for (r, p) in p.chunks_exact_mut(sp).enumerate() {
@@ -468,7 +493,7 @@ impl Kernel for ForwardTask<'_> {
                     sums[r] = sum(p);
                     lse[t * s + i0 + r] = max + sums[r].ln();
                 }
-                accumulate(&p, sp, &tile, &vs, dp, &mut o);
+                accumulate::<M>(&p, sp, &tile, &vs, dp, &mut o);
                 for r in 0..tile.n {
                     let row = &mut out[(t * s + i0 + r) * d..][..d];
                     for (out, &o) in row.iter_mut().zip(&o[r * dp..][..d]) {
@@ -500,7 +525,7 @@ impl Kernel for BackwardTask<'_> {
     type Out = [Vec<f32>; 3];
 
     #[inline(always)]
-    fn run(self) -> Self::Out {
+    fn run<M: MulAdd>(self) -> Self::Out {
         let Self {
             plan,
             inputs: [q, k, v],
@@ -544,8 +569,8 @@ impl Kernel for BackwardTask<'_> {
                         go.fill(0.0);
                     }
                 }
-                scores(&x, dp, d, &kt, sp, &tile, &mut p);
-                scores(&go, dp, d, &vt, sp, &tile, &mut ds);
+                scores::<M>(&x, dp, d, &kt, sp, &tile, &mut p);
+                scores::<M>(&go, dp, d, &vt, sp, &tile, &mut ds);
                 let (a, z) = tile.span();
                 for (r, (p, ds)) in p
                     .chunks_exact_mut(sp)
@@ -567,9 +592,9 @@ impl Kernel for BackwardTask<'_> {
                         *ds = *p * (*ds - delta[r]);
                     }
                 }
-                accumulate(&ds, sp, &tile, &ks, dp, &mut dx);
-                scatter(&ds, sp, &tile, &x, dp, &mut dk);
-                scatter(&p, sp, &tile, &go, dp, &mut dv);
+                accumulate::<M>(&ds, sp, &tile, &ks, dp, &mut dx);
+                scatter::<M>(&ds, sp, &tile, &x, dp, &mut dk);
+                scatter::<M>(&p, sp, &tile, &go, dp, &mut dv);
                 for r in 0..tile.n {
                     let token = b * s + i0 + r;
                     let (from, to) = (&dx[r * dp..][..d], &mut dq[(t * s + i0 + r) * d..][..d]);
@@ -618,12 +643,20 @@ impl Kernel for BackwardTask<'_> {
 /// tile's keys, in whole blocks: keys up to a block past the last get scores too, which
 /// callers ignore.
 #[inline(always)]
-fn scores(x: &[f32], dp: usize, d: usize, cols: &[f32], sp: usize, tile: &Tile, p: &mut [f32]) {
+fn scores<M: MulAdd>(
+    x: &[f32],
+    dp: usize,
+    d: usize,
+    cols: &[f32],
+    sp: usize,
+    tile: &Tile,
+    p: &mut [f32],
+) {
     let mut j = tile.lo - tile.lo % LANES;
     while j < tile.hi {
         j += match tile.hi - j > LANES {
-            true => score_block::<2>(x, dp, d, cols, sp, j, p),
-            false => score_block::<1>(x, dp, d, cols, sp, j, p),
+            true => score_block::<M, 2>(x, dp, d, cols, sp, j, p),
+            false => score_block::<M, 1>(x, dp, d, cols, sp, j, p),
         };
     }
 }
@@ -631,7 +664,7 @@ fn scores(x: &[f32], dp: usize, d: usize, cols: &[f32], sp: usize, tile: &Tile, 
 /// [`scores`] for the `V·LANES` keys from `j`: one column block loaded serves every row, and
 /// the `ROWS·V` accumulators stay in registers. Returns the keys done.
 #[inline(always)]
-fn score_block<const V: usize>(
+fn score_block<M: MulAdd, const V: usize>(
     x: &[f32],
     dp: usize,
     d: usize,
@@ -647,7 +680,7 @@ fn score_block<const V: usize>(
             let xr = x[r * dp + t];
             for (acc, c) in acc.iter_mut().zip(&c) {
                 for k in 0..LANES {
-                    acc[k] += xr * c[k];
+                    acc[k] = M::mul_add(xr, c[k], acc[k]);
                 }
             }
         }
@@ -663,12 +696,12 @@ fn score_block<const V: usize>(
 /// Splits a padded head vector into chunks of two vectors, the last of one where `dp` is odd
 /// in vectors, and runs `f::<V>(start)` on each: the kernels' register tiles.
 macro_rules! by_chunks {
-    ($dp:expr, $f:ident ( $($arg:expr),* )) => {{
+    ($dp:expr, $f:ident::<$m:ty> ( $($arg:expr),* )) => {{
         let mut c = 0;
         while c < $dp {
             c += match $dp - c >= 2 * LANES {
-                true => $f::<2>($($arg,)* c),
-                false => $f::<1>($($arg,)* c),
+                true => $f::<$m, 2>($($arg,)* c),
+                false => $f::<$m, 1>($($arg,)* c),
             };
         }
     }};
@@ -676,12 +709,19 @@ macro_rules! by_chunks {
 
 /// `o[r] = Σⱼ w[r·sp + j] · rows[j]` over the tile's keys, for the `ROWS` rows (`o` stride `dp`).
 #[inline(always)]
-fn accumulate(w: &[f32], sp: usize, tile: &Tile, rows: &[f32], dp: usize, o: &mut [f32]) {
-    by_chunks!(dp, accumulate_chunk(w, sp, tile, rows, dp, o));
+fn accumulate<M: MulAdd>(
+    w: &[f32],
+    sp: usize,
+    tile: &Tile,
+    rows: &[f32],
+    dp: usize,
+    o: &mut [f32],
+) {
+    by_chunks!(dp, accumulate_chunk::<M>(w, sp, tile, rows, dp, o));
 }
 
 #[inline(always)]
-fn accumulate_chunk<const V: usize>(
+fn accumulate_chunk<M: MulAdd, const V: usize>(
     w: &[f32],
     sp: usize,
     tile: &Tile,
@@ -697,7 +737,7 @@ fn accumulate_chunk<const V: usize>(
             let wr = w[r * sp + j];
             for (acc, x) in acc.iter_mut().zip(&x) {
                 for k in 0..LANES {
-                    acc[k] += wr * x[k];
+                    acc[k] = M::mul_add(wr, x[k], acc[k]);
                 }
             }
         }
@@ -712,12 +752,12 @@ fn accumulate_chunk<const V: usize>(
 
 /// `rows[j] += Σᵣ w[r·sp + j] · x[r]` over the tile's keys.
 #[inline(always)]
-fn scatter(w: &[f32], sp: usize, tile: &Tile, x: &[f32], dp: usize, rows: &mut [f32]) {
-    by_chunks!(dp, scatter_chunk(w, sp, tile, x, dp, rows));
+fn scatter<M: MulAdd>(w: &[f32], sp: usize, tile: &Tile, x: &[f32], dp: usize, rows: &mut [f32]) {
+    by_chunks!(dp, scatter_chunk::<M>(w, sp, tile, x, dp, rows));
 }
 
 #[inline(always)]
-fn scatter_chunk<const V: usize>(
+fn scatter_chunk<M: MulAdd, const V: usize>(
     w: &[f32],
     sp: usize,
     tile: &Tile,
@@ -735,8 +775,8 @@ fn scatter_chunk<const V: usize>(
             let mut y = block(&rows[at..]);
             for k in 0..LANES {
                 // Pairwise, so the four rows' terms are two short chains, not one long one.
-                let a = w[0] * x0[k] + w[1] * x1[k];
-                let b = w[2] * x2[k] + w[3] * x3[k];
+                let a = M::mul_add(w[1], x1[k], w[0] * x0[k]);
+                let b = M::mul_add(w[3], x3[k], w[2] * x2[k]);
                 y[k] += a + b;
             }
             rows[at..][..LANES].copy_from_slice(&y);
