@@ -25,7 +25,7 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::fused::{LANES, block, contiguous, dot, exp, f32s, max, sum};
+use crate::fused::{Kernel, LANES, MulAdd, block, contiguous, dispatch, dot, exp, f32s, max, sum};
 
 /// Everything attention needs besides q, k and v, for one batch; built once and shared by
 /// every layer.
@@ -389,54 +389,6 @@ impl Tile {
     }
 }
 
-/// A task compiled for the CPU at hand (a closure would not be: it would not inline).
-trait Kernel {
-    type Out;
-    fn run<M: MulAdd>(self) -> Self::Out;
-}
-
-fn dispatch<K: Kernel>(kernel: K) -> K::Out {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
-    {
-        // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { dispatch_avx512(kernel) };
-    }
-    kernel.run::<Separate>()
-}
-
-/// The kernels' loops work on whole vectors of `LANES`; compiled for AVX-512 each is one
-/// instruction, and a multiply-add one fused instruction.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-fn dispatch_avx512<K: Kernel>(kernel: K) -> K::Out {
-    kernel.run::<Fma>()
-}
-
-/// `a·b + c` as the kernels compute it: fused where the CPU has FMA, a multiply and an add
-/// elsewhere (`f32::mul_add` without FMA is a library call, far slower than both).
-trait MulAdd {
-    fn mul_add(a: f32, b: f32, c: f32) -> f32;
-}
-
-struct Fma;
-
-impl MulAdd for Fma {
-    #[inline(always)]
-    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
-        a.mul_add(b, c)
-    }
-}
-
-struct Separate;
-
-impl MulAdd for Separate {
-    #[inline(always)]
-    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
-        a * b + c
-    }
-}
-
 /// The forward of batch row `b`'s query heads that share key/value head `g`.
 struct ForwardTask<'a> {
     plan: &'a Attention,
@@ -673,24 +625,52 @@ fn score_block<M: MulAdd, const V: usize>(
     j: usize,
     p: &mut [f32],
 ) -> usize {
+    let acc = rank_one_tile::<M, V>(
+        0..d,
+        |t, r| x[r * dp + t],
+        |t, v| block(&cols[t * sp + j + v * LANES..]),
+    );
+    store(&acc, p, sp, j);
+    V * LANES
+}
+
+/// `Σ_step a(step, r) · b(step, v)` for `ROWS` rows and `V` vectors: the register tile that
+/// both the score and the output products are made of. One `b` block loaded serves every row,
+/// and the `ROWS·V` sums stay in registers.
+#[inline(always)]
+fn rank_one_tile<M: MulAdd, const V: usize>(
+    steps: std::ops::Range<usize>,
+    a: impl Fn(usize, usize) -> f32,
+    b: impl Fn(usize, usize) -> [f32; LANES],
+) -> [[[f32; LANES]; V]; ROWS] {
     let mut acc = [[[0f32; LANES]; V]; ROWS];
-    for t in 0..d {
-        let c: [[f32; LANES]; V] = std::array::from_fn(|v| block(&cols[t * sp + j + v * LANES..]));
+    for step in steps {
+        let b: [[f32; LANES]; V] = std::array::from_fn(|v| b(step, v));
         for (r, acc) in acc.iter_mut().enumerate() {
-            let xr = x[r * dp + t];
-            for (acc, c) in acc.iter_mut().zip(&c) {
+            let ar = a(step, r);
+            for (acc, b) in acc.iter_mut().zip(&b) {
                 for k in 0..LANES {
-                    acc[k] = M::mul_add(xr, c[k], acc[k]);
+                    acc[k] = M::mul_add(ar, b[k], acc[k]);
                 }
             }
         }
     }
+    acc
+}
+
+/// A tile's rows into `out` at `at`, `stride` apart.
+#[inline(always)]
+fn store<const V: usize>(
+    acc: &[[[f32; LANES]; V]; ROWS],
+    out: &mut [f32],
+    stride: usize,
+    at: usize,
+) {
     for (r, acc) in acc.iter().enumerate() {
         for (v, acc) in acc.iter().enumerate() {
-            p[r * sp + j + v * LANES..][..LANES].copy_from_slice(acc);
+            out[r * stride + at + v * LANES..][..LANES].copy_from_slice(acc);
         }
     }
-    V * LANES
 }
 
 /// Splits a padded head vector into chunks of two vectors, the last of one where `dp` is odd
@@ -730,23 +710,12 @@ fn accumulate_chunk<M: MulAdd, const V: usize>(
     o: &mut [f32],
     c: usize,
 ) -> usize {
-    let mut acc = [[[0f32; LANES]; V]; ROWS];
-    for j in tile.lo..tile.hi {
-        let x: [[f32; LANES]; V] = std::array::from_fn(|v| block(&rows[j * dp + c + v * LANES..]));
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let wr = w[r * sp + j];
-            for (acc, x) in acc.iter_mut().zip(&x) {
-                for k in 0..LANES {
-                    acc[k] = M::mul_add(wr, x[k], acc[k]);
-                }
-            }
-        }
-    }
-    for (r, acc) in acc.iter().enumerate() {
-        for (v, acc) in acc.iter().enumerate() {
-            o[r * dp + c + v * LANES..][..LANES].copy_from_slice(acc);
-        }
-    }
+    let acc = rank_one_tile::<M, V>(
+        tile.lo..tile.hi,
+        |j, r| w[r * sp + j],
+        |j, v| block(&rows[j * dp + c + v * LANES..]),
+    );
+    store(&acc, o, dp, c);
     V * LANES
 }
 

@@ -617,7 +617,7 @@ impl Kernel for RmsRows<'_> {
     type Out = ();
 
     #[inline(always)]
-    fn run(self) {
+    fn run<M: MulAdd>(self) {
         let width = self.gamma.len();
         for ((x, out), inv) in self
             .x
@@ -694,7 +694,7 @@ impl Kernel for RmsRowsGrad<'_> {
     type Out = ();
 
     #[inline(always)]
-    fn run(self) {
+    fn run<M: MulAdd>(self) {
         let width = self.gamma.len();
         let rows = self
             .dy
@@ -798,7 +798,7 @@ impl Kernel for LayerNormRows<'_> {
     type Out = ();
 
     #[inline(always)]
-    fn run(self) {
+    fn run<M: MulAdd>(self) {
         let width = self.gamma.len();
         let n = width as f32;
         for ((x, out), stats) in self
@@ -888,7 +888,7 @@ impl Kernel for LayerNormRowsGrad<'_> {
     type Out = ();
 
     #[inline(always)]
-    fn run(self) {
+    fn run<M: MulAdd>(self) {
         let width = self.gamma.len();
         let n = width as f32;
         let rows = self
@@ -917,24 +917,49 @@ impl Kernel for LayerNormRowsGrad<'_> {
 pub(crate) trait Kernel {
     type Out;
     /// Must be `#[inline(always)]`, and so must everything it calls in its loops.
-    fn run(self) -> Self::Out;
+    fn run<M: MulAdd>(self) -> Self::Out;
 }
 
-/// Runs `kernel` compiled for AVX-512 where the CPU has it: kernels' loops work on whole
-/// vectors of `LANES`, each then one instruction.
+/// Runs `kernel` compiled for AVX-512 and FMA where the CPU has them: kernels' loops work on
+/// whole vectors of `LANES`, each then one instruction.
 pub(crate) fn dispatch<K: Kernel>(kernel: K) -> K::Out {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has the feature the function is compiled for.
+    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
+    {
+        // SAFETY: the CPU has the features the function is compiled for.
         return unsafe { dispatch_avx512(kernel) };
     }
-    kernel.run()
+    kernel.run::<Separate>()
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,fma")]
 fn dispatch_avx512<K: Kernel>(kernel: K) -> K::Out {
-    kernel.run()
+    kernel.run::<Fma>()
+}
+
+/// `a·b + c` as a kernel computes it: one fused instruction where the CPU has FMA, a multiply
+/// and an add elsewhere (`f32::mul_add` without FMA is a library call, far slower than both).
+pub(crate) trait MulAdd {
+    fn mul_add(a: f32, b: f32, c: f32) -> f32;
+}
+
+pub(crate) struct Fma;
+
+impl MulAdd for Fma {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+pub(crate) struct Separate;
+
+impl MulAdd for Separate {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
 }
 
 #[cfg(test)]
