@@ -799,18 +799,31 @@ fn rotate(x: &[f32], cos: &[f32], sin: &[f32], transposed: bool, scale: f32, out
     }
 }
 
+/// Per token, its position's rotary tables. Each position's row is computed once (`half`
+/// sines and cosines in f64, as transformers computes them in f32 from f64 frequencies) and
+/// copied to every token at that position: packed rows repeat positions many times over.
 fn rope_tables(theta: f64, positions: &[u32], d: usize) -> (Vec<f32>, Vec<f32>) {
     let half = d / 2;
     let inv_freq: Vec<f64> = (0..half)
         .map(|j| 1.0 / theta.powf((2 * j) as f64 / d as f64))
         .collect();
+    let longest = positions.iter().max().map_or(0, |&p| p as usize + 1);
+    let mut by_position = vec![(0f32, 0f32); longest * half];
+    for (pos, row) in by_position.chunks_exact_mut(half).enumerate() {
+        for (j, entry) in row.iter_mut().enumerate() {
+            let (s, c) = (pos as f64 * inv_freq[j]).sin_cos();
+            *entry = (c as f32, s as f32);
+        }
+    }
     let mut cos = Vec::with_capacity(positions.len() * d);
     let mut sin = Vec::with_capacity(positions.len() * d);
     for &pos in positions {
-        for j in 0..d {
-            let angle = pos as f64 * inv_freq[j % half];
-            cos.push(angle.cos() as f32);
-            sin.push(if j < half { -angle.sin() } else { angle.sin() } as f32);
+        let row = &by_position[pos as usize * half..][..half];
+        for negate in [true, false] {
+            for &(c, s) in row {
+                cos.push(c);
+                sin.push(if negate { -s } else { s });
+            }
         }
     }
     (cos, sin)
