@@ -290,15 +290,9 @@ impl Attention {
         for (j, row) in rows.chunks_exact_mut(dp).enumerate() {
             let token = b * s + j;
             let src = &x[(token * self.kv_heads + g) * d..][..d];
-            match (&self.rope, rotate) {
-                (Some((cos, sin)), true) => rope(
-                    src,
-                    &cos[token * d..][..d],
-                    &sin[token * d..][..d],
-                    1.0,
-                    &mut row[..d],
-                ),
-                _ => row[..d].copy_from_slice(src),
+            match rotate {
+                true => self.turn(token, src, false, 1.0, &mut row[..d]),
+                false => row[..d].copy_from_slice(src),
             }
         }
         rows
@@ -323,18 +317,24 @@ impl Attention {
         let d = self.head_dim;
         let token = b * self.seq + i;
         let src = &q[(token * self.heads + h) * d..][..d];
+        self.turn(token, src, false, self.scale, &mut out[..d]);
+    }
+
+    /// `scale ·` token `token`'s head vector `x` rotated by its position (or, `transposed`,
+    /// rotated back: the backward's turn), into `out`; only scaled without rotary tables.
+    #[inline(always)]
+    fn turn(&self, token: usize, x: &[f32], transposed: bool, scale: f32, out: &mut [f32]) {
+        let d = self.head_dim;
         match &self.rope {
-            Some((cos, sin)) => rope(
-                src,
+            Some((cos, sin)) => rotate(
+                x,
                 &cos[token * d..][..d],
                 &sin[token * d..][..d],
-                self.scale,
-                &mut out[..d],
+                transposed,
+                scale,
+                out,
             ),
-            None => out[..d]
-                .iter_mut()
-                .zip(src)
-                .for_each(|(o, &x)| *o = x * self.scale),
+            None => out.iter_mut().zip(x).for_each(|(o, &x)| *o = x * scale),
         }
     }
 
@@ -550,19 +550,7 @@ impl Kernel for BackwardTask<'_> {
                 for r in 0..tile.n {
                     let token = b * s + i0 + r;
                     let (from, to) = (&dx[r * dp..][..d], &mut dq[(t * s + i0 + r) * d..][..d]);
-                    match &plan.rope {
-                        Some((cos, sin)) => rope_transposed(
-                            from,
-                            &cos[token * d..][..d],
-                            &sin[token * d..][..d],
-                            plan.scale,
-                            to,
-                        ),
-                        None => to
-                            .iter_mut()
-                            .zip(from)
-                            .for_each(|(o, &x)| *o = x * plan.scale),
-                    }
+                    plan.turn(token, from, true, plan.scale, to);
                 }
             }
         }
@@ -573,16 +561,9 @@ impl Kernel for BackwardTask<'_> {
                 .zip(out.chunks_exact_mut(d))
                 .enumerate()
             {
-                let token = b * s + j;
-                match (&plan.rope, rotate) {
-                    (Some((cos, sin)), true) => rope_transposed(
-                        &from[..d],
-                        &cos[token * d..][..d],
-                        &sin[token * d..][..d],
-                        1.0,
-                        to,
-                    ),
-                    _ => to.copy_from_slice(&from[..d]),
+                match rotate {
+                    true => plan.turn(b * s + j, &from[..d], true, 1.0, to),
+                    false => to.copy_from_slice(&from[..d]),
                 }
             }
             out
@@ -754,20 +735,10 @@ fn scatter_chunk<M: MulAdd, const V: usize>(
     V * LANES
 }
 
-/// `out = scale · (x·cos + rotate_half(x)·sin)`; `rotate_half` swaps the halves (its sign is
-/// in `sin`).
-#[inline(always)]
-fn rope(x: &[f32], cos: &[f32], sin: &[f32], scale: f32, out: &mut [f32]) {
-    rotate(x, cos, sin, false, scale, out)
-}
-
-/// The transpose of [`rope`]: swapping halves is its own inverse, so
-/// `out[j] = scale · (y[j]·cos[j] + y[j']·sin[j'])` with `j'` the swapped index.
-#[inline(always)]
-fn rope_transposed(y: &[f32], cos: &[f32], sin: &[f32], scale: f32, out: &mut [f32]) {
-    rotate(y, cos, sin, true, scale, out)
-}
-
+/// HF's rotary embedding, `out = scale · (x·cos + rotate_half(x)·sin)`, where `rotate_half`
+/// swaps the halves (its sign is in `sin`); `transposed`, its transpose (swapping halves is its
+/// own inverse, so only which half's sines apply changes).
+///
 /// `out[j] = scale · (x[j]·cos[j] + x[j']·sin[i])`, `j'` the index `j` in the other half, and
 /// `i` that too when `transposed`, else `j`.
 #[inline(always)]

@@ -153,7 +153,7 @@ fn log_sum_exp_avx512(x: &[f32]) -> f32 {
 
 #[inline(always)]
 fn log_sum_exp_portable(x: &[f32]) -> f32 {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = max(x);
     // Lanes of partial sums, so the loop vectorises (a single f32 sum would have to run in
     // order).
     let mut lanes = [0f32; 16];
