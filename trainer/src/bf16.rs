@@ -22,8 +22,8 @@ pub(crate) fn available() -> bool {
 /// A frozen `[in, out]` weight, rounded to bf16 and packed for `x · W` and for `∂y · Wᵀ`.
 #[derive(Debug)]
 pub(crate) struct FrozenWeight {
-    forward: Packed,
-    backward: Packed,
+    pub(crate) forward: Packed,
+    pub(crate) backward: Packed,
 }
 
 impl FrozenWeight {

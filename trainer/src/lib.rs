@@ -17,6 +17,7 @@ mod fit;
 mod fused;
 mod llama;
 mod lora;
+mod low_rank;
 mod merge;
 #[cfg(test)]
 mod parity;

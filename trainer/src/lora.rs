@@ -192,6 +192,30 @@ impl LoraLinear {
         let d_in = dims[D - 1];
         let rows = x.shape().num_elements() / d_in;
         let x: Tensor<2> = x.reshape([rows, d_in]);
+        let y = self.fused(x.clone()).unwrap_or_else(|| self.composed(x));
+        dims[D - 1] = y.dims()[1];
+        y.reshape(dims)
+    }
+
+    /// The adapted projection as one op (see `low_rank`), where the backend has it and no
+    /// dropout mask stands between `x` and the adapter.
+    fn fused(&self, x: Tensor<2>) -> Option<Tensor<2>> {
+        let (a, b) = (self.lora_a.as_ref()?, self.lora_b.as_ref()?);
+        if self.dropout.prob > 0.0 && x.device().is_autodiff() {
+            return None;
+        }
+        crate::low_rank::adapted(
+            x,
+            self.base.weight.val(),
+            self.bf16.as_ref(),
+            self.base.bias.as_ref().map(|b| b.val()),
+            [a.val(), b.val()],
+            self.scaling as f32,
+        )
+    }
+
+    /// The projection from burn's ops (and the bf16 frozen product).
+    fn composed(&self, x: Tensor<2>) -> Tensor<2> {
         let y = match &self.bf16 {
             Some(weight) => {
                 let y = crate::bf16::frozen_matmul(x.clone(), weight);
@@ -202,15 +226,13 @@ impl LoraLinear {
             }
             None => self.base.forward(x.clone()),
         };
-        let y = match (&self.lora_a, &self.lora_b) {
+        match (&self.lora_a, &self.lora_b) {
             (Some(a), Some(b)) => {
                 let update = self.dropped(x).matmul(a.val()).matmul(b.val());
                 y + update.mul_scalar(self.scaling)
             }
             _ => y,
-        };
-        dims[D - 1] = y.dims()[1];
-        y.reshape(dims)
+        }
     }
 
     /// The adapter's input with dropout, as PEFT applies it: in training shards only, with

@@ -1,0 +1,419 @@
+//! An adapted projection, `x·W + bias + s·(x·A)·B`, as one differentiable op on the CPU.
+//!
+//! Composed from burn's ops it is five nodes (two thin products, a scale, an add and the
+//! frozen product) and, backwards, a scale, a sum of two `∂x` and the products' own copies:
+//! whole passes over `[rows, out]` and `[rows, in]` for an update of rank 8. Here the thin
+//! products go straight to `gemm`, with strides standing in for every transpose, and
+//! accumulate in place: the update into the frozen product's output, `s·∂(xA)·Aᵀ` into the
+//! frozen product's `∂x`. It keeps `x` and `x·A`, as burn's matmuls would. The frozen product
+//! runs on AMX tiles in bf16 where training computes in bf16, in f32 through `gemm` otherwise.
+
+use std::sync::Arc;
+
+use burn::backend::autodiff::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::{Flex, FlexTensor};
+use burn::tensor::{Tensor, TensorData};
+
+use crate::bf16::FrozenWeight;
+use crate::fused::{contiguous, f32s};
+
+/// The frozen weight `W` `[in, out]` of an adapted projection.
+#[derive(Debug, Clone)]
+enum Frozen {
+    F32(FlexTensor),
+    Bf16(Arc<FrozenWeight>),
+}
+
+/// `x·W + bias + s·(x·A)·B`, or `None` when the tensors are not on the CPU backend (the
+/// caller then composes it from burn's ops).
+///
+/// # Shapes
+/// - x: `[rows, in]`, weight: `[in, out]`, bias: `[out]`
+/// - a: `[in, r]`, b: `[r, out]`
+/// - output: `[rows, out]`
+pub(crate) fn adapted(
+    x: Tensor<2>,
+    weight: Tensor<2>,
+    packed: Option<&Arc<FrozenWeight>>,
+    bias: Option<Tensor<1>>,
+    [a, b]: [Tensor<2>; 2],
+    scale: f32,
+) -> Option<Tensor<2>> {
+    let frozen = |weight: Option<FlexTensor>| match packed {
+        Some(packed) => Some(Frozen::Bf16(packed.clone())),
+        // Not copied contiguous: a weight loaded from PyTorch's `[out, in]` is a transposed
+        // view, and `gemm` reads it as it lies.
+        None => weight.map(Frozen::F32),
+    };
+    if let (Ok(x), Ok(a), Ok(b)) = (
+        x.clone().try_into_primitive::<Autodiff<Flex>>(),
+        a.clone().try_into_primitive::<Autodiff<Flex>>(),
+        b.clone().try_into_primitive::<Autodiff<Flex>>(),
+    ) {
+        let inner = |t: Tensor<2>| {
+            Some(
+                t.try_into_primitive::<Autodiff<Flex>>()
+                    .ok()?
+                    .into_parts()
+                    .0,
+            )
+        };
+        let frozen = frozen(inner(weight))?;
+        let bias = match bias {
+            Some(bias) => Some(
+                bias.try_into_primitive::<Autodiff<Flex>>()
+                    .ok()?
+                    .into_parts()
+                    .0,
+            ),
+            None => None,
+        };
+        let (x, x_node) = x.into_parts();
+        let (a, a_node) = a.into_parts();
+        let (b, b_node) = b.into_parts();
+        let (x, a, b) = (contiguous(x), contiguous(a), contiguous(b));
+        let bias = bias.map(contiguous);
+        let (y, z) = forward(&x, &frozen, bias.as_ref(), &a, &b, scale);
+        let out = match Adapted
+            .prepare::<NoCheckpointing>([x_node, a_node, b_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(
+                State {
+                    x,
+                    z: Arc::new(z),
+                    frozen,
+                    a,
+                    b,
+                    scale,
+                },
+                y,
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        return Some(Tensor::from_primitive::<Autodiff<Flex>>(out));
+    }
+    let flex = |t: Tensor<2>| t.try_into_primitive::<Flex>().ok().map(contiguous);
+    let frozen = frozen(flex(weight))?;
+    let bias = match bias {
+        Some(bias) => Some(contiguous(bias.try_into_primitive::<Flex>().ok()?)),
+        None => None,
+    };
+    let (x, a, b) = (flex(x)?, flex(a)?, flex(b)?);
+    let (y, _) = forward(&x, &frozen, bias.as_ref(), &a, &b, scale);
+    Some(Tensor::from_primitive::<Flex>(y))
+}
+
+/// `(x·W + bias + s·z·B, z = x·A)`.
+fn forward(
+    x: &FlexTensor,
+    frozen: &Frozen,
+    bias: Option<&FlexTensor>,
+    a: &FlexTensor,
+    b: &FlexTensor,
+    scale: f32,
+) -> (FlexTensor, Vec<f32>) {
+    let [d_in, r] = dims(a);
+    let d_out = dims(b)[1];
+    let xs = f32s(x);
+    let rows = xs.len() / d_in;
+    let x = View::rows(xs, rows, d_in);
+    let mut y = match frozen {
+        Frozen::Bf16(w) => crate::amx::matmul(xs, rows, &w.forward),
+        Frozen::F32(w) => {
+            let mut y = vec![0f32; rows * d_out];
+            gemm(&mut y, false, x, View::of(w), 1.0);
+            y
+        }
+    };
+    if let Some(bias) = bias {
+        let bias = f32s(bias);
+        for row in y.chunks_exact_mut(d_out) {
+            row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
+        }
+    }
+    let mut z = vec![0f32; rows * r];
+    gemm(&mut z, false, x, View::rows(f32s(a), d_in, r), 1.0);
+    gemm(
+        &mut y,
+        true,
+        View::rows(&z, rows, r),
+        View::rows(f32s(b), r, d_out),
+        scale,
+    );
+    (FlexTensor::from_data(TensorData::new(y, [rows, d_out])), z)
+}
+
+fn dims(t: &FlexTensor) -> [usize; 2] {
+    let shape = t.layout().shape();
+    [shape[0], shape[1]]
+}
+
+#[derive(Debug)]
+struct Adapted;
+
+#[derive(Debug, Clone)]
+struct State {
+    x: FlexTensor,
+    z: Arc<Vec<f32>>,
+    frozen: Frozen,
+    a: FlexTensor,
+    b: FlexTensor,
+    scale: f32,
+}
+
+impl Backward<Flex, 3> for Adapted {
+    type State = State;
+
+    /// With `g = ∂y·Bᵀ`: `∂x = ∂y·Wᵀ + s·g·Aᵀ`, `∂A = s·xᵀ·g`, `∂B = s·zᵀ·∂y`.
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let State {
+            x,
+            z,
+            frozen,
+            a,
+            b,
+            scale,
+        } = ops.state;
+        let dy = contiguous(grads.consume::<Flex>(&ops.node));
+        let [d_in, r] = dims(&a);
+        let d_out = dims(&b)[1];
+        let dys = f32s(&dy);
+        let rows = dys.len() / d_out;
+        let (dy, a, b) = (
+            View::rows(dys, rows, d_out),
+            View::rows(f32s(&a), d_in, r),
+            View::rows(f32s(&b), r, d_out),
+        );
+        let mut g = vec![0f32; rows * r];
+        gemm(&mut g, false, dy, b.t(), 1.0);
+        let g = View::rows(&g, rows, r);
+        let [x_parent, a_parent, b_parent] = ops.parents;
+        let register = |grads: &mut Gradients, id, d: Vec<f32>, shape: [usize; 2]| {
+            grads.register::<Flex>(id, FlexTensor::from_data(TensorData::new(d, shape)));
+        };
+        if let Some(node) = x_parent {
+            let mut dx = match &frozen {
+                Frozen::Bf16(w) => crate::amx::matmul(dys, rows, &w.backward),
+                Frozen::F32(w) => {
+                    let mut dx = vec![0f32; rows * d_in];
+                    gemm(&mut dx, false, dy, View::of(w).t(), 1.0);
+                    dx
+                }
+            };
+            gemm(&mut dx, true, g, a.t(), scale);
+            register(grads, node.id, dx, [rows, d_in]);
+        }
+        if let Some(node) = a_parent {
+            let mut da = vec![0f32; d_in * r];
+            gemm(
+                &mut da,
+                false,
+                View::rows(f32s(&x), rows, d_in).t(),
+                g,
+                scale,
+            );
+            register(grads, node.id, da, [d_in, r]);
+        }
+        if let Some(node) = b_parent {
+            let mut db = vec![0f32; r * d_out];
+            gemm(&mut db, false, View::rows(&z, rows, r).t(), dy, scale);
+            register(grads, node.id, db, [r, d_out]);
+        }
+    }
+}
+
+/// A matrix over a slice, element `(i, j)` at `i·row_stride + j·col_stride`: a row-major
+/// matrix or, with the strides swapped, its transpose.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+impl<'a> View<'a> {
+    /// A row-major `[rows, cols]` matrix.
+    fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols, "not a [{rows}, {cols}] matrix");
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride: cols as isize,
+            col_stride: 1,
+        }
+    }
+
+    /// A 2-D tensor as it lies in its storage, transposed or not.
+    fn of(t: &'a FlexTensor) -> Self {
+        let layout = t.layout();
+        let ([rows, cols], strides) = (dims(t), layout.strides());
+        let (row_stride, col_stride) = (strides[0], strides[1]);
+        assert!(
+            row_stride >= 0 && col_stride >= 0,
+            "a matrix with negative strides"
+        );
+        let data = &t.storage::<f32>()[layout.start_offset()..];
+        let last =
+            (rows.max(1) - 1) * row_stride as usize + (cols.max(1) - 1) * col_stride as usize;
+        assert!(
+            rows * cols == 0 || last < data.len(),
+            "a view past its storage"
+        );
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        }
+    }
+
+    fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+}
+
+/// `out = scale·lhs·rhs`, or `out += scale·lhs·rhs` when `accumulate`; `out` is row-major.
+fn gemm(out: &mut [f32], accumulate: bool, lhs: View, rhs: View, scale: f32) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    assert_eq!(rhs.rows, k, "inner dimensions differ");
+    assert_eq!(out.len(), m * n, "output is not [{m}, {n}]");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            out.fill(0.0);
+        }
+        return;
+    }
+    // burn's own threshold: below it, splitting a product costs more than it saves (and the
+    // trainer already runs batch shards in parallel).
+    let parallelism = if m * n * k >= 192 * 192 * 192 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: both views lie within their slices (`View::rows` checked the lengths, and a
+    // transpose visits the same elements), `out` is an `[m, n]` row-major buffer, and the
+    // slices are borrowed for the whole call.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.col_stride,
+            lhs.row_stride,
+            rhs.data.as_ptr(),
+            rhs.col_stride,
+            rhs.row_stride,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, Distribution, Tolerance};
+
+    /// The op's output and its gradients for x, A and B against the same projection composed
+    /// from burn's ops, with and without bias, in f32 and (where AMX is) bf16.
+    #[test]
+    fn adapted_projection_matches_burns_ops() {
+        let device = Device::flex().autodiff();
+        let (rows, d_in, d_out, r, scale) = (37, 48, 40, 8, 0.75f32);
+        let random = |shape: [usize; 2]| Tensor::<2>::random(shape, Distribution::Default, &device);
+        // Transposed, as weights loaded from PyTorch's `[out, in]` lie.
+        let weight = random([d_out, d_in]).transpose();
+        let bias: Tensor<1> = Tensor::random([d_out], Distribution::Default, &device);
+        let (a, b) = (random([d_in, r]), random([r, d_out]));
+        let (x, upstream) = (random([rows, d_in]), random([rows, d_out]));
+        let packed = Arc::new(FrozenWeight::new(weight.clone()));
+        let mut cases = vec![(None, None), (Some(bias.clone()), None)];
+        if crate::bf16::available() {
+            cases.push((Some(bias), Some(packed.clone())));
+        }
+        for (bias, packed) in cases {
+            let leaves = || [x.clone(), a.clone(), b.clone()].map(|t| t.detach().require_grad());
+            let [x1, a1, b1] = leaves();
+            let ours = adapted(
+                x1.clone(),
+                weight.clone(),
+                packed.as_ref(),
+                bias.clone(),
+                [a1.clone(), b1.clone()],
+                scale,
+            )
+            .expect("flex");
+            let grads = (ours.clone() * upstream.clone()).sum().backward();
+            let ours_grads = [&x1, &a1, &b1].map(|t| t.grad(&grads).unwrap());
+
+            // The frozen product as the tested bf16 op computes it, so only the op's own
+            // arithmetic is compared.
+            let [x2, a2, b2] = leaves();
+            let frozen = match &packed {
+                Some(packed) => crate::bf16::frozen_matmul(x2.clone(), packed),
+                None => x2.clone().matmul(weight.clone()),
+            };
+            let mut want = frozen
+                + x2.clone()
+                    .matmul(a2.clone())
+                    .matmul(b2.clone())
+                    .mul_scalar(scale);
+            if let Some(bias) = &bias {
+                want = want + bias.clone().unsqueeze_dim(0);
+            }
+            let grads = (want.clone() * upstream.clone()).sum().backward();
+            let want_grads = [&x2, &a2, &b2].map(|t| t.grad(&grads).unwrap());
+
+            let tolerance = Tolerance::rel_abs(1e-5, 1e-4);
+            ours.into_data()
+                .assert_approx_eq::<f32>(&want.into_data(), tolerance);
+            for (ours, want) in ours_grads.into_iter().zip(want_grads) {
+                ours.into_data()
+                    .assert_approx_eq::<f32>(&want.into_data(), tolerance);
+            }
+        }
+
+        // Without autodiff (validation, inference) the same values.
+        let plain = |t: &Tensor<2>| Tensor::<2>::from_data(t.to_data(), &Device::flex());
+        let ours = adapted(
+            plain(&x),
+            plain(&weight),
+            None,
+            None,
+            [plain(&a), plain(&b)],
+            scale,
+        )
+        .expect("flex");
+        let want = x.clone().matmul(weight) + x.matmul(a).matmul(b).mul_scalar(scale);
+        ours.into_data()
+            .assert_approx_eq::<f32>(&want.into_data(), Tolerance::rel_abs(1e-5, 1e-4));
+    }
+}
