@@ -9,6 +9,7 @@
 //! unstable; everything unsafe lives in this file.
 
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 /// Tile geometry: a tile is 16 rows of 64 bytes (16 f32 or 32 bf16).
@@ -160,48 +161,71 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// `a` rounded to bf16, `[m_padded, k_padded]`, zeros in the padding.
+/// `a` rounded to bf16 in tile order: each 16-row strip is its `k_padded / 32` tiles of
+/// 16 × 32, one after another, so a tile load reads one contiguous KiB and a strip streams
+/// through memory in order (a row-major `a` puts a tile's rows a whole row apart, and the
+/// loads then wait on 16 scattered lines). Zeros in the padding, and nothing written twice:
+/// zeroing the buffer first was a pass over it for nothing.
 fn round_rows(a: &[f32], m: usize, k: usize, m_padded: usize, k_padded: usize) -> Vec<u16> {
-    let mut out = vec![0u16; m_padded * k_padded];
-    let rows_per_chunk = 64;
-    out.par_chunks_mut(rows_per_chunk * k_padded)
+    let strip_len = ROWS * k_padded;
+    let mut out = Vec::with_capacity(m_padded * k_padded);
+    out.spare_capacity_mut()[..m_padded * k_padded]
+        .par_chunks_mut(strip_len)
         .enumerate()
-        .for_each(|(chunk, dst)| {
-            for (i, dst_row) in dst.chunks_mut(k_padded).enumerate() {
-                let row = chunk * rows_per_chunk + i;
-                if row >= m {
-                    break;
-                }
-                round_row(&a[row * k..(row + 1) * k], &mut dst_row[..k]);
+        .for_each(|(strip, dst)| {
+            for r in 0..ROWS {
+                let row = strip * ROWS + r;
+                let src = if row < m {
+                    &a[row * k..(row + 1) * k]
+                } else {
+                    &[]
+                };
+                round_row(src, dst, r);
             }
         });
+    // SAFETY: the strips cover the buffer and `round_row` wrote every element of each.
+    unsafe { out.set_len(m_padded * k_padded) };
     out
 }
 
-fn round_row(src: &[f32], dst: &mut [u16]) {
+/// Rounds one row (`k` values or none) into row `r` of its strip's tiles, zeros after it.
+fn round_row(src: &[f32], strip: &mut [MaybeUninit<u16>], r: usize) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512bw") {
         // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { round_row_avx512(src, dst) };
+        return unsafe { round_row_avx512(src, strip, r) };
     }
-    round_row_portable(src, dst)
+    round_row_portable(src, strip, r)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-fn round_row_avx512(src: &[f32], dst: &mut [u16]) {
+fn round_row_avx512(src: &[f32], strip: &mut [MaybeUninit<u16>], r: usize) {
     // The same loop; the attribute lets it vectorise 16 lanes wide.
-    round_row_portable(src, dst)
+    round_row_portable(src, strip, r)
+}
+
+#[inline(always)]
+fn round_row_portable(src: &[f32], strip: &mut [MaybeUninit<u16>], r: usize) {
+    let tiles = strip.len() / (ROWS * K_STEP);
+    for step in 0..tiles {
+        let at = step * ROWS * K_STEP + r * K_STEP;
+        let dst = &mut strip[at..at + K_STEP];
+        let src = src.get(step * K_STEP..).unwrap_or(&[]);
+        let src = &src[..src.len().min(K_STEP)];
+        round(src, &mut dst[..src.len()]);
+        dst[src.len()..].fill(MaybeUninit::new(0));
+    }
 }
 
 /// Round to nearest, ties to even (what `half` and PyTorch do), in integer arithmetic that
 /// vectorises; NaN stays NaN.
 #[inline(always)]
-fn round_row_portable(src: &[f32], dst: &mut [u16]) {
+fn round(src: &[f32], dst: &mut [MaybeUninit<u16>]) {
     for (d, s) in dst.iter_mut().zip(src) {
         let bits = s.to_bits();
         let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
-        *d = if s.is_nan() { 0x7fc0 } else { rounded as u16 };
+        d.write(if s.is_nan() { 0x7fc0 } else { rounded as u16 });
     }
 }
 
@@ -225,7 +249,7 @@ impl TileConfig {
 /// Computes the columns `32·col_block ..` of `out` for row blocks `blocks` (32 rows each).
 ///
 /// # Safety
-/// AMX must be available; `lhs` must be `[m_padded, b.k_padded]`; `out` must point at an
+/// AMX must be available; `lhs` must be `[m_padded, b.k_padded]` in `round_rows`' tile order; `out` must point at an
 /// `[m, b.n]` buffer that no other thread writes in these rows and columns.
 #[cfg(target_arch = "x86_64")]
 unsafe fn kernel(
@@ -239,7 +263,6 @@ unsafe fn kernel(
     use std::arch::asm;
     let config = TileConfig::new();
     let k_padded = b.k_padded;
-    let lhs_stride = k_padded * 2;
     let panel_len = k_padded * ROWS;
     let mut spill = [[0f32; ROWS * ROWS]; 4];
     unsafe {
@@ -248,7 +271,7 @@ unsafe fn kernel(
         let panel1 = panel0.add(panel_len);
         for block in blocks {
             let strip0 = lhs.as_ptr().add(block * BLOCK * k_padded);
-            let strip1 = strip0.add(ROWS * k_padded);
+            let strip1 = strip0.add(panel_len);
             asm!(
                 "tilezero tmm0",
                 "tilezero tmm1",
@@ -256,21 +279,23 @@ unsafe fn kernel(
                 "tilezero tmm3",
                 options(nostack)
             );
+            // Each product right after the loads it needs, so the tile unit starts on the first
+            // pair while the others load.
             for step in 0..k_padded / K_STEP {
                 asm!(
                     "tileloadd tmm4, [{a0} + {a_stride}*1]",
-                    "tileloadd tmm5, [{a1} + {a_stride}*1]",
                     "tileloadd tmm6, [{b0} + {b_stride}*1]",
-                    "tileloadd tmm7, [{b1} + {b_stride}*1]",
                     "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tileloadd tmm7, [{b1} + {b_stride}*1]",
                     "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tileloadd tmm5, [{a1} + {a_stride}*1]",
                     "tdpbf16ps tmm2, tmm5, tmm6",
                     "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) strip0.add(step * K_STEP),
-                    a1 = in(reg) strip1.add(step * K_STEP),
+                    a0 = in(reg) strip0.add(step * K_STEP * ROWS),
+                    a1 = in(reg) strip1.add(step * K_STEP * ROWS),
                     b0 = in(reg) panel0.add(step * K_STEP * ROWS),
                     b1 = in(reg) panel1.add(step * K_STEP * ROWS),
-                    a_stride = in(reg) lhs_stride,
+                    a_stride = in(reg) K_STEP * 2,
                     b_stride = in(reg) 2 * ROWS * 2,
                     options(nostack)
                 );
@@ -390,9 +415,15 @@ mod tests {
             f32::INFINITY,
             3.4e38,
         ];
-        let mut dst = [0u16; 7];
-        round_row(&src, &mut dst);
-        for (s, d) in src.iter().zip(dst) {
+        let mut strip = [MaybeUninit::new(1u16); ROWS * K_STEP];
+        round_row(&src, &mut strip, 0);
+        // SAFETY: initialised above.
+        let strip = strip.map(|d| unsafe { d.assume_init() });
+        assert!(
+            strip[src.len()..K_STEP].iter().all(|&d| d == 0),
+            "zeros after the row"
+        );
+        for (s, &d) in src.iter().zip(&strip) {
             let want = half::bf16::from_f32(*s);
             if s.is_nan() {
                 assert!(half::bf16::from_bits(d).is_nan());
