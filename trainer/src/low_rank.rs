@@ -54,22 +54,9 @@ pub(crate) fn adapted(
         a.clone().try_into_primitive::<Autodiff<Flex>>(),
         b.clone().try_into_primitive::<Autodiff<Flex>>(),
     ) {
-        let inner = |t: Tensor<2>| {
-            Some(
-                t.try_into_primitive::<Autodiff<Flex>>()
-                    .ok()?
-                    .into_parts()
-                    .0,
-            )
-        };
-        let frozen = frozen(inner(weight))?;
+        let frozen = frozen(untracked(weight))?;
         let bias = match bias {
-            Some(bias) => Some(
-                bias.try_into_primitive::<Autodiff<Flex>>()
-                    .ok()?
-                    .into_parts()
-                    .0,
-            ),
+            Some(bias) => Some(untracked(bias)?),
             None => None,
         };
         let (x, x_node) = x.into_parts();
@@ -98,8 +85,8 @@ pub(crate) fn adapted(
         };
         return Some(Tensor::from_primitive::<Autodiff<Flex>>(out));
     }
+    let frozen = frozen(weight.try_into_primitive::<Flex>().ok())?;
     let flex = |t: Tensor<2>| t.try_into_primitive::<Flex>().ok().map(contiguous);
-    let frozen = frozen(flex(weight))?;
     let bias = match bias {
         Some(bias) => Some(contiguous(bias.try_into_primitive::<Flex>().ok()?)),
         None => None,
@@ -107,6 +94,16 @@ pub(crate) fn adapted(
     let (x, a, b) = (flex(x)?, flex(a)?, flex(b)?);
     let (y, _) = forward(&x, &frozen, bias.as_ref(), &a, &b, scale);
     Some(Tensor::from_primitive::<Flex>(y))
+}
+
+/// The flex tensor under an autodiff one, without its graph node: frozen tensors need none.
+fn untracked<const D: usize>(t: Tensor<D>) -> Option<FlexTensor> {
+    Some(
+        t.try_into_primitive::<Autodiff<Flex>>()
+            .ok()?
+            .into_parts()
+            .0,
+    )
 }
 
 /// `(x·W + bias + s·z·B, z = x·A)`.
