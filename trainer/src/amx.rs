@@ -249,8 +249,9 @@ impl TileConfig {
 /// Computes the columns `32·col_block ..` of `out` for row blocks `blocks` (32 rows each).
 ///
 /// # Safety
-/// AMX must be available; `lhs` must be `[m_padded, b.k_padded]` in `round_rows`' tile order; `out` must point at an
-/// `[m, b.n]` buffer that no other thread writes in these rows and columns.
+/// AMX must be available; `lhs` must be `[m_padded, b.k_padded]` in `round_rows`' tile order;
+/// `out` must point at an `[m, b.n]` buffer that no other thread writes in these rows and
+/// columns.
 #[cfg(target_arch = "x86_64")]
 unsafe fn kernel(
     lhs: &[u16],
