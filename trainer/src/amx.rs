@@ -18,6 +18,8 @@ const ROWS: usize = 16;
 const K_STEP: usize = 32;
 /// Rows (and columns) of the 2 × 2 tile block each step of the kernel computes.
 const BLOCK: usize = 2 * ROWS;
+/// Elements below which packing a matrix is not worth a thread hand-off (the adapters).
+const SMALL: usize = 1 << 15;
 /// Row blocks per task: enough work per task to amortise loading the tile configuration,
 /// few enough that a matrix splits into more tasks than threads.
 const BLOCKS_PER_TASK: usize = 4;
@@ -58,13 +60,14 @@ fn detect() -> bool {
 
 /// The right-hand side `b` of `a · b`, `[k, n]`, rounded to bf16 and laid out for the tile
 /// unit: panels of 16 columns, each `k / 2` rows of 16 column pairs `(b[2i][j], b[2i+1][j])`
-/// (the "VNNI" layout `tdpbf16ps` reads). `k` is padded to 32 and `n` to 32 with zeros.
+/// (the "VNNI" layout `tdpbf16ps` reads), each pair one `u32` word, the even row in its low
+/// half. `k` is padded to 32 and `n` to 32 with zeros.
 pub(crate) struct Packed {
     k: usize,
     n: usize,
     k_padded: usize,
     n_padded: usize,
-    data: Vec<u16>,
+    data: Vec<u32>,
 }
 
 impl std::fmt::Debug for Packed {
@@ -74,10 +77,41 @@ impl std::fmt::Debug for Packed {
 }
 
 impl Packed {
-    /// Packs a row-major `[k, n]` matrix.
+    /// Packs a row-major `[k, n]` matrix. It runs every step for the adapters and for the
+    /// operands of their gradients, so it reads `b` in row order (a panel at a time strides
+    /// a whole row between 64-byte reads, and every one missed the cache): a task takes a run
+    /// of panels and walks the row pairs, 16 columns of two rows making one 64-byte line of a
+    /// panel.
     pub(crate) fn from_rows(b: &[f32], k: usize, n: usize) -> Self {
         assert_eq!(b.len(), k * n, "matrix is not [{k}, {n}]");
-        Self::pack(k, n, |row, col| b[row * n + col])
+        let k_padded = k.div_ceil(K_STEP) * K_STEP;
+        let n_padded = n.div_ceil(BLOCK) * BLOCK;
+        let panel_len = k_padded / 2 * ROWS;
+        let panels = n.div_ceil(ROWS);
+        let tasks = if k * n >= SMALL {
+            rayon::current_num_threads().min(panels)
+        } else {
+            1
+        };
+        let per_task = panels.div_ceil(tasks).max(1);
+        // Not zeroed first (a pass over it for nothing): the panels write their padding, and
+        // the one panel past `n` that padding to 32 columns may leave is filled below.
+        let mut data = Vec::with_capacity(n_padded / ROWS * panel_len);
+        let (used, spare) = data.spare_capacity_mut()[..n_padded / ROWS * panel_len]
+            .split_at_mut(panels * panel_len);
+        used.par_chunks_mut(per_task * panel_len)
+            .enumerate()
+            .for_each(|(task, out)| pack_rows(b, k, n, task * per_task, out, panel_len));
+        spare.fill(MaybeUninit::new(0));
+        // SAFETY: `pack_rows` wrote every word of its panels, and the rest was filled above.
+        unsafe { data.set_len(n_padded / ROWS * panel_len) };
+        Self {
+            k,
+            n,
+            k_padded,
+            n_padded,
+            data,
+        }
     }
 
     /// Packs the transpose of a row-major `[n, k]` matrix, i.e. `b[row][col] = t[col][row]`.
@@ -87,26 +121,47 @@ impl Packed {
     }
 
     fn pack(k: usize, n: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
+        let mut packed = Self::zeros(k, n);
+        let panel_len = packed.panel_words();
+        let pack_panel = |(panel, out): (usize, &mut [u32])| {
+            for col in (panel * ROWS..(panel + 1) * ROWS).filter(|&c| c < n) {
+                let lane = col % ROWS;
+                for row in 0..k {
+                    let shift = 16 * (row % 2);
+                    out[(row / 2) * ROWS + lane] |= (bf16_rounded(at(row, col)) as u32) << shift;
+                }
+            }
+        };
+        if k * n >= SMALL {
+            packed
+                .data
+                .par_chunks_mut(panel_len)
+                .enumerate()
+                .for_each(pack_panel);
+        } else {
+            packed
+                .data
+                .chunks_mut(panel_len)
+                .enumerate()
+                .for_each(pack_panel);
+        }
+        packed
+    }
+
+    /// Words in a panel: `k_padded / 2` pairs of rows × 16 columns.
+    fn panel_words(&self) -> usize {
+        self.k_padded / 2 * ROWS
+    }
+
+    fn zeros(k: usize, n: usize) -> Self {
         let k_padded = k.div_ceil(K_STEP) * K_STEP;
         let n_padded = n.div_ceil(BLOCK) * BLOCK;
-        let panel_len = k_padded * ROWS;
-        let mut data = vec![0u16; n_padded / ROWS * panel_len];
-        data.par_chunks_mut(panel_len)
-            .enumerate()
-            .for_each(|(panel, out)| {
-                for col in (panel * ROWS..(panel + 1) * ROWS).filter(|&c| c < n) {
-                    let lane = col % ROWS;
-                    for row in 0..k {
-                        out[(row / 2) * 2 * ROWS + lane * 2 + row % 2] = bf16_bits(at(row, col));
-                    }
-                }
-            });
         Self {
             k,
             n,
             k_padded,
             n_padded,
-            data,
+            data: vec![0u32; n_padded * k_padded / 2],
         }
     }
 
@@ -119,24 +174,60 @@ impl Packed {
     }
 }
 
-fn bf16_bits(x: f32) -> u16 {
-    half::bf16::from_f32(x).to_bits()
-}
-
 /// `a · b` for a row-major `[m, k]` matrix `a`: a row-major `[m, n]` f32 matrix. Only call it
 /// when [`available`] said yes.
 pub(crate) fn matmul(a: &[f32], m: usize, b: &Packed) -> Vec<f32> {
-    assert!(available(), "AMX bf16 is not available on this CPU");
-    assert_eq!(a.len(), m * b.k, "left operand is not [{m}, {}]", b.k);
-    let m_padded = m.div_ceil(BLOCK) * BLOCK;
-    if m == 0 || b.n == 0 {
-        return vec![0f32; m * b.n];
+    product(&[(&Rounded::new(a, m, b.k), b)])
+}
+
+/// The left-hand side `a` of `a · b`, `[m, k]`, rounded to bf16 in tile order: rounded once,
+/// it serves every product that reads it (`x·W` and `x·A` in an adapted projection).
+pub(crate) struct Rounded {
+    m: usize,
+    k: usize,
+    k_padded: usize,
+    data: Vec<u16>,
+}
+
+impl Rounded {
+    pub(crate) fn new(a: &[f32], m: usize, k: usize) -> Self {
+        assert_eq!(a.len(), m * k, "left operand is not [{m}, {k}]");
+        let k_padded = k.div_ceil(K_STEP) * K_STEP;
+        let m_padded = m.div_ceil(BLOCK) * BLOCK;
+        Self {
+            m,
+            k,
+            k_padded,
+            data: round_rows(a, m, k, m_padded, k_padded),
+        }
     }
-    let lhs = round_rows(a, m, b.k, m_padded, b.k_padded);
+}
+
+/// `Σ aᵢ · bᵢ` over terms that share `m` and `n`: one product over the concatenated inner
+/// dimension `[a₁ | a₂ | …] · [b₁; b₂; …]`, summed in the tiles, so a rank-r update costs an
+/// extra step of the inner loop instead of a pass over the output.
+pub(crate) fn product(terms: &[(&Rounded, &Packed)]) -> Vec<f32> {
+    assert!(available(), "AMX bf16 is not available on this CPU");
+    let (first, rest) = terms.split_first().expect("a product of at least one term");
+    let (m, n, n_padded) = (first.0.m, first.1.n, first.1.n_padded);
+    for (a, b) in terms {
+        assert_eq!(
+            a.k, b.k,
+            "inner dimensions differ: [{}, {}] · [{}, {}]",
+            a.m, a.k, b.k, b.n
+        );
+    }
+    for (a, b) in rest {
+        assert_eq!((a.m, b.n), (m, n), "terms of different shapes");
+    }
+    if m == 0 || n == 0 {
+        return vec![0f32; m * n];
+    }
+    let m_padded = m.div_ceil(BLOCK) * BLOCK;
     // Not zeroed: the tiles below write every element (whole tiles directly, edge tiles their
     // valid part), and zeroing first was a pass over the output for nothing.
-    let mut out = Vec::<f32>::with_capacity(m * b.n);
-    let col_blocks = b.n_padded / BLOCK;
+    let mut out = Vec::<f32>::with_capacity(m * n);
+    let col_blocks = n_padded / BLOCK;
     let row_groups = (m_padded / BLOCK).div_ceil(BLOCKS_PER_TASK);
     let dst = SendPtr(out.as_mut_ptr());
     (0..col_blocks * row_groups)
@@ -146,12 +237,12 @@ pub(crate) fn matmul(a: &[f32], m: usize, b: &Packed) -> Vec<f32> {
             let first = group * BLOCKS_PER_TASK;
             let last = (first + BLOCKS_PER_TASK).min(m_padded / BLOCK);
             // SAFETY: `available()` holds; each task writes only its own rows × columns of `out`,
-            // which outlives the parallel loop; `lhs` and `b` are padded to whole blocks.
-            unsafe { kernel(&lhs, b, m, col_block, first..last, dst) };
+            // which outlives the parallel loop; every term is padded to whole blocks.
+            unsafe { kernel(terms, m, n, col_block, first..last, dst) };
         });
     // SAFETY: the column blocks cover `n` and the row groups `m`, so every element of the
     // `m × n` buffer was written above.
-    unsafe { out.set_len(m * b.n) };
+    unsafe { out.set_len(m * n) };
     out
 }
 
@@ -212,9 +303,100 @@ fn round_row_portable(src: &[f32], strip: &mut [MaybeUninit<u16>], r: usize) {
         let at = step * ROWS * K_STEP + r * K_STEP;
         let dst = &mut strip[at..at + K_STEP];
         let src = src.get(step * K_STEP..).unwrap_or(&[]);
+        if let Some(src) = src.first_chunk::<K_STEP>() {
+            // Whole tile rows, the common case, at a fixed width so the loop vectorises.
+            for (d, &s) in dst.iter_mut().zip(src) {
+                d.write(bf16_rounded(s));
+            }
+            continue;
+        }
         let src = &src[..src.len().min(K_STEP)];
         round(src, &mut dst[..src.len()]);
         dst[src.len()..].fill(MaybeUninit::new(0));
+    }
+}
+
+/// Packs the panels from `first` on that `out` holds (whole panels of `panel_len` words) from
+/// the row-major `[k, n]` matrix `b`, writing every word.
+fn pack_rows(
+    b: &[f32],
+    k: usize,
+    n: usize,
+    first: usize,
+    out: &mut [MaybeUninit<u32>],
+    panel_len: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512bw") {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { pack_rows_avx512(b, k, n, first, out, panel_len) };
+    }
+    pack_rows_portable(b, k, n, first, out, panel_len)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn pack_rows_avx512(
+    b: &[f32],
+    k: usize,
+    n: usize,
+    first: usize,
+    out: &mut [MaybeUninit<u32>],
+    panel_len: usize,
+) {
+    // The same loop; the attribute lets it vectorise 16 lanes wide.
+    pack_rows_portable(b, k, n, first, out, panel_len)
+}
+
+#[inline(always)]
+fn pack_rows_portable(
+    b: &[f32],
+    k: usize,
+    n: usize,
+    first: usize,
+    out: &mut [MaybeUninit<u32>],
+    panel_len: usize,
+) {
+    let panels = out.len() / panel_len;
+    let cols = first * ROWS..((first + panels) * ROWS).min(n);
+    let pairs = k.div_ceil(2);
+    for pair in 0..pairs {
+        let even = &b[2 * pair * n..(2 * pair + 1) * n][cols.clone()];
+        let odd = match 2 * pair + 1 < k {
+            true => &b[(2 * pair + 1) * n..(2 * pair + 2) * n][cols.clone()],
+            false => &[][..],
+        };
+        for (panel, even) in even.chunks(ROWS).enumerate() {
+            let at = panel * panel_len + pair * ROWS;
+            let line = &mut out[at..at + ROWS];
+            let odd = odd
+                .get(panel * ROWS..(panel * ROWS + even.len()))
+                .unwrap_or(&[]);
+            interleave(even, odd, line);
+        }
+    }
+    for panel in out.chunks_exact_mut(panel_len) {
+        panel[pairs * ROWS..].fill(MaybeUninit::new(0));
+    }
+}
+
+/// One line of a panel: word `j` holds `even[j]` in its low half and `odd[j]` in its high
+/// half, rounded, and zeros past the rows' ends.
+#[inline(always)]
+fn interleave(even: &[f32], odd: &[f32], line: &mut [MaybeUninit<u32>]) {
+    if let (Ok(even), Ok(odd)) = (
+        <&[f32; ROWS]>::try_from(even),
+        <&[f32; ROWS]>::try_from(odd),
+    ) {
+        // Whole lines, the common case, at a fixed width so the loop vectorises.
+        for ((word, &e), &o) in line.iter_mut().zip(even).zip(odd) {
+            word.write(bf16_rounded(e) as u32 | (bf16_rounded(o) as u32) << 16);
+        }
+        return;
+    }
+    for (j, word) in line.iter_mut().enumerate() {
+        let half = |row: &[f32]| row.get(j).map_or(0, |&v| bf16_rounded(v) as u32);
+        word.write(half(even) | half(odd) << 16);
     }
 }
 
@@ -222,11 +404,16 @@ fn round_row_portable(src: &[f32], strip: &mut [MaybeUninit<u16>], r: usize) {
 /// vectorises; NaN stays NaN.
 #[inline(always)]
 fn round(src: &[f32], dst: &mut [MaybeUninit<u16>]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        let bits = s.to_bits();
-        let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
-        d.write(if s.is_nan() { 0x7fc0 } else { rounded as u16 });
+    for (d, &s) in dst.iter_mut().zip(src) {
+        d.write(bf16_rounded(s));
     }
+}
+
+#[inline(always)]
+fn bf16_rounded(s: f32) -> u16 {
+    let bits = s.to_bits();
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+    if s.is_nan() { 0x7fc0 } else { rounded as u16 }
 }
 
 /// The tile configuration: palette 1, tiles 0–3 accumulate a 2 × 2 block of 16 × 16 f32,
@@ -246,33 +433,29 @@ impl TileConfig {
     }
 }
 
-/// Computes the columns `32·col_block ..` of `out` for row blocks `blocks` (32 rows each).
+/// Computes the columns `32·col_block ..` of `out` for row blocks `blocks` (32 rows each),
+/// summing the products of all `terms`.
 ///
 /// # Safety
-/// AMX must be available; `lhs` must be `[m_padded, b.k_padded]` in `round_rows`' tile order;
-/// `out` must point at an `[m, b.n]` buffer that no other thread writes in these rows and
-/// columns.
+/// AMX must be available; each term's `Rounded` must come from `Rounded::new` and its `Packed`
+/// from `Packed::pack`, all of `m` rows and `n` columns; `out` must point at an `[m, n]`
+/// buffer that no other thread writes in these rows and columns.
 #[cfg(target_arch = "x86_64")]
 unsafe fn kernel(
-    lhs: &[u16],
-    b: &Packed,
+    terms: &[(&Rounded, &Packed)],
     m: usize,
+    n: usize,
     col_block: usize,
     blocks: std::ops::Range<usize>,
     out: SendPtr,
 ) {
     use std::arch::asm;
     let config = TileConfig::new();
-    let k_padded = b.k_padded;
-    let panel_len = k_padded * ROWS;
-    let mut spill = [[0f32; ROWS * ROWS]; 4];
+    // Only edge tiles pass through here, and only what they wrote is read back.
+    let mut spill = [MaybeUninit::<[f32; ROWS * ROWS]>::uninit(); 4];
     unsafe {
         asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack));
-        let panel0 = b.data.as_ptr().add(col_block * 2 * panel_len);
-        let panel1 = panel0.add(panel_len);
         for block in blocks {
-            let strip0 = lhs.as_ptr().add(block * BLOCK * k_padded);
-            let strip1 = strip0.add(panel_len);
             asm!(
                 "tilezero tmm0",
                 "tilezero tmm1",
@@ -280,40 +463,48 @@ unsafe fn kernel(
                 "tilezero tmm3",
                 options(nostack)
             );
-            // Each product right after the loads it needs, so the tile unit starts on the first
-            // pair while the others load.
-            for step in 0..k_padded / K_STEP {
-                asm!(
-                    "tileloadd tmm4, [{a0} + {a_stride}*1]",
-                    "tileloadd tmm6, [{b0} + {b_stride}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tileloadd tmm7, [{b1} + {b_stride}*1]",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tileloadd tmm5, [{a1} + {a_stride}*1]",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) strip0.add(step * K_STEP * ROWS),
-                    a1 = in(reg) strip1.add(step * K_STEP * ROWS),
-                    b0 = in(reg) panel0.add(step * K_STEP * ROWS),
-                    b1 = in(reg) panel1.add(step * K_STEP * ROWS),
-                    a_stride = in(reg) K_STEP * 2,
-                    b_stride = in(reg) 2 * ROWS * 2,
-                    options(nostack)
-                );
+            for (a, b) in terms {
+                // A panel of `b` and a strip of `a` are both 16 × `k_padded` bf16.
+                let panel_len = b.k_padded * ROWS;
+                let panel0 = b.data.as_ptr().cast::<u16>().add(col_block * 2 * panel_len);
+                let panel1 = panel0.add(panel_len);
+                let strip0 = a.data.as_ptr().add(block * BLOCK * a.k_padded);
+                let strip1 = strip0.add(panel_len);
+                // Each product right after the loads it needs, so the tile unit starts on the
+                // first pair while the others load.
+                for step in 0..b.k_padded / K_STEP {
+                    asm!(
+                        "tileloadd tmm4, [{a0} + {a_stride}*1]",
+                        "tileloadd tmm6, [{b0} + {b_stride}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tileloadd tmm7, [{b1} + {b_stride}*1]",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tileloadd tmm5, [{a1} + {a_stride}*1]",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        a0 = in(reg) strip0.add(step * K_STEP * ROWS),
+                        a1 = in(reg) strip1.add(step * K_STEP * ROWS),
+                        b0 = in(reg) panel0.add(step * K_STEP * ROWS),
+                        b1 = in(reg) panel1.add(step * K_STEP * ROWS),
+                        a_stride = in(reg) K_STEP * 2,
+                        b_stride = in(reg) 2 * ROWS * 2,
+                        options(nostack)
+                    );
+                }
             }
             // A tile that lies wholly inside `out` is stored there directly; edge tiles go
             // through `spill` and only their valid part is copied.
             let row0 = block * BLOCK;
             let col0 = col_block * BLOCK;
-            let out_stride = b.n * 4;
+            let out_stride = n * 4;
             let tiles = [(0, 0), (0, ROWS), (ROWS, 0), (ROWS, ROWS)];
             for (tile, &(dr, dc)) in tiles.iter().enumerate() {
                 let (r, c) = (row0 + dr, col0 + dc);
-                let whole = r + ROWS <= m && c + ROWS <= b.n;
+                let whole = r + ROWS <= m && c + ROWS <= n;
                 let (dst, stride) = if whole {
-                    (out.0.add(r * b.n + c), out_stride)
+                    (out.0.add(r * n + c), out_stride)
                 } else {
-                    (spill[tile].as_mut_ptr(), ROWS * 4)
+                    (spill[tile].as_mut_ptr().cast::<f32>(), ROWS * 4)
                 };
                 match tile {
                     0 => {
@@ -329,12 +520,12 @@ unsafe fn kernel(
                         asm!("tilestored [{d} + {s}*1], tmm3", d = in(reg) dst, s = in(reg) stride, options(nostack))
                     }
                 }
-                if !whole && r < m && c < b.n {
-                    let cols = (b.n - c).min(ROWS);
+                if !whole && r < m && c < n {
+                    let cols = (n - c).min(ROWS);
                     for i in 0..(m - r).min(ROWS) {
                         std::ptr::copy_nonoverlapping(
-                            spill[tile].as_ptr().add(i * ROWS),
-                            out.0.add((r + i) * b.n + c),
+                            spill[tile].as_ptr().cast::<f32>().add(i * ROWS),
+                            out.0.add((r + i) * n + c),
                             cols,
                         );
                     }
@@ -346,7 +537,14 @@ unsafe fn kernel(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn kernel(_: &[u16], _: &Packed, _: usize, _: usize, _: std::ops::Range<usize>, _: SendPtr) {
+unsafe fn kernel(
+    _: &[(&Rounded, &Packed)],
+    _: usize,
+    _: usize,
+    _: usize,
+    _: std::ops::Range<usize>,
+    _: SendPtr,
+) {
     unreachable!("AMX exists on x86_64 only")
 }
 
@@ -400,6 +598,37 @@ mod tests {
                         "{m}x{k}x{n} at ({i}, {j}): {got} vs {want}"
                     );
                 }
+            }
+        }
+    }
+
+    /// Terms sum over their concatenated inner dimension, each padded on its own.
+    #[test]
+    fn terms_sum_in_the_tiles() {
+        if !available() {
+            return;
+        }
+        let (m, n) = (45, 40);
+        let terms = [(70, 1), (9, 2)].map(|(k, seed)| {
+            let (a, b) = (matrix(m, k, seed), matrix(k, n, seed + 10));
+            (k, Rounded::new(&a, m, k), Packed::from_rows(&b, k, n), a, b)
+        });
+        let sum = product(&terms.each_ref().map(|(_, a, b, _, _)| (a, b)));
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = terms
+                    .iter()
+                    .map(|(k, _, _, a, b)| {
+                        (0..*k)
+                            .map(|p| bf16(a[i * k + p]) * bf16(b[p * n + j]))
+                            .sum::<f64>()
+                    })
+                    .sum();
+                let got = sum[i * n + j] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "({i}, {j}): {got} vs {want}"
+                );
             }
         }
     }
