@@ -201,6 +201,57 @@ impl Rounded {
             data: round_rows(a, m, k, m_padded, k_padded),
         }
     }
+
+    /// `a` as the left-hand side of products and, from the same read of it, packed as the
+    /// right-hand side of products over its rows, `c · a` for a `[r, m]` matrix `c` (what
+    /// [`Packed::from_rows`] would make). An activation read twice from memory cost more
+    /// than rounding it did.
+    pub(crate) fn with_packed(a: &[f32], m: usize, k: usize) -> (Self, Packed) {
+        assert_eq!(a.len(), m * k, "matrix is not [{m}, {k}]");
+        // Padded to 32 both ways, the tile-order strips and the packed panels cover the same
+        // `m_padded × k_padded`.
+        let k_padded = k.div_ceil(K_STEP) * K_STEP;
+        let m_padded = m.div_ceil(BLOCK) * BLOCK;
+        let (strip_len, panel_len, panels) =
+            (ROWS * k_padded, m_padded / 2 * ROWS, k_padded / ROWS);
+        let mut rows = Vec::with_capacity(m_padded * k_padded);
+        let mut packed = Vec::<u32>::with_capacity(panels * panel_len);
+        let lines = SendPtr(packed.as_mut_ptr());
+        rows.spare_capacity_mut()[..m_padded * k_padded]
+            .par_chunks_mut(strip_len)
+            .enumerate()
+            .for_each(|(strip, tiles)| {
+                let row = |r: usize| match r < m {
+                    true => &a[r * k..(r + 1) * k],
+                    false => &[][..],
+                };
+                for r in 0..ROWS {
+                    round_row(row(strip * ROWS + r), tiles, r);
+                }
+                // SAFETY: this strip's rows are pairs `8·strip ..` of every panel, written by
+                // no other task, and `packed` has room for every panel.
+                unsafe { pack_strip(row, strip, k, lines, panel_len, panels) };
+            });
+        // SAFETY: the strips cover both buffers, and every element of each was written.
+        unsafe {
+            rows.set_len(m_padded * k_padded);
+            packed.set_len(panels * panel_len);
+        }
+        let rounded = Self {
+            m,
+            k,
+            k_padded,
+            data: rows,
+        };
+        let packed = Packed {
+            k: m,
+            n: k,
+            k_padded: m_padded,
+            n_padded: k_padded,
+            data: packed,
+        };
+        (rounded, packed)
+    }
 }
 
 /// `Σ aᵢ · bᵢ` over terms that share `m` and `n`: one product over the concatenated inner
@@ -247,10 +298,10 @@ pub(crate) fn product(terms: &[(&Rounded, &Packed)]) -> Vec<f32> {
 }
 
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+struct SendPtr<T = f32>(*mut T);
 // SAFETY: tasks write disjoint parts of the buffer behind the pointer.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
 
 /// `a` rounded to bf16 in tile order: each 16-row strip is its `k_padded / 32` tiles of
 /// 16 × 32, one after another, so a tile load reads one contiguous KiB and a strip streams
@@ -378,6 +429,68 @@ fn pack_rows_portable(
     for panel in out.chunks_exact_mut(panel_len) {
         panel[pairs * ROWS..].fill(MaybeUninit::new(0));
     }
+}
+
+/// Packs the 8 row pairs of strip `strip` into every panel behind `lines`.
+///
+/// # Safety
+/// `lines` must point at `panels` panels of `panel_len` words with room for the strip's pairs,
+/// and no other thread may write them.
+unsafe fn pack_strip<'a>(
+    row: impl Fn(usize) -> &'a [f32],
+    strip: usize,
+    k: usize,
+    lines: SendPtr<u32>,
+    panel_len: usize,
+    panels: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn avx512<'a>(
+        row: impl Fn(usize) -> &'a [f32],
+        strip: usize,
+        k: usize,
+        lines: SendPtr<u32>,
+        panel_len: usize,
+        panels: usize,
+    ) {
+        // The same loop; the attribute lets it vectorise 16 lanes wide.
+        unsafe { portable(row, strip, k, lines, panel_len, panels) }
+    }
+    #[inline(always)]
+    unsafe fn portable<'a>(
+        row: impl Fn(usize) -> &'a [f32],
+        strip: usize,
+        k: usize,
+        lines: SendPtr<u32>,
+        panel_len: usize,
+        panels: usize,
+    ) {
+        for pair in strip * ROWS / 2..(strip + 1) * ROWS / 2 {
+            let (even, odd) = (row(2 * pair), row(2 * pair + 1));
+            for panel in 0..panels {
+                let cols = (panel * ROWS).min(k)..((panel + 1) * ROWS).min(k);
+                // SAFETY: the caller's promise: this line is inside the buffer and ours.
+                let line = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        lines
+                            .0
+                            .add(panel * panel_len + pair * ROWS)
+                            .cast::<MaybeUninit<u32>>(),
+                        ROWS,
+                    )
+                };
+                let part = |r: &'a [f32]| r.get(cols.clone()).unwrap_or(&[]);
+                interleave(part(even), part(odd), line);
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512bw") {
+        // SAFETY: the CPU has the features the function is compiled for; the rest is ours.
+        return unsafe { avx512(row, strip, k, lines, panel_len, panels) };
+    }
+    unsafe { portable(row, strip, k, lines, panel_len, panels) }
 }
 
 /// One line of a panel: word `j` holds `even[j]` in its low half and `odd[j]` in its high

@@ -65,24 +65,35 @@ pub(crate) fn adapted(
         let (b, b_node) = b.into_parts();
         let (x, a, b) = (contiguous(x), contiguous(a), contiguous(b));
         let bias = bias.map(contiguous);
-        let (y, z) = forward(&x, &frozen, bias.as_ref(), &a, &b, scale);
         let out = match Adapted
             .prepare::<NoCheckpointing>([x_node, a_node, b_node])
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish(
-                State {
-                    x,
-                    z: Arc::new(z),
-                    frozen,
-                    a,
-                    b,
-                    scale,
-                },
-                y,
-            ),
-            OpsKind::UnTracked(prep) => prep.finish(y),
+            OpsKind::Tracked(prep) => {
+                let (y, z, packed_x) = forward(&x, &frozen, bias.as_ref(), &a, &b, scale, true);
+                let path = match (frozen, packed_x) {
+                    (Frozen::Bf16(weight), Some(x)) => Path::Tiles {
+                        weight,
+                        x: Arc::new(x),
+                    },
+                    (frozen, _) => Path::Gemm { frozen, x },
+                };
+                let z = Arc::new(z);
+                prep.finish(
+                    State {
+                        path,
+                        z,
+                        a,
+                        b,
+                        scale,
+                    },
+                    y,
+                )
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(forward(&x, &frozen, bias.as_ref(), &a, &b, scale, false).0)
+            }
         };
         return Some(Tensor::from_primitive::<Autodiff<Flex>>(out));
     }
@@ -93,7 +104,7 @@ pub(crate) fn adapted(
         None => None,
     };
     let (x, a, b) = (flex(x)?, flex(a)?, flex(b)?);
-    let (y, _) = forward(&x, &frozen, bias.as_ref(), &a, &b, scale);
+    let (y, ..) = forward(&x, &frozen, bias.as_ref(), &a, &b, scale, false);
     Some(Tensor::from_primitive::<Flex>(y))
 }
 
@@ -107,7 +118,8 @@ fn untracked<const D: usize>(t: Tensor<D>) -> Option<FlexTensor> {
     )
 }
 
-/// `(x·W + bias + s·z·B, z = x·A)`.
+/// `(x·W + bias + s·z·B, z = x·A, x packed for ∂A)`, the last where the update runs on the
+/// tiles and `keep` asks for what the backward needs.
 fn forward(
     x: &FlexTensor,
     frozen: &Frozen,
@@ -115,22 +127,30 @@ fn forward(
     a: &FlexTensor,
     b: &FlexTensor,
     scale: f32,
-) -> (FlexTensor, Vec<f32>) {
+    keep: bool,
+) -> (FlexTensor, Vec<f32>, Option<Packed>) {
     let [d_in, r] = dims(a);
     let d_out = dims(b)[1];
     let xs = f32s(x);
     let rows = xs.len() / d_in;
     let x = View::rows(xs, rows, d_in);
     let (a, b) = (f32s(a), f32s(b));
-    let (mut y, z) = match frozen {
+    let (mut y, z, packed_x) = match frozen {
         // The update rides along in the tiles: `x` rounded once serves `x·A` and `x·W`, and
-        // `s·z·B` is one more step of the frozen product's inner loop.
+        // `s·z·B` is one more step of the frozen product's inner loop. The same read of `x`
+        // packs it for `∂A`, and that (in bf16) is all the backward keeps of it.
         Frozen::Bf16(w) if update_on_tiles(d_in, d_out) => {
-            let x = Rounded::new(xs, rows, d_in);
+            let (x, packed_x) = match keep {
+                true => {
+                    let (rounded, packed) = Rounded::with_packed(xs, rows, d_in);
+                    (rounded, Some(packed))
+                }
+                false => (Rounded::new(xs, rows, d_in), None),
+            };
             let z = amx::product(&[(&x, &Packed::from_rows(a, d_in, r))]);
             let sz = Rounded::new(&scaled(&z, scale), rows, r);
             let y = amx::product(&[(&x, &w.forward), (&sz, &Packed::from_rows(b, r, d_out))]);
-            (y, z)
+            (y, z, packed_x)
         }
         _ => {
             let mut y = match frozen {
@@ -150,7 +170,7 @@ fn forward(
                 View::rows(b, r, d_out),
                 scale,
             );
-            (y, z)
+            (y, z, None)
         }
     };
     if let Some(bias) = bias {
@@ -159,7 +179,11 @@ fn forward(
             row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
         }
     }
-    (FlexTensor::from_data(TensorData::new(y, [rows, d_out])), z)
+    (
+        FlexTensor::from_data(TensorData::new(y, [rows, d_out])),
+        z,
+        packed_x,
+    )
 }
 
 /// Whether the update of a bf16 projection runs on the tiles too. Padded to the tiles' 32, a
@@ -182,11 +206,24 @@ fn dims(t: &FlexTensor) -> [usize; 2] {
 #[derive(Debug)]
 struct Adapted;
 
+/// How the forward ran, and what the backward keeps of `x` for `∂A = s·xᵀ·g`.
+#[derive(Debug, Clone)]
+// One per adapted projection and step: boxing the larger variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
+enum Path {
+    /// Everything on the tiles; `x` rounded and packed as the right-hand side of `gᵀ·x`.
+    Tiles {
+        weight: Arc<FrozenWeight>,
+        x: Arc<Packed>,
+    },
+    /// The update through `gemm` in f32, the frozen product as `frozen` says.
+    Gemm { frozen: Frozen, x: FlexTensor },
+}
+
 #[derive(Debug, Clone)]
 struct State {
-    x: FlexTensor,
+    path: Path,
     z: Arc<Vec<f32>>,
-    frozen: Frozen,
     a: FlexTensor,
     b: FlexTensor,
     scale: f32,
@@ -198,9 +235,8 @@ impl Backward<Flex, 3> for Adapted {
     /// With `g = ∂y·Bᵀ`: `∂x = ∂y·Wᵀ + s·g·Aᵀ`, `∂A = s·xᵀ·g`, `∂B = s·zᵀ·∂y`.
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let State {
-            x,
+            path,
             z,
-            frozen,
             a,
             b,
             scale,
@@ -216,38 +252,44 @@ impl Backward<Flex, 3> for Adapted {
             View::rows(f32s(&b), r, d_out),
         );
         let [x_parent, a_parent, b_parent] = ops.parents;
-        let xs = f32s(&x);
         let [want_dx, want_da, want_db] =
             [&x_parent, &a_parent, &b_parent].map(|parent| parent.is_some());
-        let (dx, da, db) = match &frozen {
+        let (dx, da, db) = match &path {
             // As forwards: `∂y` rounded once serves `∂y·Bᵀ` and `∂y·Wᵀ`, and `s·g·Aᵀ` is one
             // more step of the latter's inner loop. The adapters' gradients are products over
-            // the rows, `[r, rows]·[rows, n]`: the rows are packed as the right-hand side.
-            Frozen::Bf16(w) if update_on_tiles(d_in, d_out) => {
-                let dy_rows = Rounded::new(dys, rows, d_out);
+            // the rows, `[r, rows]·[rows, n]`, with the rows packed as the right-hand side:
+            // `x` by the forward, `∂y` from the same read that rounds it.
+            Path::Tiles { weight, x } => {
+                let (dy_rows, dy_packed) = match want_db {
+                    true => {
+                        let (rounded, packed) = Rounded::with_packed(dys, rows, d_out);
+                        (rounded, Some(packed))
+                    }
+                    false => (Rounded::new(dys, rows, d_out), None),
+                };
                 let g = amx::product(&[(&dy_rows, &Packed::from_transposed(b.data, d_out, r))]);
                 let dx = want_dx.then(|| {
                     let sg = Rounded::new(&scaled(&g, scale), rows, r);
                     let at = Packed::from_transposed(a.data, r, d_in);
-                    amx::product(&[(&dy_rows, &w.backward), (&sg, &at)])
+                    amx::product(&[(&dy_rows, &weight.backward), (&sg, &at)])
                 });
                 let da = want_da.then(|| {
                     let sgt = Rounded::new(&transposed(&g, rows, r, scale), r, rows);
-                    let dat = amx::product(&[(&sgt, &Packed::from_rows(xs, rows, d_in))]);
-                    transposed(&dat, r, d_in, 1.0)
+                    transposed(&amx::product(&[(&sgt, x)]), r, d_in, 1.0)
                 });
-                let db = want_db.then(|| {
+                let db = dy_packed.map(|dy| {
                     let szt = Rounded::new(&transposed(&z, rows, r, scale), r, rows);
-                    amx::product(&[(&szt, &Packed::from_rows(dys, rows, d_out))])
+                    amx::product(&[(&szt, &dy)])
                 });
                 (dx, da, db)
             }
-            _ => {
+            Path::Gemm { frozen, x } => {
+                let xs = f32s(x);
                 let mut g = vec![0f32; rows * r];
                 gemm(&mut g, false, dy, b.t(), 1.0);
                 let g = View::rows(&g, rows, r);
                 let dx = want_dx.then(|| {
-                    let mut dx = match &frozen {
+                    let mut dx = match frozen {
                         Frozen::Bf16(w) => amx::matmul(dys, rows, &w.backward),
                         Frozen::F32(w) => {
                             let mut dx = vec![0f32; rows * d_in];
