@@ -117,18 +117,16 @@ impl Packed {
     /// Packs the transpose of a row-major `[n, k]` matrix, i.e. `b[row][col] = t[col][row]`.
     pub(crate) fn from_transposed(t: &[f32], k: usize, n: usize) -> Self {
         assert_eq!(t.len(), k * n, "matrix is not [{n}, {k}]");
-        Self::pack(k, n, |row, col| t[col * k + row])
-    }
-
-    fn pack(k: usize, n: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
         let mut packed = Self::zeros(k, n);
         let panel_len = packed.panel_words();
+        // A pair `(b[2i][col], b[2i+1][col])` is two neighbours in `t`'s row `col`, so each
+        // column reads its row of `t` in order.
         let pack_panel = |(panel, out): (usize, &mut [u32])| {
             for col in (panel * ROWS..(panel + 1) * ROWS).filter(|&c| c < n) {
-                let lane = col % ROWS;
-                for row in 0..k {
-                    let shift = 16 * (row % 2);
-                    out[(row / 2) * ROWS + lane] |= (bf16_rounded(at(row, col)) as u32) << shift;
+                let src = &t[col * k..(col + 1) * k];
+                for (pair, values) in src.chunks(2).enumerate() {
+                    let odd = values.get(1).map_or(0, |&v| bf16_rounded(v) as u32);
+                    out[pair * ROWS + col % ROWS] = bf16_rounded(values[0]) as u32 | odd << 16;
                 }
             }
         };

@@ -326,8 +326,9 @@ impl Backward<Flex, 3> for Adapted {
 
 /// `scale·mᵀ` for a row-major `[rows, cols]` matrix `m`.
 fn transposed(m: &[f32], rows: usize, cols: usize, scale: f32) -> Vec<f32> {
-    (0..cols * rows)
-        .map(|i| scale * m[(i % rows) * cols + i / rows])
+    assert_eq!(m.len(), rows * cols, "not a [{rows}, {cols}] matrix");
+    (0..cols)
+        .flat_map(|col| m[col..].iter().step_by(cols).map(move |v| scale * v))
         .collect()
 }
 
