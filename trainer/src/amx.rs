@@ -587,6 +587,26 @@ impl TileConfig {
     }
 }
 
+/// Loads the tile configuration on this thread, once: `ldtilecfg` zeroes every tile and
+/// waits for the tile unit to drain, and loading it per task was an eighth of the kernel's
+/// time. The configuration then stays with the thread (the kernel saves it with the rest of
+/// the tile state across context switches); nothing else in the process uses tiles.
+///
+/// # Safety
+/// AMX must be available.
+#[cfg(target_arch = "x86_64")]
+unsafe fn configure_tiles() {
+    thread_local! {
+        static CONFIGURED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    if !CONFIGURED.get() {
+        let config = TileConfig::new();
+        // SAFETY: the caller's promise that AMX is available; the configuration is valid.
+        unsafe { std::arch::asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack)) };
+        CONFIGURED.set(true);
+    }
+}
+
 /// Computes the columns `32·col_block ..` of `out` for row blocks `blocks` (32 rows each),
 /// summing the products of all `terms`.
 ///
@@ -604,11 +624,10 @@ unsafe fn kernel(
     out: SendPtr,
 ) {
     use std::arch::asm;
-    let config = TileConfig::new();
     // Only edge tiles pass through here, and only what they wrote is read back.
     let mut spill = [MaybeUninit::<[f32; ROWS * ROWS]>::uninit(); 4];
     unsafe {
-        asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack));
+        configure_tiles();
         for block in blocks {
             asm!(
                 "tilezero tmm0",
@@ -686,7 +705,6 @@ unsafe fn kernel(
                 }
             }
         }
-        asm!("tilerelease", options(nostack));
     }
 }
 
