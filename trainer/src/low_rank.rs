@@ -6,7 +6,9 @@
 //! products go straight to `gemm`, with strides standing in for every transpose, and
 //! accumulate in place: the update into the frozen product's output, `s·∂(xA)·Aᵀ` into the
 //! frozen product's `∂x`. It keeps `x` and `x·A`, as burn's matmuls would. The frozen product
-//! runs on AMX tiles in bf16 where training computes in bf16, in f32 through `gemm` otherwise.
+//! runs on AMX tiles in bf16 where training computes in bf16, in f32 through `gemm` otherwise;
+//! in bf16 on a model wide enough ([`update_on_tiles`]) the update runs on the tiles too, and
+//! the backward keeps `x` as bf16 packed for `∂A` instead.
 
 use std::sync::Arc;
 
