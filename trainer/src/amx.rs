@@ -9,6 +9,8 @@
 //! unstable; everything unsafe lives in this file.
 
 use rayon::prelude::*;
+
+use crate::fused::{Kernel, MulAdd, dispatch};
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
@@ -155,10 +157,20 @@ impl Packed {
             let (used, spare) = words.split_at_mut(panels * panel_len);
             used.par_chunks_mut(per_task * panel_len)
                 .enumerate()
-                .for_each(|(task, out)| pack_rows(b, k, n, task * per_task, out, panel_len));
+                .for_each(|(task, out)| {
+                    let first = task * per_task;
+                    dispatch(PackPanels {
+                        b,
+                        k,
+                        n,
+                        first,
+                        out,
+                        panel_len,
+                    })
+                });
             spare.fill(MaybeUninit::new(0));
         };
-        // SAFETY: `pack_rows` writes every word of its panels, and the rest is filled.
+        // SAFETY: `PackPanels` writes every word of its panels, and the rest is filled.
         let data = unsafe { Lines::written(n_padded / ROWS * panel_len, pack) };
         Self {
             k,
@@ -261,22 +273,33 @@ impl Rounded {
                     .par_chunks_mut(strip_len)
                     .enumerate()
                     .for_each(|(strip, tiles)| {
-                        let row = |r: usize| match r < m {
-                            true => &a[r * k..(r + 1) * k],
-                            false => &[][..],
-                        };
-                        for r in 0..ROWS {
-                            round_row(row(strip * ROWS + r), tiles, r);
-                        }
-                        // SAFETY: this strip's rows are pairs `8·strip ..` of every panel,
-                        // written by no other task, and the buffer holds every panel.
-                        unsafe { pack_strip(row, strip, k, lines, panel_len, panels) };
+                        // This strip's rows are pairs `8·strip ..` of every panel.
+                        let pairs = (0..panels).map(|panel| {
+                            let at = panel * panel_len + strip * ROWS / 2 * ROWS;
+                            // SAFETY: the line run is inside the buffer (`panels` panels of
+                            // `panel_len` words), and no other strip's task touches it.
+                            unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    lines.get().add(at).cast::<MaybeUninit<u32>>(),
+                                    ROWS / 2 * ROWS,
+                                )
+                            }
+                        });
+                        let pairs = pairs.collect();
+                        dispatch(Strip {
+                            a,
+                            m,
+                            k,
+                            strip,
+                            tiles,
+                            pairs,
+                        })
                     })
             };
-            // SAFETY: the strips cover the buffer and `round_row` writes every element.
+            // SAFETY: the strips cover the buffer and `Strip` writes every element.
             rows = Some(unsafe { Lines::written(m_padded * k_padded, round) });
         };
-        // SAFETY: the strips cover every panel, and `pack_strip` writes every word of theirs.
+        // SAFETY: the strips cover every panel, and `Strip` writes every word of theirs.
         let packed = unsafe { Lines::written(panels * panel_len, write) };
         let rows = rows.expect("rounded with the packing");
         let rounded = Self {
@@ -345,6 +368,13 @@ struct SendPtr<T = f32>(*mut T);
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 
+impl<T> SendPtr<T> {
+    /// The pointer; a closure that calls this captures the whole `SendPtr`, not its field.
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
 /// `a` rounded to bf16 in tile order: each 16-row strip is its `k_padded / 32` tiles of
 /// 16 × 32, one after another, so a tile load reads one contiguous KiB and a strip streams
 /// through memory in order (a row-major `a` puts a tile's rows a whole row apart, and the
@@ -355,41 +385,68 @@ fn round_rows(a: &[f32], m: usize, k: usize, m_padded: usize, k_padded: usize) -
         tiles
             .par_chunks_mut(ROWS * k_padded)
             .enumerate()
-            .for_each(|(strip, dst)| {
-                for r in 0..ROWS {
-                    let row = strip * ROWS + r;
-                    let src = if row < m {
-                        &a[row * k..(row + 1) * k]
-                    } else {
-                        &[]
-                    };
-                    round_row(src, dst, r);
-                }
+            .for_each(|(strip, tiles)| {
+                let pairs = Vec::new();
+                dispatch(Strip {
+                    a,
+                    m,
+                    k,
+                    strip,
+                    tiles,
+                    pairs,
+                })
             })
     };
-    // SAFETY: the strips cover the buffer and `round_row` writes every element of each.
+    // SAFETY: the strips cover the buffer and `Strip` writes every element of each.
     unsafe { Lines::written(m_padded * k_padded, round) }
 }
 
-/// Rounds one row (`k` values or none) into row `r` of its strip's tiles, zeros after it.
-fn round_row(src: &[f32], strip: &mut [MaybeUninit<u16>], r: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512bw") {
-        // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { round_row_avx512(src, strip, r) };
+/// One 16-row strip of a row-major `[m, k]` matrix `a` (rows past `m` are zeros): rounded into
+/// its tiles and, for each panel in `pairs`, packed into that panel's 8 lines of row pairs.
+struct Strip<'a> {
+    a: &'a [f32],
+    m: usize,
+    k: usize,
+    strip: usize,
+    tiles: &'a mut [MaybeUninit<u16>],
+    pairs: Vec<&'a mut [MaybeUninit<u32>]>,
+}
+
+impl Kernel for Strip<'_> {
+    type Out = ();
+
+    #[inline(always)]
+    fn run<M: MulAdd>(self) {
+        let Self {
+            a,
+            m,
+            k,
+            strip,
+            tiles,
+            pairs,
+        } = self;
+        let row = |r: usize| match r < m {
+            true => &a[r * k..(r + 1) * k],
+            false => &[][..],
+        };
+        for r in 0..ROWS {
+            round_row(row(strip * ROWS + r), tiles, r);
+        }
+        for (panel, lines) in pairs.into_iter().enumerate() {
+            let cols = (panel * ROWS).min(k)..((panel + 1) * ROWS).min(k);
+            for (i, line) in lines.chunks_exact_mut(ROWS).enumerate() {
+                let pair = strip * ROWS / 2 + i;
+                let [even, odd] =
+                    [row(2 * pair), row(2 * pair + 1)].map(|r| r.get(cols.clone()).unwrap_or(&[]));
+                interleave(even, odd, line);
+            }
+        }
     }
-    round_row_portable(src, strip, r)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-fn round_row_avx512(src: &[f32], strip: &mut [MaybeUninit<u16>], r: usize) {
-    // The same loop; the attribute lets it vectorise 16 lanes wide.
-    round_row_portable(src, strip, r)
-}
-
+/// Rounds one row (`k` values or none) into row `r` of its strip's tiles, zeros after it.
 #[inline(always)]
-fn round_row_portable(src: &[f32], strip: &mut [MaybeUninit<u16>], r: usize) {
+fn round_row(src: &[f32], strip: &mut [MaybeUninit<u16>], r: usize) {
     let tiles = strip.len() / (ROWS * K_STEP);
     for step in 0..tiles {
         let at = step * ROWS * K_STEP + r * K_STEP;
@@ -408,40 +465,36 @@ fn round_row_portable(src: &[f32], strip: &mut [MaybeUninit<u16>], r: usize) {
     }
 }
 
-/// Packs the panels from `first` on that `out` holds (whole panels of `panel_len` words) from
-/// the row-major `[k, n]` matrix `b`, writing every word.
-fn pack_rows(
-    b: &[f32],
+/// The panels from `first` on that `out` holds (whole panels of `panel_len` words), packed
+/// from the row-major `[k, n]` matrix `b` a row pair at a time, every word written.
+struct PackPanels<'a> {
+    b: &'a [f32],
     k: usize,
     n: usize,
     first: usize,
-    out: &mut [MaybeUninit<u32>],
+    out: &'a mut [MaybeUninit<u32>],
     panel_len: usize,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512bw") {
-        // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { pack_rows_avx512(b, k, n, first, out, panel_len) };
-    }
-    pack_rows_portable(b, k, n, first, out, panel_len)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-fn pack_rows_avx512(
-    b: &[f32],
-    k: usize,
-    n: usize,
-    first: usize,
-    out: &mut [MaybeUninit<u32>],
-    panel_len: usize,
-) {
-    // The same loop; the attribute lets it vectorise 16 lanes wide.
-    pack_rows_portable(b, k, n, first, out, panel_len)
+impl Kernel for PackPanels<'_> {
+    type Out = ();
+
+    #[inline(always)]
+    fn run<M: MulAdd>(self) {
+        let Self {
+            b,
+            k,
+            n,
+            first,
+            out,
+            panel_len,
+        } = self;
+        pack_panels(b, k, n, first, out, panel_len)
+    }
 }
 
 #[inline(always)]
-fn pack_rows_portable(
+fn pack_panels(
     b: &[f32],
     k: usize,
     n: usize,
@@ -470,68 +523,6 @@ fn pack_rows_portable(
     for panel in out.chunks_exact_mut(panel_len) {
         panel[pairs * ROWS..].fill(MaybeUninit::new(0));
     }
-}
-
-/// Packs the 8 row pairs of strip `strip` into every panel behind `lines`.
-///
-/// # Safety
-/// `lines` must point at `panels` panels of `panel_len` words with room for the strip's pairs,
-/// and no other thread may write them.
-unsafe fn pack_strip<'a>(
-    row: impl Fn(usize) -> &'a [f32],
-    strip: usize,
-    k: usize,
-    lines: SendPtr<u32>,
-    panel_len: usize,
-    panels: usize,
-) {
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn avx512<'a>(
-        row: impl Fn(usize) -> &'a [f32],
-        strip: usize,
-        k: usize,
-        lines: SendPtr<u32>,
-        panel_len: usize,
-        panels: usize,
-    ) {
-        // The same loop; the attribute lets it vectorise 16 lanes wide.
-        unsafe { portable(row, strip, k, lines, panel_len, panels) }
-    }
-    #[inline(always)]
-    unsafe fn portable<'a>(
-        row: impl Fn(usize) -> &'a [f32],
-        strip: usize,
-        k: usize,
-        lines: SendPtr<u32>,
-        panel_len: usize,
-        panels: usize,
-    ) {
-        for pair in strip * ROWS / 2..(strip + 1) * ROWS / 2 {
-            let (even, odd) = (row(2 * pair), row(2 * pair + 1));
-            for panel in 0..panels {
-                let cols = (panel * ROWS).min(k)..((panel + 1) * ROWS).min(k);
-                // SAFETY: the caller's promise: this line is inside the buffer and ours.
-                let line = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        lines
-                            .0
-                            .add(panel * panel_len + pair * ROWS)
-                            .cast::<MaybeUninit<u32>>(),
-                        ROWS,
-                    )
-                };
-                let part = |r: &'a [f32]| r.get(cols.clone()).unwrap_or(&[]);
-                interleave(part(even), part(odd), line);
-            }
-        }
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512bw") {
-        // SAFETY: the CPU has the features the function is compiled for; the rest is ours.
-        return unsafe { avx512(row, strip, k, lines, panel_len, panels) };
-    }
-    unsafe { portable(row, strip, k, lines, panel_len, panels) }
 }
 
 /// One line of a panel: word `j` holds `even[j]` in its low half and `odd[j]` in its high
