@@ -20,6 +20,14 @@ const ROWS: usize = 16;
 const K_STEP: usize = 32;
 /// Rows (and columns) of the 2 × 2 tile block each step of the kernel computes.
 const BLOCK: usize = 2 * ROWS;
+/// `len` rounded up to whole tiles. One padding serves every dimension, rows, columns and
+/// `k`, because a tile step along `k` and a block of rows or columns are both 32: that is what
+/// lets [`Rounded::with_packed`] lay one matrix out both ways over the same padded shape.
+fn padded(len: usize) -> usize {
+    const { assert!(K_STEP == BLOCK) };
+    len.div_ceil(BLOCK) * BLOCK
+}
+
 /// Elements below which packing a matrix is not worth a thread hand-off (the adapters).
 const SMALL: usize = 1 << 15;
 /// Row blocks per task: enough work per task to amortise loading the tile configuration,
@@ -141,8 +149,8 @@ impl Packed {
     /// panel.
     pub(crate) fn from_rows(b: &[f32], k: usize, n: usize) -> Self {
         assert_eq!(b.len(), k * n, "matrix is not [{k}, {n}]");
-        let k_padded = k.div_ceil(K_STEP) * K_STEP;
-        let n_padded = n.div_ceil(BLOCK) * BLOCK;
+        let k_padded = padded(k);
+        let n_padded = padded(n);
         let panel_len = k_padded / 2 * ROWS;
         let panels = n.div_ceil(ROWS);
         let tasks = if k * n >= SMALL {
@@ -184,7 +192,7 @@ impl Packed {
     /// Packs the transpose of a row-major `[n, k]` matrix, i.e. `b[row][col] = t[col][row]`.
     pub(crate) fn from_transposed(t: &[f32], k: usize, n: usize) -> Self {
         assert_eq!(t.len(), k * n, "matrix is not [{n}, {k}]");
-        let (k_padded, n_padded) = (k.div_ceil(K_STEP) * K_STEP, n.div_ceil(BLOCK) * BLOCK);
+        let (k_padded, n_padded) = (padded(k), padded(n));
         let panel_len = k_padded / 2 * ROWS;
         let mut data = Lines::zeroed::<u32>(n_padded / ROWS * panel_len);
         // A pair `(b[2i][col], b[2i+1][col])` is two neighbours in `t`'s row `col`, so each
@@ -243,8 +251,8 @@ pub(crate) struct Rounded {
 impl Rounded {
     pub(crate) fn new(a: &[f32], m: usize, k: usize) -> Self {
         assert_eq!(a.len(), m * k, "left operand is not [{m}, {k}]");
-        let k_padded = k.div_ceil(K_STEP) * K_STEP;
-        let m_padded = m.div_ceil(BLOCK) * BLOCK;
+        let k_padded = padded(k);
+        let m_padded = padded(m);
         Self {
             m,
             k,
@@ -259,10 +267,9 @@ impl Rounded {
     /// than rounding it did.
     pub(crate) fn with_packed(a: &[f32], m: usize, k: usize) -> (Self, Packed) {
         assert_eq!(a.len(), m * k, "matrix is not [{m}, {k}]");
-        // Padded to 32 both ways, the tile-order strips and the packed panels cover the same
-        // `m_padded × k_padded`.
-        let k_padded = k.div_ceil(K_STEP) * K_STEP;
-        let m_padded = m.div_ceil(BLOCK) * BLOCK;
+        // The tile-order strips and the packed panels cover the same `m_padded × k_padded`.
+        let k_padded = padded(k);
+        let m_padded = padded(m);
         let (strip_len, panel_len, panels) =
             (ROWS * k_padded, m_padded / 2 * ROWS, k_padded / ROWS);
         let mut rows = None;
@@ -339,7 +346,7 @@ pub(crate) fn product(terms: &[(&Rounded, &Packed)]) -> Vec<f32> {
     if m == 0 || n == 0 {
         return vec![0f32; m * n];
     }
-    let m_padded = m.div_ceil(BLOCK) * BLOCK;
+    let m_padded = padded(m);
     // Not zeroed: the tiles below write every element (whole tiles directly, edge tiles their
     // valid part), and zeroing first was a pass over the output for nothing.
     let mut out = Vec::<f32>::with_capacity(m * n);
