@@ -89,17 +89,28 @@ impl Lines {
     /// # Safety
     /// `write` must write every word of the slice it is given.
     unsafe fn written<T: Word>(len: usize, write: impl FnOnce(&mut [MaybeUninit<T>])) -> Self {
+        let mut lines = Self(Vec::new());
+        // SAFETY: the caller's promise.
+        unsafe { lines.rewrite(len, write) };
+        lines
+    }
+
+    /// What [`Lines::written`] makes, in this buffer's memory when it is large enough.
+    ///
+    /// # Safety
+    /// As for [`Lines::written`].
+    unsafe fn rewrite<T: Word>(&mut self, len: usize, write: impl FnOnce(&mut [MaybeUninit<T>])) {
         let count = Self::count::<T>(len);
-        let mut lines = Vec::<Line>::with_capacity(count);
+        self.0.clear();
+        self.0.reserve(count);
         // SAFETY: a line is 64 bytes of plain data, aligned for any word, and a word's size
         // divides it; the slice covers exactly the `count` lines reserved.
         let words = unsafe {
-            std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast::<MaybeUninit<T>>(), len)
+            std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast::<MaybeUninit<T>>(), len)
         };
         write(words);
         // SAFETY: the caller's promise: every word, so every line, is written.
-        unsafe { lines.set_len(count) };
-        Self(lines)
+        unsafe { self.0.set_len(count) };
     }
 
     fn zeroed<T: Word>(len: usize) -> Self {
@@ -248,16 +259,29 @@ pub(crate) struct Rounded {
     data: Lines,
 }
 
+impl std::fmt::Debug for Rounded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Rounded [{}, {}] bf16", self.m, self.k)
+    }
+}
+
 impl Rounded {
     pub(crate) fn new(a: &[f32], m: usize, k: usize) -> Self {
+        Self::reusing(None, a, m, k)
+    }
+
+    /// [`Rounded::new`] in `old`'s memory where it is large enough: a buffer as wide as a
+    /// vocabulary, fresh each time, spends longer faulting its pages in than rounding into them.
+    pub(crate) fn reusing(old: Option<Self>, a: &[f32], m: usize, k: usize) -> Self {
         assert_eq!(a.len(), m * k, "left operand is not [{m}, {k}]");
-        let k_padded = padded(k);
-        let m_padded = padded(m);
+        let (m_padded, k_padded) = (padded(m), padded(k));
+        let mut data = old.map_or(Lines(Vec::new()), |old| old.data);
+        round_rows(&mut data, a, m, k, m_padded, k_padded);
         Self {
             m,
             k,
             k_padded,
-            data: round_rows(a, m, k, m_padded, k_padded),
+            data,
         }
     }
 
@@ -330,9 +354,32 @@ impl Rounded {
 /// dimension `[a₁ | a₂ | …] · [b₁; b₂; …]`, summed in the tiles, so a rank-r update costs an
 /// extra step of the inner loop instead of a pass over the output.
 pub(crate) fn product(terms: &[(&Rounded, &Packed)]) -> Vec<f32> {
+    let (m, n) = shape(terms);
+    // Not zeroed: `fill` writes every element, and zeroing first was a pass over the output
+    // for nothing.
+    let mut out = Vec::<f32>::with_capacity(m * n);
+    // SAFETY: the buffer holds `m × n` elements.
+    unsafe {
+        fill(terms, SendPtr(out.as_mut_ptr()));
+        out.set_len(m * n);
+    }
+    out
+}
+
+/// [`product`] into `out`, a row-major `[m, n]` buffer (one reused across calls has its pages
+/// in place; a fresh `Vec` as wide as a vocabulary faults every one of them in).
+pub(crate) fn product_into(terms: &[(&Rounded, &Packed)], out: &mut [f32]) {
+    let (m, n) = shape(terms);
+    assert_eq!(out.len(), m * n, "output is not [{m}, {n}]");
+    // SAFETY: the buffer holds `m × n` elements.
+    unsafe { fill(terms, SendPtr(out.as_mut_ptr())) };
+}
+
+/// `(m, n)` of a sum of products, checking that the terms agree.
+fn shape(terms: &[(&Rounded, &Packed)]) -> (usize, usize) {
     assert!(available(), "AMX bf16 is not available on this CPU");
     let (first, rest) = terms.split_first().expect("a product of at least one term");
-    let (m, n, n_padded) = (first.0.m, first.1.n, first.1.n_padded);
+    let (m, n) = (first.0.m, first.1.n);
     for (a, b) in terms {
         assert_eq!(
             a.k, b.k,
@@ -343,30 +390,33 @@ pub(crate) fn product(terms: &[(&Rounded, &Packed)]) -> Vec<f32> {
     for (a, b) in rest {
         assert_eq!((a.m, b.n), (m, n), "terms of different shapes");
     }
+    (m, n)
+}
+
+/// Writes every element of the `[m, n]` product into `out`.
+///
+/// # Safety
+/// `out` must point at `m × n` writable elements; the terms must agree (`shape`).
+unsafe fn fill(terms: &[(&Rounded, &Packed)], out: SendPtr) {
+    let (m, n_padded) = (terms[0].0.m, terms[0].1.n_padded);
+    let n = terms[0].1.n;
     if m == 0 || n == 0 {
-        return vec![0f32; m * n];
+        return;
     }
     let m_padded = padded(m);
-    // Not zeroed: the tiles below write every element (whole tiles directly, edge tiles their
-    // valid part), and zeroing first was a pass over the output for nothing.
-    let mut out = Vec::<f32>::with_capacity(m * n);
     let col_blocks = n_padded / BLOCK;
     let row_groups = (m_padded / BLOCK).div_ceil(BLOCKS_PER_TASK);
-    let dst = SendPtr(out.as_mut_ptr());
     (0..col_blocks * row_groups)
         .into_par_iter()
         .for_each(|task| {
             let (col_block, group) = (task / row_groups, task % row_groups);
             let first = group * BLOCKS_PER_TASK;
             let last = (first + BLOCKS_PER_TASK).min(m_padded / BLOCK);
-            // SAFETY: `available()` holds; each task writes only its own rows × columns of `out`,
-            // which outlives the parallel loop; every term is padded to whole blocks.
-            unsafe { kernel(terms, m, n, col_block, first..last, dst) };
+            // SAFETY: `available()` holds; each task writes only its own rows × columns of
+            // `out` (the column blocks cover `n` and the row groups `m`), which outlives the
+            // parallel loop; every term is padded to whole blocks.
+            unsafe { kernel(terms, m, n, col_block, first..last, out) };
         });
-    // SAFETY: the column blocks cover `n` and the row groups `m`, so every element of the
-    // `m × n` buffer was written above.
-    unsafe { out.set_len(m * n) };
-    out
 }
 
 #[derive(Clone, Copy)]
@@ -387,7 +437,7 @@ impl<T> SendPtr<T> {
 /// through memory in order (a row-major `a` puts a tile's rows a whole row apart, and the
 /// loads then wait on 16 scattered lines). Zeros in the padding, and nothing written twice:
 /// zeroing the buffer first was a pass over it for nothing.
-fn round_rows(a: &[f32], m: usize, k: usize, m_padded: usize, k_padded: usize) -> Lines {
+fn round_rows(out: &mut Lines, a: &[f32], m: usize, k: usize, m_padded: usize, k_padded: usize) {
     let round = |tiles: &mut [MaybeUninit<u16>]| {
         tiles
             .par_chunks_mut(ROWS * k_padded)
@@ -405,7 +455,7 @@ fn round_rows(a: &[f32], m: usize, k: usize, m_padded: usize, k_padded: usize) -
             })
     };
     // SAFETY: the strips cover the buffer and `Strip` writes every element of each.
-    unsafe { Lines::written(m_padded * k_padded, round) }
+    unsafe { out.rewrite(m_padded * k_padded, round) }
 }
 
 /// One 16-row strip of a row-major `[m, k]` matrix `a` (rows past `m` are zeros): rounded into

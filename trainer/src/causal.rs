@@ -307,7 +307,7 @@ pub(crate) fn next_token_loss(
         0,
         Tensor::<1, Int>::from_data(TensorData::new(positions, [n]), &device),
     );
-    let picked = crate::fused::target_log_probs(model.logits(picked), targets);
+    let picked = model.target_log_probs(picked, targets);
     match weights {
         None => picked.mean().neg(),
         Some(w) => {

@@ -107,7 +107,12 @@ impl Backward<Flex, 1> for TargetLogProbs {
                 .zip(x.par_chunks(vocab))
                 .enumerate()
                 .for_each(|(i, (out, x))| {
-                    softmax_row(x, lse[i], -g[i], out);
+                    dispatch(SoftmaxRow {
+                        x,
+                        lse: lse[i],
+                        scale: -g[i],
+                        out,
+                    });
                     out[targets[i]] += g[i];
                 });
             FlexTensor::from_data(TensorData::new(out, [g.len(), vocab]))
@@ -129,30 +134,31 @@ pub(crate) fn contiguous(t: FlexTensor) -> FlexTensor {
 fn forward(logits: &FlexTensor, targets: &[usize], vocab: usize) -> (FlexTensor, Vec<f32>) {
     let x = f32s(logits);
     let rows = targets.len();
-    let lse: Vec<f32> = x.par_chunks(vocab).map(log_sum_exp).collect::<Vec<_>>();
+    let lse: Vec<f32> = x
+        .par_chunks(vocab)
+        .map(|row| dispatch(LogSumExp(row)))
+        .collect::<Vec<_>>();
     let out: Vec<f32> = (0..rows)
         .map(|i| x[i * vocab + targets[i]] - lse[i])
         .collect();
     (FlexTensor::from_data(TensorData::new(out, [rows])), lse)
 }
 
-fn log_sum_exp(x: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has the feature the function is compiled for.
-        return unsafe { log_sum_exp_avx512(x) };
+/// `log Σⱼ exp(x[j])` of one row, on the vector unit.
+struct LogSumExp<'a>(&'a [f32]);
+
+impl Kernel for LogSumExp<'_> {
+    type Out = f32;
+
+    #[inline(always)]
+    fn run<M: MulAdd>(self) -> f32 {
+        log_sum_exp(self.0)
     }
-    log_sum_exp_portable(x)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn log_sum_exp_avx512(x: &[f32]) -> f32 {
-    log_sum_exp_portable(x)
-}
-
+/// `log Σⱼ exp(x[j])`, the row's max taken out first so no term overflows.
 #[inline(always)]
-fn log_sum_exp_portable(x: &[f32]) -> f32 {
+pub(crate) fn log_sum_exp(x: &[f32]) -> f32 {
     let max = max(x);
     // Lanes of partial sums, so the loop vectorises (a single f32 sum would have to run in
     // order).
@@ -168,25 +174,22 @@ fn log_sum_exp_portable(x: &[f32]) -> f32 {
 }
 
 /// `out[j] = scale · exp(x[j] − lse)`.
-fn softmax_row(x: &[f32], lse: f32, scale: f32, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has the feature the function is compiled for.
-        return unsafe { softmax_row_avx512(x, lse, scale, out) };
-    }
-    softmax_row_portable(x, lse, scale, out)
+struct SoftmaxRow<'a> {
+    x: &'a [f32],
+    lse: f32,
+    scale: f32,
+    out: &'a mut [f32],
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn softmax_row_avx512(x: &[f32], lse: f32, scale: f32, out: &mut [f32]) {
-    softmax_row_portable(x, lse, scale, out)
-}
+impl Kernel for SoftmaxRow<'_> {
+    type Out = ();
 
-#[inline(always)]
-fn softmax_row_portable(x: &[f32], lse: f32, scale: f32, out: &mut [f32]) {
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = scale * exp(v - lse);
+    #[inline(always)]
+    fn run<M: MulAdd>(self) {
+        let Self { x, lse, scale, out } = self;
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = scale * exp(v - lse);
+        }
     }
 }
 

@@ -15,6 +15,7 @@ mod checkpoint;
 mod classifier;
 mod fit;
 mod fused;
+mod head;
 mod llama;
 mod lora;
 mod low_rank;

@@ -301,7 +301,7 @@ pub struct Llama {
     pub lm_head: Option<Linear>,
     /// The output projection packed for bf16 products, when training computes in bf16.
     #[module(skip)]
-    pub head_bf16: Option<std::sync::Arc<crate::bf16::FrozenWeight>>,
+    pub head_bf16: Option<std::sync::Arc<crate::head::Head>>,
     pub rope_theta: f64,
     pub head_dim: usize,
 }
@@ -320,7 +320,7 @@ impl Llama {
                 Some(head) => head.weight.val(),
                 None => self.embed_tokens.weight.val().transpose(),
             };
-            self.head_bf16 = Some(std::sync::Arc::new(crate::bf16::FrozenWeight::new(head)));
+            self.head_bf16 = Some(std::sync::Arc::new(crate::head::Head::new(head)));
         }
         Ok(())
     }
@@ -354,6 +354,19 @@ impl Llama {
         crate::fused::rms_norm(x, &self.norm)
     }
 
+    /// `log p` of each row's target token, computing logits only for the rows given (and, in
+    /// bf16, never all of them at once).
+    ///
+    /// # Shapes
+    /// - hidden: `[n, hidden]`
+    /// - output: `[n]`
+    pub fn target_log_probs(&self, hidden: Tensor<2>, targets: Vec<i64>) -> Tensor<1> {
+        match &self.head_bf16 {
+            Some(packed) => crate::head::target_log_probs(hidden, packed, targets),
+            None => crate::fused::target_log_probs(self.logits(hidden), targets),
+        }
+    }
+
     /// Logits for the given hidden states.
     ///
     /// # Shapes
@@ -361,7 +374,7 @@ impl Llama {
     /// - output: `[n, vocab]`
     pub fn logits(&self, hidden: Tensor<2>) -> Tensor<2> {
         match (&self.head_bf16, &self.lm_head) {
-            (Some(packed), _) => crate::bf16::frozen_matmul(hidden, packed),
+            (Some(head), _) => head.logits(hidden),
             (None, Some(head)) => head.forward(hidden),
             (None, None) => hidden.matmul(self.embed_tokens.weight.val().transpose()),
         }
