@@ -324,14 +324,17 @@ pub(crate) fn swiglu(gate: Tensor<2>, up: Tensor<2>) -> Tensor<2> {
 fn swiglu_forward(gate: &FlexTensor, up: &FlexTensor) -> FlexTensor {
     let (g, u) = (f32s(gate), f32s(up));
     assert_eq!(g.len(), u.len(), "gate and up differ in shape");
-    let [out] = written([g.len()], |i, [out]| {
-        let at = i * CHUNK..i * CHUNK + out.len();
-        dispatch(Pointwise::Swiglu {
-            g: &g[at.clone()],
-            u: &u[at],
-            out,
+    // SAFETY: a `Pointwise` kernel writes its whole output.
+    let [out] = unsafe {
+        written([g.len()], |i, [out]| {
+            let at = i * CHUNK..i * CHUNK + out.len();
+            dispatch(Pointwise::Swiglu {
+                g: &g[at.clone()],
+                u: &u[at],
+                out,
+            })
         })
-    });
+    };
     FlexTensor::from_data(TensorData::new(out, gate.layout().shape().clone()))
 }
 
@@ -354,16 +357,19 @@ impl Backward<Flex, 2> for SwiGlu {
         let grad = contiguous(grads.consume::<Flex>(&ops.node));
         let (g, x, u) = (f32s(&grad), f32s(&gate), f32s(&up));
         assert!(x.len() == g.len() && u.len() == g.len(), "shapes differ");
-        let [d_gate, d_up] = written([g.len(); 2], |i, [d_gate, d_up]| {
-            let at = i * CHUNK..i * CHUNK + d_gate.len();
-            dispatch(Pointwise::SwigluGrad {
-                g: &g[at.clone()],
-                x: &x[at.clone()],
-                u: &u[at],
-                d_gate,
-                d_up,
+        // SAFETY: a `Pointwise` kernel writes its whole output.
+        let [d_gate, d_up] = unsafe {
+            written([g.len(); 2], |i, [d_gate, d_up]| {
+                let at = i * CHUNK..i * CHUNK + d_gate.len();
+                dispatch(Pointwise::SwigluGrad {
+                    g: &g[at.clone()],
+                    x: &x[at.clone()],
+                    u: &u[at],
+                    d_gate,
+                    d_up,
+                })
             })
-        });
+        };
         let shape = gate.layout().shape().clone();
         let [gate_parent, up_parent] = ops.parents;
         if let Some(node) = gate_parent {
@@ -408,10 +414,13 @@ pub(crate) fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 
 fn gelu_forward(x: &FlexTensor) -> FlexTensor {
     let values = f32s(x);
-    let [out] = written([values.len()], |i, [out]| {
-        let x = &values[i * CHUNK..i * CHUNK + out.len()];
-        dispatch(Pointwise::Gelu { x, out })
-    });
+    // SAFETY: a `Pointwise` kernel writes its whole output.
+    let [out] = unsafe {
+        written([values.len()], |i, [out]| {
+            let x = &values[i * CHUNK..i * CHUNK + out.len()];
+            dispatch(Pointwise::Gelu { x, out })
+        })
+    };
     FlexTensor::from_data(TensorData::new(out, x.layout().shape().clone()))
 }
 
@@ -428,14 +437,17 @@ impl Backward<Flex, 1> for Gelu {
             let grad = contiguous(grad);
             let (g, x) = (f32s(&grad), f32s(&x));
             assert_eq!(g.len(), x.len(), "shapes differ");
-            let [out] = written([g.len()], |i, [out]| {
-                let at = i * CHUNK..i * CHUNK + out.len();
-                dispatch(Pointwise::GeluGrad {
-                    g: &g[at.clone()],
-                    x: &x[at],
-                    out,
+            // SAFETY: a `Pointwise` kernel writes its whole output.
+            let [out] = unsafe {
+                written([g.len()], |i, [out]| {
+                    let at = i * CHUNK..i * CHUNK + out.len();
+                    dispatch(Pointwise::GeluGrad {
+                        g: &g[at.clone()],
+                        x: &x[at],
+                        out,
+                    })
                 })
-            });
+            };
             FlexTensor::from_data(TensorData::new(out, grad.layout().shape().clone()))
         });
     }
@@ -460,10 +472,13 @@ fn normal_cdf_pdf(x: f32) -> (f32, f32) {
 }
 
 /// New buffers of the given lengths, filled in parallel chunks of [`CHUNK`]: `fill(i, outs)`
-/// gets chunk `i` of each and must write every element (a pointwise kernel writes its whole
-/// output when its inputs are as long, which the callers assert). Not zeroed first: zeroing
-/// was a pass over each output for nothing, up to 2% of a step.
-fn written<const N: usize>(
+/// gets chunk `i` of each. Not zeroed first: zeroing was a pass over each output for nothing,
+/// up to 2% of a step.
+///
+/// # Safety
+/// `fill` must write every element of the chunks it is given (or panic). A [`Pointwise`]
+/// kernel does: it slices each input to its output's length, which panics on a short one.
+unsafe fn written<const N: usize>(
     lens: [usize; N],
     fill: impl Fn(usize, [&mut [MaybeUninit<f32>]; N]) + Sync,
 ) -> [Vec<f32>; N] {

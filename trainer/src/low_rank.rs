@@ -157,10 +157,10 @@ fn forward(
         _ => {
             let mut y = match frozen {
                 Frozen::Bf16(w) => amx::matmul(xs, rows, &w.forward),
-                Frozen::F32(w) => product(x, View::of(w), 1.0),
+                Frozen::F32(w) => gemm(x, View::of(w), 1.0),
             };
-            let z = product(x, View::rows(a, d_in, r), 1.0);
-            accumulate(
+            let z = gemm(x, View::rows(a, d_in, r), 1.0);
+            gemm_accumulate(
                 &mut y,
                 View::rows(&z, rows, r),
                 View::rows(b, r, d_out),
@@ -281,18 +281,18 @@ impl Backward<Flex, 3> for Adapted {
             }
             Path::Gemm { frozen, x } => {
                 let xs = f32s(x);
-                let g = product(dy, b.t(), 1.0);
+                let g = gemm(dy, b.t(), 1.0);
                 let g = View::rows(&g, rows, r);
                 let dx = want_dx.then(|| {
                     let mut dx = match frozen {
                         Frozen::Bf16(w) => amx::matmul(dys, rows, &w.backward),
-                        Frozen::F32(w) => product(dy, View::of(w).t(), 1.0),
+                        Frozen::F32(w) => gemm(dy, View::of(w).t(), 1.0),
                     };
-                    accumulate(&mut dx, g, a.t(), scale);
+                    gemm_accumulate(&mut dx, g, a.t(), scale);
                     dx
                 });
-                let da = want_da.then(|| product(View::rows(xs, rows, d_in).t(), g, scale));
-                let db = want_db.then(|| product(View::rows(&z, rows, r).t(), dy, scale));
+                let da = want_da.then(|| gemm(View::rows(xs, rows, d_in).t(), g, scale));
+                let db = want_db.then(|| gemm(View::rows(&z, rows, r).t(), dy, scale));
                 (dx, da, db)
             }
         };
@@ -377,20 +377,20 @@ impl<'a> View<'a> {
 
 /// `scale·lhs·rhs` in a new row-major buffer. Not zeroed first: the product writes every
 /// element, and zeroing was a pass over each output for nothing (3% of a MiniLM f32 step).
-fn product(lhs: View, rhs: View, scale: f32) -> Vec<f32> {
+fn gemm(lhs: View, rhs: View, scale: f32) -> Vec<f32> {
     let len = lhs.rows * rhs.cols;
     let mut out = Vec::with_capacity(len);
     // SAFETY: the buffer holds `len` elements; without `accumulate` the product writes every
     // one of them and reads none.
     unsafe {
-        gemm_raw(out.as_mut_ptr(), false, lhs, rhs, scale);
+        gemm_into(out.as_mut_ptr(), false, lhs, rhs, scale);
         out.set_len(len);
     }
     out
 }
 
 /// `out += scale·lhs·rhs`; `out` is row-major.
-fn accumulate(out: &mut [f32], lhs: View, rhs: View, scale: f32) {
+fn gemm_accumulate(out: &mut [f32], lhs: View, rhs: View, scale: f32) {
     assert_eq!(
         out.len(),
         lhs.rows * rhs.cols,
@@ -399,14 +399,14 @@ fn accumulate(out: &mut [f32], lhs: View, rhs: View, scale: f32) {
         rhs.cols
     );
     // SAFETY: `out` holds the whole initialised output.
-    unsafe { gemm_raw(out.as_mut_ptr(), true, lhs, rhs, scale) }
+    unsafe { gemm_into(out.as_mut_ptr(), true, lhs, rhs, scale) }
 }
 
 /// `out = scale·lhs·rhs`, or `out += scale·lhs·rhs` when `accumulate`; `out` is row-major.
 ///
 /// # Safety
 /// `out` must point at `lhs.rows × rhs.cols` writable elements, initialised when `accumulate`.
-unsafe fn gemm_raw(out: *mut f32, accumulate: bool, lhs: View, rhs: View, scale: f32) {
+unsafe fn gemm_into(out: *mut f32, accumulate: bool, lhs: View, rhs: View, scale: f32) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(rhs.rows, k, "inner dimensions differ");
     if m == 0 || n == 0 {
