@@ -326,8 +326,7 @@ fn swiglu_forward(gate: &FlexTensor, up: &FlexTensor) -> FlexTensor {
     assert_eq!(g.len(), u.len(), "gate and up differ in shape");
     // SAFETY: a `Pointwise` kernel writes its whole output.
     let [out] = unsafe {
-        written([g.len()], |i, [out]| {
-            let at = i * CHUNK..i * CHUNK + out.len();
+        written(g.len(), |at, [out]| {
             dispatch(Pointwise::Swiglu {
                 g: &g[at.clone()],
                 u: &u[at],
@@ -359,8 +358,7 @@ impl Backward<Flex, 2> for SwiGlu {
         assert!(x.len() == g.len() && u.len() == g.len(), "shapes differ");
         // SAFETY: a `Pointwise` kernel writes its whole output.
         let [d_gate, d_up] = unsafe {
-            written([g.len(); 2], |i, [d_gate, d_up]| {
-                let at = i * CHUNK..i * CHUNK + d_gate.len();
+            written(g.len(), |at, [d_gate, d_up]| {
                 dispatch(Pointwise::SwigluGrad {
                     g: &g[at.clone()],
                     x: &x[at.clone()],
@@ -416,8 +414,8 @@ fn gelu_forward(x: &FlexTensor) -> FlexTensor {
     let values = f32s(x);
     // SAFETY: a `Pointwise` kernel writes its whole output.
     let [out] = unsafe {
-        written([values.len()], |i, [out]| {
-            let x = &values[i * CHUNK..i * CHUNK + out.len()];
+        written(values.len(), |at, [out]| {
+            let x = &values[at];
             dispatch(Pointwise::Gelu { x, out })
         })
     };
@@ -439,8 +437,7 @@ impl Backward<Flex, 1> for Gelu {
             assert_eq!(g.len(), x.len(), "shapes differ");
             // SAFETY: a `Pointwise` kernel writes its whole output.
             let [out] = unsafe {
-                written([g.len()], |i, [out]| {
-                    let at = i * CHUNK..i * CHUNK + out.len();
+                written(g.len(), |at, [out]| {
                     dispatch(Pointwise::GeluGrad {
                         g: &g[at.clone()],
                         x: &x[at],
@@ -471,18 +468,18 @@ fn normal_cdf_pdf(x: f32) -> (f32, f32) {
     (0.5 * (1.0 + erf), FRAC_1_SQRT_2PI * gauss)
 }
 
-/// New buffers of the given lengths, filled in parallel chunks of [`CHUNK`]: `fill(i, outs)`
-/// gets chunk `i` of each. Not zeroed first: zeroing was a pass over each output for nothing,
+/// `N` new buffers of `len` values, filled in parallel chunks of [`CHUNK`]: `fill(at, outs)`
+/// gets the elements `at` of each. Not zeroed first: zeroing was a pass over each output for nothing,
 /// up to 2% of a step.
 ///
 /// # Safety
 /// `fill` must write every element of the chunks it is given (or panic). A [`Pointwise`]
 /// kernel does: it slices each input to its output's length, which panics on a short one.
 unsafe fn written<const N: usize>(
-    lens: [usize; N],
-    fill: impl Fn(usize, [&mut [MaybeUninit<f32>]; N]) + Sync,
+    len: usize,
+    fill: impl Fn(std::ops::Range<usize>, [&mut [MaybeUninit<f32>]; N]) + Sync,
 ) -> [Vec<f32>; N] {
-    let mut outs = lens.map(Vec::with_capacity);
+    let mut outs = [(); N].map(|()| Vec::with_capacity(len));
     let chunks: Vec<[&mut [MaybeUninit<f32>]; N]> = {
         let mut per_out = outs
             .each_mut()
@@ -499,8 +496,8 @@ unsafe fn written<const N: usize>(
     chunks
         .into_par_iter()
         .enumerate()
-        .for_each(|(i, chunk)| fill(i, chunk));
-    for (out, len) in outs.iter_mut().zip(lens) {
+        .for_each(|(i, chunk)| fill(i * CHUNK..i * CHUNK + chunk[0].len(), chunk));
+    for out in &mut outs {
         // SAFETY: `fill` wrote every element of every chunk.
         unsafe { out.set_len(len) };
     }
