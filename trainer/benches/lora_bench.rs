@@ -2,11 +2,13 @@
 //!
 //! cargo bench -p flywheel-trainer --bench lora_bench -- [--preset tiny|smollm2-135m|minilm|realistic|all]
 //!     [--python python3] [--peft-script ../shared/bench/peft_lora_bench.py] [--steps N]
+//!     [--device cpu|wgpu]
 //!
 //! Each measurement runs in a child process so its peak RSS is its own. Both sides run in
 //! float32 and in bfloat16 (ours: bf16 products of the frozen weights, where the CPU has AMX);
-//! ratios compare like with like, and our best with PEFT's best. Not a test: numbers go to
-//! stdout for people to read.
+//! ratios compare like with like, and our best with PEFT's best. `--device wgpu` (a
+//! `--features wgpu` build) runs our side on the GPU, f32 only; PEFT's scripts stay on the CPU.
+//! Not a test: numbers go to stdout for people to read.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -237,18 +239,29 @@ fn ours(p: &Preset, steps: usize, compute: Compute) -> serde_json::Value {
     })
 }
 
-/// GFLOP/s of a large f32 matmul on this machine, through the same backend.
-fn matmul_limit() -> f64 {
+/// GFLOP/s of a large f32 matmul on this machine, through the backend our side runs on.
+fn matmul_limit(device: &str) -> f64 {
     use burn::tensor::{Device, Distribution, Tensor};
-    let device = Device::flex();
+    let device = match device {
+        #[cfg(feature = "wgpu")]
+        "wgpu" => Device::wgpu(Default::default()),
+        _ => Device::flex(),
+    };
     let n = 1024;
     let a = Tensor::<2>::random([n, n], Distribution::Default, &device);
     let b = Tensor::<2>::random([n, n], Distribution::Default, &device);
-    let _ = a.clone().matmul(b.clone()).into_data();
+    // Reading the values, not just `into_data`: on a GPU that only queues the read-back.
+    let product = || {
+        a.clone()
+            .matmul(b.clone())
+            .into_data()
+            .try_into_vec::<f32>()
+    };
+    product().expect("f32 product");
     let reps = 8;
     let started = std::time::Instant::now();
     for _ in 0..reps {
-        let _ = a.clone().matmul(b.clone()).into_data();
+        product().expect("f32 product");
     }
     2.0 * (n as f64).powi(3) * reps as f64 / started.elapsed().as_secs_f64() / 1e9
 }
@@ -342,6 +355,9 @@ fn peft(scripts: &Scripts, p: &Preset, dtype: &str, steps: usize) -> Option<serd
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let steps: usize = arg(&args, "--steps").map_or(6, |s| s.parse().expect("--steps N"));
+    let device = arg(&args, "--device").unwrap_or_else(|| "cpu".into());
+    flywheel_trainer::use_accelerator(device.parse().expect("--device cpu|wgpu"))
+        .expect("--device");
     // Child mode: one measurement, one JSON line.
     if let Some(name) = arg(&args, "--child") {
         let p = presets()
@@ -379,9 +395,10 @@ fn main() {
             .map_or("-".into(), |v| format!("{v:.0}"))
     };
     println!(
-        "machine: {} threads; matmul 1024³ GFLOP/s: flex f32 {:.0}, torch f32 {}, torch bf16 {}",
+        "machine: {} threads; matmul 1024³ GFLOP/s: {} f32 {:.0}, torch f32 {}, torch bf16 {}",
         std::thread::available_parallelism().map_or(1, |n| n.get()),
-        matmul_limit(),
+        if device == "wgpu" { "wgpu" } else { "flex" },
+        matmul_limit(&device),
         limit("f32_gflops"),
         limit("bf16_gflops"),
     );
@@ -400,7 +417,7 @@ fn main() {
     );
     let bf16 = Compute::Bfloat16.is_available();
     if !bf16 {
-        println!("(no AMX-BF16 on this CPU: our bf16 column is empty)");
+        println!("(bf16 is the CPU's AMX path, absent here or on a GPU: our bf16 column is empty)");
     }
     for p in presets()
         .into_iter()
@@ -408,8 +425,8 @@ fn main() {
     {
         // Written here, before either side runs, so neither times the writing.
         model_dir(&p);
-        let ours_f32 = Some(our_child(&p, steps, "float32"));
-        let ours_bf16 = bf16.then(|| our_child(&p, steps, "bfloat16"));
+        let ours_f32 = Some(our_child(&p, steps, "float32", &device));
+        let ours_bf16 = bf16.then(|| our_child(&p, steps, "bfloat16", &device));
         let peft_f32 = peft(&scripts, &p, "float32", steps);
         let peft_bf16 = peft(&scripts, &p, "bfloat16", steps);
         let tps =
@@ -461,11 +478,11 @@ fn main() {
 }
 
 /// One measurement of ours in a child process, so its peak RSS is its own.
-fn our_child(p: &Preset, steps: usize, compute: &str) -> serde_json::Value {
+fn our_child(p: &Preset, steps: usize, compute: &str, device: &str) -> serde_json::Value {
     let exe = std::env::current_exe().expect("own path");
     let child = Command::new(exe)
         .args(["--child", p.name, "--steps", &steps.to_string()])
-        .args(["--compute", compute])
+        .args(["--compute", compute, "--device", device])
         .output()
         .expect("child");
     String::from_utf8_lossy(&child.stdout)

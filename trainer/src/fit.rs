@@ -356,6 +356,11 @@ pub(crate) fn batch_gradients<M: Module + Sync, T: Sync>(
     let run = |model: &M, i: usize| -> Result<(GradientsParams, f32, f64, usize)> {
         let shard = with_dropout_seed(mix(seed, i as u64), || shard_loss(model, parts[i]))?;
         let value = shard.loss.clone().into_scalar::<f32>() as f64;
+        if shard.weight == 0.0 {
+            // Nothing to learn from, so nothing to backpropagate; and burn-cubecl's backward
+            // of a gather over zero rows underflows (`is_nonoverlapping` takes `shape - 1`).
+            return Ok((GradientsParams::new(), 0.0, value, shard.tokens));
+        }
         let grads = GradientsParams::from_grads(shard.loss.backward(), model);
         Ok((grads, shard.weight, value, shard.tokens))
     };

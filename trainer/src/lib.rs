@@ -153,7 +153,21 @@ pub fn use_accelerator(accelerator: Accelerator) -> Result<()> {
 }
 
 pub(crate) fn accelerator() -> Accelerator {
+    #[cfg(test)]
+    if ACCELERATOR.get().is_none() {
+        test_accelerator();
+    }
     ACCELERATOR.get().copied().unwrap_or_default()
+}
+
+/// Unit tests, the parity goldens among them, run where `FLYWHEEL_TEST_DEVICE` says: `wgpu`
+/// in a `--features wgpu` build checks the GPU path against the same fixtures.
+#[cfg(test)]
+fn test_accelerator() {
+    if let Ok(name) = std::env::var("FLYWHEEL_TEST_DEVICE") {
+        let chosen = name.parse().and_then(use_accelerator);
+        chosen.expect("FLYWHEEL_TEST_DEVICE");
+    }
 }
 
 /// `f` over `items`, in order. On the CPU the items run side by side on burn's thread pool:

@@ -25,23 +25,25 @@ pub enum Compute {
 }
 
 impl Compute {
-    /// Whether training can compute this way on this machine's CPU.
+    /// Whether training can compute this way here.
     pub fn is_available(self) -> bool {
-        match self {
-            Compute::Float32 => true,
-            Compute::Bfloat16 => crate::bf16::available(),
-        }
+        self.ensure_available().is_ok()
     }
 
-    /// [`Self::is_available`] as an error that says what to do instead.
+    /// [`Self::is_available`] as an error that says what to do instead: bf16 is the CPU's AMX
+    /// path, so it needs such a CPU and training on it rather than on a GPU.
     pub fn ensure_available(self) -> crate::Result<()> {
-        if self.is_available() {
-            return Ok(());
+        let refused = |why: &str| Err(crate::TrainerError::InvalidSpec(why.into()));
+        match self {
+            Compute::Float32 => Ok(()),
+            Compute::Bfloat16 if crate::accelerator() != crate::Accelerator::Cpu => {
+                refused("compute bfloat16 runs on the CPU only; use float32 on a GPU")
+            }
+            Compute::Bfloat16 if !crate::bf16::available() => refused(
+                "compute bfloat16 needs a CPU with AMX-BF16 (Intel Xeon 4th generation or later); use float32",
+            ),
+            Compute::Bfloat16 => Ok(()),
         }
-        Err(crate::TrainerError::InvalidSpec(
-            "compute bfloat16 needs a CPU with AMX-BF16 (Intel Xeon 4th generation or later); use float32"
-                .into(),
-        ))
     }
 }
 
@@ -300,15 +302,10 @@ pub(crate) fn set_compute<'a>(
     compute: Compute,
     layers: impl Iterator<Item = &'a mut LoraLinear>,
 ) -> crate::Result<()> {
+    compute.ensure_available()?;
     if compute == Compute::Float32 {
         return Ok(());
     }
-    if crate::accelerator() != crate::Accelerator::Cpu {
-        return Err(crate::TrainerError::InvalidSpec(
-            "compute bfloat16 runs on the CPU only; use float32 on a GPU".into(),
-        ));
-    }
-    compute.ensure_available()?;
     for layer in layers {
         layer.compute_in_bf16();
     }
