@@ -33,6 +33,14 @@ const SMALL: usize = 1 << 15;
 /// Row blocks per task: enough work per task to amortise loading the tile configuration,
 /// few enough that a matrix splits into more tasks than threads.
 const BLOCKS_PER_TASK: usize = 4;
+/// Tile steps along `k` per piece of a long product (2,048 of `k`). A task walking all of a
+/// long `k` for each block streams its strips and panels from L3 again and again (the output
+/// head's backward, `k` = 49,152: its 3 MiB panel, read once per row block, did not stay in
+/// L2, and the product ran at half the forward's rate); a piece of each of its strips and
+/// panels, 128 KiB a pair, does stay, and serves every block and column of the task.
+const PIECE_STEPS: usize = 64;
+/// Column blocks per task in a long product: each piece of a strip loaded serves this many.
+const LONG_COLS: usize = 3;
 
 /// Whether this CPU and kernel let the process use AMX tiles for bf16 products. Linux hands
 /// out the 8 KiB tile state only on request, once per process; the answer is kept.
@@ -403,20 +411,41 @@ unsafe fn fill(terms: &[(&Rounded, &Packed)], out: SendPtr) {
     if m == 0 || n == 0 {
         return;
     }
-    let m_padded = padded(m);
-    let col_blocks = n_padded / BLOCK;
-    let row_groups = (m_padded / BLOCK).div_ceil(BLOCKS_PER_TASK);
-    (0..col_blocks * row_groups)
+    let (row_blocks, col_blocks) = (padded(m) / BLOCK, n_padded / BLOCK);
+    // Long products (one term, `k` over two pieces) go piece by piece, several column blocks
+    // a task; the rest keep one column block a task and walk `k` whole, as before.
+    let steps = terms[0].1.k_padded / K_STEP;
+    let (piece, cols_per_task) = match terms.len() == 1 && steps > 2 * PIECE_STEPS {
+        true => (PIECE_STEPS, LONG_COLS),
+        false => (usize::MAX, 1),
+    };
+    let row_groups = row_blocks.div_ceil(BLOCKS_PER_TASK);
+    let col_groups = col_blocks.div_ceil(cols_per_task);
+    (0..col_groups * row_groups)
         .into_par_iter()
-        .for_each(|task| {
-            let (col_block, group) = (task / row_groups, task % row_groups);
-            let first = group * BLOCKS_PER_TASK;
-            let last = (first + BLOCKS_PER_TASK).min(m_padded / BLOCK);
+        .for_each(|index| {
+            let (col_group, row_group) = (index / row_groups, index % row_groups);
+            let span = |group: usize, per: usize, total: usize| {
+                group * per..((group + 1) * per).min(total)
+            };
+            let task = Task {
+                cols: span(col_group, cols_per_task, col_blocks),
+                blocks: span(row_group, BLOCKS_PER_TASK, row_blocks),
+                piece,
+            };
             // SAFETY: `available()` holds; each task writes only its own rows × columns of
-            // `out` (the column blocks cover `n` and the row groups `m`), which outlives the
+            // `out` (the column groups cover `n` and the row groups `m`), which outlives the
             // parallel loop; every term is padded to whole blocks.
-            unsafe { kernel(terms, m, n, col_block, first..last, out) };
+            unsafe { kernel(terms, m, n, task, out) };
         });
+}
+
+/// One task's share of a product: column blocks `cols` of row blocks `blocks`, `piece` tile
+/// steps of `k` at a time.
+struct Task {
+    cols: std::ops::Range<usize>,
+    blocks: std::ops::Range<usize>,
+    piece: usize,
 }
 
 #[derive(Clone, Copy)]
@@ -655,101 +684,150 @@ unsafe fn configure_tiles() {
     }
 }
 
-/// Computes the columns `32·col_block ..` of `out` for row blocks `blocks` (32 rows each),
-/// summing the products of all `terms`.
+/// Computes `task`'s column blocks of `out` for its row blocks (32 rows and columns each),
+/// summing the products of all `terms`. Each block's sums stay in the tiles while the task
+/// walks a piece of `k`, and wait in `partial` between pieces.
 ///
 /// # Safety
 /// AMX must be available; each term's `Rounded` must come from `Rounded::new` and its `Packed`
 /// from `Packed::pack`, all of `m` rows and `n` columns; `out` must point at an `[m, n]`
-/// buffer that no other thread writes in these rows and columns.
+/// buffer that no other thread writes in these rows and columns. A task of several pieces
+/// has one term and at most `LONG_COLS × BLOCKS_PER_TASK` blocks.
 #[cfg(target_arch = "x86_64")]
-unsafe fn kernel(
-    terms: &[(&Rounded, &Packed)],
+unsafe fn kernel(terms: &[(&Rounded, &Packed)], m: usize, n: usize, task: Task, out: SendPtr) {
+    use std::arch::asm;
+    type Tile = [f32; ROWS * ROWS];
+    // Only edge tiles pass through here, and only what they wrote is read back.
+    let mut spill = [MaybeUninit::<Tile>::uninit(); 4];
+    // Four tiles per block of a task that goes piece by piece; read only after written.
+    let mut partial = [MaybeUninit::<[Tile; 4]>::uninit(); LONG_COLS * BLOCKS_PER_TASK];
+    let steps = terms[0].1.k_padded / K_STEP;
+    let pieces = steps.div_ceil(task.piece).max(1);
+    unsafe {
+        configure_tiles();
+        for piece in 0..pieces {
+            let (first, last) = (piece == 0, piece + 1 == pieces);
+            let at = piece.saturating_mul(task.piece);
+            for (c, col_block) in task.cols.clone().enumerate() {
+                for (r, block) in task.blocks.clone().enumerate() {
+                    let saved = partial[c * BLOCKS_PER_TASK + r].as_mut_ptr().cast::<f32>();
+                    if first {
+                        asm!(
+                            "tilezero tmm0",
+                            "tilezero tmm1",
+                            "tilezero tmm2",
+                            "tilezero tmm3",
+                            options(nostack)
+                        );
+                    } else {
+                        asm!(
+                            "tileloadd tmm0, [{p} + {s}*1]",
+                            "tileloadd tmm1, [{p} + {s}*1 + 1024]",
+                            "tileloadd tmm2, [{p} + {s}*1 + 2048]",
+                            "tileloadd tmm3, [{p} + {s}*1 + 3072]",
+                            p = in(reg) saved,
+                            s = in(reg) ROWS * 4,
+                            options(nostack)
+                        );
+                    }
+                    for (a, b) in terms {
+                        // A panel of `b` and a strip of `a` are both 16 × `k_padded` bf16.
+                        let panel_len = b.k_padded * ROWS;
+                        let panel0 = b.data.as_ptr::<u16>().add(col_block * 2 * panel_len);
+                        let panel1 = panel0.add(panel_len);
+                        let strip0 = a.data.as_ptr::<u16>().add(block * BLOCK * a.k_padded);
+                        let strip1 = strip0.add(panel_len);
+                        let own = b.k_padded / K_STEP;
+                        // Each product right after the loads it needs, so the tile unit
+                        // starts on the first pair while the others load.
+                        for step in at.min(own)..at.saturating_add(task.piece).min(own) {
+                            asm!(
+                                "tileloadd tmm4, [{a0} + {a_stride}*1]",
+                                "tileloadd tmm6, [{b0} + {b_stride}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tileloadd tmm7, [{b1} + {b_stride}*1]",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tileloadd tmm5, [{a1} + {a_stride}*1]",
+                                "tdpbf16ps tmm2, tmm5, tmm6",
+                                "tdpbf16ps tmm3, tmm5, tmm7",
+                                a0 = in(reg) strip0.add(step * K_STEP * ROWS),
+                                a1 = in(reg) strip1.add(step * K_STEP * ROWS),
+                                b0 = in(reg) panel0.add(step * K_STEP * ROWS),
+                                b1 = in(reg) panel1.add(step * K_STEP * ROWS),
+                                a_stride = in(reg) K_STEP * 2,
+                                b_stride = in(reg) 2 * ROWS * 2,
+                                options(nostack)
+                            );
+                        }
+                    }
+                    if !last {
+                        asm!(
+                            "tilestored [{p} + {s}*1], tmm0",
+                            "tilestored [{p} + {s}*1 + 1024], tmm1",
+                            "tilestored [{p} + {s}*1 + 2048], tmm2",
+                            "tilestored [{p} + {s}*1 + 3072], tmm3",
+                            p = in(reg) saved,
+                            s = in(reg) ROWS * 4,
+                            options(nostack)
+                        );
+                        continue;
+                    }
+                    store_block(&mut spill, m, n, block * BLOCK, col_block * BLOCK, out);
+                }
+            }
+        }
+    }
+}
+
+/// Stores the four tiles of the block at (`row0`, `col0`) into `out`: a tile that lies wholly
+/// inside `out` directly, edge tiles through `spill`, copying only their valid part.
+///
+/// # Safety
+/// AMX must be available and the tiles hold the block's sums; `out` as for [`kernel`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn store_block(
+    spill: &mut [MaybeUninit<[f32; ROWS * ROWS]>; 4],
     m: usize,
     n: usize,
-    col_block: usize,
-    blocks: std::ops::Range<usize>,
+    row0: usize,
+    col0: usize,
     out: SendPtr,
 ) {
     use std::arch::asm;
-    // Only edge tiles pass through here, and only what they wrote is read back.
-    let mut spill = [MaybeUninit::<[f32; ROWS * ROWS]>::uninit(); 4];
-    unsafe {
-        configure_tiles();
-        for block in blocks {
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                options(nostack)
-            );
-            for (a, b) in terms {
-                // A panel of `b` and a strip of `a` are both 16 × `k_padded` bf16.
-                let panel_len = b.k_padded * ROWS;
-                let panel0 = b.data.as_ptr::<u16>().add(col_block * 2 * panel_len);
-                let panel1 = panel0.add(panel_len);
-                let strip0 = a.data.as_ptr::<u16>().add(block * BLOCK * a.k_padded);
-                let strip1 = strip0.add(panel_len);
-                // Each product right after the loads it needs, so the tile unit starts on the
-                // first pair while the others load.
-                for step in 0..b.k_padded / K_STEP {
-                    asm!(
-                        "tileloadd tmm4, [{a0} + {a_stride}*1]",
-                        "tileloadd tmm6, [{b0} + {b_stride}*1]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tileloadd tmm7, [{b1} + {b_stride}*1]",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        "tileloadd tmm5, [{a1} + {a_stride}*1]",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        "tdpbf16ps tmm3, tmm5, tmm7",
-                        a0 = in(reg) strip0.add(step * K_STEP * ROWS),
-                        a1 = in(reg) strip1.add(step * K_STEP * ROWS),
-                        b0 = in(reg) panel0.add(step * K_STEP * ROWS),
-                        b1 = in(reg) panel1.add(step * K_STEP * ROWS),
-                        a_stride = in(reg) K_STEP * 2,
-                        b_stride = in(reg) 2 * ROWS * 2,
-                        options(nostack)
-                    );
+    let out_stride = n * 4;
+    let tiles = [(0, 0), (0, ROWS), (ROWS, 0), (ROWS, ROWS)];
+    for (tile, &(dr, dc)) in tiles.iter().enumerate() {
+        let (r, c) = (row0 + dr, col0 + dc);
+        let whole = r + ROWS <= m && c + ROWS <= n;
+        unsafe {
+            let (dst, stride) = if whole {
+                (out.0.add(r * n + c), out_stride)
+            } else {
+                (spill[tile].as_mut_ptr().cast::<f32>(), ROWS * 4)
+            };
+            match tile {
+                0 => {
+                    asm!("tilestored [{d} + {s}*1], tmm0", d = in(reg) dst, s = in(reg) stride, options(nostack))
+                }
+                1 => {
+                    asm!("tilestored [{d} + {s}*1], tmm1", d = in(reg) dst, s = in(reg) stride, options(nostack))
+                }
+                2 => {
+                    asm!("tilestored [{d} + {s}*1], tmm2", d = in(reg) dst, s = in(reg) stride, options(nostack))
+                }
+                _ => {
+                    asm!("tilestored [{d} + {s}*1], tmm3", d = in(reg) dst, s = in(reg) stride, options(nostack))
                 }
             }
-            // A tile that lies wholly inside `out` is stored there directly; edge tiles go
-            // through `spill` and only their valid part is copied.
-            let row0 = block * BLOCK;
-            let col0 = col_block * BLOCK;
-            let out_stride = n * 4;
-            let tiles = [(0, 0), (0, ROWS), (ROWS, 0), (ROWS, ROWS)];
-            for (tile, &(dr, dc)) in tiles.iter().enumerate() {
-                let (r, c) = (row0 + dr, col0 + dc);
-                let whole = r + ROWS <= m && c + ROWS <= n;
-                let (dst, stride) = if whole {
-                    (out.0.add(r * n + c), out_stride)
-                } else {
-                    (spill[tile].as_mut_ptr().cast::<f32>(), ROWS * 4)
-                };
-                match tile {
-                    0 => {
-                        asm!("tilestored [{d} + {s}*1], tmm0", d = in(reg) dst, s = in(reg) stride, options(nostack))
-                    }
-                    1 => {
-                        asm!("tilestored [{d} + {s}*1], tmm1", d = in(reg) dst, s = in(reg) stride, options(nostack))
-                    }
-                    2 => {
-                        asm!("tilestored [{d} + {s}*1], tmm2", d = in(reg) dst, s = in(reg) stride, options(nostack))
-                    }
-                    _ => {
-                        asm!("tilestored [{d} + {s}*1], tmm3", d = in(reg) dst, s = in(reg) stride, options(nostack))
-                    }
-                }
-                if !whole && r < m && c < n {
-                    let cols = (n - c).min(ROWS);
-                    for i in 0..(m - r).min(ROWS) {
-                        std::ptr::copy_nonoverlapping(
-                            spill[tile].as_ptr().cast::<f32>().add(i * ROWS),
-                            out.0.add((r + i) * n + c),
-                            cols,
-                        );
-                    }
+            if !whole && r < m && c < n {
+                let cols = (n - c).min(ROWS);
+                for i in 0..(m - r).min(ROWS) {
+                    std::ptr::copy_nonoverlapping(
+                        spill[tile].as_ptr().cast::<f32>().add(i * ROWS),
+                        out.0.add((r + i) * n + c),
+                        cols,
+                    );
                 }
             }
         }
@@ -757,14 +835,7 @@ unsafe fn kernel(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn kernel(
-    _: &[(&Rounded, &Packed)],
-    _: usize,
-    _: usize,
-    _: usize,
-    _: std::ops::Range<usize>,
-    _: SendPtr,
-) {
+unsafe fn kernel(_: &[(&Rounded, &Packed)], _: usize, _: usize, _: Task, _: SendPtr) {
     unreachable!("AMX exists on x86_64 only")
 }
 
@@ -782,8 +853,9 @@ mod tests {
             .collect()
     }
 
-    /// Odd shapes on purpose: every edge (rows, columns, `k` not a multiple of the tile) and
-    /// both packings, against products of the same bf16-rounded values summed in f64.
+    /// Odd shapes on purpose: every edge (rows, columns, `k` not a multiple of the tile), both
+    /// packings and long products, against products of the same bf16-rounded values summed in
+    /// f64.
     #[test]
     fn products_match_bf16_rounded_reference() {
         if !available() {
@@ -792,7 +864,17 @@ mod tests {
             assert!(!detect());
             return;
         }
-        for &(m, k, n) in &[(1, 1, 1), (37, 50, 45), (64, 96, 32), (70, 130, 100)] {
+        // The last two are long enough to go piece by piece (a short last piece, a short last
+        // column group).
+        let shapes = [
+            (1, 1, 1),
+            (37, 50, 45),
+            (64, 96, 32),
+            (70, 130, 100),
+            (40, 5000, 50),
+            (33, 4200, 130),
+        ];
+        for (m, k, n) in shapes {
             let a = matrix(m, k, 1);
             let b = matrix(k, n, 2);
             let by_rows = matmul(&a, m, &Packed::from_rows(&b, k, n));
