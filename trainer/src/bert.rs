@@ -9,8 +9,9 @@ use std::sync::Arc;
 use crate::attention::Attention;
 
 use crate::checkpoint::Checkpoint;
-use crate::lora::{LoraLinear, LoraLinearConfig, LoraSpec};
-use crate::{Result, TrainerError};
+use crate::error::{Result, TrainerError};
+use crate::lora::{LoraLinear, LoraLinearConfig};
+use crate::spec::LoraSpec;
 
 /// `config.json` of a BERT-family checkpoint, with Hugging Face's field names.
 #[derive(Config, Debug)]
@@ -243,26 +244,13 @@ impl BertLayer {
         crate::fused::layer_norm(ff + x, &self.output_norm, self.layer_norm_eps)
     }
 
-    pub fn projections(&self) -> [(&'static str, &LoraLinear); 6] {
-        [
-            ("attention.self.query", &self.query),
-            ("attention.self.key", &self.key),
-            ("attention.self.value", &self.value),
-            ("attention.output.dense", &self.attention_output),
-            ("intermediate.dense", &self.intermediate),
-            ("output.dense", &self.output),
-        ]
-    }
-
-    pub fn projections_mut(&mut self) -> [(&'static str, &mut LoraLinear); 6] {
-        [
-            ("attention.self.query", &mut self.query),
-            ("attention.self.key", &mut self.key),
-            ("attention.self.value", &mut self.value),
-            ("attention.output.dense", &mut self.attention_output),
-            ("intermediate.dense", &mut self.intermediate),
-            ("output.dense", &mut self.output),
-        ]
+    crate::lora::projections! {
+        "attention.self.query" => query,
+        "attention.self.key" => key,
+        "attention.self.value" => value,
+        "attention.output.dense" => attention_output,
+        "intermediate.dense" => intermediate,
+        "output.dense" => output,
     }
 }
 

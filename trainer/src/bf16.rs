@@ -4,7 +4,6 @@
 //! gradient, so its backward is one product, `∂x = ∂y · Wᵀ`, and nothing of `x` has to be kept
 //! for it: the op saves only the packed weight, which it shares with every step.
 
-use crate::amx::{self, Packed};
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -12,12 +11,9 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::flex::{Flex, FlexTensor};
 use burn::tensor::{Tensor, TensorData};
+use flywheel_kernels::Isa;
+use flywheel_kernels::amx::{self, Packed};
 use std::sync::Arc;
-
-/// Whether bf16 products can run here (an x86 CPU with AMX-BF16, Linux).
-pub(crate) fn available() -> bool {
-    amx::available()
-}
 
 /// A frozen `[in, out]` weight, rounded to bf16 and packed for `x · W` and for `∂y · Wᵀ`.
 #[derive(Debug)]
@@ -34,7 +30,7 @@ impl FrozenWeight {
             .try_into_vec::<f32>()
             .expect("frozen weights are f32");
         Self {
-            forward: Packed::from_rows(&data, d_in, d_out),
+            forward: Packed::from_rows(Isa::best(), &data, d_in, d_out),
             backward: Packed::from_transposed(&data, d_out, d_in),
         }
     }
@@ -88,7 +84,7 @@ fn product(x: FlexTensor, b: &Packed) -> FlexTensor {
     let x = crate::fused::contiguous(x);
     let values = crate::fused::f32s(&x);
     let rows = values.len() / b.k();
-    let out = amx::matmul(values, rows, b);
+    let out = amx::matmul(Isa::best(), values, rows, b);
     FlexTensor::from_data(TensorData::new(out, [rows, b.n()]))
 }
 
@@ -105,17 +101,25 @@ mod tests {
             .collect()
     }
 
+    /// Where the CPU has no AMX, training refuses bf16 compute, saying what to use instead.
+    #[cfg(not(cpu_amx))]
     #[test]
+    fn bfloat16_is_refused_without_amx() {
+        let mut layer = crate::lora::LoraLinear::frozen(
+            burn::nn::LinearConfig::new(4, 4).init(&Device::flex()),
+        );
+        let refused =
+            crate::lora::set_compute(crate::spec::Compute::Bfloat16, std::iter::once(&mut layer));
+        assert!(refused.unwrap_err().to_string().contains("AMX"));
+    }
+
+    #[test]
+    #[cfg_attr(not(cpu_amx), ignore = "needs a CPU with AMX-BF16")]
     fn forward_and_input_gradient_match_burns_matmul() {
-        if !available() {
-            let mut layer = crate::lora::LoraLinear::frozen(
-                burn::nn::LinearConfig::new(4, 4).init(&Device::flex()),
-            );
-            let refused =
-                crate::lora::set_compute(crate::Compute::Bfloat16, std::iter::once(&mut layer));
-            assert!(refused.unwrap_err().to_string().contains("AMX"));
-            return;
-        }
+        assert!(
+            amx::available(),
+            "this CPU lists AMX-BF16 but the process cannot use it"
+        );
         let (rows, d_in, d_out) = (7, 40, 24);
         let device = Device::flex().autodiff();
         let tensor = |v: Vec<f32>, shape: [usize; 2]| {

@@ -11,11 +11,11 @@ use tokenizers::Tokenizer;
 
 use crate::chat::ChatTemplate;
 use crate::checkpoint::{Checkpoint, to_host};
-use crate::classifier::{TrainReport, TrainSpec, TrainStep};
+use crate::error::{Result, TrainerError};
 use crate::fit::ShardLoss;
-use crate::llama::{Layout, Llama, LlamaConfig};
+use crate::llama::{Layout, Llama, LlamaConfig, layers_of};
 use crate::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, write_peft_adapter};
-use crate::{Result, TrainerError};
+use crate::spec::{TrainReport, TrainSpec, TrainStep};
 
 /// One prompt and the completion the model should have produced.
 #[derive(Debug, Clone, PartialEq)]
@@ -143,15 +143,6 @@ fn load_config(dir: &Path) -> Result<LlamaConfig> {
     LlamaConfig::from_json(&crate::checkpoint::read_config(dir)?)
 }
 
-pub(crate) fn layers_of(model: &Llama) -> impl Iterator<Item = (String, &crate::lora::LoraLinear)> {
-    model.layers.iter().enumerate().flat_map(|(i, layer)| {
-        layer
-            .projections()
-            .into_iter()
-            .map(move |(name, p)| (format!("model.layers.{i}.{name}"), p))
-    })
-}
-
 /// A tokenized row: ids, and from which position on the tokens are the completion.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Encoded {
@@ -169,7 +160,7 @@ pub fn train_causal_lm(
         return Err(TrainerError::InvalidSpec("no training rows".into()));
     }
     let _turn = crate::fit::exclusive();
-    let device = crate::device().autodiff();
+    let device = crate::device::device().autodiff();
     device.seed(spec.seed);
     let config = load_config(&spec.base_model_dir)?;
     let codec = TextCodec::load(&spec.base_model_dir)?;
@@ -186,18 +177,17 @@ pub fn train_causal_lm(
         .map(|(_, p)| p.trainable_parameters())
         .sum();
 
-    let fingerprint = crate::fit::fingerprint(spec, |h| {
-        for r in rows {
-            h.write(r.prompt.as_bytes());
-            h.write_u8(0);
-            h.write(r.completion.as_bytes());
-            h.write_u32(r.weight.to_bits());
-        }
-    });
     let (model, progress) = crate::fit::fit(
         spec,
-        &fingerprint,
         rows.len(),
+        |h| {
+            for r in rows {
+                h.write(r.prompt.as_bytes());
+                h.write_u8(0);
+                h.write(r.completion.as_bytes());
+                h.write_u32(r.weight.to_bits());
+            }
+        },
         model,
         on_step,
         |model: &Llama, chunk| {
@@ -328,7 +318,7 @@ pub struct Generator {
 
 impl Generator {
     pub fn load(base_model_dir: &Path, adapter_dir: Option<&Path>) -> Result<Self> {
-        let device = crate::device();
+        let device = crate::device::device();
         let config = load_config(base_model_dir)?;
         let mut ckpt = Checkpoint::open(base_model_dir)?;
         let mut model = config.load(&mut ckpt, None, &device)?;
@@ -351,7 +341,7 @@ impl Generator {
 
     /// [`Generator::generate`] for each prompt, in order (several at once on the CPU's cores).
     pub fn generate_all(&self, prompts: &[&str], max_new_tokens: usize) -> Result<Vec<Generation>> {
-        crate::map_on_pool(prompts, |prompt| self.generate(prompt, max_new_tokens))
+        crate::device::map_on_pool(prompts, |prompt| self.generate(prompt, max_new_tokens))
     }
 
     /// Greedy decoding, up to `max_new_tokens` or end of sequence.
@@ -389,51 +379,19 @@ impl Generator {
     }
 }
 
-/// Timing of LoRA training steps, for comparison with PyTorch + PEFT on the same batches.
-#[derive(Debug, Clone, Serialize)]
-pub struct StepBench {
-    pub steps: usize,
-    pub median_step_seconds: f64,
-    /// Real (non-padding) tokens over the timed steps' total time.
-    pub tokens_per_second: f64,
-    pub trainable_parameters: usize,
-    pub total_parameters: usize,
-    pub losses: Vec<f64>,
-}
-
-impl StepBench {
-    pub(crate) fn new(
-        times: &[f64],
-        tokens: usize,
-        losses: Vec<f64>,
-        params: (usize, usize),
-    ) -> Self {
-        let mut sorted = times.to_vec();
-        sorted.sort_by(f64::total_cmp);
-        Self {
-            steps: times.len(),
-            median_step_seconds: sorted[sorted.len() / 2],
-            tokens_per_second: tokens as f64 / times.iter().sum::<f64>(),
-            trainable_parameters: params.0,
-            total_parameters: params.1,
-            losses,
-        }
-    }
-}
-
 /// Runs one full SFT training step (forward, backward, AdamW) per batch of token rows, the
 /// training loop's own batch code included (packing, logits only where the loss is), and
 /// times all but the first `warmup`. A row with `completion_start` 0 has loss on every next
 /// token, as `labels = input_ids` does in transformers.
 pub fn bench_sft_steps(
     model_dir: &Path,
-    lora: &crate::LoraSpec,
+    lora: &crate::spec::LoraSpec,
     batches: &[Vec<Encoded>],
     warmup: usize,
     seed: u64,
-    compute: crate::Compute,
-) -> Result<StepBench> {
-    let device = crate::device().autodiff();
+    compute: crate::spec::Compute,
+) -> Result<crate::spec::StepBench> {
+    let device = crate::device::device().autodiff();
     let _turn = crate::fit::exclusive();
     device.seed(seed);
     let config = load_config(model_dir)?;
@@ -556,11 +514,11 @@ mod tests {
         use burn::tensor::Distribution;
 
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
-        let device = crate::device().autodiff();
+        let device = crate::device::device().autodiff();
         let _turn = crate::fit::exclusive();
         device.seed(7);
-        let lora = crate::LoraSpec {
-            target_modules: crate::lora::LLAMA_PROJECTIONS.map(String::from).to_vec(),
+        let lora = crate::spec::LoraSpec {
+            target_modules: crate::spec::LLAMA_PROJECTIONS.map(String::from).to_vec(),
             ..Default::default()
         };
         let model = load_config(&dir)
@@ -639,7 +597,7 @@ mod tests {
     #[test]
     fn packed_loss_equals_padded_loss() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
-        let device = crate::device();
+        let device = crate::device::device();
         let config = load_config(&dir).unwrap();
         let model = config
             .load(&mut Checkpoint::open(&dir).unwrap(), None, &device)

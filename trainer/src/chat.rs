@@ -7,7 +7,7 @@ use std::path::Path;
 
 use minijinja::{Environment, Error, ErrorKind, Value, context};
 
-use crate::{Result, TrainerError, io_err};
+use crate::error::{Result, TrainerError, io_err};
 
 /// A checkpoint's chat template and the special tokens it refers to.
 pub(crate) struct ChatTemplate {

@@ -10,7 +10,7 @@ use burn::nn::{
 use burn::tensor::{Device, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 
-use crate::{Result, TrainerError, io_err};
+use crate::error::{Result, TrainerError, io_err};
 
 /// A model directory's `config.json`, parsed, with an error naming what is missing or broken.
 pub fn read_config(dir: &Path) -> Result<serde_json::Value> {

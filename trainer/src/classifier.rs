@@ -2,7 +2,7 @@
 //! Llama-family causal LM (the last real token's state, the only one that has seen the whole
 //! text), LoRA on the backbone. Training, PEFT export and inference.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
@@ -13,14 +13,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::bert::{Bert, BertConfig};
 use crate::checkpoint::{Checkpoint, to_host, write_safetensors};
+use crate::error::{Result, TrainerError, io_err};
 use crate::fit::ShardLoss;
 use crate::llama::{Layout, Llama, LlamaConfig};
 use crate::lora::LoraLinear;
-use crate::lora::{
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraSpec, load_peft_adapter, write_peft_adapter,
-};
+use crate::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, write_peft_adapter};
+use crate::spec::{LoraSpec, TrainReport, TrainSpec, TrainStep};
 use crate::tokenize::{Batch, TextEncoder};
-use crate::{Result, TrainerError, io_err};
 
 /// File names of a classifier's head, beside the PEFT adapter.
 pub const HEAD_WEIGHTS: &str = "classifier_head.safetensors";
@@ -36,159 +35,31 @@ pub struct Example {
     pub weight: f32,
 }
 
-/// Everything a training run needs besides its rows.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TrainSpec {
-    /// Hugging Face model directory of the base model.
-    pub base_model_dir: PathBuf,
-    /// Where the adapter files are written.
-    pub output_dir: PathBuf,
-    pub labels: Vec<String>,
-    pub lora: LoraSpec,
-    pub epochs: usize,
-    pub batch_size: usize,
-    pub learning_rate: f64,
-    pub weight_decay: f64,
-    /// Share of the steps spent warming the learning rate up; cosine decay after.
-    pub warmup_ratio: f64,
-    pub max_seq_len: usize,
-    pub label_smoothing: f64,
-    pub seed: u64,
-    /// Micro-batches of `batch_size` whose gradients make one optimizer step.
-    #[serde(default = "one")]
-    pub grad_accumulation: usize,
-    /// Where to save the run's state every few steps, and resume it from after a crash.
-    #[serde(default)]
-    pub checkpointing: Option<crate::Checkpointing>,
-    /// All gradients are scaled down together when their joint L2 norm exceeds this, as HF's
-    /// Trainer does. `None`: no clipping.
-    #[serde(default = "default_clip")]
-    pub max_grad_norm: Option<f64>,
-    /// Hold out part of the rows, stop when their loss stops improving, and keep the best
-    /// weights seen. `None`: train every epoch on every row.
-    #[serde(default)]
-    pub early_stopping: Option<crate::EarlyStopping>,
-    /// Precision of the frozen base model's products: bf16 is several times faster where the
-    /// CPU has AMX, and rounds the base model's weights and inputs to 8 significant bits.
-    #[serde(default)]
-    pub compute: crate::Compute,
-}
-
-fn one() -> usize {
-    1
-}
-
-fn default_clip() -> Option<f64> {
-    Some(1.0)
-}
-
-impl TrainSpec {
-    /// Defaults for a causal LM learning corrected completions: LoRA on every projection.
-    pub fn for_generation(base_model_dir: PathBuf, output_dir: PathBuf) -> Self {
-        let mut spec = Self::new(base_model_dir, output_dir, vec![]);
-        spec.lora.target_modules = crate::LLAMA_PROJECTIONS.map(String::from).to_vec();
-        spec.epochs = 20;
-        spec.max_seq_len = 128;
-        spec
+/// Whether `spec` can train on `rows`, saying what is wrong if not.
+fn validate(spec: &TrainSpec, rows: &[Example]) -> Result<()> {
+    let bad = |m: String| Err(TrainerError::InvalidSpec(m));
+    if spec.labels.len() < 2 {
+        return bad("need at least two labels".into());
     }
-
-    /// Defaults for a BERT-family classifier: LoRA on attention and feed-forward projections.
-    pub fn new(base_model_dir: PathBuf, output_dir: PathBuf, labels: Vec<String>) -> Self {
-        Self {
-            base_model_dir,
-            output_dir,
-            labels,
-            lora: LoraSpec {
-                target_modules: vec!["query".into(), "key".into(), "value".into(), "dense".into()],
-                ..LoraSpec::default()
-            },
-            epochs: 8,
-            batch_size: 16,
-            learning_rate: 3e-3,
-            weight_decay: 0.01,
-            warmup_ratio: 0.06,
-            max_seq_len: 64,
-            label_smoothing: 0.0,
-            seed: 17,
-            grad_accumulation: 1,
-            checkpointing: None,
-            max_grad_norm: default_clip(),
-            early_stopping: None,
-            compute: crate::Compute::default(),
-        }
+    if rows.is_empty() {
+        return bad("no training rows".into());
     }
-
-    fn validate(&self, rows: &[Example]) -> Result<()> {
-        let bad = |m: String| Err(TrainerError::InvalidSpec(m));
-        if self.labels.len() < 2 {
-            return bad("need at least two labels".into());
-        }
-        if rows.is_empty() {
-            return bad("no training rows".into());
-        }
-        if let Some(r) = rows.iter().find(|r| r.label >= self.labels.len()) {
-            return bad(format!("label index {} out of range", r.label));
-        }
-        if self.lora.r == 0
-            || self.epochs == 0
-            || self.batch_size == 0
-            || self.grad_accumulation == 0
-        {
-            return bad("rank, epochs, batch size and grad_accumulation must be positive".into());
-        }
-        if !(0.0..1.0).contains(&self.label_smoothing) {
-            return bad("label_smoothing must be in [0, 1)".into());
-        }
-        if let Some(r) = rows
-            .iter()
-            .find(|r| !(r.weight.is_finite() && r.weight > 0.0))
-        {
-            return bad(format!("row weight {} must be positive", r.weight));
-        }
-        Ok(())
+    if let Some(r) = rows.iter().find(|r| r.label >= spec.labels.len()) {
+        return bad(format!("label index {} out of range", r.label));
     }
-}
-
-/// Progress of one optimizer step.
-#[derive(Debug, Clone, Serialize)]
-pub struct TrainStep {
-    pub step: usize,
-    pub total_steps: usize,
-    pub epoch: usize,
-    pub loss: f64,
-    pub learning_rate: f64,
-    pub tokens_per_second: f64,
-    pub elapsed_seconds: f64,
-    /// At this step's pace, how long the rest of the run takes.
-    pub eta_seconds: f64,
-    /// The checkpoint saved after this step, if one was.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub checkpoint: Option<PathBuf>,
-}
-
-/// What a finished run reports.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TrainReport {
-    pub steps: usize,
-    pub examples: usize,
-    pub tokens: usize,
-    pub wall_seconds: f64,
-    pub tokens_per_second: f64,
-    /// `(step, loss)` for every step.
-    pub loss_curve: Vec<(usize, f64)>,
-    pub trainable_parameters: usize,
-    pub total_parameters: usize,
-    /// Files written into the output directory.
-    pub files: Vec<String>,
-    /// `(step, loss)` on the validation rows, with early stopping.
-    #[serde(default)]
-    pub validation_curve: Vec<(usize, f64)>,
-    /// With early stopping: the step whose weights were kept (the best validation loss).
-    #[serde(default)]
-    pub best_step: Option<usize>,
-    /// Whether early stopping ended the run before its last planned step.
-    #[serde(default)]
-    pub stopped_early: bool,
+    if spec.lora.r == 0 || spec.epochs == 0 || spec.batch_size == 0 || spec.grad_accumulation == 0 {
+        return bad("rank, epochs, batch size and grad_accumulation must be positive".into());
+    }
+    if !(0.0..1.0).contains(&spec.label_smoothing) {
+        return bad("label_smoothing must be in [0, 1)".into());
+    }
+    if let Some(r) = rows
+        .iter()
+        .find(|r| !(r.weight.is_finite() && r.weight > 0.0))
+    {
+        return bad(format!("row weight {} must be positive", r.weight));
+    }
+    Ok(())
 }
 
 /// The network under the head.
@@ -251,7 +122,7 @@ impl Backbone {
                     })
                     .collect()
             }
-            Backbone::Llama(llama) => crate::causal::layers_of(llama).collect(),
+            Backbone::Llama(llama) => crate::llama::layers_of(llama).collect(),
         }
     }
 
@@ -365,9 +236,9 @@ pub fn train_classifier(
     rows: &[Example],
     on_step: &mut dyn FnMut(&TrainStep) -> bool,
 ) -> Result<TrainReport> {
-    spec.validate(rows)?;
+    validate(spec, rows)?;
     let _turn = crate::fit::exclusive();
-    let device = crate::device().autodiff();
+    let device = crate::device::device().autodiff();
     device.seed(spec.seed);
     let config = BackboneConfig::read(&spec.base_model_dir)?;
     let encoder_text = TextEncoder::load(
@@ -388,17 +259,16 @@ pub fn train_classifier(
     let loss_fn = CrossEntropyLossConfig::new()
         .with_smoothing((spec.label_smoothing > 0.0).then_some(spec.label_smoothing as f32))
         .init(&device);
-    let fingerprint = crate::fit::fingerprint(spec, |h| {
-        for r in rows {
-            h.write(r.text.as_bytes());
-            h.write_usize(r.label);
-            h.write_u32(r.weight.to_bits());
-        }
-    });
     let (model, progress) = crate::fit::fit(
         spec,
-        &fingerprint,
         rows.len(),
+        |h| {
+            for r in rows {
+                h.write(r.text.as_bytes());
+                h.write_usize(r.label);
+                h.write_u32(r.weight.to_bits());
+            }
+        },
         model,
         on_step,
         |model: &Classifier, chunk| {
@@ -438,12 +308,12 @@ pub fn bench_classifier_steps(
     warmup: usize,
     steps: usize,
     seed: u64,
-    compute: crate::Compute,
-) -> Result<crate::StepBench> {
+    compute: crate::spec::Compute,
+) -> Result<crate::spec::StepBench> {
     use rand::{Rng, SeedableRng, rngs::StdRng};
 
     let _turn = crate::fit::exclusive();
-    let device = crate::device().autodiff();
+    let device = crate::device::device().autodiff();
     device.seed(seed);
     let config = BackboneConfig::read(model_dir)?;
     let vocab = config.vocab_size();
@@ -603,7 +473,7 @@ impl ClassifierPredictor {
     ) -> Result<Self> {
         // The untrained head draws from burn's process-wide generator: not while a run does.
         let _turn = crate::fit::exclusive();
-        let device = crate::device();
+        let device = crate::device::device();
         device.seed(seed);
         let config = BackboneConfig::read(base_model_dir)?;
         let mut ckpt = Checkpoint::open(base_model_dir)?;
@@ -648,7 +518,7 @@ impl ClassifierPredictor {
     /// (several at once on the CPU's cores).
     pub fn predict(&self, texts: &[&str], batch_size: usize) -> Result<Vec<Prediction>> {
         let chunks: Vec<&[&str]> = texts.chunks(batch_size.max(1)).collect();
-        let batches = crate::map_on_pool(&chunks, |chunk| {
+        let batches = crate::device::map_on_pool(&chunks, |chunk| {
             let batch = self.text.encode(chunk, &self.device)?;
             let (shape, data) = to_host(softmax(self.model.forward(&batch), 1));
             Ok(data
@@ -670,7 +540,7 @@ impl ClassifierPredictor {
 /// The largest change the adapter in `adapter_dir` makes to the encoder's hidden states on
 /// `texts` (the head is left out: this asks whether the LoRA weights do anything).
 pub(crate) fn bert_adapter_delta(base: &Path, adapter_dir: &Path, texts: &[&str]) -> Result<f32> {
-    let device = crate::device();
+    let device = crate::device::device();
     let config = BackboneConfig::read(base)?;
     let mut encoder = config.load(&mut Checkpoint::open(base)?, None, &device)?;
     let text = TextEncoder::load(base, 128.min(config.max_position_embeddings()))?;
@@ -708,7 +578,7 @@ mod tests {
 
     #[test]
     fn unit_weights_reproduce_burns_smoothed_cross_entropy() {
-        let device = crate::device();
+        let device = crate::device::device();
         for eps in [0.0f32, 0.1] {
             let (logits, targets) = logits_and_targets(&device);
             let burn_loss = CrossEntropyLossConfig::new()
@@ -727,7 +597,7 @@ mod tests {
 
     #[test]
     fn a_weight_counts_like_repeating_the_row() {
-        let device = crate::device();
+        let device = crate::device::device();
         let (logits, targets) = logits_and_targets(&device);
         let weighted =
             weighted_cross_entropy(logits.clone(), targets.clone(), vec![1.0, 2.0, 1.0], 0.0)

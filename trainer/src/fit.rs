@@ -10,7 +10,6 @@
 //! never resumed). It is written under a temporary name and renamed into place, so a crash
 //! mid-write leaves the previous one.
 
-use std::cell::RefCell;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -20,34 +19,12 @@ use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOpti
 use burn::store::ModuleRecord;
 use burn::tensor::Tensor;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng, rngs::StdRng};
+use rand::{SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 
-use crate::classifier::{TrainReport, TrainSpec, TrainStep};
-use crate::{Result, TrainerError, io_err};
-
-/// Where and how often a run saves its state.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Checkpointing {
-    /// A directory of the run's own; a run started again with the same spec and data resumes
-    /// from the newest checkpoint in it.
-    pub dir: PathBuf,
-    /// Optimizer steps between checkpoints.
-    pub every_steps: usize,
-}
-
-/// Stop training when the loss on held-back rows stops improving.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EarlyStopping {
-    /// Share of the rows held back from training to measure the validation loss on (at least
-    /// one row, chosen by the seed).
-    pub validation_fraction: f64,
-    /// Optimizer steps between validations; 0: once an epoch.
-    pub eval_every_steps: usize,
-    /// Validations in a row without an improvement of more than `min_delta` that stop the run.
-    pub patience: usize,
-    pub min_delta: f64,
-}
+use crate::dropout::{mix, with_dropout_seed};
+use crate::error::{Result, TrainerError, io_err};
+use crate::spec::{Checkpointing, TrainReport, TrainSpec, TrainStep};
 
 /// The parameters a run trains: LoRA matrices and, for classifiers, the head. Everything else
 /// is the frozen base model, which the checkpoint does not repeat.
@@ -79,7 +56,7 @@ struct State {
 
 /// What identifies a run for resuming: every spec field that shapes the trajectory, and the
 /// rows (through `data`, which the caller hashes its rows into).
-pub(crate) fn fingerprint(spec: &TrainSpec, data: impl FnOnce(&mut dyn Hasher)) -> String {
+fn fingerprint(spec: &TrainSpec, data: impl FnOnce(&mut dyn Hasher)) -> String {
     // SipHash with fixed keys: stable for a given build, which is all a resume needs (a new
     // build restarting an old run trains it from the start).
     #[allow(deprecated)]
@@ -145,8 +122,8 @@ fn split_rows(spec: &TrainSpec, rows: usize) -> (Vec<usize>, Vec<usize>) {
 /// optimizer step. Returns the trained model and the bookkeeping for the report.
 pub(crate) fn fit<M: Module + Clone + Sync>(
     spec: &TrainSpec,
-    fingerprint: &str,
     rows: usize,
+    data: impl FnOnce(&mut dyn Hasher),
     mut model: M,
     on_step: &mut dyn FnMut(&TrainStep) -> bool,
     shard_loss: impl Fn(&M, &[usize]) -> Result<ShardLoss> + Sync,
@@ -157,6 +134,7 @@ pub(crate) fn fit<M: Module + Clone + Sync>(
             "early stopping needs at least two rows".into(),
         ));
     }
+    let fingerprint = &fingerprint(spec, data);
     let (train, validation) = split_rows(spec, rows);
     let mut optim = optimizer(spec);
     let mut progress = Progress::new(spec, total_steps(spec, train.len()));
@@ -298,7 +276,7 @@ pub(crate) fn timed_steps<M: Module + Clone + Sync, T: Sync>(
     batches: &[Vec<T>],
     params: (usize, usize),
     shard_loss: impl Fn(&M, &[T]) -> Result<ShardLoss> + Sync,
-) -> Result<crate::StepBench> {
+) -> Result<crate::spec::StepBench> {
     if batches.len() <= warmup {
         return Err(TrainerError::InvalidSpec(
             "no steps left to time after warmup".into(),
@@ -316,7 +294,7 @@ pub(crate) fn timed_steps<M: Module + Clone + Sync, T: Sync>(
             tokens += n;
         }
     }
-    Ok(crate::StepBench::new(&times, tokens, losses, params))
+    Ok(crate::spec::StepBench::new(&times, tokens, losses, params))
 }
 
 /// A shard's part of a batch's loss: the mean over what it holds, how much that mean weighs
@@ -333,9 +311,9 @@ pub(crate) struct ShardLoss {
 /// by side keep them busy. On 2 cores, 2 shards took SmolLM2-shaped steps from 147 to 232
 /// tokens/s; 4 were slower (smaller matmuls) but lighter on memory. A GPU gets the batch whole.
 fn shards() -> usize {
-    match crate::accelerator() {
-        crate::Accelerator::Cpu => rayon::current_num_threads(),
-        crate::Accelerator::Wgpu => 1,
+    match crate::device::accelerator() {
+        crate::device::Accelerator::Cpu => rayon::current_num_threads(),
+        crate::device::Accelerator::Wgpu => 1,
     }
 }
 
@@ -372,7 +350,7 @@ pub(crate) fn batch_gradients<M: Module + Sync, T: Sync>(
     // merges the graphs of computations that share a tracked tensor and walks a graph under one
     // lock, which would run the shards one after another.
     let shards: Vec<usize> = (0..parts.len()).collect();
-    let results = crate::map_on_pool(&shards, |&i| run(&detached_trainables(model), i))?;
+    let results = crate::device::map_on_pool(&shards, |&i| run(&detached_trainables(model), i))?;
     let total: f32 = results.iter().map(|(_, w, ..)| w).sum();
     let mut accumulator = GradientsAccumulator::<M>::new();
     let (mut loss, mut tokens) = (0.0, 0);
@@ -385,58 +363,6 @@ pub(crate) fn batch_gradients<M: Module + Sync, T: Sync>(
         }
     }
     Ok((accumulator.grads(), loss, tokens))
-}
-
-thread_local! {
-    /// Dropout generators of the shards running on this thread, innermost last. A stack, not
-    /// one slot: while a shard waits on a parallel matmul, rayon may run another shard on the
-    /// same thread, and the first must find its own generator again when that one returns.
-    static DROPOUT: RefCell<Vec<StdRng>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` with LoRA dropout drawing from a generator of its own, seeded by `seed`: masks then
-/// depend on the shard, not on the order in which threads happen to draw from burn's one
-/// device-wide generator, and a seeded (or resumed) run repeats itself.
-fn with_dropout_seed<R>(seed: u64, f: impl FnOnce() -> R) -> R {
-    struct Pop;
-    impl Drop for Pop {
-        fn drop(&mut self) {
-            DROPOUT.with(|stack| stack.borrow_mut().pop());
-        }
-    }
-    DROPOUT.with(|stack| stack.borrow_mut().push(StdRng::seed_from_u64(seed)));
-    let _pop = Pop;
-    f()
-}
-
-/// A dropout mask of `n` values, each `1/keep` with probability `keep` and 0 otherwise, from the
-/// generator of the shard running on this thread; `None` outside a training shard (validation,
-/// inference), where there is no dropout.
-pub(crate) fn dropout_mask(n: usize, keep: f64) -> Option<Vec<f32>> {
-    DROPOUT.with(|stack| {
-        let mut stack = stack.borrow_mut();
-        let rng = stack.last_mut()?;
-        let (keep, scale) = (keep as f32, (1.0 / keep) as f32);
-        Some(
-            (0..n)
-                .map(|_| {
-                    if rng.random::<f32>() < keep {
-                        scale
-                    } else {
-                        0.0
-                    }
-                })
-                .collect(),
-        )
-    })
-}
-
-/// Two seeds into one (SplitMix64's finalizer over their sum with a golden-ratio step).
-fn mix(seed: u64, i: u64) -> u64 {
-    let mut z = seed.wrapping_add(i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// `model` with each trainable tensor replaced by a new leaf over the same data, under the same
@@ -746,32 +672,6 @@ mod tests {
 
     /// Two tensors with gradient norms 3 and 4: globally the norm is 5, and clipping to 1
     /// scales both by 1/5 (per-tensor clipping would give both norm 1).
-    /// Masks repeat with their seed, keep the right share scaled by `1/keep`, survive another
-    /// shard running nested on the same thread, and exist only inside a shard.
-    #[test]
-    fn dropout_masks_come_from_the_running_shard() {
-        assert!(dropout_mask(10, 0.9).is_none());
-        let a = with_dropout_seed(7, || dropout_mask(10_000, 0.9).unwrap());
-        assert_eq!(
-            a,
-            with_dropout_seed(7, || dropout_mask(10_000, 0.9).unwrap())
-        );
-        assert_ne!(
-            a,
-            with_dropout_seed(8, || dropout_mask(10_000, 0.9).unwrap())
-        );
-        let kept = a.iter().filter(|&&m| m > 0.0).count();
-        assert!((8_800..9_200).contains(&kept), "{kept} of 10000 kept");
-        assert!(a.iter().all(|&m| m == 0.0 || (m - 1.0 / 0.9).abs() < 1e-6));
-        let interrupted = with_dropout_seed(7, || {
-            let first = dropout_mask(4_000, 0.9).unwrap();
-            with_dropout_seed(8, || dropout_mask(100, 0.9));
-            [first, dropout_mask(6_000, 0.9).unwrap()].concat()
-        });
-        assert_eq!(interrupted, a);
-        assert!(dropout_mask(10, 0.9).is_none());
-    }
-
     #[test]
     fn clipping_scales_all_gradients_by_one_factor() {
         #[derive(Module, Debug)]
@@ -779,7 +679,7 @@ mod tests {
             a: Linear,
             b: Linear,
         }
-        let device = crate::device().autodiff();
+        let device = crate::device::device().autodiff();
         let two = Two {
             a: LinearConfig::new(1, 1).with_bias(false).init(&device),
             b: LinearConfig::new(1, 1).with_bias(false).init(&device),

@@ -9,9 +9,8 @@
 //! row of `h` alone, so `∂ log p[t] / ∂h = (onehot(t) − softmax) · Wᵀ` is one `[hidden]`
 //! vector per row, and the backward only scales it by the upstream gradient.
 
-use crate::amx::{self, Rounded};
 use crate::bf16::FrozenWeight;
-use crate::fused::{Kernel, MulAdd, contiguous, dispatch, exp, f32s, log_sum_exp};
+use crate::fused::{contiguous, f32s};
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -19,6 +18,8 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::flex::{Flex, FlexTensor};
 use burn::tensor::{Tensor, TensorData};
+use flywheel_kernels::Isa;
+use flywheel_kernels::head::{self, Scratch};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
@@ -33,12 +34,6 @@ pub(crate) struct Head {
     weight: Arc<FrozenWeight>,
     /// One per shard that has run the head at once: a shard takes one and puts it back.
     scratch: Mutex<Vec<Scratch>>,
-}
-
-#[derive(Debug, Default)]
-struct Scratch {
-    logits: Vec<f32>,
-    grad: Option<Rounded>,
 }
 
 impl Head {
@@ -133,75 +128,22 @@ fn compute(
     grad: bool,
     chunk: usize,
 ) -> (FlexTensor, Option<FlexTensor>) {
-    let x = f32s(hidden);
     let weight = &head.weight;
-    let (rows, width, vocab) = (targets.len(), weight.forward.k(), weight.forward.n());
-    assert_eq!(x.len(), rows * width, "hidden is not [{rows}, {width}]");
-    let mut log_probs = vec![0f32; rows];
-    let mut per_row = vec![0f32; if grad { rows * width } else { 0 }];
-    let pop = head.scratch.lock().expect("scratch pool").pop();
-    let mut scratch = pop.unwrap_or_default();
-    if scratch.logits.len() < chunk.min(rows) * vocab {
-        scratch.logits.resize(chunk.min(rows) * vocab, 0.0);
-    }
-    for first in (0..rows).step_by(chunk) {
-        let n = chunk.min(rows - first);
-        let logits = &mut scratch.logits[..n * vocab];
-        let rounded = Rounded::new(&x[first * width..(first + n) * width], n, width);
-        amx::product_into(&[(&rounded, &weight.forward)], logits);
-        logits
-            .par_chunks_mut(vocab)
-            .zip(&mut log_probs[first..first + n])
-            .zip(&targets[first..first + n])
-            .for_each(|((logits, out), &target)| {
-                *out = dispatch(Row {
-                    logits,
-                    target,
-                    grad,
-                })
-            });
-        if grad {
-            // `∂ log p / ∂logits` of the chunk, now in `logits`, times `Wᵀ`.
-            let rounded = Rounded::reusing(scratch.grad.take(), logits, n, vocab);
-            let out = &mut per_row[first * width..(first + n) * width];
-            amx::product_into(&[(&rounded, &weight.backward)], out);
-            scratch.grad = Some(rounded);
-        }
-    }
-    head.scratch.lock().expect("scratch pool").push(scratch);
+    let (rows, width) = (targets.len(), weight.forward.k());
+    let mut scratch = head.scratch.lock().expect("scratch pool").pop();
+    let (log_probs, per_row) = head::target_log_probs(
+        Isa::best(),
+        f32s(hidden),
+        [&weight.forward, &weight.backward],
+        targets,
+        grad,
+        chunk,
+        scratch.get_or_insert_default(),
+    );
+    head.scratch.lock().expect("scratch pool").extend(scratch);
     let log_probs = FlexTensor::from_data(TensorData::new(log_probs, [rows]));
     let per_row = grad.then(|| FlexTensor::from_data(TensorData::new(per_row, [rows, width])));
     (log_probs, per_row)
-}
-
-/// One row of logits: returns `log p[target]` and, with `grad`, leaves
-/// `∂ log p[target] / ∂logits = onehot(target) − softmax` in their place.
-struct Row<'a> {
-    logits: &'a mut [f32],
-    target: usize,
-    grad: bool,
-}
-
-impl Kernel for Row<'_> {
-    type Out = f32;
-
-    #[inline(always)]
-    fn run<M: MulAdd>(self) -> f32 {
-        let Self {
-            logits,
-            target,
-            grad,
-        } = self;
-        let lse = log_sum_exp(logits);
-        let log_p = logits[target] - lse;
-        if grad {
-            for v in logits.iter_mut() {
-                *v = -exp(*v - lse);
-            }
-            logits[target] += 1.0;
-        }
-        log_p
-    }
 }
 
 #[cfg(test)]
@@ -221,10 +163,8 @@ mod tests {
     /// Against `log_softmax(h · W)` + `gather` in burn's f32 ops, values and weighted
     /// gradients; and the same per-row values whatever the chunk.
     #[test]
+    #[cfg_attr(not(cpu_amx), ignore = "needs a CPU with AMX-BF16")]
     fn matches_log_softmax_of_the_product() {
-        if !amx::available() {
-            return;
-        }
         let (rows, width, vocab) = (70, 40, 300);
         let device = Device::flex().autodiff();
         let tensor = |v: Vec<f32>, shape: [usize; 2]| {

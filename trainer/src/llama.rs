@@ -11,8 +11,9 @@ use std::sync::Arc;
 use crate::attention::Attention;
 
 use crate::checkpoint::Checkpoint;
-use crate::lora::{LoraLinear, LoraLinearConfig, LoraSpec};
-use crate::{Result, TrainerError};
+use crate::error::{Result, TrainerError};
+use crate::lora::{LoraLinear, LoraLinearConfig};
+use crate::spec::LoraSpec;
 
 /// `config.json` of a Llama-family checkpoint, with Hugging Face's field names.
 #[derive(Config, Debug)]
@@ -267,28 +268,14 @@ impl LlamaLayer {
         x + mlp
     }
 
-    pub fn projections(&self) -> [(&'static str, &LoraLinear); 7] {
-        [
-            ("self_attn.q_proj", &self.q_proj),
-            ("self_attn.k_proj", &self.k_proj),
-            ("self_attn.v_proj", &self.v_proj),
-            ("self_attn.o_proj", &self.o_proj),
-            ("mlp.gate_proj", &self.gate_proj),
-            ("mlp.up_proj", &self.up_proj),
-            ("mlp.down_proj", &self.down_proj),
-        ]
-    }
-
-    pub fn projections_mut(&mut self) -> [(&'static str, &mut LoraLinear); 7] {
-        [
-            ("self_attn.q_proj", &mut self.q_proj),
-            ("self_attn.k_proj", &mut self.k_proj),
-            ("self_attn.v_proj", &mut self.v_proj),
-            ("self_attn.o_proj", &mut self.o_proj),
-            ("mlp.gate_proj", &mut self.gate_proj),
-            ("mlp.up_proj", &mut self.up_proj),
-            ("mlp.down_proj", &mut self.down_proj),
-        ]
+    crate::lora::projections! {
+        "self_attn.q_proj" => q_proj,
+        "self_attn.k_proj" => k_proj,
+        "self_attn.v_proj" => v_proj,
+        "self_attn.o_proj" => o_proj,
+        "mlp.gate_proj" => gate_proj,
+        "mlp.up_proj" => up_proj,
+        "mlp.down_proj" => down_proj,
     }
 }
 
@@ -309,13 +296,13 @@ pub struct Llama {
 impl Llama {
     /// Sets the precision of every frozen product: the projections and the output head (the
     /// vocabulary-wide one, and at SmolLM2's size a fifth of a step's work).
-    pub fn set_compute(&mut self, compute: crate::Compute) -> crate::Result<()> {
+    pub fn set_compute(&mut self, compute: crate::spec::Compute) -> crate::error::Result<()> {
         let projections = self
             .layers
             .iter_mut()
             .flat_map(|layer| layer.projections_mut().map(|(_, p)| p));
         crate::lora::set_compute(compute, projections)?;
-        if compute == crate::Compute::Bfloat16 {
+        if compute == crate::spec::Compute::Bfloat16 {
             let head = match &self.lm_head {
                 Some(head) => head.weight.val(),
                 None => self.embed_tokens.weight.val().transpose(),
@@ -441,4 +428,13 @@ impl Layout {
         }
         keys
     }
+}
+
+pub(crate) fn layers_of(model: &Llama) -> impl Iterator<Item = (String, &LoraLinear)> {
+    model.layers.iter().enumerate().flat_map(|(i, layer)| {
+        layer
+            .projections()
+            .into_iter()
+            .map(move |(name, p)| (format!("model.layers.{i}.{name}"), p))
+    })
 }

@@ -8,114 +8,28 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Linear};
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
-use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
-/// The precision of the frozen base model's matrix products while training. The adapter, the
-/// head, attention and every sum stay f32 either way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Compute {
-    /// f32 products: what the parity fixtures were made with.
-    #[default]
-    Float32,
-    /// Frozen weights and their inputs rounded to bf16, products summed in f32, on the CPU's
-    /// AMX tiles (Intel Xeon 4th generation and later); refused where the CPU has none.
-    Bfloat16,
-}
+use crate::spec::{Compute, LoraSpec};
 
-impl Compute {
-    /// Whether training can compute this way here.
-    pub fn is_available(self) -> bool {
-        self.ensure_available().is_ok()
-    }
-
-    /// [`Self::is_available`] as an error that says what to do instead: bf16 is the CPU's AMX
-    /// path, so it needs such a CPU and training on it rather than on a GPU.
-    pub fn ensure_available(self) -> crate::Result<()> {
-        let refused = |why: &str| Err(crate::TrainerError::InvalidSpec(why.into()));
-        match self {
-            Compute::Float32 => Ok(()),
-            Compute::Bfloat16 if crate::accelerator() != crate::Accelerator::Cpu => {
-                refused("compute bfloat16 runs on the CPU only; use float32 on a GPU")
-            }
-            Compute::Bfloat16 if !crate::bf16::available() => refused(
-                "compute bfloat16 needs a CPU with AMX-BF16 (Intel Xeon 4th generation or later); use float32",
-            ),
-            Compute::Bfloat16 => Ok(()),
+/// A layer's `projections()` and `projections_mut()`: its adapted projections by their PEFT
+/// module names, from one list of `"name" => field`.
+macro_rules! projections {
+    ($($name:literal => $field:ident),* $(,)?) => {
+        pub fn projections(
+            &self,
+        ) -> [(&'static str, &crate::lora::LoraLinear); [$($name),*].len()] {
+            [$(($name, &self.$field)),*]
         }
-    }
-}
 
-impl std::str::FromStr for Compute {
-    type Err = crate::TrainerError;
-
-    fn from_str(s: &str) -> crate::Result<Self> {
-        match s {
-            "float32" => Ok(Self::Float32),
-            "bfloat16" => Ok(Self::Bfloat16),
-            other => Err(crate::TrainerError::InvalidSpec(format!(
-                "unknown compute `{other}`: use float32 or bfloat16"
-            ))),
+        pub fn projections_mut(
+            &mut self,
+        ) -> [(&'static str, &mut crate::lora::LoraLinear); [$($name),*].len()] {
+            [$(($name, &mut self.$field)),*]
         }
-    }
+    };
 }
-
-/// LoRA hyperparameters, with PEFT's names and meanings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LoraSpec {
-    /// Rank of the update.
-    pub r: usize,
-    /// Scale numerator: the update is multiplied by `alpha / r` (or `alpha / sqrt(r)`).
-    pub alpha: f64,
-    /// Dropout on the adapter's input during training.
-    pub dropout: f64,
-    /// Module names to adapt, as PEFT matches them (`query`, `value`, `q_proj`, …).
-    pub target_modules: Vec<String>,
-    /// Rank-stabilized scaling `alpha / sqrt(r)`.
-    #[serde(default)]
-    pub use_rslora: bool,
-}
-
-impl Default for LoraSpec {
-    fn default() -> Self {
-        Self {
-            r: 8,
-            alpha: 16.0,
-            dropout: 0.0,
-            target_modules: vec!["query".into(), "key".into(), "value".into()],
-            use_rslora: false,
-        }
-    }
-}
-
-/// Every projection of a Llama-family layer, by PEFT's names.
-pub const LLAMA_PROJECTIONS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
-impl LoraSpec {
-    pub fn scaling(&self) -> f64 {
-        if self.use_rslora {
-            self.alpha / (self.r as f64).sqrt()
-        } else {
-            self.alpha / self.r as f64
-        }
-    }
-
-    /// Whether PEFT would adapt a module of this (dotted) name.
-    pub fn targets(&self, module_path: &str) -> bool {
-        self.target_modules
-            .iter()
-            .any(|t| module_path == t || module_path.ends_with(&format!(".{t}")))
-    }
-}
+pub(crate) use projections;
 
 /// A tensor copied out of burn: `(shape, row-major data)`.
 pub type HostTensor = (Vec<usize>, Vec<f32>);
@@ -245,7 +159,7 @@ impl LoraLinear {
             return x;
         }
         let [rows, cols] = x.dims();
-        match crate::fit::dropout_mask(rows * cols, 1.0 - p) {
+        match crate::dropout::dropout_mask(rows * cols, 1.0 - p) {
             Some(mask) => {
                 let mask = Tensor::<2>::from_data(TensorData::new(mask, [rows, cols]), &x.device());
                 x * mask
@@ -301,7 +215,7 @@ impl LoraLinear {
 pub(crate) fn set_compute<'a>(
     compute: Compute,
     layers: impl Iterator<Item = &'a mut LoraLinear>,
-) -> crate::Result<()> {
+) -> crate::error::Result<()> {
     compute.ensure_available()?;
     if compute == Compute::Float32 {
         return Ok(());
@@ -320,8 +234,8 @@ pub(crate) fn write_peft_adapter<'a>(
     spec: &LoraSpec,
     task_type: &str,
     layers: impl Iterator<Item = (String, &'a LoraLinear)>,
-) -> crate::Result<()> {
-    std::fs::create_dir_all(dir).map_err(crate::io_err(dir))?;
+) -> crate::error::Result<()> {
+    std::fs::create_dir_all(dir).map_err(crate::error::io_err(dir))?;
     let mut tensors = Vec::new();
     for (path, proj) in layers {
         if let Some(((a_shape, a), (b_shape, b))) = proj.peft_weights() {
@@ -350,7 +264,7 @@ pub(crate) fn write_peft_adapter<'a>(
     });
     let path = dir.join(ADAPTER_CONFIG);
     std::fs::write(&path, serde_json::to_string_pretty(&config).expect("json"))
-        .map_err(crate::io_err(&path))
+        .map_err(crate::error::io_err(&path))
 }
 
 /// Loads a PEFT adapter from `dir` into the layers named by `(module path, layer)`.
@@ -358,10 +272,10 @@ pub(crate) fn load_peft_adapter<'a>(
     dir: &std::path::Path,
     layers: impl Iterator<Item = (String, &'a mut LoraLinear)>,
     device: &Device,
-) -> crate::Result<()> {
-    use crate::TrainerError;
+) -> crate::error::Result<()> {
+    use crate::error::TrainerError;
     let raw = std::fs::read_to_string(dir.join(ADAPTER_CONFIG))
-        .map_err(crate::io_err(dir.join(ADAPTER_CONFIG)))?;
+        .map_err(crate::error::io_err(dir.join(ADAPTER_CONFIG)))?;
     let config: serde_json::Value =
         serde_json::from_str(&raw).map_err(|e| TrainerError::BadFile {
             file: dir.join(ADAPTER_CONFIG),

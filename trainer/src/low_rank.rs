@@ -20,9 +20,11 @@ use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::backend::flex::{Flex, FlexTensor};
 use burn::tensor::{Tensor, TensorData};
 
-use crate::amx::{self, Packed, Rounded};
 use crate::bf16::FrozenWeight;
 use crate::fused::{contiguous, f32s};
+use flywheel_kernels::Isa;
+use flywheel_kernels::amx::{self, Packed, Rounded};
+use flywheel_kernels::matrix::{View, gemm, gemm_accumulate, transposed};
 
 /// The frozen weight `W` `[in, out]` of an adapted projection.
 #[derive(Debug, Clone)]
@@ -135,6 +137,7 @@ fn forward(
     let d_out = dims(b)[1];
     let xs = f32s(x);
     let rows = xs.len() / d_in;
+    let isa = Isa::best();
     let x = View::rows(xs, rows, d_in);
     let (a, b) = (f32s(a), f32s(b));
     let (mut y, z, packed_x) = match frozen {
@@ -144,20 +147,23 @@ fn forward(
         Frozen::Bf16(w) if update_on_tiles(d_in, d_out) => {
             let (x, packed_x) = match keep {
                 true => {
-                    let (rounded, packed) = Rounded::with_packed(xs, rows, d_in);
+                    let (rounded, packed) = Rounded::with_packed(isa, xs, rows, d_in);
                     (rounded, Some(packed))
                 }
-                false => (Rounded::new(xs, rows, d_in), None),
+                false => (Rounded::new(isa, xs, rows, d_in), None),
             };
-            let z = amx::product(&[(&x, &Packed::from_rows(a, d_in, r))]);
-            let sz = Rounded::new(&scaled(&z, scale), rows, r);
-            let y = amx::product(&[(&x, &w.forward), (&sz, &Packed::from_rows(b, r, d_out))]);
+            let z = amx::product(&[(&x, &Packed::from_rows(isa, a, d_in, r))]);
+            let sz = Rounded::new(isa, &scaled(&z, scale), rows, r);
+            let y = amx::product(&[
+                (&x, &w.forward),
+                (&sz, &Packed::from_rows(isa, b, r, d_out)),
+            ]);
             (y, z, packed_x)
         }
         _ => {
             let mut y = match frozen {
-                Frozen::Bf16(w) => amx::matmul(xs, rows, &w.forward),
-                Frozen::F32(w) => gemm(x, View::of(w), 1.0),
+                Frozen::Bf16(w) => amx::matmul(isa, xs, rows, &w.forward),
+                Frozen::F32(w) => gemm(x, view_of(w), 1.0),
             };
             let z = gemm(x, View::rows(a, d_in, r), 1.0);
             gemm_accumulate(
@@ -242,6 +248,7 @@ impl Backward<Flex, 3> for Adapted {
         let d_out = dims(&b)[1];
         let dys = f32s(&dy);
         let rows = dys.len() / d_out;
+        let isa = Isa::best();
         let (dy, a, b) = (
             View::rows(dys, rows, d_out),
             View::rows(f32s(&a), d_in, r),
@@ -258,23 +265,23 @@ impl Backward<Flex, 3> for Adapted {
             Path::Tiles { weight, x } => {
                 let (dy_rows, dy_packed) = match want_db {
                     true => {
-                        let (rounded, packed) = Rounded::with_packed(dys, rows, d_out);
+                        let (rounded, packed) = Rounded::with_packed(isa, dys, rows, d_out);
                         (rounded, Some(packed))
                     }
-                    false => (Rounded::new(dys, rows, d_out), None),
+                    false => (Rounded::new(isa, dys, rows, d_out), None),
                 };
-                let g = amx::product(&[(&dy_rows, &Packed::from_transposed(b.data, d_out, r))]);
+                let g = amx::product(&[(&dy_rows, &Packed::from_transposed(b.data(), d_out, r))]);
                 let dx = want_dx.then(|| {
-                    let sg = Rounded::new(&scaled(&g, scale), rows, r);
-                    let at = Packed::from_transposed(a.data, r, d_in);
+                    let sg = Rounded::new(isa, &scaled(&g, scale), rows, r);
+                    let at = Packed::from_transposed(a.data(), r, d_in);
                     amx::product(&[(&dy_rows, &weight.backward), (&sg, &at)])
                 });
                 let da = want_da.then(|| {
-                    let sgt = Rounded::new(&transposed(&g, rows, r, scale), r, rows);
+                    let sgt = Rounded::new(isa, &transposed(&g, rows, r, scale), r, rows);
                     transposed(&amx::product(&[(&sgt, x)]), r, d_in, 1.0)
                 });
                 let db = dy_packed.map(|dy| {
-                    let szt = Rounded::new(&transposed(&z, rows, r, scale), r, rows);
+                    let szt = Rounded::new(isa, &transposed(&z, rows, r, scale), r, rows);
                     amx::product(&[(&szt, &dy)])
                 });
                 (dx, da, db)
@@ -285,8 +292,8 @@ impl Backward<Flex, 3> for Adapted {
                 let g = View::rows(&g, rows, r);
                 let dx = want_dx.then(|| {
                     let mut dx = match frozen {
-                        Frozen::Bf16(w) => amx::matmul(dys, rows, &w.backward),
-                        Frozen::F32(w) => gemm(dy, View::of(w).t(), 1.0),
+                        Frozen::Bf16(w) => amx::matmul(isa, dys, rows, &w.backward),
+                        Frozen::F32(w) => gemm(dy, view_of(w).t(), 1.0),
                     };
                     gemm_accumulate(&mut dx, g, a.t(), scale);
                     dx
@@ -307,151 +314,12 @@ impl Backward<Flex, 3> for Adapted {
     }
 }
 
-/// `scale·mᵀ` for a row-major `[rows, cols]` matrix `m`.
-fn transposed(m: &[f32], rows: usize, cols: usize, scale: f32) -> Vec<f32> {
-    assert_eq!(m.len(), rows * cols, "not a [{rows}, {cols}] matrix");
-    (0..cols)
-        .flat_map(|col| m[col..].iter().step_by(cols).map(move |v| scale * v))
-        .collect()
-}
-
-/// A matrix over a slice, element `(i, j)` at `i·row_stride + j·col_stride`: a row-major
-/// matrix or, with the strides swapped, its transpose.
-#[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
-    rows: usize,
-    cols: usize,
-    row_stride: isize,
-    col_stride: isize,
-}
-
-impl<'a> View<'a> {
-    /// A row-major `[rows, cols]` matrix.
-    fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        assert_eq!(data.len(), rows * cols, "not a [{rows}, {cols}] matrix");
-        Self {
-            data,
-            rows,
-            cols,
-            row_stride: cols as isize,
-            col_stride: 1,
-        }
-    }
-
-    /// A 2-D tensor as it lies in its storage, transposed or not.
-    fn of(t: &'a FlexTensor) -> Self {
-        let layout = t.layout();
-        let ([rows, cols], strides) = (dims(t), layout.strides());
-        let (row_stride, col_stride) = (strides[0], strides[1]);
-        assert!(
-            row_stride >= 0 && col_stride >= 0,
-            "a matrix with negative strides"
-        );
-        let data = &t.storage::<f32>()[layout.start_offset()..];
-        let last =
-            (rows.max(1) - 1) * row_stride as usize + (cols.max(1) - 1) * col_stride as usize;
-        assert!(
-            rows * cols == 0 || last < data.len(),
-            "a view past its storage"
-        );
-        Self {
-            data,
-            rows,
-            cols,
-            row_stride,
-            col_stride,
-        }
-    }
-
-    fn t(self) -> Self {
-        Self {
-            rows: self.cols,
-            cols: self.rows,
-            row_stride: self.col_stride,
-            col_stride: self.row_stride,
-            ..self
-        }
-    }
-}
-
-/// `scale·lhs·rhs` in a new row-major buffer. Not zeroed first: the product writes every
-/// element, and zeroing was a pass over each output for nothing (3% of a MiniLM f32 step).
-fn gemm(lhs: View, rhs: View, scale: f32) -> Vec<f32> {
-    let len = lhs.rows * rhs.cols;
-    let mut out = Vec::with_capacity(len);
-    // SAFETY: the buffer holds `len` elements; without `accumulate` the product writes every
-    // one of them and reads none.
-    unsafe {
-        gemm_into(out.as_mut_ptr(), false, lhs, rhs, scale);
-        out.set_len(len);
-    }
-    out
-}
-
-/// `out += scale·lhs·rhs`; `out` is row-major.
-fn gemm_accumulate(out: &mut [f32], lhs: View, rhs: View, scale: f32) {
-    assert_eq!(
-        out.len(),
-        lhs.rows * rhs.cols,
-        "output is not [{}, {}]",
-        lhs.rows,
-        rhs.cols
-    );
-    // SAFETY: `out` holds the whole initialised output.
-    unsafe { gemm_into(out.as_mut_ptr(), true, lhs, rhs, scale) }
-}
-
-/// `out = scale·lhs·rhs`, or `out += scale·lhs·rhs` when `accumulate`; `out` is row-major.
-///
-/// # Safety
-/// `out` must point at `lhs.rows × rhs.cols` writable elements, initialised when `accumulate`.
-unsafe fn gemm_into(out: *mut f32, accumulate: bool, lhs: View, rhs: View, scale: f32) {
-    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    assert_eq!(rhs.rows, k, "inner dimensions differ");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            // SAFETY: the caller's promise: `m × n` writable elements.
-            unsafe { std::ptr::write_bytes(out, 0, m * n) };
-        }
-        return;
-    }
-    // burn's own threshold: below it, splitting a product costs more than it saves (and the
-    // trainer already runs batch shards in parallel).
-    let parallelism = if m * n * k >= 192 * 192 * 192 {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: both views lie within their slices (`View::rows` checked the lengths, and a
-    // transpose visits the same elements), `out` is an `[m, n]` row-major buffer (the
-    // caller's promise), and the slices are borrowed for the whole call.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out,
-            1,
-            n as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.col_stride,
-            lhs.row_stride,
-            rhs.data.as_ptr(),
-            rhs.col_stride,
-            rhs.row_stride,
-            1.0,
-            scale,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
+/// A 2-D tensor as it lies in its storage, transposed or not.
+fn view_of(t: &FlexTensor) -> View<'_> {
+    let layout = t.layout();
+    let strides = layout.strides();
+    let data = &t.storage::<f32>()[layout.start_offset()..];
+    View::strided(data, dims(t), [strides[0], strides[1]])
 }
 
 #[cfg(test)]
@@ -473,7 +341,7 @@ mod tests {
         let (x, upstream) = (random([rows, d_in]), random([rows, d_out]));
         let packed = Arc::new(FrozenWeight::new(weight.clone()));
         let mut cases = vec![(None, None), (Some(bias.clone()), None)];
-        if crate::bf16::available() {
+        if flywheel_kernels::amx::available() {
             cases.push((Some(bias), Some(packed.clone())));
         }
         for (bias, packed) in cases {
@@ -538,10 +406,8 @@ mod tests {
     /// operands, the rank-r intermediates rounded again where the tiles read them. Against
     /// those products summed in f64.
     #[test]
+    #[cfg_attr(not(cpu_amx), ignore = "needs a CPU with AMX-BF16")]
     fn update_on_tiles_matches_bf16_rounded_products() {
-        if !crate::bf16::available() {
-            return;
-        }
         let (rows, d_in, d_out, r, scale) = (37, 160, 136, 8, 0.75f32);
         assert!(update_on_tiles(d_in, d_out));
         let device = Device::flex().autodiff();

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::checkpoint::{Checkpoint, write_safetensors};
+use crate::error::{Result, TrainerError, io_err};
 use crate::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, HostTensor};
-use crate::{Result, TrainerError, io_err};
 
 /// Writes `base_model_dir` with the PEFT adapter in `adapter_dir` folded in to `out_dir`:
 /// `model.safetensors` (float32), the base's config with `torch_dtype: float32`, and every

@@ -78,7 +78,7 @@ fn max_diff(ours: &[f32], theirs: &[f32], mask: &[f32], per_position: usize) -> 
 #[test]
 fn bert_hidden_states_match_transformers() {
     let dir = fixture("tiny-bert");
-    let device = crate::device();
+    let device = crate::device::device();
     let config = BertConfig::from_json(&config(&dir)).unwrap();
     let model = config
         .load(&mut Checkpoint::open(&dir).unwrap(), None, &device)
@@ -92,7 +92,7 @@ fn bert_hidden_states_match_transformers() {
 }
 
 fn causal_logits(model_dir: &Path, adapter: Option<&Path>, golden_dir: &Path) -> (f32, usize) {
-    let device = crate::device();
+    let device = crate::device::device();
     let config = LlamaConfig::from_json(&config(model_dir)).unwrap();
     let mut model = config
         .load(&mut Checkpoint::open(model_dir).unwrap(), None, &device)
@@ -165,7 +165,7 @@ fn twenty_lora_steps_follow_pefts_loss_curve_within_one_percent() {
     let theirs: Vec<f64> = serde_json::from_value(golden["losses"].clone()).unwrap();
     let steps = golden["steps"].as_u64().unwrap() as usize;
 
-    let device = crate::device().autodiff();
+    let device = crate::device::device().autodiff();
     let config = LlamaConfig::from_json(&config(&base)).unwrap();
     let mut model = config
         .load(&mut Checkpoint::open(&base).unwrap(), None, &device)
@@ -182,7 +182,7 @@ fn twenty_lora_steps_follow_pefts_loss_curve_within_one_percent() {
         true,
     );
 
-    let mut spec = crate::TrainSpec::new(base.clone(), dir.join("unused"), vec![]);
+    let mut spec = crate::spec::TrainSpec::new(base.clone(), dir.join("unused"), vec![]);
     spec.epochs = steps;
     spec.batch_size = ids.len();
     spec.learning_rate = golden["learning_rate"].as_f64().unwrap();
@@ -191,8 +191,8 @@ fn twenty_lora_steps_follow_pefts_loss_curve_within_one_percent() {
     spec.max_grad_norm = None;
     let (model, progress) = crate::fit::fit(
         &spec,
-        "parity",
         ids.len(),
+        |_| {},
         model,
         &mut |_| true,
         |model, chunk| {
@@ -235,11 +235,11 @@ fn twenty_lora_steps_follow_pefts_loss_curve_within_one_percent() {
     // The adapter these steps trained is the one `gen_ours_golden.py` hands to PEFT (see
     // the test below); FLYWHEEL_WRITE_FIXTURES=1 writes it again.
     if std::env::var_os("FLYWHEEL_WRITE_FIXTURES").is_some() {
-        let spec = crate::LoraSpec {
+        let spec = crate::spec::LoraSpec {
             r: golden["r"].as_u64().unwrap() as usize,
             alpha: golden["lora_alpha"].as_f64().unwrap(),
             dropout: 0.0,
-            target_modules: crate::LLAMA_PROJECTIONS.map(String::from).to_vec(),
+            target_modules: crate::spec::LLAMA_PROJECTIONS.map(String::from).to_vec(),
             use_rslora: false,
         };
         crate::lora::write_peft_adapter(
@@ -247,7 +247,7 @@ fn twenty_lora_steps_follow_pefts_loss_curve_within_one_percent() {
             Path::new("tiny-llama"),
             &spec,
             "CAUSAL_LM",
-            crate::causal::layers_of(&model),
+            crate::llama::layers_of(&model),
         )
         .unwrap();
     }

@@ -14,7 +14,7 @@ use tokenizers::{AddedToken, Tokenizer};
 
 use crate::bert::BertConfig;
 use crate::checkpoint::write_safetensors;
-use crate::{Result, TrainerError, io_err};
+use crate::error::{Result, TrainerError, io_err};
 
 /// Shape of a tiny BERT.
 #[derive(Debug, Clone)]

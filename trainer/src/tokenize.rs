@@ -5,7 +5,7 @@ use std::path::Path;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use tokenizers::{Tokenizer, TruncationParams};
 
-use crate::{Result, TrainerError};
+use crate::error::{Result, TrainerError};
 
 pub struct TextEncoder {
     tokenizer: Tokenizer,

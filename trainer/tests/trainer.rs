@@ -526,14 +526,12 @@ fn early_stopping_resume_body() {
     );
 }
 
-/// bf16 products of the frozen weights (AMX) follow the f32 run's loss curve, for a causal LM
-/// (projections and the tied output head) and a BERT classifier. Where the CPU has no AMX, or
-/// training runs on a GPU, the spec is refused, saying why and what to use instead.
-#[test]
-fn bf16_compute_follows_the_f32_loss_curve() {
+/// A causal LM (projections and the tied output head) and a BERT classifier trained in
+/// `compute`: `[causal LM, classifier]`.
+fn train_both_in(
+    compute: flywheel_trainer::Compute,
+) -> [flywheel_trainer::Result<flywheel_trainer::TrainReport>; 2] {
     use flywheel_trainer::{Compute, train_causal_lm};
-    on_test_device();
-
     let dir = tempfile::tempdir().unwrap();
     let (labels, rows) = banking();
     let rows = &rows[..96];
@@ -553,37 +551,61 @@ fn bf16_compute_follows_the_f32_loss_curve() {
         spec.compute = compute;
         spec
     };
-    let causal = |compute| {
+    let causal = |compute: Compute| {
         let mut spec = spec(&llama, vec![], compute);
         spec.lora.target_modules = flywheel_trainer::LLAMA_PROJECTIONS
             .map(String::from)
             .to_vec();
         train_causal_lm(&spec, &sft, &mut |_| true)
     };
-    let classifier =
-        |compute| train_classifier(&spec(&bert, labels.clone(), compute), rows, &mut |_| true);
+    let classifier = |compute: Compute| {
+        train_classifier(&spec(&bert, labels.clone(), compute), rows, &mut |_| true)
+    };
 
-    if !Compute::Bfloat16.is_available() {
-        for refused in [causal(Compute::Bfloat16), classifier(Compute::Bfloat16)] {
-            let message = refused.unwrap_err().to_string();
-            assert!(
-                message.contains("bfloat16") && message.contains("use float32"),
-                "{message}"
-            );
-        }
-        return;
+    [causal(compute), classifier(compute)]
+}
+
+/// Where the CPU has no AMX, or training runs on a GPU, a bf16 spec is refused, saying why
+/// and what to use instead.
+fn assert_bf16_refused() {
+    for refused in train_both_in(flywheel_trainer::Compute::Bfloat16) {
+        let message = refused.unwrap_err().to_string();
+        assert!(
+            message.contains("bfloat16") && message.contains("use float32"),
+            "{message}"
+        );
     }
+}
+
+#[test]
+#[cfg_attr(
+    cpu_amx,
+    ignore = "this CPU runs bf16: the refusal is checked where it cannot"
+)]
+fn bf16_compute_is_refused_without_amx() {
+    on_test_device();
+    assert_bf16_refused();
+}
+
+/// bf16 products of the frozen weights (AMX) follow the f32 run's loss curve.
+#[test]
+#[cfg_attr(not(cpu_amx), ignore = "needs a CPU with AMX-BF16")]
+fn bf16_compute_follows_the_f32_loss_curve() {
+    use flywheel_trainer::Compute;
+    on_test_device();
+    if std::env::var("FLYWHEEL_TEST_DEVICE").as_deref() == Ok("wgpu") {
+        // bf16 is the CPU's AMX path: on a GPU the spec must be refused instead.
+        return assert_bf16_refused();
+    }
+    assert!(
+        Compute::Bfloat16.is_available(),
+        "this CPU lists AMX-BF16, yet bf16 compute is refused"
+    );
+    let [causal_f32, classifier_f32] = train_both_in(Compute::Float32);
+    let [causal_bf16, classifier_bf16] = train_both_in(Compute::Bfloat16);
     for (what, f32, bf16) in [
-        (
-            "causal LM",
-            causal(Compute::Float32),
-            causal(Compute::Bfloat16),
-        ),
-        (
-            "classifier",
-            classifier(Compute::Float32),
-            classifier(Compute::Bfloat16),
-        ),
+        ("causal LM", causal_f32, causal_bf16),
+        ("classifier", classifier_f32, classifier_bf16),
     ] {
         let (f32, bf16) = (f32.unwrap().loss_curve, bf16.unwrap().loss_curve);
         assert_eq!(f32.len(), bf16.len());

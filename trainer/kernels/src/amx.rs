@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use crate::fused::{Kernel, MulAdd, dispatch};
+use crate::dispatch::{Isa, Kernel, MulAdd};
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
@@ -44,7 +44,7 @@ const LONG_COLS: usize = 3;
 
 /// Whether this CPU and kernel let the process use AMX tiles for bf16 products. Linux hands
 /// out the 8 KiB tile state only on request, once per process; the answer is kept.
-pub(crate) fn available() -> bool {
+pub fn available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(detect)
 }
@@ -146,7 +146,7 @@ impl Lines {
 /// unit: panels of 16 columns, each `k / 2` rows of 16 column pairs `(b[2i][j], b[2i+1][j])`
 /// (the "VNNI" layout `tdpbf16ps` reads), each pair one `u32` word, the even row in its low
 /// half. `k` is padded to 32 and `n` to 32 with zeros.
-pub(crate) struct Packed {
+pub struct Packed {
     k: usize,
     n: usize,
     k_padded: usize,
@@ -166,7 +166,7 @@ impl Packed {
     /// a whole row between 64-byte reads, and every one missed the cache): a task takes a run
     /// of panels and walks the row pairs, 16 columns of two rows making one 64-byte line of a
     /// panel.
-    pub(crate) fn from_rows(b: &[f32], k: usize, n: usize) -> Self {
+    pub fn from_rows(isa: Isa, b: &[f32], k: usize, n: usize) -> Self {
         assert_eq!(b.len(), k * n, "matrix is not [{k}, {n}]");
         let k_padded = padded(k);
         let n_padded = padded(n);
@@ -186,7 +186,7 @@ impl Packed {
                 .enumerate()
                 .for_each(|(task, out)| {
                     let first = task * per_task;
-                    dispatch(PackPanels {
+                    isa.run(PackPanels {
                         b,
                         k,
                         n,
@@ -209,7 +209,7 @@ impl Packed {
     }
 
     /// Packs the transpose of a row-major `[n, k]` matrix, i.e. `b[row][col] = t[col][row]`.
-    pub(crate) fn from_transposed(t: &[f32], k: usize, n: usize) -> Self {
+    pub fn from_transposed(t: &[f32], k: usize, n: usize) -> Self {
         assert_eq!(t.len(), k * n, "matrix is not [{n}, {k}]");
         let (k_padded, n_padded) = (padded(k), padded(n));
         let panel_len = k_padded / 2 * ROWS;
@@ -243,24 +243,24 @@ impl Packed {
         }
     }
 
-    pub(crate) fn k(&self) -> usize {
+    pub fn k(&self) -> usize {
         self.k
     }
 
-    pub(crate) fn n(&self) -> usize {
+    pub fn n(&self) -> usize {
         self.n
     }
 }
 
 /// `a · b` for a row-major `[m, k]` matrix `a`: a row-major `[m, n]` f32 matrix. Only call it
 /// when [`available`] said yes.
-pub(crate) fn matmul(a: &[f32], m: usize, b: &Packed) -> Vec<f32> {
-    product(&[(&Rounded::new(a, m, b.k), b)])
+pub fn matmul(isa: Isa, a: &[f32], m: usize, b: &Packed) -> Vec<f32> {
+    product(&[(&Rounded::new(isa, a, m, b.k), b)])
 }
 
 /// The left-hand side `a` of `a · b`, `[m, k]`, rounded to bf16 in tile order: rounded once,
 /// it serves every product that reads it (`x·W` and `x·A` in an adapted projection).
-pub(crate) struct Rounded {
+pub struct Rounded {
     m: usize,
     k: usize,
     k_padded: usize,
@@ -274,17 +274,17 @@ impl std::fmt::Debug for Rounded {
 }
 
 impl Rounded {
-    pub(crate) fn new(a: &[f32], m: usize, k: usize) -> Self {
-        Self::reusing(None, a, m, k)
+    pub fn new(isa: Isa, a: &[f32], m: usize, k: usize) -> Self {
+        Self::reusing(isa, None, a, m, k)
     }
 
     /// [`Rounded::new`] in `old`'s memory where it is large enough: a buffer as wide as a
     /// vocabulary, fresh each time, spends longer faulting its pages in than rounding into them.
-    pub(crate) fn reusing(old: Option<Self>, a: &[f32], m: usize, k: usize) -> Self {
+    pub fn reusing(isa: Isa, old: Option<Self>, a: &[f32], m: usize, k: usize) -> Self {
         assert_eq!(a.len(), m * k, "left operand is not [{m}, {k}]");
         let (m_padded, k_padded) = (padded(m), padded(k));
         let mut data = old.map_or(Lines(Vec::new()), |old| old.data);
-        round_rows(&mut data, a, m, k, m_padded, k_padded);
+        round_rows(isa, &mut data, a, m, k, m_padded, k_padded);
         Self {
             m,
             k,
@@ -297,7 +297,7 @@ impl Rounded {
     /// right-hand side of products over its rows, `c · a` for a `[r, m]` matrix `c` (what
     /// [`Packed::from_rows`] would make). An activation read twice from memory cost more
     /// than rounding it did.
-    pub(crate) fn with_packed(a: &[f32], m: usize, k: usize) -> (Self, Packed) {
+    pub fn with_packed(isa: Isa, a: &[f32], m: usize, k: usize) -> (Self, Packed) {
         assert_eq!(a.len(), m * k, "matrix is not [{m}, {k}]");
         // The tile-order strips and the packed panels cover the same `m_padded × k_padded`.
         let k_padded = padded(k);
@@ -325,7 +325,7 @@ impl Rounded {
                             }
                         });
                         let pairs = pairs.collect();
-                        dispatch(Strip {
+                        isa.run(Strip {
                             a,
                             m,
                             k,
@@ -361,7 +361,7 @@ impl Rounded {
 /// `Σ aᵢ · bᵢ` over terms that share `m` and `n`: one product over the concatenated inner
 /// dimension `[a₁ | a₂ | …] · [b₁; b₂; …]`, summed in the tiles, so a rank-r update costs an
 /// extra step of the inner loop instead of a pass over the output.
-pub(crate) fn product(terms: &[(&Rounded, &Packed)]) -> Vec<f32> {
+pub fn product(terms: &[(&Rounded, &Packed)]) -> Vec<f32> {
     let (m, n) = shape(terms);
     // Not zeroed: `fill` writes every element, and zeroing first was a pass over the output
     // for nothing.
@@ -376,7 +376,7 @@ pub(crate) fn product(terms: &[(&Rounded, &Packed)]) -> Vec<f32> {
 
 /// [`product`] into `out`, a row-major `[m, n]` buffer (one reused across calls has its pages
 /// in place; a fresh `Vec` as wide as a vocabulary faults every one of them in).
-pub(crate) fn product_into(terms: &[(&Rounded, &Packed)], out: &mut [f32]) {
+pub fn product_into(terms: &[(&Rounded, &Packed)], out: &mut [f32]) {
     let (m, n) = shape(terms);
     assert_eq!(out.len(), m * n, "output is not [{m}, {n}]");
     // SAFETY: the buffer holds `m × n` elements.
@@ -466,14 +466,22 @@ impl<T> SendPtr<T> {
 /// through memory in order (a row-major `a` puts a tile's rows a whole row apart, and the
 /// loads then wait on 16 scattered lines). Zeros in the padding, and nothing written twice:
 /// zeroing the buffer first was a pass over it for nothing.
-fn round_rows(out: &mut Lines, a: &[f32], m: usize, k: usize, m_padded: usize, k_padded: usize) {
+fn round_rows(
+    isa: Isa,
+    out: &mut Lines,
+    a: &[f32],
+    m: usize,
+    k: usize,
+    m_padded: usize,
+    k_padded: usize,
+) {
     let round = |tiles: &mut [MaybeUninit<u16>]| {
         tiles
             .par_chunks_mut(ROWS * k_padded)
             .enumerate()
             .for_each(|(strip, tiles)| {
                 let pairs = Vec::new();
-                dispatch(Strip {
+                isa.run(Strip {
                     a,
                     m,
                     k,
@@ -841,10 +849,13 @@ unsafe fn kernel(_: &[(&Rounded, &Packed)], _: usize, _: usize, _: Task, _: Send
 
 #[cfg(test)]
 mod tests {
+    //! The layouts the tiles read, decoded back to matrices: these run on every CPU, AMX or
+    //! not, through every dispatch path it has. The products themselves are in
+    //! `tests/kernels.rs`, where a CPU without AMX reports them as ignored.
     use super::*;
 
-    fn bf16(x: f32) -> f64 {
-        half::bf16::from_f32(x).to_f64()
+    fn bf16(x: f32) -> u16 {
+        half::bf16::from_f32(x).to_bits()
     }
 
     fn matrix(rows: usize, cols: usize, seed: usize) -> Vec<f32> {
@@ -853,83 +864,102 @@ mod tests {
             .collect()
     }
 
-    /// Odd shapes on purpose: every edge (rows, columns, `k` not a multiple of the tile), both
-    /// packings and long products, against products of the same bf16-rounded values summed in
-    /// f64.
-    #[test]
-    fn products_match_bf16_rounded_reference() {
-        if !available() {
-            // Nothing to compare on a CPU without AMX: the trainer refuses bf16 compute there
-            // (`bf16::tests` and the trainer's bf16 test check the refusal), so the kernel never runs.
-            assert!(!detect());
-            return;
-        }
-        // The last two are long enough to go piece by piece (a short last piece, a short last
-        // column group).
-        let shapes = [
-            (1, 1, 1),
-            (37, 50, 45),
-            (64, 96, 32),
-            (70, 130, 100),
-            (40, 5000, 50),
-            (33, 4200, 130),
-        ];
-        for (m, k, n) in shapes {
-            let a = matrix(m, k, 1);
-            let b = matrix(k, n, 2);
-            let by_rows = matmul(&a, m, &Packed::from_rows(&b, k, n));
-            let mut bt = vec![0f32; k * n];
-            for row in 0..k {
-                for col in 0..n {
-                    bt[col * k + row] = b[row * n + col];
-                }
+    fn words<T: Word>(lines: &Lines) -> &[T] {
+        let len = lines.0.len() * 64 / size_of::<T>();
+        // SAFETY: every word of a `Lines` is initialised and any bit pattern is a valid word.
+        unsafe { std::slice::from_raw_parts(lines.as_ptr::<T>(), len) }
+    }
+
+    /// `[k_padded, n_padded]` bf16 bits of a packed right-hand side, row-major.
+    fn unpack(b: &Packed) -> Vec<u16> {
+        let words = words::<u32>(&b.data);
+        let panel_len = b.k_padded / 2 * ROWS;
+        let mut out = vec![0u16; b.k_padded * b.n_padded];
+        for p in 0..b.k_padded {
+            for j in 0..b.n_padded {
+                let word = words[j / ROWS * panel_len + p / 2 * ROWS + j % ROWS];
+                out[p * b.n_padded + j] = (word >> (16 * (p % 2))) as u16;
             }
-            let by_transpose = matmul(&a, m, &Packed::from_transposed(&bt, k, n));
-            assert_eq!(
-                by_rows, by_transpose,
-                "{m}x{k}x{n}: the two packings differ"
-            );
-            for i in 0..m {
-                for j in 0..n {
-                    let want: f64 = (0..k)
-                        .map(|p| bf16(a[i * k + p]) * bf16(b[p * n + j]))
-                        .sum();
-                    let got = by_rows[i * n + j] as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()) * k as f64,
-                        "{m}x{k}x{n} at ({i}, {j}): {got} vs {want}"
-                    );
+        }
+        out
+    }
+
+    /// `[m_padded, k_padded]` bf16 bits of a rounded left-hand side, row-major.
+    fn unround(a: &Rounded) -> Vec<u16> {
+        let words = words::<u16>(&a.data);
+        let m_padded = padded(a.m);
+        let mut out = vec![0u16; m_padded * a.k_padded];
+        for i in 0..m_padded {
+            for p in 0..a.k_padded {
+                let at = i / ROWS * ROWS * a.k_padded + p / K_STEP * ROWS * K_STEP;
+                out[i * a.k_padded + p] = words[at + i % ROWS * K_STEP + p % K_STEP];
+            }
+        }
+        out
+    }
+
+    /// `rows × cols` values in a zero-padded `[rows_padded, cols_padded]` as bf16 bits.
+    fn expected(
+        x: &[f32],
+        rows: usize,
+        cols: usize,
+        padded_cols: usize,
+        padded_rows: usize,
+    ) -> Vec<u16> {
+        let mut out = vec![0u16; padded_rows * padded_cols];
+        for i in 0..rows {
+            for j in 0..cols {
+                out[i * padded_cols + j] = bf16(x[i * cols + j]);
+            }
+        }
+        out
+    }
+
+    const SHAPES: [(usize, usize); 6] =
+        [(1, 1), (37, 50), (64, 96), (70, 130), (5, 300), (300, 33)];
+
+    #[test]
+    fn packings_lay_out_the_rounded_matrix() {
+        for isa in Isa::ALL.into_iter().filter(|isa| isa.is_available()) {
+            for (k, n) in SHAPES {
+                let b = matrix(k, n, 2);
+                let want = expected(&b, k, n, padded(n), padded(k));
+                let by_rows = Packed::from_rows(isa, &b, k, n);
+                assert_eq!(unpack(&by_rows), want, "{isa:?} from_rows [{k}, {n}]");
+                let mut bt = vec![0f32; k * n];
+                for row in 0..k {
+                    for col in 0..n {
+                        bt[col * k + row] = b[row * n + col];
+                    }
                 }
+                let by_transpose = Packed::from_transposed(&bt, k, n);
+                assert_eq!(unpack(&by_transpose), want, "from_transposed [{k}, {n}]");
             }
         }
     }
 
-    /// Terms sum over their concatenated inner dimension, each padded on its own.
     #[test]
-    fn terms_sum_in_the_tiles() {
-        if !available() {
-            return;
-        }
-        let (m, n) = (45, 40);
-        let terms = [(70, 1), (9, 2)].map(|(k, seed)| {
-            let (a, b) = (matrix(m, k, seed), matrix(k, n, seed + 10));
-            (k, Rounded::new(&a, m, k), Packed::from_rows(&b, k, n), a, b)
-        });
-        let sum = product(&terms.each_ref().map(|(_, a, b, _, _)| (a, b)));
-        for i in 0..m {
-            for j in 0..n {
-                let want: f64 = terms
-                    .iter()
-                    .map(|(k, _, _, a, b)| {
-                        (0..*k)
-                            .map(|p| bf16(a[i * k + p]) * bf16(b[p * n + j]))
-                            .sum::<f64>()
-                    })
-                    .sum();
-                let got = sum[i * n + j] as f64;
-                assert!(
-                    (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                    "({i}, {j}): {got} vs {want}"
+    fn rounding_lays_out_tiles_and_packs_the_same_read() {
+        for isa in Isa::ALL.into_iter().filter(|isa| isa.is_available()) {
+            for (m, k) in SHAPES {
+                let a = matrix(m, k, 3);
+                let want = expected(&a, m, k, padded(k), padded(m));
+                assert_eq!(
+                    unround(&Rounded::new(isa, &a, m, k)),
+                    want,
+                    "{isa:?} [{m}, {k}]"
+                );
+                // A reused buffer, larger and full of other values, gives the same tiles.
+                let old = Rounded::new(isa, &matrix(m + 40, k + 40, 9), m + 40, k + 40);
+                let reused = Rounded::reusing(isa, Some(old), &a, m, k);
+                assert_eq!(unround(&reused), want, "{isa:?} reusing [{m}, {k}]");
+                let (rounded, packed) = Rounded::with_packed(isa, &a, m, k);
+                assert_eq!(unround(&rounded), want, "{isa:?} with_packed [{m}, {k}]");
+                let by_rows = Packed::from_rows(isa, &a, m, k);
+                assert_eq!(
+                    unpack(&packed),
+                    unpack(&by_rows),
+                    "{isa:?} packed [{m}, {k}]"
                 );
             }
         }
