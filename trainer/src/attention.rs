@@ -200,25 +200,9 @@ mod tests {
     fn fused_attention_matches_burns_ops() {
         // Head widths off the tiles: 40 pads to 64 and its rotary halves leave a ragged 4.
         let (b, s) = (2, 11);
-        let causal = {
-            let segments: [&[usize]; 2] = [&[4, 5], &[11]];
-            let (mut keys, mut positions) = (Vec::new(), Vec::new());
-            for lengths in segments {
-                let mut start = 0;
-                for &n in lengths {
-                    for p in 0..n {
-                        keys.push((start as u32, (start + p + 1) as u32));
-                        positions.push(p as u32);
-                    }
-                    start += n;
-                }
-                for i in start..s {
-                    keys.push((i as u32, i as u32 + 1));
-                    positions.push(0);
-                }
-            }
-            Attention::new([b, s], [6, 2, 40], keys, Some((10_000.0, &positions)))
-        };
+        // Two sequences and padding in the first row, a full one in the second.
+        let causal = crate::llama::Layout::packed(&[vec![4, 5], vec![11]], s)
+            .attention([6, 2, 40], 10_000.0);
         let bidirectional = {
             let lengths = [7u32, 11];
             let keys = lengths

@@ -10,7 +10,7 @@ use crate::attention::Attention;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Result, TrainerError};
-use crate::lora::{LoraLinear, LoraLinearConfig};
+use crate::lora::LoraLinear;
 use crate::spec::LoraSpec;
 
 /// `config.json` of a BERT-family checkpoint, with Hugging Face's field names.
@@ -134,15 +134,7 @@ impl BertConfig {
                     d_out: usize|
          -> Result<LoraLinear> {
             let base = ckpt.linear(&path, d_in, d_out, device)?;
-            Ok(match lora {
-                Some(spec) if spec.targets(&path) => LoraLinear::adapted(
-                    base,
-                    &LoraLinearConfig::new(d_in, d_out, spec.r, spec.scaling())
-                        .with_dropout(spec.dropout),
-                    device,
-                ),
-                _ => LoraLinear::frozen(base),
-            })
+            Ok(LoraLinear::wrap(base, &path, lora, device))
         };
         let embeddings = BertEmbeddings {
             word_embeddings: ckpt.embedding(

@@ -12,7 +12,7 @@ use crate::attention::Attention;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Result, TrainerError};
-use crate::lora::{LoraLinear, LoraLinearConfig};
+use crate::lora::LoraLinear;
 use crate::spec::LoraSpec;
 
 /// `config.json` of a Llama-family checkpoint, with Hugging Face's field names.
@@ -158,15 +158,7 @@ impl LlamaConfig {
             } else {
                 ckpt.linear_no_bias(&path, d_in, d_out, device)?
             };
-            Ok(match lora {
-                Some(spec) if spec.targets(&path) => LoraLinear::adapted(
-                    base,
-                    &LoraLinearConfig::new(d_in, d_out, spec.r, spec.scaling())
-                        .with_dropout(spec.dropout),
-                    device,
-                ),
-                _ => LoraLinear::frozen(base),
-            })
+            Ok(LoraLinear::wrap(base, &path, lora, device))
         };
         let norm = |ckpt: &mut Checkpoint, path: &str| -> Result<RmsNorm> {
             let mut n = RmsNormConfig::new(h)
@@ -328,12 +320,8 @@ impl Llama {
             .layers
             .first()
             .map_or([1, 1], |l| [l.num_heads, l.num_kv_heads]);
-        let attention = Arc::new(Attention::new(
-            [b, s],
-            [heads[0], heads[1], self.head_dim],
-            layout.keys(),
-            Some((self.rope_theta, &layout.position)),
-        ));
+        let attention =
+            Arc::new(layout.attention([heads[0], heads[1], self.head_dim], self.rope_theta));
         let mut x = self.embed_tokens.forward(input_ids);
         for layer in &self.layers {
             x = layer.forward(x, &attention);
@@ -409,6 +397,13 @@ impl Layout {
             segment,
             position,
         }
+    }
+
+    /// Attention over this layout, with rotary embeddings of base `theta` by each token's
+    /// position in its sequence.
+    pub(crate) fn attention(&self, heads: [usize; 3], theta: f64) -> Attention {
+        let rope = Some((theta, self.position.as_slice()));
+        Attention::new([self.batch, self.seq], heads, self.keys(), rope)
     }
 
     /// Per token, the keys its query attends to: its own sequence up to itself. A padding

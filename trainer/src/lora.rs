@@ -66,6 +66,21 @@ pub struct LoraLinear {
 }
 
 impl LoraLinear {
+    /// `base`, adapted as `lora` says for the module at `path` (PEFT's name matching), else
+    /// frozen.
+    pub fn wrap(base: Linear, path: &str, lora: Option<&LoraSpec>, device: &Device) -> Self {
+        let [d_in, d_out] = base.weight.dims();
+        match lora {
+            Some(spec) if spec.targets(path) => Self::adapted(
+                base,
+                &LoraLinearConfig::new(d_in, d_out, spec.r, spec.scaling())
+                    .with_dropout(spec.dropout),
+                device,
+            ),
+            _ => Self::frozen(base),
+        }
+    }
+
     /// A frozen projection with no adapter.
     pub fn frozen(base: Linear) -> Self {
         Self {

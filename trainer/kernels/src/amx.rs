@@ -6,7 +6,7 @@
 //! unit accumulates in f32), as PyTorch's bf16 CPU matmul does.
 //!
 //! The tile instructions are written as inline assembly because Rust's AMX intrinsics are
-//! unstable; everything unsafe lives in this file.
+//! unstable.
 
 use rayon::prelude::*;
 
@@ -452,6 +452,7 @@ struct Task {
 struct SendPtr<T = f32>(*mut T);
 // SAFETY: tasks write disjoint parts of the buffer behind the pointer.
 unsafe impl<T> Send for SendPtr<T> {}
+// SAFETY: as for `Send`: tasks share the pointer only to write parts no other task writes.
 unsafe impl<T> Sync for SendPtr<T> {}
 
 impl<T> SendPtr<T> {
@@ -697,8 +698,8 @@ unsafe fn configure_tiles() {
 /// walks a piece of `k`, and wait in `partial` between pieces.
 ///
 /// # Safety
-/// AMX must be available; each term's `Rounded` must come from `Rounded::new` and its `Packed`
-/// from `Packed::pack`, all of `m` rows and `n` columns; `out` must point at an `[m, n]`
+/// AMX must be available; each term's `Rounded` and `Packed` must come from their constructors
+/// here, all of `m` rows and `n` columns; `out` must point at an `[m, n]`
 /// buffer that no other thread writes in these rows and columns. A task of several pieces
 /// has one term and at most `LONG_COLS × BLOCKS_PER_TASK` blocks.
 #[cfg(target_arch = "x86_64")]
@@ -711,6 +712,11 @@ unsafe fn kernel(terms: &[(&Rounded, &Packed)], m: usize, n: usize, task: Task, 
     let mut partial = [MaybeUninit::<[Tile; 4]>::uninit(); LONG_COLS * BLOCKS_PER_TASK];
     let steps = terms[0].1.k_padded / K_STEP;
     let pieces = steps.div_ceil(task.piece).max(1);
+    // SAFETY: the caller's promise: AMX is available and the operands are padded to whole
+    // blocks, so every tile load below reads inside a strip or panel (blocks stay below the
+    // padded `m` and `n`, pieces below the padded `k`); stores go through `store_block`, which
+    // writes only this task's rows and columns of `out`, and `partial` is read only where an
+    // earlier piece wrote it.
     unsafe {
         configure_tiles();
         for piece in 0..pieces {
@@ -808,6 +814,9 @@ unsafe fn store_block(
     for (tile, &(dr, dc)) in tiles.iter().enumerate() {
         let (r, c) = (row0 + dr, col0 + dc);
         let whole = r + ROWS <= m && c + ROWS <= n;
+        // SAFETY: a whole tile lies inside `out`'s `[m, n]` (just checked) in rows and columns
+        // the caller gave this task; an edge tile goes to its own `spill` tile and only its
+        // part inside `[m, n]` is copied out.
         unsafe {
             let (dst, stride) = if whole {
                 (out.0.add(r * n + c), out_stride)

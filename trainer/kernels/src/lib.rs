@@ -10,6 +10,9 @@
 //! Each public kernel takes the [`Isa`] to run on, so that tests can run every kernel through
 //! every dispatch path the machine has, the portable one included.
 
+// Every unsafe block says why it is sound, and every unsafe fn what its callers promise.
+#![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
+
 pub mod amx;
 pub mod attention;
 pub mod dispatch;
