@@ -125,25 +125,46 @@ pub struct Correction {
     pub redacted: crate::PiiCounts,
 }
 
+/// Longest teacher model name accepted.
+pub const MAX_TEACHER_CHARS: usize = 256;
+/// Longest `client_id` accepted, in bytes.
+pub const MAX_CLIENT_ID_BYTES: usize = 128;
+/// Largest `metadata` object accepted, serialized as compact JSON.
+pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+/// Deepest nesting of `metadata` accepted (the object itself is depth 1).
+pub const MAX_METADATA_DEPTH: usize = 8;
+
 impl CorrectionDraft {
-    /// Checks the draft against the domain it is sent to. `max_text_chars` bounds each text.
+    /// Checks the draft against the domain it is sent to. `max_text_chars` bounds `input`,
+    /// `expected` and `model_output` each. Every text that is stored passes the domain's PII
+    /// policy first — `metadata` keys and values at any depth and `teacher` are redacted, a
+    /// `client_id` carrying personal data is refused (redacting an idempotency key would merge
+    /// unrelated rows) — so the counts, and a `drop` policy's decision, see all of them.
     pub fn validate(self, spec: &DomainSpec, max_text_chars: usize) -> Result<Correction, Invalid> {
         let text = |field: &str, v: Option<String>| -> Result<String, Invalid> {
             let v = v.ok_or_else(|| Invalid::field(field, "is required"))?;
             if v.trim().is_empty() {
                 return Err(Invalid::field(field, "must not be empty"));
             }
-            if v.chars().count() > max_text_chars {
-                return Err(Invalid {
-                    field: field.into(),
-                    message: format!("is longer than {max_text_chars} characters"),
-                    kind: InvalidKind::TooLong,
-                });
-            }
+            bounded(field, &v, max_text_chars)?;
             Ok(v)
         };
         let input = text("input", self.input)?;
         let expected = text("expected", self.expected)?;
+        if let Some(output) = &self.model_output {
+            bounded("model_output", output, max_text_chars)?;
+        }
+        if let Some(teacher) = &self.teacher {
+            if teacher.trim().is_empty() {
+                return Err(Invalid::field("teacher", "must not be empty"));
+            }
+            bounded("teacher", teacher, MAX_TEACHER_CHARS)?;
+        }
+        let metadata = self.metadata.unwrap_or(serde_json::Value::Null);
+        if !(metadata.is_object() || metadata.is_null()) {
+            return Err(Invalid::field("metadata", "must be a JSON object"));
+        }
+        check_metadata(&metadata)?;
         // Redacted before anything else sees the text: hashes, splits and storage all work
         // on what may be kept.
         let pii = &spec.policy.pii;
@@ -156,6 +177,10 @@ impl CorrectionDraft {
             Task::Generation => crate::pii::redact(&expected, pii, &mut redacted),
             Task::Classification => expected,
         };
+        let teacher = self
+            .teacher
+            .map(|t| crate::pii::redact(&t, pii, &mut redacted));
+        let metadata = redact_json(metadata, pii, &mut redacted);
         if spec.task == Task::Classification && spec.label_index(&expected).is_none() {
             return Err(Invalid {
                 field: "expected".into(),
@@ -163,17 +188,20 @@ impl CorrectionDraft {
                 kind: InvalidKind::UnknownLabel,
             });
         }
-        if let Some(id) = &self.client_id
-            && (id.is_empty() || id.len() > 128)
-        {
-            return Err(Invalid::field("client_id", "must be 1-128 characters"));
-        }
-        let metadata = self.metadata.unwrap_or(serde_json::Value::Null);
-        if !(metadata.is_object() || metadata.is_null()) {
-            return Err(Invalid::field("metadata", "must be a JSON object"));
+        if let Some(id) = &self.client_id {
+            if id.is_empty() || id.len() > MAX_CLIENT_ID_BYTES {
+                return Err(Invalid::field("client_id", "must be 1-128 characters"));
+            }
+            no_nul("client_id", id)?;
+            if crate::pii::redact(id, pii, &mut crate::PiiCounts::new()) != *id {
+                return Err(Invalid::field(
+                    "client_id",
+                    "contains personal data (an email, card or ID number, phone): use an opaque id",
+                ));
+            }
         }
         let source = self.source.unwrap_or(Source::Human);
-        if source == Source::Human && self.teacher.is_some() {
+        if source == Source::Human && teacher.is_some() {
             return Err(Invalid::field(
                 "teacher",
                 "is only allowed with source `teacher`",
@@ -187,10 +215,101 @@ impl CorrectionDraft {
             model_output,
             expected,
             source,
-            teacher: self.teacher,
+            teacher,
             metadata,
             redacted,
         })
+    }
+}
+
+/// `value` is at most `max_chars` characters and holds no NUL: PostgreSQL's text type cannot
+/// store one, and no correction needs it.
+fn bounded(field: &str, value: &str, max_chars: usize) -> Result<(), Invalid> {
+    if value.chars().count() > max_chars {
+        return Err(Invalid {
+            field: field.into(),
+            message: format!("is longer than {max_chars} characters"),
+            kind: InvalidKind::TooLong,
+        });
+    }
+    no_nul(field, value)
+}
+
+fn no_nul(field: &str, value: &str) -> Result<(), Invalid> {
+    if value.contains('\0') {
+        return Err(Invalid::field(
+            field,
+            "must not contain NUL (\\u0000) characters",
+        ));
+    }
+    Ok(())
+}
+
+/// `metadata` within its size and depth limits, with no NUL in any key or string.
+fn check_metadata(metadata: &serde_json::Value) -> Result<(), Invalid> {
+    let size = serde_json::to_vec(metadata).map_or(usize::MAX, |v| v.len());
+    if size > MAX_METADATA_BYTES {
+        return Err(Invalid {
+            field: "metadata".into(),
+            message: format!("is larger than {MAX_METADATA_BYTES} bytes as JSON"),
+            kind: InvalidKind::TooLong,
+        });
+    }
+    fn walk(value: &serde_json::Value, path: &str, depth: usize) -> Result<(), Invalid> {
+        use serde_json::Value;
+        if depth > MAX_METADATA_DEPTH {
+            return Err(Invalid::field(
+                path,
+                format!("nests deeper than {MAX_METADATA_DEPTH} levels"),
+            ));
+        }
+        match value {
+            Value::String(s) => no_nul(path, s),
+            Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .try_for_each(|(i, v)| walk(v, &format!("{path}[{i}]"), depth + 1)),
+            Value::Object(map) => map.iter().try_for_each(|(k, v)| {
+                no_nul(path, k)?;
+                walk(v, &format!("{path}.{k}"), depth + 1)
+            }),
+            _ => Ok(()),
+        }
+    }
+    walk(metadata, "metadata", 0)
+}
+
+/// `value` with every string and object key redacted. Keys that redact alike keep apart as
+/// `[EMAIL]`, `[EMAIL]#2`, … so no value is lost to a collision.
+fn redact_json(
+    value: serde_json::Value,
+    policy: &crate::PiiPolicy,
+    counts: &mut crate::PiiCounts,
+) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => Value::String(crate::pii::redact(&s, policy, counts)),
+        Value::Array(items) => Value::Array(
+            items
+                .into_iter()
+                .map(|v| redact_json(v, policy, counts))
+                .collect(),
+        ),
+        Value::Object(map) => {
+            let mut out = serde_json::Map::new();
+            for (key, v) in map {
+                let key = crate::pii::redact(&key, policy, counts);
+                let mut unique = key.clone();
+                let mut n = 1;
+                while out.contains_key(&unique) {
+                    n += 1;
+                    unique = format!("{key}#{n}");
+                }
+                out.insert(unique, redact_json(v, policy, counts));
+            }
+            Value::Object(out)
+        }
+        other => other,
     }
 }
 
@@ -268,5 +387,157 @@ mod tests {
             content_hash("hi there ", "a")
         );
         assert_ne!(content_hash("hi there", "a"), content_hash("hi there", "b"));
+    }
+
+    fn draft(input: &str) -> CorrectionDraft {
+        CorrectionDraft {
+            input: Some(input.into()),
+            expected: Some("a".into()),
+            ..Default::default()
+        }
+    }
+
+    /// Personal data anywhere in what is stored is redacted and counted: metadata keys and
+    /// values at any depth, the teacher's name; a client id carrying it is refused.
+    #[test]
+    fn every_stored_text_passes_the_redactor() {
+        let d = CorrectionDraft {
+            source: Some(Source::Teacher),
+            teacher: Some("gpt for ann@example.com".into()),
+            metadata: Some(serde_json::json!({
+                "customer": {"email": "bob@example.com", "cards": ["4242 4242 4242 4242"]},
+                "ann@example.com": "x",
+                "carl@example.com": "y",
+                "ssn 123-45-6789": 1,
+            })),
+            ..draft("plain text")
+        };
+        let c = d.validate(&spec(), 100).unwrap();
+        let stored = serde_json::to_string(&c).unwrap();
+        for secret in ["ann@", "bob@", "carl@", "4242 4242", "123-45"] {
+            assert!(!stored.contains(secret), "{secret} stored: {stored}");
+        }
+        assert_eq!(c.teacher.as_deref(), Some("gpt for [EMAIL]"));
+        assert_eq!(c.metadata["customer"]["cards"][0], "[CARD]");
+        // Two keys that redact alike both survive.
+        assert_eq!(
+            (
+                c.metadata["[EMAIL]"].as_str(),
+                c.metadata["[EMAIL]#2"].as_str()
+            ),
+            (Some("x"), Some("y"))
+        );
+        let total: u32 = c.redacted.values().sum();
+        assert_eq!(total, 6, "{:?}", c.redacted);
+
+        let d = CorrectionDraft {
+            client_id: Some("ann@example.com".into()),
+            ..draft("plain text")
+        };
+        assert_eq!(d.validate(&spec(), 100).unwrap_err().field, "client_id");
+    }
+
+    /// A `drop` policy sees personal data that sits only in metadata.
+    #[test]
+    fn drop_counts_personal_data_in_metadata() {
+        let mut spec = spec();
+        spec.policy.pii.action = crate::PiiAction::Drop;
+        let d = CorrectionDraft {
+            metadata: Some(serde_json::json!({"note": "call +44 20 7946 0958"})),
+            ..draft("plain text")
+        };
+        assert!(!d.validate(&spec, 100).unwrap().redacted.is_empty());
+    }
+
+    #[test]
+    fn nul_is_refused_in_every_text_field() {
+        let nul = "a\0b";
+        let cases: [(&str, CorrectionDraft); 6] = [
+            ("input", draft(nul)),
+            (
+                "expected",
+                CorrectionDraft {
+                    expected: Some(nul.into()),
+                    ..draft("x")
+                },
+            ),
+            (
+                "model_output",
+                CorrectionDraft {
+                    model_output: Some(nul.into()),
+                    ..draft("x")
+                },
+            ),
+            (
+                "teacher",
+                CorrectionDraft {
+                    source: Some(Source::Teacher),
+                    teacher: Some(nul.into()),
+                    ..draft("x")
+                },
+            ),
+            (
+                "client_id",
+                CorrectionDraft {
+                    client_id: Some(nul.into()),
+                    ..draft("x")
+                },
+            ),
+            (
+                "metadata.k",
+                CorrectionDraft {
+                    metadata: Some(serde_json::json!({"k": nul})),
+                    ..draft("x")
+                },
+            ),
+        ];
+        for (field, d) in cases {
+            let e = d.validate(&spec(), 100).unwrap_err();
+            assert_eq!(
+                (e.field.as_str(), e.kind),
+                (field, InvalidKind::Field),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_text_has_a_limit() {
+        let long = CorrectionDraft {
+            model_output: Some("x".repeat(101)),
+            ..draft("x")
+        };
+        assert_eq!(
+            long.validate(&spec(), 100).unwrap_err().kind,
+            InvalidKind::TooLong
+        );
+        let teacher = CorrectionDraft {
+            source: Some(Source::Teacher),
+            teacher: Some("t".repeat(MAX_TEACHER_CHARS + 1)),
+            ..draft("x")
+        };
+        assert_eq!(teacher.validate(&spec(), 100).unwrap_err().field, "teacher");
+        let big = CorrectionDraft {
+            metadata: Some(serde_json::json!({"k": "v".repeat(MAX_METADATA_BYTES)})),
+            ..draft("x")
+        };
+        assert_eq!(
+            big.validate(&spec(), 100).unwrap_err().kind,
+            InvalidKind::TooLong
+        );
+        let mut deep = serde_json::json!(1);
+        for _ in 0..MAX_METADATA_DEPTH + 1 {
+            deep = serde_json::json!({ "k": deep });
+        }
+        let deep = CorrectionDraft {
+            metadata: Some(deep),
+            ..draft("x")
+        };
+        assert!(
+            deep.validate(&spec(), 100)
+                .unwrap_err()
+                .message
+                .contains("deeper")
+        );
     }
 }

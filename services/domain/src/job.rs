@@ -99,9 +99,12 @@ impl VersionId {
     pub fn nth(n: u64) -> Self {
         Self(format!("v{n}"))
     }
+    /// `v` and a number that fits a `u64`; anything longer is no version (a 300-digit id
+    /// once reached the registry as an over-long file name).
     pub fn parse(raw: &str) -> Option<Self> {
         let n = raw.strip_prefix('v')?;
-        (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())).then(|| Self(raw.to_owned()))
+        let digits = !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit());
+        (digits && n.parse::<u64>().is_ok()).then(|| Self(raw.to_owned()))
     }
     pub fn as_str(&self) -> &str {
         &self.0
