@@ -70,11 +70,29 @@ pub struct Db {
     _alive: Option<std::sync::Arc<()>>,
 }
 
+/// WAL frames (pages) past which the writer helps the log restart: 64 MiB at SQLite's 4 KiB
+/// pages.
+const WAL_RESTART_FRAMES: i64 = 16_384;
+/// What a restarted log is truncated to, so a burst leaves no large file behind.
+const WAL_SIZE_LIMIT_BYTES: i64 = 64 * 1024 * 1024;
+
 /// Copies SQLite's write-ahead log back into the database off the commit path. Left to the
 /// writer, every commit that crosses the WAL's size threshold pays for the copy (and its
 /// fsync) before the client hears back; here a reader connection does it twice a second,
-/// PASSIVE so it never blocks a writer. Stops when the last handle on the database drops.
-async fn checkpoint_in_background(pool: sqlx::SqlitePool, alive: std::sync::Weak<()>) {
+/// PASSIVE so it never blocks a writer.
+///
+/// The log only starts again from its beginning when a write finds every frame copied back,
+/// and under sustained writes the copy is always behind by the frames committed since: the
+/// log grew without bound (3 GB against a 242 MB database in 75 s). So past
+/// [`WAL_RESTART_FRAMES`] this asks the writer (`restart`) to restart the log itself between
+/// two commits ([`restart_log`]). Run here, from a reader connection, the same checkpoint
+/// waited for the writer, which never paused, and stalled every upload for seconds.
+/// Stops when the last handle on the database drops.
+async fn checkpoint_in_background(
+    pool: sqlx::SqlitePool,
+    restart: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    alive: std::sync::Weak<()>,
+) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -82,11 +100,16 @@ async fn checkpoint_in_background(pool: sqlx::SqlitePool, alive: std::sync::Weak
         if alive.strong_count() == 0 || pool.is_closed() {
             return;
         }
-        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&pool)
-            .await
-        {
-            tracing::warn!(error = %e, "WAL checkpoint failed; the next one tries again");
+        // (busy, frames in the log, frames copied back)
+        let passive: Result<(i64, i64, i64), _> = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(&pool)
+            .await;
+        match passive {
+            Ok((_, frames, _)) if frames > WAL_RESTART_FRAMES => {
+                restart.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; the next one tries again"),
         }
     }
 }
@@ -111,6 +134,7 @@ const GROUP_ROWS: usize = 20_000;
 /// that fails is retried upload by upload, so one upload's error is never another's.
 async fn group_writer(
     pool: sqlx::SqlitePool,
+    restart: std::sync::Arc<std::sync::atomic::AtomicBool>,
     mut requests: tokio::sync::mpsc::Receiver<WriteRequest>,
 ) {
     while let Some(first) = requests.recv().await {
@@ -144,7 +168,34 @@ async fn group_writer(
                 }
             }
         }
+        if restart.swap(false, std::sync::atomic::Ordering::Relaxed)
+            && let Err(e) = restart_log(&pool).await
+        {
+            tracing::warn!(error = %e, "WAL restart failed; the next one tries again");
+        }
     }
+}
+
+/// Copies the whole log back and starts it again, from the writer's own connection between
+/// two commits, so no correction is written meanwhile. It waits at most a quarter second for
+/// readers still on old frames (they take milliseconds; new ones read the database file once
+/// the log is copied); if they outlast it, nothing is lost and the next request tries again.
+async fn restart_log(pool: &sqlx::SqlitePool) -> Result<()> {
+    let mut conn = pool.acquire().await?;
+    sqlx::query("PRAGMA busy_timeout = 250")
+        .execute(&mut *conn)
+        .await?;
+    let done = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(&mut *conn)
+        .await;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "PRAGMA busy_timeout = {}",
+        SQLITE_BUSY_TIMEOUT.as_millis()
+    )))
+    .execute(&mut *conn)
+    .await?;
+    done?;
+    Ok(())
 }
 
 async fn commit_group(
@@ -212,6 +263,8 @@ impl DatabaseUrl {
 /// How many statements of a write may wait for each other: SQLite has one writer whatever
 /// the pool size, PostgreSQL serves a connection per request.
 const SQLITE_CONNECTIONS: u32 = 8;
+/// How long a statement waits for a lock another connection holds.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 const POSTGRES_CONNECTIONS: u32 = 16;
 
 impl Db {
@@ -230,7 +283,8 @@ impl Db {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(30))
+            .busy_timeout(SQLITE_BUSY_TIMEOUT)
+            .pragma("journal_size_limit", WAL_SIZE_LIMIT_BYTES.to_string())
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(SQLITE_CONNECTIONS)
@@ -246,12 +300,14 @@ impl Db {
             )
             .await?;
         let alive = std::sync::Arc::new(());
+        let restart = std::sync::Arc::default();
         tokio::spawn(checkpoint_in_background(
             pool.clone(),
+            std::sync::Arc::clone(&restart),
             std::sync::Arc::downgrade(&alive),
         ));
         let (send, receive) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(group_writer(writer_pool.clone(), receive));
+        tokio::spawn(group_writer(writer_pool.clone(), restart, receive));
         let db = Self {
             pool: Pool::Sqlite(pool),
             writer: Some((send, writer_pool)),
