@@ -349,53 +349,39 @@ mod tests {
     use super::*;
     use std::cell::Cell;
 
-    #[tokio::test]
-    async fn transient_failures_are_retried_and_permanent_ones_are_not() {
-        let backoff = [Duration::ZERO; 3];
+    /// Runs [`retry_transient`] (three retries) over an attempt that fails with `error` its
+    /// first `failures` times; returns the result, the attempts made and the retries announced.
+    async fn retried(
+        failures: usize,
+        error: fn() -> WorkerError,
+    ) -> (Result<usize, WorkerError>, usize, usize) {
         let calls = Cell::new(0);
         let retries = Cell::new(0);
         let result = retry_transient(
-            &backoff,
+            &[Duration::ZERO; 3],
             || {
                 calls.set(calls.get() + 1);
                 let n = calls.get();
-                async move {
-                    if n < 3 {
-                        Err(WorkerError::Queue("connection refused".into()))
-                    } else {
-                        Ok(n)
-                    }
-                }
+                async move { if n <= failures { Err(error()) } else { Ok(n) } }
             },
             |_, _| retries.set(retries.get() + 1),
         )
         .await;
-        assert_eq!((result.unwrap(), retries.get()), (3, 2));
+        (result, calls.get(), retries.get())
+    }
 
-        calls.set(0);
-        let result: Result<(), _> = retry_transient(
-            &backoff,
-            || {
-                calls.set(calls.get() + 1);
-                async { Err(WorkerError::Job("the holdout is empty".into())) }
-            },
-            |_, _| {},
-        )
-        .await;
-        assert!(result.is_err());
-        assert_eq!(calls.get(), 1);
+    #[tokio::test]
+    async fn transient_failures_are_retried_and_permanent_ones_are_not() {
+        let refused = || WorkerError::Queue("connection refused".into());
+        let (result, calls, retries) = retried(2, refused).await;
+        assert_eq!((result.unwrap(), calls, retries), (3, 3, 2));
+
+        let empty = || WorkerError::Job("the holdout is empty".into());
+        let (result, calls, _) = retried(usize::MAX, empty).await;
+        assert_eq!((result.is_err(), calls), (true, 1));
 
         // Out of retries: the last error comes back.
-        calls.set(0);
-        let result: Result<(), _> = retry_transient(
-            &backoff,
-            || {
-                calls.set(calls.get() + 1);
-                async { Err(WorkerError::Queue("still down".into())) }
-            },
-            |_, _| {},
-        )
-        .await;
-        assert_eq!((result.is_err(), calls.get()), (true, 4));
+        let (result, calls, _) = retried(usize::MAX, refused).await;
+        assert_eq!((result.is_err(), calls), (true, 4));
     }
 }
