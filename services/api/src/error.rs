@@ -141,3 +141,42 @@ impl IntoResponse for ApiError {
         (self.code.status(), Json(self)).into_response()
     }
 }
+
+impl From<flywheel_promotion::PromotionError> for ApiError {
+    fn from(e: flywheel_promotion::PromotionError) -> Self {
+        use flywheel_promotion::PromotionError::*;
+        match e {
+            Db(e) => e.into(),
+            Registry(e) => e.into(),
+            NotPending { domain, version } => Self::new(
+                ErrorCode::VersionNotPending,
+                format!("version {domain}/{version} is not awaiting approval"),
+            ),
+            NeverPromoted {
+                domain,
+                version,
+                status,
+            } => Self::new(
+                ErrorCode::InvalidField,
+                format!(
+                    "to: version {domain}/{version} was never promoted ({}); only a version that was live can come back",
+                    status.as_str()
+                ),
+            ),
+            NotYetLive { domain, version } => Self::new(
+                ErrorCode::InvalidField,
+                format!(
+                    "to: version {domain}/{version} has not reached production yet (its approval is under way); only a version that was live can come back"
+                ),
+            ),
+            AlreadyProduction(version) => Self::new(
+                ErrorCode::InvalidField,
+                format!("to: {version} is already production"),
+            ),
+            ProductionByHand => Self::new(
+                ErrorCode::InvalidField,
+                "production moves through the gate, /approve and /rollback, not by hand",
+            ),
+        }
+    }
+}

@@ -114,6 +114,40 @@ impl std::fmt::Display for VersionId {
     }
 }
 
+/// Where a version stands. The gate sets the first three; a steward moves `pending_approval` to
+/// `promoted` or `rejected`. `promoted` means production has pointed at it (or is being moved
+/// there), which is what a rollback may return to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VersionStatus {
+    Promoted,
+    HeldBack,
+    PendingApproval,
+    Rejected,
+}
+
+impl VersionStatus {
+    pub const ALL: [VersionStatus; 4] = [
+        VersionStatus::Promoted,
+        VersionStatus::HeldBack,
+        VersionStatus::PendingApproval,
+        VersionStatus::Rejected,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VersionStatus::Promoted => "promoted",
+            VersionStatus::HeldBack => "held_back",
+            VersionStatus::PendingApproval => "pending_approval",
+            VersionStatus::Rejected => "rejected",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == raw)
+    }
+}
+
 /// The payload of every pipeline stage on the queue: the job row holds the rest, so a payload
 /// never goes stale and a queue rename never strands data.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -3,9 +3,10 @@
 //!
 //! This crate moves data between the database, local work directories and the registry, and
 //! hands the heavy lifting to the trainer and evaluator on blocking threads. It knows nothing
-//! of HTTP.
+//! of HTTP, and moves `production` only through `flywheel-promotion`.
 
 mod pipeline;
+mod publish;
 mod scheduler;
 
 use std::path::PathBuf;
@@ -41,6 +42,8 @@ pub enum WorkerError {
     Train(#[from] flywheel_trainer::TrainerError),
     #[error(transparent)]
     Eval(#[from] flywheel_evaluator::EvalError),
+    #[error(transparent)]
+    Promotion(#[from] flywheel_promotion::PromotionError),
     #[error("queue: {0}")]
     Queue(String),
     #[error("{0}")]
@@ -62,6 +65,7 @@ impl WorkerError {
         match self {
             WorkerError::Db(e) => e.is_transient(),
             WorkerError::Registry(e) => e.is_transient(),
+            WorkerError::Promotion(e) => e.is_transient(),
             WorkerError::Queue(_) => true,
             _ => false,
         }
@@ -322,7 +326,7 @@ pub async fn run(
         match queue.as_str() {
             TRAIN_QUEUE => worker!("flywheel-train", train, pipeline::train),
             EVALUATE_QUEUE => worker!("flywheel-evaluate", evaluate, pipeline::evaluate),
-            PUBLISH_QUEUE => worker!("flywheel-publish", publish, pipeline::publish),
+            PUBLISH_QUEUE => worker!("flywheel-publish", publish, publish::publish),
             other => return Err(WorkerError::Queue(format!("unknown queue `{other}`"))),
         }
     }

@@ -1,6 +1,6 @@
 //! Versions: reserved numbers, the gate's verdict and status transitions.
 
-use flywheel_domain::{JobId, VersionId};
+use flywheel_domain::{JobId, VersionId, VersionStatus};
 use sqlx::types::Json;
 
 use super::{Db, execute, fetch_all};
@@ -48,15 +48,15 @@ impl Db {
         &self,
         domain_id: i64,
         version: &VersionId,
-        status: &str,
+        status: VersionStatus,
         metrics: &serde_json::Value,
     ) -> Result<()> {
         execute!(
             self,
             "UPDATE versions SET promoted = $1, status = $2, metrics = $3
              WHERE domain_id = $4 AND version = $5",
-            status != "held_back",
-            status,
+            status != VersionStatus::HeldBack,
+            status.as_str(),
             Json(metrics),
             domain_id,
             version.as_str()
@@ -69,16 +69,16 @@ impl Db {
         &self,
         domain_id: i64,
         version: &VersionId,
-        from: &str,
-        to: &str,
+        from: VersionStatus,
+        to: VersionStatus,
     ) -> Result<bool> {
         let res = execute!(
             self,
             "UPDATE versions SET status = $1 WHERE domain_id = $2 AND version = $3 AND status = $4",
-            to,
+            to.as_str(),
             domain_id,
             version.as_str(),
-            from
+            from.as_str()
         );
         Ok(res == 1)
     }
@@ -102,10 +102,11 @@ impl Db {
 }
 
 fn version_from_row(r: &impl Cells) -> Result<VersionRow> {
+    let status = r.text("status")?;
     Ok(VersionRow {
         version: VersionId(r.text("version")?),
         job_id: JobId(r.text("job_id")?),
-        status: r.text("status")?,
+        status: VersionStatus::parse(&status).ok_or(DbError::Corrupt(status))?,
         metrics: r.json("metrics")?,
         created_at: r.time("created_at")?,
     })
