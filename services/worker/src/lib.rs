@@ -218,30 +218,20 @@ impl Context {
     ) -> Result<Arc<Self>, WorkerError> {
         let queue_error = |e: &dyn std::fmt::Display| WorkerError::Queue(e.to_string());
         let beat = config.heartbeat_interval;
+        // One arm per backend: each storage is its own type.
+        macro_rules! stages {
+            ($pool:expr, $variant:ident, $storage:ident, $config:ty) => {{
+                $storage::setup(&$pool).await.map_err(|e| queue_error(&e))?;
+                Queues::$variant(Stages::new(|queue| {
+                    $storage::new(&$pool)
+                        .with_config(<$config>::default().queue(queue).heartbeat_interval(beat))
+                }))
+            }};
+        }
         let queues = match queue {
-            QueueDb::Sqlite(pool) => {
-                SqliteStorage::setup(&pool)
-                    .await
-                    .map_err(|e| queue_error(&e))?;
-                Queues::Sqlite(Stages::new(|queue| {
-                    SqliteStorage::new(&pool).with_config(
-                        apalis_sqlite::Config::default()
-                            .queue(queue)
-                            .heartbeat_interval(beat),
-                    )
-                }))
-            }
+            QueueDb::Sqlite(pool) => stages!(pool, Sqlite, SqliteStorage, apalis_sqlite::Config),
             QueueDb::Postgres(pool) => {
-                PostgresStorage::setup(&pool)
-                    .await
-                    .map_err(|e| queue_error(&e))?;
-                Queues::Postgres(Stages::new(|queue| {
-                    PostgresStorage::new(&pool).with_config(
-                        apalis_postgres::Config::default()
-                            .queue(queue)
-                            .heartbeat_interval(beat),
-                    )
-                }))
+                stages!(pool, Postgres, PostgresStorage, apalis_postgres::Config)
             }
         };
         Ok(Arc::new(Self {
@@ -293,32 +283,27 @@ pub async fn run(
     // apalis registers workers by name and refuses a name it still holds: a restarted process
     // (or a second replica) must not reuse one, or its workers die at start.
     let instance = uuid::Uuid::new_v4().simple().to_string();
-    // One arm per stage: each stage function is its own type.
+    // One registration for either backend (each storage is its own type) and each stage
+    // (each stage function is its own type).
+    macro_rules! register {
+        ($stages:expr, $storage:ident, $name:expr, $stage:path) => {{
+            let backend = $stages.$storage.clone();
+            let (name, ctx) = ($name, ctx.clone());
+            monitor.register(move |_| {
+                WorkerBuilder::new(name.clone())
+                    .backend(backend.clone().poll_with_interval(poll))
+                    .concurrency(slots)
+                    .data(ctx.clone())
+                    .build($stage)
+            })
+        }};
+    }
     macro_rules! worker {
         ($name:literal, $storage:ident, $stage:path) => {{
-            let ctx = ctx.clone();
             let name = format!("{}-{}", $name, &instance[..12]);
             monitor = match &ctx.queues {
-                Queues::Sqlite(stages) => {
-                    let backend = stages.$storage.clone();
-                    monitor.register(move |_| {
-                        WorkerBuilder::new(name.clone())
-                            .backend(backend.clone().poll_with_interval(poll))
-                            .concurrency(slots)
-                            .data(ctx.clone())
-                            .build($stage)
-                    })
-                }
-                Queues::Postgres(stages) => {
-                    let backend = stages.$storage.clone();
-                    monitor.register(move |_| {
-                        WorkerBuilder::new(name.clone())
-                            .backend(backend.clone().poll_with_interval(poll))
-                            .concurrency(slots)
-                            .data(ctx.clone())
-                            .build($stage)
-                    })
-                }
+                Queues::Sqlite(stages) => register!(stages, $storage, name, $stage),
+                Queues::Postgres(stages) => register!(stages, $storage, name, $stage),
             };
         }};
     }
