@@ -1,5 +1,5 @@
-//! Authentication (bearer tokens) and authorization (one table: which roles may call which
-//! route, and whether the route's domain must be in the token's scope).
+//! Authentication (bearer tokens) and authorization: the route table (`routes::ROUTES`) says
+//! which roles may call each route and whether its domain must be in the token's scope.
 //!
 //! The check runs as a route layer, after routing and before any handler, so a handler never
 //! runs for a caller it should not; handlers that record who acted read the [`Principal`]
@@ -12,120 +12,20 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use flywheel_domain::{JobId, Role};
 
-use crate::{ApiError, AppState, ErrorCode};
+use crate::route::{ADMIN_ONLY, Access, Scope};
+use crate::{ApiError, AppState, AuthMode, ErrorCode, Principal};
 
-/// Whether requests must carry a token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthMode {
-    /// Every route but `/healthz` and `/metrics` needs a valid token.
-    Required,
-    /// No tokens: every caller acts as an anonymous admin and names itself in `by` fields.
-    /// For a laptop and the demo, never for a shared deployment.
-    Off,
-}
-
-/// Who is calling.
-#[derive(Debug, Clone)]
-pub struct Principal {
-    /// The token's name; recorded as the actor of what this caller does.
-    pub name: String,
-    pub role: Role,
-    pub domains: Vec<String>,
-    /// False with [`AuthMode::Off`].
-    pub authenticated: bool,
-}
-
-impl Principal {
-    fn anonymous() -> Self {
-        Self {
-            name: "anonymous".into(),
-            role: Role::Admin,
-            domains: Vec::new(),
-            authenticated: false,
-        }
-    }
-
-    /// Whether this caller may see `domain` at all.
-    pub fn sees(&self, domain: &str) -> bool {
-        self.role == Role::Admin || self.domains.iter().any(|d| d == domain)
-    }
-
-    /// The actor to record: the token's name; without auth, the `by` the caller gave.
-    pub fn actor(&self, by: Option<String>) -> Result<String, ApiError> {
-        match (self.authenticated, by) {
-            (true, Some(by)) if by != self.name => Err(ApiError::new(
-                ErrorCode::InvalidField,
-                format!(
-                    "by: you are authenticated as `{}`; leave `by` out or make it match",
-                    self.name
-                ),
-            )),
-            (true, _) => Ok(self.name.clone()),
-            (false, Some(by)) if !by.trim().is_empty() => Ok(by),
-            (false, _) => Err(ApiError::new(
-                ErrorCode::InvalidField,
-                "by: must name who decides (or authenticate with a token)",
-            )),
-        }
-    }
-}
-
-/// Where a route's domain comes from, for the scope check.
-#[derive(Debug, Clone, Copy)]
-enum Scope {
-    /// Not domain-specific (or filtered by the handler, like the domain list).
-    None,
-    /// The `{domain}` path parameter.
-    Domain,
-    /// The domain of the job in the `{id}` path parameter.
-    Job,
-}
-
-const ALL: &[Role] = &[Role::Admin, Role::Department, Role::Steward];
-const ADMIN: &[Role] = &[Role::Admin];
-const DEPARTMENT: &[Role] = &[Role::Admin, Role::Department];
-const STEWARD: &[Role] = &[Role::Admin, Role::Steward];
-
-/// The table. `None`: public. A route missing here is admin-only, so a new endpoint is never
-/// open by accident.
+/// The rule for a route. `None`: public. A route missing from the table is admin-only, so an
+/// endpoint is never open by accident.
 fn rule(method: &Method, route: &str) -> Option<(&'static [Role], Scope)> {
-    let m = method.as_str();
-    Some(match (m, route) {
-        ("GET", "/healthz" | "/metrics" | "/openapi.json") => return None,
-        ("POST", "/v1/domains") => (ADMIN, Scope::None),
-        ("GET", "/v1/domains") => (ALL, Scope::None),
-        ("GET", "/v1/domains/{domain}") => (ALL, Scope::Domain),
-        ("POST", "/v1/domains/{domain}/corrections") => (DEPARTMENT, Scope::Domain),
-        ("GET" | "POST", "/v1/domains/{domain}/jobs") => (DEPARTMENT, Scope::Domain),
-        ("GET", "/v1/jobs") => (DEPARTMENT, Scope::None),
-        ("POST", "/v1/jobs/{id}/cancel") => (DEPARTMENT, Scope::Job),
-        ("GET", "/v1/jobs/{id}" | "/v1/jobs/{id}/events" | "/v1/jobs/{id}/checkpoints") => {
-            (DEPARTMENT, Scope::Job)
-        }
-        (
-            "GET",
-            "/v1/domains/{domain}/versions" | "/v1/domains/{domain}/versions/{version}/report",
-        ) => (ALL, Scope::Domain),
-        (
-            "POST",
-            "/v1/domains/{domain}/versions/{version}/approve"
-            | "/v1/domains/{domain}/versions/{version}/reject"
-            | "/v1/domains/{domain}/rollback",
-        ) => (STEWARD, Scope::Domain),
-        ("PUT", "/v1/domains/{domain}/aliases/{alias}") => (STEWARD, Scope::Domain),
-        ("GET", "/v1/domains/{domain}/audit") => (STEWARD, Scope::Domain),
-        (
-            "GET",
-            "/v1/domains/{domain}/aliases/{alias}" | "/v1/domains/{domain}/aliases/{alias}/history",
-        ) => (ALL, Scope::Domain),
-        _ => (ADMIN, Scope::None),
-    })
-}
-
-/// The roles that may call a route; `None` for public routes.
-pub fn roles_for(method: &str, route: &str) -> Option<&'static [Role]> {
-    let method: Method = method.parse().ok()?;
-    rule(&method, route).map(|(roles, _)| roles)
+    let access = crate::routes::ROUTES
+        .iter()
+        .find(|r| r.path == route && r.verb.as_str() == method.as_str())
+        .map_or(ADMIN_ONLY, |r| r.access);
+    match access {
+        Access::Probe | Access::Public => None,
+        Access::Roles(roles, scope) => Some((roles, scope)),
+    }
 }
 
 fn unauthenticated(message: &str) -> Response {

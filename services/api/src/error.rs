@@ -7,84 +7,57 @@ use axum::response::{IntoResponse, Response};
 use flywheel_domain::{Invalid, InvalidKind};
 use serde::Serialize;
 
-/// Stable, documented error codes. Clients match on these, never on messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    MalformedJson,
-    Unauthenticated,
-    Forbidden,
-    InvalidField,
-    UnknownLabel,
-    UnknownBaseModel,
-    TextTooLong,
-    BatchTooLarge,
-    PayloadTooLarge,
-    UnsupportedMediaType,
-    RouteNotFound,
-    DomainNotFound,
-    DomainExists,
-    JobNotFound,
-    TokenNotFound,
-    VersionNotFound,
-    VersionNotPending,
-    AliasConflict,
-    JobInFlight,
-    JobNotCancellable,
-    VersionCorrupt,
-    Internal,
+/// Declares [`ErrorCode`] from the table below: each code once, beside its status, so a code
+/// cannot be added without one, nor left out of [`ErrorCode::ALL`].
+macro_rules! error_codes {
+    ($($code:ident => $status:ident,)*) => {
+        /// Stable, documented error codes. Clients match on these, never on messages.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum ErrorCode {
+            $($code,)*
+        }
+
+        impl ErrorCode {
+            /// Every code, for the OpenAPI document.
+            pub const ALL: &[ErrorCode] = &[$(ErrorCode::$code,)*];
+
+            pub fn status(self) -> StatusCode {
+                match self {
+                    $(ErrorCode::$code => StatusCode::$status,)*
+                }
+            }
+        }
+    };
+}
+
+// The table.
+error_codes! {
+    MalformedJson => BAD_REQUEST,
+    Unauthenticated => UNAUTHORIZED,
+    Forbidden => FORBIDDEN,
+    InvalidField => UNPROCESSABLE_ENTITY,
+    UnknownLabel => UNPROCESSABLE_ENTITY,
+    UnknownBaseModel => UNPROCESSABLE_ENTITY,
+    TextTooLong => PAYLOAD_TOO_LARGE,
+    BatchTooLarge => PAYLOAD_TOO_LARGE,
+    PayloadTooLarge => PAYLOAD_TOO_LARGE,
+    UnsupportedMediaType => UNSUPPORTED_MEDIA_TYPE,
+    RouteNotFound => NOT_FOUND,
+    DomainNotFound => NOT_FOUND,
+    DomainExists => CONFLICT,
+    JobNotFound => NOT_FOUND,
+    TokenNotFound => NOT_FOUND,
+    VersionNotFound => NOT_FOUND,
+    VersionNotPending => CONFLICT,
+    AliasConflict => CONFLICT,
+    JobInFlight => CONFLICT,
+    JobNotCancellable => CONFLICT,
+    VersionCorrupt => INTERNAL_SERVER_ERROR,
+    Internal => INTERNAL_SERVER_ERROR,
 }
 
 impl ErrorCode {
-    /// Every code, for the OpenAPI document.
-    pub const ALL: [ErrorCode; 22] = {
-        use ErrorCode::*;
-        [
-            MalformedJson,
-            Unauthenticated,
-            Forbidden,
-            InvalidField,
-            UnknownLabel,
-            UnknownBaseModel,
-            TextTooLong,
-            BatchTooLarge,
-            PayloadTooLarge,
-            UnsupportedMediaType,
-            RouteNotFound,
-            DomainNotFound,
-            DomainExists,
-            JobNotFound,
-            TokenNotFound,
-            VersionNotFound,
-            VersionNotPending,
-            AliasConflict,
-            JobInFlight,
-            JobNotCancellable,
-            VersionCorrupt,
-            Internal,
-        ]
-    };
-
-    /// The table.
-    pub fn status(self) -> StatusCode {
-        use ErrorCode::*;
-        match self {
-            MalformedJson => StatusCode::BAD_REQUEST,
-            Unauthenticated => StatusCode::UNAUTHORIZED,
-            Forbidden => StatusCode::FORBIDDEN,
-            InvalidField | UnknownLabel | UnknownBaseModel => StatusCode::UNPROCESSABLE_ENTITY,
-            TextTooLong | BatchTooLarge | PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            RouteNotFound | DomainNotFound | JobNotFound | TokenNotFound | VersionNotFound => {
-                StatusCode::NOT_FOUND
-            }
-            DomainExists | VersionNotPending | AliasConflict | JobInFlight | JobNotCancellable => {
-                StatusCode::CONFLICT
-            }
-            VersionCorrupt | Internal => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-
     pub fn as_str(self) -> String {
         serde_json::to_value(self)
             .ok()
@@ -166,5 +139,44 @@ impl From<flywheel_registry::RegistryError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.code.status(), Json(self)).into_response()
+    }
+}
+
+impl From<flywheel_promotion::PromotionError> for ApiError {
+    fn from(e: flywheel_promotion::PromotionError) -> Self {
+        use flywheel_promotion::PromotionError::*;
+        match e {
+            Db(e) => e.into(),
+            Registry(e) => e.into(),
+            NotPending { domain, version } => Self::new(
+                ErrorCode::VersionNotPending,
+                format!("version {domain}/{version} is not awaiting approval"),
+            ),
+            NeverPromoted {
+                domain,
+                version,
+                status,
+            } => Self::new(
+                ErrorCode::InvalidField,
+                format!(
+                    "to: version {domain}/{version} was never promoted ({}); only a version that was live can come back",
+                    status.as_str()
+                ),
+            ),
+            NotYetLive { domain, version } => Self::new(
+                ErrorCode::InvalidField,
+                format!(
+                    "to: version {domain}/{version} has not reached production yet (its approval is under way); only a version that was live can come back"
+                ),
+            ),
+            AlreadyProduction(version) => Self::new(
+                ErrorCode::InvalidField,
+                format!("to: {version} is already production"),
+            ),
+            ProductionByHand => Self::new(
+                ErrorCode::InvalidField,
+                "production moves through the gate, /approve and /rollback, not by hand",
+            ),
+        }
     }
 }

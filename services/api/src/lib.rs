@@ -1,12 +1,15 @@
 //! flywheel's HTTP API: routes, request and response bodies, and the one error table.
 //!
 //! Only this crate knows HTTP and JSON wire shapes. It validates at the edge (into the domain
-//! crate's newtypes), stores through the db crate and reads the registry; it never trains,
-//! evaluates or talks to the queue — it nudges the scheduler and returns.
+//! crate's newtypes), stores through the db crate, reads the registry and leaves every alias
+//! move and version decision to `flywheel-promotion`; it never trains, evaluates or talks to
+//! the queue — it nudges the scheduler and returns.
 
 mod auth;
 mod error;
-pub mod openapi;
+mod openapi;
+mod principal;
+mod route;
 mod routes;
 
 use std::future::Future;
@@ -23,8 +26,8 @@ use flywheel_telemetry::Metrics;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
-pub use auth::{AuthMode, Principal};
 pub use error::{ApiError, ErrorCode};
+pub use principal::{AuthMode, Principal};
 
 /// Request-size limits.
 #[derive(Debug, Clone)]
@@ -67,11 +70,11 @@ pub enum Surface {
 pub fn router(state: AppState, surface: Surface) -> Router {
     let body_limit = state.limits.max_body_bytes;
     let routes = match surface {
-        Surface::Full => routes::routes().route_layer(axum::middleware::from_fn_with_state(
+        Surface::Full => routes::router(surface).route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::authorize,
         )),
-        Surface::Ops => routes::ops_routes(),
+        Surface::Ops => routes::router(surface),
     };
     routes
         .layer(axum::middleware::from_fn_with_state(

@@ -1,5 +1,5 @@
 use chrono::{DateTime, Utc};
-use flywheel_domain::{DomainSpec, JobId, JobStatus, Source, Split, VersionId};
+use flywheel_domain::{DomainSpec, JobId, JobStatus, Source, Split, VersionId, VersionStatus};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
@@ -69,8 +69,7 @@ pub struct JobEvent {
 pub struct VersionRow {
     pub version: VersionId,
     pub job_id: JobId,
-    /// `promoted`, `held_back`, `pending_approval` or `rejected`.
-    pub status: String,
+    pub status: VersionStatus,
     pub metrics: serde_json::Value,
     pub created_at: DateTime<Utc>,
 }

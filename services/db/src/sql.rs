@@ -114,6 +114,12 @@ pub(crate) trait Cells {
     fn opt_time(&self, col: &str) -> Result<Option<DateTime<Utc>>>;
     fn json<T: DeserializeOwned>(&self, col: &str) -> Result<T>;
     fn opt_json<T: DeserializeOwned>(&self, col: &str) -> Result<Option<T>>;
+
+    /// A text column parsed by `parse`; text it refuses makes the row corrupt.
+    fn parsed<T>(&self, col: &str, parse: impl FnOnce(&str) -> Option<T>) -> Result<T> {
+        let raw = self.text(col)?;
+        parse(&raw).ok_or(DbError::Corrupt(raw))
+    }
 }
 
 fn column(col: &str, e: sqlx::Error) -> DbError {

@@ -23,40 +23,44 @@ impl std::fmt::Display for JobId {
     }
 }
 
-/// OpenAI-style job states.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobStatus {
-    Queued,
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
+/// Declares an enum whose variants are stored and sent as text: each variant beside its text,
+/// from which the serde names, `ALL`, `as_str` and `parse` all come.
+macro_rules! text_enum {
+    ($(#[$meta:meta])* pub enum $name:ident { $($variant:ident = $text:literal,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name {
+            $(#[serde(rename = $text)] $variant,)*
+        }
+
+        impl $name {
+            pub const ALL: &[$name] = &[$($name::$variant,)*];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)*
+                }
+            }
+
+            pub fn parse(raw: &str) -> Option<Self> {
+                Self::ALL.iter().copied().find(|s| s.as_str() == raw)
+            }
+        }
+    };
+}
+
+text_enum! {
+    /// OpenAI-style job states.
+    pub enum JobStatus {
+        Queued = "queued",
+        Running = "running",
+        Succeeded = "succeeded",
+        Failed = "failed",
+        Cancelled = "cancelled",
+    }
 }
 
 impl JobStatus {
-    pub const ALL: [JobStatus; 5] = [
-        JobStatus::Queued,
-        JobStatus::Running,
-        JobStatus::Succeeded,
-        JobStatus::Failed,
-        JobStatus::Cancelled,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobStatus::Queued => "queued",
-            JobStatus::Running => "running",
-            JobStatus::Succeeded => "succeeded",
-            JobStatus::Failed => "failed",
-            JobStatus::Cancelled => "cancelled",
-        }
-    }
-
-    pub fn parse(raw: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|s| s.as_str() == raw)
-    }
-
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
@@ -114,6 +118,18 @@ impl VersionId {
 impl std::fmt::Display for VersionId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+text_enum! {
+    /// Where a version stands. The gate sets the first three; a steward moves
+    /// `pending_approval` to `promoted` or `rejected`. `promoted` means production has pointed
+    /// at it (or an approval is moving it there), which is what a rollback may return to.
+    pub enum VersionStatus {
+        Promoted = "promoted",
+        HeldBack = "held_back",
+        PendingApproval = "pending_approval",
+        Rejected = "rejected",
     }
 }
 

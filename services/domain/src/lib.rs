@@ -14,7 +14,7 @@ pub mod schedule;
 pub use auth::Role;
 pub use correction::{Correction, CorrectionDraft, Source, Split, content_hash, normalize_text};
 pub use domain::{DomainName, DomainSpec, Policy, Task};
-pub use job::{JobId, JobStatus, StageTask, Trigger, VersionId};
+pub use job::{JobId, JobStatus, StageTask, Trigger, VersionId, VersionStatus};
 pub use pii::{PiiAction, PiiCounts, PiiKind, PiiPolicy};
 pub use schedule::{TriggerState, due};
 

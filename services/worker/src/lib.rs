@@ -3,9 +3,10 @@
 //!
 //! This crate moves data between the database, local work directories and the registry, and
 //! hands the heavy lifting to the trainer and evaluator on blocking threads. It knows nothing
-//! of HTTP.
+//! of HTTP, and moves `production` only through `flywheel-promotion`.
 
 mod pipeline;
+mod publish;
 mod scheduler;
 
 use std::path::PathBuf;
@@ -41,6 +42,8 @@ pub enum WorkerError {
     Train(#[from] flywheel_trainer::TrainerError),
     #[error(transparent)]
     Eval(#[from] flywheel_evaluator::EvalError),
+    #[error(transparent)]
+    Promotion(#[from] flywheel_promotion::PromotionError),
     #[error("queue: {0}")]
     Queue(String),
     #[error("{0}")]
@@ -62,6 +65,7 @@ impl WorkerError {
         match self {
             WorkerError::Db(e) => e.is_transient(),
             WorkerError::Registry(e) => e.is_transient(),
+            WorkerError::Promotion(e) => e.is_transient(),
             WorkerError::Queue(_) => true,
             _ => false,
         }
@@ -214,30 +218,20 @@ impl Context {
     ) -> Result<Arc<Self>, WorkerError> {
         let queue_error = |e: &dyn std::fmt::Display| WorkerError::Queue(e.to_string());
         let beat = config.heartbeat_interval;
+        // One arm per backend: each storage is its own type.
+        macro_rules! stages {
+            ($pool:expr, $variant:ident, $storage:ident, $config:ty) => {{
+                $storage::setup(&$pool).await.map_err(|e| queue_error(&e))?;
+                Queues::$variant(Stages::new(|queue| {
+                    $storage::new(&$pool)
+                        .with_config(<$config>::default().queue(queue).heartbeat_interval(beat))
+                }))
+            }};
+        }
         let queues = match queue {
-            QueueDb::Sqlite(pool) => {
-                SqliteStorage::setup(&pool)
-                    .await
-                    .map_err(|e| queue_error(&e))?;
-                Queues::Sqlite(Stages::new(|queue| {
-                    SqliteStorage::new(&pool).with_config(
-                        apalis_sqlite::Config::default()
-                            .queue(queue)
-                            .heartbeat_interval(beat),
-                    )
-                }))
-            }
+            QueueDb::Sqlite(pool) => stages!(pool, Sqlite, SqliteStorage, apalis_sqlite::Config),
             QueueDb::Postgres(pool) => {
-                PostgresStorage::setup(&pool)
-                    .await
-                    .map_err(|e| queue_error(&e))?;
-                Queues::Postgres(Stages::new(|queue| {
-                    PostgresStorage::new(&pool).with_config(
-                        apalis_postgres::Config::default()
-                            .queue(queue)
-                            .heartbeat_interval(beat),
-                    )
-                }))
+                stages!(pool, Postgres, PostgresStorage, apalis_postgres::Config)
             }
         };
         Ok(Arc::new(Self {
@@ -289,32 +283,27 @@ pub async fn run(
     // apalis registers workers by name and refuses a name it still holds: a restarted process
     // (or a second replica) must not reuse one, or its workers die at start.
     let instance = uuid::Uuid::new_v4().simple().to_string();
-    // One arm per stage: each stage function is its own type.
+    // One registration for either backend (each storage is its own type) and each stage
+    // (each stage function is its own type).
+    macro_rules! register {
+        ($stages:expr, $storage:ident, $name:expr, $stage:path) => {{
+            let backend = $stages.$storage.clone();
+            let (name, ctx) = ($name, ctx.clone());
+            monitor.register(move |_| {
+                WorkerBuilder::new(name.clone())
+                    .backend(backend.clone().poll_with_interval(poll))
+                    .concurrency(slots)
+                    .data(ctx.clone())
+                    .build($stage)
+            })
+        }};
+    }
     macro_rules! worker {
         ($name:literal, $storage:ident, $stage:path) => {{
-            let ctx = ctx.clone();
             let name = format!("{}-{}", $name, &instance[..12]);
             monitor = match &ctx.queues {
-                Queues::Sqlite(stages) => {
-                    let backend = stages.$storage.clone();
-                    monitor.register(move |_| {
-                        WorkerBuilder::new(name.clone())
-                            .backend(backend.clone().poll_with_interval(poll))
-                            .concurrency(slots)
-                            .data(ctx.clone())
-                            .build($stage)
-                    })
-                }
-                Queues::Postgres(stages) => {
-                    let backend = stages.$storage.clone();
-                    monitor.register(move |_| {
-                        WorkerBuilder::new(name.clone())
-                            .backend(backend.clone().poll_with_interval(poll))
-                            .concurrency(slots)
-                            .data(ctx.clone())
-                            .build($stage)
-                    })
-                }
+                Queues::Sqlite(stages) => register!(stages, $storage, name, $stage),
+                Queues::Postgres(stages) => register!(stages, $storage, name, $stage),
             };
         }};
     }
@@ -322,7 +311,7 @@ pub async fn run(
         match queue.as_str() {
             TRAIN_QUEUE => worker!("flywheel-train", train, pipeline::train),
             EVALUATE_QUEUE => worker!("flywheel-evaluate", evaluate, pipeline::evaluate),
-            PUBLISH_QUEUE => worker!("flywheel-publish", publish, pipeline::publish),
+            PUBLISH_QUEUE => worker!("flywheel-publish", publish, publish::publish),
             other => return Err(WorkerError::Queue(format!("unknown queue `{other}`"))),
         }
     }
@@ -349,53 +338,39 @@ mod tests {
     use super::*;
     use std::cell::Cell;
 
-    #[tokio::test]
-    async fn transient_failures_are_retried_and_permanent_ones_are_not() {
-        let backoff = [Duration::ZERO; 3];
+    /// Runs [`retry_transient`] (three retries) over an attempt that fails with `error` its
+    /// first `failures` times; returns the result, the attempts made and the retries announced.
+    async fn retried(
+        failures: usize,
+        error: fn() -> WorkerError,
+    ) -> (Result<usize, WorkerError>, usize, usize) {
         let calls = Cell::new(0);
         let retries = Cell::new(0);
         let result = retry_transient(
-            &backoff,
+            &[Duration::ZERO; 3],
             || {
                 calls.set(calls.get() + 1);
                 let n = calls.get();
-                async move {
-                    if n < 3 {
-                        Err(WorkerError::Queue("connection refused".into()))
-                    } else {
-                        Ok(n)
-                    }
-                }
+                async move { if n <= failures { Err(error()) } else { Ok(n) } }
             },
             |_, _| retries.set(retries.get() + 1),
         )
         .await;
-        assert_eq!((result.unwrap(), retries.get()), (3, 2));
+        (result, calls.get(), retries.get())
+    }
 
-        calls.set(0);
-        let result: Result<(), _> = retry_transient(
-            &backoff,
-            || {
-                calls.set(calls.get() + 1);
-                async { Err(WorkerError::Job("the holdout is empty".into())) }
-            },
-            |_, _| {},
-        )
-        .await;
-        assert!(result.is_err());
-        assert_eq!(calls.get(), 1);
+    #[tokio::test]
+    async fn transient_failures_are_retried_and_permanent_ones_are_not() {
+        let refused = || WorkerError::Queue("connection refused".into());
+        let (result, calls, retries) = retried(2, refused).await;
+        assert_eq!((result.unwrap(), calls, retries), (3, 3, 2));
+
+        let empty = || WorkerError::Job("the holdout is empty".into());
+        let (result, calls, _) = retried(usize::MAX, empty).await;
+        assert_eq!((result.is_err(), calls), (true, 1));
 
         // Out of retries: the last error comes back.
-        calls.set(0);
-        let result: Result<(), _> = retry_transient(
-            &backoff,
-            || {
-                calls.set(calls.get() + 1);
-                async { Err(WorkerError::Queue("still down".into())) }
-            },
-            |_, _| {},
-        )
-        .await;
-        assert_eq!((result.is_err(), calls.get()), (true, 4));
+        let (result, calls, _) = retried(usize::MAX, refused).await;
+        assert_eq!((result.is_err(), calls), (true, 4));
     }
 }

@@ -1,6 +1,6 @@
-//! The three stages of a fine-tuning job. Each reads the job row, does its work, records what
-//! happened, and enqueues the next stage; any error fails the job with a message a person can
-//! act on.
+//! The stages of a fine-tuning job (train and evaluate here, publish in `publish.rs`) and what
+//! they share. Each reads the job row, does its work, records what happened, and enqueues the
+//! next stage; any error fails the job with a message a person can act on.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,29 +9,29 @@ use std::time::Instant;
 use apalis::prelude::{BoxDynError, Data};
 use flywheel_db::{DomainRow, JobRow};
 use flywheel_domain::{JobId, JobStatus, Source, Split, StageTask, Task, normalize_text};
-use flywheel_evaluator::{EvalSpec, Evaluation, HoldoutRow};
-use flywheel_registry::RegistryError;
-use flywheel_trainer::{Checkpointing, EarlyStopping, Example, SftExample, TrainReport, TrainSpec};
-use sha2::{Digest, Sha256};
+use flywheel_evaluator::{EvalSpec, HoldoutRow};
+use flywheel_promotion::Promotion;
+use flywheel_trainer::{Checkpointing, EarlyStopping, Example, SftExample, TrainSpec};
 
 use crate::{Context, EVALUATE_QUEUE, PUBLISH_QUEUE, WorkerError};
 
-const PRODUCTION: &str = "production";
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WorkerError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WorkerError + '_ {
     move |error| WorkerError::Io {
         path: path.to_owned(),
         error,
     }
 }
 
-fn job_dir(ctx: &Context, job: &JobRow) -> PathBuf {
+pub(crate) fn job_dir(ctx: &Context, job: &JobRow) -> PathBuf {
     ctx.config.data_dir.join("jobs").join(job.id.as_str())
 }
 
 /// The base model's local directory: a path as given, or this machine's verified copy of a
 /// `sha256:` registry model, fetched on first use.
-async fn base_model_dir(ctx: &Context, domain: &DomainRow) -> Result<PathBuf, WorkerError> {
+pub(crate) async fn base_model_dir(
+    ctx: &Context,
+    domain: &DomainRow,
+) -> Result<PathBuf, WorkerError> {
     match flywheel_registry::parse_model_ref(&domain.spec.base_model) {
         Some(id) => Ok(ctx
             .registry
@@ -64,7 +64,7 @@ async fn load(ctx: &Context, task: &StageTask) -> Result<Option<(JobRow, DomainR
 /// Runs a stage, retrying it after transient failures (the database, store or queue was
 /// unreachable) with the configured backoff, and failing the job (never the worker) if it
 /// errs for good. Every stage is safe to run again: outputs are overwritten or idempotent.
-async fn stage<F, Fut>(
+pub(crate) async fn stage<F, Fut>(
     ctx: &Context,
     task: StageTask,
     name: &str,
@@ -356,10 +356,11 @@ pub async fn evaluate(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Bo
             .filter(|r| r.split == Split::Train)
             .map(|r| normalize_text(&r.input))
             .collect();
-        let champion = ctx.registry.resolve(&domain.spec.name, PRODUCTION).await?;
-        let (champion_dir, champion_name) = match &champion {
-            Some(mv) => {
-                let version = flywheel_domain::VersionId(mv.to.clone());
+        let champion = Promotion::new(&ctx.db, &ctx.registry)
+            .production(&domain.spec.name)
+            .await?;
+        let (champion_dir, champion_name) = match champion {
+            Some(version) => {
                 let dir = ctx
                     .config
                     .data_dir
@@ -421,255 +422,8 @@ pub async fn evaluate(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Bo
     .await
 }
 
-pub async fn publish(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDynError> {
-    let ctx: &Context = &ctx;
-    stage(ctx, task, "publish", |job, domain| async move {
-        let dir = job_dir(ctx, &job);
-        ctx.registry.fetch_staged(job.id.as_str(), &dir).await?;
-        let evaluation: Evaluation = read_json(&dir.join("evaluation.json"))?;
-        let train_report: TrainReport = read_json(&dir.join("train_report.json"))?;
-        let spec: TrainSpec = read_json(&dir.join("train_spec.json"))?;
-        let candidate = dir.join("candidate");
-        let base = base_model_dir(ctx, &domain).await?;
-        let rows = ctx
-            .db
-            .corrections(domain.id, job.snapshot_max_id, None)
-            .await?;
-        let probes: Vec<String> = rows
-            .iter()
-            .filter(|r| r.split == Split::Holdout)
-            .take(8)
-            .map(|r| r.input.clone())
-            .collect();
-        let serving = serving_checks(ctx, &base, &candidate, probes).await?;
-        let version = ctx.db.reserve_version(domain.id, &job.id).await?;
-        let name = &domain.spec.name;
-
-        let mut snapshot = Sha256::new();
-        for r in &rows {
-            snapshot.update(format!(
-                "{}\t{}\t{}\t{}\n",
-                r.id,
-                r.split.as_str(),
-                r.expected,
-                r.input
-            ));
-        }
-        let pii_redacted = ctx
-            .db
-            .redaction_counts(domain.id, job.snapshot_max_id)
-            .await?;
-        let (base_id, _) = flywheel_registry::models::model_content_id(&base).await?;
-        let lineage = serde_json::json!({
-            "job_id": job.id,
-            "trigger": job.trigger,
-            // `content_id` is what `flywheel models import` would name it: `sha256:<content_id>`.
-            "base_model": { "ref": domain.spec.base_model, "content_id": base_id },
-            "dataset": {
-                "snapshot_sha256": hex::encode(snapshot.finalize()),
-                "corrections": rows.len(),
-                "train": rows.iter().filter(|r| r.split == Split::Train).count(),
-                "holdout": rows.iter().filter(|r| r.split == Split::Holdout).count(),
-                "max_correction_id": job.snapshot_max_id,
-                // Counts of personal data redacted at ingestion; the values were never stored.
-                "pii_redacted": pii_redacted,
-            },
-            "hyperparameters": {
-                "lora": spec.lora,
-                "epochs": spec.epochs,
-                "batch_size": spec.batch_size,
-                "learning_rate": spec.learning_rate,
-                "weight_decay": spec.weight_decay,
-                "warmup_ratio": spec.warmup_ratio,
-                "max_seq_len": spec.max_seq_len,
-                "seed": spec.seed,
-                "grad_accumulation": spec.grad_accumulation,
-                "max_grad_norm": spec.max_grad_norm,
-                "early_stopping": spec.early_stopping,
-                "compute": spec.compute,
-            },
-            "training": {
-                "steps": train_report.steps,
-                "wall_seconds": train_report.wall_seconds,
-                "tokens_per_second": train_report.tokens_per_second,
-                "trainable_parameters": train_report.trainable_parameters,
-                // With early stopping: the held-back rows' loss and the step whose weights
-                // were kept.
-                "validation_curve": train_report.validation_curve,
-                "best_step": train_report.best_step,
-                "stopped_early": train_report.stopped_early,
-            },
-            "decision": evaluation.decision,
-            // Serving fleets read this: below it, escalate to the larger model.
-            "escalation": {
-                "threshold": evaluation.routing.threshold,
-                "target_accuracy": evaluation.routing.target_accuracy,
-                "coverage": evaluation.routing.coverage,
-            },
-            "calibration_ece": evaluation.calibration.ece,
-            "serving": serving,
-            "code_version": env!("CARGO_PKG_VERSION"),
-        });
-        let report_json = serde_json::json!({
-            "schema_version": 1,
-            "domain": name,
-            "version": version,
-            "evaluation": evaluation,
-            "training": train_report,
-            "lineage": lineage,
-        });
-        let report_md = flywheel_evaluator::render_markdown(
-            name.as_str(),
-            version.as_str(),
-            &evaluation,
-            &lineage,
-        );
-
-        let mut files = Vec::new();
-        for file in &train_report.files {
-            let path = candidate.join(file);
-            files.push((file.clone(), std::fs::read(&path).map_err(io(&path))?));
-        }
-        files.push((
-            "report.json".into(),
-            serde_json::to_vec_pretty(&report_json).expect("json"),
-        ));
-        files.push(("report.md".into(), report_md.into_bytes()));
-        let report_html = flywheel_evaluator::render_html(
-            name.as_str(),
-            version.as_str(),
-            &evaluation,
-            &train_report.loss_curve,
-            &lineage,
-        );
-        files.push(("report.html".into(), report_html.into_bytes()));
-        match ctx.registry.publish(name, &version, files, lineage).await {
-            // A retried publish finds its own earlier upload.
-            Ok(_) | Err(RegistryError::VersionExists { .. }) => {}
-            Err(e) => return Err(e.into()),
-        }
-
-        let mut decision = evaluation.decision.clone();
-        if decision.promote && !decision.awaiting_approval {
-            let current = ctx.registry.resolve(name, PRODUCTION).await?;
-            let expected = current.map(|m| flywheel_domain::VersionId(m.to));
-            if let Err(e) = ctx
-                .registry
-                .move_alias(
-                    name,
-                    PRODUCTION,
-                    expected.as_ref(),
-                    &version,
-                    "flywheel-gate",
-                    &decision.reason,
-                )
-                .await
-            {
-                decision.promote = false;
-                decision.reason = format!("gate passed but the alias did not move: {e}");
-            }
-        }
-        let outcome = match (decision.promote, decision.awaiting_approval) {
-            (true, false) => "promoted",
-            (true, true) => "pending_approval",
-            (false, _) => "held_back",
-        };
-        ctx.metrics
-            .promotion_decisions
-            .with_label_values(&[name.as_str(), outcome])
-            .inc();
-        let summary = serde_json::json!({
-            "champion_accuracy": evaluation.champion.accuracy,
-            "candidate_accuracy": evaluation.candidate.accuracy,
-            "candidate_macro_f1": evaluation.candidate.macro_f1,
-            "candidate_token_f1": evaluation.candidate.token_f1,
-            "mcnemar_p": evaluation.mcnemar_p,
-            "ece": evaluation.calibration.ece,
-            "escalation_threshold": evaluation.routing.threshold,
-            "holdout_size": evaluation.holdout_size,
-            "decision": decision,
-        });
-        ctx.db
-            .record_version(domain.id, &version, outcome, &summary)
-            .await?;
-        ctx.db
-            .audit(
-                domain.id,
-                "flywheel-gate",
-                "gate_decision",
-                Some(&version),
-                &decision.reason,
-                Some(&summary),
-            )
-            .await?;
-        ctx.db
-            .set_job_decision(
-                &job.id,
-                &version,
-                &serde_json::to_value(&decision).expect("json"),
-            )
-            .await?;
-        ctx.db
-            .add_event(
-                &job.id,
-                "message",
-                &format!("{version}: {}", decision.reason),
-                None,
-            )
-            .await?;
-        if ctx
-            .db
-            .finish_job(&job.id, JobStatus::Succeeded, None)
-            .await?
-        {
-            observe_job(ctx, &job, "succeeded");
-        }
-        // The work directory is in the registry now.
-        ctx.registry.drop_staged(job.id.as_str()).await?;
-        let _ = std::fs::remove_dir_all(&dir);
-        Ok(())
-    })
-    .await
-}
-
-/// The serving-compatibility lint, then a check that the adapter changes the base model's
-/// outputs on `probes` (a few held-out inputs). Either failing fails the job: nothing
-/// unservable or inert reaches the registry.
-async fn serving_checks(
-    ctx: &Context,
-    base: &Path,
-    candidate: &Path,
-    probes: Vec<String>,
-) -> Result<serde_json::Value, WorkerError> {
-    let lint = flywheel_evaluator::lint_adapter(base, candidate, &ctx.config.serving)
-        .map_err(|e| WorkerError::Job(format!("serving lint could not read the adapter: {e}")))?;
-    if !lint.passed() {
-        return Err(WorkerError::Job(format!(
-            "the adapter is not servable: {}",
-            lint.summary()
-        )));
-    }
-    let (base_dir, adapter_dir) = (base.to_owned(), candidate.to_owned());
-    let delta = tokio::task::spawn_blocking(move || {
-        let texts: Vec<&str> = probes.iter().map(String::as_str).collect();
-        flywheel_trainer::adapter_output_delta(&base_dir, &adapter_dir, &texts)
-    })
-    .await
-    .map_err(|e| WorkerError::Job(format!("adapter check panicked: {e}")))??;
-    // Below f32 noise on these magnitudes the adapter does nothing.
-    if delta <= 1e-6 {
-        return Err(WorkerError::Job(format!(
-            "the adapter is a no-op: it moves the base model's outputs by at most {delta:e}"
-        )));
-    }
-    Ok(serde_json::json!({
-        "lint": lint,
-        "max_output_delta": delta,
-    }))
-}
-
 /// Records a finished job's wall time, queued to now.
-fn observe_job(ctx: &Context, job: &JobRow, outcome: &str) {
+pub(crate) fn observe_job(ctx: &Context, job: &JobRow, outcome: &str) {
     ctx.metrics
         .job_duration_seconds
         .with_label_values(&[outcome])
@@ -698,7 +452,7 @@ fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), WorkerE
     std::fs::write(path, serde_json::to_vec_pretty(value).expect("json")).map_err(io(path))
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, WorkerError> {
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, WorkerError> {
     let raw = std::fs::read(path).map_err(io(path))?;
     serde_json::from_slice(&raw).map_err(|e| WorkerError::Job(format!("{}: {e}", path.display())))
 }

@@ -1,0 +1,181 @@
+//! Fine-tune jobs: a domain's and the caller's, one job, starting one now, cancelling, and the
+//! progress events and checkpoints a job records.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use chrono::{DateTime, Utc};
+use flywheel_db::{JobEvent, JobRow};
+use flywheel_domain::{JobStatus, Trigger};
+use serde::{Deserialize, Serialize};
+
+use super::shared::{ApiResult, Domain, List, domain_row, job_row};
+use crate::{ApiError, AppState, ErrorCode, Principal};
+
+pub async fn of_domain(
+    State(state): State<AppState>,
+    Domain(domain): Domain,
+) -> ApiResult<Json<List<JobRow>>> {
+    Ok(Json(state.db.jobs_of(domain.id).await?.into()))
+}
+
+/// Starts a fine-tune now, on every correction so far (`trigger: manual`).
+pub async fn start(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<(StatusCode, Json<JobRow>)> {
+    let domain = domain_row(&state, &name).await?;
+    if let Some(running) = state
+        .db
+        .jobs_of(domain.id)
+        .await?
+        .into_iter()
+        .find(|j| !j.status.is_terminal())
+    {
+        return Err(ApiError::new(
+            ErrorCode::JobInFlight,
+            format!(
+                "job {} of {name} is {}; one run at a time",
+                running.id,
+                running.status.as_str()
+            ),
+        ));
+    }
+    let id = state
+        .db
+        .try_create_job(domain.id, Trigger::Manual, 0)
+        .await?
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::InvalidField,
+                format!("{name} has no corrections yet (or another run just started)"),
+            )
+        })?;
+    state
+        .db
+        .add_event(
+            &id,
+            "message",
+            &format!("queued: started by {}", who.name),
+            None,
+        )
+        .await?;
+    // The scheduler hands queued jobs to the queue.
+    state.nudge.notify_one();
+    let job = state.db.job(&id).await?.expect("just created");
+    Ok((StatusCode::CREATED, Json(job)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsQuery {
+    status: Option<String>,
+    limit: Option<i64>,
+}
+
+/// Jobs across the caller's domains, newest first.
+pub async fn all(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Query(q): Query<JobsQuery>,
+) -> ApiResult<Json<List<JobRow>>> {
+    let status = match q.status.as_deref() {
+        None => None,
+        Some(raw) => Some(JobStatus::parse(raw).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::InvalidField,
+                format!(
+                    "status: `{raw}` is not one of queued, running, succeeded, failed, cancelled"
+                ),
+            )
+        })?),
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let mut jobs = state.db.jobs(status, limit).await?;
+    jobs.retain(|j| who.sees(&j.domain));
+    Ok(Json(jobs.into()))
+}
+
+/// Stops a queued or training job. Publishing is not interrupted: by then a version is being
+/// written, and it is recorded.
+pub async fn cancel(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<JobRow>> {
+    let job = job_row(&state, &id).await?;
+    let id = job.id.clone();
+    let reason = format!("cancelled by {}", who.name);
+    if !state.db.cancel_job(&id, &reason).await? {
+        let job = job_row(&state, id.as_str()).await?;
+        return Err(ApiError::new(
+            ErrorCode::JobNotCancellable,
+            format!(
+                "job {id} is {} (stage {}); only queued or training jobs can be cancelled",
+                job.status.as_str(),
+                job.stage
+            ),
+        ));
+    }
+    state.db.add_event(&id, "message", &reason, None).await?;
+    state
+        .metrics
+        .job_duration_seconds
+        .with_label_values(&["cancelled"])
+        .observe(job.age_seconds());
+    Ok(Json(job_row(&state, id.as_str()).await?))
+}
+
+pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<JobRow>> {
+    Ok(Json(job_row(&state, &id).await?))
+}
+
+#[derive(Deserialize)]
+pub struct EventsQuery {
+    #[serde(default)]
+    after: i64,
+}
+
+pub async fn events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<EventsQuery>,
+) -> ApiResult<Json<List<JobEvent>>> {
+    let id = job_row(&state, &id).await?.id;
+    Ok(Json(state.db.events(&id, q.after).await?.into()))
+}
+
+/// A checkpoint as the worker recorded it (step, loss, where it is staged), and when.
+#[derive(Serialize)]
+pub struct Checkpoint {
+    #[serde(flatten)]
+    recorded: serde_json::Map<String, serde_json::Value>,
+    created_at: DateTime<Utc>,
+}
+
+/// The checkpoints a job's training saved, newest first (OpenAI's
+/// `fine_tuning/jobs/{id}/checkpoints`): step, loss, and where it is staged. Only the newest
+/// is kept; a job whose worker dies resumes from it.
+pub async fn checkpoints(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<List<Checkpoint>>> {
+    let id = job_row(&state, &id).await?.id;
+    let mut checkpoints: Vec<Checkpoint> = state
+        .db
+        .events(&id, 0)
+        .await?
+        .into_iter()
+        .filter(|e| e.kind == "checkpoint")
+        .map(|e| Checkpoint {
+            recorded: match e.data {
+                Some(serde_json::Value::Object(data)) => data,
+                _ => Default::default(),
+            },
+            created_at: e.at,
+        })
+        .collect();
+    checkpoints.reverse();
+    Ok(Json(checkpoints.into()))
+}

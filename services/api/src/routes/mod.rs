@@ -1,0 +1,91 @@
+//! The route table, and the router built from it. Handlers live by resource, one file each.
+
+mod aliases;
+mod corrections;
+mod domains;
+mod jobs;
+mod ops;
+mod shared;
+mod tokens;
+mod versions;
+
+use axum::Json;
+
+use crate::route::{
+    ADMIN_ONLY, ANY_ROLE, ANY_ROLE_OF_DOMAIN, Access, DEPARTMENT_OF_DOMAIN, DEPARTMENT_OF_JOB,
+    DEPARTMENTS, PROBE, PUBLIC, Route, STEWARD_OF_DOMAIN, routes,
+};
+use crate::{ApiError, AppState, ErrorCode, Surface};
+
+/// Every route the API serves: the router, the permission check (`auth`) and `/openapi.json`
+/// are all read from here.
+pub static ROUTES: &[Route] = routes![
+    Get "/healthz" => ops::healthz, PROBE, 200,
+        "Liveness and readiness: the database answers.", "";
+    Get "/metrics" => ops::metrics, PROBE, 200,
+        "Prometheus metrics (`flywheel_*`).", "";
+    Get "/openapi.json" => self::openapi, PUBLIC, 200,
+        "This document.", "";
+    Post "/v1/domains" => domains::create, ADMIN_ONLY, 201,
+        "Register a domain.", "{name, task: classification|generation, base_model: sha256:…|path, labels, policy?, out_of_scope_label?}";
+    Get "/v1/domains" => domains::list, ANY_ROLE, 200,
+        "The domains the caller may see, with correction counts and production version.", "";
+    Get "/v1/domains/{domain}" => domains::get, ANY_ROLE_OF_DOMAIN, 200,
+        "One domain.", "";
+    Post "/v1/domains/{domain}/corrections" => corrections::post, DEPARTMENT_OF_DOMAIN, 202,
+        "Send corrections: one object, a JSON array or {corrections: [...]}, or NDJSON (application/x-ndjson). 202 after a durable commit.", "{client_id?, input, model_output?, expected, source?: human|teacher, teacher?, metadata?}";
+    Get "/v1/domains/{domain}/jobs" => jobs::of_domain, DEPARTMENT_OF_DOMAIN, 200,
+        "The domain's fine-tune jobs, newest first.", "";
+    Post "/v1/domains/{domain}/jobs" => jobs::start, DEPARTMENT_OF_DOMAIN, 201,
+        "Start a run now on every correction so far.", "";
+    Get "/v1/domains/{domain}/versions" => versions::list, ANY_ROLE_OF_DOMAIN, 200,
+        "Every evaluated version with its metrics and gate decision.", "";
+    Get "/v1/domains/{domain}/versions/{version}/report" => versions::report, ANY_ROLE_OF_DOMAIN, 200,
+        "The promotion report (?format=md|html; JSON by default).", "";
+    Post "/v1/domains/{domain}/versions/{version}/approve" => versions::approve, STEWARD_OF_DOMAIN, 200,
+        "Approve a version awaiting approval; production moves to it.", "{reason, by? (without auth)}";
+    Post "/v1/domains/{domain}/versions/{version}/reject" => versions::reject, STEWARD_OF_DOMAIN, 200,
+        "Reject a version awaiting approval.", "{reason, by? (without auth)}";
+    Post "/v1/domains/{domain}/rollback" => versions::rollback, STEWARD_OF_DOMAIN, 200,
+        "Point production back at a version that was live.", "{to, reason, by? (without auth)}";
+    Get "/v1/domains/{domain}/audit" => versions::audit_log, STEWARD_OF_DOMAIN, 200,
+        "Every gate decision, approval, rejection, rollback and alias move.", "";
+    Get "/v1/domains/{domain}/aliases/{alias}" => aliases::get, ANY_ROLE_OF_DOMAIN, 200,
+        "For serving fleets: version, file URLs and sha256, base model, escalation threshold.", "";
+    Put "/v1/domains/{domain}/aliases/{alias}" => aliases::move_by_hand, STEWARD_OF_DOMAIN, 200,
+        "Move a non-production alias (compare-and-swap with `expected`).", "{to, expected?: version|null, reason, by? (without auth)}";
+    Get "/v1/domains/{domain}/aliases/{alias}/history" => aliases::history, ANY_ROLE_OF_DOMAIN, 200,
+        "Every move of an alias.", "";
+    Get "/v1/jobs" => jobs::all, DEPARTMENTS, 200,
+        "Jobs across the caller's domains (?status=&limit=).", "";
+    Get "/v1/jobs/{id}" => jobs::get, DEPARTMENT_OF_JOB, 200,
+        "One job.", "";
+    Get "/v1/jobs/{id}/events" => jobs::events, DEPARTMENT_OF_JOB, 200,
+        "A job's progress events (?after=N).", "";
+    Get "/v1/jobs/{id}/checkpoints" => jobs::checkpoints, DEPARTMENT_OF_JOB, 200,
+        "The training checkpoints a job saved, newest first: step, loss, where it is staged.", "";
+    Post "/v1/jobs/{id}/cancel" => jobs::cancel, DEPARTMENT_OF_JOB, 200,
+        "Cancel a queued or training job.", "";
+    Post "/v1/tokens" => tokens::create, ADMIN_ONLY, 201,
+        "Create an API token; its secret is in this response only.", "{name, role: admin|department|steward, domains?}";
+    Get "/v1/tokens" => tokens::list, ADMIN_ONLY, 200,
+        "API tokens, without secrets.", "";
+    Delete "/v1/tokens/{id}" => tokens::revoke, ADMIN_ONLY, 204,
+        "Revoke a token.", "";
+];
+
+/// `/openapi.json`, built from the table.
+async fn openapi() -> Json<serde_json::Value> {
+    Json(crate::openapi::document(ROUTES))
+}
+
+/// The routes `surface` serves, from [`ROUTES`]; anything else is `404 route_not_found`.
+pub fn router(surface: Surface) -> axum::Router<AppState> {
+    ROUTES
+        .iter()
+        .filter(|r| surface == Surface::Full || r.access == Access::Probe)
+        .fold(axum::Router::new(), |router, r| {
+            router.route(r.path, (r.handler)(r.verb.filter()))
+        })
+        .fallback(|| async { ApiError::new(ErrorCode::RouteNotFound, "no such route") })
+}

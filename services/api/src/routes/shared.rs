@@ -1,0 +1,147 @@
+//! What every resource's handlers share: reading a JSON body, finding what a path segment
+//! names (or answering the matching 404), and the list envelope.
+
+use axum::Extension;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequestParts, Path, RawPathParams, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use flywheel_db::{DomainRow, JobRow, VersionRow};
+use flywheel_domain::{JobId, VersionId};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::{ApiError, AppState, ErrorCode, Principal};
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// What a handler that acts on a resource takes: the caller, the resource's path segments and
+/// the request body (parsed by the handler, so that a bad one gets our error contract).
+pub type Acting<P> = (
+    State<AppState>,
+    Extension<Principal>,
+    Path<P>,
+    Result<Bytes, BytesRejection>,
+);
+
+/// A list response: `{"data": [...]}`, room left for paging beside it.
+#[derive(Serialize)]
+pub struct List<T> {
+    pub data: Vec<T>,
+}
+
+impl<T> From<Vec<T>> for List<T> {
+    fn from(data: Vec<T>) -> Self {
+        Self { data }
+    }
+}
+
+/// The request body as bytes; a body over the limit is `payload_too_large`.
+pub fn body(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                "request body is larger than the server accepts",
+            )
+        } else {
+            ApiError::new(ErrorCode::MalformedJson, e.body_text())
+        }
+    })
+}
+
+/// Parses a request body: [`body`], then [`parse_json`].
+pub fn parse_body<T: DeserializeOwned>(raw: Result<Bytes, BytesRejection>) -> ApiResult<T> {
+    parse_json(&body(raw)?)
+}
+
+/// Parses a JSON body, naming the path of the offending field on failure.
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let code = if inner.is_syntax() || inner.is_eof() {
+            ErrorCode::MalformedJson
+        } else {
+            ErrorCode::InvalidField
+        };
+        // serde's positions ("at line 1 column 9") mean nothing to the sender of a batch; the
+        // path names the field instead.
+        let text = inner.to_string();
+        let text = match text.rfind(" at line ") {
+            Some(i) if inner.line() > 0 => text[..i].to_owned(),
+            _ => text,
+        };
+        let message = if path == "." {
+            format!("request body: {text}")
+        } else {
+            format!("{path}: {text}")
+        };
+        ApiError::new(code, message)
+    })
+}
+
+pub fn non_empty(field: &str, v: &str) -> ApiResult<()> {
+    if v.trim().is_empty() {
+        return Err(ApiError::new(
+            ErrorCode::InvalidField,
+            format!("{field}: must not be empty"),
+        ));
+    }
+    Ok(())
+}
+
+/// The domain the `{domain}` path segment names, looked up before the handler runs:
+/// `404 domain_not_found` if there is none.
+pub struct Domain(pub DomainRow);
+
+impl FromRequestParts<AppState> for Domain {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
+        let params = RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.body_text()))?;
+        let name = params
+            .iter()
+            .find_map(|(key, value)| (key == "domain").then_some(value))
+            .unwrap_or_default();
+        domain_row(state, name).await.map(Domain)
+    }
+}
+
+/// The domain named by a path segment, or `404 domain_not_found`.
+pub async fn domain_row(state: &AppState, name: &str) -> ApiResult<DomainRow> {
+    state.db.domain(name).await?.ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::DomainNotFound,
+            format!("domain `{name}` does not exist"),
+        )
+    })
+}
+
+/// The version of `domain` named by `raw`, or `404 version_not_found`.
+pub async fn version_row(state: &AppState, domain: &DomainRow, raw: &str) -> ApiResult<VersionRow> {
+    let not_found = || {
+        ApiError::new(
+            ErrorCode::VersionNotFound,
+            format!("version {}/{raw} does not exist", domain.spec.name),
+        )
+    };
+    let v = VersionId::parse(raw).ok_or_else(not_found)?;
+    state.db.version(domain.id, &v).await?.ok_or_else(not_found)
+}
+
+/// The job named by a path segment, or `404 job_not_found`.
+pub async fn job_row(state: &AppState, raw: &str) -> ApiResult<JobRow> {
+    let not_found = || {
+        ApiError::new(
+            ErrorCode::JobNotFound,
+            format!("job `{raw}` does not exist"),
+        )
+    };
+    let id = JobId::parse(raw).ok_or_else(not_found)?;
+    state.db.job(&id).await?.ok_or_else(not_found)
+}

@@ -1,0 +1,93 @@
+//! API tokens (admin only): create, list without secrets, revoke.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use flywheel_db::TokenRow;
+use flywheel_domain::Role;
+use serde::{Deserialize, Serialize};
+
+use super::shared::{ApiResult, List, domain_row, non_empty, parse_body};
+use crate::{ApiError, AppState, ErrorCode, Principal};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    name: String,
+    role: Role,
+    /// Domains a `department` or `steward` token may act on.
+    #[serde(default)]
+    domains: Vec<String>,
+}
+
+/// A token just created: its row, and the secret, which no other response carries.
+#[derive(Serialize)]
+pub struct Created {
+    #[serde(flatten)]
+    row: TokenRow,
+    token: String,
+}
+
+/// Creates a token; the secret is in this response and nowhere else, ever.
+pub async fn create(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    raw: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<Created>)> {
+    let req: NewToken = parse_body(raw)?;
+    non_empty("name", &req.name)?;
+    match (req.role, req.domains.is_empty()) {
+        (Role::Admin, false) => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidField,
+                "domains: admin tokens are not scoped; leave `domains` out",
+            ));
+        }
+        (Role::Department | Role::Steward, true) => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidField,
+                "domains: name the domains this token may act on",
+            ));
+        }
+        _ => {}
+    }
+    for d in &req.domains {
+        domain_row(&state, d).await?;
+    }
+    let secret = flywheel_domain::auth::new_token();
+    let row = state
+        .db
+        .create_token(
+            &req.name,
+            req.role,
+            &req.domains,
+            &flywheel_domain::auth::hash_token(&secret),
+            &who.name,
+        )
+        .await?;
+    Ok((StatusCode::CREATED, Json(Created { row, token: secret })))
+}
+
+pub async fn list(State(state): State<AppState>) -> ApiResult<Json<List<TokenRow>>> {
+    Ok(Json(state.db.tokens().await?.into()))
+}
+
+pub async fn revoke(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let not_found = || {
+        ApiError::new(
+            ErrorCode::TokenNotFound,
+            format!("no live token with id `{id}`"),
+        )
+    };
+    let n: i64 = id.parse().map_err(|_| not_found())?;
+    if state.db.revoke_token(n).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(not_found())
+    }
+}

@@ -1,0 +1,160 @@
+//! Versions: the list with production, the promotion report, a steward's approval or
+//! rejection, rollback, and the audit log of every such decision. Promotion itself (the claim,
+//! the alias move, the audit row) is `flywheel_promotion`'s; these handlers read the request
+//! and answer.
+
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use flywheel_db::{AuditEntry, VersionRow};
+use flywheel_domain::{VersionId, VersionStatus};
+use flywheel_promotion::Promotion;
+use serde::{Deserialize, Serialize};
+
+use super::shared::{
+    Acting, ApiResult, Domain, List, domain_row, non_empty, parse_body, version_row,
+};
+use crate::{ApiError, AppState, ErrorCode};
+
+pub async fn list(
+    State(state): State<AppState>,
+    Domain(domain): Domain,
+) -> ApiResult<Json<VersionList>> {
+    let data = state.db.versions(domain.id).await?;
+    let production = Promotion::new(&state.db, &state.registry)
+        .production(&domain.spec.name)
+        .await?;
+    Ok(Json(VersionList { production, data }))
+}
+
+/// The list envelope, with the version production points at beside it.
+#[derive(Serialize)]
+pub struct VersionList {
+    production: Option<VersionId>,
+    data: Vec<VersionRow>,
+}
+
+#[derive(Deserialize)]
+pub struct ReportQuery {
+    format: Option<String>,
+}
+
+pub async fn report(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+    Query(q): Query<ReportQuery>,
+) -> ApiResult<Response> {
+    let domain = domain_row(&state, &name).await?;
+    let not_found = || {
+        ApiError::new(
+            ErrorCode::VersionNotFound,
+            format!("version {name}/{version} does not exist"),
+        )
+    };
+    let version = VersionId::parse(&version).ok_or_else(not_found)?;
+    let (file, content_type) = match q.format.as_deref() {
+        Some("md") | Some("markdown") => ("report.md", "text/markdown; charset=utf-8"),
+        Some("html") => ("report.html", "text/html; charset=utf-8"),
+        _ => ("report.json", "application/json"),
+    };
+    let bytes = state
+        .registry
+        .read_file(&domain.spec.name, &version, file)
+        .await?;
+    Ok(([(header::CONTENT_TYPE, content_type)], bytes).into_response())
+}
+
+/// A steward's decision: who and why.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Review {
+    #[serde(default)]
+    by: Option<String>,
+    reason: String,
+}
+
+#[derive(Serialize)]
+pub struct Decided {
+    version: VersionId,
+    status: VersionStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    production: Option<String>,
+}
+
+pub async fn approve(req: Acting<(String, String)>) -> ApiResult<Json<Decided>> {
+    decide(req, VersionStatus::Promoted).await
+}
+
+pub async fn reject(req: Acting<(String, String)>) -> ApiResult<Json<Decided>> {
+    decide(req, VersionStatus::Rejected).await
+}
+
+/// A steward's decision on a version awaiting approval: `to` is `promoted` or `rejected`.
+async fn decide(
+    (State(state), Extension(who), Path((name, version)), raw): Acting<(String, String)>,
+    to: VersionStatus,
+) -> ApiResult<Json<Decided>> {
+    let review: Review = parse_body(raw)?;
+    let by = who.actor(review.by)?;
+    non_empty("reason", &review.reason)?;
+    let domain = domain_row(&state, &name).await?;
+    let version = version_row(&state, &domain, &version).await?.version;
+    let promotion = Promotion::new(&state.db, &state.registry);
+    let production = if to == VersionStatus::Promoted {
+        let moved = promotion
+            .approve(&domain, &version, &by, &review.reason)
+            .await?;
+        Some(moved.to)
+    } else {
+        promotion
+            .reject(&domain, &version, &by, &review.reason)
+            .await?;
+        None
+    };
+    Ok(Json(Decided {
+        version,
+        status: to,
+        production,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackRequest {
+    to: String,
+    #[serde(default)]
+    by: Option<String>,
+    reason: String,
+}
+
+#[derive(Serialize)]
+pub struct RolledBack {
+    production: String,
+    from: Option<String>,
+}
+
+/// Points `production` back at a version that was live before.
+pub async fn rollback(
+    (State(state), Extension(who), Path(name), raw): Acting<String>,
+) -> ApiResult<Json<RolledBack>> {
+    let req: RollbackRequest = parse_body(raw)?;
+    let by = who.actor(req.by)?;
+    non_empty("reason", &req.reason)?;
+    let domain = domain_row(&state, &name).await?;
+    let target = version_row(&state, &domain, &req.to).await?;
+    let moved = Promotion::new(&state.db, &state.registry)
+        .rollback(&domain, &target, &by, &req.reason)
+        .await?;
+    Ok(Json(RolledBack {
+        production: moved.to,
+        from: moved.from,
+    }))
+}
+
+pub async fn audit_log(
+    State(state): State<AppState>,
+    Domain(domain): Domain,
+) -> ApiResult<Json<List<AuditEntry>>> {
+    Ok(Json(state.db.audit_log(domain.id).await?.into()))
+}

@@ -1,0 +1,103 @@
+//! Corrections: the batch insert (through the SQLite writer, or one transaction on PostgreSQL)
+//! and the reads training, evaluation and reports make.
+
+use flywheel_domain::{Correction, Source, Split};
+use sqlx::types::Json;
+
+use super::writer::{WriteRequest, insert_rows};
+use super::{Db, fetch_all, from_row};
+use crate::models::{CorrectionRow, InsertOutcome};
+use crate::sql::{Cells, Stamp, with_pool};
+use crate::{DbError, Result};
+
+impl Db {
+    /// Stores a batch in one transaction; duplicates (same content or same client id) are
+    /// counted, not stored. Returns only after the commit is durable.
+    pub async fn insert_corrections(
+        &self,
+        domain_id: i64,
+        rows: &[Correction],
+    ) -> Result<InsertOutcome> {
+        if let Some((writer, _)) = &self.writer {
+            let (reply, outcome) = tokio::sync::oneshot::channel();
+            let request = WriteRequest {
+                domain_id,
+                rows: rows.to_vec(),
+                reply,
+            };
+            let gone = || DbError::Unsupported("the database writer has stopped".into());
+            writer.send(request).await.map_err(|_| gone())?;
+            return outcome.await.map_err(|_| gone())?;
+        }
+        let created_at = Stamp::now();
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let outcome = insert_rows!(&mut *tx, domain_id, rows, created_at);
+            tx.commit().await?;
+            Ok(outcome)
+        })
+    }
+
+    /// Personal data redacted from a domain's corrections up to `max_id`, by kind: counts for
+    /// the report, never values.
+    pub async fn redaction_counts(
+        &self,
+        domain_id: i64,
+        max_id: i64,
+    ) -> Result<flywheel_domain::PiiCounts> {
+        let rows: Vec<Json<flywheel_domain::PiiCounts>> = with_pool!(self, pool => {
+            sqlx::query_scalar(
+                "SELECT pii_redacted FROM corrections
+                 WHERE domain_id = $1 AND id <= $2 AND pii_redacted IS NOT NULL",
+            )
+            .bind(domain_id)
+            .bind(max_id)
+            .fetch_all(pool)
+            .await?
+        });
+        let mut total = flywheel_domain::PiiCounts::new();
+        for Json(counts) in rows {
+            for (kind, n) in counts {
+                *total.entry(kind).or_default() += n;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Corrections of a domain up to and including `max_id`, in id order.
+    pub async fn corrections(
+        &self,
+        domain_id: i64,
+        max_id: i64,
+        split: Option<Split>,
+    ) -> Result<Vec<CorrectionRow>> {
+        fetch_all!(
+            self,
+            correction_from_row,
+            "SELECT id, client_id, input, model_output, expected, source, split FROM corrections
+             WHERE domain_id = $1 AND id <= $2 AND ($3 IS NULL OR split = $3) ORDER BY id",
+            domain_id,
+            max_id,
+            split.map(Split::as_str)
+        )
+    }
+
+    pub async fn correction_counts(&self, domain_id: i64) -> Result<(i64, i64)> {
+        with_pool!(self, pool => {
+            let r = sqlx::query(
+                "SELECT COUNT(*) FILTER (WHERE split = 'train') AS train,
+                 COUNT(*) FILTER (WHERE split = 'holdout') AS holdout
+                 FROM corrections WHERE domain_id = $1",
+            )
+            .bind(domain_id)
+            .fetch_one(pool)
+            .await?;
+            Ok((r.int("train")?, r.int("holdout")?))
+        })
+    }
+}
+
+from_row!(fn correction_from_row -> CorrectionRow {
+    id: int, client_id: opt_text, input: text, model_output: opt_text, expected: text,
+    source: parsed(Source::parse), split: parsed(Split::parse),
+});

@@ -1,0 +1,67 @@
+//! API tokens, stored as the sha256 of their secret.
+
+use flywheel_domain::Role;
+use sqlx::types::Json;
+
+use super::{Db, execute, fetch_all, fetch_optional, from_row};
+use crate::models::TokenRow;
+use crate::sql::Stamp;
+use crate::{DbError, Result};
+
+impl Db {
+    /// Stores a token's hash; returns its row.
+    pub async fn create_token(
+        &self,
+        name: &str,
+        role: flywheel_domain::Role,
+        domains: &[String],
+        token_hash: &str,
+        created_by: &str,
+    ) -> Result<TokenRow> {
+        execute!(
+            self,
+            "INSERT INTO api_tokens (name, role, domains, token_hash, created_at, created_by)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (token_hash) DO NOTHING",
+            name,
+            role.as_str(),
+            Json(domains),
+            token_hash,
+            Stamp::now(),
+            created_by
+        );
+        self.token_by_hash(token_hash)
+            .await?
+            .ok_or_else(|| DbError::Corrupt("token vanished after insert".into()))
+    }
+
+    /// The token with this hash, revoked or not.
+    pub async fn token_by_hash(&self, token_hash: &str) -> Result<Option<TokenRow>> {
+        fetch_optional!(
+            self,
+            token_from_row,
+            "SELECT * FROM api_tokens WHERE token_hash = $1",
+            token_hash
+        )
+    }
+
+    pub async fn tokens(&self) -> Result<Vec<TokenRow>> {
+        fetch_all!(self, token_from_row, "SELECT * FROM api_tokens ORDER BY id")
+    }
+
+    /// Revokes a token; `false` if there is no such live token.
+    pub async fn revoke_token(&self, id: i64) -> Result<bool> {
+        let res = execute!(
+            self,
+            "UPDATE api_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+            Stamp::now(),
+            id
+        );
+        Ok(res == 1)
+    }
+}
+
+from_row!(fn token_from_row -> TokenRow {
+    id: int, name: text, role: parsed(Role::parse), domains: json, created_at: time,
+    created_by: text, revoked_at: opt_time,
+});
