@@ -22,6 +22,21 @@ pub struct Batch {
     pub lengths: Vec<usize>,
 }
 
+/// `Tokenizer::from_file`, with a panic inside the tokenizers crate turned into an error:
+/// 0.22.2 panics on some malformed files (a syntax error inside `decoder`, a BPE merge shorter
+/// than `continuing_subword_prefix`) instead of returning one, and a base model's
+/// `tokenizer.json` is outside input.
+pub(crate) fn read_tokenizer(path: &Path) -> Result<Tokenizer> {
+    std::panic::catch_unwind(|| Tokenizer::from_file(path))
+        .map_err(|_| {
+            TrainerError::Tokenizer(format!(
+                "{}: the tokenizers crate panicked reading it; the file is malformed",
+                path.display()
+            ))
+        })?
+        .map_err(|e| TrainerError::Tokenizer(e.to_string()))
+}
+
 impl TextEncoder {
     pub fn load(model_dir: &Path, max_len: usize) -> Result<Self> {
         let path = model_dir.join("tokenizer.json");
@@ -31,8 +46,7 @@ impl TextEncoder {
                 file: "tokenizer.json",
             });
         }
-        let mut tokenizer =
-            Tokenizer::from_file(&path).map_err(|e| TrainerError::Tokenizer(e.to_string()))?;
+        let mut tokenizer = read_tokenizer(&path)?;
         tokenizer
             .with_truncation(Some(TruncationParams {
                 max_length: max_len,
@@ -71,5 +85,32 @@ impl TextEncoder {
             tokens,
             lengths: encodings.iter().map(|e| e.len()).collect(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by `flywheel-fuzz` (tokenizer): files that made tokenizers 0.22.2 panic are
+    /// refused with an error.
+    #[test]
+    fn a_tokenizer_json_the_tokenizers_crate_panics_on_is_refused() {
+        let head = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":null,"post_processor":null,"#;
+        for (what, rest) in [
+            (
+                "a syntax error inside decoder",
+                r#""decoder":{"type":"ByteLevel",,},"model":{"type":"WordLevel","vocab":{"[UNK]":0},"unk_token":"[UNK]"}}"#,
+            ),
+            (
+                "a merge shorter than continuing_subword_prefix",
+                r###""decoder":null,"model":{"type":"BPE","dropout":null,"unk_token":null,"continuing_subword_prefix":"##","end_of_word_suffix":null,"fuse_unk":false,"byte_fallback":false,"vocab":{"a":0,"b":1,"ab":2},"merges":[["a","b"]]}}"###,
+            ),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("tokenizer.json"), format!("{head}{rest}")).unwrap();
+            let err = TextEncoder::load(dir.path(), 16).err().expect(what).to_string();
+            assert!(err.contains("tokenizer"), "{what}: {err}");
+        }
     }
 }

@@ -219,7 +219,10 @@ fn replay(args: &Args, file: &PathBuf) -> i32 {
         usage("--replay needs exactly one --target");
     };
     let raw = std::fs::read(file).unwrap_or_else(|e| usage(&format!("{}: {e}", file.display())));
-    engine::quiet_panics();
+    // With RUST_BACKTRACE set, the default hook prints where it panicked from.
+    if std::env::var_os("RUST_BACKTRACE").is_none() {
+        engine::quiet_panics();
+    }
     let fixtures = Fixtures::build().unwrap_or_else(|e| usage(&format!("fixtures: {e}")));
     match flywheel_fuzz::replay(target, &fixtures, &raw) {
         Err(e) => usage(&e),
