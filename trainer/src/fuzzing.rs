@@ -44,7 +44,11 @@ pub fn tokenizer(dir: &Path, max_len: usize, texts: &[&str]) -> Result<usize> {
 /// `tokenizer_config.json`) loaded and rendered as SFT renders it: the generation prompt, and
 /// `prompt`/`completion` split into the prompt and completion text. `None` without a
 /// template.
-pub fn chat_template(dir: &Path, prompt: &str, completion: &str) -> Result<Option<(String, String)>> {
+pub fn chat_template(
+    dir: &Path,
+    prompt: &str,
+    completion: &str,
+) -> Result<Option<(String, String)>> {
     let Some(template) = crate::chat::ChatTemplate::load(dir)? else {
         return Ok(None);
     };

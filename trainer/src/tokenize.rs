@@ -26,15 +26,23 @@ pub struct Batch {
 /// 0.22.2 panics on some malformed files (a syntax error inside `decoder`, a BPE merge shorter
 /// than `continuing_subword_prefix`) instead of returning one, and a base model's
 /// `tokenizer.json` is outside input.
+/// A post-processor naming a special token it has no id for panics on every encode, so one
+/// probe encode under `catch_unwind` refuses such a file at load, not on the first row.
 pub(crate) fn read_tokenizer(path: &Path) -> Result<Tokenizer> {
-    std::panic::catch_unwind(|| Tokenizer::from_file(path))
-        .map_err(|_| {
-            TrainerError::Tokenizer(format!(
-                "{}: the tokenizers crate panicked reading it; the file is malformed",
-                path.display()
-            ))
-        })?
-        .map_err(|e| TrainerError::Tokenizer(e.to_string()))
+    let panicked = || {
+        TrainerError::Tokenizer(format!(
+            "{}: the tokenizers crate panicked reading it; the file is malformed",
+            path.display()
+        ))
+    };
+    let tokenizer = std::panic::catch_unwind(|| Tokenizer::from_file(path))
+        .map_err(|_| panicked())?
+        .map_err(|e| TrainerError::Tokenizer(e.to_string()))?;
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = tokenizer.encode("a", true);
+    }))
+    .map_err(|_| panicked())?;
+    Ok(tokenizer)
 }
 
 impl TextEncoder {
@@ -96,20 +104,27 @@ mod tests {
     /// refused with an error.
     #[test]
     fn a_tokenizer_json_the_tokenizers_crate_panics_on_is_refused() {
-        let head = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":null,"post_processor":null,"#;
+        let head = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":null,"#;
         for (what, rest) in [
             (
                 "a syntax error inside decoder",
-                r#""decoder":{"type":"ByteLevel",,},"model":{"type":"WordLevel","vocab":{"[UNK]":0},"unk_token":"[UNK]"}}"#,
+                r#""post_processor":null,"decoder":{"type":"ByteLevel",,},"model":{"type":"WordLevel","vocab":{"[UNK]":0},"unk_token":"[UNK]"}}"#,
             ),
             (
                 "a merge shorter than continuing_subword_prefix",
-                r###""decoder":null,"model":{"type":"BPE","dropout":null,"unk_token":null,"continuing_subword_prefix":"##","end_of_word_suffix":null,"fuse_unk":false,"byte_fallback":false,"vocab":{"a":0,"b":1,"ab":2},"merges":[["a","b"]]}}"###,
+                r###""post_processor":null,"decoder":null,"model":{"type":"BPE","dropout":null,"unk_token":null,"continuing_subword_prefix":"##","end_of_word_suffix":null,"fuse_unk":false,"byte_fallback":false,"vocab":{"a":0,"b":1,"ab":2},"merges":[["a","b"]]}}"###,
+            ),
+            (
+                "a template naming a special token it has no id for",
+                r#""decoder":null,"post_processor":{"type":"TemplateProcessing","single":[{"SpecialToken":{"id":"[CLS]","type_id":0}},{"Sequence":{"id":"A","type_id":0}}],"pair":[{"Sequence":{"id":"A","type_id":0}}],"special_tokens":{}},"model":{"type":"WordLevel","vocab":{"[UNK]":0,"a":1},"unk_token":"[UNK]"}}"#,
             ),
         ] {
             let dir = tempfile::tempdir().unwrap();
             std::fs::write(dir.path().join("tokenizer.json"), format!("{head}{rest}")).unwrap();
-            let err = TextEncoder::load(dir.path(), 16).err().expect(what).to_string();
+            let err = TextEncoder::load(dir.path(), 16)
+                .err()
+                .expect(what)
+                .to_string();
             assert!(err.contains("tokenizer"), "{what}: {err}");
         }
     }

@@ -628,7 +628,11 @@ fn bf16_compute_follows_the_f32_loss_curve() {
 /// A tiny Llama with the shapes of `tests/fixtures/tiny-llama` (so its adapters fit), but
 /// written by `tiny` with a tokenizer, as `Generator::load` needs.
 fn tiny_llama_like_the_fixture(dir: &Path) {
-    let texts = ["where is my card", "my card was declined", "what is the exchange rate"];
+    let texts = [
+        "where is my card",
+        "my card was declined",
+        "what is the exchange rate",
+    ];
     flywheel_trainer::tiny::init_tiny_llama(
         dir,
         texts.iter(),
@@ -715,7 +719,10 @@ fn an_adapter_that_does_not_fit_its_layer_is_refused_on_load() {
     tiny_llama_like_the_fixture(&base);
     let adapter = tmp.path().join("adapter");
     // A's input width is q_proj's (32) halved; B's rank differs from A's.
-    for (a, b) in [(&[4usize, 16][..], &[32usize, 4][..]), (&[4, 32][..], &[32, 2][..])] {
+    for (a, b) in [
+        (&[4usize, 16][..], &[32usize, 4][..]),
+        (&[4, 32][..], &[32, 2][..]),
+    ] {
         adapter_with(&adapter, &[(Q_A, a), (Q_B, b)]);
         let err = flywheel_trainer::adapter_output_delta(&base, &adapter, &["where is my card"])
             .unwrap_err();

@@ -293,7 +293,10 @@ mod tests {
     /// digit, which the pattern's Unicode `\d` matches, panicked slicing it by bytes.
     #[test]
     fn non_ascii_digits_in_an_iban_shape_are_no_iban() {
-        for text in ["GB\u{ff10}82WEST12345698765432", "GB8\u{0663}WEST12345698765432 x"] {
+        for text in [
+            "GB\u{ff10}82WEST12345698765432",
+            "GB8\u{0663}WEST12345698765432 x",
+        ] {
             let (got, counts) = run(text, PiiAction::Replace);
             assert_eq!(counts.get(&PiiKind::Iban), None, "{text}");
             assert!(got.contains("WEST"), "{text}");

@@ -459,8 +459,8 @@ pub const INTERESTING_NUMBERS: &[&str] = &[
 
 /// Characters that change length or meaning under Unicode operations.
 const UNICODE: &[&str] = &[
-    "\u{0130}",   // İ: lowercases to two chars
-    "\u{1E9E}",   // ẞ
+    "\u{0130}", // İ: lowercases to two chars
+    "\u{1E9E}", // ẞ
     "ß",
     "\u{200B}",   // zero-width space
     "\u{00A0}",   // no-break space (whitespace to split_whitespace)
@@ -646,7 +646,18 @@ fn interesting_json(rng: &mut Rng, target: &Target) -> serde_json::Value {
         1 => Value::Bool(rng.one_in(2)),
         2 => json!(*rng.pick(&[0u64, 1, 2, 255, 256, 65536, u32::MAX as u64, u64::MAX])),
         3 => json!(*rng.pick(&[-1i64, i64::MIN, i64::MAX, -65536])),
-        4 => json!(*rng.pick(&[0.0f64, -0.0, 0.5, 1e-300, 1e300, f64::MAX, f64::MIN_POSITIVE, 0.049999, 0.5000001, 10.000001])),
+        4 => json!(*rng.pick(&[
+            0.0f64,
+            -0.0,
+            0.5,
+            1e-300,
+            1e300,
+            f64::MAX,
+            f64::MIN_POSITIVE,
+            0.049999,
+            0.5000001,
+            10.000001
+        ])),
         5 => json!([]),
         6 => json!({}),
         7 => json!(""),

@@ -61,7 +61,10 @@ fn parse_args() -> Args {
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        let mut value = || it.next().unwrap_or_else(|| usage(&format!("{flag} needs a value")));
+        let mut value = || {
+            it.next()
+                .unwrap_or_else(|| usage(&format!("{flag} needs a value")))
+        };
         let number = |v: String| -> u64 {
             v.parse()
                 .unwrap_or_else(|_| usage(&format!("{flag}: `{v}` is not a number")))
@@ -72,9 +75,10 @@ fn parse_args() -> Args {
             "--seed" => args.seed = number(value()),
             "--target" => {
                 for name in value().split(',') {
-                    args.targets.push(targets::by_name(name).unwrap_or_else(|| {
-                        usage(&format!("no target `{name}` (see --list)"))
-                    }));
+                    args.targets.push(
+                        targets::by_name(name)
+                            .unwrap_or_else(|| usage(&format!("no target `{name}` (see --list)"))),
+                    );
                 }
             }
             "--crash-dir" => args.crash_dir = value().into(),
@@ -336,7 +340,9 @@ fn supervise(args: &Args, target: &Target, seed: u64, budget: Budget) -> Result<
         }
         let stderr_path = work.path().join("stderr");
         let mut cmd = Command::new("prlimit");
-        cmd.arg(format!("--as={CHILD_ADDRESS_SPACE}")).arg("--").arg(&exe);
+        cmd.arg(format!("--as={CHILD_ADDRESS_SPACE}"))
+            .arg("--")
+            .arg(&exe);
         if std::process::Command::new("prlimit")
             .arg("--version")
             .output()
@@ -362,7 +368,9 @@ fn supervise(args: &Args, target: &Target, seed: u64, budget: Budget) -> Result<
         if let Some(n) = left_execs {
             cmd.arg("--execs").arg(n.to_string());
         }
-        let mut proc = cmd.spawn().map_err(|e| format!("starting the child: {e}"))?;
+        let mut proc = cmd
+            .spawn()
+            .map_err(|e| format!("starting the child: {e}"))?;
         let stdout = proc.stdout.take().expect("piped");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {

@@ -69,7 +69,11 @@ fn specs() -> Vec<DomainSpec> {
         out_of_scope_label: None,
     };
     vec![
-        spec(Task::Classification, PiiAction::Replace, PiiKind::ALL.to_vec()),
+        spec(
+            Task::Classification,
+            PiiAction::Replace,
+            PiiKind::ALL.to_vec(),
+        ),
         spec(Task::Generation, PiiAction::Mask, PiiKind::ALL.to_vec()),
         spec(
             Task::Classification,
@@ -91,7 +95,10 @@ fn validate_everywhere(draft: CorrectionDraft) -> Verdict {
         for spec in specs {
             if let Ok(c) = draft.clone().validate(spec, 2_000) {
                 // What storage and the split see next.
-                assert_eq!(c.split, Split::assign(&c.input, spec.policy.holdout_fraction));
+                assert_eq!(
+                    c.split,
+                    Split::assign(&c.input, spec.policy.holdout_fraction)
+                );
                 verdict = Verdict::Accepted;
             }
         }
@@ -174,7 +181,11 @@ pub const CORRECTION_NDJSON: Target = Target {
     seeds: |_| {
         vec![
             one(&CORRECTIONS[..4].join("\n")),
-            one(&format!("{}\r\n\r\n{}\n", CORRECTIONS[4].replace('\n', " "), CORRECTIONS[5])),
+            one(&format!(
+                "{}\r\n\r\n{}\n",
+                CORRECTIONS[4].replace('\n', " "),
+                CORRECTIONS[5]
+            )),
             one(CORRECTIONS[1]),
         ]
     },
@@ -202,7 +213,9 @@ pub const IMPORT_CSV: Target = Target {
         let head: Vec<&str> = flywheel::BANKING77_MINI.lines().take(12).collect();
         vec![
             one(&head.join("\n")),
-            one("id,input,expected,notes\n1,\"Card 4242 4242 4242 4242, lost\",lost_or_stolen_card,\"multi\nline\"\n2,rate?,exchange_rate,\n"),
+            one(
+                "id,input,expected,notes\n1,\"Card 4242 4242 4242 4242, lost\",lost_or_stolen_card,\"multi\nline\"\n2,rate?,exchange_rate,\n",
+            ),
             one("label,text\r\npin_blocked,\"My PIN is \"\"blocked\"\"\"\r\n"),
         ]
     },
@@ -360,10 +373,47 @@ pub const CRON: Target = Target {
             then schedule::due firing it after last runs from 1970 to 2199",
     parts: &[("schedule", Part::Text)],
     dict: &[
-        "*", "/", ",", "-", "?", "L", "W", "#", " ", "0", "59", "60", "23", "24", "31", "32",
-        "12", "13", "7", "8", "MON", "FRI", "SUN", "JAN", "DEC", "@daily", "@hourly",
-        "@weekly", "@monthly", "@yearly", "@annually", "@midnight", "@reboot", "*/0",
-        "4294967296", "1-0", "L-3", "LW", "5L", "5#3", "0#5",
+        "*",
+        "/",
+        ",",
+        "-",
+        "?",
+        "L",
+        "W",
+        "#",
+        " ",
+        "0",
+        "59",
+        "60",
+        "23",
+        "24",
+        "31",
+        "32",
+        "12",
+        "13",
+        "7",
+        "8",
+        "MON",
+        "FRI",
+        "SUN",
+        "JAN",
+        "DEC",
+        "@daily",
+        "@hourly",
+        "@weekly",
+        "@monthly",
+        "@yearly",
+        "@annually",
+        "@midnight",
+        "@reboot",
+        "*/0",
+        "4294967296",
+        "1-0",
+        "L-3",
+        "LW",
+        "5L",
+        "5#3",
+        "0#5",
     ],
     max_len: 256,
     seeds: |_| {
@@ -418,8 +468,28 @@ pub const PII: Target = Target {
             then normalize_text, content_hash and Split::assign on the result",
     parts: &[("text", Part::Text)],
     dict: &[
-        "@", ".", "+", "-", " ", "(", ")", "4242", "4111", "0", "9", "GB82", "WEST", "DE89",
-        "QQ", "078-05-1120", "+44", "example.com", "jane.doe", ".co.uk", "IBAN", "\u{0130}",
+        "@",
+        ".",
+        "+",
+        "-",
+        " ",
+        "(",
+        ")",
+        "4242",
+        "4111",
+        "0",
+        "9",
+        "GB82",
+        "WEST",
+        "DE89",
+        "QQ",
+        "078-05-1120",
+        "+44",
+        "example.com",
+        "jane.doe",
+        ".co.uk",
+        "IBAN",
+        "\u{0130}",
     ],
     max_len: 4 << 10,
     seeds: |_| PII_TEXTS.iter().map(|s| one(s)).collect(),
@@ -436,7 +506,8 @@ pub const PII: Target = Target {
         for action in [PiiAction::Replace, PiiAction::Mask, PiiAction::Drop] {
             for kinds in [PiiKind::ALL.to_vec(), subset.clone()] {
                 let mut counts = PiiCounts::new();
-                let out = flywheel_domain::pii::redact(&text, &PiiPolicy { action, kinds }, &mut counts);
+                let out =
+                    flywheel_domain::pii::redact(&text, &PiiPolicy { action, kinds }, &mut counts);
                 found |= !counts.is_empty();
                 let _ = (normalize_text(&out), content_hash(&out, "x"));
                 let _ = Split::assign(&out, 0.2);
@@ -533,7 +604,10 @@ pub const BASE_MODEL: Target = Target {
         // transformers 5 nests the rotary settings; an explicit Qwen2-style bias switch.
         v["rope_parameters"] = serde_json::json!({"rope_theta": 10000.0, "rope_type": "default"});
         v["attention_bias"] = false.into();
-        vec![vec![ours], vec![serde_json::to_vec_pretty(&v).expect("json")]]
+        vec![
+            vec![ours],
+            vec![serde_json::to_vec_pretty(&v).expect("json")],
+        ]
     },
     run: |ctx, input| {
         let dir = model_copy(ctx);
@@ -594,7 +668,11 @@ pub const TOKENIZER: Target = Target {
         let encoded = flywheel_trainer::fuzzing::tokenizer(
             ctx.scratch,
             32,
-            &["where is my card?", "", "İstanbul 4242 \u{1F600} [SEP] <|endoftext|>"],
+            &[
+                "where is my card?",
+                "",
+                "İstanbul 4242 \u{1F600} [SEP] <|endoftext|>",
+            ],
         );
         Verdict::of(&encoded)
     },
@@ -612,13 +690,53 @@ pub const CHAT_TEMPLATE: Target = Target {
         ("completion", Part::Text),
     ],
     dict: &[
-        "{{", "}}", "{%", "%}", "{#", "#}", "{%-", "-%}", "messages", "message", "loop.first",
-        "loop.last", "loop.index0", "['role']", "['content']", ".strip()", ".split('x')",
-        "|tojson", "|trim", "|length", "raise_exception('no')", "add_generation_prompt",
-        "bos_token", "eos_token", "for m in messages", "endfor", "if", "elif", "else",
-        "endif", "set x = ", "namespace(a=1)", "range(", "[::-1]", "~", " * 100", "\"chat_template\"",
-        "\"bos_token\"", "\"eos_token\"", "\"content\"", "\"name\"", "\"default\"",
-        "\"template\"", "<|im_start|>", "<|im_end|>", "<|eot_id|>", "[INST]",
+        "{{",
+        "}}",
+        "{%",
+        "%}",
+        "{#",
+        "#}",
+        "{%-",
+        "-%}",
+        "messages",
+        "message",
+        "loop.first",
+        "loop.last",
+        "loop.index0",
+        "['role']",
+        "['content']",
+        ".strip()",
+        ".split('x')",
+        "|tojson",
+        "|trim",
+        "|length",
+        "raise_exception('no')",
+        "add_generation_prompt",
+        "bos_token",
+        "eos_token",
+        "for m in messages",
+        "endfor",
+        "if",
+        "elif",
+        "else",
+        "endif",
+        "set x = ",
+        "namespace(a=1)",
+        "range(",
+        "[::-1]",
+        "~",
+        " * 100",
+        "\"chat_template\"",
+        "\"bos_token\"",
+        "\"eos_token\"",
+        "\"content\"",
+        "\"name\"",
+        "\"default\"",
+        "\"template\"",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|eot_id|>",
+        "[INST]",
     ],
     max_len: 16 << 10,
     seeds: |f| {
@@ -702,8 +820,12 @@ pub const SAFETENSORS: Target = Target {
             .map(|d| vec![f.read(d.join("adapter_model.safetensors"))])
             .collect();
         seeds.push(vec![f.read(f.llama.join("model.safetensors"))]);
-        seeds.push(vec![f.read(f.trainer_fixtures.join("tiny-bert/model.safetensors"))]);
-        seeds.push(vec![f.read(f.trainer_fixtures.join("tiny-llama/golden.safetensors"))]);
+        seeds.push(vec![
+            f.read(f.trainer_fixtures.join("tiny-bert/model.safetensors")),
+        ]);
+        seeds.push(vec![
+            f.read(f.trainer_fixtures.join("tiny-llama/golden.safetensors")),
+        ]);
         seeds
     },
     run: |ctx, input| {
@@ -760,7 +882,11 @@ fn adapter_seeds(f: &Fixtures) -> Vec<Input> {
 }
 
 fn adapter_dir(ctx: &Ctx<'_>, input: &Input) -> std::path::PathBuf {
-    ctx.dir_of("adapter", &["adapter_config.json", "adapter_model.safetensors"], input)
+    ctx.dir_of(
+        "adapter",
+        &["adapter_config.json", "adapter_model.safetensors"],
+        input,
+    )
 }
 
 pub const ADAPTER_LINT: Target = Target {
@@ -793,7 +919,11 @@ pub const ADAPTER_MERGE: Target = Target {
     run: |ctx, input| {
         let dir = adapter_dir(ctx, input);
         let out = ctx.scratch.join("merged");
-        Verdict::of(&flywheel_trainer::export_merged(&ctx.fixtures.llama, &dir, &out))
+        Verdict::of(&flywheel_trainer::export_merged(
+            &ctx.fixtures.llama,
+            &dir,
+            &out,
+        ))
     },
 };
 
