@@ -38,6 +38,15 @@ pub(crate) fn read_tokenizer(path: &Path) -> Result<Tokenizer> {
     let tokenizer = std::panic::catch_unwind(|| Tokenizer::from_file(path))
         .map_err(|_| panicked())?
         .map_err(|e| TrainerError::Tokenizer(e.to_string()))?;
+    // Batches carry ids as burn's Int elements (i32 on some backends).
+    if let Some(max) = tokenizer.get_vocab(true).into_values().max()
+        && max > i32::MAX as u32
+    {
+        return Err(TrainerError::Tokenizer(format!(
+            "{}: token id {max} is out of range",
+            path.display()
+        )));
+    }
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let _ = tokenizer.encode("a", true);
     }))
@@ -75,6 +84,19 @@ impl TextEncoder {
             .map(|t| self.tokenizer.encode(*t, true))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| TrainerError::Tokenizer(e.to_string()))?;
+        // An id past i32::MAX (a vocabulary or added token that far out) cannot be a tensor
+        // element on every backend: refused, not panicked on.
+        if let Some(id) = encodings
+            .iter()
+            .flat_map(|e| e.get_ids())
+            .copied()
+            .chain([self.pad_id])
+            .find(|&id| id > i32::MAX as u32)
+        {
+            return Err(TrainerError::Tokenizer(format!(
+                "token id {id} is out of range"
+            )));
+        }
         let seq = encodings.iter().map(|e| e.len()).max().unwrap_or(1).max(1);
         let b = texts.len();
         let mut ids = vec![self.pad_id as i64; b * seq];
@@ -117,6 +139,10 @@ mod tests {
             (
                 "a template naming a special token it has no id for",
                 r#""decoder":null,"post_processor":{"type":"TemplateProcessing","single":[{"SpecialToken":{"id":"[CLS]","type_id":0}},{"Sequence":{"id":"A","type_id":0}}],"pair":[{"Sequence":{"id":"A","type_id":0}}],"special_tokens":{}},"model":{"type":"WordLevel","vocab":{"[UNK]":0,"a":1},"unk_token":"[UNK]"}}"#,
+            ),
+            (
+                "a token id past i32::MAX, which burn's Int tensors panicked on",
+                r#""post_processor":null,"decoder":null,"model":{"type":"WordLevel","vocab":{"[UNK]":0,"a":2147483648},"unk_token":"[UNK]"}}"#,
             ),
         ] {
             let dir = tempfile::tempdir().unwrap();
