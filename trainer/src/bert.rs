@@ -157,7 +157,8 @@ impl BertConfig {
             )?,
             layer_norm: ckpt.layer_norm("embeddings.LayerNorm", h, eps, device)?,
         };
-        let mut layers = Vec::with_capacity(self.num_hidden_layers);
+        // Not with_capacity: the count is config.json's, unchecked until the tensors run out.
+        let mut layers = Vec::new();
         for i in 0..self.num_hidden_layers {
             let p = format!("encoder.layer.{i}");
             layers.push(BertLayer {

@@ -55,8 +55,7 @@ impl TextCodec {
                 file: "tokenizer.json",
             });
         }
-        let tokenizer =
-            Tokenizer::from_file(&path).map_err(|e| TrainerError::Tokenizer(e.to_string()))?;
+        let tokenizer = crate::tokenize::read_tokenizer(&path)?;
         let chat = ChatTemplate::load(dir)?;
         let configured = chat.as_ref().and_then(|c| c.eos_token.as_deref());
         let eos = configured

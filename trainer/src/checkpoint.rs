@@ -186,15 +186,18 @@ impl Checkpoint {
         eps: f64,
         device: &Device,
     ) -> Result<LayerNorm> {
-        let mut ln = LayerNormConfig::new(d).with_epsilon(eps).init(device);
         // Old BERT checkpoints call these gamma/beta.
         let (w, b) = if self.contains(&format!("{}{prefix}.gamma", self.prefix)) {
             ("gamma", "beta")
         } else {
             ("weight", "bias")
         };
-        ln.gamma = self.frozen(&format!("{prefix}.{w}"), [d], device)?;
-        ln.beta = Some(self.frozen(&format!("{prefix}.{b}"), [d], device)?);
+        // The checkpoint's shapes before the shell: `d` is config.json's, unchecked.
+        let gamma = self.frozen(&format!("{prefix}.{w}"), [d], device)?;
+        let beta = self.frozen(&format!("{prefix}.{b}"), [d], device)?;
+        let mut ln = LayerNormConfig::new(d).with_epsilon(eps).init(device);
+        ln.gamma = gamma;
+        ln.beta = Some(beta);
         Ok(ln)
     }
 
@@ -205,10 +208,13 @@ impl Checkpoint {
         d: usize,
         device: &Device,
     ) -> Result<Embedding> {
+        // The checkpoint's shape before the shell: `n` and `d` are config.json's, and a shell
+        // of an unchecked `[n, d]` could be any size.
+        let weight = self.frozen(name, [n, d], device)?;
         let mut e = EmbeddingConfig::new(n, d)
             .with_initializer(Initializer::Zeros)
             .init(device);
-        e.weight = self.frozen(name, [n, d], device)?;
+        e.weight = weight;
         Ok(e)
     }
 }

@@ -35,6 +35,9 @@ mod merge;
 #[cfg(test)]
 mod parity;
 pub mod tiny;
+// Parse-only entry points for the fuzzer (`tests/fuzz`); not an API.
+#[doc(hidden)]
+pub mod fuzzing;
 
 pub use causal::{Encoded, Generation, Generator, SftExample, bench_sft_steps, train_causal_lm};
 pub use classifier::bench_classifier_steps;

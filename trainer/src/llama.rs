@@ -75,6 +75,12 @@ impl LlamaConfig {
             int("max_position_embeddings")?,
         );
         if let Some(v) = raw["rms_norm_eps"].as_f64() {
+            // burn's RmsNorm panics on anything else.
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(TrainerError::InvalidSpec(format!(
+                    "config.json: `rms_norm_eps` must be positive, not {v}"
+                )));
+            }
             c.rms_norm_eps = v;
         }
         // transformers 5 nests rotary settings under `rope_parameters`; 4.x had them on top.
@@ -169,7 +175,8 @@ impl LlamaConfig {
         };
         let embed_tokens =
             ckpt.embedding("model.embed_tokens.weight", self.vocab_size, h, device)?;
-        let mut layers = Vec::with_capacity(self.num_hidden_layers);
+        // Not with_capacity: the count is config.json's, unchecked until the tensors run out.
+        let mut layers = Vec::new();
         for i in 0..self.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let b = self.attention_bias;

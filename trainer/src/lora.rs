@@ -320,6 +320,17 @@ pub(crate) fn load_peft_adapter<'a>(
                 message: format!("{key}: LoRA weights must be matrices"),
             });
         }
+        // PEFT's A is [r, in] and B [out, r]; burn's base weight is [in, out].
+        let [d_in, d_out] = proj.base.weight.val().dims();
+        if a_shape[1] != d_in || b_shape[0] != d_out || a_shape[0] != b_shape[1] {
+            return Err(TrainerError::BadFile {
+                file,
+                message: format!(
+                    "{key}: lora_A {a_shape:?} and lora_B {b_shape:?} do not fit a \
+                     [{d_out}, {d_in}] projection"
+                ),
+            });
+        }
         proj.load_peft(
             a,
             [a_shape[0], a_shape[1]],

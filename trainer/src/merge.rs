@@ -66,6 +66,12 @@ pub fn export_merged(
                 format!("`{module}` lacks its lora_A or lora_B"),
             ));
         };
+        if a_shape.len() != 2 || b_shape.len() != 2 {
+            return Err(bad(
+                &adapter_dir.join(ADAPTER_WEIGHTS),
+                format!("`{module}`: LoRA weights must be matrices"),
+            ));
+        }
         let weight = format!("{module}.weight");
         let (w_shape, mut w) = base
             .take_any(&weight)

@@ -624,3 +624,136 @@ fn bf16_compute_follows_the_f32_loss_curve() {
         assert!(bf16.last().unwrap().1 < bf16[0].1 * 0.8, "{what}: {bf16:?}");
     }
 }
+
+/// A tiny Llama with the shapes of `tests/fixtures/tiny-llama` (so its adapters fit), but
+/// written by `tiny` with a tokenizer, as `Generator::load` needs.
+fn tiny_llama_like_the_fixture(dir: &Path) {
+    let texts = [
+        "where is my card",
+        "my card was declined",
+        "what is the exchange rate",
+    ];
+    flywheel_trainer::tiny::init_tiny_llama(
+        dir,
+        texts.iter(),
+        &flywheel_trainer::tiny::TinyLlamaSpec {
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            max_position_embeddings: 64,
+            vocab_size: 300,
+            tie_word_embeddings: true,
+            seed: 3,
+        },
+    )
+    .unwrap();
+}
+
+/// A safetensors file of f32 tensors, zero-filled, shapes as given (any rank).
+fn zero_safetensors(tensors: &[(&str, &[usize])]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0;
+    for (name, shape) in tensors {
+        let bytes = 4 * shape.iter().product::<usize>();
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let head = serde_json::to_vec(&header).unwrap();
+    let mut out = (head.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&head);
+    out.resize(out.len() + offset, 0);
+    out
+}
+
+fn adapter_with(dir: &Path, tensors: &[(&str, &[usize])]) {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama-ours");
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(
+        fixture.join("adapter_config.json"),
+        dir.join("adapter_config.json"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("adapter_model.safetensors"),
+        zero_safetensors(tensors),
+    )
+    .unwrap();
+}
+
+const Q_A: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+const Q_B: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+
+/// Found by `flywheel-fuzz` (adapter_merge): LoRA weights that are not matrices panicked
+/// indexing their shapes; they are refused.
+#[test]
+fn merging_an_adapter_whose_weights_are_not_matrices_is_refused() {
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+    for (a, b) in [
+        (&[4usize][..], &[32usize, 4][..]),
+        (&[4, 32][..], &[][..]),
+        (&[4, 32, 0][..], &[32, 4][..]),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        adapter_with(&tmp.path().join("adapter"), &[(Q_A, a), (Q_B, b)]);
+        let err = flywheel_trainer::export_merged(
+            &base,
+            &tmp.path().join("adapter"),
+            &tmp.path().join("out"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("matrices"), "{a:?} {b:?}: {err}");
+    }
+}
+
+/// Found by `flywheel-fuzz` (adapter_load): LoRA matrices of the wrong size for their layer
+/// loaded, then panicked in the forward pass; loading refuses them.
+#[test]
+fn an_adapter_that_does_not_fit_its_layer_is_refused_on_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    tiny_llama_like_the_fixture(&base);
+    let adapter = tmp.path().join("adapter");
+    // A's input width is q_proj's (32) halved; B's rank differs from A's.
+    for (a, b) in [
+        (&[4usize, 16][..], &[32usize, 4][..]),
+        (&[4, 32][..], &[32, 2][..]),
+    ] {
+        adapter_with(&adapter, &[(Q_A, a), (Q_B, b)]);
+        let err = flywheel_trainer::adapter_output_delta(&base, &adapter, &["where is my card"])
+            .unwrap_err();
+        assert!(err.to_string().contains("do not fit"), "{a:?} {b:?}: {err}");
+    }
+}
+
+/// Found by `flywheel-fuzz` (base_model): a config.json with a non-positive `rms_norm_eps`
+/// panicked in burn's RmsNorm, a huge `num_hidden_layers` overflowed a pre-sized Vec, and a
+/// huge `vocab_size` allocated its embedding before the checkpoint's shape was checked. Each
+/// is an error now.
+#[test]
+fn a_base_model_config_json_out_of_range_is_refused_without_panicking() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("base");
+    tiny_llama_like_the_fixture(&dir);
+    let good: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    for (field, value) in [
+        ("rms_norm_eps", serde_json::json!(0.0)),
+        ("rms_norm_eps", serde_json::json!(-1e-5)),
+        ("num_hidden_layers", serde_json::json!(u64::MAX)),
+        ("vocab_size", serde_json::json!(1u64 << 40)),
+        ("hidden_size", serde_json::json!(1u64 << 40)),
+    ] {
+        let mut config = good.clone();
+        config[field] = value.clone();
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        assert!(
+            flywheel_trainer::Generator::load(&dir, None).is_err(),
+            "{field} = {value} was accepted"
+        );
+    }
+}

@@ -125,11 +125,13 @@ fn luhn(digits: &[u32]) -> bool {
 }
 
 fn iban_valid(raw: &str) -> bool {
-    let compact: String = raw.chars().filter(|c| !c.is_whitespace()).collect();
+    // By character, not byte: the pattern's `\d` also matches non-ASCII digits (`０`), so a
+    // byte offset could fall inside one.
+    let compact: Vec<char> = raw.chars().filter(|c| !c.is_whitespace()).collect();
     if !(15..=34).contains(&compact.len()) {
         return false;
     }
-    let rotated = compact[4..].chars().chain(compact[..4].chars());
+    let rotated = compact[4..].iter().chain(&compact[..4]);
     let mut rem = 0u32;
     for c in rotated {
         let v = match c.to_digit(36) {
@@ -284,6 +286,20 @@ mod tests {
         ] {
             let (got, counts) = run(text, PiiAction::Replace);
             assert_eq!((got.as_str(), counts.len()), (text, 0), "{text}");
+        }
+    }
+
+    /// Found by `flywheel-fuzz` (correction_ndjson): an IBAN-shaped run with a fullwidth
+    /// digit, which the pattern's Unicode `\d` matches, panicked slicing it by bytes.
+    #[test]
+    fn non_ascii_digits_in_an_iban_shape_are_no_iban() {
+        for text in [
+            "GB\u{ff10}82WEST12345698765432",
+            "GB8\u{0663}WEST12345698765432 x",
+        ] {
+            let (got, counts) = run(text, PiiAction::Replace);
+            assert_eq!(counts.get(&PiiKind::Iban), None, "{text}");
+            assert!(got.contains("WEST"), "{text}");
         }
     }
 
