@@ -2120,3 +2120,102 @@ async fn a_job_whose_worker_dies_is_requeued_and_finishes() {
     assert_eq!(versions["data"].as_array().unwrap().len(), 1, "{versions}");
     server.kill();
 }
+
+/// Clients that open connections and never finish a request cannot starve the others: past the
+/// connection cap new connections wait in the kernel's backlog, a request whose headers do not
+/// arrive in time is closed, and an upload that stalls mid-body is cut with 408.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_requests_cannot_starve_the_server() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn_with(|config| {
+        config.limits.max_connections = 32;
+        config.limits.header_read_timeout = Duration::from_secs(1);
+        config.limits.body_idle_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let mut stalled = Vec::new();
+    for _ in 0..200 {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(b"POST /v1/domains/banking/corrections HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        stalled.push(s);
+    }
+    let started = Instant::now();
+    let resp = app
+        .client
+        .get(format!("{}/healthz", app.base))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .expect("the server answers while 200 half-sent requests stall");
+    assert_eq!(resp.status(), 200);
+    eprintln!(
+        "/healthz answered after {:.1} s behind 200 stalled connections",
+        started.elapsed().as_secs_f64()
+    );
+    // The server closed the stalled ones: each reads to its end.
+    for s in stalled.iter_mut().take(10) {
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+            .await
+            .expect("a stalled connection is closed by the server")
+            .unwrap();
+    }
+
+    let mut upload = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    upload
+        .write_all(
+            b"POST /v1/domains HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 100\r\n\r\n{\"name\": ",
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), upload.read_to_end(&mut answer))
+        .await
+        .expect("a stalled upload is cut")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 408") && answer.contains("\"request_timeout\""),
+        "{answer}"
+    );
+    // Nothing was lost: the server still takes work.
+    app.create_domain(50).await;
+}
+
+/// The bootstrap admin token is read without surrounding spaces, and a new one retires the
+/// one before it when the server restarts with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_bootstrap_token_retires_the_old_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let start = |token: &str| {
+        let mut config = flywheel::Config::new(dir.path().join("data"));
+        config.bootstrap_admin_token = Some(token.into());
+        async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            flywheel::start(config, listener).await.unwrap()
+        }
+    };
+    let status = |running: &flywheel::Running, token: &str| {
+        let req = client
+            .get(format!("http://{}/v1/tokens", running.addr))
+            .bearer_auth(token);
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    let first = start("  fw_first_bootstrap_token \n").await;
+    assert_eq!(status(&first, "fw_first_bootstrap_token").await, 200);
+    first.shutdown().await.unwrap();
+    let second = start("fw_second_bootstrap_token").await;
+    assert_eq!(status(&second, "fw_second_bootstrap_token").await, 200);
+    assert_eq!(status(&second, "fw_first_bootstrap_token").await, 401);
+    second.shutdown().await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut config = flywheel::Config::new(dir.path().join("data"));
+    config.bootstrap_admin_token = Some("short".into());
+    let refused = flywheel::start(config, listener).await.err().unwrap();
+    assert!(refused.to_string().contains("at least 16"), "{refused:#}");
+}

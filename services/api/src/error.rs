@@ -42,6 +42,7 @@ error_codes! {
     TextTooLong => PAYLOAD_TOO_LARGE,
     BatchTooLarge => PAYLOAD_TOO_LARGE,
     PayloadTooLarge => PAYLOAD_TOO_LARGE,
+    RequestTimeout => REQUEST_TIMEOUT,
     UnsupportedMediaType => UNSUPPORTED_MEDIA_TYPE,
     RouteNotFound => NOT_FOUND,
     DomainNotFound => NOT_FOUND,

@@ -11,10 +11,11 @@ mod openapi;
 mod principal;
 mod route;
 mod routes;
+mod server;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
@@ -25,16 +26,24 @@ use flywheel_registry::Registry;
 use flywheel_telemetry::Metrics;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
 pub use error::{ApiError, ErrorCode};
 pub use principal::{AuthMode, Principal};
 
-/// Request-size limits.
+/// What one request, and one client, may take of the server.
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_body_bytes: usize,
     pub max_batch: usize,
     pub max_text_chars: usize,
+    /// Connections open at once; past it, new ones wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// A request's headers must arrive within this; a keep-alive connection idle this long
+    /// closes.
+    pub header_read_timeout: Duration,
+    /// The longest pause allowed between two pieces of a request body.
+    pub body_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -43,6 +52,11 @@ impl Default for Limits {
             max_body_bytes: 16 * 1024 * 1024,
             max_batch: 10_000,
             max_text_chars: 16_384,
+            // Below a default descriptor limit of 1,024, with room for the database pool, the
+            // registry and logs: raise `ulimit -n` and this together.
+            max_connections: 768,
+            header_read_timeout: Duration::from_secs(10),
+            body_idle_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -82,19 +96,20 @@ pub fn router(state: AppState, surface: Surface) -> Router {
             record_latency,
         ))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(RequestBodyTimeoutLayer::new(state.limits.body_idle_timeout))
         .with_state(state)
 }
 
-/// Serves the API on `listener` until `shutdown` resolves, finishing in-flight requests.
+/// Serves the API on `listener` until `shutdown` resolves, finishing in-flight requests,
+/// within the connection limits of `state.limits` (`server.rs`).
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     surface: Surface,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state, surface))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let limits = state.limits.clone();
+    server::run(listener, router(state, surface), &limits, shutdown).await
 }
 
 async fn record_latency(State(state): State<AppState>, req: Request, next: Next) -> Response {

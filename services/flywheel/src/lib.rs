@@ -155,15 +155,33 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     let (stop, stopped) = watch::channel(false);
     let addr = listener.local_addr()?;
     if let Some(token) = &config.bootstrap_admin_token {
+        // A secret pasted with a trailing newline or spaces could never be sent back as is.
+        let token = token.trim();
+        anyhow::ensure!(
+            token.len() >= 16,
+            "FLYWHEEL_BOOTSTRAP_ADMIN_TOKEN must be at least 16 characters (without surrounding \
+             spaces): generate one with `openssl rand -hex 32`"
+        );
+        let hash = flywheel_domain::auth::hash_token(token);
         db.create_token(
             "bootstrap-admin",
             flywheel_domain::Role::Admin,
             &[],
-            &flywheel_domain::auth::hash_token(token),
+            &hash,
             "bootstrap",
         )
         .await
         .context("storing the bootstrap admin token")?;
+        let retired = db
+            .retire_bootstrap_tokens(&hash)
+            .await
+            .context("retiring earlier bootstrap admin tokens")?;
+        if retired > 0 {
+            tracing::info!(
+                retired,
+                "a new bootstrap admin token retired the earlier one"
+            );
+        }
     }
     if config.api && config.auth == AuthMode::Required {
         let tokens = db.tokens().await.context("reading tokens")?;

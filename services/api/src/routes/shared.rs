@@ -45,10 +45,27 @@ pub fn body(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
                 ErrorCode::PayloadTooLarge,
                 "request body is larger than the server accepts",
             )
+        } else if timed_out(&e) {
+            ApiError::new(
+                ErrorCode::RequestTimeout,
+                "the request body paused for too long; send it again without stalling",
+            )
         } else {
             ApiError::new(ErrorCode::MalformedJson, e.body_text())
         }
     })
+}
+
+/// Whether `e` is, or was caused by, the router's body deadline.
+pub fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if err.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        next = err.source();
+    }
+    false
 }
 
 /// Parses a request body: [`body`], then [`parse_json`].

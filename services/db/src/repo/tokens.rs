@@ -49,6 +49,19 @@ impl Db {
         fetch_all!(self, token_from_row, "SELECT * FROM api_tokens ORDER BY id")
     }
 
+    /// Revokes every live bootstrap token but the one hashed `keep`: setting a new
+    /// `FLYWHEEL_BOOTSTRAP_ADMIN_TOKEN` retires the one before it. Returns how many it revoked.
+    pub async fn retire_bootstrap_tokens(&self, keep: &str) -> Result<u64> {
+        let res = execute!(
+            self,
+            "UPDATE api_tokens SET revoked_at = $1
+             WHERE created_by = 'bootstrap' AND token_hash <> $2 AND revoked_at IS NULL",
+            Stamp::now(),
+            keep
+        );
+        Ok(res)
+    }
+
     /// Revokes a token; `false` if there is no such live token.
     pub async fn revoke_token(&self, id: i64) -> Result<bool> {
         let res = execute!(
