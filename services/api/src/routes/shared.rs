@@ -83,6 +83,37 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
     })
 }
 
+/// A query string parsed into `T` (declare it `#[serde(deny_unknown_fields)]`): an unknown
+/// key, a repeated one or a value of the wrong type is `422 invalid_field` naming the
+/// parameter, with the `{code, message}` body of every refusal (axum's own `Query` answers
+/// those in plain text).
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> ApiResult<Self> {
+        parse_query(&parts.uri).map(Query)
+    }
+}
+
+/// The query string of `uri` as a `T`, or `422 invalid_field` naming the parameter.
+pub fn parse_query<T: DeserializeOwned>(uri: &axum::http::Uri) -> ApiResult<T> {
+    use axum::extract::rejection::QueryRejection;
+    axum::extract::Query::<T>::try_from_uri(uri)
+        .map(|q| q.0)
+        .map_err(|e| {
+            let text = match &e {
+                QueryRejection::FailedToDeserializeQueryString(inner) => {
+                    std::error::Error::source(inner)
+                        .map_or_else(|| e.body_text(), |s| s.to_string())
+                }
+                _ => e.body_text(),
+            };
+            ApiError::new(ErrorCode::InvalidField, format!("query string: {text}"))
+        })
+}
+
 pub fn non_empty(field: &str, v: &str) -> ApiResult<()> {
     if v.trim().is_empty() {
         return Err(ApiError::new(
