@@ -176,3 +176,34 @@ pub async fn job_row(state: &AppState, raw: &str) -> ApiResult<JobRow> {
     let id = JobId::parse(raw).ok_or_else(not_found)?;
     state.db.job(&id).await?.ok_or_else(not_found)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct JobsQuery {
+        status: Option<String>,
+        limit: Option<i64>,
+    }
+
+    #[test]
+    fn a_bad_query_string_is_invalid_field_naming_the_parameter() {
+        let parse = |q: &str| parse_query::<JobsQuery>(&q.parse().unwrap());
+        let ok = parse("/v1/jobs?status=queued&limit=5").unwrap();
+        assert_eq!((ok.status.as_deref(), ok.limit), (Some("queued"), Some(5)));
+        assert!(parse("/v1/jobs").is_ok());
+        for (query, says) in [
+            ("/v1/jobs?limit=abc", "limit: invalid digit"),
+            ("/v1/jobs?colour=red", "unknown field `colour`"),
+            ("/v1/jobs?limit=1&limit=2", "duplicate field `limit`"),
+        ] {
+            let e = parse(query).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidField, "{query}");
+            assert!(e.message.starts_with("query string: "), "{}", e.message);
+            assert!(e.message.contains(says), "{query}: {}", e.message);
+        }
+    }
+}
