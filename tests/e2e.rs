@@ -2219,3 +2219,446 @@ async fn a_new_bootstrap_token_retires_the_old_one() {
     let refused = flywheel::start(config, listener).await.err().unwrap();
     assert!(refused.to_string().contains("at least 16"), "{refused:#}");
 }
+
+/// The corrections stored in `banking`, train and holdout together, as `GET /v1/domains/{d}`
+/// counts them.
+async fn stored_in(app: &TestApp, domain: &str) -> i64 {
+    let (status, body) = app.get(&format!("/v1/domains/{domain}")).await;
+    assert_eq!(status, 200, "{body}");
+    body["corrections"]["train"].as_i64().unwrap()
+        + body["corrections"]["holdout"].as_i64().unwrap()
+}
+
+/// One NDJSON line of a valid `banking` correction.
+fn ndjson_row(label: &str, i: usize) -> String {
+    format!(
+        "{}\n",
+        json!({"input": format!("question number {i} about my account"), "expected": label})
+    )
+}
+
+/// Asserts an error body is `{code, message}` with `code`, and returns the message.
+fn error_of(status: u16, body: &Value, want_status: u16, want_code: &str) -> String {
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (want_status, Some(want_code)),
+        "{body}"
+    );
+    let message = body["message"].as_str().unwrap_or_default().to_owned();
+    assert!(!message.is_empty(), "{body}");
+    message
+}
+
+/// Issue #20, 4: an NDJSON line over the limit is refused with 413 after the valid lines
+/// before it are committed, as the message says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_over_long_ndjson_line_is_refused_after_the_lines_before_it_are_stored() {
+    let app = TestApp::spawn().await;
+    app.create_domain(100_000).await;
+    let label = app.labels[0].clone();
+    let mut upload: String = (0..7).map(|i| ndjson_row(&label, i)).collect();
+    upload.push_str(&format!(
+        "{{\"input\": \"{}\", \"expected\": \"{label}\"}}\n",
+        "x".repeat(400 * 1024)
+    ));
+    upload.push_str(&ndjson_row(&label, 99));
+    let (status, body) = app
+        .post_raw(
+            "/v1/domains/banking/corrections",
+            "application/x-ndjson",
+            upload.into_bytes(),
+        )
+        .await;
+    let message = error_of(status, &body, 413, "payload_too_large");
+    assert!(message.contains("line 8"), "{message}");
+    assert!(message.contains("7 stored"), "{message}");
+    assert_eq!(stored_in(&app, "banking").await, 7);
+}
+
+/// Issue #20, 8: a `client_id` names one correction. The same content again is a duplicate;
+/// other content under it is `409 idempotency_conflict` naming the row, within one batch
+/// too, and a conflicting batch stores nothing. NDJSON rejects the conflicting line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_client_id_with_other_content_is_a_conflict() {
+    let app = TestApp::spawn().await;
+    app.create_domain(100_000).await;
+    let path = "/v1/domains/banking/corrections";
+    let (a, b) = (app.labels[0].clone(), app.labels[1].clone());
+    let row = |id: &str, input: &str, label: &str| json!({"client_id": id, "input": input, "expected": label});
+
+    let (status, body) = app.post(path, &row("c1", "where is my card", &a)).await;
+    assert_eq!(
+        (status, body["accepted"].as_u64()),
+        (202, Some(1)),
+        "{body}"
+    );
+    // A retry: the same content under the same id, formatted differently, is a no-op.
+    let (status, body) = app.post(path, &row("c1", "Where is  my card", &a)).await;
+    assert_eq!(
+        (status, body["duplicates"].as_u64()),
+        (202, Some(1)),
+        "{body}"
+    );
+    // Other content under the same id: refused, naming the id.
+    for other in [
+        row("c1", "where is my card", &b),
+        row("c1", "another question", &a),
+    ] {
+        let (status, body) = app.post(path, &other).await;
+        let message = error_of(status, &body, 409, "idempotency_conflict");
+        assert!(message.contains("`c1`"), "{message}");
+    }
+    // In a batch: names the row, and the batch stores nothing.
+    let batch = json!([
+        row("c2", "a fresh question", &a),
+        row("c1", "yet another question", &a)
+    ]);
+    let (status, body) = app.post(path, &batch).await;
+    let message = error_of(status, &body, 409, "idempotency_conflict");
+    assert!(message.contains("corrections[1]"), "{message}");
+    // Within one batch: two rows under one id with different content, both named.
+    let batch = json!([
+        row("c3", "first of a pair", &a),
+        row("c4", "unrelated", &a),
+        row("c3", "second of a pair", &a)
+    ]);
+    let (status, body) = app.post(path, &batch).await;
+    let message = error_of(status, &body, 409, "idempotency_conflict");
+    assert!(
+        message.contains("corrections[0]") && message.contains("corrections[2]"),
+        "{message}"
+    );
+    assert_eq!(stored_in(&app, "banking").await, 1);
+    // The same row twice in a batch is one row.
+    let batch = json!([
+        row("c5", "twice in a batch", &a),
+        row("c5", "twice in a batch", &a)
+    ]);
+    let (status, body) = app.post(path, &batch).await;
+    assert_eq!(
+        (
+            status,
+            body["accepted"].as_u64(),
+            body["duplicates"].as_u64()
+        ),
+        (202, Some(1), Some(1)),
+        "{body}"
+    );
+
+    // NDJSON: the conflicting lines are rejected like any bad line, the rest stored.
+    let lines = [
+        row("c6", "a streamed question", &a),
+        row("c1", "streamed under a taken id", &a),
+        row("c6", "the same id again, other content", &a),
+        row("c7", "another streamed question", &a),
+        row("c6", "a streamed question", &a),
+    ];
+    let ndjson: String = lines.iter().map(|r| format!("{r}\n")).collect();
+    let (status, body) = app
+        .post_raw(path, "application/x-ndjson", ndjson.into_bytes())
+        .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(
+        (body["accepted"].as_u64(), body["duplicates"].as_u64()),
+        (Some(2), Some(1)),
+        "{body}"
+    );
+    let rejected: Vec<(u64, &str)> = body["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["line"].as_u64().unwrap(), r["code"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        rejected,
+        [(2, "idempotency_conflict"), (3, "idempotency_conflict")],
+        "{body}"
+    );
+    assert!(
+        body["rejected"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`c1`"),
+        "{body}"
+    );
+    assert_eq!(stored_in(&app, "banking").await, 4);
+
+    // Concurrent uploads of different content under one new id: exactly one is stored.
+    let mut racers = tokio::task::JoinSet::new();
+    for i in 0..16 {
+        let request = app.client.post(format!("{}{path}", app.base)).json(&row(
+            "race",
+            &format!("racing question {i}"),
+            &a,
+        ));
+        racers.spawn(async move {
+            let resp = request.send().await.unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        });
+    }
+    let answers = racers.join_all().await;
+    let won = answers
+        .iter()
+        .filter(|(s, b)| *s == 202 && b["accepted"] == 1)
+        .count();
+    let lost = answers
+        .iter()
+        .filter(|(s, b)| *s == 409 && b["code"] == "idempotency_conflict")
+        .count();
+    assert_eq!((won, lost), (1, 15), "{answers:?}");
+    assert_eq!(stored_in(&app, "banking").await, 5);
+}
+
+/// Sends `data` as one chunk of a chunked request body.
+async fn send_chunk(stream: &mut tokio::net::TcpStream, data: &[u8]) {
+    use tokio::io::AsyncWriteExt;
+    stream
+        .write_all(format!("{:x}\r\n", data.len()).as_bytes())
+        .await
+        .unwrap();
+    stream.write_all(data).await.unwrap();
+    stream.write_all(b"\r\n").await.unwrap();
+    stream.flush().await.unwrap();
+}
+
+/// Issue #20, 11: a token revoked while its NDJSON upload streams stores nothing more: the
+/// upload ends `401 unauthenticated`, saying what was stored before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_revoked_mid_stream_stores_nothing_more() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let admin = "fw_admin_for_the_stream_test";
+    let app = TestApp::spawn_with(|c| {
+        c.auth = flywheel_api::AuthMode::Required;
+        c.bootstrap_admin_token = Some(admin.into());
+    })
+    .await;
+    let call = |method: &str, path: &str, body: Option<Value>| {
+        let mut req = app
+            .client
+            .request(method.parse().unwrap(), format!("{}{path}", app.base))
+            .bearer_auth(admin);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let spec = json!({"name": "banking", "task": "classification", "base_model": app.model_dir,
+        "labels": app.labels, "policy": {"min_new_corrections": 100_000}});
+    assert_eq!(call("POST", "/v1/domains", Some(spec)).await.0, 201);
+    let (status, token) = call(
+        "POST",
+        "/v1/tokens",
+        Some(json!({"name": "dept", "role": "department", "domains": ["banking"]})),
+    )
+    .await;
+    assert_eq!(status, 201, "{token}");
+    let stored = || async {
+        let (_, d) = call("GET", "/v1/domains/banking", None).await;
+        d["corrections"]["train"].as_i64().unwrap() + d["corrections"]["holdout"].as_i64().unwrap()
+    };
+
+    let mut stream = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /v1/domains/banking/corrections HTTP/1.1\r\nhost: test\r\nauthorization: Bearer {}\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n",
+        token["token"].as_str().unwrap()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // The first 1,000 lines are a chunk, committed while the upload goes on.
+    let label = app.labels[0].clone();
+    for block in 0..10 {
+        let lines: String = (block * 100..(block + 1) * 100)
+            .map(|i| ndjson_row(&label, i))
+            .collect();
+        send_chunk(&mut stream, lines.as_bytes()).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stored().await < 1000 {
+        assert!(
+            Instant::now() < deadline,
+            "the first chunk was not committed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let id = token["id"].as_i64().unwrap();
+    assert_eq!(
+        call("DELETE", &format!("/v1/tokens/{id}"), None).await.0,
+        204
+    );
+    // The upload goes on after the revocation: none of it is stored.
+    let lines: String = (1000..1500).map(|i| ndjson_row(&label, i)).collect();
+    send_chunk(&mut stream, lines.as_bytes()).await;
+    stream.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let body: Value = serde_json::from_str(body).unwrap_or(Value::String(body.into()));
+    let message = error_of(status, &body, 401, "unauthenticated");
+    assert!(
+        message.contains("revoked") && message.contains("1000"),
+        "{message}"
+    );
+    assert_eq!(stored().await, 1000);
+}
+
+/// Issue #20, 9: every 4xx on the corrections and query side is `{code, message}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refusal_of_an_upload_or_a_query_is_code_and_message() {
+    let app = TestApp::spawn().await;
+    app.create_domain(100_000).await;
+    let path = "/v1/domains/banking/corrections";
+    let (status, body) = app.post_raw(path, "application/x-ndjson", Vec::new()).await;
+    let message = error_of(status, &body, 422, "invalid_field");
+    assert!(message.contains("no correction"), "{message}");
+    let (status, body) = app
+        .post_raw(path, "application/x-ndjson", b"\n  \n".to_vec())
+        .await;
+    error_of(status, &body, 422, "invalid_field");
+    // Every line invalid: the first bad lines are named in the message.
+    let ndjson = "not json\n{\"input\": \"x\", \"expected\": \"nope\"}\n";
+    let (status, body) = app
+        .post_raw(path, "application/x-ndjson", ndjson.as_bytes().to_vec())
+        .await;
+    let message = error_of(status, &body, 422, "invalid_field");
+    assert!(
+        message.contains("line 1") && message.contains("line 2"),
+        "{message}"
+    );
+    let ndjson =
+        "{\"input\": \"x\", \"expected\": \"nope\"}\n{\"input\": \"y\", \"expected\": \"nada\"}\n";
+    let (status, body) = app
+        .post_raw(path, "application/x-ndjson", ndjson.as_bytes().to_vec())
+        .await;
+    error_of(status, &body, 422, "unknown_label");
+    assert_eq!(stored_in(&app, "banking").await, 0);
+
+    // Query strings: unknown keys and bad values are refused with the error contract.
+    for query in ["?colour=red", "?format=pdf", "?format=md&format=html&x=1"] {
+        let (status, body) = app
+            .get(&format!("/v1/domains/banking/versions/v1/report{query}"))
+            .await;
+        error_of(status, &body, 422, "invalid_field");
+    }
+}
+
+/// The domain crate refuses NUL in every text field and redacts personal data in metadata
+/// and the teacher's name: over HTTP, on each database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_bytes_are_refused_and_metadata_is_redacted_before_it_is_stored() {
+    let app = TestApp::spawn().await;
+    app.create_domain(100_000).await;
+    let path = "/v1/domains/banking/corrections";
+    let label = app.labels[0].clone();
+    for bad in [
+        json!({"input": "my card\u{0000} is lost", "expected": label}),
+        json!({"input": "my card is lost", "expected": label, "metadata": {"note": "a\u{0000}b"}}),
+        json!({"input": "my card is lost", "expected": label, "metadata": {"deep": {"k\u{0000}": 1}}}),
+        json!([{"input": "fine", "expected": label}, {"input": "fine too", "expected": label, "model_output": "\u{0000}"}]),
+    ] {
+        let (status, body) = app.post(path, &bad).await;
+        let message = error_of(status, &body, 422, "invalid_field");
+        assert!(message.contains("NUL"), "{message}");
+    }
+    assert_eq!(stored_in(&app, "banking").await, 0);
+    let ndjson = format!(
+        "{}\n{}\n{}\n",
+        json!({"input": "first streamed line", "expected": label}),
+        json!({"input": "second\u{0000}", "expected": label}),
+        json!({"input": "third streamed line", "expected": label, "metadata": {"x": ["\u{0000}"]}}),
+    );
+    let ndjson = format!(
+        "{ndjson}{}\n",
+        json!({"input": "fourth streamed line", "expected": label})
+    );
+    let (status, body) = app
+        .post_raw(path, "application/x-ndjson", ndjson.into_bytes())
+        .await;
+    assert_eq!(
+        (status, body["accepted"].as_u64()),
+        (202, Some(2)),
+        "{body}"
+    );
+    let rejected: Vec<(u64, &str)> = body["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["line"].as_u64().unwrap(), r["code"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        rejected,
+        [(2, "invalid_field"), (3, "invalid_field")],
+        "{body}"
+    );
+    assert_eq!(stored_in(&app, "banking").await, 2);
+
+    // An email nested in metadata, and one in the teacher's name, are not stored as sent.
+    let row = json!({
+        "client_id": "with-metadata",
+        "input": "please close my account",
+        "expected": label,
+        "source": "teacher",
+        "teacher": "big-model run by ops.lead@example.com",
+        "metadata": {"ticket": {"from": ["jane.doe@example.com", 7], "jane.doe@example.com": true}},
+    });
+    let (status, body) = app.post(path, &row).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["redacted"]["email"].as_u64(), Some(3), "{body}");
+    let query =
+        "SELECT CAST(metadata AS TEXT), teacher FROM corrections WHERE client_id = 'with-metadata'";
+    let stored: Vec<(String, Option<String>)> = match &app.database {
+        flywheel_db::DatabaseUrl::Sqlite(file) => {
+            let url = format!("sqlite://{}?mode=ro", file.display());
+            let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+            sqlx::query_as(query).fetch_all(&pool).await.unwrap()
+        }
+        flywheel_db::DatabaseUrl::Postgres(url) => {
+            let pool = sqlx::PgPool::connect(url).await.unwrap();
+            sqlx::query_as(query).fetch_all(&pool).await.unwrap()
+        }
+    };
+    assert_eq!(stored.len(), 1);
+    let (metadata, teacher) = &stored[0];
+    assert!(!metadata.contains("example.com"), "{metadata}");
+    assert!(metadata.contains("[EMAIL]"), "{metadata}");
+    let teacher = teacher.as_deref().unwrap();
+    assert!(
+        !teacher.contains("example.com") && teacher.contains("[EMAIL]"),
+        "{teacher}"
+    );
+}
+
+/// Issue #20, 9: the jobs endpoints' query strings answer `{code, message}` too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_jobs_query_string_is_code_and_message() {
+    let app = TestApp::spawn().await;
+    for path in [
+        "/v1/jobs?limit=abc",
+        "/v1/jobs?colour=red",
+        "/v1/jobs?status=queued&status=failed",
+        "/v1/jobs/0/events?after=abc",
+        "/v1/jobs/0/events?before=3",
+    ] {
+        let (status, body) = app.get(path).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (422, Some("invalid_field")),
+            "{path}: {body}"
+        );
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("query string: "),
+            "{path}: {body}"
+        );
+    }
+    let (status, body) = app.get("/v1/jobs?limit=5&status=queued").await;
+    assert_eq!(status, 200, "{body}");
+}

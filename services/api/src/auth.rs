@@ -58,11 +58,8 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
             let Some(token) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
                 return unauthenticated("send `Authorization: Bearer <token>`");
             };
-            let found = match state
-                .db
-                .token_by_hash(&flywheel_domain::auth::hash_token(token.trim()))
-                .await
-            {
+            let hash = flywheel_domain::auth::hash_token(token.trim());
+            let found = match state.db.token_by_hash(&hash).await {
                 Ok(found) => found,
                 Err(e) => return ApiError::from(e).into_response(),
             };
@@ -72,6 +69,7 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
                     role: t.role,
                     domains: t.domains,
                     authenticated: true,
+                    token_hash: Some(hash),
                 },
                 Some(_) => return unauthenticated("this token was revoked"),
                 None => return unauthenticated("this token is not valid"),

@@ -54,6 +54,7 @@ error_codes! {
     AliasConflict => CONFLICT,
     JobInFlight => CONFLICT,
     JobNotCancellable => CONFLICT,
+    IdempotencyConflict => CONFLICT,
     VersionCorrupt => INTERNAL_SERVER_ERROR,
     Internal => INTERNAL_SERVER_ERROR,
 }

@@ -24,6 +24,9 @@ pub struct Principal {
     pub domains: Vec<String>,
     /// False with [`AuthMode::Off`].
     pub authenticated: bool,
+    /// The sha256 of the caller's token (never the secret), so a long request can check
+    /// that it was not revoked meanwhile; `None` without auth.
+    pub token_hash: Option<String>,
 }
 
 impl Principal {
@@ -33,6 +36,7 @@ impl Principal {
             role: Role::Admin,
             domains: Vec::new(),
             authenticated: false,
+            token_hash: None,
         }
     }
 

@@ -22,14 +22,38 @@ pub struct CorrectionRow {
     pub split: Split,
 }
 
-/// The outcome of storing a batch: which rows are new and which were already there.
+/// The outcome of storing a batch: which rows are new, which were already there, and which
+/// reused a client id that names other content.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct InsertOutcome {
     pub accepted: usize,
-    /// Same content, or same client id, as a row stored earlier: nothing new was written.
+    /// Same content as a row stored earlier (under the same client id, or none): nothing new
+    /// was written.
     pub duplicates: usize,
     /// Personal data redacted in the rows that were stored, by kind.
     pub redacted: flywheel_domain::PiiCounts,
+    /// Rows not stored because their client id already names a correction with other
+    /// content, in the order given.
+    pub conflicts: Vec<IdConflict>,
+}
+
+impl InsertOutcome {
+    /// What an all-or-nothing batch that conflicted reports: its conflicts, nothing stored.
+    pub(crate) fn nothing_stored(self) -> Self {
+        Self {
+            conflicts: self.conflicts,
+            ..Self::default()
+        }
+    }
+}
+
+/// A row whose `client_id` already names a different correction of its domain (stored
+/// earlier, or earlier in the same batch).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct IdConflict {
+    /// The row's position in the slice given to the insert.
+    pub index: usize,
+    pub client_id: String,
 }
 
 #[derive(Debug, Clone, Serialize)]

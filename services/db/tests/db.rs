@@ -343,3 +343,78 @@ async fn concurrent_uploads_share_commits_but_not_counts() {
         assert_eq!((train + holdout) as usize, distinct, "{which}");
     }
 }
+
+/// A client id names one correction: other content under it is a conflict, listed and not
+/// stored (the rest of the rows are, unless the batch is all-or-nothing), on both databases,
+/// under racing uploads too.
+#[tokio::test]
+async fn a_client_id_reused_for_other_content_is_a_conflict_never_a_duplicate() {
+    for (db, _dir) in databases().await {
+        let which = db.backend();
+        let banking = spec("banking");
+        let row = db.create_domain(&banking).await.unwrap();
+        let c = |input: &str, id: &str| correction(&banking, input, "refund", Some(id));
+        let first = db
+            .insert_corrections(row.id, &[c("one", "a")])
+            .await
+            .unwrap();
+        assert_eq!((first.accepted, first.conflicts.len()), (1, 0), "{which}");
+
+        // Kept what it could: the new row, the duplicate counted, the conflicts listed.
+        let rows = [
+            c("two", "b"),
+            c("one", "a"),
+            c("other", "a"),
+            c("again", "b"),
+            c("two", "b"),
+        ];
+        let outcome = db.insert_corrections(row.id, &rows).await.unwrap();
+        assert_eq!((outcome.accepted, outcome.duplicates), (1, 2), "{which}");
+        let listed: Vec<(usize, &str)> = outcome
+            .conflicts
+            .iter()
+            .map(|c| (c.index, c.client_id.as_str()))
+            .collect();
+        assert_eq!(listed, [(2, "a"), (3, "b")], "{which}");
+
+        // All or nothing: a conflict anywhere stores nothing of the batch.
+        let rows = [c("three", "c"), c("more", "a")];
+        let outcome = db
+            .insert_corrections_all_or_nothing(row.id, &rows)
+            .await
+            .unwrap();
+        assert_eq!(
+            (
+                outcome.accepted,
+                outcome.duplicates,
+                outcome.conflicts.len()
+            ),
+            (0, 0, 1),
+            "{which}"
+        );
+        let (train, holdout) = db.correction_counts(row.id).await.unwrap();
+        assert_eq!(train + holdout, 2, "{which}");
+
+        // Racing uploads of other content under one new id: one stored, the rest conflicts.
+        let racers: Vec<_> = (0..12)
+            .map(|i| vec![c(&format!("race {i}"), "race")])
+            .collect();
+        let outcomes = futures::future::join_all(
+            racers
+                .iter()
+                .map(|rows| db.insert_corrections_all_or_nothing(row.id, rows)),
+        )
+        .await;
+        let won = outcomes
+            .iter()
+            .filter(|o| o.as_ref().unwrap().accepted == 1)
+            .count();
+        let lost = outcomes
+            .iter()
+            .filter(|o| o.as_ref().unwrap().conflicts.len() == 1)
+            .count();
+        assert_eq!((won, lost), (1, 11), "{which}: {outcomes:?}");
+        let (train, holdout) = db.correction_counts(row.id).await.unwrap();
+        assert_eq!(train + holdout, 3, "{which}");
+    }
+}

@@ -1,15 +1,17 @@
 //! Corrections in: one, a JSON batch (all-or-nothing), or NDJSON streamed and committed in
 //! chunks; each answered only after its rows are durably committed.
 
-use axum::Json;
+use std::collections::HashMap;
+
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::{Extension, Json};
 use flywheel_db::DomainRow;
 use flywheel_domain::CorrectionDraft;
 use serde::{Deserialize, Serialize};
 
 use super::shared::{ApiResult, domain_row, parse_json};
-use crate::{ApiError, AppState, ErrorCode};
+use crate::{ApiError, AppState, ErrorCode, Principal};
 
 /// A batch may also come wrapped: `{"corrections": [...]}`.
 #[derive(Deserialize)]
@@ -52,8 +54,11 @@ const MAX_LISTED_ERRORS: usize = 1_000;
 /// the row, and at most `max_batch` rows), or NDJSON (`application/x-ndjson`), streamed:
 /// valid lines are committed every [`NDJSON_CHUNK`], invalid ones reported by line number,
 /// and the body is never held whole. Answers 202 only after the rows are durably committed.
+/// A `client_id` names one correction: the same content again is a duplicate, other content
+/// under it `409 idempotency_conflict` (in NDJSON, that line's rejection).
 pub async fn post(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: axum::body::Body,
@@ -71,9 +76,14 @@ pub async fn post(
             format!("content-type `{content_type}`: send application/json or application/x-ndjson"),
         ));
     }
-    let mut response = IngestResponse::default();
+    let mut upload = Upload {
+        state: &state,
+        domain: &domain,
+        who: &who,
+        response: IngestResponse::default(),
+    };
     if ndjson {
-        ingest_ndjson(&state, &domain, body, &mut response).await?;
+        upload.ndjson(body).await?;
     } else {
         let raw = axum::body::to_bytes(body, state.limits.max_body_bytes)
             .await
@@ -87,18 +97,16 @@ pub async fn post(
                 )
             })?;
         let valid = parse_batch(&state, &domain, &raw)?;
-        store(&state, &domain, valid, &mut response).await?;
+        upload.batch(valid).await?;
     }
+    let response = upload.response;
     if response.accepted + response.duplicates > 0 {
         state.nudge.notify_one();
     }
-    let stored_nothing = response.accepted + response.duplicates + response.dropped_pii == 0;
-    let status = if stored_nothing {
-        StatusCode::UNPROCESSABLE_ENTITY
-    } else {
-        StatusCode::ACCEPTED
-    };
-    Ok((status, Json(response)))
+    if response.accepted + response.duplicates + response.dropped_pii == 0 {
+        return Err(nothing_stored(&response));
+    }
+    Ok((StatusCode::ACCEPTED, Json(response)))
 }
 
 /// A JSON body: one correction, an array, or `{"corrections": [...]}`; all valid or none.
@@ -149,141 +157,334 @@ fn parse_batch(
         .collect()
 }
 
-/// Streams NDJSON: parses line by line as bytes arrive and commits every [`NDJSON_CHUNK`]
-/// valid lines. A dropped connection leaves the committed chunks stored; a retry of the
-/// whole file stores nothing twice (client ids and content hashes).
-async fn ingest_ndjson(
-    state: &AppState,
-    domain: &DomainRow,
-    body: axum::body::Body,
-    response: &mut IngestResponse,
-) -> ApiResult<()> {
-    use futures::StreamExt;
-    // A line holds one correction: its texts plus JSON overhead.
-    let max_line = state.limits.max_text_chars * 3 * 4 + 64 * 1024;
-    let mut stream = body.into_data_stream();
-    let mut buf: Vec<u8> = Vec::new();
-    let mut line_no = 0usize;
-    let mut pending = Vec::with_capacity(NDJSON_CHUNK);
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            ApiError::new(
-                ErrorCode::MalformedJson,
-                format!("reading the upload after line {line_no}: {e}"),
-            )
-        })?;
-        buf.extend_from_slice(&chunk);
-        let mut start = 0;
-        while let Some(pos) = buf[start..].iter().position(|&b| b == b'\n') {
-            line_no += 1;
-            ndjson_line(
-                state,
-                domain,
-                &buf[start..start + pos],
-                line_no,
-                &mut pending,
-                response,
-            );
-            start += pos + 1;
-            if pending.len() >= NDJSON_CHUNK {
-                store(state, domain, std::mem::take(&mut pending), response).await?;
-            }
-        }
-        buf.drain(..start);
-        if buf.len() > max_line {
-            return Err(ApiError::new(
-                ErrorCode::PayloadTooLarge,
-                format!(
-                    "line {} is longer than {max_line} bytes; lines before it were stored",
-                    line_no + 1
-                ),
-            ));
-        }
+/// The answer to an upload that stored nothing: `{code, message}` like every refusal. An
+/// empty upload is `invalid_field`; one whose every line was refused carries the lines'
+/// code if they share one (else `invalid_field`) and names the first of them.
+fn nothing_stored(response: &IngestResponse) -> ApiError {
+    const NAMED: usize = 5;
+    if response.rejected_total == 0 {
+        return ApiError::new(
+            ErrorCode::InvalidField,
+            "the upload holds no correction: send one JSON object per line",
+        );
     }
-    if !buf.is_empty() {
-        line_no += 1;
-        ndjson_line(state, domain, &buf, line_no, &mut pending, response);
-    }
-    store(state, domain, pending, response).await
+    let mut codes = response.rejected.iter().map(|e| e.code);
+    let first = codes.next().unwrap_or(ErrorCode::InvalidField);
+    let shared = response.rejected.len() == response.rejected_total && codes.all(|c| c == first);
+    let named: Vec<String> = response
+        .rejected
+        .iter()
+        .take(NAMED)
+        .map(|e| format!("line {}: {}", e.line, e.message))
+        .collect();
+    let more = if response.rejected_total > named.len() {
+        format!("; and {} more", response.rejected_total - named.len())
+    } else {
+        String::new()
+    };
+    ApiError::new(
+        if shared {
+            first
+        } else {
+            ErrorCode::InvalidField
+        },
+        format!(
+            "no line was stored: {} rejected ({}{more})",
+            response.rejected_total,
+            named.join("; ")
+        ),
+    )
 }
 
-/// One NDJSON line: a valid correction joins `pending`; an invalid one is reported by number.
-fn ndjson_line(
-    state: &AppState,
-    domain: &DomainRow,
-    line: &[u8],
-    line_no: usize,
-    pending: &mut Vec<flywheel_domain::Correction>,
-    response: &mut IngestResponse,
-) {
-    if line.iter().all(u8::is_ascii_whitespace) {
-        return;
+/// One upload under way: what it was sent to, by whom, and what it has stored so far.
+struct Upload<'a> {
+    state: &'a AppState,
+    domain: &'a DomainRow,
+    who: &'a Principal,
+    response: IngestResponse,
+}
+
+impl Upload<'_> {
+    /// A validated JSON batch, stored whole or not at all: two rows under one `client_id`
+    /// with different content, or a row whose `client_id` names a stored correction with
+    /// other content, refuse it with `409 idempotency_conflict` naming the rows.
+    async fn batch(&mut self, rows: Vec<flywheel_domain::Correction>) -> ApiResult<()> {
+        let many = rows.len() > 1;
+        let mut first: HashMap<&str, (usize, &str)> = HashMap::new();
+        let mut clashes = Vec::new();
+        for (i, c) in rows.iter().enumerate() {
+            let Some(id) = c.client_id.as_deref() else {
+                continue;
+            };
+            match first.get(id) {
+                Some(&(j, hash)) if hash != c.content_hash => clashes.push(format!(
+                    "corrections[{j}] and corrections[{i}]: client_id `{id}` names two different corrections"
+                )),
+                Some(_) => {}
+                None => {
+                    first.insert(id, (i, &c.content_hash));
+                }
+            }
+        }
+        if !clashes.is_empty() {
+            return Err(conflict(clashes));
+        }
+        let rows = rows.into_iter().enumerate().collect();
+        let conflicts = self.commit(rows, true).await?;
+        if conflicts.is_empty() {
+            return Ok(());
+        }
+        Err(conflict(
+            conflicts
+                .into_iter()
+                .map(|(i, id)| {
+                    let at = if many {
+                        format!("corrections[{i}]: ")
+                    } else {
+                        String::new()
+                    };
+                    format!(
+                        "{at}client_id `{id}` already names a stored correction with other content"
+                    )
+                })
+                .collect(),
+        ))
     }
-    let parsed = parse_json::<CorrectionDraft>(line).and_then(|d| {
-        d.validate(&domain.spec, state.limits.max_text_chars)
-            .map_err(ApiError::from)
-    });
-    match parsed {
-        Ok(c) => pending.push(c),
-        Err(e) => {
+
+    /// Streams NDJSON: parses line by line as bytes arrive and commits every
+    /// [`NDJSON_CHUNK`] valid lines, re-checking the caller's token before each commit. A
+    /// dropped connection leaves the committed chunks stored; a retry of the whole file
+    /// stores nothing twice (client ids and content hashes). A line over the limit, or a
+    /// token revoked meanwhile, ends the upload; what came before it was committed (or, for
+    /// the token, what was committed before it was revoked) and the message says so.
+    async fn ndjson(&mut self, body: axum::body::Body) -> ApiResult<()> {
+        use futures::StreamExt;
+        // A line holds one correction: its texts plus JSON overhead.
+        let max_line = self.state.limits.max_text_chars * 3 * 4 + 64 * 1024;
+        let mut stream = body.into_data_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut line_no = 0usize;
+        let mut pending = Vec::with_capacity(NDJSON_CHUNK);
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                ApiError::new(
+                    ErrorCode::MalformedJson,
+                    format!("reading the upload after line {line_no}: {e}"),
+                )
+            })?;
+            buf.extend_from_slice(&chunk);
+            let mut start = 0;
+            while let Some(pos) = buf[start..].iter().position(|&b| b == b'\n') {
+                line_no += 1;
+                self.line(&buf[start..start + pos], line_no, &mut pending);
+                start += pos + 1;
+                if pending.len() >= NDJSON_CHUNK {
+                    self.flush(&mut pending, line_no + 1).await?;
+                }
+            }
+            buf.drain(..start);
+            if buf.len() > max_line {
+                // Flush, then refuse: the message says the lines before it were stored.
+                self.flush(&mut pending, line_no + 1).await?;
+                return Err(ApiError::new(
+                    ErrorCode::PayloadTooLarge,
+                    format!(
+                        "line {} is longer than {max_line} bytes; the upload stopped there. The lines before it: {}",
+                        line_no + 1,
+                        self.progress()
+                    ),
+                ));
+            }
+        }
+        if !buf.is_empty() {
+            line_no += 1;
+            self.line(&buf, line_no, &mut pending);
+        }
+        self.flush(&mut pending, line_no + 1).await?;
+        self.response.rejected.sort_by_key(|e| e.line);
+        Ok(())
+    }
+
+    /// One NDJSON line: a valid correction joins `pending`; an invalid one is reported by
+    /// number.
+    fn line(
+        &mut self,
+        line: &[u8],
+        line_no: usize,
+        pending: &mut Vec<(usize, flywheel_domain::Correction)>,
+    ) {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return;
+        }
+        let parsed = parse_json::<CorrectionDraft>(line).and_then(|d| {
+            d.validate(&self.domain.spec, self.state.limits.max_text_chars)
+                .map_err(ApiError::from)
+        });
+        match parsed {
+            Ok(c) => pending.push((line_no, c)),
+            Err(e) => self.reject(line_no, e),
+        }
+    }
+
+    fn reject(&mut self, line: usize, e: ApiError) {
+        self.state
+            .metrics
+            .corrections_rejected
+            .with_label_values(&[e.code.as_str().as_str()])
+            .inc();
+        self.response.rejected_total += 1;
+        if self.response.rejected.len() < MAX_LISTED_ERRORS {
+            self.response.rejected.push(LineError {
+                line,
+                code: e.code,
+                message: e.message,
+            });
+        }
+    }
+
+    /// Commits the pending NDJSON lines, if the caller's token still stands; a line whose
+    /// `client_id` names other content is rejected like any bad line. `next_line` is the
+    /// first line not yet read, for the message if the token was revoked.
+    async fn flush(
+        &mut self,
+        pending: &mut Vec<(usize, flywheel_domain::Correction)>,
+        next_line: usize,
+    ) -> ApiResult<()> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let first = pending.first().map_or(next_line, |(line, _)| *line);
+        self.token_still_valid(first).await?;
+        let conflicts = self.commit(std::mem::take(pending), false).await?;
+        for (line, id) in conflicts {
+            self.reject(
+                line,
+                ApiError::new(
+                    ErrorCode::IdempotencyConflict,
+                    format!(
+                        "client_id `{id}` already names a correction with other content (stored earlier, or on an earlier line)"
+                    ),
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// With auth, the caller's token is looked up again (one indexed read per chunk): a
+    /// token revoked while its upload streams stores nothing more.
+    async fn token_still_valid(&self, first_unstored: usize) -> ApiResult<()> {
+        let Some(hash) = &self.who.token_hash else {
+            return Ok(());
+        };
+        match self.state.db.token_by_hash(hash).await? {
+            Some(t) if t.revoked_at.is_none() => Ok(()),
+            _ => Err(ApiError::new(
+                ErrorCode::Unauthenticated,
+                format!(
+                    "this token was revoked during the upload; nothing from line {first_unstored} on was stored (so far: {})",
+                    self.progress()
+                ),
+            )),
+        }
+    }
+
+    /// What the upload has done so far, in words.
+    fn progress(&self) -> String {
+        let r = &self.response;
+        let dropped = if r.dropped_pii > 0 {
+            format!(", {} dropped for personal data", r.dropped_pii)
+        } else {
+            String::new()
+        };
+        format!(
+            "{} stored ({} new, {} already stored), {} rejected{dropped}",
+            r.accepted + r.duplicates,
+            r.accepted,
+            r.duplicates,
+            r.rejected_total
+        )
+    }
+
+    /// Commits validated corrections (minus those the PII policy drops), each with its
+    /// position (batch index or line number), and counts them. Returns the rows whose
+    /// `client_id` names other content, by position; with `all_or_nothing`, if there are
+    /// any, nothing was stored and nothing is counted.
+    async fn commit(
+        &mut self,
+        mut valid: Vec<(usize, flywheel_domain::Correction)>,
+        all_or_nothing: bool,
+    ) -> ApiResult<Vec<(usize, String)>> {
+        let (state, domain) = (self.state, self.domain);
+        let before = valid.len();
+        if domain.spec.policy.pii.action == flywheel_domain::PiiAction::Drop {
+            valid.retain(|(_, c)| c.redacted.is_empty());
+        }
+        let dropped = before - valid.len();
+        if valid.is_empty() && dropped == 0 {
+            return Ok(Vec::new());
+        }
+        let (positions, rows): (Vec<usize>, Vec<_>) = valid.into_iter().unzip();
+        let outcome = if all_or_nothing {
+            state
+                .db
+                .insert_corrections_all_or_nothing(domain.id, &rows)
+                .await?
+        } else {
+            state.db.insert_corrections(domain.id, &rows).await?
+        };
+        let conflicts: Vec<(usize, String)> = outcome
+            .conflicts
+            .into_iter()
+            .map(|c| (positions[c.index], c.client_id))
+            .collect();
+        if all_or_nothing && !conflicts.is_empty() {
+            return Ok(conflicts);
+        }
+        let name = domain.spec.name.as_str();
+        for (kind, n) in &outcome.redacted {
             state
                 .metrics
-                .corrections_rejected
-                .with_label_values(&[e.code.as_str().as_str()])
-                .inc();
-            response.rejected_total += 1;
-            if response.rejected.len() < MAX_LISTED_ERRORS {
-                response.rejected.push(LineError {
-                    line: line_no,
-                    code: e.code,
-                    message: e.message,
-                });
-            }
+                .corrections_redacted
+                .with_label_values(&[name, kind.as_str()])
+                .inc_by(u64::from(*n));
+            *self.response.redacted.entry(*kind).or_default() += n;
         }
+        let rejected = &state.metrics.corrections_rejected;
+        rejected
+            .with_label_values(&["pii_dropped"])
+            .inc_by(dropped as u64);
+        rejected
+            .with_label_values(&["duplicate"])
+            .inc_by(outcome.duplicates as u64);
+        state
+            .metrics
+            .corrections_ingested
+            .with_label_values(&[name])
+            .inc_by(outcome.accepted as u64);
+        self.response.accepted += outcome.accepted;
+        self.response.duplicates += outcome.duplicates;
+        self.response.dropped_pii += dropped;
+        Ok(conflicts)
     }
 }
 
-/// Commits validated corrections (minus those the PII policy drops) and counts them.
-async fn store(
-    state: &AppState,
-    domain: &DomainRow,
-    mut valid: Vec<flywheel_domain::Correction>,
-    response: &mut IngestResponse,
-) -> ApiResult<()> {
-    let before = valid.len();
-    if domain.spec.policy.pii.action == flywheel_domain::PiiAction::Drop {
-        valid.retain(|c| c.redacted.is_empty());
-    }
-    let dropped = before - valid.len();
-    if valid.is_empty() && dropped == 0 {
-        return Ok(());
-    }
-    let outcome = state.db.insert_corrections(domain.id, &valid).await?;
-    let name = domain.spec.name.as_str();
-    for (kind, n) in &outcome.redacted {
-        state
-            .metrics
-            .corrections_redacted
-            .with_label_values(&[name, kind.as_str()])
-            .inc_by(u64::from(*n));
-        *response.redacted.entry(*kind).or_default() += n;
-    }
-    let rejected = &state.metrics.corrections_rejected;
-    rejected
-        .with_label_values(&["pii_dropped"])
-        .inc_by(dropped as u64);
-    rejected
-        .with_label_values(&["duplicate"])
-        .inc_by(outcome.duplicates as u64);
-    state
-        .metrics
-        .corrections_ingested
-        .with_label_values(&[name])
-        .inc_by(outcome.accepted as u64);
-    response.accepted += outcome.accepted;
-    response.duplicates += outcome.duplicates;
-    response.dropped_pii += dropped;
-    Ok(())
+/// `409 idempotency_conflict` naming the conflicting rows (the first ten of them).
+fn conflict(mut rows: Vec<String>) -> ApiError {
+    const NAMED: usize = 10;
+    let more = rows.len().saturating_sub(NAMED);
+    rows.truncate(NAMED);
+    let more = if more > 0 {
+        format!("; and {more} more")
+    } else {
+        String::new()
+    };
+    ApiError::new(
+        ErrorCode::IdempotencyConflict,
+        format!(
+            "{}{more}. Nothing of this batch was stored: a client_id names one correction (send the same content to retry, new content under a new client_id)",
+            rows.join("; ")
+        ),
+    )
 }
 
 fn is_zero(n: &usize) -> bool {

@@ -1,7 +1,7 @@
 //! Fine-tune jobs: a domain's and the caller's, one job, starting one now, cancelling, and the
 //! progress events and checkpoints a job records.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
@@ -9,7 +9,7 @@ use flywheel_db::{JobEvent, JobRow};
 use flywheel_domain::{JobStatus, Trigger};
 use serde::{Deserialize, Serialize};
 
-use super::shared::{ApiResult, Domain, List, domain_row, job_row};
+use super::shared::{ApiResult, Domain, List, Query, domain_row, job_row};
 use crate::{ApiError, AppState, ErrorCode, Principal};
 
 pub async fn of_domain(
@@ -132,6 +132,7 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiRe
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct EventsQuery {
     #[serde(default)]
     after: i64,

@@ -100,6 +100,37 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
     })
 }
 
+/// A query string parsed into `T` (declare it `#[serde(deny_unknown_fields)]`): an unknown
+/// key, a repeated one or a value of the wrong type is `422 invalid_field` naming the
+/// parameter, with the `{code, message}` body of every refusal (axum's own `Query` answers
+/// those in plain text).
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> ApiResult<Self> {
+        parse_query(&parts.uri).map(Query)
+    }
+}
+
+/// The query string of `uri` as a `T`, or `422 invalid_field` naming the parameter.
+pub fn parse_query<T: DeserializeOwned>(uri: &axum::http::Uri) -> ApiResult<T> {
+    use axum::extract::rejection::QueryRejection;
+    axum::extract::Query::<T>::try_from_uri(uri)
+        .map(|q| q.0)
+        .map_err(|e| {
+            let text = match &e {
+                QueryRejection::FailedToDeserializeQueryString(inner) => {
+                    std::error::Error::source(inner)
+                        .map_or_else(|| e.body_text(), |s| s.to_string())
+                }
+                _ => e.body_text(),
+            };
+            ApiError::new(ErrorCode::InvalidField, format!("query string: {text}"))
+        })
+}
+
 pub fn non_empty(field: &str, v: &str) -> ApiResult<()> {
     if v.trim().is_empty() {
         return Err(ApiError::new(
@@ -161,4 +192,35 @@ pub async fn job_row(state: &AppState, raw: &str) -> ApiResult<JobRow> {
     };
     let id = JobId::parse(raw).ok_or_else(not_found)?;
     state.db.job(&id).await?.ok_or_else(not_found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct JobsQuery {
+        status: Option<String>,
+        limit: Option<i64>,
+    }
+
+    #[test]
+    fn a_bad_query_string_is_invalid_field_naming_the_parameter() {
+        let parse = |q: &str| parse_query::<JobsQuery>(&q.parse().unwrap());
+        let ok = parse("/v1/jobs?status=queued&limit=5").unwrap();
+        assert_eq!((ok.status.as_deref(), ok.limit), (Some("queued"), Some(5)));
+        assert!(parse("/v1/jobs").is_ok());
+        for (query, says) in [
+            ("/v1/jobs?limit=abc", "limit: invalid digit"),
+            ("/v1/jobs?colour=red", "unknown field `colour`"),
+            ("/v1/jobs?limit=1&limit=2", "duplicate field `limit`"),
+        ] {
+            let e = parse(query).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidField, "{query}");
+            assert!(e.message.starts_with("query string: "), "{}", e.message);
+            assert!(e.message.contains(says), "{query}: {}", e.message);
+        }
+    }
 }

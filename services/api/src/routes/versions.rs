@@ -3,7 +3,7 @@
 //! the alias move, the audit row) is `flywheel_promotion`'s; these handlers read the request
 //! and answer.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -13,7 +13,7 @@ use flywheel_promotion::Promotion;
 use serde::{Deserialize, Serialize};
 
 use super::shared::{
-    Acting, ApiResult, Domain, List, domain_row, non_empty, parse_body, version_row,
+    Acting, ApiResult, Domain, List, Query, domain_row, non_empty, parse_body, version_row,
 };
 use crate::{ApiError, AppState, ErrorCode};
 
@@ -36,8 +36,21 @@ pub struct VersionList {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ReportQuery {
-    format: Option<String>,
+    #[serde(default)]
+    format: ReportFormat,
+}
+
+/// `?format=`: the report as JSON (the default), Markdown or HTML.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+enum ReportFormat {
+    #[default]
+    Json,
+    #[serde(alias = "markdown")]
+    Md,
+    Html,
 }
 
 pub async fn report(
@@ -53,10 +66,10 @@ pub async fn report(
         )
     };
     let version = VersionId::parse(&version).ok_or_else(not_found)?;
-    let (file, content_type) = match q.format.as_deref() {
-        Some("md") | Some("markdown") => ("report.md", "text/markdown; charset=utf-8"),
-        Some("html") => ("report.html", "text/html; charset=utf-8"),
-        _ => ("report.json", "application/json"),
+    let (file, content_type) = match q.format {
+        ReportFormat::Md => ("report.md", "text/markdown; charset=utf-8"),
+        ReportFormat::Html => ("report.html", "text/html; charset=utf-8"),
+        ReportFormat::Json => ("report.json", "application/json"),
     };
     let bytes = state
         .registry

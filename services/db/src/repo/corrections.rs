@@ -11,18 +11,39 @@ use crate::sql::{Cells, Stamp, with_pool};
 use crate::{DbError, Result};
 
 impl Db {
-    /// Stores a batch in one transaction; duplicates (same content or same client id) are
-    /// counted, not stored. Returns only after the commit is durable.
+    /// Stores rows in one transaction: duplicates (the same content again) are counted, not
+    /// stored; a row whose client id names other content is not stored and is listed in
+    /// [`InsertOutcome::conflicts`], the rest are. Returns only after the commit is durable.
     pub async fn insert_corrections(
         &self,
         domain_id: i64,
         rows: &[Correction],
+    ) -> Result<InsertOutcome> {
+        self.insert(domain_id, rows, false).await
+    }
+
+    /// As [`Db::insert_corrections`], but a batch with any conflict stores nothing: the
+    /// outcome then lists the conflicts and counts nothing else.
+    pub async fn insert_corrections_all_or_nothing(
+        &self,
+        domain_id: i64,
+        rows: &[Correction],
+    ) -> Result<InsertOutcome> {
+        self.insert(domain_id, rows, true).await
+    }
+
+    async fn insert(
+        &self,
+        domain_id: i64,
+        rows: &[Correction],
+        all_or_nothing: bool,
     ) -> Result<InsertOutcome> {
         if let Some((writer, _)) = &self.writer {
             let (reply, outcome) = tokio::sync::oneshot::channel();
             let request = WriteRequest {
                 domain_id,
                 rows: rows.to_vec(),
+                all_or_nothing,
                 reply,
             };
             let gone = || DbError::Unsupported("the database writer has stopped".into());
@@ -33,6 +54,10 @@ impl Db {
         with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             let outcome = insert_rows!(&mut *tx, domain_id, rows, created_at);
+            if all_or_nothing && !outcome.conflicts.is_empty() {
+                tx.rollback().await?;
+                return Ok(outcome.nothing_stored());
+            }
             tx.commit().await?;
             Ok(outcome)
         })

@@ -49,6 +49,48 @@ macro_rules! insert_rows {
                 }
             }
         }
+        // A row the index on (domain_id, client_id) refused is no duplicate if its id names
+        // other content: that is a conflict, reported, never swallowed. Read after the
+        // inserts, so this sees the rows of this transaction and, on PostgreSQL (read
+        // committed: each statement reads what is committed when it starts), the row of a
+        // racing upload the insert waited for. Only the row that holds the id has its hash.
+        const PER_LOOKUP: usize = 500;
+        let with_ids: Vec<(usize, &str, &str)> = $rows
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c): (usize, &flywheel_domain::Correction)| {
+                c.client_id
+                    .as_deref()
+                    .map(|id| (i, id, c.content_hash.as_str()))
+            })
+            .collect();
+        for ids in with_ids.chunks(PER_LOOKUP) {
+            let mut query = sqlx::QueryBuilder::new(
+                "SELECT client_id, content_hash FROM corrections WHERE domain_id = ",
+            );
+            query.push_bind($domain_id).push(" AND client_id IN (");
+            let mut list = query.separated(", ");
+            for (_, id, _) in ids {
+                list.push_bind(*id);
+            }
+            list.push_unseparated(")");
+            let stored: std::collections::HashMap<String, String> = query
+                .build_query_as::<(String, String)>()
+                .fetch_all($conn)
+                .await?
+                .into_iter()
+                .collect();
+            for (index, id, hash) in ids {
+                if stored.get(*id).is_some_and(|held| held != hash) {
+                    outcome.conflicts.push($crate::models::IdConflict {
+                        index: *index,
+                        client_id: (*id).to_owned(),
+                    });
+                }
+            }
+        }
+        // Conflicting rows were refused by the index, so they were counted as duplicates.
+        outcome.duplicates -= outcome.conflicts.len();
         outcome
     }};
 }
@@ -103,6 +145,8 @@ pub(super) async fn checkpoint_in_background(
 pub(super) struct WriteRequest {
     pub(super) domain_id: i64,
     pub(super) rows: Vec<Correction>,
+    /// Store nothing of this upload if any row conflicts (a JSON batch).
+    pub(super) all_or_nothing: bool,
     pub(super) reply: tokio::sync::oneshot::Sender<Result<InsertOutcome>>,
 }
 
@@ -190,12 +234,24 @@ async fn commit_group(
     let mut tx = pool.begin().await?;
     let mut outcomes = Vec::with_capacity(group.len());
     for request in group {
-        outcomes.push(insert_rows!(
-            &mut *tx,
-            request.domain_id,
-            &request.rows,
-            created_at
-        ));
+        // A batch that may conflict commits or rolls back on its own, inside the group.
+        let atomic = request.all_or_nothing && request.rows.iter().any(|c| c.client_id.is_some());
+        if atomic {
+            sqlx::query("SAVEPOINT upload").execute(&mut *tx).await?;
+        }
+        let mut outcome = insert_rows!(&mut *tx, request.domain_id, &request.rows, created_at);
+        if atomic {
+            if !outcome.conflicts.is_empty() {
+                sqlx::query("ROLLBACK TO SAVEPOINT upload")
+                    .execute(&mut *tx)
+                    .await?;
+                outcome = outcome.nothing_stored();
+            }
+            sqlx::query("RELEASE SAVEPOINT upload")
+                .execute(&mut *tx)
+                .await?;
+        }
+        outcomes.push(outcome);
     }
     tx.commit().await?;
     Ok(outcomes)
