@@ -274,7 +274,13 @@ impl Upload<'_> {
             })?;
             buf.extend_from_slice(&chunk);
             let mut start = 0;
+            // A line is too long whether it arrived whole in one read or not.
+            let mut too_long = false;
             while let Some(pos) = buf[start..].iter().position(|&b| b == b'\n') {
+                if pos > max_line {
+                    too_long = true;
+                    break;
+                }
                 line_no += 1;
                 self.line(&buf[start..start + pos], line_no, &mut pending);
                 start += pos + 1;
@@ -283,7 +289,7 @@ impl Upload<'_> {
                 }
             }
             buf.drain(..start);
-            if buf.len() > max_line {
+            if too_long || buf.len() > max_line {
                 // Flush, then refuse: the message says the lines before it were stored.
                 self.flush(&mut pending, line_no + 1).await?;
                 return Err(ApiError::new(
