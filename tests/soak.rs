@@ -4,13 +4,14 @@
 //! per route, draws both series (`$CARGO_TARGET_TMPDIR/soak-*.svg`), and checks that nothing
 //! failed and that every acknowledged row is in the database at the end.
 //!
-//! `soak_short` (in `cargo test`): 60 s at 300 requests/s. It asserts correctness and boundedness
-//! only: latency on a shared 2-core CI machine is reported, never asserted.
-//! `soak_full` (its own command; README): 10 minutes at 1,000 requests/s, and asserts the
-//! targets too — p99 of a single POST ≤ 10 ms, RSS and WAL flat after warm-up:
+//! In `cargo test`: 60 s at 300 requests/s, asserting correctness and boundedness only: latency
+//! on a shared 2-core CI machine is reported, never asserted. As its own command (README): ten
+//! minutes at 1,000 requests/s, asserting the targets too — p99 of a single POST ≤ 10 ms, RSS
+//! and WAL flat after warm-up:
 //!
 //! ```sh
-//! FLYWHEEL_SOAK_SECONDS=600 cargo test --release -p flywheel --test soak -- --ignored
+//! FLYWHEEL_SOAK_SECONDS=600 FLYWHEEL_SOAK_RATE=1000 FLYWHEEL_SOAK_TARGETS=1 \
+//!     cargo test --release -p flywheel --test soak -- --nocapture
 //! ```
 //!
 //! Both run against SQLite, or PostgreSQL with `FLYWHEEL_TEST_DATABASE=postgres`.
@@ -29,22 +30,14 @@ struct Plan {
     targets: bool,
 }
 
+/// 60 s at 300 requests/s by default; `FLYWHEEL_SOAK_TARGETS=1` also asserts the latency and
+/// flatness targets (the ten-minute command in the README sets it).
 #[test]
-fn soak_short() {
+fn soak_mixed_traffic() {
     soak(Plan {
         seconds: env_u64("FLYWHEEL_SOAK_SECONDS", 60),
         rate: env_u64("FLYWHEEL_SOAK_RATE", 300),
-        targets: false,
-    });
-}
-
-#[test]
-#[ignore = "ten minutes: its own command, FLYWHEEL_SOAK_SECONDS=600 cargo test --release -p flywheel --test soak -- --ignored"]
-fn soak_full() {
-    soak(Plan {
-        seconds: env_u64("FLYWHEEL_SOAK_SECONDS", 600),
-        rate: env_u64("FLYWHEEL_SOAK_RATE", 1000),
-        targets: true,
+        targets: env_u64("FLYWHEEL_SOAK_TARGETS", 0) == 1,
     });
 }
 
