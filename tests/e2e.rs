@@ -2662,3 +2662,177 @@ async fn a_bad_jobs_query_string_is_code_and_message() {
     let (status, body) = app.get("/v1/jobs?limit=5&status=queued").await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// A client of the API with a bearer token, for the tests that run with auth on.
+fn authed(app: &TestApp, token: &str) -> impl Fn(&str, &str, Option<Value>) -> BoxedCall + use<> {
+    let (client, base, token) = (app.client.clone(), app.base.clone(), token.to_owned());
+    move |method, path, body| {
+        let mut req = client
+            .request(method.parse().unwrap(), format!("{base}{path}"))
+            .bearer_auth(&token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        Box::pin(async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let text = resp.text().await.unwrap();
+            (
+                status,
+                serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            )
+        })
+    }
+}
+
+type BoxedCall = std::pin::Pin<Box<dyn std::future::Future<Output = (u16, Value)> + Send>>;
+
+/// Issue #20, 9: `GET /v1/jobs?limit=` counts only the caller's jobs, and requests racing to
+/// start a run get one 201 and `409 job_in_flight` for the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_lists_are_scoped_before_the_limit_and_racing_starts_get_409() {
+    const ADMIN: &str = "fw_bootstrap_for_tests";
+    let app = TestApp::spawn_with(|c| {
+        c.auth = flywheel_api::AuthMode::Required;
+        c.bootstrap_admin_token = Some(ADMIN.into());
+        // No worker: jobs stay queued, so each domain keeps its one job in flight.
+        c.worker.queues.clear();
+    })
+    .await;
+    let admin = authed(&app, ADMIN);
+    let label = app.labels[0].clone();
+    for name in ["banking", "cards", "loans", "race"] {
+        let spec = json!({"name": name, "task": "classification", "base_model": app.model_dir,
+            "labels": app.labels, "policy": {"min_new_corrections": 100_000}});
+        let (status, body) = admin("POST", "/v1/domains", Some(spec)).await;
+        assert_eq!(status, 201, "{body}");
+        let row = json!({"input": format!("a question for {name}"), "expected": label});
+        let path = format!("/v1/domains/{name}/corrections");
+        assert_eq!(admin("POST", &path, Some(row)).await.0, 202);
+    }
+    // banking's job is the oldest of three.
+    for name in ["banking", "cards", "loans"] {
+        let (status, body) = admin("POST", &format!("/v1/domains/{name}/jobs"), None).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let (status, body) = admin(
+        "POST",
+        "/v1/tokens",
+        Some(json!({"name": "dept-banking", "role": "department", "domains": ["banking"]})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let department = authed(&app, body["token"].as_str().unwrap());
+    let (status, body) = department("GET", "/v1/jobs?limit=1", None).await;
+    assert_eq!(status, 200, "{body}");
+    let domains: Vec<&str> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["domain"].as_str().unwrap())
+        .collect();
+    assert_eq!(domains, ["banking"], "{body}");
+    let (_, body) = admin("GET", "/v1/jobs?limit=2", None).await;
+    let domains: Vec<&str> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["domain"].as_str().unwrap())
+        .collect();
+    assert_eq!(domains, ["loans", "cards"], "{body}");
+
+    // Eight requests race to start `race`'s first run: one wins, the others are told why.
+    let racers: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(admin("POST", "/v1/domains/race/jobs", None)))
+        .collect();
+    let mut statuses = Vec::new();
+    for racer in racers {
+        let (status, body) = racer.await.unwrap();
+        if status != 201 {
+            let message = error_of(status, &body, 409, "job_in_flight");
+            assert!(message.contains("one run at a time"), "{message}");
+        }
+        statuses.push(status);
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 201).count(),
+        1,
+        "{statuses:?}"
+    );
+}
+
+/// Issue #20, 9: HEAD is GET without a body (under GET's permissions), a method a route does
+/// not take is `405 method_not_allowed`, and a path segment that is not UTF-8 is
+/// `400 malformed_request`: each with the `{code, message}` body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_wrong_methods_and_undecodable_paths_answer_the_contract() {
+    const ADMIN: &str = "fw_bootstrap_for_tests";
+    let app = TestApp::spawn_with(|c| {
+        c.auth = flywheel_api::AuthMode::Required;
+        c.bootstrap_admin_token = Some(ADMIN.into());
+    })
+    .await;
+    let head = |path: &str, token: Option<&str>| {
+        let mut req = app.client.head(format!("{}{path}", app.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(head("/healthz", None).await, 200);
+    assert_eq!(head("/v1/domains", None).await, 401);
+    assert_eq!(head("/v1/domains", Some(ADMIN)).await, 200);
+
+    let admin = authed(&app, ADMIN);
+    for (method, path) in [
+        ("DELETE", "/v1/jobs"),
+        ("PUT", "/healthz"),
+        ("GET", "/v1/domains/banking/rollback"),
+    ] {
+        let (status, body) = admin(method, path, None).await;
+        let message = error_of(status, &body, 405, "method_not_allowed");
+        assert!(message.contains(method), "{method} {path}: {message}");
+    }
+    for path in [
+        "/v1/domains/%ff%fe/versions",
+        "/v1/jobs/%ff",
+        "/v1/domains/%c3/aliases/production",
+        "/v1/tokens/%80",
+    ] {
+        let method = if path.starts_with("/v1/tokens") {
+            "DELETE"
+        } else {
+            "GET"
+        };
+        let (status, body) = admin(method, path, None).await;
+        let message = error_of(status, &body, 400, "malformed_request");
+        assert!(message.contains("UTF-8"), "{path}: {message}");
+    }
+}
+
+/// Issue #20, 10: with a metrics token set, `/metrics` (whose labels name every domain) answers
+/// only to it; `/healthz` stays open for probes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metrics_token_keeps_domain_names_from_anonymous_scrapers() {
+    let app =
+        TestApp::spawn_with(|c| c.metrics_token = Some("scrape-secret-0123456789".into())).await;
+    app.create_domain(100_000).await;
+    let (status, body) = app.get("/metrics").await;
+    let message = error_of(status, &body, 401, "unauthenticated");
+    assert!(message.contains("metrics token"), "{message}");
+    let scrape = |token: &'static str| {
+        let req = app
+            .client
+            .get(format!("{}/metrics", app.base))
+            .bearer_auth(token);
+        async move {
+            let resp = req.send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    };
+    assert_eq!(scrape("not-the-metrics-token").await.0, 401);
+    let (status, text) = scrape("scrape-secret-0123456789").await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("flywheel_"), "{text}");
+    assert_eq!(app.get("/healthz").await.0, 200);
+}

@@ -28,6 +28,9 @@ struct Plan {
     rate: u64,
     /// Assert the latency and flatness targets, not only correctness.
     targets: bool,
+    /// Keep the scheduler training during the load (`FLYWHEEL_SOAK_TRAINING=0`: never, for a
+    /// baseline to compare with).
+    training: bool,
 }
 
 /// 60 s at 300 requests/s by default; `FLYWHEEL_SOAK_TARGETS=1` also asserts the latency and
@@ -38,6 +41,7 @@ fn soak_mixed_traffic() {
         seconds: env_u64("FLYWHEEL_SOAK_SECONDS", 60),
         rate: env_u64("FLYWHEEL_SOAK_RATE", 300),
         targets: env_u64("FLYWHEEL_SOAK_TARGETS", 0) == 1,
+        training: env_u64("FLYWHEEL_SOAK_TRAINING", 1) == 1,
     });
 }
 
@@ -120,7 +124,10 @@ fn soak(plan: Plan) {
             "base_model": model_dir,
             "labels": labels,
             // Small enough that the scheduler keeps training while the load runs.
-            "policy": {"min_new_corrections": 2000, "holdout_fraction": 0.2},
+            "policy": {
+                "min_new_corrections": if plan.training { 2000 } else { 1_000_000_000 },
+                "holdout_fraction": 0.2,
+            },
         });
         let resp = client
             .post(format!("{}/v1/domains", server.base))
@@ -176,9 +183,10 @@ fn soak(plan: Plan) {
         &missing[..missing.len().min(5)]
     );
     assert!(!tally.acknowledged.is_empty(), "nothing was acknowledged");
-    assert!(
+    assert_eq!(
         !jobs.is_empty(),
-        "the scheduler never trained during the soak"
+        plan.training,
+        "training during the soak: {jobs:?}"
     );
 
     let warm = samples.iter().filter(|s| s.at >= plan.seconds as f64 / 3.0);
@@ -334,8 +342,14 @@ fn report(plan: &Plan, tally: &Arc<Mutex<Tally>>, samples: &[Sample], database: 
         Database::Postgres(_) => "postgres",
     };
     eprintln!(
-        "soak on {kind}: {} s at {} requests/s",
-        plan.seconds, plan.rate
+        "soak on {kind}: {} s at {} requests/s, {}",
+        plan.seconds,
+        plan.rate,
+        if plan.training {
+            "training"
+        } else {
+            "not training"
+        }
     );
     eprintln!(
         "{:<8} {:>8} {:>9} {:>9} {:>9}",

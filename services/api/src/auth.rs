@@ -18,6 +18,13 @@ use crate::{ApiError, AppState, AuthMode, ErrorCode, Principal};
 /// The rule for a route. `None`: public. A route missing from the table is admin-only, so an
 /// endpoint is never open by accident.
 fn rule(method: &Method, route: &str) -> Option<(&'static [Role], Scope)> {
+    // HEAD is answered by the GET route (axum runs it and drops the body), so it is GET's
+    // rule that applies.
+    let method = if method == Method::HEAD {
+        &Method::GET
+    } else {
+        method
+    };
     let access = crate::routes::ROUTES
         .iter()
         .find(|r| r.path == route && r.verb.as_str() == method.as_str())
@@ -88,7 +95,13 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
         Scope::Domain | Scope::Job => {
             let params = match req.extract_parts::<RawPathParams>().await {
                 Ok(p) => p,
-                Err(e) => return e.into_response(),
+                Err(e) => {
+                    return ApiError::new(
+                        ErrorCode::MalformedRequest,
+                        format!("path: {}", e.body_text()),
+                    )
+                    .into_response();
+                }
             };
             let param = |key: &str| {
                 params

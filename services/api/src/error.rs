@@ -2,7 +2,7 @@
 //! status in one table.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use flywheel_domain::{Invalid, InvalidKind};
 use serde::Serialize;
@@ -34,6 +34,7 @@ macro_rules! error_codes {
 // The table.
 error_codes! {
     MalformedJson => BAD_REQUEST,
+    MalformedRequest => BAD_REQUEST,
     Unauthenticated => UNAUTHORIZED,
     Forbidden => FORBIDDEN,
     InvalidField => UNPROCESSABLE_ENTITY,
@@ -45,6 +46,7 @@ error_codes! {
     RequestTimeout => REQUEST_TIMEOUT,
     UnsupportedMediaType => UNSUPPORTED_MEDIA_TYPE,
     RouteNotFound => NOT_FOUND,
+    MethodNotAllowed => METHOD_NOT_ALLOWED,
     DomainNotFound => NOT_FOUND,
     DomainExists => CONFLICT,
     JobNotFound => NOT_FOUND,
@@ -181,4 +183,46 @@ impl From<flywheel_promotion::PromotionError> for ApiError {
             ),
         }
     }
+}
+
+/// The backstop of the contract: a refusal made outside our handlers (an extractor or layer of
+/// axum's or tower-http's, in plain text or with no body) is rewritten to `{code, message}`,
+/// its text kept as the message. Our own errors pass through untouched.
+pub async fn contract(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if status.as_u16() < 400 || is_json {
+        return response;
+    }
+    let code = match status {
+        StatusCode::UNAUTHORIZED => ErrorCode::Unauthenticated,
+        StatusCode::FORBIDDEN => ErrorCode::Forbidden,
+        StatusCode::NOT_FOUND => ErrorCode::RouteNotFound,
+        StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+        StatusCode::REQUEST_TIMEOUT => ErrorCode::RequestTimeout,
+        StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
+        StatusCode::UNPROCESSABLE_ENTITY => ErrorCode::InvalidField,
+        s if s.is_client_error() => ErrorCode::MalformedRequest,
+        _ => ErrorCode::Internal,
+    };
+    let text = axum::body::to_bytes(response.into_body(), 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let message = if text.is_empty() || code == ErrorCode::Internal {
+        status
+            .canonical_reason()
+            .unwrap_or("request refused")
+            .to_owned()
+    } else {
+        text
+    };
+    let mut out = ApiError::new(code, message).into_response();
+    // The status is the one the refusal chose, even where our table maps the code elsewhere.
+    *out.status_mut() = status;
+    out
 }

@@ -70,6 +70,9 @@ pub struct AppState {
     pub nudge: Arc<Notify>,
     pub limits: Limits,
     pub auth: AuthMode,
+    /// When set, `/metrics` answers only to `Authorization: Bearer <this>` (it names every
+    /// domain); stored as its sha256.
+    pub metrics_token_hash: Option<String>,
 }
 
 /// What a process serves over HTTP.
@@ -95,6 +98,7 @@ pub fn router(state: AppState, surface: Surface) -> Router {
             state.clone(),
             record_latency,
         ))
+        .layer(axum::middleware::map_response(error::contract))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(RequestBodyTimeoutLayer::new(state.limits.body_idle_timeout))
         .with_state(state)

@@ -46,6 +46,9 @@ pub struct Config {
     /// An admin token to accept from the first start on (stored hashed), so a fresh install
     /// has a way in.
     pub bootstrap_admin_token: Option<String>,
+    /// A bearer token `/metrics` asks for; `None` leaves it open, as Prometheus expects by
+    /// default.
+    pub metrics_token: Option<String>,
 }
 
 impl Config {
@@ -60,6 +63,7 @@ impl Config {
             database: None,
             auth: AuthMode::Required,
             bootstrap_admin_token: None,
+            metrics_token: None,
         }
     }
 
@@ -202,6 +206,10 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         nudge: nudge.clone(),
         limits: config.limits.clone(),
         auth: config.auth,
+        metrics_token_hash: config
+            .metrics_token
+            .as_deref()
+            .map(|t| flywheel_domain::auth::hash_token(t.trim())),
     };
     let mut api_stop = stopped.clone();
     let surface = if config.api {

@@ -84,6 +84,10 @@ enum Command {
         /// An admin token accepted from the first start on (stored hashed).
         #[arg(long, env = "FLYWHEEL_BOOTSTRAP_ADMIN_TOKEN", hide_env_values = true)]
         bootstrap_admin_token: Option<String>,
+        /// A bearer token that /metrics then asks for (it names every domain); unset, /metrics
+        /// is open to whoever reaches the port.
+        #[arg(long, env = "FLYWHEEL_METRICS_TOKEN", hide_env_values = true)]
+        metrics_token: Option<String>,
     },
     /// Create or upgrade the database schema, then exit.
     Migrate,
@@ -175,6 +179,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             max_lora_rank,
             auth,
             bootstrap_admin_token,
+            metrics_token,
             job_lease_seconds,
             checkpoint_every_steps,
             slots,
@@ -188,6 +193,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 flywheel_api::AuthMode::Required
             };
             config.bootstrap_admin_token = bootstrap_admin_token;
+            config.metrics_token = metrics_token;
             config.api = roles.iter().any(|r| r == "api");
             config.worker.scheduler = roles.iter().any(|r| r == "scheduler");
             config.worker.queues = roles

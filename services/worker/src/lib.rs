@@ -2,9 +2,11 @@
 //! queue workers that run each job's stages (train → evaluate → publish) through apalis.
 //!
 //! This crate moves data between the database, local work directories and the registry, and
-//! hands the heavy lifting to the trainer and evaluator on blocking threads. It knows nothing
+//! hands the heavy lifting to the trainer and evaluator on compute threads that yield the CPU
+//! to everything else in the process (`compute`). It knows nothing
 //! of HTTP, and moves `production` only through `flywheel-promotion`.
 
+mod compute;
 mod pipeline;
 mod publish;
 mod scheduler;
@@ -273,6 +275,7 @@ pub async fn run(
     nudge: Arc<Notify>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), WorkerError> {
+    compute::init_pool();
     let scheduler = ctx
         .config
         .scheduler

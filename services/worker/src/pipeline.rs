@@ -224,7 +224,7 @@ pub async fn train(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDy
         // Set when the job is cancelled; the trainer stops at its next step.
         let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop = cancelled.clone();
-        let handle = tokio::task::spawn_blocking(move || {
+        let handle = crate::compute::spawn("train", move || {
             let mut on_step = |step: &flywheel_trainer::TrainStep| {
                 let _ = tx.send(step.clone());
                 !stop.load(std::sync::atomic::Ordering::Relaxed)
@@ -305,9 +305,7 @@ pub async fn train(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDy
                     .await?;
             }
         }
-        let report = handle
-            .await
-            .map_err(|e| WorkerError::Job(format!("trainer panicked: {e}")))??;
+        let report = handle.await??;
         write_json(&dir.join("train_report.json"), &report)?;
         write_json(&dir.join("train_spec.json"), &spec)?;
         // Training is done: its checkpoints are not needed again, here or in the registry.
@@ -393,9 +391,9 @@ pub async fn evaluate(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Bo
             training_inputs,
             policy: domain.spec.policy.clone(),
         };
-        let evaluation = tokio::task::spawn_blocking(move || flywheel_evaluator::evaluate(&spec))
-            .await
-            .map_err(|e| WorkerError::Job(format!("evaluator panicked: {e}")))??;
+        let evaluation =
+            crate::compute::spawn("evaluate", move || flywheel_evaluator::evaluate(&spec))
+                .await??;
         write_json(&dir.join("evaluation.json"), &evaluation)?;
         ctx.registry
             .stage_file(

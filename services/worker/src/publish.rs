@@ -87,12 +87,11 @@ async fn serving_checks(
         )));
     }
     let (base_dir, adapter_dir) = (base.to_owned(), candidate.to_owned());
-    let delta = tokio::task::spawn_blocking(move || {
+    let delta = crate::compute::spawn("adapter-check", move || {
         let texts: Vec<&str> = probes.iter().map(String::as_str).collect();
         flywheel_trainer::adapter_output_delta(&base_dir, &adapter_dir, &texts)
     })
-    .await
-    .map_err(|e| WorkerError::Job(format!("adapter check panicked: {e}")))??;
+    .await??;
     // Below f32 noise on these magnitudes the adapter does nothing.
     if delta <= 1e-6 {
         return Err(WorkerError::Job(format!(

@@ -1,7 +1,7 @@
 //! Aliases: what a serving fleet reads (the version, its files, the escalation threshold), a
 //! hand move of any alias but production, and an alias's history.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use flywheel_db::DomainRow;
@@ -10,7 +10,9 @@ use flywheel_promotion::Promotion;
 use flywheel_registry::AliasMove;
 use serde::{Deserialize, Serialize};
 
-use super::shared::{Acting, ApiResult, List, domain_row, non_empty, parse_body, version_row};
+use super::shared::{
+    Acting, ApiResult, List, Path, domain_row, non_empty, parse_body, version_row,
+};
 use crate::{ApiError, AppState, ErrorCode};
 
 /// Alias names are plain words: they become object keys.

@@ -3,14 +3,14 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::{Extension, Json};
 use flywheel_db::DomainRow;
 use flywheel_domain::CorrectionDraft;
 use serde::{Deserialize, Serialize};
 
-use super::shared::{ApiResult, domain_row, parse_json};
+use super::shared::{ApiResult, Path, domain_row, parse_json};
 use crate::{ApiError, AppState, ErrorCode, Principal};
 
 /// A batch may also come wrapped: `{"corrections": [...]}`.

@@ -1,15 +1,15 @@
 //! Fine-tune jobs: a domain's and the caller's, one job, starting one now, cancelling, and the
 //! progress events and checkpoints a job records.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use flywheel_db::{JobEvent, JobRow};
-use flywheel_domain::{JobStatus, Trigger};
+use flywheel_domain::{JobStatus, Role, Trigger};
 use serde::{Deserialize, Serialize};
 
-use super::shared::{ApiResult, Domain, List, Query, domain_row, job_row};
+use super::shared::{ApiResult, Domain, List, Path, Query, domain_row, job_row};
 use crate::{ApiError, AppState, ErrorCode, Principal};
 
 pub async fn of_domain(
@@ -26,32 +26,24 @@ pub async fn start(
     Path(name): Path<String>,
 ) -> ApiResult<(StatusCode, Json<JobRow>)> {
     let domain = domain_row(&state, &name).await?;
-    if let Some(running) = state
-        .db
-        .jobs_of(domain.id)
-        .await?
-        .into_iter()
-        .find(|j| !j.status.is_terminal())
-    {
-        return Err(ApiError::new(
-            ErrorCode::JobInFlight,
-            format!(
-                "job {} of {name} is {}; one run at a time",
-                running.id,
-                running.status.as_str()
-            ),
-        ));
+    if let Some(running) = in_flight(&state, domain.id).await? {
+        return Err(job_in_flight(&name, &running));
     }
-    let id = state
+    let Some(id) = state
         .db
         .try_create_job(domain.id, Trigger::Manual, 0)
         .await?
-        .ok_or_else(|| {
-            ApiError::new(
+    else {
+        // Refused in the database: another request's job won the race, or there is nothing
+        // to train on.
+        return Err(match in_flight(&state, domain.id).await? {
+            Some(running) => job_in_flight(&name, &running),
+            None => ApiError::new(
                 ErrorCode::InvalidField,
-                format!("{name} has no corrections yet (or another run just started)"),
-            )
-        })?;
+                format!("{name} has no corrections yet; send some first"),
+            ),
+        });
+    };
     state
         .db
         .add_event(
@@ -65,6 +57,27 @@ pub async fn start(
     state.nudge.notify_one();
     let job = state.db.job(&id).await?.expect("just created");
     Ok((StatusCode::CREATED, Json(job)))
+}
+
+/// The domain's queued or running job, if any.
+async fn in_flight(state: &AppState, domain_id: i64) -> ApiResult<Option<JobRow>> {
+    Ok(state
+        .db
+        .jobs_of(domain_id)
+        .await?
+        .into_iter()
+        .find(|j| !j.status.is_terminal()))
+}
+
+fn job_in_flight(domain: &str, running: &JobRow) -> ApiError {
+    ApiError::new(
+        ErrorCode::JobInFlight,
+        format!(
+            "job {} of {domain} is {}; one run at a time",
+            running.id,
+            running.status.as_str()
+        ),
+    )
 }
 
 #[derive(Deserialize)]
@@ -92,8 +105,17 @@ pub async fn all(
         })?),
     };
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let mut jobs = state.db.jobs(status, limit).await?;
-    jobs.retain(|j| who.sees(&j.domain));
+    // The scope is applied before the limit: a department's newest jobs, not its share of
+    // everyone's newest.
+    if who.role == Role::Admin {
+        return Ok(Json(state.db.jobs(status, None, limit).await?.into()));
+    }
+    let mut jobs = Vec::new();
+    for domain in &who.domains {
+        jobs.extend(state.db.jobs(status, Some(domain), limit).await?);
+    }
+    jobs.sort_by(|a, b| (b.created_at, b.id.as_str()).cmp(&(a.created_at, a.id.as_str())));
+    jobs.truncate(limit as usize);
     Ok(Json(jobs.into()))
 }
 

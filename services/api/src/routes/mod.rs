@@ -88,4 +88,10 @@ pub fn router(surface: Surface) -> axum::Router<AppState> {
             router.route(r.path, (r.handler)(r.verb.filter()))
         })
         .fallback(|| async { ApiError::new(ErrorCode::RouteNotFound, "no such route") })
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            ApiError::new(
+                ErrorCode::MethodNotAllowed,
+                format!("this route does not take {method}; see /openapi.json"),
+            )
+        })
 }

@@ -2,13 +2,13 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use flywheel_domain::JobStatus;
 use serde::Serialize;
 
 use super::shared::ApiResult;
-use crate::AppState;
+use crate::{ApiError, AppState, ErrorCode};
 
 #[derive(Serialize)]
 pub struct Health {
@@ -20,7 +20,21 @@ pub async fn healthz(State(state): State<AppState>) -> ApiResult<Json<Health>> {
     Ok(Json(Health { status: "ok" }))
 }
 
-pub async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
+pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
+    if let Some(want) = &state.metrics_token_hash {
+        let sent = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(|t| flywheel_domain::auth::hash_token(t.trim()));
+        // Hashes, not secrets, are compared, so the comparison's timing says nothing useful.
+        if sent.as_ref() != Some(want) {
+            return Err(ApiError::new(
+                ErrorCode::Unauthenticated,
+                "/metrics needs `Authorization: Bearer <the metrics token>` on this server",
+            ));
+        }
+    }
     for status in JobStatus::ALL {
         state
             .metrics

@@ -4,7 +4,7 @@
 use axum::Extension;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{FromRequestParts, Path, RawPathParams, State};
+use axum::extract::{FromRequestParts, RawPathParams, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use flywheel_db::{DomainRow, JobRow, VersionRow};
@@ -141,6 +141,27 @@ pub fn non_empty(field: &str, v: &str) -> ApiResult<()> {
     Ok(())
 }
 
+/// The path's segments as a `T`; a segment that is not UTF-8 once percent-decoded is
+/// `400 malformed_request` with the `{code, message}` body (axum's own `Path` answers in plain
+/// text).
+pub struct Path<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> ApiResult<Self> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| Path(p.0))
+            .map_err(|e| malformed_path(&e.body_text()))
+    }
+}
+
+/// `400 malformed_request` for a path axum could not decode, saying why.
+pub fn malformed_path(why: &str) -> ApiError {
+    ApiError::new(ErrorCode::MalformedRequest, format!("path: {why}"))
+}
+
 /// The domain the `{domain}` path segment names, looked up before the handler runs:
 /// `404 domain_not_found` if there is none.
 pub struct Domain(pub DomainRow);
@@ -151,7 +172,7 @@ impl FromRequestParts<AppState> for Domain {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
         let params = RawPathParams::from_request_parts(parts, state)
             .await
-            .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.body_text()))?;
+            .map_err(|e| malformed_path(&e.body_text()))?;
         let name = params
             .iter()
             .find_map(|(key, value)| (key == "domain").then_some(value))

@@ -1,15 +1,15 @@
 //! API tokens (admin only): create, list without secrets, revoke.
 
 use axum::body::Bytes;
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use flywheel_db::TokenRow;
 use flywheel_domain::Role;
 use serde::{Deserialize, Serialize};
 
-use super::shared::{ApiResult, List, domain_row, non_empty, parse_body};
+use super::shared::{ApiResult, List, Path, domain_row, non_empty, parse_body};
 use crate::{ApiError, AppState, ErrorCode, Principal};
 
 #[derive(Deserialize)]

@@ -3,7 +3,7 @@
 //! the alias move, the audit row) is `flywheel_promotion`'s; these handlers read the request
 //! and answer.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -13,7 +13,7 @@ use flywheel_promotion::Promotion;
 use serde::{Deserialize, Serialize};
 
 use super::shared::{
-    Acting, ApiResult, Domain, List, Query, domain_row, non_empty, parse_body, version_row,
+    Acting, ApiResult, Domain, List, Path, Query, domain_row, non_empty, parse_body, version_row,
 };
 use crate::{ApiError, AppState, ErrorCode};
 

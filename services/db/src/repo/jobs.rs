@@ -223,13 +223,21 @@ impl Db {
     }
 
     /// Jobs across domains, newest first, optionally of one status.
-    pub async fn jobs(&self, status: Option<JobStatus>, limit: i64) -> Result<Vec<JobRow>> {
+    /// The newest `limit` jobs, of one domain (by name) or of all.
+    pub async fn jobs(
+        &self,
+        status: Option<JobStatus>,
+        domain: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<JobRow>> {
         fetch_all!(
             self,
             job_from_row,
             "SELECT j.*, d.name AS domain FROM training_jobs j JOIN domains d ON d.id = j.domain_id
-             WHERE ($1 IS NULL OR j.status = $1) ORDER BY j.created_at DESC LIMIT $2",
+             WHERE ($1 IS NULL OR j.status = $1) AND ($2 IS NULL OR d.name = $2)
+             ORDER BY j.created_at DESC, j.id DESC LIMIT $3",
             status.map(JobStatus::as_str),
+            domain,
             limit
         )
     }
