@@ -526,8 +526,51 @@ async fn bad_input_gets_a_stable_code_naming_the_field_and_loses_nothing() {
         ),
         "{err}"
     );
-    let (status, err) = app.post("/v1/domains", &json!({"name": "banking", "task": "classification", "base_model": "m", "labels": ["a", "b"]})).await;
+    let (status, err) = app.post("/v1/domains", &json!({"name": "banking", "task": "classification", "base_model": app.model_dir, "labels": ["a", "b"]})).await;
     assert_eq!((status, err["code"].as_str()), (409, Some("domain_exists")));
+    // A domain that could never train is refused at registration, saying why.
+    let empty = app.dir.path().join("empty-model");
+    std::fs::create_dir_all(&empty).unwrap();
+    for (task, base_model, code, says) in [
+        (
+            "generation",
+            app.model_dir.clone(),
+            "invalid_field",
+            "cannot generate",
+        ),
+        (
+            "classification",
+            empty.display().to_string(),
+            "invalid_field",
+            "no config.json",
+        ),
+        (
+            "classification",
+            "/no/such/model".into(),
+            "unknown_base_model",
+            "no model directory",
+        ),
+    ] {
+        let labels = if task == "generation" {
+            json!([])
+        } else {
+            json!(["a", "b"])
+        };
+        let (status, err) = app
+            .post("/v1/domains", &json!({"name": "unusable", "task": task, "base_model": base_model, "labels": labels}))
+            .await;
+        let message = error_of(status, &err, 422, code);
+        assert!(
+            message.starts_with("base_model: ") && message.contains(says),
+            "{message}"
+        );
+    }
+    // Unknown keys are refused, not dropped.
+    let (status, err) = app
+        .post("/v1/domains", &json!({"name": "knobs", "task": "classification", "base_model": app.model_dir, "labels": ["a", "b"], "hyperparameters": {"epochs": 3}}))
+        .await;
+    let message = error_of(status, &err, 422, "invalid_field");
+    assert!(message.contains("hyperparameters"), "{message}");
 
     // Everything accepted before, between and after the errors is still there.
     let (_, domain) = app.get("/v1/domains/banking").await;
@@ -643,6 +686,7 @@ async fn a_classification_domain_on_a_causal_lm_is_trained_and_published() {
         &std::fs::read(app.registry_path("domains/banking/versions/v1/manifest.json")).unwrap(),
     )
     .unwrap();
+    assert_eq!(manifest["lineage"]["policy"]["version"], 1, "{manifest}");
     let training = &manifest["lineage"]["training"];
     assert!(
         training["validation_curve"].as_array().unwrap().len() >= 2,
@@ -2835,4 +2879,241 @@ async fn a_metrics_token_keeps_domain_names_from_anonymous_scrapers() {
     assert_eq!(status, 200, "{text}");
     assert!(text.contains("flywheel_"), "{text}");
     assert_eq!(app.get("/healthz").await.0, 200);
+}
+
+/// Issue #21, 1: a domain's policy is edited by PATCH (a merge patch, validated whole), each
+/// change a numbered version kept whole and audited with before and after; stewards change the
+/// gate's rules only; what cannot change yet is refused saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_domain_policy_is_edited_versioned_and_audited() {
+    const ADMIN: &str = "fw_bootstrap_for_tests";
+    let app = TestApp::spawn_with(|c| {
+        c.auth = flywheel_api::AuthMode::Required;
+        c.bootstrap_admin_token = Some(ADMIN.into());
+    })
+    .await;
+    let admin = authed(&app, ADMIN);
+    let spec = json!({"name": "banking", "task": "classification", "base_model": app.model_dir,
+        "labels": app.labels, "policy": {"min_new_corrections": 100_000}});
+    assert_eq!(admin("POST", "/v1/domains", Some(spec)).await.0, 201);
+    let mut tokens = Vec::new();
+    for (name, role) in [
+        ("steward-banking", "steward"),
+        ("dept-banking", "department"),
+    ] {
+        let (status, body) = admin(
+            "POST",
+            "/v1/tokens",
+            Some(json!({"name": name, "role": role, "domains": ["banking"]})),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        tokens.push(authed(&app, body["token"].as_str().unwrap()));
+    }
+    let (steward, department) = (&tokens[0], &tokens[1]);
+    let path = "/v1/domains/banking";
+
+    // A steward loosens the per-label rule: version 2.
+    let (status, body) = steward(
+        "PATCH",
+        path,
+        Some(json!({"policy": {"max_label_drop": 0.3, "min_label_support": 20}, "reason": "labels are sparse"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["policy_version"], 2, "{body}");
+    assert_eq!(body["policy"]["max_label_drop"], 0.3);
+    assert_eq!(body["policy"]["min_new_corrections"], 100_000);
+    // ...but not when a run starts, and a department changes nothing.
+    let (status, body) = steward(
+        "PATCH",
+        path,
+        Some(json!({"policy": {"min_new_corrections": 5}, "reason": "faster"})),
+    )
+    .await;
+    let message = error_of(status, &body, 403, "forbidden");
+    assert!(
+        message.starts_with("policy.min_new_corrections: "),
+        "{message}"
+    );
+    let (status, body) = department(
+        "PATCH",
+        path,
+        Some(json!({"policy": {"min_accuracy": 0.1}, "reason": "x"})),
+    )
+    .await;
+    error_of(status, &body, 403, "forbidden");
+
+    // The admin changes a trigger, then resets the steward's rule to its default: 3 and 4.
+    let (status, body) = admin(
+        "PATCH",
+        path,
+        Some(json!({"policy": {"min_new_corrections": 500}, "reason": "weekly volume"})),
+    )
+    .await;
+    assert_eq!(
+        (status, &body["policy_version"]),
+        (200, &json!(3)),
+        "{body}"
+    );
+    let (status, body) = admin(
+        "PATCH",
+        path,
+        Some(json!({"policy": {"max_label_drop": null}, "reason": "back to the default"})),
+    )
+    .await;
+    assert_eq!(
+        (status, &body["policy_version"]),
+        (200, &json!(4)),
+        "{body}"
+    );
+    assert_eq!(body["policy"]["max_label_drop"], 0.1);
+    // The same values again change nothing.
+    let (status, body) = admin(
+        "PATCH",
+        path,
+        Some(json!({"policy": {"min_new_corrections": 500}, "reason": "again"})),
+    )
+    .await;
+    assert_eq!(
+        (status, &body["policy_version"]),
+        (200, &json!(4)),
+        "{body}"
+    );
+
+    // Bad patches name what to fix, and change nothing.
+    for (patch, code, says) in [
+        (
+            json!({"policy": {"epochs": 3}, "reason": "r"}),
+            "invalid_field",
+            "unknown field `epochs`",
+        ),
+        (
+            json!({"policy": {"holdout_fraction": 0.9}, "reason": "r"}),
+            "invalid_field",
+            "policy.holdout_fraction",
+        ),
+        (
+            json!({"policy": {"min_accuracy": "high"}, "reason": "r"}),
+            "invalid_field",
+            "policy.min_accuracy",
+        ),
+        (
+            json!({"out_of_scope_label": "not-a-label", "reason": "r"}),
+            "invalid_field",
+            "out_of_scope_label",
+        ),
+        (
+            json!({"labels": {"add": ["x"]}, "reason": "r"}),
+            "invalid_field",
+            "labels: cannot be changed",
+        ),
+        (
+            json!({"policy": {"min_accuracy": 0.2}}),
+            "invalid_field",
+            "reason",
+        ),
+        (
+            json!({"policy": {"min_accuracy": 0.2}, "reason": "r".repeat(2001)}),
+            "invalid_field",
+            "at most 2000",
+        ),
+        (
+            json!({"hyperparameters": {}, "reason": "r"}),
+            "invalid_field",
+            "hyperparameters",
+        ),
+    ] {
+        let (status, body) = admin("PATCH", path, Some(patch.clone())).await;
+        let message = error_of(status, &body, 422, code);
+        assert!(message.contains(says), "{patch}: {message}");
+    }
+
+    let (status, body) = steward("GET", &format!("{path}/policy/history"), None).await;
+    assert_eq!(status, 200, "{body}");
+    let history: Vec<(i64, &str, &str)> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["version"].as_i64().unwrap(),
+                v["actor"].as_str().unwrap(),
+                v["reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        history,
+        [
+            (1, "registration", "registered"),
+            (2, "steward-banking", "labels are sparse"),
+            (3, "bootstrap-admin", "weekly volume"),
+            (4, "bootstrap-admin", "back to the default"),
+        ]
+    );
+    assert_eq!(body["data"][1]["policy"]["min_label_support"], 20);
+    let (_, log) = steward("GET", &format!("{path}/audit"), None).await;
+    let changes: Vec<&Value> = log["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "domain_change")
+        .collect();
+    assert_eq!(changes.len(), 3, "{log}");
+    assert_eq!(
+        changes[0]["data"]["before"]["policy"]["max_label_drop"],
+        0.1
+    );
+    assert_eq!(changes[0]["data"]["after"]["policy"]["max_label_drop"], 0.3);
+    assert_eq!(changes[0]["data"]["policy_version"], 2);
+}
+
+/// Issue #21, 4: an NDJSON upload is one unit for the scheduler. Its first 1,000 rows are
+/// committed (and over `min_new_corrections`) long before the rest arrive, yet the run the
+/// scheduler starts covers the whole upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_never_snapshots_part_of_an_upload() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn_with(|c| c.worker.queues.clear()).await;
+    app.create_domain(1_000).await;
+    let label = app.labels[0].clone();
+    let mut stream = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let head = "POST /v1/domains/banking/corrections HTTP/1.1\r\nhost: test\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let lines: String = (0..1_500).map(|i| ndjson_row(&label, i)).collect();
+    send_chunk(&mut stream, lines.as_bytes()).await;
+    // The first chunk is committed; the scheduler ticks every 200 ms meanwhile.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stored_in(&app, "banking").await < 1_000 {
+        assert!(
+            Instant::now() < deadline,
+            "the first chunk was never committed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, jobs) = app.get("/v1/domains/banking/jobs").await;
+    assert_eq!(jobs["data"], json!([]), "a job started mid-upload");
+    let lines: String = (1_500..2_500).map(|i| ndjson_row(&label, i)).collect();
+    send_chunk(&mut stream, lines.as_bytes()).await;
+    stream.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 202"), "{response}");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let job = loop {
+        let (_, jobs) = app.get("/v1/domains/banking/jobs").await;
+        if let Some(job) = jobs["data"].as_array().unwrap().first() {
+            break job.clone();
+        }
+        assert!(Instant::now() < deadline, "no job after the upload");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(stored_in(&app, "banking").await, 2_500);
+    assert_eq!(job["snapshot_max_id"], 2_500, "{job}");
 }

@@ -233,7 +233,7 @@ svg text{{font-size:11px;fill:#333}} svg .title{{font-size:12px;font-weight:600}
 pre{{background:#f6f6f6;padding:10px;overflow:auto}} li{{margin:2px 0}}
 </style></head><body>
 <h1>{d} {v} <span class="badge {cls}">{verdict}</span></h1>
-<p><b>Decision:</b> {reason} (rule <code>{rule}</code>)</p>
+<p><b>Decision:</b> {reason} (rule <code>{rule}</code>)</p>{remedy}
 <p>Evaluated on {n} held-out corrections against <b>{champ}</b>.</p>
 <table><tr><th>metric</th><th>champion</th><th>candidate</th></tr>
 <tr><td>accuracy</td><td>{ca}</td><td>{na}</td></tr>"#,
@@ -243,6 +243,15 @@ pre{{background:#f6f6f6;padding:10px;overflow:auto}} li{{margin:2px 0}}
         cls = verdict.1,
         reason = esc(&eval.decision.reason),
         rule = rule.as_str().unwrap_or("?"),
+        remedy = eval
+            .decision
+            .remedy
+            .as_deref()
+            .map(|r| format!(
+                "\n<p><b>What would have passed this rule:</b> {}</p>",
+                esc(r)
+            ))
+            .unwrap_or_default(),
         n = eval.holdout_size,
         champ = esc(&eval.champion_name),
         ca = pct(eval.champion.accuracy),

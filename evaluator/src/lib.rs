@@ -17,7 +17,7 @@ use std::path::PathBuf;
 pub use calibration::{
     Calibration, ReliabilityBin, Routing, RoutingPoint, calibration, pick_threshold,
 };
-pub use gate::{Decision, Evidence, Rule, decide, format_p};
+pub use gate::{Decision, Evidence, LabelFlips, Rule, decide, format_p};
 pub use html::render_html;
 pub use metrics::{
     LabelMetrics, Metrics, classification_metrics, generation_metrics, mcnemar_exact,
@@ -99,6 +99,10 @@ pub struct Evaluation {
     /// Up to 20 examples of each.
     pub fixed: Vec<Flip>,
     pub broken: Vec<Flip>,
+    /// Per expected label, the flips behind its recall change (classification; empty for
+    /// generation), so the gate can be applied again to a stored evaluation.
+    #[serde(default)]
+    pub label_flips: Vec<LabelFlips>,
     /// Recall on the out-of-scope label, champion and candidate, when the domain has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub out_of_scope: Option<OutOfScope>,
@@ -193,6 +197,12 @@ pub fn evaluate(spec: &EvalSpec) -> Result<Evaluation, EvalError> {
         }
     }
     let mcnemar_p = mcnemar_exact(b, c);
+    let label_flips = match spec.task {
+        Task::Classification => label_flips(&spec.labels, &spec.holdout, |i, row| {
+            (right(&champion[i], row), right(&candidate[i], row))
+        }),
+        Task::Generation => Vec::new(),
+    };
     let correct: Vec<bool> = spec
         .holdout
         .iter()
@@ -209,6 +219,7 @@ pub fn evaluate(spec: &EvalSpec) -> Result<Evaluation, EvalError> {
             p_value: mcnemar_p,
             ece: calibration.ece,
             champion_is_adapter: spec.champion_dir.is_some(),
+            label_flips: &label_flips,
         },
     );
     let out_of_scope = spec.out_of_scope_label.as_ref().and_then(|label| {
@@ -238,8 +249,39 @@ pub fn evaluate(spec: &EvalSpec) -> Result<Evaluation, EvalError> {
         broken_count: b,
         fixed,
         broken,
+        label_flips,
         calibration,
         routing,
         decision,
     })
+}
+
+/// Per label of `labels` (in order), how many of its holdout rows the candidate lost and
+/// gained against the champion; `outcome(i, row)` is (champion right, candidate right).
+fn label_flips(
+    labels: &[String],
+    holdout: &[HoldoutRow],
+    outcome: impl Fn(usize, &HoldoutRow) -> (bool, bool),
+) -> Vec<LabelFlips> {
+    let mut flips: Vec<LabelFlips> = labels
+        .iter()
+        .map(|l| LabelFlips {
+            label: l.clone(),
+            support: 0,
+            lost: 0,
+            gained: 0,
+        })
+        .collect();
+    for (i, row) in holdout.iter().enumerate() {
+        let Some(f) = flips.iter_mut().find(|f| f.label == row.expected) else {
+            continue;
+        };
+        f.support += 1;
+        match outcome(i, row) {
+            (true, false) => f.lost += 1,
+            (false, true) => f.gained += 1,
+            _ => {}
+        }
+    }
+    flips
 }

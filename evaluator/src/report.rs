@@ -23,6 +23,11 @@ pub fn render_markdown(
         eval.decision.reason,
         rule.as_str().unwrap_or("?")
     ));
+    if let Some(remedy) = &eval.decision.remedy {
+        s.push_str(&format!(
+            "**What would have passed this rule:** {remedy}\n\n"
+        ));
+    }
     s.push_str(&format!(
         "Evaluated on {} held-out corrections against `{}`.\n\n",
         eval.holdout_size, eval.champion_name
@@ -144,6 +149,7 @@ mod tests {
                 candidate: "card_arrival".into(),
             }],
             broken: vec![],
+            label_flips: vec![],
             out_of_scope: None,
             calibration: crate::calibration(&[0.9, 0.6], &[true, false], 10),
             routing: crate::pick_threshold(&[0.9, 0.6], &[true, false], 0.95),
@@ -152,6 +158,7 @@ mod tests {
                 awaiting_approval: false,
                 rule: Rule::NotSignificant,
                 reason: "held back: +10.0 points could be chance".into(),
+                remedy: Some("more held-out corrections".into()),
             },
         };
         let md = render_markdown("banking", "v2", &eval, &serde_json::json!({"seed": 1}));
@@ -159,6 +166,8 @@ mod tests {
         # banking v2: held back
 
         **Decision:** held back: +10.0 points could be chance (rule `not_significant`)
+
+        **What would have passed this rule:** more held-out corrections
 
         Evaluated on 80 held-out corrections against `v1 (production)`.
 

@@ -32,6 +32,7 @@ fn evaluation() -> Evaluation {
             p_value: p,
             ece: cal.ece,
             champion_is_adapter: true,
+            label_flips: &[],
         },
     );
     Evaluation {
@@ -42,6 +43,7 @@ fn evaluation() -> Evaluation {
         mcnemar_p: p,
         fixed_count: 3,
         broken_count: 0,
+        label_flips: Vec::new(),
         fixed: vec![Flip {
             text: "<b>where</b> is my card?".into(),
             expected: "card_arrival".into(),

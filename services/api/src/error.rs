@@ -57,6 +57,7 @@ error_codes! {
     JobInFlight => CONFLICT,
     JobNotCancellable => CONFLICT,
     IdempotencyConflict => CONFLICT,
+    EditConflict => CONFLICT,
     VersionCorrupt => INTERNAL_SERVER_ERROR,
     Internal => INTERNAL_SERVER_ERROR,
 }

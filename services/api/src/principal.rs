@@ -56,7 +56,15 @@ impl Principal {
                 ),
             )),
             (true, _) => Ok(self.name.clone()),
-            (false, Some(by)) if !by.trim().is_empty() => Ok(by),
+            (false, Some(by)) if !by.trim().is_empty() => {
+                if by.chars().count() > 128 || by.contains('\0') {
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidField,
+                        "by: at most 128 characters, no NUL",
+                    ));
+                }
+                Ok(by)
+            }
             (false, _) => Err(ApiError::new(
                 ErrorCode::InvalidField,
                 "by: must name who decides (or authenticate with a token)",

@@ -11,8 +11,8 @@ mod repo;
 mod sql;
 
 pub use models::{
-    AuditEntry, CorrectionRow, DomainRow, IdConflict, InsertOutcome, JobEvent, JobRow, TokenRow,
-    VersionRow,
+    AuditEntry, CorrectionRow, DomainRow, IdConflict, InsertOutcome, JobEvent, JobRow,
+    PolicyVersion, TokenRow, VersionRow,
 };
 pub use repo::{DatabaseUrl, Db, SQLITE_WRITER_CACHE_KIB};
 

@@ -9,6 +9,18 @@ pub struct DomainRow {
     #[serde(flatten)]
     pub spec: DomainSpec,
     pub created_at: DateTime<Utc>,
+    /// The number of the domain's current policy: 1 at registration, one more per change.
+    pub policy_version: i64,
+}
+
+/// One version of a domain's policy, kept whole: who set it, when and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyVersion {
+    pub version: i64,
+    pub policy: flywheel_domain::Policy,
+    pub actor: String,
+    pub reason: String,
+    pub at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -91,9 +91,15 @@ pub struct Policy {
     /// be below this.
     #[serde(default = "Policy::default_significance")]
     pub significance_level: f64,
-    /// No label's recall may fall by more than this (absolute) against the production adapter.
+    /// No label's recall may fall by more than this (absolute) against the production adapter,
+    /// where the fall is real: the label has `min_label_support` holdout rows and the paired
+    /// test on them passes `significance_level`.
     #[serde(default = "Policy::default_label_drop")]
     pub max_label_drop: f64,
+    /// Holdout rows a label needs before its recall can hold a candidate back; on fewer, one
+    /// row is many points and a drop says nothing.
+    #[serde(default = "Policy::default_label_support")]
+    pub min_label_support: u32,
     /// Ceiling on the candidate's expected calibration error (1 turns the rule off).
     #[serde(default = "Policy::default_one")]
     pub max_calibration_error: f64,
@@ -109,8 +115,10 @@ pub struct Policy {
     /// How corrections from a teacher model (`source: teacher`) count: distillation.
     #[serde(default)]
     pub teacher: TeacherPolicy,
-    /// Train anyway once the oldest untrained correction is this old (seconds).
-    #[serde(default)]
+    /// Train anyway once the oldest untrained correction is this old (seconds), however few
+    /// arrived: a day by default, so rows below `min_new_corrections` are never stranded;
+    /// `null` waits for `min_new_corrections` however long it takes.
+    #[serde(default = "Policy::default_staleness")]
     pub max_staleness_seconds: Option<u32>,
     /// Train on this cron schedule (UTC; 5 fields, or 6 with seconds) when anything is new.
     #[serde(default)]
@@ -167,6 +175,12 @@ impl Policy {
     fn default_label_drop() -> f64 {
         0.10
     }
+    fn default_staleness() -> Option<u32> {
+        Some(86_400)
+    }
+    fn default_label_support() -> u32 {
+        10
+    }
     fn default_one() -> f64 {
         1.0
     }
@@ -214,6 +228,12 @@ impl Policy {
                 "must be between -1 and 1",
             ));
         }
+        if self.min_label_support == 0 {
+            return Err(Invalid::field(
+                "policy.min_label_support",
+                "must be at least 1",
+            ));
+        }
         if let Some(raw) = &self.schedule {
             crate::schedule::parse_schedule(raw)?;
         }
@@ -242,12 +262,13 @@ impl Default for Policy {
             min_improvement: 0.0,
             significance_level: Self::default_significance(),
             max_label_drop: Self::default_label_drop(),
+            min_label_support: Self::default_label_support(),
             max_calibration_error: Self::default_one(),
             target_accuracy: Self::default_target(),
             require_approval: false,
             pii: Default::default(),
             teacher: Default::default(),
-            max_staleness_seconds: None,
+            max_staleness_seconds: Self::default_staleness(),
             schedule: None,
             cooldown_seconds: 0,
             early_stopping: false,
@@ -257,6 +278,7 @@ impl Default for Policy {
 
 /// A registered domain: one department's model and the rules for improving it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DomainSpec {
     pub name: DomainName,
     pub task: Task,

@@ -5,6 +5,7 @@
 //! no database, no HTTP, no files, no clock beyond what callers pass in.
 
 pub mod auth;
+mod base_model;
 mod correction;
 mod domain;
 mod job;
@@ -12,6 +13,7 @@ pub mod pii;
 pub mod schedule;
 
 pub use auth::Role;
+pub use base_model::{ModelFiles, check_base_model};
 pub use correction::{Correction, CorrectionDraft, Source, Split, content_hash, normalize_text};
 pub use domain::{DomainName, DomainSpec, Policy, Task};
 pub use job::{JobId, JobStatus, StageTask, Trigger, VersionId, VersionStatus};

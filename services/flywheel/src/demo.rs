@@ -11,7 +11,6 @@ use serde_json::{Value, json};
 use crate::{BANKING77_MINI, Config};
 
 const DOMAIN: &str = "banking";
-const BATCH: usize = 50;
 
 pub async fn run(dir: &Path) -> anyhow::Result<()> {
     if dir.exists() {
@@ -136,31 +135,51 @@ async fn expect(resp: reqwest::Response, status: u16) -> anyhow::Result<Value> {
     Ok(body)
 }
 
-/// Posts `rows` in batches with a progress bar; returns how many were accepted.
+/// Sends `rows` as one NDJSON upload, so the scheduler treats them as one unit (no job trains
+/// on part of them); returns how many were stored. Rows the server refused end it with one
+/// line naming the first of them (numbered as sent, from 1): the rest are stored, and sending
+/// the file again after fixing them stores nothing twice.
 pub async fn post_corrections(
     client: &reqwest::Client,
     base: &str,
     domain: &str,
     rows: &[Value],
 ) -> anyhow::Result<usize> {
-    let bar = ProgressBar::new(rows.len() as u64).with_style(
-        ProgressStyle::with_template("     {bar:30} {pos}/{len} corrections ({per_sec})")
-            .expect("template"),
-    );
-    let mut accepted = 0;
-    for chunk in rows.chunks(BATCH) {
-        let resp = client
-            .post(format!("{base}/v1/domains/{domain}/corrections"))
-            .json(&chunk)
-            .send()
-            .await
-            .with_context(|| format!("sending corrections to {base}"))?;
-        let body = expect(resp, 202).await?;
-        accepted += body["accepted"].as_u64().unwrap_or(0) as usize;
-        bar.inc(chunk.len() as u64);
+    let mut body = Vec::new();
+    for row in rows {
+        serde_json::to_writer(&mut body, row).context("encoding a correction")?;
+        body.push(b'\n');
     }
-    bar.finish();
-    Ok(accepted)
+    let resp = client
+        .post(format!("{base}/v1/domains/{domain}/corrections"))
+        .header(reqwest::header::CONTENT_TYPE, "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .with_context(|| format!("sending corrections to {base}"))?;
+    let status = resp.status().as_u16();
+    let answer: Value = resp.json().await.unwrap_or(Value::Null);
+    if status != 202 {
+        bail!(
+            "the server refused the upload ({status} {}): {}",
+            answer["code"].as_str().unwrap_or("?"),
+            answer["message"].as_str().unwrap_or("no message")
+        );
+    }
+    let stored = answer["accepted"].as_u64().unwrap_or(0) as usize;
+    let refused = answer["rejected_total"].as_u64().unwrap_or(0);
+    if refused > 0 {
+        let first = &answer["rejected"][0];
+        bail!(
+            "{refused} of {} rows refused, the first row {} ({}: {}); the other rows were \
+             stored — fix those rows and send the file again",
+            rows.len(),
+            first["line"],
+            first["code"].as_str().unwrap_or("?"),
+            first["message"].as_str().unwrap_or("")
+        );
+    }
+    Ok(stored)
 }
 
 async fn wait_for_job(client: &reqwest::Client, base: &str) -> anyhow::Result<Value> {

@@ -179,6 +179,8 @@ async fn lineage(
             "best_step": train_report.best_step,
             "stopped_early": train_report.stopped_early,
         },
+        // The policy version the gate applied (the domain's as the version is published).
+        "policy": { "version": domain.policy_version, "rules": domain.spec.policy },
         "decision": evaluation.decision,
         // Serving fleets read this: below it, escalate to the larger model.
         "escalation": {

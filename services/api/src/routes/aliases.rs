@@ -11,13 +11,14 @@ use flywheel_registry::AliasMove;
 use serde::{Deserialize, Serialize};
 
 use super::shared::{
-    Acting, ApiResult, List, Path, domain_row, non_empty, parse_body, version_row,
+    Acting, ApiResult, List, Path, check_reason, domain_row, parse_body, version_row,
 };
 use crate::{ApiError, AppState, ErrorCode};
 
 /// Alias names are plain words: they become object keys.
+/// An alias names a file in the registry: short, and of characters every store accepts.
 fn is_alias_name(alias: &str) -> bool {
-    !alias.is_empty()
+    (1..=64).contains(&alias.len())
         && alias
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
@@ -122,11 +123,11 @@ pub async fn move_by_hand(
 ) -> ApiResult<Json<AliasMove>> {
     let req: MoveRequest = parse_body(raw)?;
     let by = who.actor(req.by)?;
-    non_empty("reason", &req.reason)?;
+    check_reason(&req.reason)?;
     if !is_alias_name(&alias) {
         return Err(ApiError::new(
             ErrorCode::InvalidField,
-            format!("alias `{alias}`: use letters, digits, `-` and `_`"),
+            "alias: use 1-64 letters, digits, `-` and `_`",
         ));
     }
     Promotion::movable_by_hand(&alias)?;

@@ -81,6 +81,7 @@ pub async fn post(
         domain: &domain,
         who: &who,
         response: IngestResponse::default(),
+        open: None,
     };
     if ndjson {
         upload.ndjson(body).await?;
@@ -98,6 +99,9 @@ pub async fn post(
             })?;
         let valid = parse_batch(&state, &domain, &raw)?;
         upload.batch(valid).await?;
+    }
+    if let Some(open) = upload.open.take() {
+        open.close().await;
     }
     let response = upload.response;
     if response.accepted + response.duplicates > 0 {
@@ -202,6 +206,40 @@ struct Upload<'a> {
     domain: &'a DomainRow,
     who: &'a Principal,
     response: IngestResponse,
+    /// Set once an NDJSON upload commits its first chunk with more to come: while it is, no
+    /// job snapshots its rows, so a run never trains on part of one upload.
+    open: Option<OpenUpload>,
+}
+
+/// An upload registered as streaming (`open_uploads`); closed when the request ends, however
+/// it ends (a dropped connection drops the handler, and with it this).
+struct OpenUpload {
+    db: flywheel_db::Db,
+    id: Option<String>,
+}
+
+impl OpenUpload {
+    async fn close(mut self) {
+        if let Some(id) = self.id.take() {
+            close_upload(&self.db, &id).await;
+        }
+    }
+}
+
+impl Drop for OpenUpload {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            let db = self.db.clone();
+            tokio::spawn(async move { close_upload(&db, &id).await });
+        }
+    }
+}
+
+async fn close_upload(db: &flywheel_db::Db, id: &str) {
+    // Left open, the row stops holding snapshots back after its time-to-live.
+    if let Err(e) = db.close_upload(id).await {
+        tracing::warn!(error = %e, upload = id, "could not close an upload");
+    }
 }
 
 impl Upload<'_> {
@@ -285,6 +323,7 @@ impl Upload<'_> {
                 self.line(&buf[start..start + pos], line_no, &mut pending);
                 start += pos + 1;
                 if pending.len() >= NDJSON_CHUNK {
+                    self.mark_open().await?;
                     self.flush(&mut pending, line_no + 1).await?;
                 }
             }
@@ -308,6 +347,26 @@ impl Upload<'_> {
         }
         self.flush(&mut pending, line_no + 1).await?;
         self.response.rejected.sort_by_key(|e| e.line);
+        Ok(())
+    }
+
+    /// Before a chunk that more may follow: registers the upload as streaming, or says it
+    /// still is.
+    async fn mark_open(&mut self) -> ApiResult<()> {
+        match &self.open {
+            Some(open) => {
+                let id = open.id.as_deref().expect("closed only at the end");
+                self.state.db.touch_upload(id).await?;
+            }
+            None => {
+                let id = uuid::Uuid::new_v4().simple().to_string();
+                self.state.db.open_upload(&id, self.domain.id).await?;
+                self.open = Some(OpenUpload {
+                    db: self.state.db.clone(),
+                    id: Some(id),
+                });
+            }
+        }
         Ok(())
     }
 

@@ -1,17 +1,18 @@
-//! Domains: registration, the list a caller may see, and one domain with its counts.
+//! Domains: registration, the list a caller may see, one domain with its counts, and changes
+//! to its policy with their history.
 
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use flywheel_db::DomainRow;
-use flywheel_domain::DomainSpec;
+use flywheel_db::{DomainRow, PolicyVersion};
+use flywheel_domain::{DomainSpec, ModelFiles, Role, Task};
 use flywheel_promotion::Promotion;
 use flywheel_registry::{MODEL_REF_PREFIX, parse_model_ref};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::shared::{ApiResult, Domain, List, parse_body};
+use super::shared::{ApiResult, Domain, List, check_reason, domain_row, parse_body};
 use crate::{ApiError, AppState, ErrorCode, Principal};
 
 #[derive(Serialize)]
@@ -47,17 +48,58 @@ pub async fn create(
 ) -> ApiResult<(StatusCode, Json<DomainView>)> {
     let spec: DomainSpec = parse_body(raw)?;
     spec.validate()?;
-    if spec.base_model.starts_with(MODEL_REF_PREFIX) {
-        let id = parse_model_ref(&spec.base_model).ok_or_else(|| {
+    check_base_model(&state, spec.task, &spec.base_model).await?;
+    let row = state.db.create_domain(&spec).await?;
+    Ok((StatusCode::CREATED, Json(view(&state, row).await?)))
+}
+
+/// Refuses a base model that could never train `task`: one that does not exist, is not a
+/// supported family, lacks weights or a tokenizer, or cannot do the task. A registry model is
+/// judged from its manifest; a path from the directory as this process sees it.
+async fn check_base_model(state: &AppState, task: Task, base_model: &str) -> ApiResult<()> {
+    let (model_type, files) = if base_model.starts_with(MODEL_REF_PREFIX) {
+        let id = parse_model_ref(base_model).ok_or_else(|| {
             ApiError::new(
                 ErrorCode::InvalidField,
                 "base_model: `sha256:` must be followed by 64 lowercase hex digits",
             )
         })?;
-        state.registry.model_manifest(id).await?;
-    }
-    let row = state.db.create_domain(&spec).await?;
-    Ok((StatusCode::CREATED, Json(view(&state, row).await?)))
+        let manifest = state.registry.model_manifest(id).await?;
+        let files = manifest.files.into_iter().map(|f| f.name).collect();
+        (manifest.model_type, files)
+    } else {
+        let dir = std::path::Path::new(base_model);
+        let not_found = || {
+            ApiError::new(
+                ErrorCode::UnknownBaseModel,
+                format!(
+                    "base_model: there is no model directory at `{base_model}` on the server; \
+                     import one with `flywheel models import` and use its sha256: reference"
+                ),
+            )
+        };
+        let mut entries = tokio::fs::read_dir(dir).await.map_err(|_| not_found())?;
+        let mut files = Vec::new();
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            files.push(entry.file_name().to_string_lossy().into_owned());
+        }
+        let model_type = tokio::fs::read(dir.join("config.json"))
+            .await
+            .ok()
+            .and_then(|raw| serde_json::from_slice::<serde_json::Value>(&raw).ok())
+            .and_then(|config| config["model_type"].as_str().map(str::to_owned));
+        (model_type, files)
+    };
+    let what = format!("`{base_model}`");
+    flywheel_domain::check_base_model(
+        task,
+        &what,
+        &ModelFiles {
+            model_type: model_type.as_deref(),
+            files: &files,
+        },
+    )?;
+    Ok(())
 }
 
 pub async fn list(
@@ -74,4 +116,177 @@ pub async fn get(
     Domain(domain): Domain,
 ) -> ApiResult<Json<DomainView>> {
     Ok(Json(view(&state, domain).await?))
+}
+
+/// The policy fields a steward may change: the gate's rules and approval. Everything else
+/// (triggers, PII handling, the teacher's weight, the split) is an admin's.
+const STEWARD_POLICY_FIELDS: &[&str] = &[
+    "min_accuracy",
+    "min_improvement",
+    "significance_level",
+    "max_label_drop",
+    "min_label_support",
+    "max_calibration_error",
+    "target_accuracy",
+    "require_approval",
+];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainPatch {
+    /// A JSON merge patch (RFC 7396) of the policy: the keys given replace the current ones,
+    /// `null` puts a key back to its default.
+    #[serde(default)]
+    policy: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default, deserialize_with = "present")]
+    out_of_scope_label: Option<Option<String>>,
+    /// Refused with the reason: see [`change`].
+    #[serde(default)]
+    labels: Option<serde_json::Value>,
+    #[serde(default)]
+    base_model: Option<serde_json::Value>,
+    reason: String,
+    #[serde(default)]
+    by: Option<String>,
+}
+
+/// Tells an explicit `null` (`Some(None)`) from an absent field (`None`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+/// Changes a domain's policy or out-of-scope label: the next job trains and is gated under the
+/// new policy version, and the change is audited with before and after.
+pub async fn change(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Domain(mut domain): Domain,
+    raw: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<DomainView>> {
+    let patch: DomainPatch = parse_body(raw)?;
+    let by = who.actor(patch.by.clone())?;
+    check_reason(&patch.reason)?;
+    // The production adapter's head is sized to the label set and trained on the base model:
+    // changing either needs the champion evaluated on its own terms, which jobs do not do yet.
+    for (field, given) in [("labels", &patch.labels), ("base_model", &patch.base_model)] {
+        if given.is_some() {
+            return Err(ApiError::new(
+                ErrorCode::InvalidField,
+                format!(
+                    "{field}: cannot be changed on a registered domain yet (the production \
+                     adapter is tied to it); register a new domain for a new {field}"
+                ),
+            ));
+        }
+    }
+    if who.role == Role::Steward {
+        let admin_only = patch
+            .policy
+            .iter()
+            .flat_map(|p| p.keys())
+            .map(|k| format!("policy.{k}"))
+            .filter(|k| !STEWARD_POLICY_FIELDS.contains(&&k["policy.".len()..]))
+            .chain(
+                patch
+                    .out_of_scope_label
+                    .is_some()
+                    .then(|| "out_of_scope_label".to_owned()),
+            )
+            .next();
+        if let Some(field) = admin_only {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "{field}: a steward token may change the gate and approval rules ({}); ask \
+                     an admin for the rest",
+                    STEWARD_POLICY_FIELDS.join(", ")
+                ),
+            ));
+        }
+    }
+    // A concurrent change moves the version on: apply the patch to what is there now.
+    for _ in 0..5 {
+        let to = patched(&domain.spec, &patch)?;
+        if to == domain.spec {
+            return Ok(Json(view(&state, domain).await?));
+        }
+        match state
+            .db
+            .change_domain(&domain, &to, &by, &patch.reason)
+            .await?
+        {
+            Some(changed) => return Ok(Json(view(&state, changed).await?)),
+            None => domain = domain_row(&state, domain.spec.name.as_str()).await?,
+        }
+    }
+    Err(ApiError::new(
+        ErrorCode::EditConflict,
+        "the domain kept changing under this request; read it again and retry",
+    ))
+}
+
+/// `spec` with the patch applied, validated as a whole.
+fn patched(spec: &DomainSpec, patch: &DomainPatch) -> ApiResult<DomainSpec> {
+    let mut to = spec.clone();
+    if let Some(changes) = &patch.policy {
+        let mut policy = serde_json::to_value(&spec.policy).expect("a policy is JSON");
+        merge_patch(&mut policy, &serde_json::Value::Object(changes.clone()));
+        to.policy = serde_path_to_error::deserialize(policy).map_err(|e| {
+            ApiError::new(
+                ErrorCode::InvalidField,
+                format!("policy.{}: {}", e.path(), e.inner()),
+            )
+        })?;
+    }
+    if let Some(label) = &patch.out_of_scope_label {
+        to.out_of_scope_label = label.clone();
+    }
+    to.validate()?;
+    Ok(to)
+}
+
+/// RFC 7396: objects merge key by key, `null` removes a key, anything else replaces.
+fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    use serde_json::Value;
+    let Value::Object(changes) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(Default::default());
+    }
+    let fields = target.as_object_mut().expect("made an object above");
+    for (key, value) in changes {
+        if value.is_null() {
+            fields.remove(key);
+        } else {
+            merge_patch(fields.entry(key.clone()).or_insert(Value::Null), value);
+        }
+    }
+}
+
+/// Every version of the domain's policy, oldest first.
+pub async fn policy_history(
+    State(state): State<AppState>,
+    Domain(domain): Domain,
+) -> ApiResult<Json<List<PolicyVersion>>> {
+    Ok(Json(state.db.policy_history(domain.id).await?.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_merge_patch_replaces_adds_and_resets_keys() {
+        let mut policy = serde_json::json!({"a": 1, "b": {"c": 2, "d": 3}, "e": 4});
+        merge_patch(
+            &mut policy,
+            &serde_json::json!({"a": 5, "b": {"c": null, "f": 6}, "e": null, "g": [1]}),
+        );
+        assert_eq!(
+            policy,
+            serde_json::json!({"a": 5, "b": {"d": 3, "f": 6}, "g": [1]})
+        );
+    }
 }

@@ -32,6 +32,10 @@ pub static ROUTES: &[Route] = routes![
         "The domains the caller may see, with correction counts and production version.", "";
     Get "/v1/domains/{domain}" => domains::get, ANY_ROLE_OF_DOMAIN, 200,
         "One domain.", "";
+    Patch "/v1/domains/{domain}" => domains::change, STEWARD_OF_DOMAIN, 200,
+        "Change a domain's policy (a JSON merge patch of it) or out-of-scope label; a new policy version, audited. Stewards may change the gate and approval rules only.", "{policy?: {...}, out_of_scope_label?, reason, by? (without auth)}";
+    Get "/v1/domains/{domain}/policy/history" => domains::policy_history, ANY_ROLE_OF_DOMAIN, 200,
+        "Every version of the domain's policy: the whole policy, who set it, when and why.", "";
     Post "/v1/domains/{domain}/corrections" => corrections::post, DEPARTMENT_OF_DOMAIN, 202,
         "Send corrections: one object, a JSON array or {corrections: [...]}, or NDJSON (application/x-ndjson). 202 after a durable commit.", "{client_id?, input, model_output?, expected, source?: human|teacher, teacher?, metadata?}";
     Get "/v1/domains/{domain}/jobs" => jobs::of_domain, DEPARTMENT_OF_DOMAIN, 200,

@@ -131,14 +131,36 @@ pub fn parse_query<T: DeserializeOwned>(uri: &axum::http::Uri) -> ApiResult<T> {
         })
 }
 
-pub fn non_empty(field: &str, v: &str) -> ApiResult<()> {
-    if v.trim().is_empty() {
-        return Err(ApiError::new(
+/// The longest `reason` a decision, move or change may carry: a paragraph, not a document
+/// (every alias read returns the latest move's).
+pub const MAX_REASON_CHARS: usize = 2_000;
+/// The longest name (a token's, an actor's `by`).
+pub const MAX_NAME_CHARS: usize = 128;
+
+/// A short text a person typed: not blank, at most `max` characters, no NUL.
+pub fn short_text(field: &str, v: &str, max: usize) -> ApiResult<()> {
+    let refuse = |why: String| {
+        Err(ApiError::new(
             ErrorCode::InvalidField,
-            format!("{field}: must not be empty"),
-        ));
+            format!("{field}: {why}"),
+        ))
+    };
+    if v.trim().is_empty() {
+        return refuse("must not be empty".into());
+    }
+    let chars = v.chars().count();
+    if chars > max {
+        return refuse(format!("{chars} characters; at most {max}"));
+    }
+    if v.contains('\0') {
+        return refuse("must not contain NUL (\\u0000)".into());
     }
     Ok(())
+}
+
+/// A decision's `reason`: see [`MAX_REASON_CHARS`].
+pub fn check_reason(v: &str) -> ApiResult<()> {
+    short_text("reason", v, MAX_REASON_CHARS)
 }
 
 /// The path's segments as a `T`; a segment that is not UTF-8 once percent-decoded is

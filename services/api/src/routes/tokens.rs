@@ -9,7 +9,7 @@ use flywheel_db::TokenRow;
 use flywheel_domain::Role;
 use serde::{Deserialize, Serialize};
 
-use super::shared::{ApiResult, List, Path, domain_row, non_empty, parse_body};
+use super::shared::{ApiResult, List, MAX_NAME_CHARS, Path, domain_row, parse_body, short_text};
 use crate::{ApiError, AppState, ErrorCode, Principal};
 
 #[derive(Deserialize)]
@@ -37,7 +37,7 @@ pub async fn create(
     raw: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<Created>)> {
     let req: NewToken = parse_body(raw)?;
-    non_empty("name", &req.name)?;
+    short_text("name", &req.name, MAX_NAME_CHARS)?;
     match (req.role, req.domains.is_empty()) {
         (Role::Admin, false) => {
             return Err(ApiError::new(

@@ -13,7 +13,7 @@ use flywheel_promotion::Promotion;
 use serde::{Deserialize, Serialize};
 
 use super::shared::{
-    Acting, ApiResult, Domain, List, Path, Query, domain_row, non_empty, parse_body, version_row,
+    Acting, ApiResult, Domain, List, Path, Query, check_reason, domain_row, parse_body, version_row,
 };
 use crate::{ApiError, AppState, ErrorCode};
 
@@ -110,7 +110,7 @@ async fn decide(
 ) -> ApiResult<Json<Decided>> {
     let review: Review = parse_body(raw)?;
     let by = who.actor(review.by)?;
-    non_empty("reason", &review.reason)?;
+    check_reason(&review.reason)?;
     let domain = domain_row(&state, &name).await?;
     let version = version_row(&state, &domain, &version).await?.version;
     let promotion = Promotion::new(&state.db, &state.registry);
@@ -153,7 +153,7 @@ pub async fn rollback(
 ) -> ApiResult<Json<RolledBack>> {
     let req: RollbackRequest = parse_body(raw)?;
     let by = who.actor(req.by)?;
-    non_empty("reason", &req.reason)?;
+    check_reason(&req.reason)?;
     let domain = domain_row(&state, &name).await?;
     let target = version_row(&state, &domain, &req.to).await?;
     let moved = Promotion::new(&state.db, &state.registry)

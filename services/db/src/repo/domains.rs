@@ -4,15 +4,17 @@ use flywheel_domain::{DomainName, DomainSpec, Task};
 use sqlx::types::Json;
 
 use super::{Db, fetch_all, fetch_optional};
-use crate::models::DomainRow;
+use crate::models::{DomainRow, PolicyVersion};
 use crate::sql::{Cells, Stamp, with_pool};
 use crate::{DbError, Result};
 
 impl Db {
     pub async fn create_domain(&self, spec: &DomainSpec) -> Result<DomainRow> {
         let created_at = Stamp::now();
-        let res: std::result::Result<i64, sqlx::Error> = with_pool!(self, pool => {
-            sqlx::query_scalar(
+        // The domain and its policy's first version land together.
+        let res: std::result::Result<i64, sqlx::Error> = with_pool!(self, pool => async {
+            let mut tx = pool.begin().await?;
+            let id: i64 = sqlx::query_scalar(
                 "INSERT INTO domains (name, task, base_model, labels, policy, out_of_scope_label, created_at)
                  VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
             )
@@ -23,14 +25,26 @@ impl Db {
             .bind(Json(&spec.policy))
             .bind(&spec.out_of_scope_label)
             .bind(created_at)
-            .fetch_one(pool)
-            .await
-        });
+            .fetch_one(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO domain_policies (domain_id, version, policy, actor, reason, at)
+                 VALUES ($1, 1, $2, 'registration', 'registered', $3)",
+            )
+            .bind(id)
+            .bind(Json(&spec.policy))
+            .bind(created_at)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(id)
+        }.await);
         match res {
             Ok(id) => Ok(DomainRow {
                 id,
                 spec: spec.clone(),
                 created_at: created_at.0,
+                policy_version: 1,
             }),
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
                 Err(DbError::DomainExists(spec.name.to_string()))
@@ -51,6 +65,83 @@ impl Db {
     pub async fn domains(&self) -> Result<Vec<DomainRow>> {
         fetch_all!(self, domain_from_row, "SELECT * FROM domains ORDER BY name")
     }
+
+    /// Replaces the policy and out-of-scope label of the domain `from` was read as, as one
+    /// change: the policy's version moves on by one, the new version is kept whole, and the
+    /// audit log gets `domain_change` with before and after. `None` when the domain changed
+    /// since `from` was read (the caller reads it again and retries).
+    pub async fn change_domain(
+        &self,
+        from: &DomainRow,
+        to: &DomainSpec,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Option<DomainRow>> {
+        let at = Stamp::now();
+        let version = from.policy_version + 1;
+        let audit = serde_json::json!({
+            "policy_version": version,
+            "before": {"policy": from.spec.policy, "out_of_scope_label": from.spec.out_of_scope_label},
+            "after": {"policy": to.policy, "out_of_scope_label": to.out_of_scope_label},
+        });
+        let changed: std::result::Result<bool, sqlx::Error> = with_pool!(self, pool => async {
+            let mut tx = pool.begin().await?;
+            let updated = sqlx::query(
+                "UPDATE domains SET policy = $1, out_of_scope_label = $2, policy_version = $3
+                 WHERE id = $4 AND policy_version = $5",
+            )
+            .bind(Json(&to.policy))
+            .bind(&to.out_of_scope_label)
+            .bind(version)
+            .bind(from.id)
+            .bind(from.policy_version)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if updated == 0 {
+                return Ok(false);
+            }
+            sqlx::query(
+                "INSERT INTO domain_policies (domain_id, version, policy, actor, reason, at)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(from.id)
+            .bind(version)
+            .bind(Json(&to.policy))
+            .bind(actor)
+            .bind(reason)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO audit_log (domain_id, at, actor, action, version, reason, data)
+                 VALUES ($1, $2, $3, 'domain_change', NULL, $4, $5)",
+            )
+            .bind(from.id)
+            .bind(at)
+            .bind(actor)
+            .bind(reason)
+            .bind(Json(&audit))
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(true)
+        }.await);
+        if !changed? {
+            return Ok(None);
+        }
+        self.domain(from.spec.name.as_str()).await
+    }
+
+    /// Every version of the domain's policy, oldest first.
+    pub async fn policy_history(&self, domain_id: i64) -> Result<Vec<PolicyVersion>> {
+        fetch_all!(
+            self,
+            policy_from_row,
+            "SELECT * FROM domain_policies WHERE domain_id = $1 ORDER BY version",
+            domain_id
+        )
+    }
 }
 
 fn domain_from_row(r: &impl Cells) -> Result<DomainRow> {
@@ -68,5 +159,16 @@ fn domain_from_row(r: &impl Cells) -> Result<DomainRow> {
         id: r.int("id")?,
         spec,
         created_at: r.time("created_at")?,
+        policy_version: r.int("policy_version")?,
+    })
+}
+
+fn policy_from_row(r: &impl Cells) -> Result<PolicyVersion> {
+    Ok(PolicyVersion {
+        version: r.int("version")?,
+        policy: r.json("policy")?,
+        actor: r.text("actor")?,
+        reason: r.text("reason")?,
+        at: r.time("at")?,
     })
 }

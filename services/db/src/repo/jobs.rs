@@ -10,7 +10,43 @@ use crate::models::JobRow;
 use crate::sql::{Cells, Stamp, with_pool};
 use crate::{DbError, Result};
 
+/// An open upload that has not committed a chunk for this long no longer holds a job's
+/// snapshot back: its connection is gone (the API cuts a body paused for 30 s).
+const OPEN_UPLOAD_TTL_SECONDS: i64 = 120;
+
 impl Db {
+    /// Marks an upload of `domain_id` as streaming: until [`Db::close_upload`] (or
+    /// [`OPEN_UPLOAD_TTL_SECONDS`] without [`Db::touch_upload`]), no job snapshots a row it
+    /// stores.
+    pub async fn open_upload(&self, id: &str, domain_id: i64) -> Result<()> {
+        execute!(
+            self,
+            "INSERT INTO open_uploads (id, domain_id, after_id, touched_at)
+             SELECT $1, $2, COALESCE(MAX(id), 0), $3 FROM corrections WHERE domain_id = $2",
+            id,
+            domain_id,
+            Stamp::now()
+        );
+        Ok(())
+    }
+
+    /// The upload is still streaming.
+    pub async fn touch_upload(&self, id: &str) -> Result<()> {
+        execute!(
+            self,
+            "UPDATE open_uploads SET touched_at = $1 WHERE id = $2",
+            Stamp::now(),
+            id
+        );
+        Ok(())
+    }
+
+    /// The upload ended (finished, refused or cut off): its rows may be snapshotted.
+    pub async fn close_upload(&self, id: &str) -> Result<()> {
+        execute!(self, "DELETE FROM open_uploads WHERE id = $1", id);
+        Ok(())
+    }
+
     /// Creates a queued job over every correction stored so far, unless the domain already has
     /// a job queued or running, or (for automatic triggers) fewer than `min_new` corrections
     /// arrived since the last job's snapshot. The check and the insert are one statement (on
@@ -23,21 +59,29 @@ impl Db {
         min_new: i64,
     ) -> Result<Option<JobId>> {
         let id = JobId::generate();
+        let now = Stamp::now();
+        // The snapshot ends below any upload still streaming in chunks (`open_uploads`), so a
+        // job never trains on part of one; an upload quiet for longer than the API's body
+        // pause limit is gone, and no longer holds the snapshot back.
+        let live_since = Stamp(now.0 - chrono::Duration::seconds(OPEN_UPLOAD_TTL_SECONDS));
         let res = with_pool!(self, pool => {
             sqlx::query(
                 "INSERT INTO training_jobs (id, domain_id, kind, status, stage, trigger, snapshot_max_id, created_at)
                  SELECT $1, $2, 'fine_tune', 'queued', 'train', $3, m.max_id, $4
-                 FROM (SELECT COALESCE(MAX(id), 0) AS max_id FROM corrections WHERE domain_id = $2) AS m
+                 FROM (SELECT COALESCE(MAX(id), 0) AS max_id FROM corrections WHERE domain_id = $2
+                       AND id <= COALESCE((SELECT MIN(after_id) FROM open_uploads
+                                           WHERE domain_id = $2 AND touched_at > $6), id)) AS m
                  WHERE NOT EXISTS (SELECT 1 FROM training_jobs WHERE domain_id = $2 AND status IN ('queued', 'running'))
-                 AND (SELECT COUNT(*) FROM corrections WHERE domain_id = $2
+                 AND (SELECT COUNT(*) FROM corrections WHERE domain_id = $2 AND id <= m.max_id
                  AND id > (SELECT COALESCE(MAX(snapshot_max_id), 0) FROM training_jobs WHERE domain_id = $2)) >= $5
                  AND m.max_id > 0",
             )
             .bind(id.as_str())
             .bind(domain_id)
             .bind(trigger.as_str())
-            .bind(Stamp::now())
+            .bind(now)
             .bind(min_new)
+            .bind(live_since)
             .execute(pool)
             .await
             .map(|done| done.rows_affected())
