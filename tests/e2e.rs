@@ -3004,9 +3004,19 @@ async fn a_domain_policy_is_edited_versioned_and_audited() {
             "out_of_scope_label",
         ),
         (
-            json!({"labels": {"add": ["x"]}, "reason": "r"}),
+            json!({"labels": ["x"], "reason": "r"}),
             "invalid_field",
-            "labels: cannot be changed",
+            "must stay where it is",
+        ),
+        (
+            json!({"training": {"lora": {"r": 0}}, "reason": "r"}),
+            "invalid_field",
+            "training.lora.r",
+        ),
+        (
+            json!({"training": {"epochs": 1}, "reason": "r"}),
+            "invalid_field",
+            "unknown field `epochs`",
         ),
         (
             json!({"policy": {"min_accuracy": 0.2}}),
@@ -3116,4 +3126,168 @@ async fn a_job_never_snapshots_part_of_an_upload() {
     };
     assert_eq!(stored_in(&app, "banking").await, 2_500);
     assert_eq!(job["snapshot_max_id"], 2_500, "{job}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_domain_chooses_its_training_and_a_job_overrides_it() {
+    let app = TestApp::spawn().await;
+    let spec = |training: Value| {
+        json!({"name": "banking", "task": "classification", "base_model": app.model_dir,
+            "labels": app.labels, "policy": {"min_new_corrections": 100_000}, "training": training})
+    };
+    // Each refusal names the field and what to do.
+    for (training, says) in [
+        (json!({"epochs": 3}), "unknown field `epochs`"),
+        (json!({"n_epochs": "three"}), "\"auto\""),
+        (json!({"lora": {"r": 1000}}), "training.lora.r"),
+        (json!({"lora": {"r": 128}}), "--max-lora-rank"),
+        (
+            json!({"lora": {"target_modules": ["q_proj"]}}),
+            "training.lora.target_modules",
+        ),
+        (
+            json!({"n_epochs": 1, "learning_rate_multiplier": 1, "lora": {"r": 8}, "auto_search": {"trials": 2}}),
+            "training.auto_search",
+        ),
+        (json!("manual"), "training"),
+    ] {
+        let (status, body) = app.post("/v1/domains", &spec(training.clone())).await;
+        let message = error_of(status, &body, 422, "invalid_field");
+        assert!(message.contains(says), "{training}: {message}");
+    }
+    let mut unknown = spec(json!("auto"));
+    unknown["hyperparameters"] = json!({"n_epochs": 3});
+    let (status, body) = app.post("/v1/domains", &unknown).await;
+    error_of(status, &body, 422, "invalid_field");
+
+    let (status, body) = app
+        .post(
+            "/v1/domains",
+            &spec(json!({"n_epochs": 2, "lora": {"r": 4}, "max_seq_len": "auto"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["training"]["lora"]["r"], 4, "{body}");
+    assert_eq!(body["training"]["batch_size"], "auto", "{body}");
+    let (status, body) = app
+        .post("/v1/domains/banking/corrections", &json!(app.rows))
+        .await;
+    assert_eq!(status, 202, "{body}");
+
+    // A job's overrides are checked like the domain's.
+    for bad in [
+        json!({"training": {"lora": {"r": 0}}}),
+        json!({"trainig": {}}),
+    ] {
+        let (status, body) = app.post("/v1/domains/banking/jobs", &bad).await;
+        error_of(status, &body, 422, "invalid_field");
+    }
+    let (status, job) = app
+        .post(
+            "/v1/domains/banking/jobs",
+            &json!({"training": {"n_epochs": 1, "auto_search": {"trials": 2}}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{job}");
+    assert_eq!(job["training"]["n_epochs"], 1, "{job}");
+    let job = app.wait_for_job(1).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+
+    // The block is edited like the policy (a merge patch, a new version), and labels grow.
+    let mut labels = app.labels.clone();
+    labels.push("new_fees_question".into());
+    let patch = json!({"training": {"batch_size": 8, "lora": {"r": null}}, "labels": labels,
+        "reason": "smaller batches", "by": "ops"});
+    let resp = app
+        .client
+        .patch(format!("{}/v1/domains/banking", app.base))
+        .json(&patch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["policy_version"], 2, "{body}");
+    assert_eq!(
+        (
+            &body["training"]["batch_size"],
+            &body["training"]["lora"]["r"],
+            &body["training"]["n_epochs"]
+        ),
+        (&json!(8), &json!("auto"), &json!(2)),
+        "{body}"
+    );
+    assert_eq!(
+        body["labels"].as_array().unwrap().last().unwrap(),
+        "new_fees_question"
+    );
+    let (_, history) = app.get("/v1/domains/banking/policy/history").await;
+    assert_eq!(history["data"][1]["training"]["batch_size"], 8, "{history}");
+    assert_eq!(history["data"][0]["training"]["lora"]["r"], 4, "{history}");
+
+    // The run used the job's epochs, the domain's rank, and chose the rest from the data.
+    let (_, events) = app
+        .get(&format!("/v1/jobs/{}/events", job["id"].as_str().unwrap()))
+        .await;
+    let events = events["data"].as_array().unwrap();
+    let plan = &events
+        .iter()
+        .find(|e| e["kind"] == "hyperparameters")
+        .expect("a hyperparameters event")["data"];
+    let resolved = &plan["resolved"];
+    assert_eq!(
+        (&resolved["n_epochs"], &resolved["lora_r"]),
+        (&json!(1), &json!(4)),
+        "{plan}"
+    );
+    let why = resolved["why"].to_string();
+    for auto in ["batch_size", "max_seq_len", "auto_search"] {
+        assert!(why.contains(auto), "{auto} not explained: {why}");
+    }
+    let trials = plan["trials"].as_array().unwrap();
+    assert_eq!(trials.len(), 2, "{plan}");
+    assert_eq!(
+        trials.iter().filter(|t| t["chosen"] == true).count(),
+        1,
+        "{plan}"
+    );
+    assert!(
+        trials
+            .iter()
+            .all(|t| t["lora_r"] == 4 && t["validation_loss"].as_f64().unwrap() > 0.0),
+        "only the learning rate was free: {plan}"
+    );
+    let trial_events = events
+        .iter()
+        .filter(|e| {
+            e["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("auto_search trial")
+        })
+        .count();
+    assert_eq!(trial_events, 2);
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(app.registry_path("domains/banking/versions/v1/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let hp = &manifest["lineage"]["hyperparameters"];
+    assert_eq!(
+        (&hp["epochs"], &hp["lora"]["r"]),
+        (&json!(1), &json!(4)),
+        "{hp}"
+    );
+    assert_eq!(hp["max_seq_len"], resolved["max_seq_len"]);
+    assert_eq!(
+        manifest["lineage"]["training_plan"]["requested"]["n_epochs"],
+        1
+    );
+    let (_, report) = app
+        .get("/v1/domains/banking/versions/v1/report?format=md")
+        .await;
+    let report = report.as_str().unwrap();
+    assert!(
+        report.contains("## Training") && report.contains("| trial |"),
+        "{report}"
+    );
 }

@@ -114,10 +114,60 @@ pub fn render_markdown(
         }
         s.push('\n');
     }
+    training_section(&mut s, lineage);
     s.push_str("## Lineage\n\n```json\n");
     s.push_str(&serde_json::to_string_pretty(lineage).expect("json"));
     s.push_str("\n```\n");
     s
+}
+
+/// How the run trained, from the lineage: each "auto" choice with its reason, truncation,
+/// and the auto search's trials.
+fn training_section(s: &mut String, lineage: &serde_json::Value) {
+    let plan = &lineage["training_plan"];
+    if plan.is_null() {
+        return;
+    }
+    let hp = &lineage["hyperparameters"];
+    s.push_str("## Training\n\n");
+    s.push_str(&format!(
+        "{} epochs, batch size {}, learning rate {}, LoRA r {} (alpha {}), max_seq_len {}: {} \
+         training rows were longer and trained on their first tokens only.\n\n",
+        hp["epochs"],
+        hp["batch_size"],
+        hp["learning_rate"],
+        hp["lora"]["r"],
+        hp["lora"]["alpha"],
+        hp["max_seq_len"],
+        plan["resolved"]["truncated_rows"]
+    ));
+    for why in plan["resolved"]["why"].as_array().into_iter().flatten() {
+        if let Some(why) = why.as_str() {
+            s.push_str(&format!("- {why}\n"));
+        }
+    }
+    let trials = plan["trials"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if !trials.is_empty() {
+        s.push_str(
+            "\n| trial | learning-rate multiplier | LoRA r | validation loss | seconds | chosen |\n\
+             |---:|---:|---:|---:|---:|---|\n",
+        );
+        for (i, t) in trials.iter().enumerate() {
+            s.push_str(&format!(
+                "| {} | {} | {} | {:.4} | {:.1} | {} |\n",
+                i + 1,
+                t["learning_rate_multiplier"],
+                t["lora_r"],
+                t["validation_loss"].as_f64().unwrap_or(f64::NAN),
+                t["wall_seconds"].as_f64().unwrap_or(0.0),
+                if t["chosen"] == true { "yes" } else { "" }
+            ));
+        }
+    }
+    s.push('\n');
 }
 
 #[cfg(test)]

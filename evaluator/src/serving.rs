@@ -61,13 +61,20 @@ impl LintReport {
     }
 }
 
-/// Module names the serving stacks accept as LoRA targets, by `model_type`.
+/// Module names (last path component) the serving stacks accept as LoRA targets, by
+/// `model_type`.
 pub fn servable_targets(model_type: &str) -> &'static [&'static str] {
     match model_type {
         "llama" | "mistral" | "qwen2" => &flywheel_trainer::LLAMA_PROJECTIONS,
         "bert" => &["query", "key", "value", "dense"],
         _ => &[],
     }
+}
+
+/// Whether PEFT adapts the module at `path` for this `target_modules` entry: the whole name,
+/// or a suffix at a dot.
+fn peft_targets(target: &str, path: &str) -> bool {
+    path == target || path.ends_with(&format!(".{target}"))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -256,7 +263,8 @@ pub fn lint_adapter(
         );
     }
     for t in &targets {
-        if !servable.is_empty() && !servable.contains(&t.as_str()) {
+        let leaf = t.rsplit('.').next().unwrap_or(t);
+        if !servable.is_empty() && !servable.contains(&leaf) {
             flag(
                 "target_modules",
                 format!(
@@ -304,14 +312,33 @@ pub fn lint_adapter(
                 format!("`{name}` adapts an embedding or lm_head"),
             );
         }
-        let leaf = module.rsplit('.').next().unwrap_or(module);
-        if !targets.iter().any(|t| t == leaf) {
+        if !targets.iter().any(|t| peft_targets(t, module)) {
             flag(
                 "target_modules",
-                format!("`{name}` adapts `{leaf}`, which target_modules does not list"),
+                format!("`{name}` adapts `{module}`, which no entry of target_modules matches"),
             );
         }
         modules.entry(module.to_owned()).or_default()[which] = true;
+    }
+
+    // PEFT wraps every linear layer of the base model that a target matches, and warns of
+    // "missing adapter keys" for each one the adapter holds no weights for.
+    for (weight, shape) in &shapes {
+        let Some(module) = weight.strip_suffix(".weight") else {
+            continue;
+        };
+        if shape.len() == 2
+            && !module.contains("embed")
+            && targets.iter().any(|t| peft_targets(t, module))
+            && !modules.contains_key(module)
+        {
+            flag(
+                "missing_keys",
+                format!(
+                    "target_modules also matches `{module}`, which the adapter has no weights for; PEFT would load it with missing keys"
+                ),
+            );
+        }
     }
 
     let mut max_update_norm = 0f64;

@@ -212,7 +212,8 @@ mod serving_lint {
     ) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let mut full = serde_json::json!({
-            "peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
+            "peft_type": "LORA", "r": 8, "lora_alpha": 16,
+            "target_modules": ["model.layers.0.self_attn.q_proj"],
             "bias": "none", "modules_to_save": null,
         });
         for (k, v) in config.as_object().unwrap() {
@@ -293,7 +294,7 @@ mod serving_lint {
                 vec!["bias"],
             ),
             (
-                serde_json::json!({"target_modules": ["q_proj", "embed_tokens"]}),
+                serde_json::json!({"target_modules": ["layers.0.self_attn.q_proj", "embed_tokens"]}),
                 vec![(Q_A, [8, 128], 0.01), (Q_B, [128, 8], 0.01)],
                 vec!["target_modules"],
             ),
@@ -311,9 +312,16 @@ mod serving_lint {
                 vec![(Q_A, [8, 128], 0.01)],
                 vec!["pairs"],
             ),
+            // A bare `q_proj` matches both layers' (PEFT matches by dotted suffix): the second
+            // would load with missing keys.
+            (
+                serde_json::json!({"target_modules": ["q_proj"]}),
+                vec![(Q_A, [8, 128], 0.01), (Q_B, [128, 8], 0.01)],
+                vec!["missing_keys"],
+            ),
             // k_proj is 64 wide (two KV heads of 32), not 128.
             (
-                serde_json::json!({"target_modules": ["k_proj"]}),
+                serde_json::json!({"target_modules": ["layers.0.self_attn.k_proj"]}),
                 vec![
                     (
                         "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight",

@@ -206,7 +206,7 @@ fn lora_for(p: &Preset) -> LoraSpec {
         Arch::Llama(_) => flywheel_trainer::LLAMA_PROJECTIONS
             .map(String::from)
             .to_vec(),
-        Arch::Bert(_) => ["query", "key", "value", "dense"]
+        Arch::Bert(_) => flywheel_trainer::BERT_PROJECTIONS
             .map(String::from)
             .to_vec(),
     };

@@ -61,7 +61,7 @@ def main():
 
         model = BertForSequenceClassification.from_pretrained(
             args.model_dir, num_labels=args.labels, torch_dtype=dtype)
-        targets, task = ["query", "key", "value", "dense"], "SEQ_CLS"
+        targets, task = ["query", "key", "value", "intermediate.dense", "output.dense"], "SEQ_CLS"
         vocab = model.config.vocab_size
         g = torch.Generator().manual_seed(args.seed)
 

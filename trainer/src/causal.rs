@@ -149,6 +149,18 @@ pub struct Encoded {
     pub completion_start: usize,
 }
 
+/// What SFT on `model_dir` knows of its rows before training: each row's tokens (templated
+/// prompt, completion, EOS) with nothing truncated, and the longest sequence the model reads.
+pub fn measure_sft(model_dir: &Path, rows: &[SftExample]) -> Result<(Vec<usize>, usize)> {
+    let config = load_config(model_dir)?;
+    let codec = TextCodec::load(model_dir)?;
+    let lengths = rows
+        .iter()
+        .map(|r| codec.encode(r, usize::MAX).map(|e| e.ids.len()))
+        .collect::<Result<_>>()?;
+    Ok((lengths, config.max_position_embeddings))
+}
+
 /// Trains a LoRA adapter for causal-LM SFT; the loss covers only completion tokens (and EOS).
 pub fn train_causal_lm(
     spec: &TrainSpec,

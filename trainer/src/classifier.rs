@@ -229,6 +229,14 @@ impl BackboneConfig {
     }
 }
 
+/// What a classifier on `model_dir` knows of its inputs before training: each text's tokens,
+/// special tokens included and nothing truncated, and the longest sequence it can read.
+pub fn measure_texts(model_dir: &Path, texts: &[&str]) -> Result<(Vec<usize>, usize)> {
+    let config = BackboneConfig::read(model_dir)?;
+    let encoder = TextEncoder::load(model_dir, usize::MAX)?;
+    Ok((encoder.lengths(texts)?, config.max_position_embeddings()))
+}
+
 /// Trains a LoRA adapter and a classification head; `on_step` sees every step and may stop the
 /// run by returning `false`.
 pub fn train_classifier(
@@ -487,7 +495,10 @@ impl ClassifierPredictor {
                     file: dir.join(HEAD_CONFIG),
                     message: e.to_string(),
                 })?;
-            if trained != labels {
+            // A domain's labels only ever grow at the end, so an adapter trained before new
+            // ones were added still means the same labels by the same indices; it never
+            // predicts the new ones.
+            if !labels.starts_with(&trained) {
                 return Err(TrainerError::InvalidSpec(format!(
                     "adapter in {} was trained on labels {trained:?}, not {labels:?}",
                     dir.display()
@@ -496,7 +507,7 @@ impl ClassifierPredictor {
             max_seq_len = head_config["max_seq_len"].as_u64().unwrap_or(128) as usize;
             load_peft_adapter(dir, encoder.adapted_mut().into_iter(), &device)?;
             let mut head_ckpt = Checkpoint::open_file(&dir.join(HEAD_WEIGHTS))?;
-            head = head_ckpt.linear("classifier", config.hidden_size(), labels.len(), &device)?;
+            head = head_ckpt.linear("classifier", config.hidden_size(), trained.len(), &device)?;
         }
         let text = TextEncoder::load(
             base_model_dir,

@@ -39,15 +39,17 @@ pub mod tiny;
 #[doc(hidden)]
 pub mod fuzzing;
 
-pub use causal::{Encoded, Generation, Generator, SftExample, bench_sft_steps, train_causal_lm};
-pub use classifier::bench_classifier_steps;
+pub use causal::{
+    Encoded, Generation, Generator, SftExample, bench_sft_steps, measure_sft, train_causal_lm,
+};
 pub use classifier::{ClassifierPredictor, Example, Prediction, train_classifier};
+pub use classifier::{bench_classifier_steps, measure_texts};
 pub use device::{Accelerator, use_accelerator};
 pub use error::{Result, TrainerError};
 pub use merge::export_merged;
 pub use spec::{
-    Checkpointing, Compute, EarlyStopping, LLAMA_PROJECTIONS, LoraSpec, StepBench, TrainReport,
-    TrainSpec, TrainStep,
+    BERT_PROJECTIONS, Checkpointing, Compute, EarlyStopping, LLAMA_PROJECTIONS, LoraSpec,
+    StepBench, TrainReport, TrainSpec, TrainStep,
 };
 
 use std::path::Path;
@@ -72,9 +74,7 @@ pub fn adapter_output_delta(
 pub fn classifier_target_modules(model_dir: &Path) -> Result<Vec<String>> {
     let config = checkpoint::read_config(model_dir)?;
     Ok(match config["model_type"].as_str().unwrap_or_default() {
-        "bert" => ["query", "key", "value", "dense"]
-            .map(String::from)
-            .to_vec(),
+        "bert" => BERT_PROJECTIONS.map(String::from).to_vec(),
         "llama" | "mistral" | "qwen2" => LLAMA_PROJECTIONS.map(String::from).to_vec(),
         other => return Err(TrainerError::UnsupportedArchitecture(other.to_owned())),
     })

@@ -72,7 +72,7 @@ impl TrainSpec {
             output_dir,
             labels,
             lora: LoraSpec {
-                target_modules: vec!["query".into(), "key".into(), "value".into(), "dense".into()],
+                target_modules: BERT_PROJECTIONS.map(String::from).to_vec(),
                 ..LoraSpec::default()
             },
             epochs: 8,
@@ -184,6 +184,18 @@ impl Default for LoraSpec {
         }
     }
 }
+
+/// Every projection of a BERT layer, as PEFT matches module names (by dotted suffix):
+/// `output.dense` takes the attention's and the feed-forward's output projections, and nothing
+/// here matches the pooler's `dense`, which a mean-pooled classifier never uses; a bare `dense`
+/// would, and PEFT would then miss adapter keys for it on load.
+pub const BERT_PROJECTIONS: [&str; 5] = [
+    "query",
+    "key",
+    "value",
+    "intermediate.dense",
+    "output.dense",
+];
 
 /// Every projection of a Llama-family layer, by PEFT's names.
 pub const LLAMA_PROJECTIONS: [&str; 7] = [

@@ -129,6 +129,10 @@ pub fn write_random_bert(dir: &Path, vocab_size: usize, spec: &TinyBertSpec) -> 
             linears.push((format!("{p}.{m}.bias"), d_out));
         }
     }
+    // Real BERT checkpoints carry the pooler (pre-training's [CLS] head) though a mean-pooled
+    // classifier never reads it; the tiny one does too, so tests see what PEFT sees on load.
+    normal("pooler.dense.weight".into(), vec![h, h], &mut rng);
+    linears.push(("pooler.dense.bias".into(), h));
     let mut norms = vec!["embeddings.LayerNorm".to_string()];
     for i in 0..spec.num_hidden_layers {
         norms.push(format!("encoder.layer.{i}.attention.output.LayerNorm"));

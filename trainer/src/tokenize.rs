@@ -78,6 +78,15 @@ impl TextEncoder {
         Ok(Self { tokenizer, pad_id })
     }
 
+    /// Tokens of each text as [`Self::encode`] would give them.
+    pub fn lengths(&self, texts: &[&str]) -> Result<Vec<usize>> {
+        texts
+            .iter()
+            .map(|t| self.tokenizer.encode(*t, true).map(|e| e.len()))
+            .collect::<Result<_, _>>()
+            .map_err(|e| TrainerError::Tokenizer(e.to_string()))
+    }
+
     pub fn encode(&self, texts: &[&str], device: &Device) -> Result<Batch> {
         let encodings = texts
             .iter()

@@ -531,6 +531,15 @@ fn early_stopping_resume_body() {
 fn train_both_in(
     compute: flywheel_trainer::Compute,
 ) -> [flywheel_trainer::Result<flywheel_trainer::TrainReport>; 2] {
+    train_both_with(&[compute]).pop().unwrap()
+}
+
+/// [`train_both_in`] for each precision, on the same two models: a tokenizer trained twice
+/// on one corpus may order tied pieces differently when threads race, so runs meant to be
+/// compared share one.
+fn train_both_with(
+    computes: &[flywheel_trainer::Compute],
+) -> Vec<[flywheel_trainer::Result<flywheel_trainer::TrainReport>; 2]> {
     use flywheel_trainer::{Compute, train_causal_lm};
     let dir = tempfile::tempdir().unwrap();
     let (labels, rows) = banking();
@@ -562,7 +571,10 @@ fn train_both_in(
         train_classifier(&spec(&bert, labels.clone(), compute), rows, &mut |_| true)
     };
 
-    [causal(compute), classifier(compute)]
+    computes
+        .iter()
+        .map(|&compute| [causal(compute), classifier(compute)])
+        .collect()
 }
 
 /// Where the CPU has no AMX, or training runs on a GPU, a bf16 spec is refused, saying why
@@ -601,8 +613,9 @@ fn bf16_compute_follows_the_f32_loss_curve() {
         Compute::Bfloat16.is_available(),
         "this CPU lists AMX-BF16, yet bf16 compute is refused"
     );
-    let [causal_f32, classifier_f32] = train_both_in(Compute::Float32);
-    let [causal_bf16, classifier_bf16] = train_both_in(Compute::Bfloat16);
+    let mut runs = train_both_with(&[Compute::Float32, Compute::Bfloat16]).into_iter();
+    let [causal_f32, classifier_f32] = runs.next().unwrap();
+    let [causal_bf16, classifier_bf16] = runs.next().unwrap();
     for (what, f32, bf16) in [
         ("causal LM", causal_f32, causal_bf16),
         ("classifier", classifier_f32, classifier_bf16),

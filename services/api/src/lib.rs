@@ -44,6 +44,8 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// The longest pause allowed between two pieces of a request body.
     pub body_idle_timeout: Duration,
+    /// The largest LoRA rank a domain or job may ask for: what the serving fleet loads.
+    pub max_lora_rank: usize,
 }
 
 impl Default for Limits {
@@ -57,6 +59,7 @@ impl Default for Limits {
             max_connections: 768,
             header_read_timeout: Duration::from_secs(10),
             body_idle_timeout: Duration::from_secs(30),
+            max_lora_rank: 64,
         }
     }
 }

@@ -18,6 +18,9 @@ pub struct DomainRow {
 pub struct PolicyVersion {
     pub version: i64,
     pub policy: flywheel_domain::Policy,
+    pub training: flywheel_domain::Training,
+    /// The label set of this version (absent on versions recorded before labels could change).
+    pub labels: Option<Vec<String>>,
     pub actor: String,
     pub reason: String,
     pub at: DateTime<Utc>,
@@ -79,6 +82,9 @@ pub struct JobRow {
     pub snapshot_max_id: i64,
     pub version: Option<VersionId>,
     pub decision: Option<serde_json::Value>,
+    /// The job's overrides of its domain's training block, if it was started with any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub training: Option<flywheel_domain::Training>,
     pub error: Option<String>,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,

@@ -108,6 +108,7 @@ fn spec(name: &str) -> DomainSpec {
         base_model: "models/minilm".into(),
         labels: vec!["card_lost".into(), "refund".into()],
         policy: Policy::default(),
+        training: Default::default(),
         out_of_scope_label: None,
     }
 }

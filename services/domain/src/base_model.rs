@@ -18,7 +18,12 @@ pub struct ModelFiles<'a> {
 
 /// Checks that the model in `found` is a supported family with weights and a tokenizer, and
 /// fits `task` (generation needs a causal LM). `what` names the model in messages.
-pub fn check_base_model(task: Task, what: &str, found: &ModelFiles<'_>) -> Result<(), Invalid> {
+pub fn check_base_model(
+    task: Task,
+    what: &str,
+    found: &ModelFiles<'_>,
+    target_modules: Option<&[String]>,
+) -> Result<(), Invalid> {
     let has = |name: &str| found.files.iter().any(|f| f == name);
     let refuse = |message: String| Err(Invalid::field("base_model", message));
     if !has("config.json") {
@@ -66,6 +71,33 @@ pub fn check_base_model(task: Task, what: &str, found: &ModelFiles<'_>) -> Resul
              transformers' `save_pretrained` next to the model"
         ));
     }
+    // PEFT matches a target by its dotted suffix; the last part must be a projection this
+    // family has (and serving stacks adapt).
+    let projections: &[&str] = if encoder {
+        &["query", "key", "value", "dense"]
+    } else {
+        &[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+    };
+    for t in target_modules.unwrap_or_default() {
+        let leaf = t.rsplit('.').next().unwrap_or(t);
+        if !projections.contains(&leaf) {
+            return Err(Invalid::field(
+                "training.lora.target_modules",
+                format!(
+                    "`{t}` names no projection of a `{model_type}` model; its projections are {}",
+                    projections.join(", ")
+                ),
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -81,7 +113,7 @@ mod tests {
     fn each_reason_a_model_cannot_train_is_named() {
         let full = files(&["config.json", "model.safetensors", "tokenizer.json"]);
         let check = |task, model_type, files: &[String]| {
-            check_base_model(task, "the model", &ModelFiles { model_type, files })
+            check_base_model(task, "the model", &ModelFiles { model_type, files }, None)
         };
         assert!(check(Task::Classification, Some("bert"), &full).is_ok());
         assert!(check(Task::Generation, Some("qwen2"), &full).is_ok());
@@ -118,5 +150,26 @@ mod tests {
             assert_eq!(e.field, "base_model");
             assert!(e.message.contains(says), "{says}: {}", e.message);
         }
+        let targets = |names: &[&str], model_type| {
+            let names = files(names);
+            check_base_model(
+                Task::Classification,
+                "the model",
+                &ModelFiles {
+                    model_type: Some(model_type),
+                    files: &full,
+                },
+                Some(&names),
+            )
+        };
+        assert!(targets(&["query", "output.dense"], "bert").is_ok());
+        assert!(targets(&["q_proj", "layers.0.mlp.up_proj"], "qwen2").is_ok());
+        let e = targets(&["q_proj"], "bert").unwrap_err();
+        assert_eq!(e.field, "training.lora.target_modules");
+        assert!(
+            e.message.contains("query, key, value, dense"),
+            "{}",
+            e.message
+        );
     }
 }

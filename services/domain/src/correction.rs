@@ -325,6 +325,7 @@ mod tests {
             base_model: "m".into(),
             labels: vec!["a".into(), "b".into()],
             policy: Policy::default(),
+            training: Default::default(),
             out_of_scope_label: None,
         }
     }

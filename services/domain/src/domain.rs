@@ -289,6 +289,9 @@ pub struct DomainSpec {
     pub labels: Vec<String>,
     #[serde(default)]
     pub policy: Policy,
+    /// Hyperparameters, each a value or `"auto"`; the whole block may be `"auto"`.
+    #[serde(default)]
+    pub training: crate::Training,
     /// The label meaning "none of the above", if the domain has one; its recall is reported on
     /// its own, since missing it sends a query down a wrong path instead of escalating it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -345,7 +348,8 @@ impl DomainSpec {
                 format!("`{l}` is not one of the labels"),
             ));
         }
-        self.policy.validate()
+        self.policy.validate()?;
+        self.training.validate()
     }
 
     pub fn label_index(&self, label: &str) -> Option<usize> {

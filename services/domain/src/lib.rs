@@ -11,6 +11,7 @@ mod domain;
 mod job;
 pub mod pii;
 pub mod schedule;
+mod training;
 
 pub use auth::Role;
 pub use base_model::{ModelFiles, check_base_model};
@@ -19,6 +20,9 @@ pub use domain::{DomainName, DomainSpec, Policy, Task};
 pub use job::{JobId, JobStatus, StageTask, Trigger, VersionId, VersionStatus};
 pub use pii::{PiiAction, PiiCounts, PiiKind, PiiPolicy};
 pub use schedule::{TriggerState, due};
+pub use training::{
+    Auto, AutoSearch, DataFacts, Lora, MAX_LORA_RANK, MAX_TRIALS, Resolved, Training,
+};
 
 /// A field-level validation failure. `field` names the offending JSON field so that the API can
 /// tell the caller exactly what to fix.

@@ -202,6 +202,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(|r| format!("flywheel.{r}"))
                 .collect();
             config.worker.serving.max_rank = max_lora_rank;
+            config.limits.max_lora_rank = max_lora_rank;
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;

@@ -29,6 +29,7 @@ impl World {
             base_model: "models/minilm".into(),
             labels: vec!["refund".into()],
             policy: Policy::default(),
+            training: Default::default(),
             out_of_scope_label: None,
         };
         let domain = db.create_domain(&spec).await.unwrap();

@@ -7,6 +7,7 @@
 //! of HTTP, and moves `production` only through `flywheel-promotion`.
 
 mod compute;
+mod hyper;
 mod pipeline;
 mod publish;
 mod scheduler;

@@ -11,8 +11,9 @@ use flywheel_db::{DomainRow, JobRow};
 use flywheel_domain::{JobId, JobStatus, Source, Split, StageTask, Task, normalize_text};
 use flywheel_evaluator::{EvalSpec, HoldoutRow};
 use flywheel_promotion::Promotion;
-use flywheel_trainer::{Checkpointing, EarlyStopping, Example, SftExample, TrainSpec};
+use flywheel_trainer::{Checkpointing, Example, SftExample, TrainSpec};
 
+use crate::hyper::TrainData;
 use crate::{Context, EVALUATE_QUEUE, PUBLISH_QUEUE, WorkerError};
 
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WorkerError + '_ {
@@ -164,9 +165,6 @@ pub async fn train(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDy
             }
             Task::Generation => TrainSpec::for_generation(base, dir.join("candidate")),
         };
-        if let Some(epochs) = ctx.config.epochs {
-            spec.epochs = epochs;
-        }
         spec.compute = ctx.config.compute;
         // A job whose worker died resumes from its newest checkpoint, wherever it was saved:
         // checkpoints are staged in the registry as they are written.
@@ -199,15 +197,6 @@ pub async fn train(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDy
                     .collect(),
             ),
         };
-        if domain.spec.policy.early_stopping {
-            spec.early_stopping = Some(EarlyStopping {
-                validation_fraction: 0.1,
-                // Once an epoch.
-                eval_every_steps: 0,
-                patience: 2,
-                min_delta: 0.0,
-            });
-        }
         ctx.db
             .add_event(
                 &job.id,
@@ -216,27 +205,21 @@ pub async fn train(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDy
                 None,
             )
             .await?;
+        // Set when the job is cancelled; the trainer stops at its next step.
+        let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (spec, data, plan) = plan_run(ctx, &job, &domain, spec, data, &cancelled).await?;
+        write_json(&dir.join("training_plan.json"), &plan)?;
 
         // Progress flows from the blocking trainer to the database through a channel, a
         // few events per epoch rather than one per step.
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let train_spec = spec.clone();
-        // Set when the job is cancelled; the trainer stops at its next step.
-        let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop = cancelled.clone();
         let handle = crate::compute::spawn("train", move || {
-            let mut on_step = |step: &flywheel_trainer::TrainStep| {
+            data.train(&train_spec, &mut |step: &flywheel_trainer::TrainStep| {
                 let _ = tx.send(step.clone());
                 !stop.load(std::sync::atomic::Ordering::Relaxed)
-            };
-            match data {
-                TrainData::Labels(rows) => {
-                    flywheel_trainer::train_classifier(&train_spec, &rows, &mut on_step)
-                }
-                TrainData::Completions(rows) => {
-                    flywheel_trainer::train_causal_lm(&train_spec, &rows, &mut on_step)
-                }
-            }
+            })
         });
         let mut last_logged = 0;
         let mut last_check = Instant::now();
@@ -429,18 +412,77 @@ pub(crate) fn observe_job(ctx: &Context, job: &JobRow, outcome: &str) {
 }
 
 /// Training rows, by task.
-enum TrainData {
-    Labels(Vec<Example>),
-    Completions(Vec<SftExample>),
-}
-
-impl TrainData {
-    fn len(&self) -> usize {
-        match self {
-            TrainData::Labels(r) => r.len(),
-            TrainData::Completions(r) => r.len(),
+/// Resolves the run's hyperparameters (the domain's training block, the job's overrides) on
+/// a compute thread, running the auto search if one is asked for, and records them.
+async fn plan_run(
+    ctx: &Context,
+    job: &JobRow,
+    domain: &DomainRow,
+    mut spec: TrainSpec,
+    data: TrainData,
+    cancelled: &Arc<std::sync::atomic::AtomicBool>,
+) -> Result<(TrainSpec, TrainData, crate::hyper::Plan), WorkerError> {
+    let requested = match &job.training {
+        Some(over) => domain.spec.training.overridden_by(over),
+        None => domain.spec.training.clone(),
+    };
+    let task = domain.spec.task;
+    let early = domain.spec.policy.early_stopping;
+    let epochs = ctx.config.epochs;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let stop = cancelled.clone();
+    let handle = crate::compute::spawn("plan", move || {
+        let mut plan = crate::hyper::plan(requested, task, &data, &mut spec, early, epochs)?;
+        if plan.requested.auto_search.is_some() {
+            crate::hyper::search(&mut plan, &data, &mut spec, &stop, &mut |i, n, t| {
+                let _ = tx.send(format!(
+                    "auto_search trial {i}/{n}: learning_rate_multiplier {} lora.r {} → validation loss {:.4} ({:.1}s)",
+                    t.learning_rate_multiplier, t.lora_r, t.validation_loss, t.wall_seconds
+                ));
+            })?;
+        }
+        Ok::<_, WorkerError>((spec, data, plan))
+    });
+    let mut last_check = Instant::now();
+    while let Some(message) = rx.recv().await {
+        ctx.db.add_event(&job.id, "message", &message, None).await?;
+        if last_check.elapsed() >= std::time::Duration::from_millis(250) {
+            last_check = Instant::now();
+            if ctx
+                .db
+                .job(&job.id)
+                .await?
+                .is_some_and(|j| j.status == JobStatus::Cancelled)
+            {
+                cancelled.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
         }
     }
+    let (spec, data, plan) = handle.await??;
+    let r = &plan.resolved;
+    let message = format!(
+        "hyperparameters: n_epochs {}, batch_size {}, learning rate {:.2e}, LoRA r {} alpha {} \
+         dropout {}, max_seq_len {} ({} of {} rows truncated){}",
+        spec.epochs,
+        spec.batch_size,
+        spec.learning_rate,
+        spec.lora.r,
+        spec.lora.alpha,
+        spec.lora.dropout,
+        spec.max_seq_len,
+        r.truncated_rows,
+        data.len(),
+        if spec.early_stopping.is_some() {
+            ", early stopping"
+        } else {
+            ""
+        },
+    );
+    let event = serde_json::to_value(&plan).expect("json");
+    ctx.db
+        .add_event(&job.id, "hyperparameters", &message, Some(&event))
+        .await?;
+    Ok((spec, data, plan))
 }
 
 fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), WorkerError> {

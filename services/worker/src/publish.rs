@@ -48,6 +48,8 @@ struct Staged {
     evaluation: Evaluation,
     train_report: TrainReport,
     spec: TrainSpec,
+    /// The training block as asked for, as resolved, and any auto-search trials.
+    plan: Option<serde_json::Value>,
 }
 
 impl Staged {
@@ -56,6 +58,10 @@ impl Staged {
             evaluation: read_json(&dir.join("evaluation.json"))?,
             train_report: read_json(&dir.join("train_report.json"))?,
             spec: read_json(&dir.join("train_spec.json"))?,
+            plan: match dir.join("training_plan.json") {
+                p if p.exists() => Some(read_json(&p)?),
+                _ => None,
+            },
         })
     }
 }
@@ -134,6 +140,7 @@ async fn lineage(
         evaluation,
         train_report,
         spec,
+        plan,
     } = staged;
     let pii_redacted = ctx
         .db
@@ -168,6 +175,9 @@ async fn lineage(
             "early_stopping": spec.early_stopping,
             "compute": spec.compute,
         },
+        // The domain's training block (with the job's overrides) as asked for, why each
+        // "auto" came out as it did, rows truncated, and the auto search's trials.
+        "training_plan": plan,
         "training": {
             "steps": train_report.steps,
             "wall_seconds": train_report.wall_seconds,

@@ -66,6 +66,7 @@ fn specs() -> Vec<DomainSpec> {
             pii: PiiPolicy { action, kinds },
             ..Policy::default()
         },
+        training: Default::default(),
         out_of_scope_label: None,
     };
     vec![

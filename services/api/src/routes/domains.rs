@@ -7,7 +7,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use flywheel_db::{DomainRow, PolicyVersion};
-use flywheel_domain::{DomainSpec, ModelFiles, Role, Task};
+use flywheel_domain::{DomainSpec, ModelFiles, Role, Training};
 use flywheel_promotion::Promotion;
 use flywheel_registry::{MODEL_REF_PREFIX, parse_model_ref};
 use serde::{Deserialize, Serialize};
@@ -48,7 +48,7 @@ pub async fn create(
 ) -> ApiResult<(StatusCode, Json<DomainView>)> {
     let spec: DomainSpec = parse_body(raw)?;
     spec.validate()?;
-    check_base_model(&state, spec.task, &spec.base_model).await?;
+    check_base_model(&state, &spec).await?;
     let row = state.db.create_domain(&spec).await?;
     Ok((StatusCode::CREATED, Json(view(&state, row).await?)))
 }
@@ -56,7 +56,9 @@ pub async fn create(
 /// Refuses a base model that could never train `task`: one that does not exist, is not a
 /// supported family, lacks weights or a tokenizer, or cannot do the task. A registry model is
 /// judged from its manifest; a path from the directory as this process sees it.
-async fn check_base_model(state: &AppState, task: Task, base_model: &str) -> ApiResult<()> {
+pub(super) async fn check_base_model(state: &AppState, spec: &DomainSpec) -> ApiResult<()> {
+    check_training(state, &spec.training)?;
+    let base_model = spec.base_model.as_str();
     let (model_type, files) = if base_model.starts_with(MODEL_REF_PREFIX) {
         let id = parse_model_ref(base_model).ok_or_else(|| {
             ApiError::new(
@@ -92,13 +94,32 @@ async fn check_base_model(state: &AppState, task: Task, base_model: &str) -> Api
     };
     let what = format!("`{base_model}`");
     flywheel_domain::check_base_model(
-        task,
+        spec.task,
         &what,
         &ModelFiles {
             model_type: model_type.as_deref(),
             files: &files,
         },
+        spec.training.lora.target_modules.value().map(Vec::as_slice),
     )?;
+    Ok(())
+}
+
+/// What the serving fleet can load bounds what a domain or a job may ask for.
+pub(super) fn check_training(state: &AppState, training: &Training) -> ApiResult<()> {
+    training.validate()?;
+    if let Some(&r) = training.lora.r.value()
+        && r as usize > state.limits.max_lora_rank
+    {
+        return Err(ApiError::new(
+            ErrorCode::InvalidField,
+            format!(
+                "training.lora.r: {r} is above the serving fleet's largest rank, {} \
+                 (--max-lora-rank)",
+                state.limits.max_lora_rank
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -140,9 +161,13 @@ pub struct DomainPatch {
     policy: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(default, deserialize_with = "present")]
     out_of_scope_label: Option<Option<String>>,
-    /// Refused with the reason: see [`change`].
+    /// A merge patch of the training block (or `"auto"`); admin only.
     #[serde(default)]
-    labels: Option<serde_json::Value>,
+    training: Option<serde_json::Value>,
+    /// The new label set: every current label, in order, then the added ones. Renaming or
+    /// removing a label needs its stored corrections mapped, which is refused with the reason.
+    #[serde(default)]
+    labels: Option<Vec<String>>,
     #[serde(default)]
     base_model: Option<serde_json::Value>,
     reason: String,
@@ -166,18 +191,14 @@ pub async fn change(
     let patch: DomainPatch = parse_body(raw)?;
     let by = who.actor(patch.by.clone())?;
     check_reason(&patch.reason)?;
-    // The production adapter's head is sized to the label set and trained on the base model:
-    // changing either needs the champion evaluated on its own terms, which jobs do not do yet.
-    for (field, given) in [("labels", &patch.labels), ("base_model", &patch.base_model)] {
-        if given.is_some() {
-            return Err(ApiError::new(
-                ErrorCode::InvalidField,
-                format!(
-                    "{field}: cannot be changed on a registered domain yet (the production \
-                     adapter is tied to it); register a new domain for a new {field}"
-                ),
-            ));
-        }
+    // The production adapter was trained on the base model: a new one needs the champion
+    // evaluated on its own terms, which jobs do not do yet.
+    if patch.base_model.is_some() {
+        return Err(ApiError::new(
+            ErrorCode::InvalidField,
+            "base_model: cannot be changed on a registered domain yet (the production adapter \
+             is tied to it); register a new domain for a new base model",
+        ));
     }
     if who.role == Role::Steward {
         let admin_only = patch
@@ -187,10 +208,14 @@ pub async fn change(
             .map(|k| format!("policy.{k}"))
             .filter(|k| !STEWARD_POLICY_FIELDS.contains(&&k["policy.".len()..]))
             .chain(
-                patch
-                    .out_of_scope_label
-                    .is_some()
-                    .then(|| "out_of_scope_label".to_owned()),
+                [
+                    ("out_of_scope_label", patch.out_of_scope_label.is_some()),
+                    ("training", patch.training.is_some()),
+                    ("labels", patch.labels.is_some()),
+                ]
+                .into_iter()
+                .filter(|(_, given)| *given)
+                .map(|(field, _)| field.to_owned()),
             )
             .next();
         if let Some(field) = admin_only {
@@ -209,6 +234,9 @@ pub async fn change(
         let to = patched(&domain.spec, &patch)?;
         if to == domain.spec {
             return Ok(Json(view(&state, domain).await?));
+        }
+        if to.training != domain.spec.training {
+            check_base_model(&state, &to).await?;
         }
         match state
             .db
@@ -237,6 +265,40 @@ fn patched(spec: &DomainSpec, patch: &DomainPatch) -> ApiResult<DomainSpec> {
                 format!("policy.{}: {}", e.path(), e.inner()),
             )
         })?;
+    }
+    if let Some(changes) = &patch.training {
+        let mut training = serde_json::to_value(&spec.training).expect("a training block is JSON");
+        merge_patch(&mut training, changes);
+        to.training = serde_path_to_error::deserialize(training).map_err(|e| {
+            let at = e.path().to_string();
+            let at = if at == "." {
+                String::new()
+            } else {
+                format!(".{at}")
+            };
+            ApiError::new(
+                ErrorCode::InvalidField,
+                format!("training{at}: {}", e.inner()),
+            )
+        })?;
+    }
+    if let Some(labels) = &patch.labels {
+        if let Some((i, old)) = spec
+            .labels
+            .iter()
+            .enumerate()
+            .find(|(i, old)| labels.get(*i) != Some(*old))
+        {
+            return Err(ApiError::new(
+                ErrorCode::InvalidField,
+                format!(
+                    "labels[{i}]: `{old}` must stay where it is; labels can be added after the \
+                     current ones, and renaming or removing one needs its corrections mapped, \
+                     which is not supported yet"
+                ),
+            ));
+        }
+        to.labels = labels.clone();
     }
     if let Some(label) = &patch.out_of_scope_label {
         to.out_of_scope_label = label.clone();

@@ -1,15 +1,17 @@
 //! Fine-tune jobs: a domain's and the caller's, one job, starting one now, cancelling, and the
 //! progress events and checkpoints a job records.
 
+use axum::body::Bytes;
 use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use flywheel_db::{JobEvent, JobRow};
-use flywheel_domain::{JobStatus, Role, Trigger};
+use flywheel_domain::{JobStatus, Role, Training, Trigger};
 use serde::{Deserialize, Serialize};
 
-use super::shared::{ApiResult, Domain, List, Path, Query, domain_row, job_row};
+use super::shared::{ApiResult, Domain, List, Path, Query, body, domain_row, job_row, parse_json};
 use crate::{ApiError, AppState, ErrorCode, Principal};
 
 pub async fn of_domain(
@@ -19,19 +21,46 @@ pub async fn of_domain(
     Ok(Json(state.db.jobs_of(domain.id).await?.into()))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartJob {
+    /// Fields of the domain's training block to use instead, for this run only.
+    #[serde(default)]
+    training: Option<Training>,
+}
+
 /// Starts a fine-tune now, on every correction so far (`trigger: manual`).
 pub async fn start(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
     Path(name): Path<String>,
+    raw: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<JobRow>)> {
+    let raw = body(raw)?;
+    let start: StartJob = if raw.iter().all(u8::is_ascii_whitespace) {
+        StartJob { training: None }
+    } else {
+        parse_json(&raw)?
+    };
+    if let Some(training) = &start.training {
+        super::domains::check_training(&state, training)?;
+    }
     let domain = domain_row(&state, &name).await?;
+    if let Some(training) = &start.training {
+        // The targets must be the base model's; the rest was checked above.
+        let merged = domain.spec.training.overridden_by(training);
+        if merged.lora.target_modules != domain.spec.training.lora.target_modules {
+            let mut spec = domain.spec.clone();
+            spec.training = merged;
+            super::domains::check_base_model(&state, &spec).await?;
+        }
+    }
     if let Some(running) = in_flight(&state, domain.id).await? {
         return Err(job_in_flight(&name, &running));
     }
     let Some(id) = state
         .db
-        .try_create_job(domain.id, Trigger::Manual, 0)
+        .try_create_job_with(domain.id, Trigger::Manual, 0, start.training.as_ref())
         .await?
     else {
         // Refused in the database: another request's job won the race, or there is nothing

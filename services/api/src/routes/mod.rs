@@ -27,13 +27,13 @@ pub static ROUTES: &[Route] = routes![
     Get "/openapi.json" => self::openapi, PUBLIC, 200,
         "This document.", "";
     Post "/v1/domains" => domains::create, ADMIN_ONLY, 201,
-        "Register a domain.", "{name, task: classification|generation, base_model: sha256:…|path, labels, policy?, out_of_scope_label?}";
+        "Register a domain.", "{name, task: classification|generation, base_model: sha256:…|path, labels, policy?, training?: \"auto\"|{n_epochs, batch_size, learning_rate_multiplier, lora: {r, alpha, dropout, target_modules}, max_seq_len, early_stopping, auto_search?: {trials}}, out_of_scope_label?}";
     Get "/v1/domains" => domains::list, ANY_ROLE, 200,
         "The domains the caller may see, with correction counts and production version.", "";
     Get "/v1/domains/{domain}" => domains::get, ANY_ROLE_OF_DOMAIN, 200,
         "One domain.", "";
     Patch "/v1/domains/{domain}" => domains::change, STEWARD_OF_DOMAIN, 200,
-        "Change a domain's policy (a JSON merge patch of it) or out-of-scope label; a new policy version, audited. Stewards may change the gate and approval rules only.", "{policy?: {...}, out_of_scope_label?, reason, by? (without auth)}";
+        "Change a domain's policy or training block (JSON merge patches of them), out-of-scope label, or add labels; a new policy version, audited. Stewards may change the gate and approval rules only.", "{policy?: {...}, training?: {...}, labels?: [current..., added...], out_of_scope_label?, reason, by? (without auth)}";
     Get "/v1/domains/{domain}/policy/history" => domains::policy_history, ANY_ROLE_OF_DOMAIN, 200,
         "Every version of the domain's policy: the whole policy, who set it, when and why.", "";
     Post "/v1/domains/{domain}/corrections" => corrections::post, DEPARTMENT_OF_DOMAIN, 202,
@@ -41,7 +41,7 @@ pub static ROUTES: &[Route] = routes![
     Get "/v1/domains/{domain}/jobs" => jobs::of_domain, DEPARTMENT_OF_DOMAIN, 200,
         "The domain's fine-tune jobs, newest first.", "";
     Post "/v1/domains/{domain}/jobs" => jobs::start, DEPARTMENT_OF_DOMAIN, 201,
-        "Start a run now on every correction so far.", "";
+        "Start a run now on every correction so far, optionally overriding fields of the domain's training block.", "{training?: {...}} (optional)";
     Get "/v1/domains/{domain}/versions" => versions::list, ANY_ROLE_OF_DOMAIN, 200,
         "Every evaluated version with its metrics and gate decision.", "";
     Get "/v1/domains/{domain}/versions/{version}/report" => versions::report, ANY_ROLE_OF_DOMAIN, 200,

@@ -15,8 +15,8 @@ impl Db {
         let res: std::result::Result<i64, sqlx::Error> = with_pool!(self, pool => async {
             let mut tx = pool.begin().await?;
             let id: i64 = sqlx::query_scalar(
-                "INSERT INTO domains (name, task, base_model, labels, policy, out_of_scope_label, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                "INSERT INTO domains (name, task, base_model, labels, policy, out_of_scope_label, created_at, training)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
             )
             .bind(spec.name.as_str())
             .bind(spec.task.as_str())
@@ -25,15 +25,18 @@ impl Db {
             .bind(Json(&spec.policy))
             .bind(&spec.out_of_scope_label)
             .bind(created_at)
+            .bind(Json(&spec.training))
             .fetch_one(&mut *tx)
             .await?;
             sqlx::query(
-                "INSERT INTO domain_policies (domain_id, version, policy, actor, reason, at)
-                 VALUES ($1, 1, $2, 'registration', 'registered', $3)",
+                "INSERT INTO domain_policies (domain_id, version, policy, actor, reason, at, training, labels)
+                 VALUES ($1, 1, $2, 'registration', 'registered', $3, $4, $5)",
             )
             .bind(id)
             .bind(Json(&spec.policy))
             .bind(created_at)
+            .bind(Json(&spec.training))
+            .bind(Json(&spec.labels))
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;
@@ -66,7 +69,8 @@ impl Db {
         fetch_all!(self, domain_from_row, "SELECT * FROM domains ORDER BY name")
     }
 
-    /// Replaces the policy and out-of-scope label of the domain `from` was read as, as one
+    /// Replaces the policy, training block, labels and out-of-scope label of the domain `from`
+    /// was read as, as one
     /// change: the policy's version moves on by one, the new version is kept whole, and the
     /// audit log gets `domain_change` with before and after. `None` when the domain changed
     /// since `from` was read (the caller reads it again and retries).
@@ -81,13 +85,16 @@ impl Db {
         let version = from.policy_version + 1;
         let audit = serde_json::json!({
             "policy_version": version,
-            "before": {"policy": from.spec.policy, "out_of_scope_label": from.spec.out_of_scope_label},
-            "after": {"policy": to.policy, "out_of_scope_label": to.out_of_scope_label},
+            "before": {"policy": from.spec.policy, "training": from.spec.training,
+                "labels": from.spec.labels, "out_of_scope_label": from.spec.out_of_scope_label},
+            "after": {"policy": to.policy, "training": to.training, "labels": to.labels,
+                "out_of_scope_label": to.out_of_scope_label},
         });
         let changed: std::result::Result<bool, sqlx::Error> = with_pool!(self, pool => async {
             let mut tx = pool.begin().await?;
             let updated = sqlx::query(
-                "UPDATE domains SET policy = $1, out_of_scope_label = $2, policy_version = $3
+                "UPDATE domains SET policy = $1, out_of_scope_label = $2, policy_version = $3,
+                 training = $6, labels = $7
                  WHERE id = $4 AND policy_version = $5",
             )
             .bind(Json(&to.policy))
@@ -95,6 +102,8 @@ impl Db {
             .bind(version)
             .bind(from.id)
             .bind(from.policy_version)
+            .bind(Json(&to.training))
+            .bind(Json(&to.labels))
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -102,8 +111,8 @@ impl Db {
                 return Ok(false);
             }
             sqlx::query(
-                "INSERT INTO domain_policies (domain_id, version, policy, actor, reason, at)
-                 VALUES ($1, $2, $3, $4, $5, $6)",
+                "INSERT INTO domain_policies (domain_id, version, policy, actor, reason, at, training, labels)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             )
             .bind(from.id)
             .bind(version)
@@ -111,6 +120,8 @@ impl Db {
             .bind(actor)
             .bind(reason)
             .bind(at)
+            .bind(Json(&to.training))
+            .bind(Json(&to.labels))
             .execute(&mut *tx)
             .await?;
             sqlx::query(
@@ -153,6 +164,7 @@ fn domain_from_row(r: &impl Cells) -> Result<DomainRow> {
         base_model: r.text("base_model")?,
         labels: r.json("labels")?,
         policy: r.json("policy")?,
+        training: r.json("training")?,
         out_of_scope_label: r.opt_text("out_of_scope_label")?,
     };
     Ok(DomainRow {
@@ -167,6 +179,8 @@ fn policy_from_row(r: &impl Cells) -> Result<PolicyVersion> {
     Ok(PolicyVersion {
         version: r.int("version")?,
         policy: r.json("policy")?,
+        training: r.json("training")?,
+        labels: r.opt_json("labels")?,
         actor: r.text("actor")?,
         reason: r.text("reason")?,
         at: r.time("at")?,

@@ -2,7 +2,7 @@
 //! scheduler's view of a domain.
 
 use chrono::Utc;
-use flywheel_domain::{JobId, JobStatus, Trigger, VersionId};
+use flywheel_domain::{JobId, JobStatus, Training, Trigger, VersionId};
 use sqlx::types::Json;
 
 use super::{Db, execute, fetch_all, fetch_optional};
@@ -58,6 +58,18 @@ impl Db {
         trigger: Trigger,
         min_new: i64,
     ) -> Result<Option<JobId>> {
+        self.try_create_job_with(domain_id, trigger, min_new, None)
+            .await
+    }
+
+    /// [`Self::try_create_job`] for a job that overrides its domain's training block.
+    pub async fn try_create_job_with(
+        &self,
+        domain_id: i64,
+        trigger: Trigger,
+        min_new: i64,
+        training: Option<&Training>,
+    ) -> Result<Option<JobId>> {
         let id = JobId::generate();
         let now = Stamp::now();
         // The snapshot ends below any upload still streaming in chunks (`open_uploads`), so a
@@ -66,8 +78,8 @@ impl Db {
         let live_since = Stamp(now.0 - chrono::Duration::seconds(OPEN_UPLOAD_TTL_SECONDS));
         let res = with_pool!(self, pool => {
             sqlx::query(
-                "INSERT INTO training_jobs (id, domain_id, kind, status, stage, trigger, snapshot_max_id, created_at)
-                 SELECT $1, $2, 'fine_tune', 'queued', 'train', $3, m.max_id, $4
+                "INSERT INTO training_jobs (id, domain_id, kind, status, stage, trigger, snapshot_max_id, created_at, training)
+                 SELECT $1, $2, 'fine_tune', 'queued', 'train', $3, m.max_id, $4, $7
                  FROM (SELECT COALESCE(MAX(id), 0) AS max_id FROM corrections WHERE domain_id = $2
                        AND id <= COALESCE((SELECT MIN(after_id) FROM open_uploads
                                            WHERE domain_id = $2 AND touched_at > $6), id)) AS m
@@ -82,6 +94,7 @@ impl Db {
             .bind(now)
             .bind(min_new)
             .bind(live_since)
+            .bind(training.map(Json))
             .execute(pool)
             .await
             .map(|done| done.rows_affected())
@@ -329,6 +342,7 @@ fn job_from_row(r: &impl Cells) -> Result<JobRow> {
         snapshot_max_id: r.int("snapshot_max_id")?,
         version: r.opt_text("version")?.map(VersionId),
         decision: r.opt_json("decision")?,
+        training: r.opt_json("training")?,
         error: r.opt_text("error")?,
         created_at: r.time("created_at")?,
         started_at: r.opt_time("started_at")?,
