@@ -3291,3 +3291,82 @@ async fn a_domain_chooses_its_training_and_a_job_overrides_it() {
         "{report}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_back_version_is_judged_again_after_the_policy_changes() {
+    let app = TestApp::spawn().await;
+    let spec = json!({"name": "banking", "task": "classification", "base_model": app.model_dir,
+        "labels": app.labels,
+        "policy": {"min_new_corrections": 100_000, "min_improvement": 0.99}});
+    let (status, body) = app.post("/v1/domains", &spec).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = app
+        .post("/v1/domains/banking/corrections", &json!(app.rows))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let (status, body) = app.post("/v1/domains/banking/jobs", &json!({})).await;
+    assert_eq!(status, 201, "{body}");
+    let job = app.wait_for_job(1).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["decision"]["rule"], "min_improvement", "{job}");
+    let path = "/v1/domains/banking/versions/v1/reevaluate";
+    let review = json!({"reason": "second look", "by": "steward"});
+
+    // Under the same policy the verdict stands, and the second look is audited.
+    let (status, body) = app.post(path, &review).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (&body["status"], &body["decision"]["promote"]),
+        (&json!("held_back"), &json!(false))
+    );
+    let (_, versions) = app.get("/v1/domains/banking/versions").await;
+    assert_eq!(versions["production"], Value::Null, "{versions}");
+
+    // The steward's rule was too strict: loosened, the stored evidence passes, no retraining.
+    let resp = app
+        .client
+        .patch(format!("{}/v1/domains/banking", app.base))
+        .json(&json!({"policy": {"min_improvement": 0.0}, "reason": "0.99 was a typo", "by": "admin"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let (status, body) = app.post(path, &review).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (
+            &body["status"],
+            &body["production"],
+            &body["policy_version"]
+        ),
+        (&json!("promoted"), &json!("v1"), &json!(2)),
+        "{body}"
+    );
+    let (_, versions) = app.get("/v1/domains/banking/versions").await;
+    assert_eq!(versions["production"], "v1", "{versions}");
+    assert_eq!(versions["data"][0]["status"], "promoted", "{versions}");
+    let (_, jobs) = app.get("/v1/domains/banking/jobs").await;
+    assert_eq!(
+        jobs["data"].as_array().unwrap().len(),
+        1,
+        "no run was started: {jobs}"
+    );
+    let (_, audit) = app.get("/v1/domains/banking/audit").await;
+    let regated = audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "gate_decision" && e["actor"] == "steward")
+        .count();
+    assert_eq!(regated, 2, "{audit}");
+
+    // Once promoted it is not judged again, and a bad request names what to fix.
+    let (status, body) = app.post(path, &review).await;
+    error_of(status, &body, 409, "version_not_held_back");
+    let (status, body) = app.post(path, &json!({"by": "steward"})).await;
+    error_of(status, &body, 422, "invalid_field");
+    let (status, body) = app
+        .post("/v1/domains/banking/versions/v9/reevaluate", &review)
+        .await;
+    error_of(status, &body, 404, "version_not_found");
+}

@@ -113,6 +113,49 @@ pub struct Evaluation {
     pub decision: Decision,
 }
 
+impl Evaluation {
+    /// The production version this candidate was measured against; `None` when it was the
+    /// base model (no production adapter yet).
+    pub fn champion_version(&self) -> Option<&str> {
+        (!self.champion_name.starts_with(BASE_CHAMPION))
+            .then(|| self.champion_name.split(' ').next().unwrap_or_default())
+    }
+
+    /// The gate applied again to this stored evidence under `policy`: no model runs, so a
+    /// policy change or a steward's review can settle a held-back version without retraining.
+    pub fn regate(&self, policy: &Policy) -> Decision {
+        decide(
+            policy,
+            &Evidence {
+                champion: &self.champion,
+                candidate: &self.candidate,
+                p_value: self.mcnemar_p,
+                ece: self.calibration.ece,
+                champion_is_adapter: self.champion_version().is_some(),
+                label_flips: &self.label_flips,
+            },
+        )
+    }
+
+    /// What the versions list shows of an evaluation, with the decision that stands.
+    pub fn summary(&self, decision: &Decision) -> serde_json::Value {
+        serde_json::json!({
+            "champion_accuracy": self.champion.accuracy,
+            "candidate_accuracy": self.candidate.accuracy,
+            "candidate_macro_f1": self.candidate.macro_f1,
+            "candidate_token_f1": self.candidate.token_f1,
+            "mcnemar_p": self.mcnemar_p,
+            "ece": self.calibration.ece,
+            "escalation_threshold": self.routing.threshold,
+            "holdout_size": self.holdout_size,
+            "decision": decision,
+        })
+    }
+}
+
+/// How an evaluation names the base model as its champion: `champion_name` starts with it.
+pub const BASE_CHAMPION: &str = "base model";
+
 const MAX_FLIPS_SHOWN: usize = 20;
 const CALIBRATION_BINS: usize = 10;
 /// Longest answer generated during evaluation, in tokens.

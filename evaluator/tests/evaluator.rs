@@ -367,3 +367,23 @@ mod serving_lint {
         assert_eq!(delta, 0.0);
     }
 }
+
+#[test]
+fn a_stored_evaluation_is_gated_again_under_another_policy() {
+    let mut eval = evaluation();
+    assert_eq!(eval.champion_version(), Some("v1"));
+    assert_eq!(
+        eval.regate(&Default::default()).promote,
+        eval.decision.promote
+    );
+    let strict = flywheel_domain::Policy {
+        min_accuracy: 0.99,
+        ..Default::default()
+    };
+    let held = eval.regate(&strict);
+    assert!(!held.promote);
+    assert_eq!(held.rule, Rule::AccuracyFloor);
+    eval.champion_name = format!("{BASE_CHAMPION} (no production adapter yet)");
+    assert_eq!(eval.champion_version(), None);
+    assert_eq!(eval.summary(&held)["decision"]["rule"], "accuracy_floor");
+}

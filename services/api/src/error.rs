@@ -53,6 +53,8 @@ error_codes! {
     TokenNotFound => NOT_FOUND,
     VersionNotFound => NOT_FOUND,
     VersionNotPending => CONFLICT,
+    VersionNotHeldBack => CONFLICT,
+    ChampionChanged => CONFLICT,
     AliasConflict => CONFLICT,
     JobInFlight => CONFLICT,
     JobNotCancellable => CONFLICT,
@@ -156,6 +158,12 @@ impl From<flywheel_promotion::PromotionError> for ApiError {
             NotPending { domain, version } => Self::new(
                 ErrorCode::VersionNotPending,
                 format!("version {domain}/{version} is not awaiting approval"),
+            ),
+            NotHeldBack { domain, version } => Self::new(
+                ErrorCode::VersionNotHeldBack,
+                format!(
+                    "version {domain}/{version} is not held back; only a held-back version is judged again"
+                ),
             ),
             NeverPromoted {
                 domain,

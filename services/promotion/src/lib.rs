@@ -32,6 +32,8 @@ pub enum PromotionError {
     Registry(#[from] RegistryError),
     #[error("version {domain}/{version} is not awaiting approval")]
     NotPending { domain: String, version: VersionId },
+    #[error("version {domain}/{version} is not held back")]
+    NotHeldBack { domain: String, version: VersionId },
     /// A rollback target the gate or a steward never promoted.
     #[error("version {domain}/{version} was never promoted ({})", .status.as_str())]
     NeverPromoted {
@@ -204,6 +206,71 @@ impl<'a> Promotion<'a> {
         self.audit_move(domain, "approve", &moved, by, reason)
             .await?;
         Ok(moved)
+    }
+
+    /// The gate's verdict on a held-back version judged again from its stored evaluation (after
+    /// a policy change, at a steward's request): the version is claimed from `held_back` (of
+    /// two such requests, one wins), production moves if the verdict promotes, and the new
+    /// decision is recorded and audited as a `gate_decision` by `by`. A verdict that still
+    /// holds it back changes nothing but the audit log. Returns the version's status.
+    pub async fn regate(
+        &self,
+        domain: &DomainRow,
+        version: &VersionId,
+        verdict: Verdict,
+        by: &str,
+        reason: &str,
+        summary: &serde_json::Value,
+    ) -> Result<VersionStatus> {
+        let to = match verdict {
+            Verdict::Promote => VersionStatus::Promoted,
+            Verdict::AwaitApproval => VersionStatus::PendingApproval,
+            Verdict::HoldBack => VersionStatus::HeldBack,
+        };
+        let not_held_back = || PromotionError::NotHeldBack {
+            domain: domain.spec.name.to_string(),
+            version: version.clone(),
+        };
+        if to == VersionStatus::HeldBack {
+            let still = self
+                .db
+                .version(domain.id, version)
+                .await?
+                .is_some_and(|v| v.status == VersionStatus::HeldBack);
+            if !still {
+                return Err(not_held_back());
+            }
+        } else if !self
+            .db
+            .transition_version(domain.id, version, VersionStatus::HeldBack, to)
+            .await?
+        {
+            return Err(not_held_back());
+        }
+        if to == VersionStatus::Promoted
+            && let Err(e) = self
+                .first_move(&domain.spec.name, version, by, reason)
+                .await
+        {
+            self.db
+                .transition_version(domain.id, version, to, VersionStatus::HeldBack)
+                .await?;
+            return Err(e.into());
+        }
+        self.db
+            .record_version(domain.id, version, to, summary)
+            .await?;
+        self.db
+            .audit(
+                domain.id,
+                by,
+                "gate_decision",
+                Some(version),
+                reason,
+                Some(summary),
+            )
+            .await?;
+        Ok(to)
     }
 
     /// A steward rejects a version awaiting approval.

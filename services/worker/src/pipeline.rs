@@ -358,7 +358,13 @@ pub async fn evaluate(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Bo
                 }
                 (Some(dir), format!("{} (production)", version))
             }
-            None => (None, "base model (no production adapter yet)".to_string()),
+            None => (
+                None,
+                format!(
+                    "{} (no production adapter yet)",
+                    flywheel_evaluator::BASE_CHAMPION
+                ),
+            ),
         };
         let dir = job_dir(ctx, &job);
         ctx.registry.fetch_staged(job.id.as_str(), &dir).await?;

@@ -278,17 +278,7 @@ async fn carry_out_gate(
         .promotion_decisions
         .with_label_values(&[name.as_str(), outcome.status.as_str()])
         .inc();
-    let summary = serde_json::json!({
-        "champion_accuracy": evaluation.champion.accuracy,
-        "candidate_accuracy": evaluation.candidate.accuracy,
-        "candidate_macro_f1": evaluation.candidate.macro_f1,
-        "candidate_token_f1": evaluation.candidate.token_f1,
-        "mcnemar_p": evaluation.mcnemar_p,
-        "ece": evaluation.calibration.ece,
-        "escalation_threshold": evaluation.routing.threshold,
-        "holdout_size": evaluation.holdout_size,
-        "decision": decision,
-    });
+    let summary = evaluation.summary(&decision);
     promotion
         .record_gate(
             domain.id,

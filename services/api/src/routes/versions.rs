@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use flywheel_db::{AuditEntry, VersionRow};
 use flywheel_domain::{VersionId, VersionStatus};
-use flywheel_promotion::Promotion;
+use flywheel_promotion::{Promotion, Verdict};
 use serde::{Deserialize, Serialize};
 
 use super::shared::{
@@ -129,6 +129,95 @@ async fn decide(
         version,
         status: to,
         production,
+    }))
+}
+
+#[derive(Serialize)]
+pub struct Reevaluated {
+    version: VersionId,
+    status: VersionStatus,
+    /// The gate's decision under the policy as it is now.
+    decision: flywheel_evaluator::Decision,
+    policy_version: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    production: Option<VersionId>,
+}
+
+/// Applies the gate again to a held-back version's stored evaluation, under the domain's
+/// policy as it is now: after a policy change, a version the old rules held back can go live
+/// (or await approval) without retraining. Only while the champion it was measured against
+/// is still production; otherwise the comparison no longer holds.
+pub async fn reevaluate(
+    (State(state), Extension(who), Path((name, version)), raw): Acting<(String, String)>,
+) -> ApiResult<Json<Reevaluated>> {
+    let review: Review = parse_body(raw)?;
+    let by = who.actor(review.by)?;
+    check_reason(&review.reason)?;
+    let domain = domain_row(&state, &name).await?;
+    let row = version_row(&state, &domain, &version).await?;
+    if row.status != VersionStatus::HeldBack {
+        return Err(ApiError::new(
+            ErrorCode::VersionNotHeldBack,
+            format!(
+                "version {name}/{} is {}; only a held-back version is judged again",
+                row.version,
+                row.status.as_str()
+            ),
+        ));
+    }
+    let report = state
+        .registry
+        .read_file(&domain.spec.name, &row.version, "report.json")
+        .await?;
+    let evaluation: flywheel_evaluator::Evaluation =
+        serde_json::from_slice::<serde_json::Value>(&report)
+            .ok()
+            .and_then(|r| serde_json::from_value(r["evaluation"].clone()).ok())
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::VersionCorrupt,
+                    format!(
+                        "version {name}/{}: report.json holds no readable evaluation",
+                        row.version
+                    ),
+                )
+            })?;
+    let promotion = Promotion::new(&state.db, &state.registry);
+    let production = promotion.production(&domain.spec.name).await?;
+    if evaluation.champion_version() != production.as_ref().map(VersionId::as_str) {
+        return Err(ApiError::new(
+            ErrorCode::ChampionChanged,
+            format!(
+                "version {name}/{} was measured against {}, and production is {} now: the \
+                 comparison no longer holds; start a new run instead",
+                row.version,
+                evaluation.champion_name,
+                production
+                    .as_ref()
+                    .map_or("the base model", VersionId::as_str)
+            ),
+        ));
+    }
+    let decision = evaluation.regate(&domain.spec.policy);
+    let mut summary = evaluation.summary(&decision);
+    summary["policy_version"] = domain.policy_version.into();
+    let verdict = Verdict::of(decision.promote, decision.awaiting_approval);
+    let status = promotion
+        .regate(
+            &domain,
+            &row.version,
+            verdict,
+            &by,
+            &review.reason,
+            &summary,
+        )
+        .await?;
+    Ok(Json(Reevaluated {
+        production: (status == VersionStatus::Promoted).then(|| row.version.clone()),
+        version: row.version,
+        status,
+        decision,
+        policy_version: domain.policy_version,
     }))
 }
 
