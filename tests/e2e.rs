@@ -3370,3 +3370,249 @@ async fn a_held_back_version_is_judged_again_after_the_policy_changes() {
         .await;
     error_of(status, &body, 404, "version_not_found");
 }
+
+impl TestApp {
+    /// `method` on `path` with a JSON body.
+    async fn call(&self, method: &str, path: &str, body: &Value) -> (u16, Value) {
+        let resp = self
+            .client
+            .request(method.parse().unwrap(), format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        (
+            resp.status().as_u16(),
+            resp.json().await.unwrap_or(Value::Null),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stewards_find_contradictions_relabel_and_remove_corrections() {
+    let app = TestApp::spawn().await;
+    app.create_domain(100_000).await;
+    let (status, body) = app
+        .post("/v1/domains/banking/corrections", &json!(app.rows))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    // The same question again, in other case and spacing, with another answer.
+    let first = &app.rows[0];
+    let input = first["input"].as_str().unwrap();
+    let other = app
+        .labels
+        .iter()
+        .find(|l| **l != first["expected"])
+        .unwrap();
+    let (status, body) = app
+        .post(
+            "/v1/domains/banking/corrections",
+            &json!({"input": format!("  {}", input.to_uppercase()), "expected": other}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+
+    let (status, conflicts) = app.get("/v1/domains/banking/corrections/conflicts").await;
+    assert_eq!(status, 200, "{conflicts}");
+    let groups = conflicts["data"].as_array().unwrap();
+    assert_eq!(groups.len(), 1, "{conflicts}");
+    let labels = groups[0]["labels"].as_object().unwrap();
+    assert_eq!(labels.len(), 2, "{conflicts}");
+    let contradicting = labels[other.as_str()][0].as_i64().unwrap();
+
+    // Search, filter and page.
+    let word = input.split_whitespace().max_by_key(|w| w.len()).unwrap();
+    let (status, found) = app
+        .get(&format!(
+            "/v1/domains/banking/corrections?q={}",
+            word.to_uppercase()
+        ))
+        .await;
+    assert_eq!(status, 200, "{found}");
+    let ids: Vec<i64> = found["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_i64().unwrap())
+        .collect();
+    assert!(ids.contains(&contradicting) && ids.len() >= 2, "{found}");
+    let label = first["expected"].as_str().unwrap();
+    let (_, page) = app
+        .get(&format!(
+            "/v1/domains/banking/corrections?expected={label}&limit=2"
+        ))
+        .await;
+    assert_eq!(page["data"].as_array().unwrap().len(), 2, "{page}");
+    let after = page["next_after"].as_i64().expect("a next page");
+    let (_, next) = app
+        .get(&format!(
+            "/v1/domains/banking/corrections?expected={label}&limit=2&after={after}"
+        ))
+        .await;
+    assert!(
+        next["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["id"].as_i64().unwrap() > after && c["expected"] == label),
+        "{next}"
+    );
+    for bad in [
+        "?split=dev",
+        "?limit=0",
+        "?colour=red",
+        "?since=yesterday",
+        "?q=",
+    ] {
+        let (status, body) = app
+            .get(&format!("/v1/domains/banking/corrections{bad}"))
+            .await;
+        error_of(status, &body, 422, "invalid_field");
+    }
+
+    // A run leaves the contradiction out, and says so.
+    let (status, job) = app.post("/v1/domains/banking/jobs", &json!({})).await;
+    assert_eq!(status, 201, "{job}");
+    let job = app.wait_for_job(1).await;
+    let (_, events) = app
+        .get(&format!("/v1/jobs/{}/events", job["id"].as_str().unwrap()))
+        .await;
+    assert!(
+        events["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("left out 2 corrections")),
+        "{events}"
+    );
+
+    // Relabelling it to what the first row says would duplicate that row; removing it
+    // resolves the contradiction, and it is still there for the record.
+    let path = format!("/v1/domains/banking/corrections/{contradicting}");
+    let (status, body) = app
+        .call(
+            "PATCH",
+            &path,
+            &json!({"expected": label, "reason": "r", "by": "steward"}),
+        )
+        .await;
+    error_of(status, &body, 409, "correction_exists");
+    let (_, counted) = app.get("/v1/domains/banking").await;
+    let (status, body) = app
+        .call(
+            "DELETE",
+            &path,
+            &json!({"reason": "contradicts row 1", "by": "steward"}),
+        )
+        .await;
+    assert_eq!((status, &body["removed"]), (200, &json!(true)), "{body}");
+    let (_, conflicts) = app.get("/v1/domains/banking/corrections/conflicts").await;
+    assert_eq!(conflicts["data"], json!([]));
+    let (_, after_removal) = app.get("/v1/domains/banking").await;
+    let total = |d: &Value| {
+        d["corrections"]["train"].as_i64().unwrap() + d["corrections"]["holdout"].as_i64().unwrap()
+    };
+    assert_eq!(total(&after_removal), total(&counted) - 1);
+    let (_, kept) = app
+        .get(&format!(
+            "/v1/domains/banking/corrections?include_removed=true&after={}",
+            contradicting - 1
+        ))
+        .await;
+    assert!(kept["data"][0]["removed_at"].is_string(), "{kept}");
+    let (status, body) = app
+        .call(
+            "DELETE",
+            &path,
+            &json!({"reason": "again", "by": "steward"}),
+        )
+        .await;
+    error_of(status, &body, 404, "correction_not_found");
+
+    // A holdout row relabelled keeps its split; bad relabels name what to fix.
+    let (_, holdout) = app
+        .get("/v1/domains/banking/corrections?split=holdout&limit=1")
+        .await;
+    let row = &holdout["data"][0];
+    let id = row["id"].as_i64().unwrap();
+    let new_label = app.labels.iter().find(|l| **l != row["expected"]).unwrap();
+    let (status, body) = app
+        .call(
+            "PATCH",
+            &format!("/v1/domains/banking/corrections/{id}"),
+            &json!({"expected": new_label, "reason": "mislabelled", "by": "steward"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, again) = app
+        .get(&format!(
+            "/v1/domains/banking/corrections?after={}&limit=1",
+            id - 1
+        ))
+        .await;
+    assert_eq!(
+        (&again["data"][0]["expected"], &again["data"][0]["split"]),
+        (&json!(new_label), &json!("holdout"))
+    );
+    for (target, body, status_code, code) in [
+        (
+            id.to_string(),
+            json!({"expected": "no_such_label", "reason": "r", "by": "s"}),
+            422,
+            "unknown_label",
+        ),
+        (
+            id.to_string(),
+            json!({"expected": new_label, "by": "s"}),
+            422,
+            "invalid_field",
+        ),
+        (
+            "999999".to_string(),
+            json!({"expected": new_label, "reason": "r", "by": "s"}),
+            404,
+            "correction_not_found",
+        ),
+        (
+            "abc".to_string(),
+            json!({"expected": new_label, "reason": "r", "by": "s"}),
+            404,
+            "correction_not_found",
+        ),
+    ] {
+        let (status, answer) = app
+            .call(
+                "PATCH",
+                &format!("/v1/domains/banking/corrections/{target}"),
+                &body,
+            )
+            .await;
+        error_of(status, &answer, status_code, code);
+    }
+    let (_, audit) = app.get("/v1/domains/banking/audit").await;
+    let actions: Vec<&str> = audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| {
+            e["action"]
+                .as_str()
+                .filter(|a| a.starts_with("correction_"))
+        })
+        .collect();
+    assert_eq!(actions.len(), 2, "{audit}");
+    let relabel = audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "correction_relabel")
+        .unwrap();
+    assert_eq!(
+        (&relabel["data"]["before"], &relabel["data"]["after"]),
+        (&row["expected"], &json!(new_label)),
+        "{relabel}"
+    );
+}

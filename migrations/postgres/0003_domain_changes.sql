@@ -1,10 +1,11 @@
 -- Domains are editable (PATCH /v1/domains/{d}): every change of a domain's policy is a new
 -- numbered version kept whole in domain_policies, and audited as `domain_change` with its
--- before and after.
+-- before and after (as are a steward's relabel and removal of a correction).
 
 ALTER TABLE audit_log DROP CONSTRAINT audit_log_action_check;
 ALTER TABLE audit_log ADD CONSTRAINT audit_log_action_check
-    CHECK (action IN ('gate_decision', 'approve', 'reject', 'rollback', 'alias_move', 'domain_change'));
+    CHECK (action IN ('gate_decision', 'approve', 'reject', 'rollback', 'alias_move', 'domain_change',
+                      'correction_relabel', 'correction_remove'));
 
 ALTER TABLE domains ADD COLUMN policy_version BIGINT NOT NULL DEFAULT 1;
 

@@ -1,6 +1,6 @@
 -- Domains are editable (PATCH /v1/domains/{d}): every change of a domain's policy is a new
 -- numbered version kept whole in domain_policies, and audited as `domain_change` with its
--- before and after. SQLite cannot alter a CHECK constraint, so the audit log is rebuilt with its
+-- before and after (as are a steward's relabel and removal of a correction). SQLite cannot alter a CHECK constraint, so the audit log is rebuilt with its
 -- rows, ids and triggers intact, as in 0004.
 
 CREATE TABLE audit_log_v3 (
@@ -9,7 +9,8 @@ CREATE TABLE audit_log_v3 (
     at         TEXT NOT NULL,
     actor      TEXT NOT NULL,
     action     TEXT NOT NULL
-               CHECK (action IN ('gate_decision', 'approve', 'reject', 'rollback', 'alias_move', 'domain_change')),
+               CHECK (action IN ('gate_decision', 'approve', 'reject', 'rollback', 'alias_move', 'domain_change',
+                               'correction_relabel', 'correction_remove')),
     version    TEXT,
     reason     TEXT NOT NULL,
     data       TEXT

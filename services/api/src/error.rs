@@ -52,6 +52,8 @@ error_codes! {
     JobNotFound => NOT_FOUND,
     TokenNotFound => NOT_FOUND,
     VersionNotFound => NOT_FOUND,
+    CorrectionNotFound => NOT_FOUND,
+    CorrectionExists => CONFLICT,
     VersionNotPending => CONFLICT,
     VersionNotHeldBack => CONFLICT,
     ChampionChanged => CONFLICT,

@@ -12,8 +12,9 @@ mod sql;
 
 pub use models::{
     AuditEntry, CorrectionRow, DomainRow, IdConflict, InsertOutcome, JobEvent, JobRow,
-    PolicyVersion, TokenRow, VersionRow,
+    PolicyVersion, StoredCorrection, TokenRow, VersionRow,
 };
+pub use repo::{CorrectionFilter, Edit};
 pub use repo::{DatabaseUrl, Db, SQLITE_WRITER_CACHE_KIB};
 
 #[derive(Debug, thiserror::Error)]

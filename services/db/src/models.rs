@@ -37,6 +37,23 @@ pub struct CorrectionRow {
     pub split: Split,
 }
 
+/// A correction as a steward reviews it.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoredCorrection {
+    pub id: i64,
+    pub client_id: Option<String>,
+    pub input: String,
+    pub model_output: Option<String>,
+    pub expected: String,
+    pub source: Source,
+    pub teacher: Option<String>,
+    pub split: Split,
+    pub created_at: DateTime<Utc>,
+    /// When a steward removed it; it trains and evaluates nothing since.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub removed_at: Option<DateTime<Utc>>,
+}
+
 /// The outcome of storing a batch: which rows are new, which were already there, and which
 /// reused a client id that names other content.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]

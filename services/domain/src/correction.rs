@@ -222,6 +222,81 @@ impl CorrectionDraft {
     }
 }
 
+/// A steward's new `expected` for a stored correction, checked and redacted as ingestion
+/// checks it: a label of the domain, or (generation) text within `max_text_chars` whose
+/// personal data the domain's policy redacts — or refuses, under `drop`, since the row would
+/// not have been stored with it.
+pub fn validate_expected(
+    spec: &DomainSpec,
+    expected: &str,
+    max_text_chars: usize,
+) -> Result<String, Invalid> {
+    if expected.trim().is_empty() {
+        return Err(Invalid::field("expected", "must not be empty"));
+    }
+    bounded("expected", expected, max_text_chars)?;
+    match spec.task {
+        Task::Classification => {
+            if spec.label_index(expected).is_none() {
+                return Err(Invalid {
+                    field: "expected".into(),
+                    message: format!("`{expected}` is not a label of domain `{}`", spec.name),
+                    kind: InvalidKind::UnknownLabel,
+                });
+            }
+            Ok(expected.to_owned())
+        }
+        Task::Generation => {
+            let mut found = crate::PiiCounts::new();
+            let redacted = crate::pii::redact(expected, &spec.policy.pii, &mut found);
+            if spec.policy.pii.action == crate::PiiAction::Drop && !found.is_empty() {
+                return Err(Invalid::field(
+                    "expected",
+                    "holds personal data, and this domain drops rows that do",
+                ));
+            }
+            Ok(redacted)
+        }
+    }
+}
+
+/// Groups of stored corrections with the same normalized input and more than one `expected`:
+/// the data contradicts itself there, so those rows train and evaluate nothing until a
+/// steward relabels or removes one side. `rows` are `(id, input, expected)`.
+pub fn conflicts<'a>(rows: impl IntoIterator<Item = (i64, &'a str, &'a str)>) -> Vec<Conflict> {
+    let mut groups: std::collections::BTreeMap<String, Vec<(i64, &'a str)>> = Default::default();
+    for (id, input, expected) in rows {
+        groups
+            .entry(normalize_text(input))
+            .or_default()
+            .push((id, expected));
+    }
+    groups
+        .into_iter()
+        .filter(|(_, rows)| rows.iter().any(|(_, e)| *e != rows[0].1))
+        .map(|(input, rows)| {
+            let mut labels: std::collections::BTreeMap<String, Vec<i64>> = Default::default();
+            for (id, expected) in rows {
+                labels.entry(expected.to_owned()).or_default().push(id);
+            }
+            Conflict { input, labels }
+        })
+        .collect()
+}
+
+/// One contradiction: a normalized input and, per `expected`, the ids that say it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Conflict {
+    pub input: String,
+    pub labels: std::collections::BTreeMap<String, Vec<i64>>,
+}
+
+impl Conflict {
+    pub fn ids(&self) -> impl Iterator<Item = i64> + '_ {
+        self.labels.values().flatten().copied()
+    }
+}
+
 /// `value` is at most `max_chars` characters and holds no NUL: PostgreSQL's text type cannot
 /// store one, and no correction needs it.
 fn bounded(field: &str, value: &str, max_chars: usize) -> Result<(), Invalid> {
@@ -540,5 +615,20 @@ mod tests {
                 .message
                 .contains("deeper")
         );
+    }
+
+    #[test]
+    fn contradictions_are_found_by_normalized_input() {
+        let rows = [
+            (1, "Where is my card?", "card_arrival"),
+            (2, "where is my  card?", "card_arrival"),
+            (3, "WHERE IS MY CARD?", "lost_card"),
+            (4, "pin blocked", "pin_blocked"),
+            (5, "pin blocked", "pin_blocked"),
+        ];
+        let found = conflicts(rows);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].labels["card_arrival"], vec![1, 2]);
+        assert_eq!(found[0].ids().collect::<Vec<_>>(), vec![1, 2, 3]);
     }
 }

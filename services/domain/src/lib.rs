@@ -15,7 +15,10 @@ mod training;
 
 pub use auth::Role;
 pub use base_model::{ModelFiles, check_base_model};
-pub use correction::{Correction, CorrectionDraft, Source, Split, content_hash, normalize_text};
+pub use correction::{
+    Conflict, Correction, CorrectionDraft, Source, Split, conflicts, content_hash, normalize_text,
+    validate_expected,
+};
 pub use domain::{DomainName, DomainSpec, Policy, Task};
 pub use job::{JobId, JobStatus, StageTask, Trigger, VersionId, VersionStatus};
 pub use pii::{PiiAction, PiiCounts, PiiKind, PiiPolicy};

@@ -139,11 +139,22 @@ pub async fn train(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDy
     let ctx: &Context = &ctx;
     stage(ctx, task, "train", |job, domain| async move {
         let teacher = &domain.spec.policy.teacher;
-        let rows: Vec<_> = ctx
-            .db
-            .corrections(domain.id, job.snapshot_max_id, Some(Split::Train))
-            .await?
+        let (rows, conflicting) = without_conflicts(
+            ctx.db
+                .corrections(domain.id, job.snapshot_max_id, None)
+                .await?,
+        );
+        if conflicting > 0 {
+            let message = format!(
+                "left out {conflicting} corrections whose input was stored with different \
+                 answers; resolve them under /v1/domains/{}/corrections/conflicts",
+                domain.spec.name
+            );
+            ctx.db.add_event(&job.id, "message", &message, None).await?;
+        }
+        let rows: Vec<_> = rows
             .into_iter()
+            .filter(|r| r.split == Split::Train)
             .filter(|r| teacher.include || r.source != Source::Teacher)
             .collect();
         let weight = |r: &flywheel_db::CorrectionRow| match r.source {
@@ -321,6 +332,7 @@ pub async fn evaluate(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Bo
             .db
             .corrections(domain.id, job.snapshot_max_id, None)
             .await?;
+        let (rows, _) = without_conflicts(rows);
         // Excluded teacher rows are excluded from judging too.
         let include_teacher = domain.spec.policy.teacher.include;
         let holdout: Vec<HoldoutRow> = rows
@@ -418,6 +430,28 @@ pub(crate) fn observe_job(ctx: &Context, job: &JobRow, outcome: &str) {
 }
 
 /// Training rows, by task.
+/// Rows whose normalized input was stored with more than one `expected` contradict each
+/// other: none of them trains or evaluates until a steward resolves it. Returns the rest and
+/// how many were left out.
+fn without_conflicts(
+    rows: Vec<flywheel_db::CorrectionRow>,
+) -> (Vec<flywheel_db::CorrectionRow>, usize) {
+    let conflicting: std::collections::HashSet<i64> = flywheel_domain::conflicts(
+        rows.iter()
+            .map(|r| (r.id, r.input.as_str(), r.expected.as_str())),
+    )
+    .iter()
+    .flat_map(|c| c.ids().collect::<Vec<_>>())
+    .collect();
+    let before = rows.len();
+    let kept: Vec<_> = rows
+        .into_iter()
+        .filter(|r| !conflicting.contains(&r.id))
+        .collect();
+    let left_out = before - kept.len();
+    (kept, left_out)
+}
+
 /// Resolves the run's hyperparameters (the domain's training block, the job's overrides) on
 /// a compute thread, running the auto search if one is asked for, and records them.
 async fn plan_run(

@@ -5,6 +5,7 @@ mod corrections;
 mod domains;
 mod jobs;
 mod ops;
+mod review;
 mod shared;
 mod tokens;
 mod versions;
@@ -38,6 +39,14 @@ pub static ROUTES: &[Route] = routes![
         "Every version of the domain's policy: the whole policy, who set it, when and why.", "";
     Post "/v1/domains/{domain}/corrections" => corrections::post, DEPARTMENT_OF_DOMAIN, 202,
         "Send corrections: one object, a JSON array or {corrections: [...]}, or NDJSON (application/x-ndjson). 202 after a durable commit.", "{client_id?, input, model_output?, expected, source?: human|teacher, teacher?, metadata?}";
+    Get "/v1/domains/{domain}/corrections" => review::list, STEWARD_OF_DOMAIN, 200,
+        "The domain's corrections, oldest first: filter by expected, split, source, since/until (RFC 3339), q (text in the input), include_removed; page with after and limit (100, at most 1,000).", "";
+    Get "/v1/domains/{domain}/corrections/conflicts" => review::conflicts, STEWARD_OF_DOMAIN, 200,
+        "Inputs stored with more than one expected answer, with the ids saying each; they train and evaluate nothing until resolved.", "";
+    Patch "/v1/domains/{domain}/corrections/{id}" => review::relabel, STEWARD_OF_DOMAIN, 200,
+        "Relabel a correction (checked and redacted as ingestion would; its split stays); audited.", "{expected, reason, by? (without auth)}";
+    Delete "/v1/domains/{domain}/corrections/{id}" => review::remove, STEWARD_OF_DOMAIN, 200,
+        "Remove a correction: tombstoned, audited, left out of every later snapshot.", "{reason, by? (without auth)}";
     Get "/v1/domains/{domain}/jobs" => jobs::of_domain, DEPARTMENT_OF_DOMAIN, 200,
         "The domain's fine-tune jobs, newest first.", "";
     Post "/v1/domains/{domain}/jobs" => jobs::start, DEPARTMENT_OF_DOMAIN, 201,

@@ -100,7 +100,8 @@ impl Db {
             self,
             correction_from_row,
             "SELECT id, client_id, input, model_output, expected, source, split FROM corrections
-             WHERE domain_id = $1 AND id <= $2 AND ($3 IS NULL OR split = $3) ORDER BY id",
+             WHERE domain_id = $1 AND id <= $2 AND ($3 IS NULL OR split = $3) AND removed_at IS NULL
+             ORDER BY id",
             domain_id,
             max_id,
             split.map(Split::as_str)
@@ -112,7 +113,7 @@ impl Db {
             let r = sqlx::query(
                 "SELECT COUNT(*) FILTER (WHERE split = 'train') AS train,
                  COUNT(*) FILTER (WHERE split = 'holdout') AS holdout
-                 FROM corrections WHERE domain_id = $1",
+                 FROM corrections WHERE domain_id = $1 AND removed_at IS NULL",
             )
             .bind(domain_id)
             .fetch_one(pool)

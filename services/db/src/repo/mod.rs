@@ -6,6 +6,7 @@ mod corrections;
 mod domains;
 mod events;
 mod jobs;
+mod review;
 mod tokens;
 mod versions;
 mod writer;
@@ -18,6 +19,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 
 use crate::sql::{Pool, with_pool};
 use crate::{DbError, Result};
+pub use review::{CorrectionFilter, Edit};
 pub use writer::SQLITE_WRITER_CACHE_KIB;
 use writer::{WAL_SIZE_LIMIT_BYTES, WriteRequest, checkpoint_in_background, group_writer};
 
