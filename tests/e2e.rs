@@ -1488,6 +1488,54 @@ async fn every_role_reaches_exactly_its_endpoints_on_its_own_domains() {
         ),
         ("GET", "/v1/tokens".into(), None, &[Admin]),
         ("DELETE", "/v1/tokens/999999".into(), None, &[Admin]),
+        (
+            "PATCH",
+            "/v1/tokens/999999".into(),
+            Some(json!({"domains": ["banking"]})),
+            &[Admin],
+        ),
+        (
+            "PATCH",
+            "/v1/domains/banking".into(),
+            Some(json!({"policy": {"min_accuracy": 0.0}, "reason": "m"})),
+            &[Admin, Steward],
+        ),
+        (
+            "GET",
+            "/v1/domains/banking/policy/history".into(),
+            None,
+            all,
+        ),
+        (
+            "GET",
+            "/v1/domains/banking/corrections".into(),
+            None,
+            &[Admin, Steward],
+        ),
+        (
+            "GET",
+            "/v1/domains/banking/corrections/conflicts".into(),
+            None,
+            &[Admin, Steward],
+        ),
+        (
+            "PATCH",
+            "/v1/domains/banking/corrections/999999".into(),
+            Some(json!({"expected": labels[0], "reason": "m"})),
+            &[Admin, Steward],
+        ),
+        (
+            "DELETE",
+            "/v1/domains/banking/corrections/999999".into(),
+            Some(json!({"reason": "m"})),
+            &[Admin, Steward],
+        ),
+        (
+            "POST",
+            "/v1/domains/banking/versions/v1/reevaluate".into(),
+            Some(review.clone()),
+            &[Admin, Steward],
+        ),
     ];
     // (caller, token, role and whether banking is in its scope; `None`: not authenticated)
     type Caller = (&'static str, Option<String>, Option<(Who, bool)>);
@@ -1546,6 +1594,44 @@ async fn every_role_reaches_exactly_its_endpoints_on_its_own_domains() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // Names are unique among live tokens; a revoked one's name is free again. A token's scope
+    // changes without a new secret.
+    let create = |name: &str| {
+        call(
+            "POST",
+            "/v1/tokens",
+            Some(admin),
+            Some(json!({"name": name, "role": "department", "domains": ["cards"]})),
+        )
+    };
+    let (status, body) = create("dept-banking").await;
+    error_of(status, &body, 409, "token_name_taken");
+    assert_eq!(create("revoked").await.0, 201);
+    let dept_cards = &tokens["dept-cards"];
+    let rescope = |domains: Value| {
+        call(
+            "PATCH",
+            &format!("/v1/tokens/{}", dept_cards.1),
+            Some(admin),
+            Some(json!({"domains": domains})),
+        )
+    };
+    let jobs_of_banking = || call("GET", "/v1/domains/banking/jobs", Some(&dept_cards.0), None);
+    assert_eq!(jobs_of_banking().await.0, 403);
+    let (status, body) = rescope(json!(["cards", "banking"])).await;
+    assert_eq!(
+        (status, &body["domains"]),
+        (200, &json!(["cards", "banking"])),
+        "{body}"
+    );
+    assert_eq!(jobs_of_banking().await.0, 200);
+    let (status, body) = rescope(json!([])).await;
+    error_of(status, &body, 422, "invalid_field");
+    let (status, body) = rescope(json!(["nowhere"])).await;
+    error_of(status, &body, 404, "domain_not_found");
+    assert_eq!(rescope(json!(["cards"])).await.0, 200);
+    assert_eq!(jobs_of_banking().await.0, 403);
 
     // The CLI sends corrections with a token, and says what is wrong without one.
     let csv = dir.path().join("more.csv");

@@ -49,6 +49,7 @@ error_codes! {
     MethodNotAllowed => METHOD_NOT_ALLOWED,
     DomainNotFound => NOT_FOUND,
     DomainExists => CONFLICT,
+    TokenNameTaken => CONFLICT,
     JobNotFound => NOT_FOUND,
     TokenNotFound => NOT_FOUND,
     VersionNotFound => NOT_FOUND,
@@ -107,6 +108,10 @@ impl From<flywheel_db::DbError> for ApiError {
             flywheel_db::DbError::DomainExists(d) => Self::new(
                 ErrorCode::DomainExists,
                 format!("domain `{d}` already exists"),
+            ),
+            flywheel_db::DbError::TokenNameTaken(name) => Self::new(
+                ErrorCode::TokenNameTaken,
+                format!("name: a live token is already named `{name}`; pick another or revoke it"),
             ),
             other => {
                 tracing::error!(error = %other, "database error");

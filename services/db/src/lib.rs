@@ -25,6 +25,8 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("domain `{0}` already exists")]
     DomainExists(String),
+    #[error("a live token is already named `{0}`")]
+    TokenNameTaken(String),
     #[error("corrupt row: {0}")]
     Corrupt(String),
     #[error("{0}")]

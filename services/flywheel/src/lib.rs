@@ -167,6 +167,11 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
              spaces): generate one with `openssl rand -hex 32`"
         );
         let hash = flywheel_domain::auth::hash_token(token);
+        // Retired first: the new token takes the old one's name, unique among live tokens.
+        let retired = db
+            .retire_bootstrap_tokens(&hash)
+            .await
+            .context("retiring earlier bootstrap admin tokens")?;
         db.create_token(
             "bootstrap-admin",
             flywheel_domain::Role::Admin,
@@ -176,10 +181,6 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         )
         .await
         .context("storing the bootstrap admin token")?;
-        let retired = db
-            .retire_bootstrap_tokens(&hash)
-            .await
-            .context("retiring earlier bootstrap admin tokens")?;
         if retired > 0 {
             tracing::info!(
                 retired,

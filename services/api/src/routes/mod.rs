@@ -85,6 +85,8 @@ pub static ROUTES: &[Route] = routes![
         "Create an API token; its secret is in this response only.", "{name, role: admin|department|steward, domains?}";
     Get "/v1/tokens" => tokens::list, ADMIN_ONLY, 200,
         "API tokens, without secrets.", "";
+    Patch "/v1/tokens/{id}" => tokens::rescope, ADMIN_ONLY, 200,
+        "Change the domains a department or steward token may act on.", "{domains: [...]}";
     Delete "/v1/tokens/{id}" => tokens::revoke, ADMIN_ONLY, 204,
         "Revoke a token.", "";
 ];

@@ -38,21 +38,7 @@ pub async fn create(
 ) -> ApiResult<(StatusCode, Json<Created>)> {
     let req: NewToken = parse_body(raw)?;
     short_text("name", &req.name, MAX_NAME_CHARS)?;
-    match (req.role, req.domains.is_empty()) {
-        (Role::Admin, false) => {
-            return Err(ApiError::new(
-                ErrorCode::InvalidField,
-                "domains: admin tokens are not scoped; leave `domains` out",
-            ));
-        }
-        (Role::Department | Role::Steward, true) => {
-            return Err(ApiError::new(
-                ErrorCode::InvalidField,
-                "domains: name the domains this token may act on",
-            ));
-        }
-        _ => {}
-    }
+    check_scope(req.role, &req.domains)?;
     for d in &req.domains {
         domain_row(&state, d).await?;
     }
@@ -68,6 +54,62 @@ pub async fn create(
         )
         .await?;
     Ok((StatusCode::CREATED, Json(Created { row, token: secret })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rescope {
+    /// The domains the token may act on from now on.
+    domains: Vec<String>,
+}
+
+/// Changes the domains a department or steward token may act on; its secret stays valid.
+pub async fn rescope(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    raw: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<TokenRow>> {
+    let req: Rescope = parse_body(raw)?;
+    let not_found = || {
+        ApiError::new(
+            ErrorCode::TokenNotFound,
+            format!("no live token with id `{id}`"),
+        )
+    };
+    let n: i64 = id.parse().map_err(|_| not_found())?;
+    let token = state
+        .db
+        .tokens()
+        .await?
+        .into_iter()
+        .find(|t| t.id == n && t.revoked_at.is_none())
+        .ok_or_else(not_found)?;
+    check_scope(token.role, &req.domains)?;
+    for d in &req.domains {
+        domain_row(&state, d).await?;
+    }
+    let row = state
+        .db
+        .rescope_token(n, &req.domains)
+        .await?
+        .ok_or_else(not_found)?;
+    tracing::info!(token = n, domains = ?req.domains, "token scope changed");
+    Ok(Json(row))
+}
+
+/// Admin tokens are unscoped; the others act on the domains they name.
+fn check_scope(role: Role, domains: &[String]) -> ApiResult<()> {
+    match (role, domains.is_empty()) {
+        (Role::Admin, false) => Err(ApiError::new(
+            ErrorCode::InvalidField,
+            "domains: admin tokens are not scoped; leave `domains` out",
+        )),
+        (Role::Department | Role::Steward, true) => Err(ApiError::new(
+            ErrorCode::InvalidField,
+            "domains: name the domains this token may act on",
+        )),
+        _ => Ok(()),
+    }
 }
 
 pub async fn list(State(state): State<AppState>) -> ApiResult<Json<List<TokenRow>>> {

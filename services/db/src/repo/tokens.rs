@@ -5,7 +5,7 @@ use sqlx::types::Json;
 
 use super::{Db, execute, fetch_all, fetch_optional, from_row};
 use crate::models::TokenRow;
-use crate::sql::Stamp;
+use crate::sql::{Stamp, with_pool};
 use crate::{DbError, Result};
 
 impl Db {
@@ -18,18 +18,29 @@ impl Db {
         token_hash: &str,
         created_by: &str,
     ) -> Result<TokenRow> {
-        execute!(
-            self,
-            "INSERT INTO api_tokens (name, role, domains, token_hash, created_at, created_by)
-             VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT (token_hash) DO NOTHING",
-            name,
-            role.as_str(),
-            Json(domains),
-            token_hash,
-            Stamp::now(),
-            created_by
-        );
+        let inserted: std::result::Result<u64, sqlx::Error> = with_pool!(self, pool => {
+            sqlx::query(
+                "INSERT INTO api_tokens (name, role, domains, token_hash, created_at, created_by)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (token_hash) DO NOTHING",
+            )
+            .bind(name)
+            .bind(role.as_str())
+            .bind(Json(domains))
+            .bind(token_hash)
+            .bind(Stamp::now())
+            .bind(created_by)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected())
+        });
+        match inserted {
+            // Names are unique among live tokens (a partial unique index).
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                return Err(DbError::TokenNameTaken(name.to_owned()));
+            }
+            other => other?,
+        };
         self.token_by_hash(token_hash)
             .await?
             .ok_or_else(|| DbError::Corrupt("token vanished after insert".into()))
@@ -60,6 +71,25 @@ impl Db {
             keep
         );
         Ok(res)
+    }
+
+    /// Sets a live token's scope; `None` if there is no such live token.
+    pub async fn rescope_token(&self, id: i64, domains: &[String]) -> Result<Option<TokenRow>> {
+        let changed = execute!(
+            self,
+            "UPDATE api_tokens SET domains = $1 WHERE id = $2 AND revoked_at IS NULL",
+            Json(domains),
+            id
+        );
+        if changed == 0 {
+            return Ok(None);
+        }
+        fetch_optional!(
+            self,
+            token_from_row,
+            "SELECT * FROM api_tokens WHERE id = $1",
+            id
+        )
     }
 
     /// Revokes a token; `false` if there is no such live token.
