@@ -882,6 +882,21 @@ async fn stewards_approve_reject_and_roll_back_and_every_decision_is_audited() {
         "{alias}"
     );
     assert_eq!(alias["escalation"]["target_accuracy"], 0.95);
+    // ...and, the domain having one, the out-of-scope threshold beside it.
+    let oos = &alias["out_of_scope"];
+    assert_eq!(oos["label"], "age_limit", "{alias}");
+    let threshold = oos["threshold"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&threshold), "{oos}");
+    let score =
+        oos["in_scope_accuracy"].as_f64().unwrap() + oos["out_of_scope_recall"].as_f64().unwrap();
+    assert!(score > 0.0, "{oos}");
+    let (_, report) = app
+        .get("/v1/domains/banking/versions/v1/report?format=md")
+        .await;
+    assert!(
+        report.as_str().unwrap().contains("Out-of-scope threshold"),
+        "{report}"
+    );
     assert!(
         alias["files"]
             .as_array()

@@ -166,3 +166,83 @@ mod tests {
         assert_eq!(r.curve.len(), 2);
     }
 }
+
+/// The confidence below which an answer counts as out of scope, and what it achieves on the
+/// holdout.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ScopeThreshold {
+    /// Answers with lower confidence are treated as the out-of-scope label (0: none are).
+    pub threshold: f64,
+    /// In-scope rows answered with their label at or above the threshold.
+    pub in_scope_accuracy: f64,
+    /// Out-of-scope rows predicted as such, or answered below the threshold.
+    pub out_of_scope_recall: f64,
+}
+
+/// Picks the out-of-scope threshold that maximises in-scope accuracy plus out-of-scope
+/// recall on the holdout (the lowest such threshold on a tie: fewest answers overridden).
+/// `predicted_oos[i]`: the model answered the out-of-scope label itself; `right[i]`: it
+/// answered row `i`'s label; `is_oos[i]`: row `i`'s label is the out-of-scope one.
+pub fn pick_scope_threshold(
+    confidence: &[f64],
+    right: &[bool],
+    predicted_oos: &[bool],
+    is_oos: &[bool],
+) -> ScopeThreshold {
+    let in_scope = is_oos.iter().filter(|o| !**o).count().max(1) as f64;
+    let oos = is_oos.iter().filter(|o| **o).count().max(1) as f64;
+    let at = |t: f64| {
+        let (mut kept_right, mut caught) = (0usize, 0usize);
+        for i in 0..confidence.len() {
+            let below = confidence[i] < t;
+            if is_oos[i] {
+                caught += usize::from(predicted_oos[i] || below);
+            } else {
+                kept_right += usize::from(right[i] && !below);
+            }
+        }
+        ScopeThreshold {
+            threshold: t,
+            in_scope_accuracy: kept_right as f64 / in_scope,
+            out_of_scope_recall: caught as f64 / oos,
+        }
+    };
+    // Just above each confidence seen: that answer and every less confident one are out of
+    // scope. The lowest threshold reaching the best score overrides the fewest answers.
+    let mut candidates: Vec<f64> = confidence.iter().map(|c| c + 1e-9).collect();
+    candidates.sort_by(f64::total_cmp);
+    candidates.dedup();
+    let mut best = at(0.0);
+    for t in candidates {
+        let here = at(t);
+        let score = |s: &ScopeThreshold| s.in_scope_accuracy + s.out_of_scope_recall;
+        if score(&here) > score(&best) + 1e-12 {
+            best = here;
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod scope_tests {
+    use super::*;
+
+    #[test]
+    fn the_threshold_trades_in_scope_answers_for_caught_out_of_scope_ones() {
+        // Out-of-scope rows the model answers with low confidence; in-scope rows it answers
+        // right with high confidence, but one right answer sits low too.
+        let confidence = [0.9, 0.95, 0.85, 0.3, 0.35, 0.4, 0.32];
+        let right = [true, true, true, false, false, false, true];
+        let predicted_oos = [false; 7];
+        let is_oos = [false, false, false, true, true, true, false];
+        let s = pick_scope_threshold(&confidence, &right, &predicted_oos, &is_oos);
+        // Just above 0.4 every out-of-scope row is caught, at the cost of the in-scope 0.32.
+        assert!((s.threshold - 0.4).abs() < 1e-6, "{s:?}");
+        assert_eq!(s.out_of_scope_recall, 1.0);
+        assert_eq!(s.in_scope_accuracy, 0.75);
+        // Nothing to catch: no threshold.
+        let none =
+            pick_scope_threshold(&[0.5, 0.9], &[true, true], &[false, false], &[false, false]);
+        assert_eq!(none.threshold, 0.0);
+    }
+}

@@ -291,6 +291,18 @@ pre{{background:#f6f6f6;padding:10px;overflow:auto}} li{{margin:2px 0}}
             pct(o.champion_recall),
             pct(o.candidate_recall)
         );
+        if let Some(t) = &o.threshold {
+            let _ = write!(
+                h,
+                "<p>Out-of-scope threshold: answers below {:.3} confidence are served as \
+                 <code>{}</code>; on the holdout that keeps {} of in-scope answers right and \
+                 catches {} of out-of-scope queries.</p>",
+                t.threshold,
+                esc(&o.label),
+                pct(t.in_scope_accuracy),
+                pct(t.out_of_scope_recall)
+            );
+        }
     }
     let r = &eval.routing;
     let _ = match r.threshold {

@@ -15,7 +15,8 @@ pub mod serving;
 use std::path::PathBuf;
 
 pub use calibration::{
-    Calibration, ReliabilityBin, Routing, RoutingPoint, calibration, pick_threshold,
+    Calibration, ReliabilityBin, Routing, RoutingPoint, ScopeThreshold, calibration,
+    pick_scope_threshold, pick_threshold,
 };
 pub use gate::{Decision, Evidence, LabelFlips, Rule, decide, format_p};
 pub use html::render_html;
@@ -74,6 +75,9 @@ pub struct OutOfScope {
     pub champion_recall: f64,
     pub candidate_recall: f64,
     pub support: usize,
+    /// Below this confidence the candidate's answer should be taken as out of scope.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<ScopeThreshold>,
 }
 
 /// A flipped example: the champion and candidate disagree on correctness.
@@ -274,11 +278,19 @@ pub fn evaluate(spec: &EvalSpec) -> Result<Evaluation, EvalError> {
         };
         let (champion_recall, support) = recall(&champion_metrics)?;
         let (candidate_recall, _) = recall(&candidate_metrics)?;
+        let is_oos: Vec<bool> = expected.iter().map(|e| e == label).collect();
+        let predicted_oos: Vec<bool> = candidate.iter().map(|p| p == label).collect();
         Some(OutOfScope {
             label: label.clone(),
             champion_recall,
             candidate_recall,
             support,
+            threshold: Some(pick_scope_threshold(
+                &confidence,
+                &correct,
+                &predicted_oos,
+                &is_oos,
+            )),
         })
     });
     Ok(Evaluation {

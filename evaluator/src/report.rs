@@ -59,6 +59,17 @@ pub fn render_markdown(
             pct(o.champion_recall),
             pct(o.candidate_recall)
         ));
+        if let Some(t) = &o.threshold {
+            s.push_str(&format!(
+                "Out-of-scope threshold: answers below {:.3} confidence are served as `{}`; on \
+                 the holdout that keeps {} of in-scope answers right and catches {} of \
+                 out-of-scope queries.\n\n",
+                t.threshold,
+                o.label,
+                pct(t.in_scope_accuracy),
+                pct(t.out_of_scope_recall)
+            ));
+        }
     }
     s.push_str("## Confidence and routing\n\n");
     s.push_str(&format!(

@@ -198,6 +198,14 @@ async fn lineage(
             "target_accuracy": evaluation.routing.target_accuracy,
             "coverage": evaluation.routing.coverage,
         },
+        // For a domain with an out-of-scope label: below this confidence, serve the
+        // out-of-scope answer (chosen for in-scope accuracy plus out-of-scope recall).
+        "out_of_scope": evaluation.out_of_scope.as_ref().map(|o| serde_json::json!({
+            "label": o.label,
+            "threshold": o.threshold.map(|t| t.threshold),
+            "in_scope_accuracy": o.threshold.map(|t| t.in_scope_accuracy),
+            "out_of_scope_recall": o.threshold.map(|t| t.out_of_scope_recall),
+        })),
         "calibration_ece": evaluation.calibration.ece,
         "serving": serving,
         "code_version": env!("CARGO_PKG_VERSION"),

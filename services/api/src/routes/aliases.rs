@@ -48,6 +48,9 @@ pub struct AliasView {
     moved_at: DateTime<Utc>,
     moved_by: String,
     escalation: serde_json::Value,
+    /// The out-of-scope threshold, for a domain with an out-of-scope label.
+    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
+    out_of_scope: serde_json::Value,
     base_model: serde_json::Value,
     files: Vec<FileView>,
 }
@@ -93,6 +96,7 @@ pub async fn get(
         moved_at: mv.at,
         moved_by: mv.by,
         escalation: manifest.lineage["escalation"].clone(),
+        out_of_scope: manifest.lineage["out_of_scope"].clone(),
         base_model: manifest.lineage["base_model"].clone(),
         files,
     }))
