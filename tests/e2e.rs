@@ -1551,6 +1551,12 @@ async fn every_role_reaches_exactly_its_endpoints_on_its_own_domains() {
             Some(review.clone()),
             &[Admin, Steward],
         ),
+        (
+            "GET",
+            "/v1/domains/banking/versions/v1/label-issues".into(),
+            None,
+            &[Admin, Steward],
+        ),
     ];
     // (caller, token, role and whether banking is in its scope; `None`: not authenticated)
     type Caller = (&'static str, Option<String>, Option<(Who, bool)>);
@@ -3589,6 +3595,44 @@ async fn stewards_find_contradictions_relabel_and_remove_corrections() {
                 .starts_with("left out 2 corrections")),
         "{events}"
     );
+
+    // The run's label review: rows its candidate confidently puts under another label, each
+    // a stored correction, most confident first.
+    let (status, issues) = app
+        .get("/v1/domains/banking/versions/v1/label-issues")
+        .await;
+    assert_eq!(status, 200, "{issues}");
+    let issues = issues["data"].as_array().unwrap();
+    eprintln!("{} label issues; first: {:?}", issues.len(), issues.first());
+    assert!(
+        !issues.is_empty(),
+        "a tiny model on the mini slice disagrees somewhere"
+    );
+    let margin = |i: &Value| {
+        i["suggested_probability"].as_f64().unwrap() - i["given_probability"].as_f64().unwrap()
+    };
+    for pair in issues.windows(2) {
+        assert!(margin(&pair[0]) >= margin(&pair[1]), "{pair:?}");
+    }
+    for i in issues.iter().take(5) {
+        assert!(margin(i) > 0.0 && i["suggested"] != i["given"], "{i}");
+        let id = i["id"].as_i64().unwrap();
+        let (_, row) = app
+            .get(&format!(
+                "/v1/domains/banking/corrections?after={}&limit=1",
+                id - 1
+            ))
+            .await;
+        assert_eq!(
+            (&row["data"][0]["id"], &row["data"][0]["expected"]),
+            (&i["id"], &i["given"]),
+            "{i}"
+        );
+    }
+    let (_, report) = app
+        .get("/v1/domains/banking/versions/v1/report?format=md")
+        .await;
+    assert!(report.as_str().unwrap().contains("## Labels to review"));
 
     // Relabelling it to what the first row says would duplicate that row; removing it
     // resolves the contradiction, and it is still there for the record.

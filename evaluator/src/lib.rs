@@ -10,6 +10,7 @@ mod gate;
 mod html;
 mod metrics;
 mod report;
+mod review;
 pub mod serving;
 
 use std::path::PathBuf;
@@ -24,6 +25,7 @@ pub use metrics::{
     LabelMetrics, Metrics, classification_metrics, generation_metrics, mcnemar_exact,
 };
 pub use report::render_markdown;
+pub use review::{LabelIssue, Reviewed, label_issues};
 pub use serving::{LintReport, ServingLimits, lint_adapter};
 
 use flywheel_domain::{Policy, Task, normalize_text};
@@ -44,6 +46,8 @@ pub enum EvalError {
 /// classification, text for generation).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HoldoutRow {
+    /// The stored correction's id, named in the label review.
+    pub id: i64,
     pub text: String,
     pub expected: String,
 }
@@ -65,6 +69,9 @@ pub struct EvalSpec {
     pub holdout: Vec<HoldoutRow>,
     /// Normalized inputs of the training snapshot, for the leak check.
     pub training_inputs: Vec<String>,
+    /// Training rows to review for label noise with the candidate (classification); the
+    /// holdout is always reviewed.
+    pub review: Vec<HoldoutRow>,
     /// The domain's policy: its gate rules and target accuracy.
     pub policy: Policy,
 }
@@ -110,6 +117,10 @@ pub struct Evaluation {
     /// Recall on the out-of-scope label, champion and candidate, when the domain has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub out_of_scope: Option<OutOfScope>,
+    /// Rows whose label the candidate confidently disagrees with, for a steward to review
+    /// (classification).
+    #[serde(default)]
+    pub label_issues: Vec<LabelIssue>,
     /// The candidate's calibration on the holdout.
     pub calibration: Calibration,
     /// The candidate's escalation threshold for hybrid routing.
@@ -161,6 +172,8 @@ impl Evaluation {
 pub const BASE_CHAMPION: &str = "base model";
 
 const MAX_FLIPS_SHOWN: usize = 20;
+/// The most label issues an evaluation lists.
+const MAX_LABEL_ISSUES: usize = 200;
 const CALIBRATION_BINS: usize = 10;
 /// Longest answer generated during evaluation, in tokens.
 const MAX_NEW_TOKENS: usize = 32;
@@ -183,16 +196,41 @@ pub fn evaluate(spec: &EvalSpec) -> Result<Evaluation, EvalError> {
     let expected: Vec<String> = spec.holdout.iter().map(|r| r.expected.clone()).collect();
     let champion_dir = spec.champion_dir.as_deref();
     let candidate_dir = Some(spec.candidate_dir.as_path());
+    let mut label_issues = Vec::new();
     let (champion, candidate) = match spec.task {
         Task::Classification => {
-            let run = |adapter| -> Result<Vec<(String, f64)>, EvalError> {
-                let p = ClassifierPredictor::load(&spec.base_model_dir, adapter, &spec.labels, 0)?;
-                Ok(p.predict(&texts, 32)?
-                    .into_iter()
-                    .map(|p| (spec.labels[p.label].clone(), p.confidence as f64))
-                    .collect())
+            let load =
+                |adapter| ClassifierPredictor::load(&spec.base_model_dir, adapter, &spec.labels, 0);
+            let answers = |probabilities: &[Vec<f32>]| -> Vec<(String, f64)> {
+                probabilities
+                    .iter()
+                    .map(|row| {
+                        let p = flywheel_trainer::Prediction::most_likely(row);
+                        (spec.labels[p.label].clone(), p.confidence as f64)
+                    })
+                    .collect()
             };
-            (run(champion_dir)?, run(candidate_dir)?)
+            let champion = answers(&load(champion_dir)?.probabilities(&texts, 32)?);
+            let candidate = load(candidate_dir)?;
+            let holdout = candidate.probabilities(&texts, 32)?;
+            let train_texts: Vec<&str> = spec.review.iter().map(|r| r.text.as_str()).collect();
+            let train = candidate.probabilities(&train_texts, 32)?;
+            let reviewed: Vec<Reviewed> = spec
+                .holdout
+                .iter()
+                .zip(&holdout)
+                .map(|(r, p)| (r, "holdout", p))
+                .chain(spec.review.iter().zip(&train).map(|(r, p)| (r, "train", p)))
+                .map(|(r, split, p)| Reviewed {
+                    id: r.id,
+                    split,
+                    text: &r.text,
+                    given: &r.expected,
+                    probabilities: p,
+                })
+                .collect();
+            label_issues = review::label_issues(&reviewed, &spec.labels, MAX_LABEL_ISSUES);
+            (champion, answers(&holdout))
         }
         Task::Generation => {
             let run = |adapter| -> Result<Vec<(String, f64)>, EvalError> {
@@ -305,6 +343,7 @@ pub fn evaluate(spec: &EvalSpec) -> Result<Evaluation, EvalError> {
         fixed,
         broken,
         label_flips,
+        label_issues,
         calibration,
         routing,
         decision,

@@ -125,6 +125,34 @@ pub fn render_markdown(
         }
         s.push('\n');
     }
+    if !eval.label_issues.is_empty() {
+        s.push_str(
+            "## Labels to review\n\nStored rows the candidate confidently puts under another \
+             label (confident learning), most confident first; holdout rows are the stronger \
+             evidence. Relabel or remove them with `PATCH`/`DELETE \
+             /v1/domains/{d}/corrections/{id}`.\n\n| id | split | text | stored | suggested |\n\
+             |---:|---|---|---|---|\n",
+        );
+        for i in eval.label_issues.iter().take(20) {
+            s.push_str(&format!(
+                "| {} | {} | {} | `{}` ({}) | `{}` ({}) |\n",
+                i.id,
+                i.split,
+                i.text.replace(['\n', '|'], " "),
+                i.given,
+                pct(i.given_probability),
+                i.suggested,
+                pct(i.suggested_probability)
+            ));
+        }
+        if eval.label_issues.len() > 20 {
+            s.push_str(&format!(
+                "\n{} more in the API (`GET …/versions/{version}/label-issues`).\n",
+                eval.label_issues.len() - 20
+            ));
+        }
+        s.push('\n');
+    }
     training_section(&mut s, lineage);
     s.push_str("## Lineage\n\n```json\n");
     s.push_str(&serde_json::to_string_pretty(lineage).expect("json"));
@@ -211,6 +239,7 @@ mod tests {
             }],
             broken: vec![],
             label_flips: vec![],
+            label_issues: vec![],
             out_of_scope: None,
             calibration: crate::calibration(&[0.9, 0.6], &[true, false], 10),
             routing: crate::pick_threshold(&[0.9, 0.6], &[true, false], 0.95),

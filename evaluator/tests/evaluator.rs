@@ -44,6 +44,7 @@ fn evaluation() -> Evaluation {
         fixed_count: 3,
         broken_count: 0,
         label_flips: Vec::new(),
+        label_issues: Vec::new(),
         fixed: vec![Flip {
             text: "<b>where</b> is my card?".into(),
             expected: "card_arrival".into(),
@@ -165,15 +166,18 @@ fn the_evaluator_refuses_a_holdout_that_leaks_into_training() {
         out_of_scope_label: None,
         holdout: vec![
             HoldoutRow {
+                id: 1,
                 text: "Where is  my CARD?".into(),
                 expected: "a".into(),
             },
             HoldoutRow {
+                id: 2,
                 text: "fresh".into(),
                 expected: "b".into(),
             },
         ],
         training_inputs: vec![flywheel_domain::normalize_text("where is my card?")],
+        review: Vec::new(),
         policy: flywheel_domain::Policy::default(),
     };
     // Refused before any model is loaded, naming how many rows leak.

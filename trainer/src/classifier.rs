@@ -462,6 +462,18 @@ pub struct Prediction {
     pub confidence: f32,
 }
 
+impl Prediction {
+    /// The label with the highest probability in `row`.
+    pub fn most_likely(row: &[f32]) -> Self {
+        let (label, &confidence) = row
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .expect("at least two labels");
+        Prediction { label, confidence }
+    }
+}
+
 /// A base model plus (optionally) an adapter, ready to classify.
 pub struct ClassifierPredictor {
     model: Classifier,
@@ -528,20 +540,22 @@ impl ClassifierPredictor {
     /// The most likely label of each text and its probability, in batches of `batch_size`
     /// (several at once on the CPU's cores).
     pub fn predict(&self, texts: &[&str], batch_size: usize) -> Result<Vec<Prediction>> {
+        Ok(self
+            .probabilities(texts, batch_size)?
+            .iter()
+            .map(|row| Prediction::most_likely(row))
+            .collect())
+    }
+
+    /// Each text's probability for every label the adapter was trained on (in order).
+    pub fn probabilities(&self, texts: &[&str], batch_size: usize) -> Result<Vec<Vec<f32>>> {
         let chunks: Vec<&[&str]> = texts.chunks(batch_size.max(1)).collect();
         let batches = crate::device::map_on_pool(&chunks, |chunk| {
             let batch = self.text.encode(chunk, &self.device)?;
             let (shape, data) = to_host(softmax(self.model.forward(&batch), 1));
             Ok(data
                 .chunks(shape[1])
-                .map(|row| {
-                    let (label, &confidence) = row
-                        .iter()
-                        .enumerate()
-                        .max_by(|a, b| a.1.total_cmp(b.1))
-                        .expect("at least two labels");
-                    Prediction { label, confidence }
-                })
+                .map(<[f32]>::to_vec)
                 .collect::<Vec<_>>())
         })?;
         Ok(batches.into_iter().flatten().collect())

@@ -340,6 +340,7 @@ pub async fn evaluate(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Bo
             .filter(|r| r.split == Split::Holdout)
             .filter(|r| include_teacher || r.source != Source::Teacher)
             .map(|r| HoldoutRow {
+                id: r.id,
                 text: r.input.clone(),
                 expected: r.expected.clone(),
             })
@@ -348,6 +349,16 @@ pub async fn evaluate(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Bo
             .iter()
             .filter(|r| r.split == Split::Train)
             .map(|r| normalize_text(&r.input))
+            .collect();
+        // The candidate's view of the rows it trained on, for the label review.
+        let review = rows
+            .iter()
+            .filter(|r| r.split == Split::Train)
+            .map(|r| HoldoutRow {
+                id: r.id,
+                text: r.input.clone(),
+                expected: r.expected.clone(),
+            })
             .collect();
         let champion = Promotion::new(&ctx.db, &ctx.registry)
             .production(&domain.spec.name)
@@ -390,6 +401,7 @@ pub async fn evaluate(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Bo
             out_of_scope_label: domain.spec.out_of_scope_label.clone(),
             holdout,
             training_inputs,
+            review,
             policy: domain.spec.policy.clone(),
         };
         let evaluation =

@@ -57,6 +57,8 @@ pub static ROUTES: &[Route] = routes![
         "The promotion report (?format=md|html; JSON by default).", "";
     Post "/v1/domains/{domain}/versions/{version}/approve" => versions::approve, STEWARD_OF_DOMAIN, 200,
         "Approve a version awaiting approval; production moves to it.", "{reason, by? (without auth)}";
+    Get "/v1/domains/{domain}/versions/{version}/label-issues" => versions::label_issues, STEWARD_OF_DOMAIN, 200,
+        "Stored rows whose label the version's candidate confidently disagreed with (confident learning), most confident first.", "";
     Post "/v1/domains/{domain}/versions/{version}/reevaluate" => versions::reevaluate, STEWARD_OF_DOMAIN, 200,
         "Apply the gate again to a held-back version's stored evaluation under the current policy, without retraining; production moves if it now passes (409 champion_changed once production has moved on).", "{reason, by? (without auth)}";
     Post "/v1/domains/{domain}/versions/{version}/reject" => versions::reject, STEWARD_OF_DOMAIN, 200,

@@ -132,6 +132,42 @@ async fn decide(
     }))
 }
 
+/// Rows whose stored label the version's candidate confidently disagreed with, most confident
+/// first (confident learning), for a steward to relabel or remove.
+pub async fn label_issues(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<Json<List<flywheel_evaluator::LabelIssue>>> {
+    let domain = domain_row(&state, &name).await?;
+    let row = version_row(&state, &domain, &version).await?;
+    let evaluation = stored_evaluation(&state, &domain, &row).await?;
+    Ok(Json(evaluation.label_issues.into()))
+}
+
+/// The evaluation a version was published with, from its `report.json`.
+async fn stored_evaluation(
+    state: &AppState,
+    domain: &flywheel_db::DomainRow,
+    row: &VersionRow,
+) -> ApiResult<flywheel_evaluator::Evaluation> {
+    let report = state
+        .registry
+        .read_file(&domain.spec.name, &row.version, "report.json")
+        .await?;
+    serde_json::from_slice::<serde_json::Value>(&report)
+        .ok()
+        .and_then(|r| serde_json::from_value(r["evaluation"].clone()).ok())
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::VersionCorrupt,
+                format!(
+                    "version {}/{}: report.json holds no readable evaluation",
+                    domain.spec.name, row.version
+                ),
+            )
+        })
+}
+
 #[derive(Serialize)]
 pub struct Reevaluated {
     version: VersionId,
@@ -165,23 +201,7 @@ pub async fn reevaluate(
             ),
         ));
     }
-    let report = state
-        .registry
-        .read_file(&domain.spec.name, &row.version, "report.json")
-        .await?;
-    let evaluation: flywheel_evaluator::Evaluation =
-        serde_json::from_slice::<serde_json::Value>(&report)
-            .ok()
-            .and_then(|r| serde_json::from_value(r["evaluation"].clone()).ok())
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::VersionCorrupt,
-                    format!(
-                        "version {name}/{}: report.json holds no readable evaluation",
-                        row.version
-                    ),
-                )
-            })?;
+    let evaluation = stored_evaluation(&state, &domain, &row).await?;
     let promotion = Promotion::new(&state.db, &state.registry);
     let production = promotion.production(&domain.spec.name).await?;
     if evaluation.champion_version() != production.as_ref().map(VersionId::as_str) {
