@@ -821,7 +821,7 @@ async fn stewards_approve_reject_and_roll_back_and_every_decision_is_audited() {
         "base_model": app.model_dir,
         "labels": app.labels,
         "policy": {"min_new_corrections": 300, "min_improvement": -1.0, "significance_level": 1.0,
-                   "max_label_drop": 1.0, "require_approval": true},
+                   "max_label_drop": 1.0, "require_approval": true, "min_label_support": 1},
         // Banking77 has no "none of the above" intent; one label stands in for it.
         "out_of_scope_label": "age_limit"
     });
@@ -3050,6 +3050,15 @@ async fn a_domain_policy_is_edited_versioned_and_audited() {
     )
     .await;
     error_of(status, &body, 403, "forbidden");
+    // Nor may a department override the training block for one run.
+    let (status, body) = department(
+        "POST",
+        "/v1/domains/banking/jobs",
+        Some(json!({"training": {"auto_search": {"trials": 8}}})),
+    )
+    .await;
+    let message = error_of(status, &body, 403, "forbidden");
+    assert!(message.starts_with("training: "), "{message}");
 
     // The admin changes a trigger, then resets the steward's rule to its default: 3 and 4.
     let (status, body) = admin(

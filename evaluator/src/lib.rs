@@ -215,21 +215,27 @@ pub fn evaluate(spec: &EvalSpec) -> Result<Evaluation, EvalError> {
             let holdout = candidate.probabilities(&texts, 32)?;
             let train_texts: Vec<&str> = spec.review.iter().map(|r| r.text.as_str()).collect();
             let train = candidate.probabilities(&train_texts, 32)?;
-            let reviewed: Vec<Reviewed> = spec
-                .holdout
-                .iter()
-                .zip(&holdout)
-                .map(|(r, p)| (r, "holdout", p))
-                .chain(spec.review.iter().zip(&train).map(|(r, p)| (r, "train", p)))
-                .map(|(r, split, p)| Reviewed {
-                    id: r.id,
-                    split,
-                    text: &r.text,
-                    given: &r.expected,
-                    probabilities: p,
-                })
-                .collect();
-            label_issues = review::label_issues(&reviewed, &spec.labels, MAX_LABEL_ISSUES);
+            // Per split: in-sample training probabilities sit near 1 and would lift every
+            // label's threshold out of the holdout's reach.
+            let reviewed = |rows: &'_ [HoldoutRow], probabilities: &'_ [Vec<f32>], split| {
+                let rows: Vec<Reviewed> = rows
+                    .iter()
+                    .zip(probabilities)
+                    .map(|(r, p)| Reviewed {
+                        id: r.id,
+                        split,
+                        text: &r.text,
+                        given: &r.expected,
+                        probabilities: p,
+                    })
+                    .collect();
+                review::label_issues(&rows, &spec.labels, MAX_LABEL_ISSUES)
+            };
+            label_issues = reviewed(&spec.holdout, &holdout, "holdout");
+            label_issues.extend(reviewed(&spec.review, &train, "train"));
+            let margin = |i: &LabelIssue| i.suggested_probability - i.given_probability;
+            label_issues.sort_by(|a, b| margin(b).total_cmp(&margin(a)).then(a.id.cmp(&b.id)));
+            label_issues.truncate(MAX_LABEL_ISSUES);
             (champion, answers(&holdout))
         }
         Task::Generation => {
@@ -323,12 +329,10 @@ pub fn evaluate(spec: &EvalSpec) -> Result<Evaluation, EvalError> {
             champion_recall,
             candidate_recall,
             support,
-            threshold: Some(pick_scope_threshold(
-                &confidence,
-                &correct,
-                &predicted_oos,
-                &is_oos,
-            )),
+            // On a handful of out-of-scope rows the sum's recall half is a coin toss that can
+            // send most answers out of scope: no threshold below the policy's label support.
+            threshold: (support >= spec.policy.min_label_support as usize)
+                .then(|| pick_scope_threshold(&confidence, &correct, &predicted_oos, &is_oos)),
         })
     });
     Ok(Evaluation {

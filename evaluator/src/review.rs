@@ -4,7 +4,8 @@
 //! confidence on the rows that carry it (its per-class threshold) and beats every other label
 //! that does; flags rank by how far that label's probability is above the given one's.
 //! Holdout probabilities are out of sample; training ones are in sample, so a memorised wrong
-//! label there can hide — the holdout's flags are the stronger evidence.
+//! label there can hide — the holdout's flags are the stronger evidence. Give each split its
+//! own call: thresholds from in-sample probabilities would be out of the holdout's reach.
 
 use serde::{Deserialize, Serialize};
 

@@ -71,10 +71,17 @@ pub fn check_base_model(
              transformers' `save_pretrained` next to the model"
         ));
     }
-    // PEFT matches a target by its dotted suffix; the last part must be a projection this
-    // family has (and serving stacks adapt).
+    // PEFT matches a target by its dotted suffix. Each must name projections the trainer
+    // adapts: in an encoder a `dense` must say which (`intermediate.dense`, `output.dense`),
+    // since a bare one also matches the pooler, which the adapter then lacks weights for.
     let projections: &[&str] = if encoder {
-        &["query", "key", "value", "dense"]
+        &[
+            "query",
+            "key",
+            "value",
+            "intermediate.dense",
+            "output.dense",
+        ]
     } else {
         &[
             "q_proj",
@@ -87,12 +94,12 @@ pub fn check_base_model(
         ]
     };
     for t in target_modules.unwrap_or_default() {
-        let leaf = t.rsplit('.').next().unwrap_or(t);
-        if !projections.contains(&leaf) {
+        let names_one = |p: &&str| t == p || t.ends_with(&format!(".{p}"));
+        if !projections.iter().any(names_one) {
             return Err(Invalid::field(
                 "training.lora.target_modules",
                 format!(
-                    "`{t}` names no projection of a `{model_type}` model; its projections are {}",
+                    "`{t}` names no projection flywheel adapts in a `{model_type}` model; use {}",
                     projections.join(", ")
                 ),
             ));
@@ -167,9 +174,12 @@ mod tests {
         let e = targets(&["q_proj"], "bert").unwrap_err();
         assert_eq!(e.field, "training.lora.target_modules");
         assert!(
-            e.message.contains("query, key, value, dense"),
+            e.message.contains("intermediate.dense, output.dense"),
             "{}",
             e.message
         );
+        // A bare `dense` would also take the pooler.
+        assert!(targets(&["dense"], "bert").is_err());
+        assert!(targets(&["attention.output.dense"], "bert").is_ok());
     }
 }

@@ -269,7 +269,7 @@ impl Training {
             }
         };
         let learning_rate_multiplier = *self.learning_rate_multiplier.value().unwrap_or(&1.0);
-        let r = *self.lora.r.value().unwrap_or(&8);
+        let r = *self.lora.r.value().unwrap_or(&8.min(facts.max_rank.max(1)));
         let alpha = match self.lora.alpha.value() {
             Some(&a) => a,
             // PEFT's customary alpha = 2r keeps the update's scale as r changes.
@@ -314,7 +314,7 @@ impl Training {
 
     /// The configurations an `auto_search` tries, best guess first: learning rate and rank
     /// moved off the auto choice, only along the fields left auto.
-    pub fn search_grid(&self, base: &Resolved) -> Vec<(f64, u32)> {
+    pub fn search_grid(&self, base: &Resolved, max_rank: u32) -> Vec<(f64, u32)> {
         let Some(search) = self.auto_search else {
             return Vec::new();
         };
@@ -335,7 +335,7 @@ impl Training {
         let mut grid: Vec<(f64, u32)> = Vec::new();
         for (l, k) in candidates {
             let c = (if lr_free { l } else { lr }, if r_free { k } else { r });
-            if !grid.contains(&c) {
+            if c.1 <= max_rank.max(1) && !grid.contains(&c) {
                 grid.push(c);
             }
         }
@@ -354,6 +354,8 @@ pub struct DataFacts {
     pub max_positions: usize,
     /// The policy's older `early_stopping` switch, which an auto `early_stopping` follows.
     pub policy_early_stopping: bool,
+    /// The serving fleet's largest LoRA rank: an auto rank stays at or below it.
+    pub max_rank: u32,
 }
 
 impl DataFacts {
@@ -403,6 +405,7 @@ mod tests {
             token_lengths: lens.to_vec(),
             max_positions: 512,
             policy_early_stopping: false,
+            max_rank: 64,
         }
     }
 
@@ -482,7 +485,7 @@ mod tests {
             (Auto::Value(2), Auto::Value(8))
         );
         let base = t.resolve(Task::Classification, &facts(100, &[10; 100]));
-        assert_eq!(t.search_grid(&base), vec![(1.0, 8), (0.3, 8), (3.0, 8)]);
+        assert_eq!(t.search_grid(&base, 64), vec![(1.0, 8), (0.3, 8), (3.0, 8)]);
         let only_rank = Training {
             learning_rate_multiplier: Auto::Value(1.0),
             auto_search: Some(AutoSearch { trials: 3 }),
@@ -490,8 +493,10 @@ mod tests {
         };
         let base = only_rank.resolve(Task::Classification, &facts(100, &[10; 100]));
         assert_eq!(
-            only_rank.search_grid(&base),
+            only_rank.search_grid(&base, 64),
             vec![(1.0, 8), (1.0, 16), (1.0, 4)]
         );
+        // Never past what the serving fleet loads.
+        assert_eq!(only_rank.search_grid(&base, 8), vec![(1.0, 8), (1.0, 4)]);
     }
 }

@@ -212,11 +212,16 @@ impl<'a> Promotion<'a> {
     /// a policy change, at a steward's request): the version is claimed from `held_back` (of
     /// two such requests, one wins), production moves if the verdict promotes, and the new
     /// decision is recorded and audited as a `gate_decision` by `by`. A verdict that still
-    /// holds it back changes nothing but the audit log. Returns the version's status.
+    /// holds it back changes nothing but the audit log. `champion` is what the version was
+    /// measured against: production moves only from there (compare-and-swap), so a promotion
+    /// that landed meanwhile is never replaced by a version that was not compared with it.
+    /// Returns the version's status.
+    #[allow(clippy::too_many_arguments)]
     pub async fn regate(
         &self,
         domain: &DomainRow,
         version: &VersionId,
+        champion: Option<&VersionId>,
         verdict: Verdict,
         by: &str,
         reason: &str,
@@ -249,17 +254,32 @@ impl<'a> Promotion<'a> {
         }
         if to == VersionStatus::Promoted
             && let Err(e) = self
-                .first_move(&domain.spec.name, version, by, reason)
+                .registry
+                .move_alias(&domain.spec.name, PRODUCTION, champion, version, by, reason)
                 .await
         {
-            self.db
-                .transition_version(domain.id, version, to, VersionStatus::HeldBack)
-                .await?;
-            return Err(e.into());
+            // A held-back version was never live: if the history has it now, this move
+            // landed although the store answered with an error.
+            let landed = self
+                .registry
+                .alias_history(&domain.spec.name, PRODUCTION)
+                .await?
+                .iter()
+                .any(|m| m.to == version.as_str());
+            if !landed {
+                self.db
+                    .transition_version(domain.id, version, to, VersionStatus::HeldBack)
+                    .await?;
+                return Err(e.into());
+            }
         }
-        self.db
-            .record_version(domain.id, version, to, summary)
-            .await?;
+        // Held back still: the status and metrics stay as they are, only the audit log hears
+        // of the second look (a write here could undo a concurrent promotion).
+        if to != VersionStatus::HeldBack {
+            self.db
+                .record_version(domain.id, version, to, summary)
+                .await?;
+        }
         self.db
             .audit(
                 domain.id,

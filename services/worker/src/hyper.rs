@@ -58,6 +58,9 @@ pub(crate) const BASE_LEARNING_RATE: f64 = 3e-3;
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Plan {
     pub requested: Training,
+    /// The serving fleet's largest rank: no auto choice or trial goes above it.
+    #[serde(skip)]
+    pub max_rank: u32,
     pub resolved: Resolved,
     /// The auto search's trials, in the order they ran; empty without one.
     pub trials: Vec<Trial>,
@@ -83,6 +86,7 @@ pub(crate) fn plan(
     spec: &mut TrainSpec,
     policy_early_stopping: bool,
     operator_epochs: Option<usize>,
+    max_rank: u32,
 ) -> Result<Plan, WorkerError> {
     let (token_lengths, max_positions) = data.measure(spec)?;
     let facts = DataFacts {
@@ -90,6 +94,7 @@ pub(crate) fn plan(
         token_lengths,
         max_positions,
         policy_early_stopping,
+        max_rank,
     };
     let mut resolved = requested.resolve(task, &facts);
     if let (None, Some(epochs)) = (requested.n_epochs.value(), operator_epochs) {
@@ -103,6 +108,7 @@ pub(crate) fn plan(
     Ok(Plan {
         requested,
         resolved,
+        max_rank,
         trials: Vec::new(),
     })
 }
@@ -137,7 +143,7 @@ pub(crate) fn search(
     cancelled: &Arc<AtomicBool>,
     report: &mut dyn FnMut(usize, usize, &Trial),
 ) -> Result<(), WorkerError> {
-    let grid = plan.requested.search_grid(&plan.resolved);
+    let grid = plan.requested.search_grid(&plan.resolved, plan.max_rank);
     let alpha_auto = plan.requested.lora.alpha.value().is_none();
     for (i, &(multiplier, r)) in grid.iter().enumerate() {
         let mut trial = spec.clone();

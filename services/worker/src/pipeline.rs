@@ -139,10 +139,14 @@ pub async fn train(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDy
     let ctx: &Context = &ctx;
     stage(ctx, task, "train", |job, domain| async move {
         let teacher = &domain.spec.policy.teacher;
+        // Teacher rows left out first: one that never trains must not void a person's.
         let (rows, conflicting) = without_conflicts(
             ctx.db
                 .corrections(domain.id, job.snapshot_max_id, None)
-                .await?,
+                .await?
+                .into_iter()
+                .filter(|r| teacher.include || r.source != Source::Teacher)
+                .collect(),
         );
         if conflicting > 0 {
             let message = format!(
@@ -155,7 +159,6 @@ pub async fn train(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDy
         let rows: Vec<_> = rows
             .into_iter()
             .filter(|r| r.split == Split::Train)
-            .filter(|r| teacher.include || r.source != Source::Teacher)
             .collect();
         let weight = |r: &flywheel_db::CorrectionRow| match r.source {
             Source::Teacher => teacher.weight as f32,
@@ -332,9 +335,13 @@ pub async fn evaluate(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Bo
             .db
             .corrections(domain.id, job.snapshot_max_id, None)
             .await?;
-        let (rows, _) = without_conflicts(rows);
         // Excluded teacher rows are excluded from judging too.
         let include_teacher = domain.spec.policy.teacher.include;
+        let (rows, _) = without_conflicts(
+            rows.into_iter()
+                .filter(|r| include_teacher || r.source != Source::Teacher)
+                .collect(),
+        );
         let holdout: Vec<HoldoutRow> = rows
             .iter()
             .filter(|r| r.split == Split::Holdout)
@@ -481,10 +488,12 @@ async fn plan_run(
     let task = domain.spec.task;
     let early = domain.spec.policy.early_stopping;
     let epochs = ctx.config.epochs;
+    let max_rank = ctx.config.serving.max_rank as u32;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let stop = cancelled.clone();
     let handle = crate::compute::spawn("plan", move || {
-        let mut plan = crate::hyper::plan(requested, task, &data, &mut spec, early, epochs)?;
+        let mut plan =
+            crate::hyper::plan(requested, task, &data, &mut spec, early, epochs, max_rank)?;
         if plan.requested.auto_search.is_some() {
             crate::hyper::search(&mut plan, &data, &mut spec, &stop, &mut |i, n, t| {
                 let _ = tx.send(format!(
@@ -495,18 +504,23 @@ async fn plan_run(
         }
         Ok::<_, WorkerError>((spec, data, plan))
     });
-    let mut last_check = Instant::now();
-    while let Some(message) = rx.recv().await {
-        ctx.db.add_event(&job.id, "message", &message, None).await?;
-        if last_check.elapsed() >= std::time::Duration::from_millis(250) {
-            last_check = Instant::now();
-            if ctx
-                .db
-                .job(&job.id)
-                .await?
-                .is_some_and(|j| j.status == JobStatus::Cancelled)
-            {
-                cancelled.store(true, std::sync::atomic::Ordering::Relaxed);
+    // A trial runs for minutes: cancellation is looked for on a timer, not between trials.
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            message = rx.recv() => match message {
+                Some(message) => ctx.db.add_event(&job.id, "message", &message, None).await?,
+                None => break,
+            },
+            _ = tick.tick() => {
+                if ctx
+                    .db
+                    .job(&job.id)
+                    .await?
+                    .is_some_and(|j| j.status == JobStatus::Cancelled)
+                {
+                    cancelled.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
             }
         }
     }

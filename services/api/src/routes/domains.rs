@@ -265,6 +265,11 @@ fn patched(spec: &DomainSpec, patch: &DomainPatch) -> ApiResult<DomainSpec> {
                 format!("policy.{}: {}", e.path(), e.inner()),
             )
         })?;
+        // Where `null` is a value (never train on age alone), it is that value, not "back to
+        // the default" as a merge patch's null would be.
+        if changes.get("max_staleness_seconds") == Some(&serde_json::Value::Null) {
+            to.policy.max_staleness_seconds = None;
+        }
     }
     if let Some(changes) = &patch.training {
         let mut training = serde_json::to_value(&spec.training).expect("a training block is JSON");

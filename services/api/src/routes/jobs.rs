@@ -42,13 +42,22 @@ pub async fn start(
     } else {
         parse_json(&raw)?
     };
+    if start.training.is_some() && who.role != Role::Admin {
+        // Like the domain's own block: a search or a higher rank spends the fleet's compute.
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            "training: overriding the domain's training block takes an admin token; start \
+             the run without it",
+        ));
+    }
     if let Some(training) = &start.training {
         super::domains::check_training(&state, training)?;
     }
     let domain = domain_row(&state, &name).await?;
     if let Some(training) = &start.training {
-        // The targets must be the base model's; the rest was checked above.
+        // What the run will use, judged whole: the targets against the base model too.
         let merged = domain.spec.training.overridden_by(training);
+        super::domains::check_training(&state, &merged)?;
         if merged.lora.target_modules != domain.spec.training.lora.target_modules {
             let mut spec = domain.spec.clone();
             spec.training = merged;

@@ -62,10 +62,14 @@ pub async fn list(
         .as_deref()
         .map(|s| Source::parse(s).ok_or_else(|| invalid("source: use human or teacher".into())))
         .transpose()?;
-    if let Some(text) = &q.q
-        && (text.is_empty() || text.chars().count() > 256 || text.contains('\0'))
-    {
-        return Err(invalid("q: search 1 to 256 characters, without NUL".into()));
+    for (field, value) in [("q", &q.q), ("expected", &q.expected)] {
+        if let Some(text) = value
+            && (text.is_empty() || text.chars().count() > 256 || text.contains('\0'))
+        {
+            return Err(invalid(format!(
+                "{field}: give 1 to 256 characters, without NUL"
+            )));
+        }
     }
     let filter = CorrectionFilter {
         expected: q.expected,
@@ -144,11 +148,16 @@ fn outcome(name: &str, id: i64, edit: Edit, expected: &str) -> ApiResult<()> {
     match edit {
         Edit::Done => Ok(()),
         Edit::NotFound => Err(not_live(name, id)),
-        Edit::Duplicate(other) => Err(ApiError::new(
+        Edit::Duplicate { other, removed } => Err(ApiError::new(
             ErrorCode::CorrectionExists,
             format!(
-                "correction {other} already says `{expected}` for this input; remove {id} instead"
+                "correction {other}{} already says `{expected}` for this input; remove {id} instead",
+                if removed { " (removed)" } else { "" }
             ),
+        )),
+        Edit::Changed => Err(ApiError::new(
+            ErrorCode::EditConflict,
+            format!("correction {id} changed while this edit was made; read it again"),
         )),
     }
 }

@@ -226,6 +226,7 @@ pub async fn reevaluate(
         .regate(
             &domain,
             &row.version,
+            production.as_ref(),
             verdict,
             &by,
             &review.reason,

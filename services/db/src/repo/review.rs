@@ -5,7 +5,7 @@
 use flywheel_domain::{Source, Split};
 use sqlx::types::Json;
 
-use super::{Db, fetch_all};
+use super::{Db, fetch_all, fetch_optional};
 use crate::models::StoredCorrection;
 use crate::sql::{Cells, Stamp, with_pool};
 use crate::{DbError, Result};
@@ -32,8 +32,13 @@ pub enum Edit {
     Done,
     /// No live correction with that id in the domain.
     NotFound,
-    /// Relabelling would make it the same correction as this live one.
-    Duplicate(i64),
+    /// Relabelling would make it the same correction as this one (which may be removed).
+    Duplicate {
+        other: i64,
+        removed: bool,
+    },
+    /// It changed (relabelled or removed) while this edit was being made.
+    Changed,
 }
 
 impl Db {
@@ -42,10 +47,11 @@ impl Db {
         domain_id: i64,
         f: &CorrectionFilter,
     ) -> Result<Vec<StoredCorrection>> {
-        // LIKE's wildcards in the search text are matched literally.
+        // LIKE's wildcards in the search text are matched literally. Case folds for ASCII
+        // letters only: SQLite's LOWER knows no others.
         let pattern = f.search.as_ref().map(|s| {
             let escaped = s
-                .to_lowercase()
+                .to_ascii_lowercase()
                 .replace('\\', "\\\\")
                 .replace('%', "\\%")
                 .replace('_', "\\_");
@@ -96,6 +102,8 @@ impl Db {
 
     /// Sets a live correction's `expected` (its content hash follows, so ingesting the new
     /// content again is a duplicate) and audits `correction_relabel` with before and after.
+    /// The write comes first in its transaction and is conditional on the value read before
+    /// it, so a concurrent relabel or removal is seen, never overwritten.
     pub async fn relabel_correction(
         &self,
         domain_id: i64,
@@ -105,39 +113,34 @@ impl Db {
         actor: &str,
         reason: &str,
     ) -> Result<Edit> {
+        let before = fetch_optional!(
+            self,
+            |r| r.text("expected"),
+            "SELECT expected FROM corrections WHERE domain_id = $1 AND id = $2 AND removed_at IS NULL",
+            domain_id,
+            id
+        )?;
+        let Some(before) = before else {
+            return Ok(Edit::NotFound);
+        };
         let at = Stamp::now();
         let res: std::result::Result<Edit, sqlx::Error> = with_pool!(self, pool => async {
             let mut tx = pool.begin().await?;
-            let before: Option<String> = sqlx::query_scalar(
-                "SELECT expected FROM corrections WHERE domain_id = $1 AND id = $2 AND removed_at IS NULL",
-            )
-            .bind(domain_id)
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some(before) = before else {
-                return Ok(Edit::NotFound);
-            };
-            let same: Option<i64> = sqlx::query_scalar(
-                "SELECT id FROM corrections WHERE domain_id = $1 AND content_hash = $2 AND id <> $3",
-            )
-            .bind(domain_id)
-            .bind(content_hash)
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(other) = same {
-                return Ok(Edit::Duplicate(other));
-            }
-            sqlx::query(
-                "UPDATE corrections SET expected = $1, content_hash = $2 WHERE domain_id = $3 AND id = $4",
+            let changed = sqlx::query(
+                "UPDATE corrections SET expected = $1, content_hash = $2
+                 WHERE domain_id = $3 AND id = $4 AND removed_at IS NULL AND expected = $5",
             )
             .bind(expected)
             .bind(content_hash)
             .bind(domain_id)
             .bind(id)
+            .bind(&before)
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
+            if changed == 0 {
+                return Ok(Edit::Changed);
+            }
             let data = serde_json::json!({"correction": id, "before": before, "after": expected});
             sqlx::query(
                 "INSERT INTO audit_log (domain_id, at, actor, action, version, reason, data)
@@ -153,7 +156,27 @@ impl Db {
             tx.commit().await?;
             Ok(Edit::Done)
         }.await);
-        res.map_err(DbError::from)
+        match res {
+            Ok(edit) => Ok(edit),
+            // Another row, live or removed, already holds this input with this answer.
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                let other = fetch_optional!(
+                    self,
+                    |r| Ok::<_, DbError>((r.int("id")?, r.opt_text("removed_at")?.is_some())),
+                    "SELECT id, CAST(removed_at AS TEXT) AS removed_at FROM corrections
+                     WHERE domain_id = $1 AND content_hash = $2",
+                    domain_id,
+                    content_hash
+                )?;
+                Ok(
+                    other.map_or(Edit::Changed, |(other, removed)| Edit::Duplicate {
+                        other,
+                        removed,
+                    }),
+                )
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Tombstones a live correction: it stays stored, marked removed, and no later snapshot
