@@ -2267,6 +2267,13 @@ async fn a_job_whose_worker_dies_is_requeued_and_finishes() {
         resumed >= saved && resumed.is_multiple_of(5),
         "saved {saved}, resumed {resumed}"
     );
+    // ...with the hyperparameters the first attempt planned, not planned again.
+    assert!(
+        events
+            .to_string()
+            .contains("resumed with the hyperparameters it planned"),
+        "{events}"
+    );
     let versions = get(server.base.clone(), "/v1/domains/banking/versions".into()).await;
     assert_eq!(versions["data"].as_array().unwrap().len(), 1, "{versions}");
     server.kill();

@@ -377,7 +377,7 @@ impl DataFacts {
 }
 
 /// Every hyperparameter of one run, as numbers.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Resolved {
     pub n_epochs: u32,
     pub batch_size: u32,

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use flywheel_domain::{DataFacts, Resolved, Task, Training};
 use flywheel_trainer::{EarlyStopping, Example, SftExample, TrainReport, TrainSpec};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::WorkerError;
 
@@ -55,7 +55,7 @@ impl TrainData {
 pub(crate) const BASE_LEARNING_RATE: f64 = 3e-3;
 
 /// What the block asked for and what the run uses.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Plan {
     pub requested: Training,
     /// The serving fleet's largest rank: no auto choice or trial goes above it.
@@ -63,11 +63,12 @@ pub(crate) struct Plan {
     pub max_rank: u32,
     pub resolved: Resolved,
     /// The auto search's trials, in the order they ran; empty without one.
+    #[serde(default)]
     pub trials: Vec<Trial>,
 }
 
 /// One configuration an auto search trained, and how it did on the validation share.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Trial {
     pub learning_rate_multiplier: f64,
     pub lora_r: u32,
@@ -113,7 +114,7 @@ pub(crate) fn plan(
     })
 }
 
-fn apply(spec: &mut TrainSpec, r: &Resolved) {
+pub(crate) fn apply(spec: &mut TrainSpec, r: &Resolved) {
     spec.epochs = r.n_epochs as usize;
     spec.batch_size = r.batch_size as usize;
     spec.learning_rate = BASE_LEARNING_RATE * r.learning_rate_multiplier;

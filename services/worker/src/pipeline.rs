@@ -221,7 +221,33 @@ pub async fn train(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDy
             .await?;
         // Set when the job is cancelled; the trainer stops at its next step.
         let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (spec, data, plan) = plan_run(ctx, &job, &domain, spec, data, &cancelled).await?;
+        // A run that resumes keeps the plan it started with: the domain's block may have
+        // changed since, and an auto search is not repeated (nor allowed to pick otherwise).
+        ctx.registry
+            .fetch_staged_under(job.id.as_str(), PLAN, &dir.join(PLAN))
+            .await?;
+        let planned = dir.join(PLAN).join(PLAN_FILE);
+        let (spec, data, plan) = if planned.exists() {
+            let plan: crate::hyper::Plan = read_json(&planned)?;
+            let mut spec = spec;
+            crate::hyper::apply(&mut spec, &plan.resolved);
+            ctx.db
+                .add_event(
+                    &job.id,
+                    "message",
+                    "resumed with the hyperparameters it planned",
+                    None,
+                )
+                .await?;
+            (spec, data, plan)
+        } else {
+            let (spec, data, plan) = plan_run(ctx, &job, &domain, spec, data, &cancelled).await?;
+            write_json(&planned, &plan)?;
+            ctx.registry
+                .stage_file(job.id.as_str(), &format!("{PLAN}/{PLAN_FILE}"), &planned)
+                .await?;
+            (spec, data, plan)
+        };
         write_json(&dir.join("training_plan.json"), &plan)?;
 
         // Progress flows from the blocking trainer to the database through a channel, a
@@ -565,6 +591,9 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T
 
 /// Where a job's training checkpoints live, in its work directory and among its staged files.
 const CHECKPOINTS: &str = "checkpoints";
+/// Where a job's resolved hyperparameters are staged, so a resumed run trains the same spec.
+const PLAN: &str = "plan";
+const PLAN_FILE: &str = "plan.json";
 
 /// Stages a checkpoint the trainer just wrote, `state.json` last (a checkpoint without it is
 /// incomplete and never resumed), then drops the one it supersedes. Returns its name.
