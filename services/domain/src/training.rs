@@ -253,8 +253,9 @@ impl Training {
             Some(&n) => n,
             None => {
                 // Enough passes that a small domain sees each row several times, few enough
-                // that a large one is not overfit: about 40k examples seen (OpenAI's rule of
-                // thumb has the same shape), within the task's bounds.
+                // that a large one is not overfit: about 40k examples seen for classification
+                // and 20k for generation (OpenAI's rule of thumb has the same shape), within
+                // the task's bounds.
                 let (lo, hi, budget) = match task {
                     Task::Classification => (3, 8, 40_000),
                     Task::Generation => (3, 20, 20_000),

@@ -383,10 +383,15 @@ pub async fn evaluate(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Bo
             .filter(|r| r.split == Split::Train)
             .map(|r| normalize_text(&r.input))
             .collect();
-        // The candidate's view of the rows it trained on, for the label review.
+        // The candidate's view of the rows it trained on, for the label review: an even
+        // spread of at most MAX_REVIEWED of them, since scoring them all would cost a large
+        // domain as much as its training did (the holdout, out of sample, is always scored).
+        let train_rows = rows.iter().filter(|r| r.split == Split::Train).count();
+        let stride = train_rows.div_ceil(MAX_REVIEWED).max(1);
         let review = rows
             .iter()
             .filter(|r| r.split == Split::Train)
+            .step_by(stride)
             .map(|r| HoldoutRow {
                 id: r.id,
                 text: r.input.clone(),
@@ -591,6 +596,8 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T
 
 /// Where a job's training checkpoints live, in its work directory and among its staged files.
 const CHECKPOINTS: &str = "checkpoints";
+/// The most training rows the label review scores per run.
+const MAX_REVIEWED: usize = 2_000;
 /// Where a job's resolved hyperparameters are staged, so a resumed run trains the same spec.
 const PLAN: &str = "plan";
 const PLAN_FILE: &str = "plan.json";
