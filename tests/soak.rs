@@ -154,7 +154,11 @@ fn soak(plan: Plan) {
             .as_array()
             .unwrap()
             .iter()
-            .map(|j| j["status"].as_str().unwrap_or("?").to_owned())
+            .map(|j| match j["error"].as_str() {
+                // A failed run says why: under overload that is the finding.
+                Some(error) => format!("{}: {error}", j["status"].as_str().unwrap_or("?")),
+                None => j["status"].as_str().unwrap_or("?").to_owned(),
+            })
             .collect();
         (tally, statuses)
     });

@@ -277,8 +277,19 @@ pub async fn train(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDy
                     .await?;
             }
             if let Some(checkpoint) = &step.checkpoint {
-                let name =
-                    stage_checkpoint(ctx, &job.id, checkpoint, staged_checkpoint.take()).await?;
+                let name = match stage_checkpoint(ctx, &job.id, checkpoint, staged_checkpoint.clone())
+                    .await
+                {
+                    Ok(name) => name,
+                    // The trainer deletes a checkpoint once a newer one is in place; when the
+                    // events lag behind it (a loaded machine), this one is gone and the newer
+                    // one's own event will stage it. Anything else is a failure.
+                    Err(_) if !checkpoint.join("state.json").exists() => {
+                        tracing::debug!(job = %job.id, checkpoint = %checkpoint.display(), "checkpoint superseded before it was staged");
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 let data = serde_json::json!({
                     "step": step.step,
                     "loss": step.loss,
