@@ -191,6 +191,7 @@ pub fn train_causal_lm(
     let (model, progress) = crate::fit::fit(
         spec,
         rows.len(),
+        &[],
         |h| {
             for r in rows {
                 h.write(r.prompt.as_bytes());

@@ -267,9 +267,16 @@ pub fn train_classifier(
     let loss_fn = CrossEntropyLossConfig::new()
         .with_smoothing((spec.label_smoothing > 0.0).then_some(spec.label_smoothing as f32))
         .init(&device);
+    let lengths = if spec.group_by_length {
+        let texts: Vec<&str> = rows.iter().map(|r| r.text.as_str()).collect();
+        encoder_text.lengths(&texts)?
+    } else {
+        Vec::new()
+    };
     let (model, progress) = crate::fit::fit(
         spec,
         rows.len(),
+        &lengths,
         |h| {
             for r in rows {
                 h.write(r.text.as_bytes());

@@ -79,6 +79,10 @@ fn fingerprint(spec: &TrainSpec, data: impl FnOnce(&mut dyn Hasher)) -> String {
     .hash(&mut h);
     format!("{:?}", spec.early_stopping).hash(&mut h);
     spec.label_smoothing.to_bits().hash(&mut h);
+    // Hashed only when on, so fingerprints of runs without it stay what they were.
+    if spec.group_by_length {
+        "group_by_length".hash(&mut h);
+    }
     data(&mut h);
     format!("{:016x}", h.finish())
 }
@@ -123,6 +127,7 @@ fn split_rows(spec: &TrainSpec, rows: usize) -> (Vec<usize>, Vec<usize>) {
 pub(crate) fn fit<M: Module + Clone + Sync>(
     spec: &TrainSpec,
     rows: usize,
+    lengths: &[usize],
     data: impl FnOnce(&mut dyn Hasher),
     mut model: M,
     on_step: &mut dyn FnMut(&TrainStep) -> bool,
@@ -175,6 +180,9 @@ pub(crate) fn fit<M: Module + Clone + Sync>(
         // Shuffled every epoch, resumed or not, so the order after a resume is the order the
         // uninterrupted run would have seen.
         order.shuffle(&mut rng);
+        if spec.group_by_length && lengths.len() == rows {
+            group_by_length(&mut order, lengths, spec.batch_size * accumulate);
+        }
         let batches: Vec<&[usize]> = order.chunks(spec.batch_size).collect();
         for group in batches.chunks(accumulate) {
             step += 1;
@@ -545,6 +553,16 @@ fn save<M: Module + Clone>(
     Ok(final_dir)
 }
 
+/// Sorts each stretch of 50 optimizer steps' rows of the shuffled `order` by length, longest
+/// first: batches then hold rows of similar length and pad little, while which rows share a
+/// stretch stays random. Draws nothing from the generator, so the epochs' shuffles are those of
+/// the ungrouped run.
+fn group_by_length(order: &mut [usize], lengths: &[usize], rows_per_step: usize) {
+    for stretch in order.chunks_mut(rows_per_step.max(1) * 50) {
+        stretch.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+    }
+}
+
 /// Step bookkeeping: the learning-rate schedule, the loss curve, throughput, and the caller's
 /// progress callback (which may cancel the run).
 pub(crate) struct Progress {
@@ -667,6 +685,22 @@ impl Progress {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn grouping_by_length_sorts_each_stretch_and_keeps_its_rows() {
+        let lengths: Vec<usize> = (0..300).map(|i| (i * 37) % 61).collect();
+        let mut order: Vec<usize> = (0..300).rev().collect();
+        let before = order.clone();
+        // 2 rows a step: stretches of 100 rows.
+        super::group_by_length(&mut order, &lengths, 2);
+        for (grouped, shuffled) in order.chunks(100).zip(before.chunks(100)) {
+            assert!(grouped.windows(2).all(|w| lengths[w[0]] >= lengths[w[1]]));
+            let (mut a, mut b) = (grouped.to_vec(), shuffled.to_vec());
+            a.sort_unstable();
+            b.sort_unstable();
+            assert_eq!(a, b, "a stretch keeps exactly its rows");
+        }
+    }
+
     use super::*;
     use burn::nn::{Linear, LinearConfig};
 

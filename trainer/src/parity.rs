@@ -192,6 +192,7 @@ fn twenty_lora_steps_follow_pefts_loss_curve_within_one_percent() {
     let (model, progress) = crate::fit::fit(
         &spec,
         ids.len(),
+        &[],
         |_| {},
         model,
         &mut |_| true,

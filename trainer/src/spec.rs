@@ -45,6 +45,12 @@ pub struct TrainSpec {
     /// CPU has AMX, and rounds the base model's weights and inputs to 8 significant bits.
     #[serde(default)]
     pub compute: Compute,
+    /// Batch rows of similar length together (classification): within each stretch of 50
+    /// batches of the shuffled order, rows are sorted by length, so a batch pads to little
+    /// more than its own rows. Short texts of mixed lengths otherwise spend most of a step
+    /// on padding.
+    #[serde(default)]
+    pub group_by_length: bool,
 }
 
 fn one() -> usize {
@@ -88,6 +94,7 @@ impl TrainSpec {
             max_grad_norm: default_clip(),
             early_stopping: None,
             compute: Compute::default(),
+            group_by_length: false,
         }
     }
 }

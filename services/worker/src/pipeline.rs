@@ -175,6 +175,9 @@ pub async fn train(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDy
                 );
                 // A BERT-family encoder or a causal LM, each with its own projection names.
                 spec.lora.target_modules = flywheel_trainer::classifier_target_modules(&base)?;
+                // Corrections are short texts of mixed lengths: batched by length they pad
+                // little.
+                spec.group_by_length = true;
                 spec
             }
             Task::Generation => TrainSpec::for_generation(base, dir.join("candidate")),
