@@ -8,6 +8,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+// Serving and routing, in a file of its own beside this one.
+#[path = "e2e/serving.rs"]
+mod serving;
+
 struct TestApp {
     base: String,
     client: reqwest::Client,
@@ -1335,6 +1339,8 @@ async fn every_role_reaches_exactly_its_endpoints_on_its_own_domains() {
         ("dept-cards", "department", "cards"),
         ("steward-banking", "steward", "banking"),
         ("steward-cards", "steward", "cards"),
+        ("serving-banking", "serving", "banking"),
+        ("serving-cards", "serving", "cards"),
         ("revoked", "department", "banking"),
     ] {
         let (status, body) = call(
@@ -1389,11 +1395,23 @@ async fn every_role_reaches_exactly_its_endpoints_on_its_own_domains() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
 
+    // An answer to give feedback on.
+    let (status, answer) = call(
+        "POST",
+        "/v1/domains/banking/predict",
+        Some(admin),
+        Some(json!({"input": "my card has not arrived"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let prediction = answer["prediction_id"].as_str().unwrap().to_owned();
+
     #[derive(Clone, Copy, PartialEq)]
     enum Who {
         Admin,
         Dept,
         Steward,
+        Serving,
     }
     use Who::*;
     let all: &[Who] = &[Admin, Dept, Steward];
@@ -1557,6 +1575,19 @@ async fn every_role_reaches_exactly_its_endpoints_on_its_own_domains() {
             None,
             &[Admin, Steward],
         ),
+        (
+            "POST",
+            "/v1/domains/banking/predict".into(),
+            Some(json!({"input": "where is my card"})),
+            &[Admin, Dept, Serving],
+        ),
+        (
+            "POST",
+            format!("/v1/predictions/{prediction}/feedback"),
+            Some(json!({"correct": true})),
+            &[Admin, Dept, Steward, Serving],
+        ),
+        ("GET", "/v1/domains/banking/serving".into(), None, all),
     ];
     // (caller, token, role and whether banking is in its scope; `None`: not authenticated)
     type Caller = (&'static str, Option<String>, Option<(Who, bool)>);
@@ -1585,11 +1616,23 @@ async fn every_role_reaches_exactly_its_endpoints_on_its_own_domains() {
             Some(tokens["steward-cards"].0.clone()),
             Some((Steward, false)),
         ),
+        (
+            "serving, own domain",
+            Some(tokens["serving-banking"].0.clone()),
+            Some((Serving, true)),
+        ),
+        (
+            "serving, other domain",
+            Some(tokens["serving-cards"].0.clone()),
+            Some((Serving, false)),
+        ),
     ];
     let mut failures = Vec::new();
     for (method, path, body, allowed) in &endpoints {
         // The domain list is not scoped by path: every role may call it (and sees its own).
-        let scoped = path.contains("/banking") || path.starts_with("/v1/jobs/");
+        let scoped = path.contains("/banking")
+            || path.starts_with("/v1/jobs/")
+            || path.starts_with("/v1/predictions/");
         for (caller, token, who) in &callers {
             let (status, resp) = call(method, path, token.as_deref(), body.clone()).await;
             let expected = match who {

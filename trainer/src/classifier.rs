@@ -498,36 +498,45 @@ impl ClassifierPredictor {
         labels: &[String],
         seed: u64,
     ) -> Result<Self> {
-        // The untrained head draws from burn's process-wide generator: not while a run does.
-        let _turn = crate::fit::exclusive();
         let device = crate::device::device();
-        device.seed(seed);
         let config = BackboneConfig::read(base_model_dir)?;
+        // Loaded weights go into zero-initialised shells: nothing here draws from burn's
+        // process-wide generator, so a serving process loads adapters while a run trains.
         let mut ckpt = Checkpoint::open(base_model_dir)?;
         let mut encoder = config.load(&mut ckpt, None, &device)?;
-        let mut head = LinearConfig::new(config.hidden_size(), labels.len()).init(&device);
-        let mut max_seq_len = 128;
-        if let Some(dir) = adapter_dir {
-            let head_config = read_json(&dir.join(HEAD_CONFIG))?;
-            let trained: Vec<String> = serde_json::from_value(head_config["labels"].clone())
-                .map_err(|e| TrainerError::BadFile {
-                    file: dir.join(HEAD_CONFIG),
-                    message: e.to_string(),
-                })?;
-            // A domain's labels only ever grow at the end, so an adapter trained before new
-            // ones were added still means the same labels by the same indices; it never
-            // predicts the new ones.
-            if !labels.starts_with(&trained) {
-                return Err(TrainerError::InvalidSpec(format!(
-                    "adapter in {} was trained on labels {trained:?}, not {labels:?}",
-                    dir.display()
-                )));
+        let (head, max_seq_len) = match adapter_dir {
+            Some(dir) => {
+                let head_config = read_json(&dir.join(HEAD_CONFIG))?;
+                let trained: Vec<String> = serde_json::from_value(head_config["labels"].clone())
+                    .map_err(|e| TrainerError::BadFile {
+                        file: dir.join(HEAD_CONFIG),
+                        message: e.to_string(),
+                    })?;
+                // A domain's labels only ever grow at the end, so an adapter trained before new
+                // ones were added still means the same labels by the same indices; it never
+                // predicts the new ones.
+                if !labels.starts_with(&trained) {
+                    return Err(TrainerError::InvalidSpec(format!(
+                        "adapter in {} was trained on labels {trained:?}, not {labels:?}",
+                        dir.display()
+                    )));
+                }
+                load_peft_adapter(dir, encoder.adapted_mut().into_iter(), &device)?;
+                let mut head_ckpt = Checkpoint::open_file(&dir.join(HEAD_WEIGHTS))?;
+                let head =
+                    head_ckpt.linear("classifier", config.hidden_size(), trained.len(), &device)?;
+                let max_seq_len = head_config["max_seq_len"].as_u64().unwrap_or(128) as usize;
+                (head, max_seq_len)
             }
-            max_seq_len = head_config["max_seq_len"].as_u64().unwrap_or(128) as usize;
-            load_peft_adapter(dir, encoder.adapted_mut().into_iter(), &device)?;
-            let mut head_ckpt = Checkpoint::open_file(&dir.join(HEAD_WEIGHTS))?;
-            head = head_ckpt.linear("classifier", config.hidden_size(), trained.len(), &device)?;
-        }
+            None => {
+                // The untrained head draws from burn's process-wide generator: not while a run
+                // does.
+                let _turn = crate::fit::exclusive();
+                device.seed(seed);
+                let head = LinearConfig::new(config.hidden_size(), labels.len()).init(&device);
+                (head, 128)
+            }
+        };
         let text = TextEncoder::load(
             base_model_dir,
             max_seq_len.min(config.max_position_embeddings()),

@@ -10,7 +10,7 @@ use axum::extract::{MatchedPath, RawPathParams, Request, State};
 use axum::http::{Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use flywheel_domain::{JobId, Role};
+use flywheel_domain::{JobId, PredictionId, Role};
 
 use crate::route::{ADMIN_ONLY, Access, Scope};
 use crate::{ApiError, AppState, AuthMode, ErrorCode, Principal};
@@ -92,7 +92,7 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
     }
     let domain = match scope {
         Scope::None => None,
-        Scope::Domain | Scope::Job => {
+        Scope::Domain | Scope::Job | Scope::Prediction => {
             let params = match req.extract_parts::<RawPathParams>().await {
                 Ok(p) => p,
                 Err(e) => {
@@ -111,6 +111,14 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
             };
             match scope {
                 Scope::Domain => param("domain"),
+                // An unknown prediction falls through to the handler's 404.
+                Scope::Prediction => match param("id").as_deref().and_then(PredictionId::parse) {
+                    Some(id) => match state.serving.prediction(&id).await {
+                        Ok(p) => p.map(|p| p.domain),
+                        Err(e) => return ApiError::from(e).into_response(),
+                    },
+                    None => None,
+                },
                 // An unknown job falls through to the handler's 404.
                 _ => match param("id").as_deref().and_then(JobId::parse) {
                     Some(id) => match state.db.job(&id).await {

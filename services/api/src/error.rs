@@ -63,6 +63,9 @@ error_codes! {
     JobNotCancellable => CONFLICT,
     IdempotencyConflict => CONFLICT,
     EditConflict => CONFLICT,
+    PredictionNotFound => NOT_FOUND,
+    UnsupportedTask => UNPROCESSABLE_ENTITY,
+    NoModel => SERVICE_UNAVAILABLE,
     VersionCorrupt => INTERNAL_SERVER_ERROR,
     Internal => INTERNAL_SERVER_ERROR,
 }

@@ -2,8 +2,9 @@
 //!
 //! Only this crate knows HTTP and JSON wire shapes. It validates at the edge (into the domain
 //! crate's newtypes), stores through the db crate, reads the registry and leaves every alias
-//! move and version decision to `flywheel-promotion`; it never trains, evaluates or talks to
-//! the queue — it nudges the scheduler and returns.
+//! move and version decision to `flywheel-promotion` and every prediction to
+//! `flywheel-serving`; it never trains, evaluates or talks to the queue — it nudges the
+//! scheduler and returns.
 
 mod auth;
 mod error;
@@ -76,6 +77,8 @@ pub struct AppState {
     /// When set, `/metrics` answers only to `Authorization: Bearer <this>` (it names every
     /// domain); stored as its sha256.
     pub metrics_token_hash: Option<String>,
+    /// Answers predictions (`/v1/domains/{d}/predict`).
+    pub serving: flywheel_serving::Serving,
 }
 
 /// What a process serves over HTTP.

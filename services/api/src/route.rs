@@ -47,6 +47,8 @@ pub enum Scope {
     Domain,
     /// The domain of the job in the `{id}` path parameter.
     Job,
+    /// The domain of the logged prediction in the `{id}` path parameter.
+    Prediction,
 }
 
 /// Who may call a route.
@@ -64,6 +66,10 @@ const ALL: &[Role] = &[Role::Admin, Role::Department, Role::Steward];
 const ADMIN: &[Role] = &[Role::Admin];
 const DEPARTMENT: &[Role] = &[Role::Admin, Role::Department];
 const STEWARD: &[Role] = &[Role::Admin, Role::Steward];
+/// Who may ask for predictions: production apps (`serving` tokens) and the domain's owners.
+const PREDICTING: &[Role] = &[Role::Admin, Role::Department, Role::Serving];
+/// Who may judge an answer: whoever asked, and the stewards who review.
+const JUDGING: &[Role] = &[Role::Admin, Role::Department, Role::Serving, Role::Steward];
 
 // Who may call a route, as the route table names it.
 pub const PROBE: Access = Access::Probe;
@@ -77,6 +83,8 @@ pub const DEPARTMENTS: Access = Access::Roles(DEPARTMENT, Scope::None);
 pub const DEPARTMENT_OF_DOMAIN: Access = Access::Roles(DEPARTMENT, Scope::Domain);
 pub const DEPARTMENT_OF_JOB: Access = Access::Roles(DEPARTMENT, Scope::Job);
 pub const STEWARD_OF_DOMAIN: Access = Access::Roles(STEWARD, Scope::Domain);
+pub const PREDICTOR_OF_DOMAIN: Access = Access::Roles(PREDICTING, Scope::Domain);
+pub const JUDGE_OF_PREDICTION: Access = Access::Roles(JUDGING, Scope::Prediction);
 
 pub struct Route {
     pub verb: Verb,

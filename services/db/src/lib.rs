@@ -1,5 +1,5 @@
 //! Durable state of flywheel in SQL: domains, corrections, jobs and their events, versions,
-//! tokens and the audit log, on SQLite (the embedded default) or PostgreSQL (to scale out).
+//! tokens, the audit log and the prediction log, on SQLite (the embedded default) or PostgreSQL (to scale out).
 //!
 //! This crate owns the schema (through `migrations/sqlite` and `migrations/postgres`) and every
 //! query. It knows nothing of HTTP or of the queue; callers get plain domain types back. Writes
@@ -12,7 +12,8 @@ mod sql;
 
 pub use models::{
     AuditEntry, CorrectionRow, DomainRow, IdConflict, InsertOutcome, JobEvent, JobRow,
-    PolicyVersion, StoredCorrection, TokenRow, VersionRow,
+    NewPrediction, PolicyVersion, PredictionRow, ServingWindow, StoredCorrection, TokenRow,
+    VersionRow,
 };
 pub use repo::{CorrectionFilter, Edit};
 pub use repo::{DatabaseUrl, Db, SQLITE_WRITER_CACHE_KIB};

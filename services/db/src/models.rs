@@ -21,6 +21,7 @@ pub struct PolicyVersion {
     pub training: flywheel_domain::Training,
     /// The label set of this version (absent on versions recorded before labels could change).
     pub labels: Option<Vec<String>>,
+    pub serving: flywheel_domain::ServingSpec,
     pub actor: String,
     pub reason: String,
     pub at: DateTime<Utc>,
@@ -154,4 +155,53 @@ pub struct AuditEntry {
     pub version: Option<String>,
     pub reason: String,
     pub data: Option<serde_json::Value>,
+}
+
+/// A prediction to log.
+#[derive(Debug, Clone)]
+pub struct NewPrediction {
+    pub id: flywheel_domain::PredictionId,
+    pub domain_id: i64,
+    pub at: DateTime<Utc>,
+    pub alias: String,
+    pub version: Option<String>,
+    /// Redacted under the domain's PII policy.
+    pub input: String,
+    pub output: String,
+    pub model_output: Option<String>,
+    pub confidence: Option<f64>,
+    pub escalated: bool,
+    pub answered_by: flywheel_domain::AnsweredBy,
+    pub teacher_error: Option<String>,
+    pub latency_ms: f64,
+}
+
+/// A logged prediction.
+#[derive(Debug, Clone, Serialize)]
+pub struct PredictionRow {
+    pub id: flywheel_domain::PredictionId,
+    pub domain: String,
+    pub at: DateTime<Utc>,
+    pub alias: String,
+    pub version: Option<String>,
+    pub input: String,
+    pub output: String,
+    pub model_output: Option<String>,
+    pub confidence: Option<f64>,
+    pub escalated: bool,
+    pub answered_by: flywheel_domain::AnsweredBy,
+    pub teacher_error: Option<String>,
+    pub latency_ms: f64,
+}
+
+/// Counts over a domain's logged predictions since a moment.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ServingWindow {
+    pub since: DateTime<Utc>,
+    pub predictions: i64,
+    pub escalated: i64,
+    pub answered_by_teacher: i64,
+    /// Escalations the teacher did not answer (down, over budget, not a label).
+    pub teacher_errors: i64,
+    pub mean_confidence: Option<f64>,
 }

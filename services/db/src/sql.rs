@@ -110,6 +110,7 @@ pub(crate) trait Cells {
     fn opt_text(&self, col: &str) -> Result<Option<String>>;
     fn int(&self, col: &str) -> Result<i64>;
     fn flag(&self, col: &str) -> Result<bool>;
+    fn opt_float(&self, col: &str) -> Result<Option<f64>>;
     fn time(&self, col: &str) -> Result<DateTime<Utc>>;
     fn opt_time(&self, col: &str) -> Result<Option<DateTime<Utc>>>;
     fn json<T: DeserializeOwned>(&self, col: &str) -> Result<T>;
@@ -142,6 +143,9 @@ macro_rules! cells {
                 self.try_get(col).map_err(|e| column(col, e))
             }
             fn flag(&self, col: &str) -> Result<bool> {
+                self.try_get(col).map_err(|e| column(col, e))
+            }
+            fn opt_float(&self, col: &str) -> Result<Option<f64>> {
                 self.try_get(col).map_err(|e| column(col, e))
             }
             fn time(&self, col: &str) -> Result<DateTime<Utc>> {

@@ -110,6 +110,7 @@ fn spec(name: &str) -> DomainSpec {
         policy: Policy::default(),
         training: Default::default(),
         out_of_scope_label: None,
+        serving: Default::default(),
     }
 }
 

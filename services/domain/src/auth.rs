@@ -13,6 +13,9 @@ pub enum Role {
     Department,
     /// A data steward: reads reports, approves, rejects and rolls back for its domains.
     Steward,
+    /// A production application: asks its domains for predictions and sends feedback on
+    /// them, nothing else.
+    Serving,
 }
 
 impl Role {
@@ -21,6 +24,7 @@ impl Role {
             Role::Admin => "admin",
             Role::Department => "department",
             Role::Steward => "steward",
+            Role::Serving => "serving",
         }
     }
 
@@ -29,6 +33,7 @@ impl Role {
             "admin" => Some(Role::Admin),
             "department" => Some(Role::Department),
             "steward" => Some(Role::Steward),
+            "serving" => Some(Role::Serving),
             _ => None,
         }
     }

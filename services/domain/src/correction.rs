@@ -284,6 +284,27 @@ pub fn conflicts<'a>(rows: impl IntoIterator<Item = (i64, &'a str, &'a str)>) ->
         .collect()
 }
 
+/// The teacher rows a person overruled: those whose normalized input a person's correction
+/// also answers. A person's answer is the gold signal, so these rows neither train nor count
+/// as contradicting it (feedback on an escalated prediction would otherwise void both). `rows`
+/// are `(id, input, source)`.
+pub fn outranked_by_people<'a>(
+    rows: impl IntoIterator<Item = (i64, &'a str, Source)> + Clone,
+) -> std::collections::HashSet<i64> {
+    let answered: std::collections::HashSet<String> = rows
+        .clone()
+        .into_iter()
+        .filter(|(_, _, source)| *source == Source::Human)
+        .map(|(_, input, _)| normalize_text(input))
+        .collect();
+    rows.into_iter()
+        .filter(|(_, input, source)| {
+            *source == Source::Teacher && answered.contains(&normalize_text(input))
+        })
+        .map(|(id, ..)| id)
+        .collect()
+}
+
 /// One contradiction: a normalized input and, per `expected`, the ids that say it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Conflict {
@@ -402,6 +423,7 @@ mod tests {
             policy: Policy::default(),
             training: Default::default(),
             out_of_scope_label: None,
+            serving: Default::default(),
         }
     }
 
@@ -630,5 +652,17 @@ mod tests {
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(found[0].labels["card_arrival"], vec![1, 2]);
         assert_eq!(found[0].ids().collect::<Vec<_>>(), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn a_persons_answer_overrules_the_teachers_on_the_same_input() {
+        let rows = [
+            (1, "Where is my card?", Source::Teacher),
+            (2, "where is my card? ", Source::Human),
+            (3, "I lost my card", Source::Teacher),
+            (4, "where is my card?", Source::Teacher),
+        ];
+        let out = outranked_by_people(rows.iter().map(|(id, i, s)| (*id, *i, *s)));
+        assert_eq!(out, [1, 4].into_iter().collect());
     }
 }

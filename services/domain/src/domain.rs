@@ -296,6 +296,9 @@ pub struct DomainSpec {
     /// its own, since missing it sends a query down a wrong path instead of escalating it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub out_of_scope_label: Option<String>,
+    /// The teacher escalated queries go to, and what is kept of predictions.
+    #[serde(default)]
+    pub serving: crate::ServingSpec,
 }
 
 impl DomainSpec {
@@ -349,6 +352,7 @@ impl DomainSpec {
             ));
         }
         self.policy.validate()?;
+        self.serving.validate()?;
         self.training.validate()
     }
 

@@ -11,18 +11,20 @@ mod domain;
 mod job;
 pub mod pii;
 pub mod schedule;
+mod serving;
 mod training;
 
 pub use auth::Role;
 pub use base_model::{ModelFiles, check_base_model};
 pub use correction::{
     Conflict, Correction, CorrectionDraft, Source, Split, conflicts, content_hash, normalize_text,
-    validate_expected,
+    outranked_by_people, validate_expected,
 };
 pub use domain::{DomainName, DomainSpec, Policy, Task};
 pub use job::{JobId, JobStatus, StageTask, Trigger, VersionId, VersionStatus};
 pub use pii::{PiiAction, PiiCounts, PiiKind, PiiPolicy};
 pub use schedule::{TriggerState, due};
+pub use serving::{AnsweredBy, PredictionId, ServingSpec, TeacherEndpoint};
 pub use training::{
     Auto, AutoSearch, DataFacts, Lora, MAX_LORA_RANK, MAX_TRIALS, Resolved, Training,
 };

@@ -103,6 +103,10 @@ static CARD: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\b\d(?:[ -]?\d){12,
 static NATIONAL_ID: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"(?i)\b(?:\d{3}-\d{2}-\d{4}|[A-Z]{2} ?\d{2} ?\d{2} ?\d{2} ?[A-D])\b").unwrap()
 });
+static UUID: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?i)\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b").unwrap()
+});
+
 static PHONE: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?|\b)\d{2,4}(?:[ .-]?\d{2,4}){1,5}\b")
         .unwrap()
@@ -198,10 +202,17 @@ pub fn redact(text: &str, policy: &PiiPolicy, counts: &mut PiiCounts) -> String 
             PiiKind::Phone => &PHONE,
         };
         let mut found = 0;
+        // A UUID is an opaque id whose digit groups can read as a phone number: not personal
+        // data, and never redacted (it may be the very id that links rows together).
+        let uuids: Vec<std::ops::Range<usize>> = UUID.find_iter(&out).map(|m| m.range()).collect();
         out = re
             .replace_all(&out, |caps: &regex::Captures<'_>| {
-                let m = &caps[0];
-                if !is_finding(kind, m) {
+                let whole = caps.get(0).expect("group 0 is the match");
+                let m = whole.as_str();
+                let in_uuid = uuids
+                    .iter()
+                    .any(|u| u.start < whole.end() && whole.start() < u.end);
+                if in_uuid || !is_finding(kind, m) {
                     return m.to_owned();
                 }
                 found += 1;
@@ -321,5 +332,25 @@ mod tests {
         };
         let got = redact("jane@example.com 4242 4242 4242 4242", &policy, &mut counts);
         assert_eq!(got, "[EMAIL] 4242 4242 4242 4242");
+    }
+
+    #[test]
+    fn uuids_are_ids_not_phone_numbers() {
+        for id in [
+            "01932456-7890-7123-8456-123456789012",
+            "prediction-20261207-1234-7567-8901-234567890123",
+        ] {
+            let (out, counts) = run(id, PiiAction::Replace);
+            assert_eq!((out.as_str(), counts.len()), (id, 0), "{id}");
+        }
+        // A phone number beside a UUID is still found.
+        let (out, _) = run(
+            "call +44 20 7946 0958 about 01932456-7890-7123-8456-123456789012",
+            PiiAction::Replace,
+        );
+        assert_eq!(
+            out,
+            "call [PHONE] about 01932456-7890-7123-8456-123456789012"
+        );
     }
 }

@@ -49,6 +49,11 @@ pub struct Config {
     /// A bearer token `/metrics` asks for; `None` leaves it open, as Prometheus expects by
     /// default.
     pub metrics_token: Option<String>,
+    /// Resident serving models past this many MiB of weights evict the least recently used.
+    pub serving_memory_mib: u64,
+    /// How often serving looks up a resident model's alias again (a moved alias takes effect
+    /// within about this long).
+    pub serving_refresh: std::time::Duration,
 }
 
 impl Config {
@@ -64,6 +69,8 @@ impl Config {
             auth: AuthMode::Required,
             bootstrap_admin_token: None,
             metrics_token: None,
+            serving_memory_mib: 4096,
+            serving_refresh: std::time::Duration::from_secs(1),
         }
     }
 
@@ -200,7 +207,21 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
             );
         }
     }
+    let serving = flywheel_serving::Serving::start(
+        db.clone(),
+        registry.clone(),
+        metrics.clone(),
+        nudge.clone(),
+        flywheel_serving::ServingConfig {
+            cache_dir: config.data_dir.join("cache"),
+            memory_budget_bytes: config.serving_memory_mib.saturating_mul(1 << 20),
+            refresh: config.serving_refresh,
+            max_batch: 64,
+            max_text_chars: config.limits.max_text_chars,
+        },
+    );
     let state = AppState {
+        serving,
         db,
         registry: registry.clone(),
         metrics,

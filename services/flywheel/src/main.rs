@@ -88,6 +88,10 @@ enum Command {
         /// is open to whoever reaches the port.
         #[arg(long, env = "FLYWHEEL_METRICS_TOKEN", hide_env_values = true)]
         metrics_token: Option<String>,
+        /// MiB of model weights kept resident for /predict; past it, the least recently used
+        /// domain's model is dropped (and loaded again when next asked).
+        #[arg(long, env = "FLYWHEEL_SERVING_MEMORY_MIB", default_value_t = 4096)]
+        serving_memory_mib: u64,
     },
     /// Create or upgrade the database schema, then exit.
     Migrate,
@@ -183,7 +187,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             job_lease_seconds,
             checkpoint_every_steps,
             slots,
+            serving_memory_mib,
         } => {
+            config.serving_memory_mib = serving_memory_mib;
             config.worker.slots = slots;
             config.worker.checkpoint_every_steps = checkpoint_every_steps;
             config.worker.job_lease = std::time::Duration::from_secs(job_lease_seconds.max(3));

@@ -31,6 +31,7 @@ impl World {
             policy: Policy::default(),
             training: Default::default(),
             out_of_scope_label: None,
+            serving: Default::default(),
         };
         let domain = db.create_domain(&spec).await.unwrap();
         let row = CorrectionDraft {

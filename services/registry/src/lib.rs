@@ -360,6 +360,25 @@ impl Registry {
         Ok(manifest)
     }
 
+    /// A local copy of a version under `dir`, downloaded (each file verified) unless a
+    /// complete copy is there already: the manifest, written last, marks one.
+    pub async fn fetch_version(
+        &self,
+        domain: &DomainName,
+        version: &VersionId,
+        dir: &Path,
+    ) -> Result<()> {
+        let marker = dir.join(MANIFEST);
+        if tokio::fs::try_exists(&marker).await.unwrap_or(false) {
+            return Ok(());
+        }
+        let manifest = self.download(domain, version, dir).await?;
+        let bytes = serde_json::to_vec_pretty(&manifest).expect("a manifest is JSON");
+        tokio::fs::write(&marker, bytes)
+            .await
+            .map_err(|e| RegistryError::Local(marker.display().to_string(), e))
+    }
+
     fn stage_key(job: &str, file: &str) -> ObjPath {
         ObjPath::from(format!("jobs/{job}/{file}"))
     }
@@ -472,9 +491,24 @@ impl Registry {
         Ok(moves)
     }
 
-    /// The version an alias points at now, if it was ever set.
+    /// The version an alias points at now, if it was ever set: the newest generation, read
+    /// alone (serving asks this every second per resident model).
     pub async fn resolve(&self, domain: &DomainName, alias: &str) -> Result<Option<AliasMove>> {
-        Ok(self.alias_history(domain, alias).await?.pop())
+        let prefix = ObjPath::from(Self::alias_dir(domain, alias));
+        let metas: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
+        let Some(newest) = metas
+            .into_iter()
+            .max_by(|a, b| a.location.as_ref().cmp(b.location.as_ref()))
+        else {
+            return Ok(None);
+        };
+        let bytes = self.store.get(&newest.location).await?.bytes().await?;
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| RegistryError::Malformed {
+                path: newest.location.to_string(),
+                message: e.to_string(),
+            })
     }
 
     /// Moves `alias` from `expected` to `to`, failing with [`RegistryError::AliasConflict`] if

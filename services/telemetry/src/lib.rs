@@ -31,6 +31,21 @@ pub struct Metrics {
     /// The latest training throughput and loss, by domain (updated as steps are reported).
     pub training_tokens_per_second: GaugeVec,
     pub training_loss: GaugeVec,
+    /// Predictions answered, by domain and who answered (`model`, `teacher`).
+    pub predictions: IntCounterVec,
+    /// Predictions the small model was unsure of (or had no model for), by domain.
+    pub prediction_escalations: IntCounterVec,
+    /// The small model's confidence in its answers, by domain.
+    pub prediction_confidence: HistogramVec,
+    /// Wall time of a predict call, by domain.
+    pub prediction_seconds: HistogramVec,
+    /// Calls to a domain's teacher, by outcome (`ok` or why not).
+    pub teacher_requests: IntCounterVec,
+    pub teacher_request_seconds: HistogramVec,
+    /// Model loads for serving, by domain and outcome.
+    pub serving_model_loads: IntCounterVec,
+    /// Models resident for serving.
+    pub serving_models_resident: IntGaugeVec,
 }
 
 impl Metrics {
@@ -112,8 +127,65 @@ impl Metrics {
             "flywheel_training_loss",
             "Training loss of the domain's latest reported step",
         );
+        let predictions = counter(
+            "flywheel_predictions_total",
+            "Predictions answered, by who answered",
+            &["domain", "answered_by"],
+        );
+        let prediction_escalations = counter(
+            "flywheel_prediction_escalations_total",
+            "Predictions below the escalation threshold, or without a model",
+            &["domain"],
+        );
+        let prediction_confidence = histogram(
+            "flywheel_prediction_confidence",
+            "The small model's confidence in its answer",
+            &["domain"],
+            (1..=20).map(|i| f64::from(i) * 0.05).collect(),
+        );
+        let prediction_seconds = histogram(
+            "flywheel_prediction_seconds",
+            "Wall time of a predict call, teacher included",
+            &["domain"],
+            prometheus::exponential_buckets(0.0005, 2.0, 16).expect("buckets"),
+        );
+        let teacher_requests = counter(
+            "flywheel_teacher_requests_total",
+            "Calls to a domain's teacher model, by outcome",
+            &["domain", "outcome"],
+        );
+        let teacher_request_seconds = histogram(
+            "flywheel_teacher_request_seconds",
+            "Wall time of a call to a teacher model, retries included",
+            &["domain"],
+            prometheus::exponential_buckets(0.005, 2.0, 14).expect("buckets"),
+        );
+        let serving_model_loads = counter(
+            "flywheel_serving_model_loads_total",
+            "Models loaded for serving, by outcome",
+            &["domain", "outcome"],
+        );
+        let serving_models_resident = IntGaugeVec::new(
+            Opts::new(
+                "flywheel_serving_models_resident",
+                "Models resident for serving",
+            ),
+            &["domain"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(serving_models_resident.clone()))
+            .expect("unique metric");
         Self {
             registry,
+            predictions,
+            prediction_escalations,
+            prediction_confidence,
+            prediction_seconds,
+            teacher_requests,
+            teacher_request_seconds,
+            serving_model_loads,
+            serving_models_resident,
             job_duration_seconds,
             training_tokens_per_second,
             training_loss,

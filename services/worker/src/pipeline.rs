@@ -423,14 +423,9 @@ pub async fn evaluate(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Bo
                     .join("cache")
                     .join(domain.spec.name.as_str())
                     .join(version.as_str());
-                if !dir.join(flywheel_registry::MANIFEST).exists() {
-                    ctx.registry
-                        .download(&domain.spec.name, &version, &dir)
-                        .await?;
-                    // The manifest marks a complete download.
-                    let manifest = ctx.registry.manifest(&domain.spec.name, &version).await?;
-                    write_json(&dir.join(flywheel_registry::MANIFEST), &manifest)?;
-                }
+                ctx.registry
+                    .fetch_version(&domain.spec.name, &version, &dir)
+                    .await?;
                 (Some(dir), format!("{} (production)", version))
             }
             None => (
@@ -495,11 +490,19 @@ pub(crate) fn observe_job(ctx: &Context, job: &JobRow, outcome: &str) {
 
 /// Training rows, by task.
 /// Rows whose normalized input was stored with more than one `expected` contradict each
-/// other: none of them trains or evaluates until a steward resolves it. Returns the rest and
-/// how many were left out.
+/// other: none of them trains or evaluates until a steward resolves it. Teacher rows a person
+/// overruled (`outranked_by_people`) are dropped first and are no contradiction. Returns the
+/// rest and how many contradicting rows were left out.
 fn without_conflicts(
     rows: Vec<flywheel_db::CorrectionRow>,
 ) -> (Vec<flywheel_db::CorrectionRow>, usize) {
+    let overruled = flywheel_domain::outranked_by_people(
+        rows.iter().map(|r| (r.id, r.input.as_str(), r.source)),
+    );
+    let rows: Vec<_> = rows
+        .into_iter()
+        .filter(|r| !overruled.contains(&r.id))
+        .collect();
     let conflicting: std::collections::HashSet<i64> = flywheel_domain::conflicts(
         rows.iter()
             .map(|r| (r.id, r.input.as_str(), r.expected.as_str())),

@@ -68,6 +68,7 @@ fn specs() -> Vec<DomainSpec> {
         },
         training: Default::default(),
         out_of_scope_label: None,
+        serving: Default::default(),
     };
     vec![
         spec(

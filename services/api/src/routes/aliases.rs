@@ -17,7 +17,7 @@ use crate::{ApiError, AppState, ErrorCode};
 
 /// Alias names are plain words: they become object keys.
 /// An alias names a file in the registry: short, and of characters every store accepts.
-fn is_alias_name(alias: &str) -> bool {
+pub(super) fn is_alias_name(alias: &str) -> bool {
     (1..=64).contains(&alias.len())
         && alias
             .chars()

@@ -168,6 +168,9 @@ pub struct DomainPatch {
     /// removing a label needs its stored corrections mapped, which is refused with the reason.
     #[serde(default)]
     labels: Option<Vec<String>>,
+    /// A merge patch of the serving block (teacher, prediction log); admin only.
+    #[serde(default)]
+    serving: Option<serde_json::Value>,
     #[serde(default)]
     base_model: Option<serde_json::Value>,
     reason: String,
@@ -211,6 +214,7 @@ pub async fn change(
                 [
                     ("out_of_scope_label", patch.out_of_scope_label.is_some()),
                     ("training", patch.training.is_some()),
+                    ("serving", patch.serving.is_some()),
                     ("labels", patch.labels.is_some()),
                 ]
                 .into_iter()
@@ -284,6 +288,16 @@ fn patched(spec: &DomainSpec, patch: &DomainPatch) -> ApiResult<DomainSpec> {
             ApiError::new(
                 ErrorCode::InvalidField,
                 format!("training{at}: {}", e.inner()),
+            )
+        })?;
+    }
+    if let Some(changes) = &patch.serving {
+        let mut serving = serde_json::to_value(&spec.serving).expect("a serving block is JSON");
+        merge_patch(&mut serving, changes);
+        to.serving = serde_path_to_error::deserialize(serving).map_err(|e| {
+            ApiError::new(
+                ErrorCode::InvalidField,
+                format!("serving.{}: {}", e.path(), e.inner()),
             )
         })?;
     }

@@ -5,6 +5,7 @@ mod corrections;
 mod domains;
 mod jobs;
 mod ops;
+mod predict;
 mod review;
 mod shared;
 mod tokens;
@@ -14,7 +15,8 @@ use axum::Json;
 
 use crate::route::{
     ADMIN_ONLY, ANY_ROLE, ANY_ROLE_OF_DOMAIN, Access, DEPARTMENT_OF_DOMAIN, DEPARTMENT_OF_JOB,
-    DEPARTMENTS, PROBE, PUBLIC, Route, STEWARD_OF_DOMAIN, routes,
+    DEPARTMENTS, JUDGE_OF_PREDICTION, PREDICTOR_OF_DOMAIN, PROBE, PUBLIC, Route, STEWARD_OF_DOMAIN,
+    routes,
 };
 use crate::{ApiError, AppState, ErrorCode, Surface};
 
@@ -73,6 +75,12 @@ pub static ROUTES: &[Route] = routes![
         "Move a non-production alias (compare-and-swap with `expected`).", "{to, expected?: version|null, reason, by? (without auth)}";
     Get "/v1/domains/{domain}/aliases/{alias}/history" => aliases::history, ANY_ROLE_OF_DOMAIN, 200,
         "Every move of an alias.", "";
+    Post "/v1/domains/{domain}/predict" => predict::predict, PREDICTOR_OF_DOMAIN, 200,
+        "Answer with the model the alias names (?alias=, production by default); below its escalation threshold, or with no model yet, the domain's teacher answers and its answer becomes a `source: teacher` correction. One object per input with output, confidence, escalated, answered_by, version and prediction_id.", "{input} or {inputs: [...]} (at most 256)";
+    Get "/v1/domains/{domain}/serving" => predict::serving, ANY_ROLE_OF_DOMAIN, 200,
+        "How the domain is served: production version, teacher, the models resident in this process, escalation share over the last hour and day.", "";
+    Post "/v1/predictions/{id}/feedback" => predict::feedback, JUDGE_OF_PREDICTION, 202,
+        "Confirm or correct a logged prediction: it becomes a `source: human` correction linked to it.", "{correct: true} or {expected}, by? (without auth)";
     Get "/v1/jobs" => jobs::all, DEPARTMENTS, 200,
         "Jobs across the caller's domains (?status=&limit=).", "";
     Get "/v1/jobs/{id}" => jobs::get, DEPARTMENT_OF_JOB, 200,
@@ -84,7 +92,7 @@ pub static ROUTES: &[Route] = routes![
     Post "/v1/jobs/{id}/cancel" => jobs::cancel, DEPARTMENT_OF_JOB, 200,
         "Cancel a queued or training job.", "";
     Post "/v1/tokens" => tokens::create, ADMIN_ONLY, 201,
-        "Create an API token; its secret is in this response only.", "{name, role: admin|department|steward, domains?}";
+        "Create an API token; its secret is in this response only.", "{name, role: admin|department|steward|serving, domains?}";
     Get "/v1/tokens" => tokens::list, ADMIN_ONLY, 200,
         "API tokens, without secrets.", "";
     Patch "/v1/tokens/{id}" => tokens::rescope, ADMIN_ONLY, 200,

@@ -90,15 +90,21 @@ pub async fn list(
 }
 
 /// Inputs stored with more than one `expected`: those rows train and evaluate nothing until
-/// a steward relabels or removes one side.
+/// a steward relabels or removes one side. A teacher's row a person overruled is no
+/// contradiction: the person's answer stands.
 pub async fn conflicts(
     State(state): State<AppState>,
     Domain(domain): Domain,
 ) -> ApiResult<Json<List<Conflict>>> {
     let rows = state.db.correction_labels(domain.id, i64::MAX).await?;
+    let overruled = flywheel_domain::outranked_by_people(
+        rows.iter()
+            .map(|(id, input, _, source)| (*id, input.as_str(), *source)),
+    );
     let found = flywheel_domain::conflicts(
         rows.iter()
-            .map(|(id, input, expected)| (*id, input.as_str(), expected.as_str())),
+            .filter(|(id, ..)| !overruled.contains(id))
+            .map(|(id, input, expected, _)| (*id, input.as_str(), expected.as_str())),
     );
     Ok(Json(found.into()))
 }

@@ -104,7 +104,7 @@ fn check_scope(role: Role, domains: &[String]) -> ApiResult<()> {
             ErrorCode::InvalidField,
             "domains: admin tokens are not scoped; leave `domains` out",
         )),
-        (Role::Department | Role::Steward, true) => Err(ApiError::new(
+        (Role::Department | Role::Steward | Role::Serving, true) => Err(ApiError::new(
             ErrorCode::InvalidField,
             "domains: name the domains this token may act on",
         )),

@@ -15,8 +15,8 @@ impl Db {
         let res: std::result::Result<i64, sqlx::Error> = with_pool!(self, pool => async {
             let mut tx = pool.begin().await?;
             let id: i64 = sqlx::query_scalar(
-                "INSERT INTO domains (name, task, base_model, labels, policy, out_of_scope_label, created_at, training)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+                "INSERT INTO domains (name, task, base_model, labels, policy, out_of_scope_label, created_at, training, serving)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
             )
             .bind(spec.name.as_str())
             .bind(spec.task.as_str())
@@ -26,17 +26,19 @@ impl Db {
             .bind(&spec.out_of_scope_label)
             .bind(created_at)
             .bind(Json(&spec.training))
+            .bind(Json(&spec.serving))
             .fetch_one(&mut *tx)
             .await?;
             sqlx::query(
-                "INSERT INTO domain_policies (domain_id, version, policy, actor, reason, at, training, labels)
-                 VALUES ($1, 1, $2, 'registration', 'registered', $3, $4, $5)",
+                "INSERT INTO domain_policies (domain_id, version, policy, actor, reason, at, training, labels, serving)
+                 VALUES ($1, 1, $2, 'registration', 'registered', $3, $4, $5, $6)",
             )
             .bind(id)
             .bind(Json(&spec.policy))
             .bind(created_at)
             .bind(Json(&spec.training))
             .bind(Json(&spec.labels))
+            .bind(Json(&spec.serving))
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;
@@ -69,7 +71,7 @@ impl Db {
         fetch_all!(self, domain_from_row, "SELECT * FROM domains ORDER BY name")
     }
 
-    /// Replaces the policy, training block, labels and out-of-scope label of the domain `from`
+    /// Replaces the policy, training block, labels, serving block and out-of-scope label of the domain `from`
     /// was read as, as one
     /// change: the policy's version moves on by one, the new version is kept whole, and the
     /// audit log gets `domain_change` with before and after. `None` when the domain changed
@@ -86,15 +88,16 @@ impl Db {
         let audit = serde_json::json!({
             "policy_version": version,
             "before": {"policy": from.spec.policy, "training": from.spec.training,
-                "labels": from.spec.labels, "out_of_scope_label": from.spec.out_of_scope_label},
+                "labels": from.spec.labels, "out_of_scope_label": from.spec.out_of_scope_label,
+                "serving": from.spec.serving},
             "after": {"policy": to.policy, "training": to.training, "labels": to.labels,
-                "out_of_scope_label": to.out_of_scope_label},
+                "out_of_scope_label": to.out_of_scope_label, "serving": to.serving},
         });
         let changed: std::result::Result<bool, sqlx::Error> = with_pool!(self, pool => async {
             let mut tx = pool.begin().await?;
             let updated = sqlx::query(
                 "UPDATE domains SET policy = $1, out_of_scope_label = $2, policy_version = $3,
-                 training = $6, labels = $7
+                 training = $6, labels = $7, serving = $8
                  WHERE id = $4 AND policy_version = $5",
             )
             .bind(Json(&to.policy))
@@ -104,6 +107,7 @@ impl Db {
             .bind(from.policy_version)
             .bind(Json(&to.training))
             .bind(Json(&to.labels))
+            .bind(Json(&to.serving))
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -111,8 +115,8 @@ impl Db {
                 return Ok(false);
             }
             sqlx::query(
-                "INSERT INTO domain_policies (domain_id, version, policy, actor, reason, at, training, labels)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                "INSERT INTO domain_policies (domain_id, version, policy, actor, reason, at, training, labels, serving)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             )
             .bind(from.id)
             .bind(version)
@@ -122,6 +126,7 @@ impl Db {
             .bind(at)
             .bind(Json(&to.training))
             .bind(Json(&to.labels))
+            .bind(Json(&to.serving))
             .execute(&mut *tx)
             .await?;
             sqlx::query(
@@ -166,6 +171,7 @@ fn domain_from_row(r: &impl Cells) -> Result<DomainRow> {
         policy: r.json("policy")?,
         training: r.json("training")?,
         out_of_scope_label: r.opt_text("out_of_scope_label")?,
+        serving: r.json("serving")?,
     };
     Ok(DomainRow {
         id: r.int("id")?,
@@ -181,6 +187,7 @@ fn policy_from_row(r: &impl Cells) -> Result<PolicyVersion> {
         policy: r.json("policy")?,
         training: r.json("training")?,
         labels: r.opt_json("labels")?,
+        serving: r.json("serving")?,
         actor: r.text("actor")?,
         reason: r.text("reason")?,
         at: r.time("at")?,

@@ -6,6 +6,7 @@ mod corrections;
 mod domains;
 mod events;
 mod jobs;
+mod predictions;
 mod review;
 mod tokens;
 mod versions;

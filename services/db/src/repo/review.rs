@@ -89,11 +89,16 @@ impl Db {
         &self,
         domain_id: i64,
         max_id: i64,
-    ) -> Result<Vec<(i64, String, String)>> {
+    ) -> Result<Vec<(i64, String, String, Source)>> {
         fetch_all!(
             self,
-            |r| Ok((r.int("id")?, r.text("input")?, r.text("expected")?)),
-            "SELECT id, input, expected FROM corrections
+            |r| Ok((
+                r.int("id")?,
+                r.text("input")?,
+                r.text("expected")?,
+                r.parsed("source", Source::parse)?
+            )),
+            "SELECT id, input, expected, source FROM corrections
              WHERE domain_id = $1 AND id <= $2 AND removed_at IS NULL ORDER BY id",
             domain_id,
             max_id

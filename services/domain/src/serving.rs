@@ -1,0 +1,221 @@
+//! How a domain is served: the teacher it escalates to, and what is kept of its predictions.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Invalid;
+
+/// A domain's `serving` block.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServingSpec {
+    /// The large model asked when the small one is unsure (or there is none yet); its answers
+    /// become `source: teacher` corrections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher: Option<TeacherEndpoint>,
+    /// Share of predictions logged (0 to 1). Only a logged prediction can receive feedback;
+    /// escalated ones are always logged, since their answer is training data.
+    #[serde(default = "ServingSpec::one")]
+    pub log_sample_rate: f64,
+    /// Logged predictions older than this many days are deleted.
+    #[serde(default = "ServingSpec::thirty")]
+    pub log_retention_days: u32,
+}
+
+impl Default for ServingSpec {
+    fn default() -> Self {
+        Self {
+            teacher: None,
+            log_sample_rate: 1.0,
+            log_retention_days: 30,
+        }
+    }
+}
+
+/// An OpenAI-compatible chat-completions endpoint: what enterprises run their large model
+/// behind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherEndpoint {
+    /// The API's base URL, as OpenAI clients take it (`…/v1`); `/chat/completions` is added.
+    pub url: String,
+    /// The `model` field sent.
+    pub model: String,
+    /// The environment variable holding the API key, sent as a bearer token; the key itself is
+    /// never stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
+    /// The system prompt. For classification the label list is appended, with the instruction
+    /// to answer with one of them exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    /// One call's deadline, retries included.
+    #[serde(default = "TeacherEndpoint::ten_seconds")]
+    pub timeout_ms: u32,
+    /// At most this many calls in any hour; past it, the small model answers alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_calls_per_hour: Option<u32>,
+}
+
+impl ServingSpec {
+    fn one() -> f64 {
+        1.0
+    }
+    fn thirty() -> u32 {
+        30
+    }
+
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if !(0.0..=1.0).contains(&self.log_sample_rate) {
+            return Err(Invalid::field(
+                "serving.log_sample_rate",
+                "must be between 0 and 1",
+            ));
+        }
+        if self.log_retention_days == 0 {
+            return Err(Invalid::field(
+                "serving.log_retention_days",
+                "must be at least 1",
+            ));
+        }
+        if let Some(t) = &self.teacher {
+            t.validate()?;
+        }
+        Ok(())
+    }
+}
+
+impl TeacherEndpoint {
+    fn ten_seconds() -> u32 {
+        10_000
+    }
+
+    fn validate(&self) -> Result<(), Invalid> {
+        let url = self.url.trim();
+        if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() > 2_000 {
+            return Err(Invalid::field(
+                "serving.teacher.url",
+                "must be an http:// or https:// URL (the API's base, like https://host/v1)",
+            ));
+        }
+        if self.model.trim().is_empty() || self.model.len() > 200 {
+            return Err(Invalid::field(
+                "serving.teacher.model",
+                "must name the model (1 to 200 characters)",
+            ));
+        }
+        if let Some(var) = &self.api_key_env
+            && (var.is_empty() || !var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        {
+            return Err(Invalid::field(
+                "serving.teacher.api_key_env",
+                "must be an environment variable's name (letters, digits, _)",
+            ));
+        }
+        if self.prompt.as_ref().is_some_and(|p| p.len() > 8_000) {
+            return Err(Invalid::field(
+                "serving.teacher.prompt",
+                "must be at most 8,000 bytes",
+            ));
+        }
+        if !(100..=120_000).contains(&self.timeout_ms) {
+            return Err(Invalid::field(
+                "serving.teacher.timeout_ms",
+                "must be between 100 and 120000",
+            ));
+        }
+        if self.max_calls_per_hour == Some(0) {
+            return Err(Invalid::field(
+                "serving.teacher.max_calls_per_hour",
+                "must be at least 1 (leave it out for no limit, or remove the teacher)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A logged prediction's id (a UUIDv7, so ids sort by time).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PredictionId(pub String);
+
+impl PredictionId {
+    pub fn generate() -> Self {
+        Self(uuid::Uuid::now_v7().to_string())
+    }
+    pub fn parse(raw: &str) -> Option<Self> {
+        uuid::Uuid::parse_str(raw).ok().map(|u| Self(u.to_string()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for PredictionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Who answered a prediction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnsweredBy {
+    Model,
+    Teacher,
+}
+
+impl AnsweredBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AnsweredBy::Model => "model",
+            AnsweredBy::Teacher => "teacher",
+        }
+    }
+    pub fn parse(raw: &str) -> Option<Self> {
+        match raw {
+            "model" => Some(AnsweredBy::Model),
+            "teacher" => Some(AnsweredBy::Teacher),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_serving_block_is_checked_field_by_field() {
+        let ok: ServingSpec = serde_json::from_value(serde_json::json!({
+            "teacher": {"url": "http://teacher:8000/v1", "model": "big", "max_calls_per_hour": 100}
+        }))
+        .unwrap();
+        ok.validate().unwrap();
+        assert_eq!(ok.log_sample_rate, 1.0);
+        for (bad, field) in [
+            (
+                serde_json::json!({"log_sample_rate": 1.5}),
+                "serving.log_sample_rate",
+            ),
+            (
+                serde_json::json!({"teacher": {"url": "ftp://x", "model": "m"}}),
+                "serving.teacher.url",
+            ),
+            (
+                serde_json::json!({"teacher": {"url": "http://x", "model": "m", "api_key_env": "A-B"}}),
+                "serving.teacher.api_key_env",
+            ),
+            (
+                serde_json::json!({"teacher": {"url": "http://x", "model": "m", "max_calls_per_hour": 0}}),
+                "serving.teacher.max_calls_per_hour",
+            ),
+        ] {
+            let spec: ServingSpec = serde_json::from_value(bad).unwrap();
+            assert_eq!(spec.validate().unwrap_err().field, field);
+        }
+        assert!(
+            serde_json::from_value::<ServingSpec>(serde_json::json!({"teachr": {}})).is_err(),
+            "unknown fields are refused"
+        );
+    }
+}

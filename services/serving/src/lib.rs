@@ -1,0 +1,350 @@
+//! Serving and routing: answers a domain's queries with the model its alias names, escalates
+//! the uncertain ones to the domain's teacher, and turns the teacher's answers — and people's
+//! feedback — into corrections, which is where the loop closes.
+//!
+//! This crate owns resident models (`models.rs`: loading from the registry, hot swap when an
+//! alias moves, eviction under a memory budget), dynamic batching (`batch.rs`), the teacher
+//! client with its breaker and budget (`teacher.rs`) and the prediction log (`log.rs`). It
+//! knows nothing of HTTP wire shapes (the api crate parses requests and calls [`Serving`]),
+//! never moves an alias, and trains nothing: corrections it writes reach training through the
+//! database like any other.
+
+mod batch;
+mod error;
+mod log;
+mod models;
+mod teacher;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use flywheel_db::{Db, DomainRow, NewPrediction, PredictionRow};
+use flywheel_domain::{
+    AnsweredBy, Correction, CorrectionDraft, Invalid, PiiCounts, PredictionId, Source, VersionId,
+};
+use flywheel_registry::Registry;
+use flywheel_telemetry::Metrics;
+use tokio::sync::Notify;
+
+pub use error::{Result, ServingError};
+pub use models::Resident;
+pub use teacher::TeacherError;
+
+use crate::log::{Log, Record};
+use crate::models::Models;
+use crate::teacher::Teachers;
+
+/// The alias answered when a request names none.
+pub const PRODUCTION: &str = "production";
+
+/// How a process serves.
+#[derive(Debug, Clone)]
+pub struct ServingConfig {
+    /// Where versions and base models are cached (shared with the evaluate stage's cache).
+    pub cache_dir: PathBuf,
+    /// Resident models past this many bytes of weights evict the least recently used.
+    pub memory_budget_bytes: u64,
+    /// How often a resident model's alias is looked up again.
+    pub refresh: Duration,
+    /// Most texts run as one forward pass.
+    pub max_batch: usize,
+    /// Longest text stored, as at ingestion.
+    pub max_text_chars: usize,
+}
+
+/// One answer.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Answer {
+    /// Set when the prediction was logged: feedback names it.
+    pub prediction_id: Option<PredictionId>,
+    /// The label (classification) or text (generation) answered.
+    pub output: String,
+    /// The small model's confidence in its own answer (absent when no model ran).
+    pub confidence: Option<f64>,
+    /// The small model was unsure, or there was none: the teacher was asked.
+    pub escalated: bool,
+    pub answered_by: AnsweredBy,
+    /// Why an escalation was answered by the small model after all (`timeout`,
+    /// `circuit_open`, `over_budget`, `not_a_label`, `no_teacher`, …).
+    pub teacher_error: Option<String>,
+    /// The version that ran, and the alias that named it.
+    pub version: Option<VersionId>,
+    pub alias: String,
+}
+
+/// Serving's shared state; cheap to clone.
+#[derive(Clone)]
+pub struct Serving {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Db,
+    metrics: Metrics,
+    config: ServingConfig,
+    models: Arc<Models>,
+    teachers: Teachers,
+    log: Log,
+}
+
+/// What the small model said about one input.
+struct ModelAnswer {
+    label: String,
+    confidence: f64,
+    escalate: bool,
+}
+
+impl Serving {
+    /// Starts the prediction log's writer; `nudge` wakes the scheduler when teacher answers
+    /// are stored. Needs a Tokio runtime.
+    pub fn start(
+        db: Db,
+        registry: Registry,
+        metrics: Metrics,
+        nudge: Arc<Notify>,
+        config: ServingConfig,
+    ) -> Self {
+        let models = Arc::new(Models::new(
+            registry,
+            metrics.clone(),
+            config.cache_dir.clone(),
+            config.memory_budget_bytes,
+            config.refresh,
+            config.max_batch,
+        ));
+        let log = Log::start(db.clone(), metrics.clone(), nudge);
+        Self {
+            inner: Arc::new(Inner {
+                db,
+                metrics,
+                config,
+                models,
+                teachers: Teachers::new(),
+                log,
+            }),
+        }
+    }
+
+    /// Answers each of `inputs` (validated by the caller: non-empty, within limits) with the
+    /// model `alias` names, escalating to the teacher where the model is unsure or absent.
+    pub async fn predict(
+        &self,
+        domain: &DomainRow,
+        alias: &str,
+        inputs: &[String],
+    ) -> Result<Vec<Answer>> {
+        let started = Instant::now();
+        let inner = &self.inner;
+        let spec = &domain.spec;
+        let name = spec.name.as_str();
+        let model = inner.models.get(domain, alias).await?;
+        if model.is_none() && alias != PRODUCTION {
+            return Err(ServingError::AliasNotSet {
+                domain: name.to_owned(),
+                alias: alias.to_owned(),
+            });
+        }
+        let answers: Vec<Option<ModelAnswer>> = match &model {
+            Some(m) => m
+                .batcher
+                .probabilities(inputs.to_vec())
+                .await?
+                .iter()
+                .map(|row| Some(model_answer(m, row)))
+                .collect(),
+            None => inputs.iter().map(|_| None).collect(),
+        };
+        // The texts as they would be stored: the teacher, the log and the correction see
+        // them after the domain's PII policy, never before.
+        let redacted: Vec<String> = inputs
+            .iter()
+            .map(|t| flywheel_domain::pii::redact(t, &spec.policy.pii, &mut PiiCounts::default()))
+            .collect();
+        let asks = answers
+            .iter()
+            .zip(&redacted)
+            .map(|(answer, text)| async move {
+                if answer.as_ref().is_none_or(|a| a.escalate) {
+                    let asked = Instant::now();
+                    let result = inner.teachers.ask(spec, text).await;
+                    let outcome = match &result {
+                        Ok(_) => "ok",
+                        Err(e) => e.code(),
+                    };
+                    if !matches!(result, Err(TeacherError::Unconfigured)) {
+                        inner
+                            .metrics
+                            .teacher_requests
+                            .with_label_values(&[name, outcome])
+                            .inc();
+                        inner
+                            .metrics
+                            .teacher_request_seconds
+                            .with_label_values(&[name])
+                            .observe(asked.elapsed().as_secs_f64());
+                    }
+                    Some(result)
+                } else {
+                    None
+                }
+            });
+        let taught = futures::future::join_all(asks).await;
+        let version = model.as_ref().map(|m| m.version.clone());
+        let latency_ms = started.elapsed().as_secs_f64() * 1e3;
+        inner.log.record(Record::Retention {
+            domain_id: domain.id,
+            days: spec.serving.log_retention_days,
+        });
+        let mut out = Vec::with_capacity(inputs.len());
+        for ((answer, teacher), text) in answers.into_iter().zip(taught).zip(redacted) {
+            let escalated = teacher.is_some();
+            let (output, answered_by, teacher_error) = match (teacher, &answer) {
+                (Some(Ok(label)), _) => (label, AnsweredBy::Teacher, None),
+                (Some(Err(e)), Some(a)) => (a.label.clone(), AnsweredBy::Model, Some(e)),
+                (Some(Err(e)), None) => {
+                    return Err(ServingError::NoModel(format!(
+                        "{name} has no {alias} version yet and its teacher did not answer: {e}"
+                    )));
+                }
+                (None, Some(a)) => (a.label.clone(), AnsweredBy::Model, None),
+                (None, None) => unreachable!("an input without a model answer is escalated"),
+            };
+            let id = PredictionId::generate();
+            let logged = escalated || rand::random::<f64>() < spec.serving.log_sample_rate;
+            if answered_by == AnsweredBy::Teacher {
+                self.learn_from_teacher(domain, &id, &text, &output, answer.as_ref());
+            }
+            let m = &inner.metrics;
+            m.predictions
+                .with_label_values(&[name, answered_by.as_str()])
+                .inc();
+            if escalated {
+                m.prediction_escalations.with_label_values(&[name]).inc();
+            }
+            if let Some(a) = &answer {
+                m.prediction_confidence
+                    .with_label_values(&[name])
+                    .observe(a.confidence);
+            }
+            if logged {
+                inner.log.record(Record::Prediction(NewPrediction {
+                    id: id.clone(),
+                    domain_id: domain.id,
+                    at: Utc::now(),
+                    alias: alias.to_owned(),
+                    version: version.as_ref().map(|v| v.0.clone()),
+                    input: text,
+                    output: output.clone(),
+                    model_output: answer.as_ref().map(|a| a.label.clone()),
+                    confidence: answer.as_ref().map(|a| a.confidence),
+                    escalated,
+                    answered_by,
+                    teacher_error: teacher_error.as_ref().map(|e| e.code().to_owned()),
+                    latency_ms,
+                }));
+            }
+            out.push(Answer {
+                prediction_id: logged.then_some(id),
+                output,
+                confidence: answer.as_ref().map(|a| a.confidence),
+                escalated,
+                answered_by,
+                teacher_error: teacher_error.map(|e| e.code().to_owned()),
+                version: version.clone(),
+                alias: alias.to_owned(),
+            });
+        }
+        inner
+            .metrics
+            .prediction_seconds
+            .with_label_values(&[name])
+            .observe(started.elapsed().as_secs_f64());
+        Ok(out)
+    }
+
+    /// Stores the teacher's answer as a `source: teacher` correction, checked and redacted as
+    /// any correction is (its client id is the prediction's, so it is stored once).
+    fn learn_from_teacher(
+        &self,
+        domain: &DomainRow,
+        id: &PredictionId,
+        input: &str,
+        label: &str,
+        model: Option<&ModelAnswer>,
+    ) {
+        let spec = &domain.spec;
+        let draft = CorrectionDraft {
+            client_id: Some(format!("prediction-{id}")),
+            input: Some(input.to_owned()),
+            model_output: model.map(|m| m.label.clone()),
+            expected: Some(label.to_owned()),
+            source: Some(Source::Teacher),
+            teacher: spec.serving.teacher.as_ref().map(|t| t.model.clone()),
+            metadata: Some(serde_json::json!({"prediction_id": id})),
+        };
+        match draft.validate(spec, self.inner.config.max_text_chars) {
+            Ok(correction) => self.inner.log.record(Record::Correction {
+                domain_id: domain.id,
+                domain: spec.name.to_string(),
+                correction: Box::new(correction),
+            }),
+            // A `drop` PII policy refuses rows with personal data; they are not training data.
+            Err(e) => {
+                tracing::debug!(domain = %spec.name, error = %e, "serving: teacher answer not kept")
+            }
+        }
+    }
+
+    /// A logged prediction (writing pending ones first, so one just answered is found).
+    pub async fn prediction(&self, id: &PredictionId) -> Result<Option<PredictionRow>> {
+        if let Some(row) = self.inner.db.prediction(id).await? {
+            return Ok(Some(row));
+        }
+        self.inner.log.flush().await;
+        Ok(self.inner.db.prediction(id).await?)
+    }
+
+    /// A person's verdict on a prediction, as a `source: human` correction linked to it:
+    /// `expected` is what it should have said (the answer given, when they confirm it).
+    pub fn feedback_correction(
+        &self,
+        domain: &DomainRow,
+        prediction: &PredictionRow,
+        expected: &str,
+        by: &str,
+    ) -> Result<Correction, Invalid> {
+        CorrectionDraft {
+            client_id: Some(format!("feedback-{}", prediction.id)),
+            input: Some(prediction.input.clone()),
+            model_output: Some(prediction.output.clone()),
+            expected: Some(expected.to_owned()),
+            source: Some(Source::Human),
+            teacher: None,
+            metadata: Some(serde_json::json!({"prediction_id": prediction.id, "by": by})),
+        }
+        .validate(&domain.spec, self.inner.config.max_text_chars)
+    }
+
+    /// The models resident for `domain`.
+    pub fn resident(&self, domain: &str) -> Vec<Resident> {
+        self.inner.models.resident(domain)
+    }
+}
+
+fn model_answer(model: &models::Loaded, probabilities: &[f32]) -> ModelAnswer {
+    let best = flywheel_trainer::Prediction::most_likely(probabilities);
+    let confidence = f64::from(best.confidence);
+    let mut label = model.labels[best.label].clone();
+    if let Some((scope_label, threshold)) = &model.out_of_scope
+        && confidence < *threshold
+    {
+        label = scope_label.clone();
+    }
+    ModelAnswer {
+        label,
+        confidence,
+        escalate: model.escalation.is_none_or(|t| confidence < t),
+    }
+}

@@ -1,0 +1,331 @@
+//! Resident models: one per (domain, alias), loaded from the registry, swapped when the alias
+//! moves, evicted least recently used past the memory budget.
+//!
+//! A request takes an `Arc` of the model that is current when it starts and keeps it to the
+//! end, so a swap or an eviction never fails a request: the old model is dropped when its last
+//! request finishes. The alias is looked up again at most once per `refresh` interval, in the
+//! background of a request that finds its model due; the new version loads beside the old one,
+//! which keeps answering until the swap.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use flywheel_db::DomainRow;
+use flywheel_domain::{DomainSpec, Task, VersionId};
+use flywheel_registry::{Manifest, Registry};
+use flywheel_telemetry::Metrics;
+use flywheel_trainer::ClassifierPredictor;
+
+use crate::batch::Batcher;
+use crate::error::{Result, ServingError};
+
+/// A model ready to answer.
+pub(crate) struct Loaded {
+    pub version: VersionId,
+    /// The alias generation it was loaded for.
+    pub generation: u64,
+    /// Escalate below this confidence; `None`: the holdout never reached the target, escalate
+    /// everything.
+    pub escalation: Option<f64>,
+    /// Below this confidence, the out-of-scope label is the answer.
+    pub out_of_scope: Option<(String, f64)>,
+    pub labels: Vec<String>,
+    pub bytes: u64,
+    pub loaded_at: DateTime<Utc>,
+    pub batcher: Batcher,
+}
+
+/// What a resident model is, for `GET …/serving`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Resident {
+    pub alias: String,
+    pub version: VersionId,
+    pub generation: u64,
+    pub escalation_threshold: Option<f64>,
+    pub bytes: u64,
+    pub loaded_at: DateTime<Utc>,
+}
+
+#[derive(Default)]
+struct Slot {
+    current: Mutex<Option<Arc<Loaded>>>,
+    /// One load at a time per slot: concurrent first requests wait for the same load.
+    loading: tokio::sync::Mutex<()>,
+    checked: Mutex<Option<Instant>>,
+    refreshing: AtomicBool,
+    /// When a request last used it (ms since the cache started), for eviction.
+    used: AtomicU64,
+}
+
+impl Slot {
+    fn current(&self) -> Option<Arc<Loaded>> {
+        self.current.lock().expect("slot lock").clone()
+    }
+}
+
+pub(crate) struct Models {
+    registry: Registry,
+    metrics: Metrics,
+    cache_dir: PathBuf,
+    budget_bytes: u64,
+    refresh: Duration,
+    max_batch: usize,
+    started: Instant,
+    slots: Mutex<HashMap<(String, String), Arc<Slot>>>,
+}
+
+impl Models {
+    pub(crate) fn new(
+        registry: Registry,
+        metrics: Metrics,
+        cache_dir: PathBuf,
+        budget_bytes: u64,
+        refresh: Duration,
+        max_batch: usize,
+    ) -> Self {
+        Self {
+            registry,
+            metrics,
+            cache_dir,
+            budget_bytes,
+            refresh,
+            max_batch,
+            started: Instant::now(),
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The model behind `alias` of `domain`, loading it if none is resident; `None` when the
+    /// alias was never set.
+    pub(crate) async fn get(
+        self: &Arc<Self>,
+        domain: &DomainRow,
+        alias: &str,
+    ) -> Result<Option<Arc<Loaded>>> {
+        let key = (domain.spec.name.to_string(), alias.to_owned());
+        let slot = self
+            .slots
+            .lock()
+            .expect("slots lock")
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        slot.used
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        if let Some(loaded) = slot.current() {
+            if self.due(&slot) && !slot.refreshing.swap(true, Ordering::AcqRel) {
+                let models = self.clone();
+                let spec = domain.spec.clone();
+                let slot = slot.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = models.refresh(&spec, &key.1, &slot).await {
+                        tracing::warn!(domain = %spec.name, alias = key.1, error = %e,
+                            "serving: could not check the alias; the resident model keeps answering");
+                    }
+                    slot.refreshing.store(false, Ordering::Release);
+                });
+            }
+            return Ok(Some(loaded));
+        }
+        let _one = slot.loading.lock().await;
+        if let Some(loaded) = slot.current() {
+            return Ok(Some(loaded));
+        }
+        *slot.checked.lock().expect("slot lock") = Some(Instant::now());
+        let Some(moved) = self.registry.resolve(&domain.spec.name, alias).await? else {
+            return Ok(None);
+        };
+        let loaded = self
+            .load(&domain.spec, VersionId(moved.to), moved.generation)
+            .await?;
+        *slot.current.lock().expect("slot lock") = Some(loaded.clone());
+        self.evict(&key);
+        Ok(Some(loaded))
+    }
+
+    fn due(&self, slot: &Slot) -> bool {
+        slot.checked
+            .lock()
+            .expect("slot lock")
+            .is_none_or(|at| at.elapsed() >= self.refresh)
+    }
+
+    /// Looks the alias up again and swaps in the version it now names.
+    async fn refresh(&self, spec: &DomainSpec, alias: &str, slot: &Slot) -> Result<()> {
+        *slot.checked.lock().expect("slot lock") = Some(Instant::now());
+        let Some(moved) = self.registry.resolve(&spec.name, alias).await? else {
+            return Ok(());
+        };
+        if slot
+            .current()
+            .is_some_and(|c| c.generation == moved.generation)
+        {
+            return Ok(());
+        }
+        let version = VersionId(moved.to);
+        let loaded = self.load(spec, version.clone(), moved.generation).await?;
+        *slot.current.lock().expect("slot lock") = Some(loaded);
+        tracing::info!(domain = %spec.name, alias, %version, "serving: swapped in the version the alias now names");
+        self.evict(&(spec.name.to_string(), alias.to_owned()));
+        Ok(())
+    }
+
+    async fn load(
+        &self,
+        spec: &DomainSpec,
+        version: VersionId,
+        generation: u64,
+    ) -> Result<Arc<Loaded>> {
+        let result = self.load_inner(spec, version, generation).await;
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        self.metrics
+            .serving_model_loads
+            .with_label_values(&[spec.name.as_str(), outcome])
+            .inc();
+        result
+    }
+
+    async fn load_inner(
+        &self,
+        spec: &DomainSpec,
+        version: VersionId,
+        generation: u64,
+    ) -> Result<Arc<Loaded>> {
+        if spec.task != Task::Classification {
+            return Err(ServingError::Unsupported(format!(
+                "{} is a {} domain; serving answers classification domains so far",
+                spec.name,
+                spec.task.as_str()
+            )));
+        }
+        // The same cache the evaluate stage keeps its champions in.
+        let dir = self
+            .cache_dir
+            .join(spec.name.as_str())
+            .join(version.as_str());
+        self.registry
+            .fetch_version(&spec.name, &version, &dir)
+            .await?;
+        let manifest: Manifest = self.registry.manifest(&spec.name, &version).await?;
+        let base = match flywheel_registry::parse_model_ref(&spec.base_model) {
+            Some(id) => {
+                self.registry
+                    .fetch_model(id, &self.cache_dir.join("models"))
+                    .await?
+            }
+            None => PathBuf::from(&spec.base_model),
+        };
+        let bytes = weights_bytes(&base) + weights_bytes(&dir);
+        let labels = spec.labels.clone();
+        let predictor = tokio::task::spawn_blocking({
+            let (base, dir, labels) = (base.clone(), dir.clone(), labels.clone());
+            move || ClassifierPredictor::load(&base, Some(&dir), &labels, 0)
+        })
+        .await
+        .map_err(|e| ServingError::Model(format!("loading panicked: {e}")))?
+        .map_err(|e| ServingError::Model(e.to_string()))?;
+        let lineage = &manifest.lineage;
+        let out_of_scope = lineage["out_of_scope"]["label"]
+            .as_str()
+            .zip(lineage["out_of_scope"]["threshold"].as_f64())
+            .map(|(l, t)| (l.to_owned(), t));
+        tracing::info!(domain = %spec.name, %version, bytes, "serving: model loaded");
+        Ok(Arc::new(Loaded {
+            version,
+            generation,
+            escalation: lineage["escalation"]["threshold"].as_f64(),
+            out_of_scope,
+            labels,
+            bytes,
+            loaded_at: Utc::now(),
+            batcher: Batcher::start(Arc::new(predictor), self.max_batch),
+        }))
+    }
+
+    /// Drops the least recently used models until the resident ones fit the budget; `keep`
+    /// (the one just loaded) stays whatever its size.
+    fn evict(&self, keep: &(String, String)) {
+        let mut slots = self.slots.lock().expect("slots lock");
+        loop {
+            let resident: Vec<_> = slots
+                .iter()
+                .filter_map(|(k, s)| {
+                    s.current()
+                        .map(|l| (k.clone(), l.bytes, s.used.load(Ordering::Relaxed)))
+                })
+                .collect();
+            let total: u64 = resident.iter().map(|r| r.1).sum();
+            if total <= self.budget_bytes {
+                break;
+            }
+            let Some((victim, ..)) = resident
+                .into_iter()
+                .filter(|r| &r.0 != keep)
+                .min_by_key(|r| r.2)
+            else {
+                break;
+            };
+            tracing::info!(
+                domain = victim.0,
+                alias = victim.1,
+                "serving: model evicted (memory budget)"
+            );
+            slots.remove(&victim);
+        }
+        self.publish_gauge(&slots);
+    }
+
+    fn publish_gauge(&self, slots: &HashMap<(String, String), Arc<Slot>>) {
+        self.metrics.serving_models_resident.reset();
+        for ((domain, _), slot) in slots.iter() {
+            if slot.current().is_some() {
+                self.metrics
+                    .serving_models_resident
+                    .with_label_values(&[domain.as_str()])
+                    .inc();
+            }
+        }
+    }
+
+    /// The models resident for `domain`.
+    pub(crate) fn resident(&self, domain: &str) -> Vec<Resident> {
+        let slots = self.slots.lock().expect("slots lock");
+        let mut out: Vec<Resident> = slots
+            .iter()
+            .filter(|((d, _), _)| d == domain)
+            .filter_map(|((_, alias), slot)| {
+                slot.current().map(|l| Resident {
+                    alias: alias.clone(),
+                    version: l.version.clone(),
+                    generation: l.generation,
+                    escalation_threshold: l.escalation,
+                    bytes: l.bytes,
+                    loaded_at: l.loaded_at,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.alias.cmp(&b.alias));
+        out
+    }
+}
+
+/// The size of the model weights in `dir`: what the budget counts (tokenizers and configs are
+/// small beside them).
+fn weights_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.path()
+                .extension()
+                .is_some_and(|x| x == "safetensors" || x == "bin")
+        })
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
