@@ -38,3 +38,16 @@ CREATE TABLE predictions (
     latency_ms    REAL NOT NULL
 );
 CREATE INDEX predictions_domain_at ON predictions (domain_id, at);
+
+-- Shadow scoring: a second alias's model answers the same inputs behind the answer given;
+-- whether the two agreed is the online evidence beside a version's offline report.
+CREATE TABLE shadow_scores (
+    id              INTEGER PRIMARY KEY,
+    domain_id       INTEGER NOT NULL REFERENCES domains (id),
+    at              TEXT NOT NULL,
+    alias           TEXT NOT NULL,                -- the shadow alias
+    version         TEXT NOT NULL,                -- the version it named
+    primary_version TEXT NOT NULL,                -- the version whose answer was given
+    agrees          INTEGER NOT NULL
+);
+CREATE INDEX shadow_scores_domain_at ON shadow_scores (domain_id, at);

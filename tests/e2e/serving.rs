@@ -358,11 +358,78 @@ async fn teacher_answers_train_the_model_that_then_answers_alone_and_swaps_witho
     );
     let _ = (at, rolled_back);
 
+    // A canary takes a share of the traffic; staging answers in shadow, behind the answer.
+    for (alias, to) in [("canary", "v2"), ("staging", "v2")] {
+        let (status, body) = app
+            .put(
+                &format!("/v1/domains/banking/aliases/{alias}"),
+                &json!({"to": to, "reason": "try v2 on live traffic", "by": "ops"}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let resp = app
+        .client
+        .patch(format!("{}/v1/domains/banking", app.base))
+        .json(
+            &json!({"serving": {"canary_share": 0.5, "shadow": "staging"},
+                      "reason": "half the traffic to the canary, staging in shadow", "by": "ops"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status().as_u16(),
+        200,
+        "{}",
+        resp.text().await.unwrap()
+    );
+    let split = predict_each(&app, &second[..40]).await;
+    let canary = split.iter().filter(|a| a["alias"] == "canary").count();
+    assert!(
+        (5..=35).contains(&canary),
+        "{canary} of 40 went to the canary"
+    );
+    for answer in &split {
+        let want = if answer["alias"] == "canary" {
+            "v2"
+        } else {
+            "v1"
+        };
+        if answer["answered_by"] == "model" {
+            assert_eq!(answer["version"], want, "{answer}");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let shadow = loop {
+        let (_, view) = app.get("/v1/domains/banking/serving").await;
+        let scored = view["shadow_last_day"][0]["scored"].as_u64().unwrap_or(0);
+        if scored as usize >= 40 - canary || Instant::now() > deadline {
+            break view["shadow_last_day"].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(shadow[0]["alias"], "staging", "{shadow}");
+    assert_eq!(shadow[0]["version"], "v2", "{shadow}");
+    assert_eq!(shadow[0]["primary_version"], "v1", "{shadow}");
+    assert_eq!(shadow[0]["scored"], json!(40 - canary), "{shadow}");
+    assert!(shadow[0]["agreed"].as_u64().unwrap() <= 40, "{shadow}");
+
     // What serving looks like now, in the API and in the metrics.
     let (status, view) = app.get("/v1/domains/banking/serving").await;
     assert_eq!(status, 200, "{view}");
     assert_eq!(view["production"], "v1", "{view}");
-    assert_eq!(view["resident"][0]["version"], "v1", "{view}");
+    let resident: Vec<(&str, &str)> = view["resident"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["alias"].as_str().unwrap(), r["version"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        resident,
+        [("canary", "v2"), ("production", "v1"), ("staging", "v2")],
+        "{view}"
+    );
     assert!(
         view["last_hour"]["predictions"].as_i64().unwrap() >= 400,
         "{view}"
@@ -378,6 +445,7 @@ async fn teacher_answers_train_the_model_that_then_answers_alone_and_swaps_witho
         "flywheel_prediction_escalations_total{domain=\"banking\"}",
         "flywheel_teacher_requests_total{domain=\"banking\",outcome=\"ok\"}",
         "flywheel_prediction_seconds_bucket{domain=\"banking\"",
+        "flywheel_shadow_scores_total{agrees=",
     ] {
         assert!(metrics.contains(series), "{series} missing");
     }

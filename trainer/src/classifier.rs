@@ -18,7 +18,7 @@ use crate::fit::ShardLoss;
 use crate::llama::{Layout, Llama, LlamaConfig};
 use crate::lora::LoraLinear;
 use crate::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, write_peft_adapter};
-use crate::spec::{LoraSpec, TrainReport, TrainSpec, TrainStep};
+use crate::spec::{Compute, LoraSpec, TrainReport, TrainSpec, TrainStep};
 use crate::tokenize::{Batch, TextEncoder};
 
 /// File names of a classifier's head, beside the PEFT adapter.
@@ -323,7 +323,7 @@ pub fn bench_classifier_steps(
     warmup: usize,
     steps: usize,
     seed: u64,
-    compute: crate::spec::Compute,
+    compute: Compute,
 ) -> Result<crate::spec::StepBench> {
     use rand::{Rng, SeedableRng, rngs::StdRng};
 
@@ -551,6 +551,17 @@ impl ClassifierPredictor {
 
     pub fn labels(&self) -> &[String] {
         &self.labels
+    }
+
+    /// Computes the frozen projections as `compute` says from now on: `Bfloat16` multiplies
+    /// on the CPU's AMX tiles (answers within bf16 rounding of f32's); refused where the CPU
+    /// has none.
+    pub fn with_compute(mut self, compute: Compute) -> Result<Self> {
+        crate::lora::set_compute(
+            compute,
+            self.model.encoder.adapted_mut().into_iter().map(|(_, p)| p),
+        )?;
+        Ok(self)
     }
 
     /// The most likely label of each text and its probability, in batches of `batch_size`

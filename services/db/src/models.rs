@@ -205,3 +205,24 @@ pub struct ServingWindow {
     pub teacher_errors: i64,
     pub mean_confidence: Option<f64>,
 }
+
+/// One input a shadow alias's model also answered.
+#[derive(Debug, Clone)]
+pub struct NewShadowScore {
+    pub domain_id: i64,
+    pub at: DateTime<Utc>,
+    pub alias: String,
+    pub version: String,
+    pub primary_version: String,
+    pub agrees: bool,
+}
+
+/// How often a shadow version agreed with the live one since a moment.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ShadowAgreement {
+    pub alias: String,
+    pub version: String,
+    pub primary_version: String,
+    pub scored: i64,
+    pub agreed: i64,
+}

@@ -19,6 +19,13 @@ pub struct ServingSpec {
     /// Logged predictions older than this many days are deleted.
     #[serde(default = "ServingSpec::thirty")]
     pub log_retention_days: u32,
+    /// Share of requests that name no alias answered by the `canary` alias, while it is set.
+    #[serde(default)]
+    pub canary_share: f64,
+    /// An alias whose model also answers every request, behind the answer given (never to
+    /// the caller), so its agreement with the live one is measured online.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<String>,
 }
 
 impl Default for ServingSpec {
@@ -27,6 +34,8 @@ impl Default for ServingSpec {
             teacher: None,
             log_sample_rate: 1.0,
             log_retention_days: 30,
+            canary_share: 0.0,
+            shadow: None,
         }
     }
 }
@@ -75,6 +84,20 @@ impl ServingSpec {
             return Err(Invalid::field(
                 "serving.log_retention_days",
                 "must be at least 1",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.canary_share) {
+            return Err(Invalid::field(
+                "serving.canary_share",
+                "must be between 0 and 1",
+            ));
+        }
+        if let Some(alias) = &self.shadow
+            && (!is_alias_name(alias) || alias == "production")
+        {
+            return Err(Invalid::field(
+                "serving.shadow",
+                "must name an alias other than production (1 to 64 letters, digits, - or _)",
             ));
         }
         if let Some(t) = &self.teacher {
@@ -131,6 +154,14 @@ impl TeacherEndpoint {
         }
         Ok(())
     }
+}
+
+/// An alias names a file in the registry: short, and of characters every store accepts.
+pub fn is_alias_name(alias: &str) -> bool {
+    (1..=64).contains(&alias.len())
+        && alias
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// A logged prediction's id (a UUIDv7, so ids sort by time).
@@ -197,6 +228,15 @@ mod tests {
                 serde_json::json!({"log_sample_rate": 1.5}),
                 "serving.log_sample_rate",
             ),
+            (
+                serde_json::json!({"canary_share": -0.1}),
+                "serving.canary_share",
+            ),
+            (
+                serde_json::json!({"shadow": "production"}),
+                "serving.shadow",
+            ),
+            (serde_json::json!({"shadow": "a/b"}), "serving.shadow"),
             (
                 serde_json::json!({"teacher": {"url": "ftp://x", "model": "m"}}),
                 "serving.teacher.url",

@@ -5,6 +5,7 @@
 //! the libraries. `start` takes its listener and shutdown signal so tests can bind port 0.
 
 pub mod demo;
+pub mod demo_loop;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -54,6 +55,8 @@ pub struct Config {
     /// How often serving looks up a resident model's alias again (a moved alias takes effect
     /// within about this long).
     pub serving_refresh: std::time::Duration,
+    /// How serving multiplies; `None` is bfloat16 where the CPU has AMX tiles, else float32.
+    pub serving_compute: Option<flywheel_trainer::Compute>,
 }
 
 impl Config {
@@ -71,6 +74,7 @@ impl Config {
             metrics_token: None,
             serving_memory_mib: 4096,
             serving_refresh: std::time::Duration::from_secs(1),
+            serving_compute: None,
         }
     }
 
@@ -218,6 +222,14 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
             refresh: config.serving_refresh,
             max_batch: 64,
             max_text_chars: config.limits.max_text_chars,
+            compute: config.serving_compute.unwrap_or_else(|| {
+                let bf16 = flywheel_trainer::Compute::Bfloat16;
+                if bf16.is_available() {
+                    bf16
+                } else {
+                    flywheel_trainer::Compute::Float32
+                }
+            }),
         },
     );
     let state = AppState {

@@ -92,11 +92,22 @@ enum Command {
         /// domain's model is dropped (and loaded again when next asked).
         #[arg(long, env = "FLYWHEEL_SERVING_MEMORY_MIB", default_value_t = 4096)]
         serving_memory_mib: u64,
+        /// How /predict multiplies: `auto` is bfloat16 on a CPU with AMX tiles (answers
+        /// within bf16 rounding of float32's, several times faster), else float32.
+        #[arg(long, env = "FLYWHEEL_SERVING_COMPUTE", default_value = "auto",
+              value_parser = ["auto", "float32", "bfloat16"])]
+        serving_compute: String,
     },
     /// Create or upgrade the database schema, then exit.
     Migrate,
     /// Run the whole loop on the bundled Banking77 slice and print what it produced.
-    Demo,
+    Demo {
+        /// Serve instead: rounds of queries to /predict, the uncertain ones escalated to a
+        /// stand-in teacher whose answers train the next version; prints the share escalated
+        /// per round.
+        #[arg(long = "loop")]
+        serving_loop: bool,
+    },
     /// Send corrections from a JSONL or CSV file to a running server.
     Import {
         /// Domain to import into.
@@ -155,7 +166,7 @@ async fn main() {
     // The demo talks to the user on stdout; the server's own log would drown it.
     let quiet = matches!(
         cli.command,
-        Command::Demo | Command::Import { .. } | Command::Models { .. }
+        Command::Demo { .. } | Command::Import { .. } | Command::Models { .. }
     );
     flywheel_telemetry::init_logging(if quiet { "warn" } else { "info" });
     if let Err(e) = run(cli).await {
@@ -188,8 +199,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             checkpoint_every_steps,
             slots,
             serving_memory_mib,
+            serving_compute,
         } => {
             config.serving_memory_mib = serving_memory_mib;
+            if serving_compute != "auto" {
+                let compute: flywheel_trainer::Compute = serving_compute.parse()?;
+                compute.ensure_available().context("--serving-compute")?;
+                config.serving_compute = Some(compute);
+            }
             config.worker.slots = slots;
             config.worker.checkpoint_every_steps = checkpoint_every_steps;
             config.worker.job_lease = std::time::Duration::from_secs(job_lease_seconds.max(3));
@@ -222,7 +239,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("database {} is up to date", config.database().redacted());
             Ok(())
         }
-        Command::Demo => flywheel::demo::run(&config.data_dir.join("demo")).await,
+        Command::Demo {
+            serving_loop: false,
+        } => flywheel::demo::run(&config.data_dir.join("demo")).await,
+        Command::Demo { serving_loop: true } => {
+            flywheel::demo_loop::run(&config.data_dir.join("demo-loop")).await
+        }
         Command::Import {
             domain,
             file,

@@ -4,8 +4,12 @@
 //! to `max_batch` texts), and runs them together on a blocking thread. A lone request never
 //! waits for company; under load, requests queue while a batch runs and go together in the
 //! next, so throughput grows with concurrency instead of latency.
+//!
+//! Inference runs on a thread pool of its own at normal priority. The process-wide pool that
+//! training computes on is lowered to the least priority (so training never slows the API);
+//! a prediction on it would wait behind every training step.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use flywheel_trainer::ClassifierPredictor;
 use tokio::sync::{mpsc, oneshot};
@@ -45,6 +49,18 @@ impl Batcher {
     }
 }
 
+/// The pool inference computes on: burn's kernels and the trainer's shards use whichever rayon
+/// pool they are called from.
+fn pool() -> &'static rayon::ThreadPool {
+    static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("flywheel-serve-{i}"))
+            .build()
+            .expect("starting the inference threads")
+    })
+}
+
 async fn run(model: Arc<ClassifierPredictor>, mut rx: mpsc::Receiver<Request>, max_batch: usize) {
     // Shards of a batch run side by side on the CPU's cores.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -65,7 +81,7 @@ async fn run(model: Arc<ClassifierPredictor>, mut rx: mpsc::Receiver<Request>, m
         let model = model.clone();
         let result = tokio::task::spawn_blocking(move || {
             let refs: Vec<&str> = all.iter().map(String::as_str).collect();
-            model.probabilities(&refs, shard).map_err(|e| e.to_string())
+            pool().install(|| model.probabilities(&refs, shard).map_err(|e| e.to_string()))
         })
         .await
         .unwrap_or_else(|e| Err(format!("inference panicked: {e}")));

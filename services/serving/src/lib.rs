@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use flywheel_db::{Db, DomainRow, NewPrediction, PredictionRow};
+use flywheel_db::{Db, DomainRow, NewPrediction, NewShadowScore, PredictionRow};
 use flywheel_domain::{
     AnsweredBy, Correction, CorrectionDraft, Invalid, PiiCounts, PredictionId, Source, VersionId,
 };
@@ -38,6 +38,8 @@ use crate::teacher::Teachers;
 
 /// The alias answered when a request names none.
 pub const PRODUCTION: &str = "production";
+/// The alias a domain's `canary_share` of requests goes to.
+pub const CANARY: &str = "canary";
 
 /// How a process serves.
 #[derive(Debug, Clone)]
@@ -52,6 +54,8 @@ pub struct ServingConfig {
     pub max_batch: usize,
     /// Longest text stored, as at ingestion.
     pub max_text_chars: usize,
+    /// How the models multiply (bf16 on AMX tiles, or f32).
+    pub compute: flywheel_trainer::Compute,
 }
 
 /// One answer.
@@ -113,6 +117,7 @@ impl Serving {
             config.memory_budget_bytes,
             config.refresh,
             config.max_batch,
+            config.compute,
         ));
         let log = Log::start(db.clone(), metrics.clone(), nudge);
         Self {
@@ -128,24 +133,42 @@ impl Serving {
     }
 
     /// Answers each of `inputs` (validated by the caller: non-empty, within limits) with the
-    /// model `alias` names, escalating to the teacher where the model is unsure or absent.
+    /// model `alias` names — without one, production, or the canary for the domain's
+    /// `canary_share` of requests while it is set — escalating to the teacher where the model
+    /// is unsure or absent. A shadow alias, if the domain has one, answers the same inputs
+    /// afterwards, and only its agreement is kept.
     pub async fn predict(
         &self,
         domain: &DomainRow,
-        alias: &str,
+        alias: Option<&str>,
         inputs: &[String],
     ) -> Result<Vec<Answer>> {
         let started = Instant::now();
         let inner = &self.inner;
         let spec = &domain.spec;
         let name = spec.name.as_str();
-        let model = inner.models.get(domain, alias).await?;
-        if model.is_none() && alias != PRODUCTION {
-            return Err(ServingError::AliasNotSet {
-                domain: name.to_owned(),
-                alias: alias.to_owned(),
-            });
-        }
+        let (alias, model) = match alias {
+            Some(alias) => match inner.models.get(domain, alias).await? {
+                None if alias != PRODUCTION => {
+                    return Err(ServingError::AliasNotSet {
+                        domain: name.to_owned(),
+                        alias: alias.to_owned(),
+                    });
+                }
+                model => (alias, model),
+            },
+            None => {
+                let canary = if rand::random::<f64>() < spec.serving.canary_share {
+                    inner.models.get(domain, CANARY).await?
+                } else {
+                    None
+                };
+                match canary {
+                    Some(model) => (CANARY, Some(model)),
+                    None => (PRODUCTION, inner.models.get(domain, PRODUCTION).await?),
+                }
+            }
+        };
         let answers: Vec<Option<ModelAnswer>> = match &model {
             Some(m) => m
                 .batcher
@@ -192,6 +215,21 @@ impl Serving {
             });
         let taught = futures::future::join_all(asks).await;
         let version = model.as_ref().map(|m| m.version.clone());
+        if let (Some(shadow), Some(primary)) = (&spec.serving.shadow, &model)
+            && shadow != alias
+        {
+            let labels: Vec<String> = answers
+                .iter()
+                .map(|a| a.as_ref().map_or(String::new(), |a| a.label.clone()))
+                .collect();
+            self.shadow(
+                domain,
+                shadow,
+                primary.version.clone(),
+                inputs.to_vec(),
+                labels,
+            );
+        }
         let latency_ms = started.elapsed().as_secs_f64() * 1e3;
         inner.log.record(Record::Retention {
             domain_id: domain.id,
@@ -262,6 +300,55 @@ impl Serving {
             .with_label_values(&[name])
             .observe(started.elapsed().as_secs_f64());
         Ok(out)
+    }
+
+    /// Scores `inputs` with the model `alias` names, behind the answer already given, and
+    /// records whether it agreed with each of `given` (the live model's answers).
+    fn shadow(
+        &self,
+        domain: &DomainRow,
+        alias: &str,
+        primary_version: VersionId,
+        inputs: Vec<String>,
+        given: Vec<String>,
+    ) {
+        let (serving, domain, alias) = (self.clone(), domain.clone(), alias.to_owned());
+        tokio::spawn(async move {
+            let inner = &serving.inner;
+            let name = domain.spec.name.as_str();
+            let shadow = match inner.models.get(&domain, &alias).await {
+                // The shadow names the live version (or nothing): nothing to compare.
+                Ok(Some(m)) if m.version != primary_version => m,
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(domain = name, alias, error = %e, "serving: shadow model unavailable");
+                    return;
+                }
+            };
+            let rows = match shadow.batcher.probabilities(inputs).await {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::warn!(domain = name, alias, error = %e, "serving: shadow scoring failed");
+                    return;
+                }
+            };
+            for (row, live) in rows.iter().zip(&given) {
+                let agrees = model_answer(&shadow, row).label == *live;
+                inner
+                    .metrics
+                    .shadow_scores
+                    .with_label_values(&[name, if agrees { "true" } else { "false" }])
+                    .inc();
+                inner.log.record(Record::Shadow(NewShadowScore {
+                    domain_id: domain.id,
+                    at: Utc::now(),
+                    alias: alias.clone(),
+                    version: shadow.version.0.clone(),
+                    primary_version: primary_version.0.clone(),
+                    agrees,
+                }));
+            }
+        });
     }
 
     /// Stores the teacher's answer as a `source: teacher` correction, checked and redacted as

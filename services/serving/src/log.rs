@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flywheel_db::{Db, NewPrediction};
+use flywheel_db::{Db, NewPrediction, NewShadowScore};
 use flywheel_domain::Correction;
 use flywheel_telemetry::Metrics;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -29,6 +29,8 @@ pub(crate) enum Record {
         domain: String,
         correction: Box<Correction>,
     },
+    /// Whether a shadow alias's model agreed with the answer given.
+    Shadow(NewShadowScore),
     /// How long the domain keeps its predictions, noted for the purge.
     Retention {
         domain_id: i64,
@@ -72,6 +74,7 @@ async fn run(
     let mut retention: HashMap<i64, u32> = HashMap::new();
     let mut last_purge = tokio::time::Instant::now();
     let mut predictions = Vec::new();
+    let mut shadows = Vec::new();
     let mut corrections: HashMap<i64, (String, Vec<Correction>)> = HashMap::new();
     let mut flushes = Vec::new();
     loop {
@@ -82,6 +85,7 @@ async fn run(
         };
         let mut take = |r: Record| match r {
             Record::Prediction(p) => predictions.push(p),
+            Record::Shadow(s) => shadows.push(s),
             Record::Correction {
                 domain_id,
                 domain,
@@ -105,7 +109,15 @@ async fn run(
                 }
             }
         }
-        write(&db, &metrics, &nudge, &mut predictions, &mut corrections).await;
+        write(
+            &db,
+            &metrics,
+            &nudge,
+            &mut predictions,
+            &mut shadows,
+            &mut corrections,
+        )
+        .await;
         for done in flushes.drain(..) {
             let _ = done.send(());
         }
@@ -119,7 +131,15 @@ async fn run(
             }
         }
     }
-    write(&db, &metrics, &nudge, &mut predictions, &mut corrections).await;
+    write(
+        &db,
+        &metrics,
+        &nudge,
+        &mut predictions,
+        &mut shadows,
+        &mut corrections,
+    )
+    .await;
 }
 
 async fn write(
@@ -127,8 +147,15 @@ async fn write(
     metrics: &Metrics,
     nudge: &Notify,
     predictions: &mut Vec<NewPrediction>,
+    shadows: &mut Vec<NewShadowScore>,
     corrections: &mut HashMap<i64, (String, Vec<Correction>)>,
 ) {
+    if !shadows.is_empty() {
+        if let Err(e) = db.insert_shadow_scores(shadows).await {
+            tracing::warn!(count = shadows.len(), error = %e, "serving: shadow scores not stored");
+        }
+        shadows.clear();
+    }
     if !predictions.is_empty() {
         if let Err(e) = db.insert_predictions(predictions).await {
             tracing::warn!(count = predictions.len(), error = %e, "serving: predictions not logged");

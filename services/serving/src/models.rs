@@ -18,7 +18,7 @@ use flywheel_db::DomainRow;
 use flywheel_domain::{DomainSpec, Task, VersionId};
 use flywheel_registry::{Manifest, Registry};
 use flywheel_telemetry::Metrics;
-use flywheel_trainer::ClassifierPredictor;
+use flywheel_trainer::{ClassifierPredictor, Compute};
 
 use crate::batch::Batcher;
 use crate::error::{Result, ServingError};
@@ -74,6 +74,7 @@ pub(crate) struct Models {
     budget_bytes: u64,
     refresh: Duration,
     max_batch: usize,
+    compute: Compute,
     started: Instant,
     slots: Mutex<HashMap<(String, String), Arc<Slot>>>,
 }
@@ -86,6 +87,7 @@ impl Models {
         budget_bytes: u64,
         refresh: Duration,
         max_batch: usize,
+        compute: Compute,
     ) -> Self {
         Self {
             registry,
@@ -94,6 +96,7 @@ impl Models {
             budget_bytes,
             refresh,
             max_batch,
+            compute,
             started: Instant::now(),
             slots: Mutex::new(HashMap::new()),
         }
@@ -221,9 +224,10 @@ impl Models {
         };
         let bytes = weights_bytes(&base) + weights_bytes(&dir);
         let labels = spec.labels.clone();
+        let compute = self.compute;
         let predictor = tokio::task::spawn_blocking({
             let (base, dir, labels) = (base.clone(), dir.clone(), labels.clone());
-            move || ClassifierPredictor::load(&base, Some(&dir), &labels, 0)
+            move || ClassifierPredictor::load(&base, Some(&dir), &labels, 0)?.with_compute(compute)
         })
         .await
         .map_err(|e| ServingError::Model(format!("loading panicked: {e}")))?

@@ -46,6 +46,8 @@ pub struct Metrics {
     pub serving_model_loads: IntCounterVec,
     /// Models resident for serving.
     pub serving_models_resident: IntGaugeVec,
+    /// Inputs a shadow alias's model also answered, by whether it agreed with the answer given.
+    pub shadow_scores: IntCounterVec,
 }
 
 impl Metrics {
@@ -165,6 +167,11 @@ impl Metrics {
             "Models loaded for serving, by outcome",
             &["domain", "outcome"],
         );
+        let shadow_scores = counter(
+            "flywheel_shadow_scores_total",
+            "Inputs a shadow alias's model also answered, by agreement with the live answer",
+            &["domain", "agrees"],
+        );
         let serving_models_resident = IntGaugeVec::new(
             Opts::new(
                 "flywheel_serving_models_resident",
@@ -186,6 +193,7 @@ impl Metrics {
             teacher_request_seconds,
             serving_model_loads,
             serving_models_resident,
+            shadow_scores,
             job_duration_seconds,
             training_tokens_per_second,
             training_loss,

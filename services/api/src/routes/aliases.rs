@@ -15,14 +15,7 @@ use super::shared::{
 };
 use crate::{ApiError, AppState, ErrorCode};
 
-/// Alias names are plain words: they become object keys.
-/// An alias names a file in the registry: short, and of characters every store accepts.
-pub(super) fn is_alias_name(alias: &str) -> bool {
-    (1..=64).contains(&alias.len())
-        && alias
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-}
+pub(super) use flywheel_domain::is_alias_name;
 
 fn not_set(name: &str, alias: &str) -> ApiError {
     ApiError::new(

@@ -8,10 +8,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use chrono::Utc;
-use flywheel_db::{PredictionRow, ServingWindow};
+use flywheel_db::{PredictionRow, ServingWindow, ShadowAgreement};
 use flywheel_domain::{PredictionId, Task};
 use flywheel_promotion::Promotion;
-use flywheel_serving::{Answer, PRODUCTION, Resident, ServingError};
+use flywheel_serving::{Answer, Resident, ServingError};
 use serde::{Deserialize, Serialize};
 
 use super::shared::{
@@ -70,8 +70,9 @@ pub async fn predict(
     raw: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let req: PredictRequest = parse_body(raw)?;
-    let alias = query.alias.unwrap_or_else(|| PRODUCTION.to_owned());
-    if !super::aliases::is_alias_name(&alias) {
+    if let Some(alias) = &query.alias
+        && !super::aliases::is_alias_name(alias)
+    {
         return Err(ApiError::new(
             ErrorCode::InvalidField,
             "query string: alias: 1 to 64 letters, digits, `-` or `_`",
@@ -129,7 +130,10 @@ pub async fn predict(
         }
         short_text(&field, text, usize::MAX)?;
     }
-    let mut answers = state.serving.predict(&domain, &alias, &inputs).await?;
+    let mut answers = state
+        .serving
+        .predict(&domain, query.alias.as_deref(), &inputs)
+        .await?;
     Ok(if single {
         Json(answers.remove(0)).into_response()
     } else {
@@ -244,11 +248,15 @@ pub struct ServingView {
     production: Option<String>,
     teacher: Option<TeacherView>,
     log_sample_rate: f64,
+    canary_share: f64,
+    shadow: Option<String>,
     /// The models this process holds for the domain now.
     resident: Vec<Resident>,
     /// Counts over logged predictions (all escalated ones; others as sampled).
     last_hour: ServingWindow,
     last_day: ServingWindow,
+    /// How often each shadow version agreed with the live one, over the last day.
+    shadow_last_day: Vec<ShadowAgreement>,
 }
 
 #[derive(Serialize)]
@@ -277,6 +285,10 @@ pub async fn serving(
         .db
         .serving_window(domain.id, now - chrono::Duration::days(1))
         .await?;
+    let shadow_last_day = state
+        .db
+        .shadow_agreement(domain.id, now - chrono::Duration::days(1))
+        .await?;
     let serving = &domain.spec.serving;
     Ok(Json(ServingView {
         domain: domain.spec.name.to_string(),
@@ -287,8 +299,11 @@ pub async fn serving(
             max_calls_per_hour: t.max_calls_per_hour,
         }),
         log_sample_rate: serving.log_sample_rate,
+        canary_share: serving.canary_share,
+        shadow: serving.shadow.clone(),
         resident: state.serving.resident(domain.spec.name.as_str()),
         last_hour,
         last_day,
+        shadow_last_day,
     }))
 }

@@ -4,9 +4,9 @@
 use chrono::{DateTime, Utc};
 use flywheel_domain::{AnsweredBy, PredictionId};
 
-use super::{Db, execute, fetch_optional};
+use super::{Db, execute, fetch_all, fetch_optional};
 use crate::Result;
-use crate::models::{NewPrediction, PredictionRow, ServingWindow};
+use crate::models::{NewPrediction, NewShadowScore, PredictionRow, ServingWindow, ShadowAgreement};
 use crate::sql::{Cells, Stamp, with_pool};
 
 impl Db {
@@ -87,14 +87,72 @@ impl Db {
         })
     }
 
+    /// Stores a batch of shadow scores in one transaction.
+    pub async fn insert_shadow_scores(&self, rows: &[NewShadowScore]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        with_pool!(self, pool => async {
+            let mut tx = pool.begin().await?;
+            for s in rows {
+                sqlx::query(
+                    "INSERT INTO shadow_scores (domain_id, at, alias, version, primary_version, agrees)
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(s.domain_id)
+                .bind(Stamp(s.at))
+                .bind(&s.alias)
+                .bind(&s.version)
+                .bind(&s.primary_version)
+                .bind(s.agrees)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(())
+        }.await)?;
+        Ok(())
+    }
+
+    /// Agreement of each shadow version with the live one since `since`.
+    pub async fn shadow_agreement(
+        &self,
+        domain_id: i64,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<ShadowAgreement>> {
+        fetch_all!(
+            self,
+            |r| Ok(ShadowAgreement {
+                alias: r.text("alias")?,
+                version: r.text("version")?,
+                primary_version: r.text("primary_version")?,
+                scored: r.int("scored")?,
+                agreed: r.int("agreed")?,
+            }),
+            "SELECT alias, version, primary_version, COUNT(*) AS scored,
+                    COALESCE(SUM(CASE WHEN agrees THEN 1 ELSE 0 END), 0) AS agreed
+             FROM shadow_scores WHERE domain_id = $1 AND at >= $2
+             GROUP BY alias, version, primary_version ORDER BY alias, version, primary_version",
+            domain_id,
+            Stamp(since)
+        )
+    }
+
     /// Deletes the domain's predictions logged before `before`; returns how many.
     pub async fn purge_predictions(&self, domain_id: i64, before: DateTime<Utc>) -> Result<u64> {
-        Ok(execute!(
+        let shadow = execute!(
+            self,
+            "DELETE FROM shadow_scores WHERE domain_id = $1 AND at < $2",
+            domain_id,
+            Stamp(before)
+        );
+        let predictions = execute!(
             self,
             "DELETE FROM predictions WHERE domain_id = $1 AND at < $2",
             domain_id,
             Stamp(before)
-        ))
+        );
+        Ok(shadow + predictions)
     }
 }
 

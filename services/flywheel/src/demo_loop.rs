@@ -1,0 +1,194 @@
+//! `flywheel demo --loop`: the flywheel turning. An app asks `/predict` round after round; what
+//! the small model is unsure of goes to a teacher (played here by a local OpenAI-compatible
+//! endpoint that knows the bundled slice's labels), the teacher's answers become corrections,
+//! the scheduler trains, and the share escalated falls.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use crate::{BANKING77_MINI, Config};
+
+const DOMAIN: &str = "banking";
+const ROUNDS: usize = 4;
+
+pub async fn run(dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    let rows = crate::csv_corrections(BANKING77_MINI)?;
+    let texts: Vec<String> = rows
+        .iter()
+        .filter_map(|r| r["input"].as_str().map(str::to_owned))
+        .collect();
+    let mut labels: Vec<String> = Vec::new();
+    for r in &rows {
+        let l = r["expected"].as_str().unwrap_or_default().to_owned();
+        if !labels.contains(&l) {
+            labels.push(l);
+        }
+    }
+    let model_dir = dir.join("models/tiny-bert");
+    crate::init_tiny_model(&model_dir, &texts)?;
+    let teacher = start_teacher(&rows).await?;
+
+    let mut config = Config::new(dir.to_owned());
+    config.auth = flywheel_api::AuthMode::Off;
+    config.worker.scheduler_interval = Duration::from_millis(300);
+    config.worker.poll_interval = Duration::from_millis(200);
+    config.worker.heartbeat_interval = Duration::from_millis(500);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let running = crate::start(config, listener).await?;
+    let base = format!("http://{}", running.addr);
+    let client = reqwest::Client::new();
+    let domain = json!({
+        "name": DOMAIN,
+        "task": "classification",
+        "base_model": model_dir.canonicalize()?.display().to_string(),
+        "labels": labels,
+        "policy": {"min_new_corrections": 20, "holdout_fraction": 0.2, "min_accuracy": 0.3,
+                   "min_improvement": 0.0, "target_accuracy": 0.6},
+        "training": {"n_epochs": 16},
+        "serving": {"teacher": {"url": teacher, "model": "demo-teacher"}},
+    });
+    let resp = client
+        .post(format!("{base}/v1/domains"))
+        .json(&domain)
+        .send()
+        .await?;
+    if resp.status().as_u16() != 201 {
+        bail!("registering the domain: {}", resp.text().await?);
+    }
+    println!(
+        "flywheel on {base}; domain `{DOMAIN}` ({} intents) escalates to a teacher at {teacher}",
+        labels.len()
+    );
+    println!(
+        "each round, an app asks about {} new queries:\n",
+        rows.len() / ROUNDS
+    );
+    println!("round  version  escalated  answered by the model (right)");
+
+    let mut jobs_seen = 0;
+    for round in 0..ROUNDS {
+        // Every ROUNDS-th row from `round` on: each round holds every intent.
+        let window: Vec<&Value> = rows.iter().skip(round).step_by(ROUNDS).collect();
+        let (mut escalated, mut by_model, mut right) = (0, 0, 0);
+        let mut version = String::from("—");
+        for row in &window {
+            let resp = client
+                .post(format!("{base}/v1/domains/{DOMAIN}/predict"))
+                .json(&json!({"input": row["input"]}))
+                .send()
+                .await?;
+            if !resp.status().is_success() {
+                bail!("predict: {}", resp.text().await?);
+            }
+            let answer: Value = resp.json().await?;
+            if answer["escalated"] == true {
+                escalated += 1;
+            }
+            if answer["answered_by"] == "model" {
+                by_model += 1;
+                right += usize::from(answer["output"] == row["expected"]);
+            }
+            if let Some(v) = answer["version"].as_str() {
+                version = v.to_owned();
+            }
+        }
+        println!(
+            "{:>5}  {version:>7}  {:>8.0}%  {by_model:>3} ({right})",
+            round + 1,
+            100.0 * escalated as f64 / window.len() as f64,
+        );
+        if round + 1 < ROUNDS {
+            jobs_seen = wait_for_training(&client, &base, jobs_seen).await?;
+        }
+    }
+    println!(
+        "\nthe teacher's answers are corrections (source: teacher): \
+         {base}/v1/domains/{DOMAIN}/corrections?source=teacher"
+    );
+    running.shutdown().await
+}
+
+/// Waits for the scheduler's run on the last round's teacher answers, if one starts, and says
+/// what the gate decided. Returns how many jobs the domain has had.
+async fn wait_for_training(
+    client: &reqwest::Client,
+    base: &str,
+    seen: usize,
+) -> anyhow::Result<usize> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    // The teacher's answers are written just behind the answers; the scheduler looks often.
+    let started = Instant::now();
+    loop {
+        let jobs: Value = client
+            .get(format!("{base}/v1/domains/{DOMAIN}/jobs"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let jobs = jobs["data"].as_array().cloned().unwrap_or_default();
+        if jobs.len() > seen {
+            let job = &jobs[0];
+            if matches!(
+                job["status"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            ) {
+                println!(
+                    "       the scheduler trained on the teacher's answers: {}",
+                    job["decision"]["reason"]
+                        .as_str()
+                        .or(job["error"].as_str())
+                        .unwrap_or("?")
+                );
+                return Ok(jobs.len());
+            }
+        } else if started.elapsed() > Duration::from_secs(5) {
+            println!("       too few new corrections for a run");
+            return Ok(seen);
+        }
+        if Instant::now() > deadline {
+            bail!("the run did not finish within 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// An OpenAI-compatible chat endpoint on a loopback port that answers each query with its
+/// label in the bundled slice; returns its base URL.
+async fn start_teacher(rows: &[Value]) -> anyhow::Result<String> {
+    let gold: Arc<HashMap<String, String>> = Arc::new(
+        rows.iter()
+            .filter_map(|r| {
+                Some((
+                    r["input"].as_str()?.to_owned(),
+                    r["expected"].as_str()?.to_owned(),
+                ))
+            })
+            .collect(),
+    );
+    let chat = move |axum::Json(body): axum::Json<Value>| {
+        let gold = gold.clone();
+        async move {
+            let question = body["messages"][1]["content"].as_str().unwrap_or_default();
+            let answer = gold.get(question).cloned().unwrap_or_default();
+            axum::Json(json!({
+                "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}],
+            }))
+        }
+    };
+    let app = axum::Router::new().route("/v1/chat/completions", axum::routing::post(chat));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/v1", listener.local_addr()?);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(url)
+}
