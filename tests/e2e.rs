@@ -641,6 +641,61 @@ async fn a_generation_domain_learns_to_produce_the_corrected_text() {
     .unwrap();
     assert_eq!(config["task_type"], "CAUSAL_LM");
     assert_eq!(config["target_modules"].as_array().unwrap().len(), 7);
+
+    // The published adapter answers: through /predict, and as an OpenAI chat endpoint.
+    let question = rows[0]["input"].as_str().unwrap();
+    let (status, answer) = app
+        .post(
+            "/v1/domains/intents-as-text/predict",
+            &json!({"input": question, "max_tokens": 8}),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["version"], "v1", "{answer}");
+    let text = answer["output"].as_str().unwrap().to_owned();
+    assert!(!text.is_empty(), "{answer}");
+    let chat = json!({"model": "intents-as-text", "max_tokens": 8, "temperature": 0.7,
+                      "messages": [{"role": "system", "content": "You name intents."},
+                                   {"role": "user", "content": question}]});
+    let (status, completion) = app.post("/v1/chat/completions", &chat).await;
+    assert_eq!(status, 200, "{completion}");
+    assert_eq!(completion["object"], "chat.completion");
+    assert_eq!(completion["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(
+        completion["choices"][0]["message"]["content"],
+        json!(text),
+        "greedy: the same answer"
+    );
+    assert_eq!(completion["flywheel"]["version"], "v1");
+    let mut streamed = chat.clone();
+    streamed["stream"] = json!(true);
+    let resp = app
+        .client
+        .post(format!("{}/v1/chat/completions", app.base))
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers()["content-type"].to_str().unwrap(),
+        "text/event-stream"
+    );
+    let body = resp.text().await.unwrap();
+    let events: Vec<&str> = body
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{body}");
+    let content: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(content, text, "{body}");
 }
 
 /// A classification domain may sit on a causal LM: the loop trains a head over the last
@@ -1588,6 +1643,12 @@ async fn every_role_reaches_exactly_its_endpoints_on_its_own_domains() {
             &[Admin, Dept, Steward, Serving],
         ),
         ("GET", "/v1/domains/banking/serving".into(), None, all),
+        (
+            "POST",
+            "/v1/chat/completions".into(),
+            Some(json!({"model": "banking", "messages": [{"role": "user", "content": "hi"}]})),
+            &[Admin, Dept, Serving],
+        ),
     ];
     // (caller, token, role and whether banking is in its scope; `None`: not authenticated)
     type Caller = (&'static str, Option<String>, Option<(Who, bool)>);
@@ -1632,7 +1693,8 @@ async fn every_role_reaches_exactly_its_endpoints_on_its_own_domains() {
         // The domain list is not scoped by path: every role may call it (and sees its own).
         let scoped = path.contains("/banking")
             || path.starts_with("/v1/jobs/")
-            || path.starts_with("/v1/predictions/");
+            || path.starts_with("/v1/predictions/")
+            || path == "/v1/chat/completions";
         for (caller, token, who) in &callers {
             let (status, resp) = call(method, path, token.as_deref(), body.clone()).await;
             let expected = match who {

@@ -155,6 +155,25 @@ async fn teacher_answers_train_the_model_that_then_answers_alone_and_swaps_witho
     let (status, body) = app.post("/v1/domains", &spec).await;
     assert_eq!(status, 201, "{body}");
 
+    // In a batch, an input nothing can answer (no model yet, and the teacher's answer is not
+    // a label) is an error in its place; the others are answered.
+    let (status, body) = app
+        .post(
+            "/v1/domains/banking/predict",
+            &json!({"inputs": [first[0]["input"], "a question nobody labelled"]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"][0]["answered_by"], "teacher", "{body}");
+    assert_eq!(body["data"][1]["error"]["code"], "no_model", "{body}");
+    assert!(
+        body["data"][1]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not one of the labels"),
+        "{body}"
+    );
+
     // Round 1: no production model yet, so everything escalates and the teacher answers.
     let mut round1 = Vec::new();
     for chunk in first.chunks(25) {
@@ -215,6 +234,20 @@ async fn teacher_answers_train_the_model_that_then_answers_alone_and_swaps_witho
         assert_eq!(answer["version"], "v1", "{answer}");
         assert!(answer["confidence"].as_f64().unwrap() > 0.0);
     }
+
+    // The same model behind OpenAI's chat completions: the label is the message.
+    let (status, completion) = app
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "banking", "messages": [{"role": "user", "content": second[1]["input"]}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{completion}");
+    assert_eq!(
+        completion["choices"][0]["message"]["content"], round2[1]["output"],
+        "{completion}"
+    );
+    assert_eq!(completion["flywheel"]["alias"], "production");
 
     // Feedback: a person corrects one answer; the same feedback again stores nothing, other
     // feedback on it conflicts, and a prediction never logged is 404.
@@ -509,4 +542,51 @@ async fn bad_predict_requests_get_a_code_and_a_domain_without_model_or_teacher_i
         (404, Some("domain_not_found")),
         "{answer}"
     );
+
+    // Chat completions refuse what they cannot answer, in the same contract.
+    let user = json!([{"role": "user", "content": "hi"}]);
+    for (body, status, code) in [
+        (
+            json!({"model": "nope", "messages": user}),
+            404,
+            "domain_not_found",
+        ),
+        (
+            json!({"model": "banking@a/b", "messages": user}),
+            422,
+            "invalid_field",
+        ),
+        (
+            json!({"model": "banking", "messages": [{"role": "system", "content": "x"}]}),
+            422,
+            "invalid_field",
+        ),
+        (
+            json!({"model": "banking", "messages": user, "n": 2}),
+            422,
+            "invalid_field",
+        ),
+        (
+            json!({"model": "banking", "messages": user, "max_tokens": 0}),
+            422,
+            "invalid_field",
+        ),
+        (
+            json!({"model": "banking", "messages": user, "tools": []}),
+            422,
+            "invalid_field",
+        ),
+        (
+            json!({"model": "banking", "messages": user, "temperature": 0.2}),
+            503,
+            "no_model",
+        ),
+    ] {
+        let (got, answer) = app.post("/v1/chat/completions", &body).await;
+        assert_eq!(
+            (got, answer["code"].as_str()),
+            (status, Some(code)),
+            "{body}: {answer}"
+        );
+    }
 }

@@ -64,7 +64,6 @@ error_codes! {
     IdempotencyConflict => CONFLICT,
     EditConflict => CONFLICT,
     PredictionNotFound => NOT_FOUND,
-    UnsupportedTask => UNPROCESSABLE_ENTITY,
     NoModel => SERVICE_UNAVAILABLE,
     VersionCorrupt => INTERNAL_SERVER_ERROR,
     Internal => INTERNAL_SERVER_ERROR,

@@ -84,6 +84,8 @@ pub const DEPARTMENT_OF_DOMAIN: Access = Access::Roles(DEPARTMENT, Scope::Domain
 pub const DEPARTMENT_OF_JOB: Access = Access::Roles(DEPARTMENT, Scope::Job);
 pub const STEWARD_OF_DOMAIN: Access = Access::Roles(STEWARD, Scope::Domain);
 pub const PREDICTOR_OF_DOMAIN: Access = Access::Roles(PREDICTING, Scope::Domain);
+/// The domain is named in the body (`model`): the handler checks the token's scope.
+pub const PREDICTORS: Access = Access::Roles(PREDICTING, Scope::None);
 pub const JUDGE_OF_PREDICTION: Access = Access::Roles(JUDGING, Scope::Prediction);
 
 pub struct Route {

@@ -49,9 +49,9 @@ impl Batcher {
     }
 }
 
-/// The pool inference computes on: burn's kernels and the trainer's shards use whichever rayon
-/// pool they are called from.
-fn pool() -> &'static rayon::ThreadPool {
+/// The pool inference computes on (classification and generation): burn's kernels and the
+/// trainer's shards use whichever rayon pool they are called from.
+pub(crate) fn pool() -> &'static rayon::ThreadPool {
     static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
     POOL.get_or_init(|| {
         rayon::ThreadPoolBuilder::new()

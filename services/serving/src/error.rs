@@ -9,9 +9,6 @@ pub enum ServingError {
     /// Nothing can answer: no version behind the alias and no teacher, or the teacher failed.
     #[error("{0}")]
     NoModel(String),
-    /// Serving this domain's task is not built yet.
-    #[error("{0}")]
-    Unsupported(String),
     #[error("registry: {0}")]
     Registry(#[from] flywheel_registry::RegistryError),
     #[error("database: {0}")]

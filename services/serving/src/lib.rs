@@ -136,13 +136,16 @@ impl Serving {
     /// model `alias` names — without one, production, or the canary for the domain's
     /// `canary_share` of requests while it is set — escalating to the teacher where the model
     /// is unsure or absent. A shadow alias, if the domain has one, answers the same inputs
-    /// afterwards, and only its agreement is kept.
+    /// afterwards, and only its agreement is kept. `max_tokens` bounds a generated answer.
+    /// An input nothing could answer (no version yet, and the teacher gave no usable answer)
+    /// is an error of its own; the others are answered.
     pub async fn predict(
         &self,
         domain: &DomainRow,
         alias: Option<&str>,
         inputs: &[String],
-    ) -> Result<Vec<Answer>> {
+        max_tokens: usize,
+    ) -> Result<Vec<Result<Answer>>> {
         let started = Instant::now();
         let inner = &self.inner;
         let spec = &domain.spec;
@@ -171,11 +174,16 @@ impl Serving {
         };
         let answers: Vec<Option<ModelAnswer>> = match &model {
             Some(m) => m
-                .batcher
-                .probabilities(inputs.to_vec())
+                .answer(inputs.to_vec(), max_tokens)
                 .await?
-                .iter()
-                .map(|row| Some(model_answer(m, row)))
+                .into_iter()
+                .map(|(label, confidence)| {
+                    Some(ModelAnswer {
+                        label,
+                        confidence,
+                        escalate: m.escalation.is_none_or(|t| confidence < t),
+                    })
+                })
                 .collect(),
             None => inputs.iter().map(|_| None).collect(),
         };
@@ -228,6 +236,7 @@ impl Serving {
                 primary.version.clone(),
                 inputs.to_vec(),
                 labels,
+                max_tokens,
             );
         }
         let latency_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -242,9 +251,11 @@ impl Serving {
                 (Some(Ok(label)), _) => (label, AnsweredBy::Teacher, None),
                 (Some(Err(e)), Some(a)) => (a.label.clone(), AnsweredBy::Model, Some(e)),
                 (Some(Err(e)), None) => {
-                    return Err(ServingError::NoModel(format!(
-                        "{name} has no {alias} version yet and its teacher did not answer: {e}"
-                    )));
+                    out.push(Err(ServingError::NoModel(format!(
+                        "{name} has no {alias} version yet, and the teacher gave no usable \
+                         answer: {e}"
+                    ))));
+                    continue;
                 }
                 (None, Some(a)) => (a.label.clone(), AnsweredBy::Model, None),
                 (None, None) => unreachable!("an input without a model answer is escalated"),
@@ -283,7 +294,7 @@ impl Serving {
                     latency_ms,
                 }));
             }
-            out.push(Answer {
+            out.push(Ok(Answer {
                 prediction_id: logged.then_some(id),
                 output,
                 confidence: answer.as_ref().map(|a| a.confidence),
@@ -292,7 +303,7 @@ impl Serving {
                 teacher_error: teacher_error.map(|e| e.code().to_owned()),
                 version: version.clone(),
                 alias: alias.to_owned(),
-            });
+            }));
         }
         inner
             .metrics
@@ -311,6 +322,7 @@ impl Serving {
         primary_version: VersionId,
         inputs: Vec<String>,
         given: Vec<String>,
+        max_tokens: usize,
     ) {
         let (serving, domain, alias) = (self.clone(), domain.clone(), alias.to_owned());
         tokio::spawn(async move {
@@ -325,15 +337,15 @@ impl Serving {
                     return;
                 }
             };
-            let rows = match shadow.batcher.probabilities(inputs).await {
-                Ok(rows) => rows,
+            let answers = match shadow.answer(inputs, max_tokens).await {
+                Ok(answers) => answers,
                 Err(e) => {
                     tracing::warn!(domain = name, alias, error = %e, "serving: shadow scoring failed");
                     return;
                 }
             };
-            for (row, live) in rows.iter().zip(&given) {
-                let agrees = model_answer(&shadow, row).label == *live;
+            for ((answer, _), live) in answers.iter().zip(&given) {
+                let agrees = answer == live;
                 inner
                     .metrics
                     .shadow_scores
@@ -417,21 +429,5 @@ impl Serving {
     /// The models resident for `domain`.
     pub fn resident(&self, domain: &str) -> Vec<Resident> {
         self.inner.models.resident(domain)
-    }
-}
-
-fn model_answer(model: &models::Loaded, probabilities: &[f32]) -> ModelAnswer {
-    let best = flywheel_trainer::Prediction::most_likely(probabilities);
-    let confidence = f64::from(best.confidence);
-    let mut label = model.labels[best.label].clone();
-    if let Some((scope_label, threshold)) = &model.out_of_scope
-        && confidence < *threshold
-    {
-        label = scope_label.clone();
-    }
-    ModelAnswer {
-        label,
-        confidence,
-        escalate: model.escalation.is_none_or(|t| confidence < t),
     }
 }

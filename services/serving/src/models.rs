@@ -18,7 +18,7 @@ use flywheel_db::DomainRow;
 use flywheel_domain::{DomainSpec, Task, VersionId};
 use flywheel_registry::{Manifest, Registry};
 use flywheel_telemetry::Metrics;
-use flywheel_trainer::{ClassifierPredictor, Compute};
+use flywheel_trainer::{ClassifierPredictor, Compute, Generator};
 
 use crate::batch::Batcher;
 use crate::error::{Result, ServingError};
@@ -33,10 +33,64 @@ pub(crate) struct Loaded {
     pub escalation: Option<f64>,
     /// Below this confidence, the out-of-scope label is the answer.
     pub out_of_scope: Option<(String, f64)>,
-    pub labels: Vec<String>,
     pub bytes: u64,
     pub loaded_at: DateTime<Utc>,
-    pub batcher: Batcher,
+    engine: Engine,
+}
+
+enum Engine {
+    /// Classification: concurrent requests batched into one forward pass.
+    Classify {
+        batcher: Batcher,
+        labels: Vec<String>,
+    },
+    /// Generation: one greedy decode per input, side by side on the inference threads.
+    Generate(Arc<Generator>),
+}
+
+impl Loaded {
+    /// Each input's answer (a label, or generated text of at most `max_tokens` tokens) and the
+    /// model's confidence in it, in order.
+    pub(crate) async fn answer(
+        &self,
+        inputs: Vec<String>,
+        max_tokens: usize,
+    ) -> Result<Vec<(String, f64)>> {
+        match &self.engine {
+            Engine::Classify { batcher, labels } => Ok(batcher
+                .probabilities(inputs)
+                .await?
+                .iter()
+                .map(|row| self.label_of(labels, row))
+                .collect()),
+            Engine::Generate(generator) => {
+                let generator = generator.clone();
+                tokio::task::spawn_blocking(move || {
+                    let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+                    crate::batch::pool().install(|| generator.generate_all(&refs, max_tokens))
+                })
+                .await
+                .map_err(|e| ServingError::Model(format!("generation panicked: {e}")))?
+                .map(|all| {
+                    all.into_iter()
+                        .map(|g| (g.text, f64::from(g.confidence)))
+                        .collect()
+                })
+                .map_err(|e| ServingError::Model(e.to_string()))
+            }
+        }
+    }
+
+    /// The most likely label and its probability; below the out-of-scope threshold, the
+    /// out-of-scope label.
+    fn label_of(&self, labels: &[String], probabilities: &[f32]) -> (String, f64) {
+        let best = flywheel_trainer::Prediction::most_likely(probabilities);
+        let confidence = f64::from(best.confidence);
+        match &self.out_of_scope {
+            Some((label, threshold)) if confidence < *threshold => (label.clone(), confidence),
+            _ => (labels[best.label].clone(), confidence),
+        }
+    }
 }
 
 /// What a resident model is, for `GET …/serving`.
@@ -198,13 +252,6 @@ impl Models {
         version: VersionId,
         generation: u64,
     ) -> Result<Arc<Loaded>> {
-        if spec.task != Task::Classification {
-            return Err(ServingError::Unsupported(format!(
-                "{} is a {} domain; serving answers classification domains so far",
-                spec.name,
-                spec.task.as_str()
-            )));
-        }
         // The same cache the evaluate stage keeps its champions in.
         let dir = self
             .cache_dir
@@ -223,11 +270,26 @@ impl Models {
             None => PathBuf::from(&spec.base_model),
         };
         let bytes = weights_bytes(&base) + weights_bytes(&dir);
-        let labels = spec.labels.clone();
         let compute = self.compute;
-        let predictor = tokio::task::spawn_blocking({
-            let (base, dir, labels) = (base.clone(), dir.clone(), labels.clone());
-            move || ClassifierPredictor::load(&base, Some(&dir), &labels, 0)?.with_compute(compute)
+        let (labels, max_batch) = (spec.labels.clone(), self.max_batch);
+        let task = spec.task;
+        let engine = tokio::task::spawn_blocking({
+            let (base, dir) = (base.clone(), dir.clone());
+            move || -> flywheel_trainer::Result<Engine> {
+                Ok(match task {
+                    Task::Classification => {
+                        let model = ClassifierPredictor::load(&base, Some(&dir), &labels, 0)?
+                            .with_compute(compute)?;
+                        Engine::Classify {
+                            batcher: Batcher::start(Arc::new(model), max_batch),
+                            labels,
+                        }
+                    }
+                    Task::Generation => {
+                        Engine::Generate(Arc::new(Generator::load(&base, Some(&dir))?))
+                    }
+                })
+            }
         })
         .await
         .map_err(|e| ServingError::Model(format!("loading panicked: {e}")))?
@@ -243,10 +305,9 @@ impl Models {
             generation,
             escalation: lineage["escalation"]["threshold"].as_f64(),
             out_of_scope,
-            labels,
             bytes,
             loaded_at: Utc::now(),
-            batcher: Batcher::start(Arc::new(predictor), self.max_batch),
+            engine,
         }))
     }
 

@@ -20,13 +20,15 @@ const HOUR: Duration = Duration::from_secs(3600);
 pub enum TeacherError {
     #[error("the domain has no teacher")]
     Unconfigured,
-    #[error("the teacher's hourly budget of {0} calls is spent")]
+    #[error("the teacher's API key variable `{0}` is not set on the server")]
+    NoApiKey(String),
+    #[error("the teacher's hourly budget ({0} calls an hour) is spent")]
     OverBudget(u32),
     #[error("the teacher failed {TRIP_AFTER} times in a row; calls resume shortly")]
     CircuitOpen,
     #[error("the teacher did not answer within {0} ms")]
     Timeout(u32),
-    #[error("the teacher answered HTTP {0}")]
+    #[error("the teacher's endpoint answered HTTP {0}")]
     Status(u16),
     #[error("could not reach the teacher: {0}")]
     Transport(String),
@@ -40,6 +42,7 @@ impl TeacherError {
     pub fn code(&self) -> &'static str {
         match self {
             TeacherError::Unconfigured => "no_teacher",
+            TeacherError::NoApiKey(_) => "no_api_key",
             TeacherError::OverBudget(_) => "over_budget",
             TeacherError::CircuitOpen => "circuit_open",
             TeacherError::Timeout(_) => "timeout",
@@ -153,10 +156,10 @@ impl Teachers {
                 {"role": "user", "content": input},
             ],
         });
-        let key = teacher
-            .api_key_env
-            .as_ref()
-            .and_then(|var| std::env::var(var).ok());
+        let key = match &teacher.api_key_env {
+            Some(var) => Some(std::env::var(var).map_err(|_| TeacherError::NoApiKey(var.clone()))?),
+            None => None,
+        };
         let attempts = async {
             let mut last = TeacherError::Transport("not tried".into());
             for attempt in 0..2 {

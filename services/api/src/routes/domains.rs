@@ -295,10 +295,19 @@ fn patched(spec: &DomainSpec, patch: &DomainPatch) -> ApiResult<DomainSpec> {
         let mut serving = serde_json::to_value(&spec.serving).expect("a serving block is JSON");
         merge_patch(&mut serving, changes);
         to.serving = serde_path_to_error::deserialize(serving).map_err(|e| {
-            ApiError::new(
-                ErrorCode::InvalidField,
-                format!("serving.{}: {}", e.path(), e.inner()),
-            )
+            let at = e.path().to_string();
+            let at = if at == "." {
+                String::new()
+            } else {
+                format!(".{at}")
+            };
+            // serde names the Rust types; the caller wrote JSON.
+            let why = e
+                .inner()
+                .to_string()
+                .replace("struct ServingSpec", "an object")
+                .replace("struct TeacherEndpoint", "an object");
+            ApiError::new(ErrorCode::InvalidField, format!("serving{at}: {why}"))
         })?;
     }
     if let Some(labels) = &patch.labels {

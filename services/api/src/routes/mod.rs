@@ -1,6 +1,7 @@
 //! The route table, and the router built from it. Handlers live by resource, one file each.
 
 mod aliases;
+mod chat;
 mod corrections;
 mod domains;
 mod jobs;
@@ -15,8 +16,8 @@ use axum::Json;
 
 use crate::route::{
     ADMIN_ONLY, ANY_ROLE, ANY_ROLE_OF_DOMAIN, Access, DEPARTMENT_OF_DOMAIN, DEPARTMENT_OF_JOB,
-    DEPARTMENTS, JUDGE_OF_PREDICTION, PREDICTOR_OF_DOMAIN, PROBE, PUBLIC, Route, STEWARD_OF_DOMAIN,
-    routes,
+    DEPARTMENTS, JUDGE_OF_PREDICTION, PREDICTOR_OF_DOMAIN, PREDICTORS, PROBE, PUBLIC, Route,
+    STEWARD_OF_DOMAIN, routes,
 };
 use crate::{ApiError, AppState, ErrorCode, Surface};
 
@@ -30,7 +31,7 @@ pub static ROUTES: &[Route] = routes![
     Get "/openapi.json" => self::openapi, PUBLIC, 200,
         "This document.", "";
     Post "/v1/domains" => domains::create, ADMIN_ONLY, 201,
-        "Register a domain.", "{name, task: classification|generation, base_model: sha256:…|path, labels, policy?, training?: \"auto\"|{n_epochs, batch_size, learning_rate_multiplier, lora: {r, alpha, dropout, target_modules}, max_seq_len, early_stopping, auto_search?: {trials}}, out_of_scope_label?}";
+        "Register a domain.", "{name, task: classification|generation, base_model: sha256:…|path, labels, policy?, training?: \"auto\"|{n_epochs, batch_size, learning_rate_multiplier, lora: {r, alpha, dropout, target_modules}, max_seq_len, early_stopping, auto_search?: {trials}}, out_of_scope_label?, serving?: {teacher?: {url, model, api_key_env?, prompt?, timeout_ms?, max_calls_per_hour?}, log_sample_rate?, log_retention_days?, canary_share?, shadow?}}";
     Get "/v1/domains" => domains::list, ANY_ROLE, 200,
         "The domains the caller may see, with correction counts and production version.", "";
     Get "/v1/domains/{domain}" => domains::get, ANY_ROLE_OF_DOMAIN, 200,
@@ -76,9 +77,11 @@ pub static ROUTES: &[Route] = routes![
     Get "/v1/domains/{domain}/aliases/{alias}/history" => aliases::history, ANY_ROLE_OF_DOMAIN, 200,
         "Every move of an alias.", "";
     Post "/v1/domains/{domain}/predict" => predict::predict, PREDICTOR_OF_DOMAIN, 200,
-        "Answer with the model the alias names (?alias=, production by default); below its escalation threshold, or with no model yet, the domain's teacher answers and its answer becomes a `source: teacher` correction. One object per input with output, confidence, escalated, answered_by, version and prediction_id.", "{input} or {inputs: [...]} (at most 256)";
+        "Answer with the model the alias names (?alias=, production by default, or canary for the domain's canary_share); below its escalation threshold, or with no model yet, the domain's teacher answers and its answer becomes a `source: teacher` correction. One object per input with output (a label, or generated text), confidence, escalated, answered_by, version and prediction_id.", "{input} or {inputs: [...]} (at most 256), max_tokens? (generation, 256, at most 1024)";
     Get "/v1/domains/{domain}/serving" => predict::serving, ANY_ROLE_OF_DOMAIN, 200,
         "How the domain is served: production version, teacher, the models resident in this process, escalation share over the last hour and day.", "";
+    Post "/v1/chat/completions" => chat::completions, PREDICTORS, 200,
+        "OpenAI-compatible chat completions: `model` is a domain (`<domain>@<alias>` for an alias), the last user message is the input, the answer is the model's or, below its escalation threshold, the teacher's; `stream: true` answers as server-sent chunks. The token's scope is checked against `model`.", "{model, messages: [{role, content}], max_tokens?, stream?}";
     Post "/v1/predictions/{id}/feedback" => predict::feedback, JUDGE_OF_PREDICTION, 202,
         "Confirm or correct a logged prediction: it becomes a `source: human` correction linked to it.", "{correct: true} or {expected}, by? (without auth)";
     Get "/v1/jobs" => jobs::all, DEPARTMENTS, 200,

@@ -9,9 +9,9 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use chrono::Utc;
 use flywheel_db::{PredictionRow, ServingWindow, ShadowAgreement};
-use flywheel_domain::{PredictionId, Task};
+use flywheel_domain::PredictionId;
 use flywheel_promotion::Promotion;
-use flywheel_serving::{Answer, Resident, ServingError};
+use flywheel_serving::{Resident, ServingError};
 use serde::{Deserialize, Serialize};
 
 use super::shared::{
@@ -29,6 +29,9 @@ pub struct PredictRequest {
     input: Option<String>,
     #[serde(default)]
     inputs: Option<Vec<String>>,
+    /// Most tokens a generated answer may have (generation domains).
+    #[serde(default)]
+    max_tokens: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -40,7 +43,7 @@ pub struct PredictQuery {
 
 #[derive(Serialize)]
 struct Batch {
-    data: Vec<Answer>,
+    data: Vec<serde_json::Value>,
 }
 
 impl From<ServingError> for ApiError {
@@ -50,7 +53,6 @@ impl From<ServingError> for ApiError {
                 ApiError::new(ErrorCode::VersionNotFound, e.to_string())
             }
             ServingError::NoModel(m) => ApiError::new(ErrorCode::NoModel, m),
-            ServingError::Unsupported(m) => ApiError::new(ErrorCode::UnsupportedTask, m),
             ServingError::Db(e) => e.into(),
             ServingError::Registry(e) => e.into(),
             ServingError::Model(m) => {
@@ -76,15 +78,6 @@ pub async fn predict(
         return Err(ApiError::new(
             ErrorCode::InvalidField,
             "query string: alias: 1 to 64 letters, digits, `-` or `_`",
-        ));
-    }
-    if domain.spec.task != Task::Classification {
-        return Err(ApiError::new(
-            ErrorCode::UnsupportedTask,
-            format!(
-                "{} is a generation domain; /predict answers classification domains so far",
-                domain.spec.name
-            ),
         ));
     }
     let (inputs, single) = match (req.input, req.inputs) {
@@ -130,15 +123,31 @@ pub async fn predict(
         }
         short_text(&field, text, usize::MAX)?;
     }
-    let mut answers = state
+    let answers = state
         .serving
-        .predict(&domain, query.alias.as_deref(), &inputs)
+        .predict(
+            &domain,
+            query.alias.as_deref(),
+            &inputs,
+            max_tokens(req.max_tokens)?,
+        )
         .await?;
-    Ok(if single {
-        Json(answers.remove(0)).into_response()
-    } else {
-        Json(Batch { data: answers }).into_response()
-    })
+    if single {
+        let answer = answers.into_iter().next().expect("one answer per input")?;
+        return Ok(Json(answer).into_response());
+    }
+    // In a batch, an input nothing could answer is an error in its place; the rest stand.
+    let data = answers
+        .into_iter()
+        .map(|a| match a {
+            Ok(answer) => serde_json::to_value(answer).expect("an answer is JSON"),
+            Err(e) => {
+                let e = ApiError::from(e);
+                serde_json::json!({"error": {"code": e.code, "message": e.message}})
+            }
+        })
+        .collect();
+    Ok(Json(Batch { data }).into_response())
 }
 
 #[derive(Deserialize)]
@@ -159,7 +168,8 @@ pub struct FeedbackResponse {
     prediction_id: PredictionId,
     domain: String,
     expected: String,
-    /// A correction was stored (false: the same feedback was given before).
+    /// A correction was stored; false when the same feedback was given before, or the same
+    /// answer to this input is stored already (the teacher's, say).
     stored: bool,
 }
 
@@ -228,6 +238,22 @@ pub async fn feedback(
             stored: outcome.accepted > 0,
         }),
     ))
+}
+
+/// Most tokens a generated answer may have, and the default.
+pub const MAX_TOKENS: usize = 1_024;
+const DEFAULT_MAX_TOKENS: usize = 256;
+
+/// A request's `max_tokens`, checked.
+pub fn max_tokens(asked: Option<usize>) -> ApiResult<usize> {
+    match asked {
+        None => Ok(DEFAULT_MAX_TOKENS),
+        Some(n) if (1..=MAX_TOKENS).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::new(
+            ErrorCode::InvalidField,
+            format!("max_tokens: {n}; between 1 and {MAX_TOKENS}"),
+        )),
+    }
 }
 
 /// A logged prediction, or `404 prediction_not_found`.
