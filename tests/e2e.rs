@@ -130,6 +130,20 @@ impl TestApp {
         )
     }
 
+    async fn patch(&self, path: &str, body: &Value) -> (u16, Value) {
+        let resp = self
+            .client
+            .patch(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        (
+            resp.status().as_u16(),
+            resp.json().await.unwrap_or(Value::Null),
+        )
+    }
+
     async fn post_raw(&self, path: &str, content_type: &str, body: Vec<u8>) -> (u16, Value) {
         let resp = self
             .client

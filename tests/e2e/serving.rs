@@ -326,23 +326,15 @@ async fn teacher_answers_train_the_model_that_then_answers_alone_and_swaps_witho
 
     // A second version, then production moved back mid-stream: no request fails, and the
     // answers switch to the version production names.
-    let resp = app
-        .client
-        .patch(format!("{}/v1/domains/banking", app.base))
-        .json(
+    let (status, body) = app
+        .patch(
+            "/v1/domains/banking",
             &json!({"policy": {"min_improvement": -1.0, "significance_level": 1.0,
                                  "max_label_drop": 1.0},
                       "reason": "any candidate as good as v1 may go live", "by": "ops"}),
         )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        resp.status().as_u16(),
-        200,
-        "{}",
-        resp.text().await.unwrap()
-    );
+        .await;
+    assert_eq!(status, 200, "{body}");
     let (status, body) = app.post("/v1/domains/banking/jobs", &json!({})).await;
     assert_eq!(status, 201, "{body}");
     let job = app.wait_for_job(2).await;
@@ -401,22 +393,14 @@ async fn teacher_answers_train_the_model_that_then_answers_alone_and_swaps_witho
             .await;
         assert_eq!(status, 200, "{body}");
     }
-    let resp = app
-        .client
-        .patch(format!("{}/v1/domains/banking", app.base))
-        .json(
+    let (status, body) = app
+        .patch(
+            "/v1/domains/banking",
             &json!({"serving": {"canary_share": 0.5, "shadow": "staging"},
                       "reason": "half the traffic to the canary, staging in shadow", "by": "ops"}),
         )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        resp.status().as_u16(),
-        200,
-        "{}",
-        resp.text().await.unwrap()
-    );
+        .await;
+    assert_eq!(status, 200, "{body}");
     let split = predict_each(&app, &second[..40]).await;
     let canary = split.iter().filter(|a| a["alias"] == "canary").count();
     assert!(

@@ -1,26 +1,38 @@
 use serde::{Deserialize, Serialize};
 
-/// A fine-tuning job's id (a UUIDv7 string, so ids sort by creation time).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct JobId(pub String);
+/// Declares an id that is a UUIDv7 string (so ids sort by creation time): `generate`, `parse`
+/// (any UUID spelling, stored in one), `as_str` and `Display`.
+macro_rules! uuid_id {
+    ($(#[$meta:meta])* pub struct $name:ident;) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub String);
 
-impl JobId {
-    pub fn generate() -> Self {
-        Self(uuid::Uuid::now_v7().to_string())
-    }
-    pub fn parse(raw: &str) -> Option<Self> {
-        uuid::Uuid::parse_str(raw).ok().map(|u| Self(u.to_string()))
-    }
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
+        impl $name {
+            pub fn generate() -> Self {
+                Self(uuid::Uuid::now_v7().to_string())
+            }
+            pub fn parse(raw: &str) -> Option<Self> {
+                uuid::Uuid::parse_str(raw).ok().map(|u| Self(u.to_string()))
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
 }
+pub(crate) use uuid_id;
 
-impl std::fmt::Display for JobId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+uuid_id! {
+    /// A fine-tuning job's id.
+    pub struct JobId;
 }
 
 /// Declares an enum whose variants are stored and sent as text: each variant beside its text,

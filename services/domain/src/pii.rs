@@ -202,17 +202,10 @@ pub fn redact(text: &str, policy: &PiiPolicy, counts: &mut PiiCounts) -> String 
             PiiKind::Phone => &PHONE,
         };
         let mut found = 0;
-        // A UUID is an opaque id whose digit groups can read as a phone number: not personal
-        // data, and never redacted (it may be the very id that links rows together).
-        let uuids: Vec<std::ops::Range<usize>> = UUID.find_iter(&out).map(|m| m.range()).collect();
-        out = re
-            .replace_all(&out, |caps: &regex::Captures<'_>| {
-                let whole = caps.get(0).expect("group 0 is the match");
-                let m = whole.as_str();
-                let in_uuid = uuids
-                    .iter()
-                    .any(|u| u.start < whole.end() && whole.start() < u.end);
-                if in_uuid || !is_finding(kind, m) {
+        let mut replace = |text: &str| {
+            re.replace_all(text, |caps: &regex::Captures<'_>| {
+                let m = &caps[0];
+                if !is_finding(kind, m) {
                     return m.to_owned();
                 }
                 found += 1;
@@ -221,7 +214,23 @@ pub fn redact(text: &str, policy: &PiiPolicy, counts: &mut PiiCounts) -> String 
                     _ => kind.placeholder().to_owned(),
                 }
             })
-            .into_owned();
+            .into_owned()
+        };
+        out = if matches!(kind, PiiKind::Phone | PiiKind::Card) {
+            // A UUID is an opaque id whose digit groups read as a phone or card number: the
+            // numbers are looked for between UUIDs, never across or inside one.
+            let mut rest = out.as_str();
+            let mut kept = String::with_capacity(out.len());
+            while let Some(u) = UUID.find(rest) {
+                kept.push_str(&replace(&rest[..u.start()]));
+                kept.push_str(u.as_str());
+                rest = &rest[u.end()..];
+            }
+            kept.push_str(&replace(rest));
+            kept
+        } else {
+            replace(&out)
+        };
         if found > 0 {
             *counts.entry(kind).or_default() += found;
         }
@@ -352,5 +361,15 @@ mod tests {
             out,
             "call [PHONE] about 01932456-7890-7123-8456-123456789012"
         );
+    }
+
+    #[test]
+    fn personal_data_touching_a_uuid_is_still_found() {
+        let uuid = "01932456-7890-7123-8456-123456789012";
+        let (out, counts) = run(&format!("ticket {uuid} 555 010 4567"), PiiAction::Replace);
+        assert!(!out.contains("555 010 4567"), "{out}");
+        assert_eq!(counts.get(&PiiKind::Phone), Some(&1), "{out}");
+        let (out, _) = run(&format!("{uuid}@relay.example.com"), PiiAction::Replace);
+        assert_eq!(out, "[EMAIL]");
     }
 }

@@ -4,6 +4,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::Invalid;
 
+/// The prefix every teacher API key variable has.
+pub const TEACHER_KEY_PREFIX: &str = "FLYWHEEL_TEACHER_";
+
 /// A domain's `serving` block.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,8 +52,8 @@ pub struct TeacherEndpoint {
     pub url: String,
     /// The `model` field sent.
     pub model: String,
-    /// The environment variable holding the API key, sent as a bearer token; the key itself is
-    /// never stored.
+    /// The environment variable holding the API key (its name starts `FLYWHEEL_TEACHER_`), sent
+    /// as a bearer token; the key itself is never stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_env: Option<String>,
     /// The system prompt. For classification the label list is appended, with the instruction
@@ -126,12 +129,23 @@ impl TeacherEndpoint {
                 "must name the model (1 to 200 characters)",
             ));
         }
+        // Whoever may set a domain's teacher must not be able to send any of the server's
+        // secrets (its database URL, its cloud keys, the admin token) to a URL of their
+        // choosing: only variables made for teachers can be named.
         if let Some(var) = &self.api_key_env
-            && (var.is_empty() || !var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+            && (!var.starts_with(TEACHER_KEY_PREFIX)
+                || var.len() == TEACHER_KEY_PREFIX.len()
+                || !var
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
         {
             return Err(Invalid::field(
                 "serving.teacher.api_key_env",
-                "must be an environment variable's name (letters, digits, _)",
+                format!(
+                    "must name an environment variable starting {TEACHER_KEY_PREFIX} (capitals, \
+                     digits, _), like {TEACHER_KEY_PREFIX}API_KEY: the server sends no other \
+                     variable to a teacher"
+                ),
             ));
         }
         if self.prompt.as_ref().is_some_and(|p| p.len() > 8_000) {
@@ -164,27 +178,9 @@ pub fn is_alias_name(alias: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
-/// A logged prediction's id (a UUIDv7, so ids sort by time).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct PredictionId(pub String);
-
-impl PredictionId {
-    pub fn generate() -> Self {
-        Self(uuid::Uuid::now_v7().to_string())
-    }
-    pub fn parse(raw: &str) -> Option<Self> {
-        uuid::Uuid::parse_str(raw).ok().map(|u| Self(u.to_string()))
-    }
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Display for PredictionId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+crate::job::uuid_id! {
+    /// A logged prediction's id.
+    pub struct PredictionId;
 }
 
 /// Who answered a prediction.
@@ -242,7 +238,7 @@ mod tests {
                 "serving.teacher.url",
             ),
             (
-                serde_json::json!({"teacher": {"url": "http://x", "model": "m", "api_key_env": "A-B"}}),
+                serde_json::json!({"teacher": {"url": "http://x", "model": "m", "api_key_env": "DATABASE_URL"}}),
                 "serving.teacher.api_key_env",
             ),
             (

@@ -12,7 +12,9 @@ use crate::{BANKING77_MINI, Config};
 
 const DOMAIN: &str = "banking";
 
-pub async fn run(dir: &Path) -> anyhow::Result<()> {
+/// A clean `dir`, and the bundled slice: its rows, their texts, and the labels in order of
+/// appearance.
+pub(crate) fn fresh_start(dir: &Path) -> anyhow::Result<(Vec<Value>, Vec<String>, Vec<String>)> {
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
@@ -28,6 +30,22 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
             labels.push(l);
         }
     }
+    Ok((rows, texts, labels))
+}
+
+/// A config for a demo's instance under `dir`: no tokens (it lives on a loopback port for a
+/// minute), and a scheduler that looks often.
+pub(crate) fn demo_config(dir: &Path) -> Config {
+    let mut config = Config::new(dir.to_owned());
+    config.auth = flywheel_api::AuthMode::Off;
+    config.worker.scheduler_interval = Duration::from_millis(300);
+    config.worker.poll_interval = Duration::from_millis(200);
+    config.worker.heartbeat_interval = Duration::from_millis(500);
+    config
+}
+
+pub async fn run(dir: &Path) -> anyhow::Result<()> {
+    let (rows, texts, labels) = fresh_start(dir)?;
 
     println!("1/5  creating a tiny base model (tokenizer trained on the domain's text)…");
     let model_dir = dir.join("models/tiny-bert");
@@ -37,12 +55,7 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
         model.parameters, model.vocab_size
     );
 
-    let mut config = Config::new(dir.to_owned());
-    // The demo's instance lives on a loopback port for a minute; no tokens to hand around.
-    config.auth = flywheel_api::AuthMode::Off;
-    config.worker.scheduler_interval = Duration::from_millis(500);
-    config.worker.poll_interval = Duration::from_millis(200);
-    config.worker.heartbeat_interval = Duration::from_millis(500);
+    let config = demo_config(dir);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let running = crate::start(config, listener).await?;
     let base = format!("http://{}", running.addr);

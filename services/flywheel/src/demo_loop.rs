@@ -8,39 +8,19 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use serde_json::{Value, json};
-
-use crate::{BANKING77_MINI, Config};
 
 const DOMAIN: &str = "banking";
 const ROUNDS: usize = 4;
 
 pub async fn run(dir: &Path) -> anyhow::Result<()> {
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
-    }
-    let rows = crate::csv_corrections(BANKING77_MINI)?;
-    let texts: Vec<String> = rows
-        .iter()
-        .filter_map(|r| r["input"].as_str().map(str::to_owned))
-        .collect();
-    let mut labels: Vec<String> = Vec::new();
-    for r in &rows {
-        let l = r["expected"].as_str().unwrap_or_default().to_owned();
-        if !labels.contains(&l) {
-            labels.push(l);
-        }
-    }
+    let (rows, texts, labels) = crate::demo::fresh_start(dir)?;
     let model_dir = dir.join("models/tiny-bert");
     crate::init_tiny_model(&model_dir, &texts)?;
     let teacher = start_teacher(&rows).await?;
 
-    let mut config = Config::new(dir.to_owned());
-    config.auth = flywheel_api::AuthMode::Off;
-    config.worker.scheduler_interval = Duration::from_millis(300);
-    config.worker.poll_interval = Duration::from_millis(200);
-    config.worker.heartbeat_interval = Duration::from_millis(500);
+    let config = crate::demo::demo_config(dir);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let running = crate::start(config, listener).await?;
     let base = format!("http://{}", running.addr);

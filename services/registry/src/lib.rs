@@ -360,23 +360,52 @@ impl Registry {
         Ok(manifest)
     }
 
-    /// A local copy of a version under `dir`, downloaded (each file verified) unless a
-    /// complete copy is there already: the manifest, written last, marks one.
+    /// A local copy of a version at `dir`, downloaded (each file verified) unless a complete
+    /// copy is there already. The copy is made beside `dir` and renamed into place whole, so
+    /// two fetchers at once (serving and the evaluate stage, say) never read a half-written
+    /// file: the first rename wins and the other copy is dropped.
     pub async fn fetch_version(
         &self,
         domain: &DomainName,
         version: &VersionId,
         dir: &Path,
     ) -> Result<()> {
-        let marker = dir.join(MANIFEST);
-        if tokio::fs::try_exists(&marker).await.unwrap_or(false) {
+        let local = |path: &Path, e| RegistryError::Local(path.display().to_string(), e);
+        if tokio::fs::try_exists(dir.join(MANIFEST))
+            .await
+            .unwrap_or(false)
+        {
             return Ok(());
         }
-        let manifest = self.download(domain, version, dir).await?;
+        let name = dir
+            .file_name()
+            .map_or_else(Default::default, |n| n.to_string_lossy());
+        let part = dir.with_file_name(format!(".{name}.part-{}", uuid::Uuid::new_v4().simple()));
+        let manifest = self.download(domain, version, &part).await?;
         let bytes = serde_json::to_vec_pretty(&manifest).expect("a manifest is JSON");
+        let marker = part.join(MANIFEST);
         tokio::fs::write(&marker, bytes)
             .await
-            .map_err(|e| RegistryError::Local(marker.display().to_string(), e))
+            .map_err(|e| local(&marker, e))?;
+        // A directory without its manifest is what a copy interrupted before copies were made
+        // whole left behind.
+        if !tokio::fs::try_exists(dir.join(MANIFEST))
+            .await
+            .unwrap_or(false)
+        {
+            let _ = tokio::fs::remove_dir_all(dir).await;
+        }
+        let renamed = tokio::fs::rename(&part, dir).await;
+        if renamed.is_err() {
+            let _ = tokio::fs::remove_dir_all(&part).await;
+            if !tokio::fs::try_exists(dir.join(MANIFEST))
+                .await
+                .unwrap_or(false)
+            {
+                return renamed.map_err(|e| local(dir, e));
+            }
+        }
+        Ok(())
     }
 
     fn stage_key(job: &str, file: &str) -> ObjPath {

@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use flywheel_db::{Db, DomainRow, NewPrediction, NewShadowScore, PredictionRow};
 use flywheel_domain::{
-    AnsweredBy, Correction, CorrectionDraft, Invalid, PiiCounts, PredictionId, Source, VersionId,
+    AnsweredBy, Correction, CorrectionDraft, Invalid, PiiAction, PiiCounts, PredictionId, Source,
+    VersionId,
 };
 use flywheel_registry::Registry;
 use flywheel_telemetry::Metrics;
@@ -91,7 +92,15 @@ struct Inner {
     models: Arc<Models>,
     teachers: Teachers,
     log: Log,
+    /// The retention each domain's log was last told, so it is told again only on a change.
+    retention: std::sync::Mutex<std::collections::HashMap<i64, u32>>,
+    /// Shadow scorings under way at most; past it a request goes unscored (and counted), so a
+    /// slow shadow model cannot pile work up behind the answers.
+    shadow_slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// Shadow scorings under way at once, at most.
+const SHADOW_IN_FLIGHT: usize = 64;
 
 /// What the small model said about one input.
 struct ModelAnswer {
@@ -110,7 +119,7 @@ impl Serving {
         nudge: Arc<Notify>,
         config: ServingConfig,
     ) -> Self {
-        let models = Arc::new(Models::new(
+        let models = Models::start(
             registry,
             metrics.clone(),
             config.cache_dir.clone(),
@@ -118,7 +127,7 @@ impl Serving {
             config.refresh,
             config.max_batch,
             config.compute,
-        ));
+        );
         let log = Log::start(db.clone(), metrics.clone(), nudge);
         Self {
             inner: Arc::new(Inner {
@@ -128,6 +137,8 @@ impl Serving {
                 models,
                 teachers: Teachers::new(),
                 log,
+                retention: Default::default(),
+                shadow_slots: Arc::new(tokio::sync::Semaphore::new(SHADOW_IN_FLIGHT)),
             }),
         }
     }
@@ -160,21 +171,35 @@ impl Serving {
                 }
                 model => (alias, model),
             },
+            // Unasked, a model that will not load is no model: the teacher answers, and the
+            // load is tried again after the refresh interval.
             None => {
                 let canary = if rand::random::<f64>() < spec.serving.canary_share {
-                    inner.models.get(domain, CANARY).await?
+                    self.or_none(domain, CANARY).await
                 } else {
                     None
                 };
                 match canary {
                     Some(model) => (CANARY, Some(model)),
-                    None => (PRODUCTION, inner.models.get(domain, PRODUCTION).await?),
+                    None => (PRODUCTION, self.or_none(domain, PRODUCTION).await),
                 }
             }
         };
+        // The texts as they would be stored: the model (trained on redacted corrections), the
+        // teacher, the log and the corrections all see them after the domain's PII policy.
+        // Under `drop`, an input that had personal data is answered but kept nowhere.
+        let pii = &spec.policy.pii;
+        let (redacted, keep): (Vec<String>, Vec<bool>) = inputs
+            .iter()
+            .map(|t| {
+                let mut found = PiiCounts::default();
+                let text = flywheel_domain::pii::redact(t, pii, &mut found);
+                (text, pii.action != PiiAction::Drop || found.is_empty())
+            })
+            .unzip();
         let answers: Vec<Option<ModelAnswer>> = match &model {
             Some(m) => m
-                .answer(inputs.to_vec(), max_tokens)
+                .answer(redacted.clone(), max_tokens)
                 .await?
                 .into_iter()
                 .map(|(label, confidence)| {
@@ -187,12 +212,6 @@ impl Serving {
                 .collect(),
             None => inputs.iter().map(|_| None).collect(),
         };
-        // The texts as they would be stored: the teacher, the log and the correction see
-        // them after the domain's PII policy, never before.
-        let redacted: Vec<String> = inputs
-            .iter()
-            .map(|t| flywheel_domain::pii::redact(t, &spec.policy.pii, &mut PiiCounts::default()))
-            .collect();
         let asks = answers
             .iter()
             .zip(&redacted)
@@ -234,18 +253,28 @@ impl Serving {
                 domain,
                 shadow,
                 primary.version.clone(),
-                inputs.to_vec(),
+                redacted.clone(),
                 labels,
                 max_tokens,
             );
         }
         let latency_ms = started.elapsed().as_secs_f64() * 1e3;
-        inner.log.record(Record::Retention {
-            domain_id: domain.id,
-            days: spec.serving.log_retention_days,
-        });
+        let days = spec.serving.log_retention_days;
+        if inner
+            .retention
+            .lock()
+            .expect("retention lock")
+            .insert(domain.id, days)
+            != Some(days)
+        {
+            inner.log.record(Record::Retention {
+                domain_id: domain.id,
+                days,
+            });
+        }
         let mut out = Vec::with_capacity(inputs.len());
-        for ((answer, teacher), text) in answers.into_iter().zip(taught).zip(redacted) {
+        let rows = answers.into_iter().zip(taught).zip(redacted).zip(keep);
+        for (((answer, teacher), text), keep) in rows {
             let escalated = teacher.is_some();
             let (output, answered_by, teacher_error) = match (teacher, &answer) {
                 (Some(Ok(label)), _) => (label, AnsweredBy::Teacher, None),
@@ -261,8 +290,11 @@ impl Serving {
                 (None, None) => unreachable!("an input without a model answer is escalated"),
             };
             let id = PredictionId::generate();
-            let logged = escalated || rand::random::<f64>() < spec.serving.log_sample_rate;
-            if answered_by == AnsweredBy::Teacher {
+            // A teacher's answer is training data, so it is always kept; the rest as sampled.
+            let logged = keep
+                && (answered_by == AnsweredBy::Teacher
+                    || rand::random::<f64>() < spec.serving.log_sample_rate);
+            if answered_by == AnsweredBy::Teacher && keep {
                 self.learn_from_teacher(domain, &id, &text, &output, answer.as_ref());
             }
             let m = &inner.metrics;
@@ -285,8 +317,11 @@ impl Serving {
                     alias: alias.to_owned(),
                     version: version.as_ref().map(|v| v.0.clone()),
                     input: text,
-                    output: output.clone(),
-                    model_output: answer.as_ref().map(|a| a.label.clone()),
+                    // A generated answer may repeat personal data the model saw in training.
+                    output: flywheel_domain::pii::redact(&output, pii, &mut PiiCounts::default()),
+                    model_output: answer.as_ref().map(|a| {
+                        flywheel_domain::pii::redact(&a.label, pii, &mut PiiCounts::default())
+                    }),
                     confidence: answer.as_ref().map(|a| a.confidence),
                     escalated,
                     answered_by,
@@ -313,6 +348,18 @@ impl Serving {
         Ok(out)
     }
 
+    /// The model `alias` names, or none when it is unset or will not load (said in the log).
+    async fn or_none(&self, domain: &DomainRow, alias: &str) -> Option<Arc<models::Loaded>> {
+        match self.inner.models.get(domain, alias).await {
+            Ok(model) => model,
+            Err(e) => {
+                tracing::error!(domain = %domain.spec.name, alias, error = %e,
+                    "serving: the model will not load; answering without it");
+                None
+            }
+        }
+    }
+
     /// Scores `inputs` with the model `alias` names, behind the answer already given, and
     /// records whether it agreed with each of `given` (the live model's answers).
     fn shadow(
@@ -324,8 +371,17 @@ impl Serving {
         given: Vec<String>,
         max_tokens: usize,
     ) {
+        let Ok(permit) = self.inner.shadow_slots.clone().try_acquire_owned() else {
+            self.inner
+                .metrics
+                .serving_shed
+                .with_label_values(&["shadow"])
+                .inc();
+            return;
+        };
         let (serving, domain, alias) = (self.clone(), domain.clone(), alias.to_owned());
         tokio::spawn(async move {
+            let _permit = permit;
             let inner = &serving.inner;
             let name = domain.spec.name.as_str();
             let shadow = match inner.models.get(&domain, &alias).await {
@@ -389,7 +445,6 @@ impl Serving {
                 domain: spec.name.to_string(),
                 correction: Box::new(correction),
             }),
-            // A `drop` PII policy refuses rows with personal data; they are not training data.
             Err(e) => {
                 tracing::debug!(domain = %spec.name, error = %e, "serving: teacher answer not kept")
             }

@@ -39,38 +39,39 @@ pub(crate) enum Record {
     Flush(oneshot::Sender<()>),
 }
 
+/// Records waiting for the writer at most; past it they are dropped and counted.
+const BACKLOG: usize = 65_536;
+
 #[derive(Clone)]
 pub(crate) struct Log {
-    tx: mpsc::UnboundedSender<Record>,
+    tx: mpsc::Sender<Record>,
+    metrics: Metrics,
 }
 
 impl Log {
     pub(crate) fn start(db: Db, metrics: Metrics, nudge: Arc<Notify>) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(db, metrics, nudge, rx));
-        Self { tx }
+        let (tx, rx) = mpsc::channel(BACKLOG);
+        tokio::spawn(run(db, metrics.clone(), nudge, rx));
+        Self { tx, metrics }
     }
 
+    /// Hands `record` to the writer; if the database has fallen that far behind, drops it.
     pub(crate) fn record(&self, record: Record) {
-        // The writer lives as long as the runtime; after shutdown there is nothing to keep.
-        let _ = self.tx.send(record);
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(record) {
+            self.metrics.serving_shed.with_label_values(&["log"]).inc();
+        }
     }
 
     /// Returns once everything recorded before the call is written.
     pub(crate) async fn flush(&self) {
         let (done, wait) = oneshot::channel();
-        if self.tx.send(Record::Flush(done)).is_ok() {
+        if self.tx.send(Record::Flush(done)).await.is_ok() {
             let _ = wait.await;
         }
     }
 }
 
-async fn run(
-    db: Db,
-    metrics: Metrics,
-    nudge: Arc<Notify>,
-    mut rx: mpsc::UnboundedReceiver<Record>,
-) {
+async fn run(db: Db, metrics: Metrics, nudge: Arc<Notify>, mut rx: mpsc::Receiver<Record>) {
     let mut retention: HashMap<i64, u32> = HashMap::new();
     let mut last_purge = tokio::time::Instant::now();
     let mut predictions = Vec::new();

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ use crate::error::{Result, ServingError};
 /// A model ready to answer.
 pub(crate) struct Loaded {
     pub version: VersionId,
-    /// The alias generation it was loaded for.
+    /// The alias generation it was loaded at.
     pub generation: u64,
     /// Escalate below this confidence; `None`: the holdout never reached the target, escalate
     /// everything.
@@ -109,8 +109,8 @@ struct Slot {
     current: Mutex<Option<Arc<Loaded>>>,
     /// One load at a time per slot: concurrent first requests wait for the same load.
     loading: tokio::sync::Mutex<()>,
-    checked: Mutex<Option<Instant>>,
-    refreshing: AtomicBool,
+    /// The domain as the latest request saw it (and its policy version), for the refresher.
+    spec: Mutex<Option<(i64, DomainSpec)>>,
     /// When a request last used it (ms since the cache started), for eviction.
     used: AtomicU64,
 }
@@ -119,7 +119,19 @@ impl Slot {
     fn current(&self) -> Option<Arc<Loaded>> {
         self.current.lock().expect("slot lock").clone()
     }
+
+    fn saw(&self, domain: &DomainRow) {
+        let mut spec = self.spec.lock().expect("slot lock");
+        if spec
+            .as_ref()
+            .is_none_or(|(v, _)| *v != domain.policy_version)
+        {
+            *spec = Some((domain.policy_version, domain.spec.clone()));
+        }
+    }
 }
+
+type Key = (String, String);
 
 pub(crate) struct Models {
     registry: Registry,
@@ -130,11 +142,16 @@ pub(crate) struct Models {
     max_batch: usize,
     compute: Compute,
     started: Instant,
-    slots: Mutex<HashMap<(String, String), Arc<Slot>>>,
+    slots: Mutex<HashMap<Key, Arc<Slot>>>,
+    /// Aliases found unset (or whose version would not load), and when: not asked of the
+    /// registry again within the refresh interval.
+    unset: Mutex<HashMap<Key, Instant>>,
 }
 
 impl Models {
-    pub(crate) fn new(
+    /// The cache, and its refresher: every `refresh`, each resident model's alias is looked up
+    /// again, so a move takes effect on a quiet domain too.
+    pub(crate) fn start(
         registry: Registry,
         metrics: Metrics,
         cache_dir: PathBuf,
@@ -142,8 +159,8 @@ impl Models {
         refresh: Duration,
         max_batch: usize,
         compute: Compute,
-    ) -> Self {
-        Self {
+    ) -> Arc<Self> {
+        let models = Arc::new(Self {
             registry,
             metrics,
             cache_dir,
@@ -153,7 +170,19 @@ impl Models {
             compute,
             started: Instant::now(),
             slots: Mutex::new(HashMap::new()),
-        }
+            unset: Mutex::new(HashMap::new()),
+        });
+        let weak = Arc::downgrade(&models);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(refresh);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(models) = weak.upgrade() else { break };
+                models.refresh_all().await;
+            }
+        });
+        models
     }
 
     /// The model behind `alias` of `domain`, loading it if none is resident; `None` when the
@@ -164,6 +193,38 @@ impl Models {
         alias: &str,
     ) -> Result<Option<Arc<Loaded>>> {
         let key = (domain.spec.name.to_string(), alias.to_owned());
+        let slot = self.slots.lock().expect("slots lock").get(&key).cloned();
+        if let Some(slot) = &slot {
+            slot.used
+                .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            slot.saw(domain);
+            if let Some(loaded) = slot.current() {
+                return Ok(Some(loaded));
+            }
+        }
+        if self
+            .unset
+            .lock()
+            .expect("unset lock")
+            .get(&key)
+            .is_some_and(|at| at.elapsed() < self.refresh)
+        {
+            return Ok(None);
+        }
+        // In a task of its own: a caller that goes away does not waste the load, and the next
+        // caller finds the model resident.
+        let (models, domain) = (self.clone(), domain.clone());
+        tokio::spawn(async move { models.load_slot(&domain, key).await })
+            .await
+            .map_err(|e| ServingError::Model(format!("loading panicked: {e}")))?
+    }
+
+    async fn load_slot(&self, domain: &DomainRow, key: Key) -> Result<Option<Arc<Loaded>>> {
+        let spec = &domain.spec;
+        let Some(moved) = self.registry.resolve(&spec.name, &key.1).await? else {
+            self.mark_unset(&key);
+            return Ok(None);
+        };
         let slot = self
             .slots
             .lock()
@@ -171,63 +232,72 @@ impl Models {
             .entry(key.clone())
             .or_default()
             .clone();
+        slot.saw(domain);
         slot.used
             .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
-        if let Some(loaded) = slot.current() {
-            if self.due(&slot) && !slot.refreshing.swap(true, Ordering::AcqRel) {
-                let models = self.clone();
-                let spec = domain.spec.clone();
-                let slot = slot.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = models.refresh(&spec, &key.1, &slot).await {
-                        tracing::warn!(domain = %spec.name, alias = key.1, error = %e,
-                            "serving: could not check the alias; the resident model keeps answering");
-                    }
-                    slot.refreshing.store(false, Ordering::Release);
-                });
-            }
-            return Ok(Some(loaded));
-        }
         let _one = slot.loading.lock().await;
         if let Some(loaded) = slot.current() {
             return Ok(Some(loaded));
         }
-        *slot.checked.lock().expect("slot lock") = Some(Instant::now());
-        let Some(moved) = self.registry.resolve(&domain.spec.name, alias).await? else {
-            return Ok(None);
-        };
-        let loaded = self
-            .load(&domain.spec, VersionId(moved.to), moved.generation)
-            .await?;
-        *slot.current.lock().expect("slot lock") = Some(loaded.clone());
-        self.evict(&key);
-        Ok(Some(loaded))
+        match self.load(spec, VersionId(moved.to), moved.generation).await {
+            Ok(loaded) => {
+                *slot.current.lock().expect("slot lock") = Some(loaded.clone());
+                self.evict(&key);
+                Ok(Some(loaded))
+            }
+            Err(e) => {
+                // Not asked again until the refresh interval has passed.
+                self.slots.lock().expect("slots lock").remove(&key);
+                self.mark_unset(&key);
+                Err(e)
+            }
+        }
     }
 
-    fn due(&self, slot: &Slot) -> bool {
-        slot.checked
+    fn mark_unset(&self, key: &Key) {
+        let mut unset = self.unset.lock().expect("unset lock");
+        // Entries live one refresh interval, so the map holds at most what arrived in one.
+        unset.retain(|_, at| at.elapsed() < self.refresh);
+        unset.insert(key.clone(), Instant::now());
+    }
+
+    async fn refresh_all(&self) {
+        let resident: Vec<(Key, Arc<Slot>)> = self
+            .slots
             .lock()
-            .expect("slot lock")
-            .is_none_or(|at| at.elapsed() >= self.refresh)
+            .expect("slots lock")
+            .iter()
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect();
+        for (key, slot) in resident {
+            let Some((_, spec)) = slot.spec.lock().expect("slot lock").clone() else {
+                continue;
+            };
+            if let Err(e) = self.refresh(&spec, &key, &slot).await {
+                tracing::warn!(domain = key.0, alias = key.1, error = %e,
+                    "serving: could not check the alias; the resident model keeps answering");
+            }
+        }
     }
 
-    /// Looks the alias up again and swaps in the version it now names.
-    async fn refresh(&self, spec: &DomainSpec, alias: &str, slot: &Slot) -> Result<()> {
-        *slot.checked.lock().expect("slot lock") = Some(Instant::now());
-        let Some(moved) = self.registry.resolve(&spec.name, alias).await? else {
+    /// Looks the alias up again and swaps in the version it now names; the old model answers
+    /// until then.
+    async fn refresh(&self, spec: &DomainSpec, key: &Key, slot: &Slot) -> Result<()> {
+        let Some(current) = slot.current() else {
             return Ok(());
         };
-        if slot
-            .current()
-            .is_some_and(|c| c.generation == moved.generation)
-        {
+        let Some(moved) = self.registry.resolve(&spec.name, &key.1).await? else {
+            return Ok(());
+        };
+        // A move back and forth that ends where it started loads nothing.
+        if current.version.as_str() == moved.to {
             return Ok(());
         }
         let version = VersionId(moved.to);
         let loaded = self.load(spec, version.clone(), moved.generation).await?;
         *slot.current.lock().expect("slot lock") = Some(loaded);
-        tracing::info!(domain = %spec.name, alias, %version, "serving: swapped in the version the alias now names");
-        self.evict(&(spec.name.to_string(), alias.to_owned()));
+        tracing::info!(domain = key.0, alias = key.1, %version, "serving: swapped in the version the alias now names");
+        self.evict(key);
         Ok(())
     }
 
@@ -313,7 +383,7 @@ impl Models {
 
     /// Drops the least recently used models until the resident ones fit the budget; `keep`
     /// (the one just loaded) stays whatever its size.
-    fn evict(&self, keep: &(String, String)) {
+    fn evict(&self, keep: &Key) {
         let mut slots = self.slots.lock().expect("slots lock");
         loop {
             let resident: Vec<_> = slots
@@ -344,7 +414,7 @@ impl Models {
         self.publish_gauge(&slots);
     }
 
-    fn publish_gauge(&self, slots: &HashMap<(String, String), Arc<Slot>>) {
+    fn publish_gauge(&self, slots: &HashMap<Key, Arc<Slot>>) {
         self.metrics.serving_models_resident.reset();
         for ((domain, _), slot) in slots.iter() {
             if slot.current().is_some() {

@@ -2,7 +2,9 @@
 //! deadline, one retry, an hourly budget and a circuit breaker.
 //!
 //! A teacher that fails five times in a row is left alone for thirty seconds (then one call
-//! tries it again), so a dead teacher costs each prediction nothing but the check.
+//! tries it again while the others go without), so a dead teacher costs each prediction
+//! nothing but the check. The budget and the breaker are per process: N replicas may make N
+//! times `max_calls_per_hour` calls.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -70,6 +72,9 @@ impl TeacherError {
 struct Gate {
     failures: u32,
     open_until: Option<Instant>,
+    /// Half open: the one call trying the teacher again is under way.
+    trial: bool,
+    /// Calls in the last hour, kept only under a budget.
     calls: VecDeque<Instant>,
 }
 
@@ -93,10 +98,15 @@ impl Teachers {
             .teacher
             .as_ref()
             .ok_or(TeacherError::Unconfigured)?;
+        let key = match &teacher.api_key_env {
+            Some(var) => Some(std::env::var(var).map_err(|_| TeacherError::NoApiKey(var.clone()))?),
+            None => None,
+        };
         self.admit(spec.name.as_str(), teacher)?;
-        let result = self.call(spec, teacher, input).await;
+        let result = self.call(spec, teacher, key.as_deref(), input).await;
         let mut gates = self.gates.lock().expect("gates lock");
         let gate = gates.entry(spec.name.to_string()).or_default();
+        gate.trial = false;
         match &result {
             Err(e) if e.is_failure() => {
                 gate.failures += 1;
@@ -104,6 +114,7 @@ impl Teachers {
                     gate.open_until = Some(Instant::now() + OPEN_FOR);
                 }
             }
+            // An answer, even one that is not a label: the teacher is up.
             _ => {
                 gate.failures = 0;
                 gate.open_until = None;
@@ -118,26 +129,28 @@ impl Teachers {
         let gate = gates.entry(domain.to_owned()).or_default();
         let now = Instant::now();
         if let Some(until) = gate.open_until {
-            if now < until {
+            // Half open: one call tries the teacher again, the others wait for its verdict;
+            // a failure opens the breaker again at once.
+            if now < until || gate.trial {
                 return Err(TeacherError::CircuitOpen);
             }
-            // Half open: this call tries; another failure opens it again at once.
-            gate.open_until = None;
+            gate.trial = true;
             gate.failures = TRIP_AFTER - 1;
         }
-        while gate
-            .calls
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= HOUR)
-        {
-            gate.calls.pop_front();
+        if let Some(max) = teacher.max_calls_per_hour {
+            while gate
+                .calls
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= HOUR)
+            {
+                gate.calls.pop_front();
+            }
+            if gate.calls.len() >= max as usize {
+                gate.trial = false;
+                return Err(TeacherError::OverBudget(max));
+            }
+            gate.calls.push_back(now);
         }
-        if let Some(max) = teacher.max_calls_per_hour
-            && gate.calls.len() >= max as usize
-        {
-            return Err(TeacherError::OverBudget(max));
-        }
-        gate.calls.push_back(now);
         Ok(())
     }
 
@@ -145,6 +158,7 @@ impl Teachers {
         &self,
         spec: &DomainSpec,
         teacher: &TeacherEndpoint,
+        key: Option<&str>,
         input: &str,
     ) -> Result<String, TeacherError> {
         let url = format!("{}/chat/completions", teacher.url.trim_end_matches('/'));
@@ -156,10 +170,6 @@ impl Teachers {
                 {"role": "user", "content": input},
             ],
         });
-        let key = match &teacher.api_key_env {
-            Some(var) => Some(std::env::var(var).map_err(|_| TeacherError::NoApiKey(var.clone()))?),
-            None => None,
-        };
         let attempts = async {
             let mut last = TeacherError::Transport("not tried".into());
             for attempt in 0..2 {
@@ -167,7 +177,7 @@ impl Teachers {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 let mut request = self.client.post(&url).json(&body);
-                if let Some(key) = &key {
+                if let Some(key) = key {
                     request = request.bearer_auth(key);
                 }
                 match request.send().await {

@@ -48,6 +48,9 @@ pub struct Metrics {
     pub serving_models_resident: IntGaugeVec,
     /// Inputs a shadow alias's model also answered, by whether it agreed with the answer given.
     pub shadow_scores: IntCounterVec,
+    /// Work serving let go to keep its memory bounded, by kind (`log`: records the database
+    /// could not keep up with; `shadow`: requests not shadow-scored while the shadow was busy).
+    pub serving_shed: IntCounterVec,
 }
 
 impl Metrics {
@@ -172,6 +175,11 @@ impl Metrics {
             "Inputs a shadow alias's model also answered, by agreement with the live answer",
             &["domain", "agrees"],
         );
+        let serving_shed = counter(
+            "flywheel_serving_shed_total",
+            "Serving work let go to keep memory bounded, by kind",
+            &["kind"],
+        );
         let serving_models_resident = IntGaugeVec::new(
             Opts::new(
                 "flywheel_serving_models_resident",
@@ -194,6 +202,7 @@ impl Metrics {
             serving_model_loads,
             serving_models_resident,
             shadow_scores,
+            serving_shed,
             job_duration_seconds,
             training_tokens_per_second,
             training_loss,
