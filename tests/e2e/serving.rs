@@ -18,6 +18,8 @@ struct Teacher {
     calls: Arc<AtomicUsize>,
     /// While set, every call answers 503.
     failing: Arc<AtomicBool>,
+    /// Every question asked, as it arrived.
+    asked: Arc<std::sync::Mutex<Vec<String>>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -26,6 +28,7 @@ struct TeacherState {
     gold: Arc<HashMap<String, String>>,
     calls: Arc<AtomicUsize>,
     failing: Arc<AtomicBool>,
+    asked: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 async fn chat(
@@ -45,6 +48,7 @@ async fn chat(
         "{system}"
     );
     let question = body["messages"][1]["content"].as_str().unwrap_or_default();
+    s.asked.lock().unwrap().push(question.to_owned());
     let answer = s
         .gold
         .get(question)
@@ -75,6 +79,7 @@ impl Teacher {
             gold: Arc::new(gold),
             calls: Arc::new(AtomicUsize::new(0)),
             failing: Arc::new(AtomicBool::new(false)),
+            asked: Default::default(),
         };
         let app = axum::Router::new()
             .route("/v1/chat/completions", axum::routing::post(chat))
@@ -94,6 +99,7 @@ impl Teacher {
             url,
             calls: state.calls,
             failing: state.failing,
+            asked: state.asked,
             stop: Some(stop),
         }
     }
@@ -573,4 +579,69 @@ async fn bad_predict_requests_get_a_code_and_a_domain_without_model_or_teacher_i
             "{body}: {answer}"
         );
     }
+}
+
+/// Personal data never reaches the teacher, and under `drop` an input that had some is answered
+/// but kept nowhere: not in the prediction log, not as a correction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn personal_data_reaches_no_teacher_and_drop_keeps_nothing() {
+    let app = TestApp::spawn().await;
+    let with_email = "my card for jane.doe@example.com never came";
+    let clean = "my card never came";
+    // The teacher knows both questions as the domain's policy leaves them.
+    let rows = [
+        json!({"input": "my card for [EMAIL] never came", "expected": "card_arrival"}),
+        json!({"input": clean, "expected": "card_arrival"}),
+    ];
+    let teacher = Teacher::start(&rows).await;
+    let spec = json!({
+        "name": "banking", "task": "classification", "base_model": app.model_dir,
+        "labels": app.labels,
+        "policy": {"min_new_corrections": 100_000, "pii": {"action": "drop"}},
+        "serving": {"teacher": {"url": teacher.url, "model": "gold-teacher"}}
+    });
+    let (status, body) = app.post("/v1/domains", &spec).await;
+    assert_eq!(status, 201, "{body}");
+    let mut ids = Vec::new();
+    for input in [with_email, clean] {
+        let (status, answer) = app
+            .post("/v1/domains/banking/predict", &json!({"input": input}))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(
+            (answer["answered_by"].as_str(), answer["output"].as_str()),
+            (Some("teacher"), Some("card_arrival")),
+            "{answer}"
+        );
+        ids.push(answer["prediction_id"].clone());
+    }
+    assert!(ids[0].is_null(), "an input with personal data was logged");
+    let id = ids[1].as_str().unwrap();
+    assert!(
+        !teacher
+            .asked
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|q| q.contains("example.com")),
+        "the teacher saw the address"
+    );
+    // Feedback on the clean one flushes the log: by then every kept row is stored.
+    let (status, body) = app
+        .post(
+            &format!("/v1/predictions/{id}/feedback"),
+            &json!({"correct": true, "by": "agent"}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let (_, stored) = app
+        .get("/v1/domains/banking/corrections?include_removed=true")
+        .await;
+    let inputs: Vec<&str> = stored["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["input"].as_str().unwrap())
+        .collect();
+    assert_eq!(inputs, [clean], "{stored}");
 }
