@@ -645,3 +645,28 @@ async fn personal_data_reaches_no_teacher_and_drop_keeps_nothing() {
         .collect();
     assert_eq!(inputs, [clean], "{stored}");
 }
+
+/// A domain may ask to train as soon as too many predictions escalate, before
+/// `min_new_corrections` is reached: the scheduler reads the last hour's share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_escalations_start_a_run() {
+    let app = TestApp::spawn().await;
+    let teacher = Teacher::start(&app.rows).await;
+    let spec = json!({
+        "name": "banking", "task": "classification", "base_model": app.model_dir,
+        "labels": app.labels,
+        "policy": {"min_new_corrections": 100_000, "max_staleness_seconds": null,
+                   "max_escalation_share": 0.5},
+        "serving": {"teacher": {"url": teacher.url, "model": "gold-teacher"}}
+    });
+    let (status, body) = app.post("/v1/domains", &spec).await;
+    assert_eq!(status, 201, "{body}");
+    let inputs: Vec<&Value> = app.rows.iter().take(60).map(|r| &r["input"]).collect();
+    let (status, body) = app
+        .post("/v1/domains/banking/predict", &json!({"inputs": inputs}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let job = app.wait_for_job(1).await;
+    assert_eq!(job["trigger"], "drift", "{job}");
+    assert_eq!(job["status"], "succeeded", "{job}");
+}

@@ -120,6 +120,11 @@ pub struct Policy {
     /// `null` waits for `min_new_corrections` however long it takes.
     #[serde(default = "Policy::default_staleness")]
     pub max_staleness_seconds: Option<u32>,
+    /// Train anyway, on whatever is new, once more than this share of the last hour's
+    /// predictions (at least 50 of them) escalated: what the domain is asked has drifted from
+    /// what its model knows. Unset (the default), escalations never start a run by themselves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_escalation_share: Option<f64>,
     /// Train on this cron schedule (UTC; 5 fields, or 6 with seconds) when anything is new.
     #[serde(default)]
     pub schedule: Option<String>,
@@ -237,6 +242,15 @@ impl Policy {
         if let Some(raw) = &self.schedule {
             crate::schedule::parse_schedule(raw)?;
         }
+        if self
+            .max_escalation_share
+            .is_some_and(|s| !(s > 0.0 && s < 1.0))
+        {
+            return Err(Invalid::field(
+                "policy.max_escalation_share",
+                "must be between 0 and 1 (exclusive), or left out",
+            ));
+        }
         if self.max_staleness_seconds == Some(0) {
             return Err(Invalid::field(
                 "policy.max_staleness_seconds",
@@ -269,6 +283,7 @@ impl Default for Policy {
             pii: Default::default(),
             teacher: Default::default(),
             max_staleness_seconds: Self::default_staleness(),
+            max_escalation_share: None,
             schedule: None,
             cooldown_seconds: 0,
             early_stopping: false,

@@ -93,6 +93,8 @@ pub enum Trigger {
     Staleness,
     /// The domain's cron schedule fired.
     Schedule,
+    /// Too many of the last hour's predictions escalated.
+    Drift,
 }
 
 impl Trigger {
@@ -102,6 +104,7 @@ impl Trigger {
             Trigger::Manual => "manual",
             Trigger::Staleness => "staleness",
             Trigger::Schedule => "schedule",
+            Trigger::Drift => "drift",
         }
     }
 }

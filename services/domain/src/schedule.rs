@@ -21,15 +21,22 @@ pub struct TriggerState {
     pub last_finished_at: Option<DateTime<Utc>>,
     /// A job is queued or running.
     pub in_flight: bool,
+    /// Predictions logged in the last hour and how many of them escalated, when the policy
+    /// bounds the escalation share.
+    pub last_hour: Option<(i64, i64)>,
 }
+
+/// Predictions an hour must hold before its escalation share can start a run.
+pub const MIN_DRIFT_PREDICTIONS: i64 = 50;
 
 /// Parses a cron expression (5 fields, or 6 with seconds), in UTC.
 pub fn parse_schedule(raw: &str) -> Result<Cron, Invalid> {
     Cron::from_str(raw).map_err(|e| Invalid::field("policy.schedule", format!("`{raw}`: {e}")))
 }
 
-/// Whether a run should start now, and why. Enough new corrections wins; otherwise the oldest
-/// untrained correction being too old, or the cron schedule having fired since the last run,
+/// Whether a run should start now, and why. Enough new corrections wins; otherwise too many of
+/// the last hour's predictions escalating, the oldest untrained correction being too old, or
+/// the cron schedule having fired since the last run,
 /// starts one as long as there is anything new. Nothing starts during the cooldown after a
 /// run, or while one is in flight.
 pub fn due(policy: &Policy, state: &TriggerState, now: DateTime<Utc>) -> Option<Trigger> {
@@ -43,6 +50,13 @@ pub fn due(policy: &Policy, state: &TriggerState, now: DateTime<Utc>) -> Option<
     }
     if state.new_corrections >= i64::from(policy.min_new_corrections) {
         return Some(Trigger::NewCorrections);
+    }
+    if let (Some(bound), Some((predictions, escalated))) =
+        (policy.max_escalation_share, state.last_hour)
+        && predictions >= MIN_DRIFT_PREDICTIONS
+        && escalated as f64 > bound * predictions as f64
+    {
+        return Some(Trigger::Drift);
     }
     if let (Some(limit), Some(oldest)) = (policy.max_staleness_seconds, state.oldest_new_at)
         && now >= oldest + Duration::seconds(i64::from(limit))
@@ -75,6 +89,7 @@ mod tests {
             last_started_at: at("2026-01-01T09:00:00Z"),
             last_finished_at: Some(at("2026-01-01T09:30:00Z")),
             in_flight: false,
+            last_hour: None,
         }
     }
 
@@ -141,6 +156,45 @@ mod tests {
         assert_eq!(
             due(&p, &state(500), at("2026-01-01T10:30:00Z")),
             Some(Trigger::NewCorrections)
+        );
+    }
+
+    #[test]
+    fn too_many_escalations_start_a_run_on_what_is_new() {
+        let now = at("2026-01-01T11:00:00Z");
+        let p = Policy {
+            max_escalation_share: Some(0.3),
+            max_staleness_seconds: None,
+            ..policy()
+        };
+        let with = |predictions, escalated| TriggerState {
+            last_hour: Some((predictions, escalated)),
+            ..state(5)
+        };
+        assert_eq!(due(&p, &with(100, 31), now), Some(Trigger::Drift));
+        assert_eq!(
+            due(&p, &with(100, 30), now),
+            None,
+            "at the bound is not over it"
+        );
+        assert_eq!(
+            due(&p, &with(40, 40), now),
+            None,
+            "too few predictions to judge"
+        );
+        let nothing_new = TriggerState {
+            new_corrections: 0,
+            ..with(100, 90)
+        };
+        assert_eq!(
+            due(&p, &nothing_new, now),
+            None,
+            "nothing new to learn from"
+        );
+        assert_eq!(
+            due(&policy(), &with(100, 90), now),
+            None,
+            "off unless asked for"
         );
     }
 }

@@ -37,8 +37,16 @@ pub async fn schedule_once(ctx: &Context) -> Result<usize, WorkerError> {
     }
     for domain in ctx.db.domains().await? {
         let policy = &domain.spec.policy;
-        let state = ctx.db.trigger_state(domain.id, domain.created_at).await?;
-        let Some(trigger) = flywheel_domain::due(policy, &state, chrono::Utc::now()) else {
+        let mut state = ctx.db.trigger_state(domain.id, domain.created_at).await?;
+        let now = chrono::Utc::now();
+        if policy.max_escalation_share.is_some() && !state.in_flight && state.new_corrections > 0 {
+            let hour = ctx
+                .db
+                .serving_window(domain.id, now - chrono::Duration::hours(1))
+                .await?;
+            state.last_hour = Some((hour.predictions, hour.escalated));
+        }
+        let Some(trigger) = flywheel_domain::due(policy, &state, now) else {
             continue;
         };
         // The insert re-checks "nothing in flight" and "enough new rows" atomically.
@@ -52,6 +60,7 @@ pub async fn schedule_once(ctx: &Context) -> Result<usize, WorkerError> {
                 Trigger::NewCorrections => "enough new corrections",
                 Trigger::Staleness => "the oldest untrained correction waited too long",
                 Trigger::Schedule => "the domain's schedule fired",
+                Trigger::Drift => "too many of the last hour's predictions escalated",
                 Trigger::Manual => "started by hand",
             };
             ctx.db

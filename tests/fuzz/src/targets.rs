@@ -241,11 +241,11 @@ fn at(s: &str) -> DateTime<Utc> {
 
 /// Asks the scheduler about the policy at a few moments a database could report.
 fn exercise_due(policy: &Policy) {
-    for (started, new) in [
-        ("1970-01-01T00:00:00Z", 1),
-        ("2026-01-01T09:00:00Z", 5),
-        ("2024-02-29T23:59:59Z", 1_000_000),
-        ("2199-12-31T23:59:59Z", 1),
+    for (started, new, last_hour) in [
+        ("1970-01-01T00:00:00Z", 1, None),
+        ("2026-01-01T09:00:00Z", 5, Some((100, 60))),
+        ("2024-02-29T23:59:59Z", 1_000_000, Some((0, 0))),
+        ("2199-12-31T23:59:59Z", 1, Some((i64::MAX, i64::MAX))),
     ] {
         let started = at(started);
         let state = TriggerState {
@@ -254,6 +254,7 @@ fn exercise_due(policy: &Policy) {
             last_started_at: started,
             last_finished_at: Some(started + Duration::seconds(60)),
             in_flight: false,
+            last_hour,
         };
         for later in [1, 3_600, 86_400 * 400] {
             let _ = due(policy, &state, started + Duration::seconds(later));
@@ -263,6 +264,7 @@ fn exercise_due(policy: &Policy) {
 
 const POLICY_DICT: &[&str] = &[
     "\"min_new_corrections\"",
+    "\"max_escalation_share\"",
     "\"holdout_fraction\"",
     "\"min_accuracy\"",
     "\"min_improvement\"",

@@ -209,6 +209,7 @@ impl Db {
                 last_started_at: row.opt_time("last_started")?.unwrap_or(domain_created_at),
                 last_finished_at: row.opt_time("last_finished")?,
                 in_flight: row.flag("in_flight")?,
+                last_hour: None,
             })
         })
     }
