@@ -102,10 +102,11 @@ impl TestApp {
         }
     }
 
-    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+    /// Sends `body` as JSON with `method` to `path`: the status and the JSON answer.
+    async fn send(&self, method: reqwest::Method, path: &str, body: &Value) -> (u16, Value) {
         let resp = self
             .client
-            .post(format!("{}{path}", self.base))
+            .request(method, format!("{}{path}", self.base))
             .json(body)
             .send()
             .await
@@ -114,34 +115,18 @@ impl TestApp {
             resp.status().as_u16(),
             resp.json().await.unwrap_or(Value::Null),
         )
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.send(reqwest::Method::POST, path, body).await
     }
 
     async fn put(&self, path: &str, body: &Value) -> (u16, Value) {
-        let resp = self
-            .client
-            .put(format!("{}{path}", self.base))
-            .json(body)
-            .send()
-            .await
-            .unwrap();
-        (
-            resp.status().as_u16(),
-            resp.json().await.unwrap_or(Value::Null),
-        )
+        self.send(reqwest::Method::PUT, path, body).await
     }
 
     async fn patch(&self, path: &str, body: &Value) -> (u16, Value) {
-        let resp = self
-            .client
-            .patch(format!("{}{path}", self.base))
-            .json(body)
-            .send()
-            .await
-            .unwrap();
-        (
-            resp.status().as_u16(),
-            resp.json().await.unwrap_or(Value::Null),
-        )
+        self.send(reqwest::Method::PATCH, path, body).await
     }
 
     async fn post_raw(&self, path: &str, content_type: &str, body: Vec<u8>) -> (u16, Value) {

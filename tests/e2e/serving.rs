@@ -264,28 +264,15 @@ async fn teacher_answers_train_the_model_that_then_answers_alone_and_swaps_witho
         .find(|l| **l != round2[0]["output"])
         .unwrap();
     let path = format!("/v1/predictions/{id}/feedback");
-    let (status, body) = app
-        .post(
-            &path,
-            &json!({"expected": wrong, "by": "agent@bank.example"}),
-        )
-        .await;
-    assert_eq!(
-        (status, body["stored"].as_bool()),
-        (202, Some(true)),
-        "{body}"
-    );
-    let (status, body) = app
-        .post(
-            &path,
-            &json!({"expected": wrong, "by": "agent@bank.example"}),
-        )
-        .await;
-    assert_eq!(
-        (status, body["stored"].as_bool()),
-        (202, Some(false)),
-        "{body}"
-    );
+    let correction = json!({"expected": wrong, "by": "agent@bank.example"});
+    for stored in [true, false] {
+        let (status, body) = app.post(&path, &correction).await;
+        assert_eq!(
+            (status, body["stored"].as_bool()),
+            (202, Some(stored)),
+            "{body}"
+        );
+    }
     let (status, body) = app
         .post(&path, &json!({"correct": true, "by": "agent@bank.example"}))
         .await;

@@ -93,30 +93,9 @@ async fn main() -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
 
-    let job: Value = client
-        .post(format!("{base}/v1/domains/banking77/jobs"))
-        .json(&json!({}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let id = job["id"].as_str().context("no job id")?.to_owned();
     let started = Instant::now();
-    let job = loop {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let job: Value = client
-            .get(format!("{base}/v1/jobs/{id}"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        if matches!(
-            job["status"].as_str(),
-            Some("succeeded" | "failed" | "cancelled")
-        ) {
-            break job;
-        }
-    };
+    let job = flywheel::demo::run_job(&client, &base, "banking77").await?;
+    let id = job["id"].as_str().context("no job id")?.to_owned();
     let wall = started.elapsed().as_secs_f64();
     let events: Value = client
         .get(format!("{base}/v1/jobs/{id}/events"))

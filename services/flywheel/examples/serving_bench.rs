@@ -180,29 +180,7 @@ async fn main() -> anyhow::Result<()> {
         .send()
         .await?
         .error_for_status()?;
-    let job: Value = client
-        .post(format!("{base}/v1/domains/banking77/jobs"))
-        .json(&json!({}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let id = job["id"].as_str().context("no job id")?.to_owned();
-    let job = loop {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let job: Value = client
-            .get(format!("{base}/v1/jobs/{id}"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        if matches!(
-            job["status"].as_str(),
-            Some("succeeded" | "failed" | "cancelled")
-        ) {
-            break job;
-        }
-    };
+    let job = flywheel::demo::run_job(&client, &base, "banking77").await?;
     if job["decision"]["promote"] != true {
         bail!("the adapter was not promoted: {job}");
     }

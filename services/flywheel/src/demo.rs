@@ -195,6 +195,37 @@ pub async fn post_corrections(
     Ok(stored)
 }
 
+/// Starts a run of `domain` by hand and returns the job once it has ended, looking every two
+/// seconds (the examples' way; the demo shows progress instead).
+pub async fn run_job(client: &reqwest::Client, base: &str, domain: &str) -> anyhow::Result<Value> {
+    let job: Value = client
+        .post(format!("{base}/v1/domains/{domain}/jobs"))
+        .json(&json!({}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let id = job["id"]
+        .as_str()
+        .with_context(|| format!("no job was started: {job}"))?
+        .to_owned();
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let job: Value = client
+            .get(format!("{base}/v1/jobs/{id}"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        if matches!(
+            job["status"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        ) {
+            return Ok(job);
+        }
+    }
+}
+
 async fn wait_for_job(client: &reqwest::Client, base: &str) -> anyhow::Result<Value> {
     let deadline = Instant::now() + Duration::from_secs(1800);
     let bar = ProgressBar::new(1).with_style(
