@@ -2389,7 +2389,7 @@ async fn a_job_whose_worker_dies_is_requeued_and_finishes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_sent_requests_cannot_starve_the_server() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let app = TestApp::spawn_with(|config| {
+    let mut app = TestApp::spawn_with(|config| {
         config.limits.max_connections = 32;
         config.limits.header_read_timeout = Duration::from_secs(1);
         config.limits.body_idle_timeout = Duration::from_secs(1);
@@ -2444,7 +2444,10 @@ async fn half_sent_requests_cannot_starve_the_server() {
         answer.starts_with("HTTP/1.1 408") && answer.contains("\"request_timeout\""),
         "{answer}"
     );
-    // Nothing was lost: the server still takes work.
+    // Nothing was lost: the server still takes work. On a new connection: the pooled one has
+    // idled past the 1 s keep-alive limit, and a POST sent as the server closes it is not
+    // retried by the client (the suite saw that race once under load).
+    app.client = reqwest::Client::new();
     app.create_domain(50).await;
 }
 
