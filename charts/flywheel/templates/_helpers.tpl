@@ -97,6 +97,10 @@ securityContext:
 envFrom:
   - configMapRef:
       name: {{ include "flywheel.fullname" . }}
+  {{- with .Values.serving.teacherKeysSecret }}
+  - secretRef:
+      name: {{ . }}
+  {{- end }}
 {{- end -}}
 
 {{- define "flywheel.probes" -}}
