@@ -49,6 +49,29 @@ impl Batcher {
     }
 }
 
+/// Most texts in one shard of a batch: shards of texts of like length pad little, and run side
+/// by side on the cores.
+const SHARD: usize = 16;
+
+/// Each text's probabilities, in the order given. The texts run sorted by length, in shards of
+/// at most [`SHARD`], so each shard pads only to its own longest text rather than the batch's.
+fn by_length(
+    model: &ClassifierPredictor,
+    texts: &[String],
+    threads: usize,
+) -> flywheel_trainer::Result<Vec<Vec<f32>>> {
+    let mut order: Vec<usize> = (0..texts.len()).collect();
+    order.sort_by_key(|&i| texts[i].len());
+    let sorted: Vec<&str> = order.iter().map(|&i| texts[i].as_str()).collect();
+    let shard = texts.len().div_ceil(threads).clamp(1, SHARD);
+    let rows = model.probabilities(&sorted, shard)?;
+    let mut out = vec![Vec::new(); texts.len()];
+    for (row, &i) in rows.into_iter().zip(&order) {
+        out[i] = row;
+    }
+    Ok(out)
+}
+
 /// The pool inference computes on (classification and generation): burn's kernels and the
 /// trainer's shards use whichever rayon pool they are called from.
 pub(crate) fn pool() -> &'static rayon::ThreadPool {
@@ -77,11 +100,9 @@ async fn run(model: Arc<ClassifierPredictor>, mut rx: mpsc::Receiver<Request>, m
             }
         }
         let all: Vec<String> = batch.iter().flat_map(|r| r.texts.iter().cloned()).collect();
-        let shard = all.len().div_ceil(threads).max(1);
         let model = model.clone();
         let result = tokio::task::spawn_blocking(move || {
-            let refs: Vec<&str> = all.iter().map(String::as_str).collect();
-            pool().install(|| model.probabilities(&refs, shard).map_err(|e| e.to_string()))
+            pool().install(|| by_length(&model, &all, threads).map_err(|e| e.to_string()))
         })
         .await
         .unwrap_or_else(|e| Err(format!("inference panicked: {e}")));
@@ -97,6 +118,49 @@ async fn run(model: Arc<ClassifierPredictor>, mut rx: mpsc::Receiver<Request>, m
                 for request in batch {
                     let _ = request.reply.send(Err(message.clone()));
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn texts_run_sorted_by_length_and_come_back_in_their_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let texts: Vec<String> = [
+            "where is my card",
+            "a",
+            "my card was stolen yesterday and I need a new one right now please",
+            "top up failed twice",
+            "what is the exchange rate",
+        ]
+        .iter()
+        .cycle()
+        .take(37)
+        .enumerate()
+        .map(|(i, t)| format!("{t} {}", "x ".repeat(i % 7)))
+        .collect();
+        flywheel_trainer::tiny::init_tiny_bert(
+            dir.path(),
+            texts.iter(),
+            &flywheel_trainer::tiny::TinyBertSpec::default(),
+        )
+        .unwrap();
+        let labels: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let model = ClassifierPredictor::load(dir.path(), None, &labels, 7).unwrap();
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let one_by_one: Vec<Vec<f32>> = refs
+            .iter()
+            .map(|t| model.probabilities(&[t], 1).unwrap().remove(0))
+            .collect();
+        let batched = by_length(&model, &texts, 2).unwrap();
+        assert_eq!(batched.len(), texts.len());
+        for (i, (a, b)) in batched.iter().zip(&one_by_one).enumerate() {
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() < 1e-4, "text {i}: {a:?} against {b:?}");
             }
         }
     }
