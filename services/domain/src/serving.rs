@@ -16,7 +16,7 @@ pub struct ServingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub teacher: Option<TeacherEndpoint>,
     /// Share of predictions logged (0 to 1). Only a logged prediction can receive feedback;
-    /// escalated ones are always logged, since their answer is training data.
+    /// those the teacher answered are always logged, since their answer is training data.
     #[serde(default = "ServingSpec::one")]
     pub log_sample_rate: f64,
     /// Logged predictions older than this many days are deleted.
