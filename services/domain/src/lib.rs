@@ -24,7 +24,9 @@ pub use domain::{DomainName, DomainSpec, Policy, Task};
 pub use job::{JobId, JobStatus, StageTask, Trigger, VersionId, VersionStatus};
 pub use pii::{PiiAction, PiiCounts, PiiKind, PiiPolicy};
 pub use schedule::{TriggerState, due};
-pub use serving::{AnsweredBy, PredictionId, ServingSpec, TeacherEndpoint, is_alias_name};
+pub use serving::{
+    AnsweredBy, PRODUCTION, PredictionId, ServingSpec, TeacherEndpoint, is_alias_name,
+};
 pub use training::{
     Auto, AutoSearch, DataFacts, Lora, MAX_LORA_RANK, MAX_TRIALS, Resolved, Training,
 };

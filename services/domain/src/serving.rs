@@ -4,6 +4,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::Invalid;
 
+/// The alias serving fleets follow, and the one `/predict` answers with unless asked otherwise.
+pub const PRODUCTION: &str = "production";
+
 /// The prefix every teacher API key variable has.
 pub const TEACHER_KEY_PREFIX: &str = "FLYWHEEL_TEACHER_";
 
@@ -96,7 +99,7 @@ impl ServingSpec {
             ));
         }
         if let Some(alias) = &self.shadow
-            && (!is_alias_name(alias) || alias == "production")
+            && (!is_alias_name(alias) || alias == PRODUCTION)
         {
             return Err(Invalid::field(
                 "serving.shadow",

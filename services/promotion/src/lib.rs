@@ -18,8 +18,7 @@ use flywheel_domain::{DomainName, VersionId, VersionStatus};
 use flywheel_registry::{AliasMove, Registry, RegistryError};
 use serde::Serialize;
 
-/// The alias serving fleets follow.
-pub const PRODUCTION: &str = "production";
+pub use flywheel_domain::PRODUCTION;
 
 /// The actor the audit log and alias history name for the gate's own decisions.
 pub const GATE: &str = "flywheel-gate";

@@ -37,8 +37,7 @@ use crate::log::{Log, Record};
 use crate::models::Models;
 use crate::teacher::Teachers;
 
-/// The alias answered when a request names none.
-pub const PRODUCTION: &str = "production";
+use flywheel_domain::PRODUCTION;
 /// The alias a domain's `canary_share` of requests goes to.
 pub const CANARY: &str = "canary";
 
