@@ -143,10 +143,7 @@ impl CorrectionDraft {
     pub fn validate(self, spec: &DomainSpec, max_text_chars: usize) -> Result<Correction, Invalid> {
         let text = |field: &str, v: Option<String>| -> Result<String, Invalid> {
             let v = v.ok_or_else(|| Invalid::field(field, "is required"))?;
-            if v.trim().is_empty() {
-                return Err(Invalid::field(field, "must not be empty"));
-            }
-            bounded(field, &v, max_text_chars)?;
+            check_text(field, &v, max_text_chars)?;
             Ok(v)
         };
         let input = text("input", self.input)?;
@@ -316,6 +313,15 @@ impl Conflict {
     pub fn ids(&self) -> impl Iterator<Item = i64> + '_ {
         self.labels.values().flatten().copied()
     }
+}
+
+/// A text a model is asked about or trained on (a correction's input and answer, a query to
+/// serve): not blank, at most `max_chars` characters, no NUL.
+pub fn check_text(field: &str, value: &str, max_chars: usize) -> Result<(), Invalid> {
+    if value.trim().is_empty() {
+        return Err(Invalid::field(field, "must not be empty"));
+    }
+    bounded(field, value, max_chars)
 }
 
 /// `value` is at most `max_chars` characters and holds no NUL: PostgreSQL's text type cannot

@@ -17,8 +17,8 @@ mod training;
 pub use auth::Role;
 pub use base_model::{ModelFiles, check_base_model};
 pub use correction::{
-    Conflict, Correction, CorrectionDraft, Source, Split, conflicts, content_hash, normalize_text,
-    outranked_by_people, validate_expected,
+    Conflict, Correction, CorrectionDraft, Source, Split, check_text, conflicts, content_hash,
+    normalize_text, outranked_by_people, validate_expected,
 };
 pub use domain::{DomainName, DomainSpec, Policy, Task};
 pub use job::{JobId, JobStatus, StageTask, Trigger, VersionId, VersionStatus};

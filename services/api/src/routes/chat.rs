@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::predict::max_tokens;
-use super::shared::{ApiResult, domain_row, parse_body, short_text};
+use super::shared::{ApiResult, domain_row, parse_body};
 use crate::{ApiError, AppState, ErrorCode, Principal};
 
 #[derive(Deserialize)]
@@ -132,17 +132,11 @@ pub async fn completions(
         .content
         .text()
         .ok_or_else(|| invalid("messages: the last user message has no text"))?;
-    let chars = input.chars().count();
-    if chars > state.limits.max_text_chars {
-        return Err(ApiError::new(
-            ErrorCode::TextTooLong,
-            format!(
-                "messages: the user message has {chars} characters; at most {}",
-                state.limits.max_text_chars
-            ),
-        ));
-    }
-    short_text("messages: the user message", &input, usize::MAX)?;
+    flywheel_domain::check_text(
+        "messages: the user message",
+        &input,
+        state.limits.max_text_chars,
+    )?;
     let limit = max_tokens(req.max_completion_tokens.or(req.max_tokens))?;
     let answer = state
         .serving

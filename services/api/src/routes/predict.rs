@@ -111,17 +111,7 @@ pub async fn predict(
         } else {
             format!("inputs[{i}]")
         };
-        let chars = text.chars().count();
-        if chars > state.limits.max_text_chars {
-            return Err(ApiError::new(
-                ErrorCode::TextTooLong,
-                format!(
-                    "{field}: {chars} characters; at most {}",
-                    state.limits.max_text_chars
-                ),
-            ));
-        }
-        short_text(&field, text, usize::MAX)?;
+        flywheel_domain::check_text(&field, text, state.limits.max_text_chars)?;
     }
     let answers = state
         .serving
