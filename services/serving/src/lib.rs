@@ -23,7 +23,7 @@ use chrono::Utc;
 use flywheel_db::{Db, DomainRow, NewPrediction, NewShadowScore, PredictionRow};
 use flywheel_domain::{
     AnsweredBy, Correction, CorrectionDraft, Invalid, PiiAction, PiiCounts, PredictionId, Source,
-    VersionId,
+    Task, VersionId,
 };
 use flywheel_registry::Registry;
 use flywheel_telemetry::Metrics;
@@ -271,6 +271,12 @@ impl Serving {
                 days,
             });
         }
+        // A generated answer may repeat personal data it was taught or asked about; a label is
+        // one of the domain's own and is logged as it is.
+        let scrub = |text: &str| match spec.task {
+            Task::Generation => flywheel_domain::pii::redact(text, pii, &mut PiiCounts::default()),
+            Task::Classification => text.to_owned(),
+        };
         let mut out = Vec::with_capacity(inputs.len());
         let rows = answers.into_iter().zip(taught).zip(redacted).zip(keep);
         for (((answer, teacher), text), keep) in rows {
@@ -316,11 +322,8 @@ impl Serving {
                     alias: alias.to_owned(),
                     version: version.as_ref().map(|v| v.0.clone()),
                     input: text,
-                    // A generated answer may repeat personal data the model saw in training.
-                    output: flywheel_domain::pii::redact(&output, pii, &mut PiiCounts::default()),
-                    model_output: answer.as_ref().map(|a| {
-                        flywheel_domain::pii::redact(&a.label, pii, &mut PiiCounts::default())
-                    }),
+                    output: scrub(&output),
+                    model_output: answer.as_ref().map(|a| scrub(&a.label)),
                     confidence: answer.as_ref().map(|a| a.confidence),
                     escalated,
                     answered_by,
