@@ -139,7 +139,8 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
     running.shutdown().await
 }
 
-async fn expect(resp: reqwest::Response, status: u16) -> anyhow::Result<Value> {
+/// The JSON answer of `resp`, or an error saying what the server answered instead of `status`.
+pub(crate) async fn expect(resp: reqwest::Response, status: u16) -> anyhow::Result<Value> {
     let got = resp.status().as_u16();
     let body: Value = resp.json().await.unwrap_or(Value::Null);
     if got != status {
@@ -217,13 +218,18 @@ pub async fn run_job(client: &reqwest::Client, base: &str, domain: &str) -> anyh
             .await?
             .json()
             .await?;
-        if matches!(
-            job["status"].as_str(),
-            Some("succeeded" | "failed" | "cancelled")
-        ) {
+        if has_ended(&job) {
             return Ok(job);
         }
     }
+}
+
+/// Whether a job has finished, one way or another.
+pub(crate) fn has_ended(job: &Value) -> bool {
+    matches!(
+        job["status"].as_str(),
+        Some("succeeded" | "failed" | "cancelled")
+    )
 }
 
 async fn wait_for_job(client: &reqwest::Client, base: &str) -> anyhow::Result<Value> {
@@ -273,10 +279,7 @@ async fn wait_for_job(client: &reqwest::Client, base: &str) -> anyhow::Result<Va
                 .await?
                 .json()
                 .await?;
-            if matches!(
-                job["status"].as_str(),
-                Some("succeeded" | "failed" | "cancelled")
-            ) {
+            if has_ended(&job) {
                 bar.finish_and_clear();
                 return Ok(job);
             }

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use serde_json::{Value, json};
 
+use crate::demo::expect;
+
 const DOMAIN: &str = "banking";
 const ROUNDS: usize = 4;
 
@@ -35,14 +37,15 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
         "training": {"n_epochs": 16},
         "serving": {"teacher": {"url": teacher, "model": "demo-teacher"}},
     });
-    let resp = client
-        .post(format!("{base}/v1/domains"))
-        .json(&domain)
-        .send()
-        .await?;
-    if resp.status().as_u16() != 201 {
-        bail!("registering the domain: {}", resp.text().await?);
-    }
+    expect(
+        client
+            .post(format!("{base}/v1/domains"))
+            .json(&domain)
+            .send()
+            .await?,
+        201,
+    )
+    .await?;
     println!(
         "flywheel on {base}; domain `{DOMAIN}` ({} intents) escalates to a teacher at {teacher}",
         labels.len()
@@ -63,15 +66,15 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
         let (mut escalated, mut by_model, mut right) = (0, 0, 0);
         let mut version = String::from("—");
         for row in &window {
-            let resp = client
-                .post(format!("{base}/v1/domains/{DOMAIN}/predict"))
-                .json(&json!({"input": row["input"]}))
-                .send()
-                .await?;
-            if !resp.status().is_success() {
-                bail!("predict: {}", resp.text().await?);
-            }
-            let answer: Value = resp.json().await?;
+            let answer = expect(
+                client
+                    .post(format!("{base}/v1/domains/{DOMAIN}/predict"))
+                    .json(&json!({"input": row["input"]}))
+                    .send()
+                    .await?,
+                200,
+            )
+            .await?;
             if answer["escalated"] == true {
                 escalated += 1;
             }
@@ -129,10 +132,7 @@ async fn wait_for_training(
         let jobs = jobs["data"].as_array().cloned().unwrap_or_default();
         if jobs.len() > seen {
             let job = &jobs[0];
-            if matches!(
-                job["status"].as_str(),
-                Some("succeeded" | "failed" | "cancelled")
-            ) {
+            if crate::demo::has_ended(job) {
                 println!(
                     "       the scheduler trained on the teacher's answers: {}",
                     job["decision"]["reason"]
