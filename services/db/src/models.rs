@@ -157,7 +157,7 @@ pub struct AuditEntry {
     pub data: Option<serde_json::Value>,
 }
 
-/// A prediction to log.
+/// A prediction as it is logged.
 #[derive(Debug, Clone)]
 pub struct NewPrediction {
     pub id: flywheel_domain::PredictionId,
@@ -176,22 +176,11 @@ pub struct NewPrediction {
     pub latency_ms: f64,
 }
 
-/// A logged prediction.
-#[derive(Debug, Clone, Serialize)]
+/// A logged prediction, with its domain's name.
+#[derive(Debug, Clone)]
 pub struct PredictionRow {
-    pub id: flywheel_domain::PredictionId,
     pub domain: String,
-    pub at: DateTime<Utc>,
-    pub alias: String,
-    pub version: Option<String>,
-    pub input: String,
-    pub output: String,
-    pub model_output: Option<String>,
-    pub confidence: Option<f64>,
-    pub escalated: bool,
-    pub answered_by: flywheel_domain::AnsweredBy,
-    pub teacher_error: Option<String>,
-    pub latency_ms: f64,
+    pub prediction: NewPrediction,
 }
 
 /// Counts over a domain's logged predictions since a moment.

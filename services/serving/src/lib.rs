@@ -472,13 +472,15 @@ impl Serving {
         by: &str,
     ) -> Result<Correction, Invalid> {
         CorrectionDraft {
-            client_id: Some(format!("feedback-{}", prediction.id)),
-            input: Some(prediction.input.clone()),
-            model_output: Some(prediction.output.clone()),
+            client_id: Some(format!("feedback-{}", prediction.prediction.id)),
+            input: Some(prediction.prediction.input.clone()),
+            model_output: Some(prediction.prediction.output.clone()),
             expected: Some(expected.to_owned()),
             source: Some(Source::Human),
             teacher: None,
-            metadata: Some(serde_json::json!({"prediction_id": prediction.id, "by": by})),
+            metadata: Some(
+                serde_json::json!({"prediction_id": prediction.prediction.id, "by": by}),
+            ),
         }
         .validate(&domain.spec, self.inner.config.max_text_chars)
     }

@@ -179,7 +179,7 @@ pub async fn feedback(
     }
     let by = who.actor(req.by.clone())?;
     let expected = match (req.correct, req.expected) {
-        (Some(true), None) => prediction.output.clone(),
+        (Some(true), None) => prediction.prediction.output.clone(),
         (None | Some(false), Some(expected)) => expected,
         (Some(false), None) => {
             return Err(ApiError::new(
@@ -207,7 +207,7 @@ pub async fn feedback(
             format!(
                 "prediction {}: other feedback was already given on it (`{}`); a steward can \
                  relabel the correction it became",
-                prediction.id, conflict.client_id
+                prediction.prediction.id, conflict.client_id
             ),
         ));
     }
@@ -222,7 +222,7 @@ pub async fn feedback(
     Ok((
         StatusCode::ACCEPTED,
         Json(FeedbackResponse {
-            prediction_id: prediction.id,
+            prediction_id: prediction.prediction.id,
             domain: prediction.domain,
             expected: correction.expected,
             stored: outcome.accepted > 0,

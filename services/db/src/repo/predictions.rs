@@ -158,18 +158,21 @@ impl Db {
 
 fn prediction_from_row(r: &impl Cells) -> Result<PredictionRow> {
     Ok(PredictionRow {
-        id: r.parsed("id", PredictionId::parse)?,
         domain: r.text("domain")?,
-        at: r.time("at")?,
-        alias: r.text("alias")?,
-        version: r.opt_text("version")?,
-        input: r.text("input")?,
-        output: r.text("output")?,
-        model_output: r.opt_text("model_output")?,
-        confidence: r.opt_float("confidence")?,
-        escalated: r.flag("escalated")?,
-        answered_by: r.parsed("answered_by", AnsweredBy::parse)?,
-        teacher_error: r.opt_text("teacher_error")?,
-        latency_ms: r.opt_float("latency_ms")?.unwrap_or_default(),
+        prediction: NewPrediction {
+            id: r.parsed("id", PredictionId::parse)?,
+            domain_id: r.int("domain_id")?,
+            at: r.time("at")?,
+            alias: r.text("alias")?,
+            version: r.opt_text("version")?,
+            input: r.text("input")?,
+            output: r.text("output")?,
+            model_output: r.opt_text("model_output")?,
+            confidence: r.opt_float("confidence")?,
+            escalated: r.flag("escalated")?,
+            answered_by: r.parsed("answered_by", AnsweredBy::parse)?,
+            teacher_error: r.opt_text("teacher_error")?,
+            latency_ms: r.opt_float("latency_ms")?.unwrap_or_default(),
+        },
     })
 }
