@@ -12,6 +12,10 @@ use serde_json::{Value, json};
 #[path = "e2e/serving.rs"]
 mod serving;
 
+// The steward console, in a real browser.
+#[path = "e2e/console.rs"]
+mod console;
+
 struct TestApp {
     base: String,
     client: reqwest::Client,
@@ -302,7 +306,10 @@ async fn corrections_train_a_promoted_adapter_and_a_bad_round_leaves_production_
         .await;
     assert_eq!(status, 200);
     assert!(
-        report.as_str().unwrap().contains("banking v1: promoted"),
+        report
+            .as_str()
+            .unwrap()
+            .contains("**Gate decision at evaluation:** promoted."),
         "{report}"
     );
 

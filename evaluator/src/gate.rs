@@ -57,6 +57,17 @@ pub struct Decision {
     pub remedy: Option<String>,
 }
 
+impl Decision {
+    /// The gate's verdict in words, and the badge class a page shows it with.
+    pub fn verdict(&self) -> (&'static str, &'static str) {
+        match (self.promote, self.awaiting_approval) {
+            (true, false) => ("promoted", "ok"),
+            (true, true) => ("awaiting approval", "wait"),
+            (false, _) => ("held back", "no"),
+        }
+    }
+}
+
 /// Applies the rules in order; the first that fails decides. `p_value` is the paired test's.
 pub fn decide(policy: &Policy, e: &Evidence<'_>) -> Decision {
     let (champion, candidate, p_value) = (e.champion, e.candidate, e.p_value);

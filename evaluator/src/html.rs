@@ -201,6 +201,25 @@ fn confusion_chart(eval: &Evaluation) -> Option<String> {
     Some(s)
 }
 
+/// Where whoever serves a stored report puts what happened since: the version's status now and
+/// its decision trail. The file itself is the snapshot taken at evaluation.
+pub const LIVE_MARKER: &str = "<!-- flywheel:live -->";
+
+/// The charts a steward reads a decision by, as inline SVG: the training loss (when there is
+/// one), reliability, coverage against accuracy, and the confusion matrix when `confusion`.
+pub fn charts(eval: &Evaluation, loss: &[(usize, f64)], confusion: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    if !loss.is_empty() {
+        out.push(loss_chart(loss));
+    }
+    out.push(reliability_chart(eval));
+    out.push(routing_chart(eval));
+    if confusion && let Some(c) = confusion_chart(eval) {
+        out.push(c);
+    }
+    out
+}
+
 /// Renders the report. `loss` is the training loss curve as `(step, loss)`.
 pub fn render_html(
     domain: &str,
@@ -210,16 +229,12 @@ pub fn render_html(
     lineage: &serde_json::Value,
 ) -> String {
     let pct = |x: f64| format!("{:.1}%", 100.0 * x);
-    let verdict = match (eval.decision.promote, eval.decision.awaiting_approval) {
-        (true, false) => ("promoted", "ok"),
-        (true, true) => ("awaiting approval", "wait"),
-        (false, _) => ("held back", "no"),
-    };
+    let verdict = eval.decision.verdict();
     let rule = serde_json::to_value(eval.decision.rule).expect("json");
     let mut h = String::new();
     let _ = write!(
         h,
-        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{d} {v}: {verdict}</title>
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{d} {v}: evaluation report</title>
 <style>
 body{{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:980px;color:#111}}
 h1{{font-size:22px;margin:0 0 6px}} h2{{font-size:16px;margin:22px 0 8px;border-bottom:1px solid #eee}}
@@ -232,8 +247,9 @@ svg text{{font-size:11px;fill:#333}} svg .title{{font-size:12px;font-weight:600}
 .target{{stroke:#dc2626;stroke-dasharray:5 3}} .chosen{{fill:#dc2626}} .cell{{font-size:10px}}
 pre{{background:#f6f6f6;padding:10px;overflow:auto}} li{{margin:2px 0}}
 </style></head><body>
-<h1>{d} {v} <span class="badge {cls}">{verdict}</span></h1>
-<p><b>Decision:</b> {reason} (rule <code>{rule}</code>)</p>{remedy}
+<h1>{d} {v}</h1>
+{LIVE_MARKER}
+<p><b>Gate decision at evaluation:</b> <span class="badge {cls}">{verdict}</span> {reason} (rule <code>{rule}</code>)</p>{remedy}
 <p>Evaluated on {n} held-out corrections against <b>{champ}</b>.</p>
 <table><tr><th>metric</th><th>champion</th><th>candidate</th></tr>
 <tr><td>accuracy</td><td>{ca}</td><td>{na}</td></tr>"#,
@@ -320,13 +336,8 @@ pre{{background:#f6f6f6;padding:10px;overflow:auto}} li{{margin:2px 0}}
         ),
     };
     h.push_str(r#"<h2>Charts</h2><div class="charts">"#);
-    if !loss.is_empty() {
-        h.push_str(&loss_chart(loss));
-    }
-    h.push_str(&reliability_chart(eval));
-    h.push_str(&routing_chart(eval));
-    if let Some(c) = confusion_chart(eval) {
-        h.push_str(&c);
+    for chart in charts(eval, loss, true) {
+        h.push_str(&chart);
     }
     h.push_str("</div>");
     if !eval.candidate.per_label.is_empty() {

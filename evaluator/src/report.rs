@@ -9,17 +9,13 @@ pub fn render_markdown(
 ) -> String {
     let mut s = String::new();
     let pct = |x: f64| format!("{:.1}%", 100.0 * x);
-    s.push_str(&format!(
-        "# {domain} {version}: {}\n\n",
-        if eval.decision.promote {
-            "promoted"
-        } else {
-            "held back"
-        }
-    ));
+    // The file is a snapshot taken at evaluation: the status it states is the gate's, and a
+    // steward's later decisions are added by whoever serves it (`GET …/report`).
+    s.push_str(&format!("# {domain} {version}\n\n"));
     let rule = serde_json::to_value(eval.decision.rule).expect("json");
     s.push_str(&format!(
-        "**Decision:** {} (rule `{}`)\n\n",
+        "**Gate decision at evaluation:** {}. {} (rule `{}`)\n\n",
+        eval.decision.verdict().0,
         eval.decision.reason,
         rule.as_str().unwrap_or("?")
     ));

@@ -79,9 +79,12 @@ fn the_html_report_is_self_contained_escapes_text_and_renders_in_chromium() {
         &loss,
         &serde_json::json!({"base_model": "tiny"}),
     );
-    // The gate held it back (not significant on 3 discordant pairs) and the page says so first.
+    // The gate held it back (not significant on 3 discordant pairs) and the page says so first,
+    // as the gate's decision at evaluation: what happened later is added where it is served.
     assert!(
-        html.contains("banking v2 <span class=\"badge no\">held back</span>"),
+        html.contains(
+            "<b>Gate decision at evaluation:</b> <span class=\"badge no\">held back</span>"
+        ),
         "{}",
         &html[..600]
     );

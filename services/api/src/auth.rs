@@ -27,6 +27,7 @@ fn rule(method: &Method, route: &str) -> Option<(&'static [Role], Scope)> {
     };
     let access = crate::routes::ROUTES
         .iter()
+        .chain(crate::console::PAGES)
         .find(|r| r.path == route && r.verb.as_str() == method.as_str())
         .map_or(ADMIN_ONLY, |r| r.access);
     match access {
@@ -39,8 +40,13 @@ fn unauthenticated(message: &str) -> Response {
     ApiError::new(ErrorCode::Unauthenticated, message).into_response()
 }
 
-fn forbidden(message: String) -> Response {
-    ApiError::new(ErrorCode::Forbidden, message).into_response()
+/// A refusal: a console page for a page route, `{code, message}` for the API.
+fn refuse(page: bool, code: ErrorCode, message: String) -> Response {
+    if page {
+        crate::console::page_error(code.status(), &message)
+    } else {
+        ApiError::new(code, message).into_response()
+    }
 }
 
 /// The route layer: authenticates, applies the table, and hands the [`Principal`] on.
@@ -55,7 +61,25 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
     let Some((roles, scope)) = rule(req.method(), &route) else {
         return next.run(req).await;
     };
+    // A console page acts as its session, an API route as its bearer token; neither is
+    // accepted in the other's place, so a cookie never authorizes an API call (no forgery of
+    // JSON requests from another site) and a page always goes through sign-in.
+    let page = crate::console::is_page(&route);
     let principal = match state.auth {
+        _ if page => match crate::console::principal_of(&state, req.headers()).await {
+            Ok(Some((principal, session))) => {
+                req.extensions_mut().insert(session);
+                principal
+            }
+            Ok(None) => {
+                let here = req
+                    .uri()
+                    .path_and_query()
+                    .map_or(route.as_str(), |p| p.as_str());
+                return crate::console::to_sign_in(here);
+            }
+            Err(e) => return refuse(true, e.code, e.message),
+        },
         AuthMode::Off => Principal::anonymous(),
         AuthMode::Required => {
             let header = req
@@ -84,11 +108,19 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
         }
     };
     if !roles.contains(&principal.role) {
-        return forbidden(format!(
-            "a {} token may not call {} {route}",
-            principal.role.as_str(),
-            req.method()
-        ));
+        let message = if page {
+            format!(
+                "A {} token may not open this page.",
+                principal.role.as_str()
+            )
+        } else {
+            format!(
+                "a {} token may not call {} {route}",
+                principal.role.as_str(),
+                req.method()
+            )
+        };
+        return refuse(page, ErrorCode::Forbidden, message);
     }
     let domain = match scope {
         Scope::None => None,
@@ -96,11 +128,11 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
             let params = match req.extract_parts::<RawPathParams>().await {
                 Ok(p) => p,
                 Err(e) => {
-                    return ApiError::new(
+                    return refuse(
+                        page,
                         ErrorCode::MalformedRequest,
                         format!("path: {}", e.body_text()),
-                    )
-                    .into_response();
+                    );
                 }
             };
             let param = |key: &str| {
@@ -133,7 +165,11 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
     if let Some(domain) = domain
         && !principal.sees(&domain)
     {
-        return forbidden(format!("this token is not scoped to domain `{domain}`"));
+        return refuse(
+            page,
+            ErrorCode::Forbidden,
+            format!("this token is not scoped to domain `{domain}`"),
+        );
     }
     req.extensions_mut().insert(principal);
     next.run(req).await

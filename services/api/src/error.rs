@@ -208,11 +208,14 @@ impl From<flywheel_promotion::PromotionError> for ApiError {
 /// its text kept as the message. Our own errors pass through untouched.
 pub async fn contract(response: Response) -> Response {
     let status = response.status();
-    let is_json = response
+    // JSON is the API's own refusal, HTML the console's error page.
+    let ours = response
         .headers()
         .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if status.as_u16() < 400 || is_json {
+        .is_some_and(|v| {
+            v.as_bytes().starts_with(b"application/json") || v.as_bytes().starts_with(b"text/html")
+        });
+    if status.as_u16() < 400 || ours {
         return response;
     }
     let code = match status {

@@ -1,4 +1,5 @@
-//! flywheel's HTTP API: routes, request and response bodies, and the one error table.
+//! flywheel's HTTP API: routes, request and response bodies, the one error table, and the
+//! steward console's pages (`console/`), which share the API's permission table.
 //!
 //! Only this crate knows HTTP and JSON wire shapes. It validates at the edge (into the domain
 //! crate's newtypes), stores through the db crate, reads the registry and leaves every alias
@@ -7,6 +8,7 @@
 //! scheduler and returns.
 
 mod auth;
+mod console;
 mod error;
 mod openapi;
 mod principal;
@@ -93,10 +95,12 @@ pub enum Surface {
 pub fn router(state: AppState, surface: Surface) -> Router {
     let body_limit = state.limits.max_body_bytes;
     let routes = match surface {
-        Surface::Full => routes::router(surface).route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            auth::authorize,
-        )),
+        Surface::Full => routes::router(surface)
+            .merge(console::router())
+            .route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                auth::authorize,
+            )),
         Surface::Ops => routes::router(surface),
     };
     routes

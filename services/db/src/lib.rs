@@ -12,8 +12,8 @@ mod sql;
 
 pub use models::{
     AuditEntry, CorrectionRow, DomainRow, IdConflict, InsertOutcome, JobEvent, JobRow,
-    NewPrediction, NewShadowScore, PolicyVersion, PredictionRow, ServingWindow, ShadowAgreement,
-    StoredCorrection, TokenRow, VersionRow,
+    NewPrediction, NewShadowScore, PolicyVersion, PredictionRow, ServingWindow, SessionRow,
+    ShadowAgreement, StoredCorrection, TokenRow, VersionRow,
 };
 pub use repo::{CorrectionFilter, Edit};
 pub use repo::{DatabaseUrl, Db, SQLITE_WRITER_CACHE_KIB};

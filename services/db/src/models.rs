@@ -146,6 +146,20 @@ pub struct TokenRow {
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
+/// A steward console session; the cookie's secret is stored only as its hash.
+#[derive(Debug, Clone)]
+pub struct SessionRow {
+    /// The API token the session acts as; `None` when the server runs without auth.
+    pub token_hash: Option<String>,
+    /// Who signed in.
+    pub name: String,
+    /// The anti-forgery token every form of the session carries.
+    pub csrf: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditEntry {
     pub id: i64,

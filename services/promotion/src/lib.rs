@@ -1,6 +1,7 @@
 //! Promotion: every move of a domain's `production` alias and the version status that goes with
-//! it — the publish stage carrying out the gate's verdict, a steward's approval or rejection, a
-//! rollback — and the hand moves of every other alias, each with its audit row.
+//! it — the publish stage carrying out the gate's verdict, a steward's approval, rejection or
+//! override of a held-back version, a rollback — and the hand moves of every other alias, each
+//! with its audit row.
 //!
 //! It keeps one invariant: production points only at versions whose status is `promoted`.
 //! Approval claims the version (`pending_approval` → `promoted`) before the alias moves and
@@ -305,6 +306,54 @@ impl<'a> Promotion<'a> {
             .audit(domain.id, by, "reject", Some(version), reason, None)
             .await?;
         Ok(())
+    }
+
+    /// A steward promotes a version the gate held back, over the gate, with a reason: claimed
+    /// from `held_back` (of two overrides, one wins), production moves to it from wherever it
+    /// points now, and the move is audited as `override`. If production did not move, the
+    /// version is held back again.
+    pub async fn override_hold(
+        &self,
+        domain: &DomainRow,
+        version: &VersionId,
+        by: &str,
+        reason: &str,
+    ) -> Result<AliasMove> {
+        let claimed = self
+            .db
+            .transition_version(
+                domain.id,
+                version,
+                VersionStatus::HeldBack,
+                VersionStatus::Promoted,
+            )
+            .await?;
+        if !claimed {
+            return Err(PromotionError::NotHeldBack {
+                domain: domain.spec.name.to_string(),
+                version: version.clone(),
+            });
+        }
+        let moved = match self
+            .first_move(&domain.spec.name, version, by, reason)
+            .await
+        {
+            Ok(moved) => moved,
+            Err(e) => {
+                self.db
+                    .transition_version(
+                        domain.id,
+                        version,
+                        VersionStatus::Promoted,
+                        VersionStatus::HeldBack,
+                    )
+                    .await?;
+                return Err(e.into());
+            }
+        };
+        self.audit_move(domain, "override", &moved, by, reason)
+            .await?;
+        Ok(moved)
     }
 
     /// Points production back at `target`, a version that was live before.

@@ -4,13 +4,14 @@ mod aliases;
 mod chat;
 mod corrections;
 mod domains;
+pub(crate) mod inbox;
 mod jobs;
 mod ops;
 mod predict;
 mod review;
-mod shared;
+pub(crate) mod shared;
 mod tokens;
-mod versions;
+pub(crate) mod versions;
 
 use axum::Json;
 
@@ -57,7 +58,7 @@ pub static ROUTES: &[Route] = routes![
     Get "/v1/domains/{domain}/versions" => versions::list, ANY_ROLE_OF_DOMAIN, 200,
         "Every evaluated version with its metrics and gate decision.", "";
     Get "/v1/domains/{domain}/versions/{version}/report" => versions::report, ANY_ROLE_OF_DOMAIN, 200,
-        "The promotion report (?format=md|html; JSON by default).", "";
+        "The evaluation report as published, with the version's status now and its decision trail added (?format=md|html; JSON by default, the trail under `live`).", "";
     Post "/v1/domains/{domain}/versions/{version}/approve" => versions::approve, STEWARD_OF_DOMAIN, 200,
         "Approve a version awaiting approval; production moves to it.", "{reason, by? (without auth)}";
     Get "/v1/domains/{domain}/versions/{version}/label-issues" => versions::label_issues, STEWARD_OF_DOMAIN, 200,
@@ -66,6 +67,8 @@ pub static ROUTES: &[Route] = routes![
         "Apply the gate again to a held-back version's stored evaluation under the current policy, without retraining; production moves if it now passes (409 champion_changed once production has moved on).", "{reason, by? (without auth)}";
     Post "/v1/domains/{domain}/versions/{version}/reject" => versions::reject, STEWARD_OF_DOMAIN, 200,
         "Reject a version awaiting approval.", "{reason, by? (without auth)}";
+    Post "/v1/domains/{domain}/versions/{version}/override" => versions::override_hold, STEWARD_OF_DOMAIN, 200,
+        "Promote a held-back version over the gate's decision, with a reason: production moves to it, audited as `override`.", "{reason, by? (without auth)}";
     Post "/v1/domains/{domain}/rollback" => versions::rollback, STEWARD_OF_DOMAIN, 200,
         "Point production back at a version that was live.", "{to, reason, by? (without auth)}";
     Get "/v1/domains/{domain}/audit" => versions::audit_log, STEWARD_OF_DOMAIN, 200,
@@ -84,6 +87,8 @@ pub static ROUTES: &[Route] = routes![
         "OpenAI-compatible chat completions: `model` is a domain (`<domain>@<alias>` for an alias), the last user message is the input, the answer is the model's or, below its escalation threshold, the teacher's; `stream: true` answers as server-sent chunks. The token's scope is checked against `model`.", "{model, messages: [{role, content}], max_tokens?, stream?}";
     Post "/v1/predictions/{id}/feedback" => predict::feedback, JUDGE_OF_PREDICTION, 202,
         "Confirm or correct a logged prediction: it becomes a `source: human` correction linked to it.", "{correct: true} or {expected}, by? (without auth)";
+    Get "/v1/reviews" => inbox::reviews, ANY_ROLE, 200,
+        "What waits for a steward across the caller's domains, newest first: versions awaiting approval and held-back candidates newer than production (?state=pending|held_back|all; all by default), with the accuracy change and the deciding rule.", "";
     Get "/v1/jobs" => jobs::all, DEPARTMENTS, 200,
         "Jobs across the caller's domains (?status=&limit=).", "";
     Get "/v1/jobs/{id}" => jobs::get, DEPARTMENT_OF_JOB, 200,

@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use flywheel_db::{AuditEntry, VersionRow};
+use flywheel_db::{AuditEntry, DomainRow, VersionRow};
 use flywheel_domain::{VersionId, VersionStatus};
 use flywheel_promotion::{Promotion, Verdict};
 use serde::{Deserialize, Serialize};
@@ -43,9 +43,9 @@ pub struct ReportQuery {
 }
 
 /// `?format=`: the report as JSON (the default), Markdown or HTML.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, Clone, Copy)]
 #[serde(rename_all = "lowercase")]
-enum ReportFormat {
+pub(crate) enum ReportFormat {
     #[default]
     Json,
     #[serde(alias = "markdown")]
@@ -58,24 +58,173 @@ pub async fn report(
     Path((name, version)): Path<(String, String)>,
     Query(q): Query<ReportQuery>,
 ) -> ApiResult<Response> {
-    let domain = domain_row(&state, &name).await?;
-    let not_found = || {
-        ApiError::new(
-            ErrorCode::VersionNotFound,
-            format!("version {name}/{version} does not exist"),
-        )
-    };
-    let version = VersionId::parse(&version).ok_or_else(not_found)?;
-    let (file, content_type) = match q.format {
+    report_response(&state, &name, &version, q.format).await
+}
+
+/// A version's published report in `format`, with its status now and decision trail added.
+pub(crate) async fn report_response(
+    state: &AppState,
+    name: &str,
+    version: &str,
+    format: ReportFormat,
+) -> ApiResult<Response> {
+    let domain = domain_row(state, name).await?;
+    let row = version_row(state, &domain, version).await?;
+    let live = live(state, &domain, &row).await?;
+    let (file, content_type) = match format {
         ReportFormat::Md => ("report.md", "text/markdown; charset=utf-8"),
         ReportFormat::Html => ("report.html", "text/html; charset=utf-8"),
         ReportFormat::Json => ("report.json", "application/json"),
     };
     let bytes = state
         .registry
-        .read_file(&domain.spec.name, &version, file)
+        .read_file(&domain.spec.name, &row.version, file)
         .await?;
-    Ok(([(header::CONTENT_TYPE, content_type)], bytes).into_response())
+    let corrupt = || {
+        ApiError::new(
+            ErrorCode::VersionCorrupt,
+            format!("version {name}/{}: {file} is not readable", row.version),
+        )
+    };
+    let body = match format {
+        ReportFormat::Json => {
+            let mut report: serde_json::Value =
+                serde_json::from_slice(&bytes).map_err(|_| corrupt())?;
+            report["live"] = serde_json::to_value(&live).expect("json");
+            serde_json::to_vec_pretty(&report).expect("json")
+        }
+        ReportFormat::Md => {
+            let text = String::from_utf8(bytes.to_vec()).map_err(|_| corrupt())?;
+            live.into_markdown(&text).into_bytes()
+        }
+        ReportFormat::Html => {
+            let text = String::from_utf8(bytes.to_vec()).map_err(|_| corrupt())?;
+            live.into_html(&text).into_bytes()
+        }
+    };
+    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
+}
+
+/// What became of a version after its evaluation: its status now, whether production points
+/// at it, and every decision about it, oldest first (the gate's, then each approval,
+/// rejection, override, rollback and alias move that named it).
+#[derive(Serialize)]
+pub struct Live {
+    pub status: VersionStatus,
+    pub production: bool,
+    pub decisions: Vec<AuditEntry>,
+}
+
+pub(crate) async fn live(
+    state: &AppState,
+    domain: &DomainRow,
+    row: &VersionRow,
+) -> ApiResult<Live> {
+    let production = Promotion::new(&state.db, &state.registry)
+        .production(&domain.spec.name)
+        .await?;
+    let named = |e: &AuditEntry| {
+        e.version.as_deref() == Some(row.version.as_str())
+            || e.data
+                .as_ref()
+                .is_some_and(|d| d["from"].as_str() == Some(row.version.as_str()))
+    };
+    let decisions = state
+        .db
+        .audit_log(domain.id)
+        .await?
+        .into_iter()
+        .filter(named)
+        .collect();
+    Ok(Live {
+        status: row.status,
+        production: production.as_ref() == Some(&row.version),
+        decisions,
+    })
+}
+
+/// A version's status as a steward says it.
+pub(crate) fn status_words(status: VersionStatus) -> &'static str {
+    match status {
+        VersionStatus::Promoted => "promoted",
+        VersionStatus::PendingApproval => "awaiting approval",
+        VersionStatus::HeldBack => "held back",
+        VersionStatus::Rejected => "rejected",
+    }
+}
+
+impl Live {
+    fn headline(&self) -> String {
+        let now = status_words(self.status);
+        match (self.status, self.production) {
+            (_, true) => format!("{now}, serving as production"),
+            (VersionStatus::Promoted, false) => format!("{now}, no longer production"),
+            _ => now.to_owned(),
+        }
+    }
+
+    /// The stored Markdown with the status now and the decision trail under its title.
+    fn into_markdown(self, stored: &str) -> String {
+        let mut live = format!(
+            "**Status now:** {}.\n\n## Decision trail\n\n",
+            self.headline()
+        );
+        live.push_str("| when (UTC) | who | what | reason |\n|---|---|---|---|\n");
+        for d in &self.decisions {
+            live.push_str(&format!(
+                "| {} | {} | {} | {} |\n",
+                d.at.format("%Y-%m-%d %H:%M:%S"),
+                cell(&d.actor),
+                d.action,
+                cell(&d.reason)
+            ));
+        }
+        live.push('\n');
+        match stored.split_once("\n\n") {
+            Some((title, rest)) => format!("{title}\n\n{live}{rest}"),
+            None => format!("{stored}\n\n{live}"),
+        }
+    }
+
+    /// The stored HTML with the status now and the decision trail where the report marks
+    /// their place (under the title), or at the top of the body of an older report.
+    fn into_html(self, stored: &str) -> String {
+        let esc = |s: &str| {
+            s.replace('&', "&amp;")
+                .replace('<', "&lt;")
+                .replace('>', "&gt;")
+                .replace('"', "&quot;")
+        };
+        let mut live = format!(
+            "<p><b>Status now:</b> <span class=\"badge {}\">{}</span></p>\n<h2>Decision trail</h2><table><tr><th>when (UTC)</th><th>who</th><th>what</th><th>reason</th></tr>",
+            match self.status {
+                VersionStatus::Promoted => "ok",
+                VersionStatus::PendingApproval => "wait",
+                _ => "no",
+            },
+            esc(&self.headline())
+        );
+        for d in &self.decisions {
+            live.push_str(&format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                d.at.format("%Y-%m-%d %H:%M:%S"),
+                esc(&d.actor),
+                esc(&d.action),
+                esc(&d.reason)
+            ));
+        }
+        live.push_str("</table>");
+        if stored.contains(flywheel_evaluator::LIVE_MARKER) {
+            stored.replacen(flywheel_evaluator::LIVE_MARKER, &live, 1)
+        } else {
+            stored.replacen("<body>", &format!("<body>{live}"), 1)
+        }
+    }
+}
+
+/// Text for a Markdown table cell: one line, no column breaks.
+fn cell(s: &str) -> String {
+    s.replace('\n', " ").replace('|', "\\|")
 }
 
 /// A steward's decision: who and why.
@@ -96,40 +245,75 @@ pub struct Decided {
 }
 
 pub async fn approve(req: Acting<(String, String)>) -> ApiResult<Json<Decided>> {
-    decide(req, VersionStatus::Promoted).await
+    decide_request(req, Step::Approve).await
 }
 
 pub async fn reject(req: Acting<(String, String)>) -> ApiResult<Json<Decided>> {
-    decide(req, VersionStatus::Rejected).await
+    decide_request(req, Step::Reject).await
 }
 
-/// A steward's decision on a version awaiting approval: `to` is `promoted` or `rejected`.
-async fn decide(
+pub async fn override_hold(req: Acting<(String, String)>) -> ApiResult<Json<Decided>> {
+    decide_request(req, Step::Override).await
+}
+
+/// A steward's decision on one version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// A version awaiting approval goes live.
+    Approve,
+    /// A version awaiting approval never will.
+    Reject,
+    /// A held-back version goes live over the gate.
+    Override,
+}
+
+async fn decide_request(
     (State(state), Extension(who), Path((name, version)), raw): Acting<(String, String)>,
-    to: VersionStatus,
+    step: Step,
 ) -> ApiResult<Json<Decided>> {
     let review: Review = parse_body(raw)?;
     let by = who.actor(review.by)?;
-    check_reason(&review.reason)?;
     let domain = domain_row(&state, &name).await?;
-    let version = version_row(&state, &domain, &version).await?.version;
+    Ok(Json(
+        decide(&state, &domain, &version, step, &by, &review.reason).await?,
+    ))
+}
+
+/// Carries out a steward's decision, for the API and the console alike: the reason is
+/// checked, the version found, and promotion does the rest.
+pub(crate) async fn decide(
+    state: &AppState,
+    domain: &DomainRow,
+    version: &str,
+    step: Step,
+    by: &str,
+    reason: &str,
+) -> ApiResult<Decided> {
+    check_reason(reason)?;
+    let version = version_row(state, domain, version).await?.version;
     let promotion = Promotion::new(&state.db, &state.registry);
-    let production = if to == VersionStatus::Promoted {
-        let moved = promotion
-            .approve(&domain, &version, &by, &review.reason)
-            .await?;
-        Some(moved.to)
-    } else {
-        promotion
-            .reject(&domain, &version, &by, &review.reason)
-            .await?;
-        None
+    let (status, production) = match step {
+        Step::Approve => {
+            let moved = promotion.approve(domain, &version, by, reason).await?;
+            (VersionStatus::Promoted, Some(moved.to))
+        }
+        Step::Override => {
+            let moved = promotion
+                .override_hold(domain, &version, by, reason)
+                .await?;
+            (VersionStatus::Promoted, Some(moved.to))
+        }
+        Step::Reject => {
+            promotion.reject(domain, &version, by, reason).await?;
+            (VersionStatus::Rejected, None)
+        }
     };
-    Ok(Json(Decided {
+    Ok(Decided {
         version,
-        status: to,
+        status,
         production,
-    }))
+    })
 }
 
 /// Rows whose stored label the version's candidate confidently disagreed with, most confident
@@ -253,7 +437,7 @@ struct RollbackRequest {
 
 #[derive(Serialize)]
 pub struct RolledBack {
-    production: String,
+    pub production: String,
     from: Option<String>,
 }
 
@@ -263,16 +447,29 @@ pub async fn rollback(
 ) -> ApiResult<Json<RolledBack>> {
     let req: RollbackRequest = parse_body(raw)?;
     let by = who.actor(req.by)?;
-    check_reason(&req.reason)?;
     let domain = domain_row(&state, &name).await?;
-    let target = version_row(&state, &domain, &req.to).await?;
+    Ok(Json(
+        roll_back(&state, &domain, &req.to, &by, &req.reason).await?,
+    ))
+}
+
+/// Points production back at `to`, for the API and the console alike.
+pub(crate) async fn roll_back(
+    state: &AppState,
+    domain: &DomainRow,
+    to: &str,
+    by: &str,
+    reason: &str,
+) -> ApiResult<RolledBack> {
+    check_reason(reason)?;
+    let target = version_row(state, domain, to).await?;
     let moved = Promotion::new(&state.db, &state.registry)
-        .rollback(&domain, &target, &by, &req.reason)
+        .rollback(domain, &target, by, reason)
         .await?;
-    Ok(Json(RolledBack {
+    Ok(RolledBack {
         production: moved.to,
         from: moved.from,
-    }))
+    })
 }
 
 pub async fn audit_log(

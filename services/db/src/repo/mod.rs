@@ -8,6 +8,7 @@ mod events;
 mod jobs;
 mod predictions;
 mod review;
+mod sessions;
 mod tokens;
 mod versions;
 mod writer;

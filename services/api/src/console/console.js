@@ -1,0 +1,15 @@
+// Progressive: refreshes the domain page's job rows in place while a job runs. Every page
+// works without it.
+(function () {
+  const body = document.getElementById("jobs");
+  if (!body) return;
+  const url = body.dataset.refresh;
+  async function refresh() {
+    if (!body.querySelector("tr.running")) return;
+    try {
+      const r = await fetch(url, { credentials: "same-origin" });
+      if (r.ok) body.innerHTML = await r.text();
+    } catch (_) { /* the next tick tries again */ }
+  }
+  setInterval(refresh, 3000);
+})();
