@@ -16,6 +16,10 @@ mod serving;
 #[path = "e2e/console.rs"]
 mod console;
 
+// Webhooks, to a receiver the test plays.
+#[path = "e2e/webhooks.rs"]
+mod webhooks;
+
 struct TestApp {
     base: String,
     client: reqwest::Client,
@@ -309,7 +313,7 @@ async fn corrections_train_a_promoted_adapter_and_a_bad_round_leaves_production_
         report
             .as_str()
             .unwrap()
-            .contains("**Gate decision at evaluation:** promoted."),
+            .contains("**Gate decision at evaluation:** promoted: accuracy"),
         "{report}"
     );
 
@@ -1636,6 +1640,13 @@ async fn every_role_reaches_exactly_its_endpoints_on_its_own_domains() {
             None,
             &[Admin, Steward],
         ),
+        (
+            "POST",
+            "/v1/domains/banking/versions/v1/override".into(),
+            Some(review.clone()),
+            &[Admin, Steward],
+        ),
+        ("GET", "/v1/reviews".into(), None, &[Admin, Dept, Steward]),
         (
             "POST",
             "/v1/domains/banking/predict".into(),

@@ -13,9 +13,9 @@ pub fn render_markdown(
     // steward's later decisions are added by whoever serves it (`GET …/report`).
     s.push_str(&format!("# {domain} {version}\n\n"));
     let rule = serde_json::to_value(eval.decision.rule).expect("json");
+    // The reason opens with the verdict ("held back: …").
     s.push_str(&format!(
-        "**Gate decision at evaluation:** {}. {} (rule `{}`)\n\n",
-        eval.decision.verdict().0,
+        "**Gate decision at evaluation:** {} (rule `{}`)\n\n",
         eval.decision.reason,
         rule.as_str().unwrap_or("?")
     ));
@@ -249,9 +249,9 @@ mod tests {
         };
         let md = render_markdown("banking", "v2", &eval, &serde_json::json!({"seed": 1}));
         insta::assert_snapshot!(md, @r#"
-        # banking v2: held back
+        # banking v2
 
-        **Decision:** held back: +10.0 points could be chance (rule `not_significant`)
+        **Gate decision at evaluation:** held back: +10.0 points could be chance (rule `not_significant`)
 
         **What would have passed this rule:** more held-out corrections
 

@@ -37,3 +37,30 @@ CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
 BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
 CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
 BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
+
+-- Webhooks: decisions and failed jobs become events delivered at least once. Events are read
+-- from the audit log (a decision and its audit row commit together) past a cursor, and from
+-- failed jobs not yet announced; each becomes one delivery row per receiving URL, written in
+-- the transaction that moves the cursor, so a crash between decision and delivery loses
+-- nothing. Starts at the log's end: an upgrade does not replay history.
+CREATE TABLE webhook_cursor (
+    id        INTEGER PRIMARY KEY CHECK (id = 1),
+    audit_id  INTEGER NOT NULL
+);
+INSERT INTO webhook_cursor (id, audit_id) SELECT 1, COALESCE(MAX(id), 0) FROM audit_log;
+ALTER TABLE training_jobs ADD COLUMN failure_announced INTEGER NOT NULL DEFAULT 0;
+UPDATE training_jobs SET failure_announced = 1 WHERE status = 'failed';
+CREATE TABLE webhook_deliveries (
+    id              INTEGER PRIMARY KEY,
+    event_id        TEXT NOT NULL,           -- the receiver's key to drop a redelivery
+    event_type      TEXT NOT NULL,
+    url             TEXT NOT NULL,
+    body            TEXT NOT NULL,           -- the exact bytes signed and sent
+    created_at      TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at TEXT NOT NULL,
+    delivered_at    TEXT,
+    last_error      TEXT,
+    UNIQUE (event_id, url)
+);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at) WHERE delivered_at IS NULL;

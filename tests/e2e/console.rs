@@ -391,6 +391,28 @@ async fn a_steward_reviews_and_approves_in_the_browser_and_the_console_refuses_w
     );
     assert!(!decided.contains("id=\"approve-form\""), "{decided}");
     screenshot(&browser, "3-version-approved").await;
+    browser
+        .find(Locator::Css("#aliases summary"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    browser
+        .find(Locator::Id("alias-reason"))
+        .await
+        .unwrap()
+        .send_keys("score it in shadow beside production")
+        .await
+        .unwrap();
+    browser
+        .find(Locator::Id("move-alias"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    page_with(&browser, "staging: none → v1").await;
 
     browser
         .goto(&format!("{}/console/domains/banking", app.base))
@@ -479,7 +501,7 @@ async fn a_steward_reviews_and_approves_in_the_browser_and_the_console_refuses_w
         "{md}"
     );
     assert!(
-        md.contains("**Gate decision at evaluation:** awaiting approval."),
+        md.contains("**Gate decision at evaluation:** awaiting approval: accuracy"),
         "{md}"
     );
     assert!(

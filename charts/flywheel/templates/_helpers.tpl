@@ -75,6 +75,11 @@ app.kubernetes.io/component: {{ .component }}
     secretKeyRef:
       name: {{ include "flywheel.secretName" . }}
       key: FLYWHEEL_BOOTSTRAP_ADMIN_TOKEN
+- name: FLYWHEEL_WEBHOOK_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "flywheel.secretName" . }}
+      key: FLYWHEEL_WEBHOOK_SECRET
 {{- if or .Values.registry.credentials.existingSecret .Values.registry.credentials.accessKeyId }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:

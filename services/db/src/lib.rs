@@ -15,7 +15,7 @@ pub use models::{
     NewPrediction, NewShadowScore, PolicyVersion, PredictionRow, ServingWindow, SessionRow,
     ShadowAgreement, StoredCorrection, TokenRow, VersionRow,
 };
-pub use repo::{CorrectionFilter, Edit};
+pub use repo::{CorrectionFilter, Delivery, Edit, NewDelivery, OutboxCounts};
 pub use repo::{DatabaseUrl, Db, SQLITE_WRITER_CACHE_KIB};
 
 #[derive(Debug, thiserror::Error)]

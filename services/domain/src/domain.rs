@@ -135,6 +135,32 @@ pub struct Policy {
     /// epochs without improvement and keep the best epoch's weights.
     #[serde(default)]
     pub early_stopping: bool,
+    /// Where this domain's events are POSTed besides the deployment's `--webhook`s: versions
+    /// awaiting approval, promoted, held back, rejected, rollbacks and failed jobs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<String>,
+}
+
+/// The most webhook URLs a domain's policy may name.
+pub const MAX_WEBHOOKS: usize = 8;
+
+/// Whether `url` can receive webhooks: an absolute `http://` or `https://` URL of sensible
+/// length with a host and nothing a header or log line would choke on. The reason if not.
+pub fn check_webhook_url(url: &str) -> Result<(), &'static str> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or("must start with http:// or https://")?;
+    if url.len() > 2048 {
+        return Err("must be at most 2,048 characters");
+    }
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err("must name a host");
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("must not contain spaces or control characters");
+    }
+    Ok(())
 }
 
 /// How a domain uses corrections a larger model wrote (escalated queries it answered).
@@ -194,6 +220,16 @@ impl Policy {
     }
 
     pub fn validate(&self) -> Result<(), Invalid> {
+        if self.webhooks.len() > MAX_WEBHOOKS {
+            return Err(Invalid::field(
+                "policy.webhooks",
+                format!("at most {MAX_WEBHOOKS} URLs"),
+            ));
+        }
+        for (i, url) in self.webhooks.iter().enumerate() {
+            check_webhook_url(url)
+                .map_err(|why| Invalid::field(format!("policy.webhooks[{i}]"), why))?;
+        }
         if self.min_new_corrections == 0 {
             return Err(Invalid::field(
                 "policy.min_new_corrections",
@@ -287,6 +323,7 @@ impl Default for Policy {
             schedule: None,
             cooldown_seconds: 0,
             early_stopping: false,
+            webhooks: Vec::new(),
         }
     }
 }

@@ -20,7 +20,7 @@ pub use correction::{
     Conflict, Correction, CorrectionDraft, Source, Split, check_text, conflicts, content_hash,
     normalize_text, outranked_by_people, validate_expected,
 };
-pub use domain::{DomainName, DomainSpec, Policy, Task};
+pub use domain::{DomainName, DomainSpec, Policy, Task, check_webhook_url};
 pub use job::{JobId, JobStatus, StageTask, Trigger, VersionId, VersionStatus};
 pub use pii::{PiiAction, PiiCounts, PiiKind, PiiPolicy};
 pub use schedule::{TriggerState, due};

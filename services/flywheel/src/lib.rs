@@ -57,6 +57,9 @@ pub struct Config {
     pub serving_refresh: std::time::Duration,
     /// How serving multiplies; `None` is bfloat16 where the CPU has AMX tiles, else float32.
     pub serving_compute: Option<flywheel_trainer::Compute>,
+    /// Webhooks, run where the scheduler runs. An empty `public_url` becomes
+    /// `http://<listen address>`.
+    pub notify: flywheel_notify::NotifyConfig,
 }
 
 impl Config {
@@ -75,6 +78,7 @@ impl Config {
             serving_memory_mib: 4096,
             serving_refresh: std::time::Duration::from_secs(1),
             serving_compute: None,
+            notify: flywheel_notify::NotifyConfig::new(String::new()),
         }
     }
 
@@ -245,6 +249,29 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
             .as_deref()
             .map(|t| flywheel_domain::auth::hash_token(t.trim())),
     };
+    let mut tasks = Vec::new();
+    if config.worker.scheduler {
+        let mut notify = config.notify.clone();
+        for url in &notify.webhooks {
+            flywheel_domain::check_webhook_url(url)
+                .map_err(|why| anyhow::anyhow!("--webhook {url}: {why}"))?;
+        }
+        if notify.public_url.is_empty() {
+            notify.public_url = format!("http://{addr}");
+        }
+        if notify.secret.is_none() && !notify.webhooks.is_empty() {
+            tracing::warn!(
+                "webhooks go unsigned: set FLYWHEEL_WEBHOOK_SECRET so receivers can check them"
+            );
+        }
+        let notifier =
+            flywheel_notify::Notifier::new(state.db.clone(), state.metrics.clone(), notify);
+        let stop = stopped.clone();
+        tasks.push(tokio::spawn(async move {
+            notifier.run(stop).await;
+            Ok(())
+        }));
+    }
     let mut api_stop = stopped.clone();
     let surface = if config.api {
         flywheel_api::Surface::Full
@@ -268,7 +295,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         addr,
         registry,
         stop,
-        tasks: vec![api, workers],
+        tasks: [api, workers].into_iter().chain(tasks).collect(),
     })
 }
 

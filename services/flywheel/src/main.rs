@@ -97,6 +97,17 @@ enum Command {
         #[arg(long, env = "FLYWHEEL_SERVING_COMPUTE", default_value = "auto",
               value_parser = ["auto", "float32", "bfloat16"])]
         serving_compute: String,
+        /// POST every domain's events here (versions awaiting approval, promoted, held back,
+        /// rejected, rollbacks, failed jobs): repeat it, or separate URLs with commas.
+        #[arg(long = "webhook", env = "FLYWHEEL_WEBHOOKS", value_delimiter = ',')]
+        webhooks: Vec<String>,
+        /// Signs webhook bodies (HMAC-SHA256, `X-Flywheel-Signature: sha256=<hex>`).
+        #[arg(long, env = "FLYWHEEL_WEBHOOK_SECRET", hide_env_values = true)]
+        webhook_secret: Option<String>,
+        /// The console's address as people reach it (behind your ingress), for the links in
+        /// webhook events; by default the listen address.
+        #[arg(long, env = "FLYWHEEL_PUBLIC_URL")]
+        public_url: Option<String>,
     },
     /// Create or upgrade the database schema, then exit.
     Migrate,
@@ -200,7 +211,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             slots,
             serving_memory_mib,
             serving_compute,
+            webhooks,
+            webhook_secret,
+            public_url,
         } => {
+            config.notify.webhooks = webhooks;
+            config.notify.secret = webhook_secret.filter(|s| !s.trim().is_empty());
+            config.notify.public_url = public_url.unwrap_or_default();
             config.serving_memory_mib = serving_memory_mib;
             if serving_compute != "auto" {
                 let compute: flywheel_trainer::Compute = serving_compute.parse()?;

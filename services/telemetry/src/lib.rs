@@ -51,6 +51,8 @@ pub struct Metrics {
     /// Work serving let go to keep its memory bounded, by kind (`log`: records the database
     /// could not keep up with; `shadow`: requests not shadow-scored while the shadow was busy).
     pub serving_shed: IntCounterVec,
+    /// Webhook delivery attempts, by event type and outcome (`delivered`, `failed`).
+    pub webhook_deliveries: IntCounterVec,
 }
 
 impl Metrics {
@@ -180,6 +182,11 @@ impl Metrics {
             "Serving work let go to keep memory bounded, by kind",
             &["kind"],
         );
+        let webhook_deliveries = counter(
+            "flywheel_webhook_deliveries_total",
+            "Webhook delivery attempts, by event type and outcome",
+            &["event", "outcome"],
+        );
         let serving_models_resident = IntGaugeVec::new(
             Opts::new(
                 "flywheel_serving_models_resident",
@@ -203,6 +210,7 @@ impl Metrics {
             serving_models_resident,
             shadow_scores,
             serving_shed,
+            webhook_deliveries,
             job_duration_seconds,
             training_tokens_per_second,
             training_loss,

@@ -458,7 +458,11 @@ pub async fn version(
             gate => serde_json::json!({
                 "verdict": decision.verdict().0,
                 "rule": rule,
-                "reason": decision.reason,
+                // The reason opens with the verdict, shown in bold before it.
+                "detail": decision
+                    .reason
+                    .strip_prefix(decision.verdict().0)
+                    .map_or_else(|| format!(": {}", decision.reason), str::to_owned),
                 "remedy": decision.remedy,
             }),
             champion_name => eval.champion_name,
@@ -511,7 +515,7 @@ fn summary(eval: &Evaluation) -> String {
     };
     format!(
         "{answers} On {} held-out questions, {} it used to get wrong {} now right and {} now \
-         wrong (accuracy {:.1}% → {:.1}% against {}).",
+         wrong (accuracy {:.1}% → {:.1}%; compared with {}).",
         eval.holdout_size,
         plural(eval.fixed_count, "question", "questions"),
         if eval.fixed_count == 1 { "is" } else { "are" },

@@ -44,6 +44,6 @@ impl Db {
     }
 }
 
-from_row!(fn audit_from_row -> AuditEntry {
+from_row!(pub(super) fn audit_from_row -> AuditEntry {
     id: int, at: time, actor: text, action: text, version: opt_text, reason: text, data: opt_json,
 });

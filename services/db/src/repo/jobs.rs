@@ -331,7 +331,7 @@ impl Db {
     }
 }
 
-fn job_from_row(r: &impl Cells) -> Result<JobRow> {
+pub(super) fn job_from_row(r: &impl Cells) -> Result<JobRow> {
     let status = r.text("status")?;
     Ok(JobRow {
         id: JobId(r.text("id")?),

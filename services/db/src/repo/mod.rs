@@ -11,6 +11,7 @@ mod review;
 mod sessions;
 mod tokens;
 mod versions;
+mod webhooks;
 mod writer;
 
 use std::path::Path;
@@ -22,6 +23,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use crate::sql::{Pool, with_pool};
 use crate::{DbError, Result};
 pub use review::{CorrectionFilter, Edit};
+pub use webhooks::{Delivery, NewDelivery, OutboxCounts};
 pub use writer::SQLITE_WRITER_CACHE_KIB;
 use writer::{WAL_SIZE_LIMIT_BYTES, WriteRequest, checkpoint_in_background, group_writer};
 
@@ -53,8 +55,8 @@ macro_rules! fetch_optional {
 /// Declares `fn $name(row) -> Result<$ty>`: each field read from the column of its name by the
 /// [`Cells`](crate::sql::Cells) method beside it, given any further arguments in parentheses.
 macro_rules! from_row {
-    (fn $name:ident -> $ty:ident { $($field:ident: $read:ident $(($($arg:expr),*))?),* $(,)? }) => {
-        fn $name(r: &impl $crate::sql::Cells) -> $crate::Result<$ty> {
+    ($vis:vis fn $name:ident -> $ty:ident { $($field:ident: $read:ident $(($($arg:expr),*))?),* $(,)? }) => {
+        $vis fn $name(r: &impl $crate::sql::Cells) -> $crate::Result<$ty> {
             Ok($ty { $($field: r.$read(stringify!($field) $($(, $arg)*)?)?),* })
         }
     };
