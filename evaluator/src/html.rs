@@ -25,6 +25,18 @@ fn axes(
     x_max: f64,
     y_max: f64,
 ) -> (String, impl Fn(f64, f64) -> (f64, f64)) {
+    axes_from(title, x_label, y_label, x_max, (0.0, y_max))
+}
+
+/// [`axes`] with the y axis starting at `y_min`: where the values a decision rests on lie,
+/// instead of squeezed against a zero nobody is near.
+fn axes_from(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    x_max: f64,
+    (y_min, y_max): (f64, f64),
+) -> (String, impl Fn(f64, f64) -> (f64, f64)) {
     let mut s = String::new();
     let _ = write!(
         s,
@@ -34,7 +46,7 @@ fn axes(
 <text x="{cx}" y="{xl}" text-anchor="middle">{x}</text>
 <text x="12" y="{cy}" text-anchor="middle" transform="rotate(-90 12 {cy})">{y}</text>
 <text x="{PAD}" y="{tick}" text-anchor="middle">0</text><text x="{r}" y="{tick}" text-anchor="end">{xm}</text>
-<text x="{ym_x}" y="{ym_y}" text-anchor="end">{ym}</text>
+<text x="{ym_x}" y="{ym_y}" text-anchor="end">{ym}</text>{y0}
 "##,
         t = esc(title),
         cx = W / 2.0,
@@ -50,10 +62,27 @@ fn axes(
         ym_x = PAD - 4.0,
         ym_y = 28.0,
         ym = fmt_num(y_max),
+        y0 = if y_min > 0.0 {
+            format!(
+                r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
+                PAD - 4.0,
+                H - PAD,
+                fmt_num(y_min)
+            )
+        } else {
+            String::new()
+        },
     );
+    let span = y_max - y_min;
     let map = move |x: f64, y: f64| {
         let px = PAD + (W - 10.0 - PAD) * if x_max > 0.0 { x / x_max } else { 0.0 };
-        let py = (H - PAD) - (H - PAD - 24.0) * if y_max > 0.0 { y / y_max } else { 0.0 };
+        let py = (H - PAD)
+            - (H - PAD - 24.0)
+                * if span > 0.0 {
+                    ((y - y_min) / span).max(0.0)
+                } else {
+                    0.0
+                };
         (px, py)
     };
     (s, map)
@@ -115,12 +144,20 @@ fn reliability_chart(eval: &Evaluation) -> String {
 
 fn routing_chart(eval: &Evaluation) -> String {
     let r = &eval.routing;
-    let (mut s, map) = axes(
+    // From a round tenth below the lowest accuracy on the curve (or the target): the choice
+    // of threshold is made between the curve and the target line.
+    let lowest = r
+        .curve
+        .iter()
+        .map(|p| p.accuracy)
+        .fold(r.target_accuracy, f64::min);
+    let y_min = (((lowest - 0.05) * 10.0).floor() / 10.0).clamp(0.0, 0.9);
+    let (mut s, map) = axes_from(
         "Coverage vs accuracy",
         "coverage (answered by the small model)",
         "accuracy",
         1.0,
-        1.0,
+        (y_min, 1.0),
     );
     let pts: Vec<(f64, f64)> = r
         .curve
@@ -383,4 +420,22 @@ pre{{background:#f6f6f6;padding:10px;overflow:auto}} li{{margin:2px 0}}
         esc(&serde_json::to_string_pretty(lineage).expect("json"))
     );
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_axis_from_a_floor_maps_the_floor_to_the_bottom_and_labels_it() {
+        let (svg, map) = axes_from("t", "x", "y", 1.0, (0.7, 1.0));
+        assert_eq!(map(0.0, 0.7).1, H - PAD);
+        assert_eq!(map(0.0, 1.0).1, 24.0);
+        assert!(svg.contains(">0.70</text>"), "{svg}");
+        // Below the floor stays on the axis rather than leaving the plot.
+        assert_eq!(map(0.0, 0.2).1, H - PAD);
+        let (svg, map) = axes("t", "x", "y", 1.0, 1.0);
+        assert_eq!(map(0.0, 0.0).1, H - PAD);
+        assert!(!svg.contains(">0.00</text>"));
+    }
 }

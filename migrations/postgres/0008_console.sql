@@ -20,15 +20,20 @@ ALTER TABLE audit_log ADD CONSTRAINT audit_log_action_check
                       'domain_change', 'correction_relabel', 'correction_remove'));
 
 -- Webhooks: decisions and failed jobs become events delivered at least once. Events are read
--- from the audit log (a decision and its audit row commit together) past a cursor, and from
--- failed jobs not yet announced; each becomes one delivery row per receiving URL, written in
--- the transaction that moves the cursor, so a crash between decision and delivery loses
--- nothing. Starts at the log's end: an upgrade does not replay history.
+-- from the audit log (a decision and its audit row commit together) and from failed jobs not
+-- yet announced; each becomes one delivery row per receiving URL, written in the transaction
+-- that records the row as announced, so a crash between decision and delivery loses nothing.
+-- Audit ids are not committed in order on PostgreSQL, so announced rows are recorded one by
+-- one; the cursor only marks where every row is settled and announced (a floor for the
+-- search), and starts at the log's end: an upgrade does not replay history.
 CREATE TABLE webhook_cursor (
     id        INTEGER PRIMARY KEY CHECK (id = 1),
     audit_id  BIGINT NOT NULL
 );
 INSERT INTO webhook_cursor (id, audit_id) SELECT 1, COALESCE(MAX(id), 0) FROM audit_log;
+CREATE TABLE webhook_announced (
+    audit_id  BIGINT PRIMARY KEY
+);
 ALTER TABLE training_jobs ADD COLUMN failure_announced BOOLEAN NOT NULL DEFAULT FALSE;
 UPDATE training_jobs SET failure_announced = TRUE WHERE status = 'failed';
 CREATE TABLE webhook_deliveries (
@@ -38,7 +43,7 @@ CREATE TABLE webhook_deliveries (
     url             TEXT NOT NULL,
     body            TEXT NOT NULL,           -- the exact bytes signed and sent
     created_at      TIMESTAMPTZ NOT NULL,
-    attempts        INTEGER NOT NULL DEFAULT 0,
+    attempts        BIGINT NOT NULL DEFAULT 0,
     next_attempt_at TIMESTAMPTZ NOT NULL,
     delivered_at    TIMESTAMPTZ,
     last_error      TEXT,

@@ -39,15 +39,20 @@ CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
 BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
 
 -- Webhooks: decisions and failed jobs become events delivered at least once. Events are read
--- from the audit log (a decision and its audit row commit together) past a cursor, and from
--- failed jobs not yet announced; each becomes one delivery row per receiving URL, written in
--- the transaction that moves the cursor, so a crash between decision and delivery loses
--- nothing. Starts at the log's end: an upgrade does not replay history.
+-- from the audit log (a decision and its audit row commit together) and from failed jobs not
+-- yet announced; each becomes one delivery row per receiving URL, written in the transaction
+-- that records the row as announced, so a crash between decision and delivery loses nothing.
+-- Audit ids are not committed in order on PostgreSQL, so announced rows are recorded one by
+-- one; the cursor only marks where every row is settled and announced (a floor for the
+-- search), and starts at the log's end: an upgrade does not replay history.
 CREATE TABLE webhook_cursor (
     id        INTEGER PRIMARY KEY CHECK (id = 1),
     audit_id  INTEGER NOT NULL
 );
 INSERT INTO webhook_cursor (id, audit_id) SELECT 1, COALESCE(MAX(id), 0) FROM audit_log;
+CREATE TABLE webhook_announced (
+    audit_id  INTEGER PRIMARY KEY
+);
 ALTER TABLE training_jobs ADD COLUMN failure_announced INTEGER NOT NULL DEFAULT 0;
 UPDATE training_jobs SET failure_announced = 1 WHERE status = 'failed';
 CREATE TABLE webhook_deliveries (

@@ -290,6 +290,66 @@ async fn a_steward_reviews_and_approves_in_the_browser_and_the_console_refuses_w
         assert!(raw_cookie.contains(attribute), "{raw_cookie}");
     }
     let session = set_cookie(&resp, "flywheel_session");
+    // A sign-in form without its cookie is refused; a `next` that is not a console page, or
+    // carries a control character, goes to the inbox instead.
+    let resp = http
+        .post(format!("{}/console/sign-in", app.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("csrf={csrf}&token={}", tokens["steward-banking"]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    for next in [
+        "https://evil.example/",
+        "/console%0Aset-cookie:x",
+        "//evil.example",
+    ] {
+        let resp = http
+            .post(format!("{}/console/sign-in", app.base))
+            .header("cookie", &sign_in_cookie)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!(
+                "csrf={csrf}&token={}&next={next}",
+                tokens["steward-banking"]
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 303, "{next}");
+        assert_eq!(resp.headers()["location"], "/console", "{next}");
+    }
+    // A link from another site (a webhook's message) arrives without the strict cookie: the
+    // page reopens itself from here, where the browser sends it; from here, it is sign-in.
+    let resp = http
+        .get(format!("{}/console/domains/banking", app.base))
+        .header("sec-fetch-site", "cross-site")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.text()
+            .await
+            .unwrap()
+            .contains("url=/console/domains/banking")
+    );
+    let resp = http
+        .get(format!("{}/console/domains/banking", app.base))
+        .header("sec-fetch-site", "same-origin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
+    // Pages that do not exist are pages too.
+    let resp = http
+        .get(format!("{}/console/nowhere", app.base))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert!(resp.text().await.unwrap().contains("No such page"));
     let resp = http
         .get(format!("{}/v1/reviews", app.base))
         .header("cookie", &session)
@@ -429,6 +489,48 @@ async fn a_steward_reviews_and_approves_in_the_browser_and_the_console_refuses_w
     );
     screenshot(&browser, "4-domain").await;
 
+    // A second version goes live; the steward rolls production back to v1 from its page.
+    let (status, job) = admin("POST", "/v1/domains/banking/jobs", None).await;
+    assert_eq!(status, 201, "{job}");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let (_, versions) = steward("GET", "/v1/domains/banking/versions", None).await;
+        if versions["data"].as_array().unwrap().len() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no v2: {versions}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, body) = steward(
+        "POST",
+        "/v1/domains/banking/versions/v2/approve",
+        Some(json!({"reason": "second round"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    browser
+        .goto(&format!("{}/console/domains/banking/versions/v1", app.base))
+        .await
+        .unwrap();
+    page_with(&browser, "id=\"rollback-form\"").await;
+    browser
+        .find(Locator::Id("rollback-reason"))
+        .await
+        .unwrap()
+        .send_keys("v2 misroutes card questions")
+        .await
+        .unwrap();
+    browser
+        .find(Locator::Id("rollback"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let rolled = page_with(&browser, "production: v2 → v1").await;
+    assert!(rolled.contains(">production</span>"), "{rolled}");
+    screenshot(&browser, "4b-rolled-back").await;
+
     // Sign-out ends the session: the next page asks to sign in again.
     browser
         .find(Locator::Css("header form button"))
@@ -451,9 +553,16 @@ async fn a_steward_reviews_and_approves_in_the_browser_and_the_console_refuses_w
         .unwrap();
     assert_eq!(resp.status(), 200, "the HTTP session was not the browser's");
 
-    // A department of cards cannot open banking's pages: a 403 page, no data.
+    // A department of cards reads its domain without the audit log (stewards' reading) and
+    // cannot open banking's pages: a 403 page, no data.
     sign_in(&browser, &app.base, &tokens["dept-cards"]).await;
     page_with(&browser, "Your domains").await;
+    browser
+        .goto(&format!("{}/console/domains/cards", app.base))
+        .await
+        .unwrap();
+    let cards = page_with(&browser, "Accuracy of every version").await;
+    assert!(!cards.contains("id=\"audit\""), "{cards}");
     browser
         .goto(&format!("{}/console/domains/banking/versions/v1", app.base))
         .await
@@ -473,10 +582,7 @@ async fn a_steward_reviews_and_approves_in_the_browser_and_the_console_refuses_w
     // What the browser did is what the API says: production moved, the approval audited
     // with the steward's name and reason, and the report served with its status now.
     let (_, versions) = steward("GET", "/v1/domains/banking/versions", None).await;
-    assert_eq!(
-        (&versions["production"], &versions["data"][0]["status"]),
-        (&json!("v1"), &json!("promoted"))
-    );
+    assert_eq!(versions["production"], "v1", "{versions}");
     let (_, audit) = steward("GET", "/v1/domains/banking/audit", None).await;
     let approval = audit["data"]
         .as_array()
@@ -505,14 +611,26 @@ async fn a_steward_reviews_and_approves_in_the_browser_and_the_console_refuses_w
         "{md}"
     );
     assert!(
-        md.contains("| steward-banking | approve | read the flips"),
+        md.contains("| steward-banking | approve (production: none → v1) | read the flips"),
         "{md}"
     );
     let (_, json_report) = steward("GET", "/v1/domains/banking/versions/v1/report", None).await;
     assert_eq!(json_report["live"]["status"], "promoted", "{json_report}");
+    let trail: Vec<&str> = json_report["live"]["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["action"].as_str().unwrap())
+        .collect();
     assert_eq!(
-        json_report["live"]["decisions"].as_array().unwrap().len(),
-        2
+        trail,
+        [
+            "gate_decision",
+            "approve",
+            "alias_move",
+            "approve",
+            "rollback"
+        ]
     );
 
     // An admin overrides cards' held-back candidate: production moves, the trail says
@@ -556,7 +674,7 @@ async fn a_steward_reviews_and_approves_in_the_browser_and_the_console_refuses_w
     .await;
     let html = html.as_str().unwrap();
     assert!(
-        html.contains("Status now:") && html.contains(">override<"),
+        html.contains("Status now:") && html.contains(">override (production: none → v1)<"),
         "{html}"
     );
     let (_, held) = admin("GET", "/v1/reviews?state=held_back", None).await;

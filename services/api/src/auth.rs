@@ -76,7 +76,7 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
                     .uri()
                     .path_and_query()
                     .map_or(route.as_str(), |p| p.as_str());
-                return crate::console::to_sign_in(here);
+                return crate::console::to_sign_in(req.method(), req.headers(), here);
             }
             Err(e) => return refuse(true, e.code, e.message),
         },

@@ -104,6 +104,8 @@ pub fn router(state: AppState, surface: Surface) -> Router {
         Surface::Ops => routes::router(surface),
     };
     routes
+        .fallback(not_found)
+        .method_not_allowed_fallback(wrong_method)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             record_latency,
@@ -112,6 +114,24 @@ pub fn router(state: AppState, surface: Surface) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(RequestBodyTimeoutLayer::new(state.limits.body_idle_timeout))
         .with_state(state)
+}
+
+/// Nothing here: a page under the console, `404 route_not_found` elsewhere.
+async fn not_found(uri: axum::http::Uri) -> Response {
+    if uri.path().starts_with(console::PREFIX) {
+        return console::page_error(axum::http::StatusCode::NOT_FOUND, "No such page.");
+    }
+    axum::response::IntoResponse::into_response(routes::no_route())
+}
+
+async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    if uri.path().starts_with(console::PREFIX) {
+        return console::page_error(
+            axum::http::StatusCode::METHOD_NOT_ALLOWED,
+            "This page does not take that method; go back and use its links and buttons.",
+        );
+    }
+    axum::response::IntoResponse::into_response(routes::wrong_method(&method))
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, finishing in-flight requests,

@@ -257,6 +257,13 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
                 .map_err(|why| anyhow::anyhow!("--webhook {url}: {why}"))?;
         }
         if notify.public_url.is_empty() {
+            if !notify.webhooks.is_empty() {
+                tracing::warn!(
+                    %addr,
+                    "webhook events link to this process's own address: set FLYWHEEL_PUBLIC_URL \
+                     to where people reach the console"
+                );
+            }
             notify.public_url = format!("http://{addr}");
         }
         if notify.secret.is_none() && !notify.webhooks.is_empty() {

@@ -72,6 +72,7 @@ pub fn from_audit(domain: &str, e: &AuditEntry, console: &str) -> Option<Event> 
         REJECTED => format!("{domain} {version} was rejected by {who}"),
         _ => format!("{domain} production rolled back to {version} by {who}"),
     };
+    let (headline, reason) = (slack_escape(&headline), slack_escape(&e.reason));
     Some(Event {
         id: format!("audit-{}", e.id),
         kind,
@@ -82,9 +83,17 @@ pub fn from_audit(domain: &str, e: &AuditEntry, console: &str) -> Option<Event> 
         actor: e.actor.clone(),
         reason: e.reason.clone(),
         r#override: e.action == "override",
-        text: format!("{headline}: {} <{url}>", e.reason),
+        text: format!("{headline}: {reason} <{url}>"),
         url,
     })
+}
+
+/// Text as Slack reads it: `&`, `<` and `>` escaped, so a reason cannot mention `<!channel>`
+/// or forge a link.
+fn slack_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// The event a failed job announces.
@@ -102,7 +111,12 @@ pub fn from_failure(job: &JobRow, console: &str) -> Event {
         version: None,
         job: Some(job.id.to_string()),
         actor: "flywheel-worker".into(),
-        text: format!("{} job {} failed: {error} <{url}>", job.domain, job.id),
+        text: format!(
+            "{} job {} failed: {} <{url}>",
+            job.domain,
+            job.id,
+            slack_escape(&error)
+        ),
         reason: error,
         r#override: false,
         url,
@@ -153,5 +167,16 @@ mod tests {
             over.text
         );
         assert_eq!(over.id, "audit-7");
+        let mut loud = entry("reject", None);
+        loud.reason = "<!channel> see <http://evil|here> & more".into();
+        let text = from_audit("banking", &loud, "https://fw").unwrap().text;
+        assert!(
+            text.contains("&lt;!channel&gt; see &lt;http://evil|here&gt; &amp; more"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("<https://fw/console/domains/banking/versions/v3>"),
+            "{text}"
+        );
     }
 }

@@ -2,8 +2,8 @@
 //! promoted, held back or rejected, a rollback, a failed job — as signed JSON POSTs.
 //!
 //! Delivery is at least once through a durable outbox. Events come from the audit log (each
-//! decision commits with its audit row) read past a cursor, and from failed jobs not yet
-//! announced; the outbox rows and the cursor's move commit together, so a crash anywhere
+//! decision commits with its audit row) and from failed jobs, each not yet announced; the
+//! outbox rows and the record of their announcement commit together, so a crash anywhere
 //! loses no event, and a receiver dedupes by the event `id`. Deliveries are retried with
 //! exponential backoff, across restarts.
 //!
@@ -15,8 +15,9 @@ pub mod events;
 use std::time::Duration;
 
 use chrono::Utc;
-use flywheel_db::{Db, DbError, NewDelivery};
+use flywheel_db::{Db, DbError, Delivery, NewDelivery};
 use flywheel_telemetry::Metrics;
+use futures::StreamExt;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::sync::watch;
@@ -109,26 +110,24 @@ impl Notifier {
     /// One round: new events into the outbox, then every due delivery tried once.
     pub async fn tick(&self) -> Result<(), DbError> {
         while self.collect().await? {}
-        for d in self
+        // An audit row is settled once no transaction that wrote it can still be open.
+        self.db
+            .advance_announced(Utc::now() - chrono::Duration::minutes(10))
+            .await?;
+        let due = self
             .db
             .due_deliveries(Utc::now(), self.config.max_attempts, 50)
-            .await?
-        {
-            let mut request = self
-                .http
-                .post(&d.url)
-                .header("content-type", "application/json")
-                .header("x-flywheel-event", &d.event_type)
-                .header("x-flywheel-delivery", &d.event_id)
-                .body(d.body.clone());
-            if let Some(secret) = &self.config.secret {
-                request = request.header(SIGNATURE_HEADER, signature(secret, d.body.as_bytes()));
-            }
-            let outcome = match request.send().await {
-                Ok(r) if r.status().is_success() => Ok(()),
-                Ok(r) => Err(format!("the receiver answered {}", r.status())),
-                Err(e) => Err(format!("could not reach the receiver: {e}")),
-            };
+            .await?;
+        // Several at a time, so one receiver that times out does not hold up the others.
+        let tried: Vec<_> = futures::stream::iter(due)
+            .map(|d| async move {
+                let outcome = self.post(&d).await;
+                (d, outcome)
+            })
+            .buffer_unordered(8)
+            .collect()
+            .await;
+        for (d, outcome) in tried {
             let label = match outcome {
                 Ok(()) => {
                     self.db.delivery_done(d.id).await?;
@@ -150,11 +149,30 @@ impl Notifier {
         Ok(())
     }
 
-    /// Writes the next batch of events to the outbox with the cursor's move; whether there
-    /// may be more.
+    /// One attempt at a delivery: `Err` says why it did not land.
+    async fn post(&self, d: &Delivery) -> Result<(), String> {
+        let mut request = self
+            .http
+            .post(&d.url)
+            .header("content-type", "application/json")
+            .header("x-flywheel-event", &d.event_type)
+            .header("x-flywheel-delivery", &d.event_id)
+            .body(d.body.clone());
+        if let Some(secret) = &self.config.secret {
+            request = request.header(SIGNATURE_HEADER, signature(secret, d.body.as_bytes()));
+        }
+        match request.send().await {
+            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(r) => Err(format!("the receiver answered {}", r.status())),
+            Err(e) => Err(format!("could not reach the receiver: {e}")),
+        }
+    }
+
+    /// Writes the next batch of events to the outbox with the record of their announcement;
+    /// whether there may be more.
     async fn collect(&self) -> Result<bool, DbError> {
         const BATCH: i64 = 100;
-        let (cursor, entries) = self.db.audit_to_announce(BATCH).await?;
+        let entries = self.db.audit_to_announce(BATCH).await?;
         let failures = self.db.failures_to_announce(BATCH).await?;
         if entries.is_empty() && failures.is_empty() {
             return Ok(false);
@@ -191,13 +209,14 @@ impl Notifier {
                 });
             }
         }
-        let to = entries.last().map_or(cursor, |(_, e)| e.id);
-        let announced: Vec<_> = failures.iter().map(|j| j.id.clone()).collect();
-        // Another process may have written these first; then the next round reads past them.
+        let audit: Vec<i64> = entries.iter().map(|(_, e)| e.id).collect();
+        let jobs: Vec<_> = failures.iter().map(|j| j.id.clone()).collect();
+        // Another process may have announced some of these first; then the next round reads
+        // what is left.
         self.db
-            .enqueue_deliveries((cursor, to), &announced, &deliveries)
+            .enqueue_deliveries(&audit, &jobs, &deliveries)
             .await?;
-        Ok(entries.len() as i64 == BATCH)
+        Ok(entries.len() as i64 == BATCH || failures.len() as i64 == BATCH)
     }
 }
 

@@ -309,13 +309,15 @@ impl<'a> Promotion<'a> {
     }
 
     /// A steward promotes a version the gate held back, over the gate, with a reason: claimed
-    /// from `held_back` (of two overrides, one wins), production moves to it from wherever it
-    /// points now, and the move is audited as `override`. If production did not move, the
-    /// version is held back again.
+    /// from `held_back` (of two overrides, one wins), production moves to it from `champion`,
+    /// the version it was measured against (compare-and-swap: a promotion that landed
+    /// meanwhile is never replaced by a version not compared with it), and the move is
+    /// audited as `override`. If production did not move, the version is held back again.
     pub async fn override_hold(
         &self,
         domain: &DomainRow,
         version: &VersionId,
+        champion: Option<&VersionId>,
         by: &str,
         reason: &str,
     ) -> Result<AliasMove> {
@@ -334,21 +336,36 @@ impl<'a> Promotion<'a> {
                 version: version.clone(),
             });
         }
+        let name = &domain.spec.name;
         let moved = match self
-            .first_move(&domain.spec.name, version, by, reason)
+            .registry
+            .move_alias(name, PRODUCTION, champion, version, by, reason)
             .await
         {
             Ok(moved) => moved,
             Err(e) => {
-                self.db
-                    .transition_version(
-                        domain.id,
-                        version,
-                        VersionStatus::Promoted,
-                        VersionStatus::HeldBack,
-                    )
-                    .await?;
-                return Err(e.into());
+                // A held-back version was never live: if the history has it now, this move
+                // landed although the store answered with an error.
+                let landed = self
+                    .registry
+                    .alias_history(name, PRODUCTION)
+                    .await?
+                    .into_iter()
+                    .find(|m| m.to == version.as_str());
+                match landed {
+                    Some(moved) => moved,
+                    None => {
+                        self.db
+                            .transition_version(
+                                domain.id,
+                                version,
+                                VersionStatus::Promoted,
+                                VersionStatus::HeldBack,
+                            )
+                            .await?;
+                        return Err(e.into());
+                    }
+                }
             }
         };
         self.audit_move(domain, "override", &moved, by, reason)

@@ -8,6 +8,8 @@
     if (!body.querySelector("tr.running")) return;
     try {
       const r = await fetch(url, { credentials: "same-origin" });
+      // Sent to sign in (the session ended): show that page, not it inside the table.
+      if (r.redirected) { window.location.reload(); return; }
       if (r.ok) body.innerHTML = await r.text();
     } catch (_) { /* the next tick tries again */ }
   }

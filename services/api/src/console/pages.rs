@@ -433,11 +433,20 @@ pub async fn version(
     let changes = label_changes(&eval);
     let (supported, unsupported): (Vec<_>, Vec<_>) =
         changes.into_iter().partition(|c| c.support > 0);
-    let was_live = live.decisions.iter().any(|d| {
-        d.data.as_ref().is_some_and(|m| {
-            m["alias"] == PRODUCTION && m["to"].as_str() == Some(row.version.as_str())
-        })
-    });
+    // Production's own history says what was live (the gate's promotions write no alias
+    // audit row); a rollback may return only there.
+    let was_live = state
+        .registry
+        .alias_history(&domain.spec.name, PRODUCTION)
+        .await?
+        .iter()
+        .any(|m| m.to == row.version.as_str());
+    // An override compares against production: only while it is still the champion this
+    // version was measured against.
+    let production = Promotion::new(&state.db, &state.registry)
+        .production(&domain.spec.name)
+        .await?;
+    let champion_holds = eval.champion_version() == production.as_ref().map(|v| v.as_str());
     let decision = &eval.decision;
     let rule = serde_json::to_value(decision.rule).ok();
     Ok(render(
@@ -451,12 +460,14 @@ pub async fn version(
             status_class => live.status.as_str(),
             production => live.production,
             can_approve => live.status == VersionStatus::PendingApproval,
-            can_override => live.status == VersionStatus::HeldBack,
+            can_override => live.status == VersionStatus::HeldBack && champion_holds,
+            overtaken => live.status == VersionStatus::HeldBack && !champion_holds,
             can_roll_back => live.status == VersionStatus::Promoted && !live.production && was_live,
             trail => live.decisions.into_iter().map(trail_row).collect::<Vec<_>>(),
             summary => summary(&eval),
             gate => serde_json::json!({
                 "verdict": decision.verdict().0,
+                "reason": decision.reason,
                 "rule": rule,
                 // The reason opens with the verdict, shown in bold before it.
                 "detail": decision

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use axum::extract::{FromRequest, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::{Extension, Form};
 use chrono::Utc;
@@ -162,7 +162,6 @@ fn forged() -> Response {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SignInQuery {
     #[serde(default)]
     next: Option<String>,
@@ -171,7 +170,13 @@ pub struct SignInQuery {
 /// Where to go after signing in: a console page, never another site.
 fn next_page(next: Option<&str>) -> &str {
     match next {
-        Some(n) if n.starts_with(PREFIX) && !n.starts_with("//") && !n.contains('\\') => n,
+        Some(n)
+            if n.starts_with(PREFIX)
+                && !n.contains('\\')
+                && n.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            n
+        }
         _ => PREFIX,
     }
 }
@@ -179,9 +184,11 @@ fn next_page(next: Option<&str>) -> &str {
 pub async fn sign_in_page(
     State(state): State<AppState>,
     headers: HeaderMap,
-    axum::extract::Query(q): axum::extract::Query<SignInQuery>,
+    query: Result<axum::extract::Query<SignInQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    sign_in_form(&state, &headers, next_page(q.next.as_deref()), None)
+    // A query it cannot read only loses where to go next.
+    let next = query.ok().and_then(|q| q.0.next);
+    sign_in_form(&state, &headers, next_page(next.as_deref()), None)
 }
 
 fn sign_in_form(
@@ -341,9 +348,41 @@ pub async fn sign_out(
 }
 
 /// Where a request without a live session goes: the sign-in page, then back here.
-pub(crate) fn to_sign_in(path_and_query: &str) -> Response {
-    let next: String = form_urlencoded_component(path_and_query);
+///
+/// A page opened from a link in another site (a webhook's message in chat or mail) arrives
+/// without the `SameSite=Strict` cookie even when the session is live; the browser is asked
+/// to open it again from here, which sends the cookie, and only then sent to sign in. A
+/// form's target is no page to come back to: after sign-in it is the inbox.
+pub(crate) fn to_sign_in(method: &Method, headers: &HeaderMap, path_and_query: &str) -> Response {
+    let from_elsewhere = headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes() == b"cross-site");
+    if method == Method::GET && from_elsewhere {
+        let here = html_attr(path_and_query);
+        let page = format!(
+            "<!doctype html><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"0;url={here}\">\
+             <title>Opening…</title><p><a href=\"{here}\">Continue to flywheel</a></p>"
+        );
+        return (
+            [(header::CACHE_CONTROL, "no-store")],
+            axum::response::Html(page),
+        )
+            .into_response();
+    }
+    let next = if method == Method::GET {
+        path_and_query
+    } else {
+        PREFIX
+    };
+    let next = form_urlencoded_component(next);
     Redirect::to(&format!("/console/sign-in?next={next}")).into_response()
+}
+
+fn html_attr(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('"', "&quot;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// Percent-encodes everything but unreserved characters.

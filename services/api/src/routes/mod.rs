@@ -114,7 +114,7 @@ async fn openapi() -> Json<serde_json::Value> {
     Json(crate::openapi::document(ROUTES))
 }
 
-/// The routes `surface` serves, from [`ROUTES`]; anything else is `404 route_not_found`.
+/// The routes `surface` serves, from [`ROUTES`].
 pub fn router(surface: Surface) -> axum::Router<AppState> {
     ROUTES
         .iter()
@@ -122,11 +122,17 @@ pub fn router(surface: Surface) -> axum::Router<AppState> {
         .fold(axum::Router::new(), |router, r| {
             router.route(r.path, (r.handler)(r.verb.filter()))
         })
-        .fallback(|| async { ApiError::new(ErrorCode::RouteNotFound, "no such route") })
-        .method_not_allowed_fallback(|method: axum::http::Method| async move {
-            ApiError::new(
-                ErrorCode::MethodNotAllowed,
-                format!("this route does not take {method}; see /openapi.json"),
-            )
-        })
+}
+
+/// A path no route serves: `404 route_not_found`.
+pub fn no_route() -> ApiError {
+    ApiError::new(ErrorCode::RouteNotFound, "no such route")
+}
+
+/// A route called with a method it does not take: `405 method_not_allowed`.
+pub fn wrong_method(method: &axum::http::Method) -> ApiError {
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        format!("this route does not take {method}; see /openapi.json"),
+    )
 }

@@ -175,7 +175,7 @@ impl Live {
                 "| {} | {} | {} | {} |\n",
                 d.at.format("%Y-%m-%d %H:%M:%S"),
                 cell(&d.actor),
-                d.action,
+                cell(&what(d)),
                 cell(&d.reason)
             ));
         }
@@ -209,7 +209,7 @@ impl Live {
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 d.at.format("%Y-%m-%d %H:%M:%S"),
                 esc(&d.actor),
-                esc(&d.action),
+                esc(&what(d)),
                 esc(&d.reason)
             ));
         }
@@ -219,6 +219,22 @@ impl Live {
         } else {
             stored.replacen("<body>", &format!("<body>{live}"), 1)
         }
+    }
+}
+
+/// What a trail row did, with the alias move it made: a row about another version's move
+/// (production leaving this one) says so.
+fn what(d: &AuditEntry) -> String {
+    let Some(data) = &d.data else {
+        return d.action.replace('_', " ");
+    };
+    match (data["alias"].as_str(), data["to"].as_str()) {
+        (Some(alias), Some(to)) => format!(
+            "{} ({alias}: {} → {to})",
+            d.action.replace('_', " "),
+            data["from"].as_str().unwrap_or("none")
+        ),
+        _ => d.action.replace('_', " "),
     }
 }
 
@@ -291,7 +307,8 @@ pub(crate) async fn decide(
     reason: &str,
 ) -> ApiResult<Decided> {
     check_reason(reason)?;
-    let version = version_row(state, domain, version).await?.version;
+    let row = version_row(state, domain, version).await?;
+    let version = row.version.clone();
     let promotion = Promotion::new(&state.db, &state.registry);
     let (status, production) = match step {
         Step::Approve => {
@@ -299,8 +316,17 @@ pub(crate) async fn decide(
             (VersionStatus::Promoted, Some(moved.to))
         }
         Step::Override => {
+            if row.status != VersionStatus::HeldBack {
+                return Err(flywheel_promotion::PromotionError::NotHeldBack {
+                    domain: domain.spec.name.to_string(),
+                    version,
+                }
+                .into());
+            }
+            let evaluation = stored_evaluation(state, domain, &row).await?;
+            let champion = same_champion(state, domain, &row, &evaluation).await?;
             let moved = promotion
-                .override_hold(domain, &version, by, reason)
+                .override_hold(domain, &version, champion.as_ref(), by, reason)
                 .await?;
             (VersionStatus::Promoted, Some(moved.to))
         }
@@ -329,7 +355,7 @@ pub async fn label_issues(
 }
 
 /// The evaluation a version was published with, from its `report.json`.
-async fn stored_evaluation(
+pub(crate) async fn stored_evaluation(
     state: &AppState,
     domain: &flywheel_db::DomainRow,
     row: &VersionRow,
@@ -350,6 +376,35 @@ async fn stored_evaluation(
                 ),
             )
         })
+}
+
+/// Production as it is now, if it is still the champion `row` was measured against; else
+/// `409 champion_changed`: the comparison no longer holds.
+async fn same_champion(
+    state: &AppState,
+    domain: &DomainRow,
+    row: &VersionRow,
+    evaluation: &flywheel_evaluator::Evaluation,
+) -> ApiResult<Option<VersionId>> {
+    let production = Promotion::new(&state.db, &state.registry)
+        .production(&domain.spec.name)
+        .await?;
+    if evaluation.champion_version() != production.as_ref().map(VersionId::as_str) {
+        return Err(ApiError::new(
+            ErrorCode::ChampionChanged,
+            format!(
+                "version {}/{} was measured against {}, and production is {} now: the \
+                 comparison no longer holds; start a new run instead",
+                domain.spec.name,
+                row.version,
+                evaluation.champion_name,
+                production
+                    .as_ref()
+                    .map_or("the base model", VersionId::as_str)
+            ),
+        ));
+    }
+    Ok(production)
 }
 
 #[derive(Serialize)]
@@ -387,21 +442,7 @@ pub async fn reevaluate(
     }
     let evaluation = stored_evaluation(&state, &domain, &row).await?;
     let promotion = Promotion::new(&state.db, &state.registry);
-    let production = promotion.production(&domain.spec.name).await?;
-    if evaluation.champion_version() != production.as_ref().map(VersionId::as_str) {
-        return Err(ApiError::new(
-            ErrorCode::ChampionChanged,
-            format!(
-                "version {name}/{} was measured against {}, and production is {} now: the \
-                 comparison no longer holds; start a new run instead",
-                row.version,
-                evaluation.champion_name,
-                production
-                    .as_ref()
-                    .map_or("the base model", VersionId::as_str)
-            ),
-        ));
-    }
+    let production = same_champion(&state, &domain, &row, &evaluation).await?;
     let decision = evaluation.regate(&domain.spec.policy);
     let mut summary = evaluation.summary(&decision);
     summary["policy_version"] = domain.policy_version.into();

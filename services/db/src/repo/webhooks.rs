@@ -1,6 +1,7 @@
-//! The webhook outbox: what happened (audit rows past a cursor, failed jobs not yet
-//! announced) is read here, turned into deliveries by `flywheel-notify`, and written back with
-//! the cursor in one transaction; deliveries are then tried until a receiver takes them.
+//! The webhook outbox: what happened (audit rows and failed jobs not yet announced) is read
+//! here, turned into deliveries by `flywheel-notify`, and written back with the record of
+//! their announcement in one transaction; deliveries are then tried until a receiver takes
+//! them.
 
 use chrono::{DateTime, Utc};
 use flywheel_domain::JobId;
@@ -41,27 +42,50 @@ pub struct OutboxCounts {
 }
 
 impl Db {
-    /// Audit rows past the outbox cursor, oldest first, each with its domain's name; and the
-    /// cursor they were read after.
-    pub async fn audit_to_announce(&self, limit: i64) -> Result<(i64, Vec<(String, AuditEntry)>)> {
+    /// Audit rows not yet announced, oldest first, each with its domain's name. Only rows past
+    /// the cursor are searched: below it, every row is announced.
+    pub async fn audit_to_announce(&self, limit: i64) -> Result<Vec<(String, AuditEntry)>> {
         with_pool!(self, pool => {
-            let cursor: i64 = sqlx::query_scalar("SELECT audit_id FROM webhook_cursor WHERE id = 1")
-                .fetch_one(pool)
-                .await?;
             let rows = sqlx::query(
                 "SELECT a.*, d.name AS domain FROM audit_log a JOIN domains d ON d.id = a.domain_id
-                 WHERE a.id > $1 ORDER BY a.id LIMIT $2",
+                 WHERE a.id > (SELECT audit_id FROM webhook_cursor WHERE id = 1)
+                   AND NOT EXISTS (SELECT 1 FROM webhook_announced w WHERE w.audit_id = a.id)
+                 ORDER BY a.id LIMIT $1",
             )
-            .bind(cursor)
             .bind(limit)
             .fetch_all(pool)
             .await?;
-            let entries = rows
-                .iter()
+            rows.iter()
                 .map(|r| Ok((r.text("domain")?, audit_from_row(r)?)))
-                .collect::<Result<Vec<_>>>()?;
-            Ok((cursor, entries))
+                .collect::<Result<Vec<_>>>()
         })
+    }
+
+    /// Moves the cursor up to the newest audit row written before `settled` below which every
+    /// row is announced, and forgets the announcements under it. An id PostgreSQL handed out
+    /// but had not committed when a later one was read is not skipped: it was written (`at`)
+    /// after `settled`, or is unannounced and stops the cursor.
+    pub async fn advance_announced(&self, settled: DateTime<Utc>) -> Result<()> {
+        execute!(
+            self,
+            "UPDATE webhook_cursor SET audit_id = COALESCE((
+                 SELECT MAX(a.id) FROM audit_log a
+                 WHERE a.id > webhook_cursor.audit_id AND a.at < $1
+                   AND a.id < COALESCE((
+                       SELECT MIN(u.id) FROM audit_log u
+                       WHERE u.id > webhook_cursor.audit_id
+                         AND NOT EXISTS (SELECT 1 FROM webhook_announced w WHERE w.audit_id = u.id)
+                   ), 9223372036854775807)
+             ), audit_id)
+             WHERE id = 1",
+            Stamp(settled)
+        );
+        execute!(
+            self,
+            "DELETE FROM webhook_announced
+             WHERE audit_id <= (SELECT audit_id FROM webhook_cursor WHERE id = 1)"
+        );
+        Ok(())
     }
 
     /// Failed jobs whose failure was not announced yet.
@@ -75,28 +99,31 @@ impl Db {
         )
     }
 
-    /// Writes `deliveries` to the outbox, moves the audit cursor from `from` to `to` and marks
-    /// `announced` jobs, all in one transaction. `false` (and nothing written) if another
-    /// process moved the cursor first: it wrote these events.
+    /// Writes `deliveries` to the outbox and records the audit rows and jobs they announce,
+    /// all in one transaction. `false` (and nothing written) if another process announced
+    /// any of them first: it wrote these events.
     pub async fn enqueue_deliveries(
         &self,
-        (from, to): (i64, i64),
-        announced: &[JobId],
+        audit: &[i64],
+        jobs: &[JobId],
         deliveries: &[NewDelivery],
     ) -> Result<bool> {
         let now = Stamp::now();
         let res: std::result::Result<bool, sqlx::Error> = with_pool!(self, pool => async {
             let mut tx = pool.begin().await?;
-            let moved = sqlx::query("UPDATE webhook_cursor SET audit_id = $1 WHERE id = 1 AND audit_id = $2")
-                .bind(to)
-                .bind(from)
+            for id in audit {
+                let fresh = sqlx::query(
+                    "INSERT INTO webhook_announced (audit_id) VALUES ($1) ON CONFLICT (audit_id) DO NOTHING",
+                )
+                .bind(id)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
-            if moved == 0 {
-                return Ok(false);
+                if fresh == 0 {
+                    return Ok(false);
+                }
             }
-            for job in announced {
+            for job in jobs {
                 let marked = sqlx::query(
                     "UPDATE training_jobs SET failure_announced = $1 WHERE id = $2 AND NOT failure_announced",
                 )
