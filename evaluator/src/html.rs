@@ -392,17 +392,20 @@ pre{{background:#f6f6f6;padding:10px;overflow:auto}} li{{margin:2px 0}}
         }
         h.push_str("</table>");
     }
-    for (title, flips) in [
-        ("Fixed (wrong → right)", &eval.fixed),
-        ("Broken (right → wrong)", &eval.broken),
+    for (title, flips, count) in [
+        ("Fixed (wrong → right)", &eval.fixed, eval.fixed_count),
+        ("Broken (right → wrong)", &eval.broken, eval.broken_count),
     ] {
         let _ = write!(h, "<h2>{title}</h2>");
         if flips.is_empty() {
             h.push_str("<p>None.</p>");
             continue;
         }
+        if count as usize > crate::FLIPS_SHOWN {
+            let _ = write!(h, "<p>Showing {} of {count}.</p>", crate::FLIPS_SHOWN);
+        }
         h.push_str("<ul>");
-        for f in flips.iter() {
+        for f in flips.iter().take(crate::FLIPS_SHOWN) {
             let _ = write!(
                 h,
                 "<li>“{}”: expected <code>{}</code>, champion <code>{}</code>, candidate <code>{}</code></li>",

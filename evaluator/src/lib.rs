@@ -107,7 +107,8 @@ pub struct Evaluation {
     /// Rows only the candidate got right, and only the champion got right.
     pub fixed_count: u64,
     pub broken_count: u64,
-    /// Up to 20 examples of each.
+    /// The examples of each, in holdout order, up to [`MAX_FLIPS_KEPT`]; reports show the
+    /// first [`FLIPS_SHOWN`].
     pub fixed: Vec<Flip>,
     pub broken: Vec<Flip>,
     /// Per expected label, the flips behind its recall change (classification; empty for
@@ -171,7 +172,11 @@ impl Evaluation {
 /// How an evaluation names the base model as its champion: `champion_name` starts with it.
 pub const BASE_CHAMPION: &str = "base model";
 
-const MAX_FLIPS_SHOWN: usize = 20;
+/// How many flipped examples of each kind an evaluation keeps, for a steward who wants all of
+/// them (the console lists them); `fixed_count` and `broken_count` count every one.
+pub const MAX_FLIPS_KEPT: usize = 1000;
+/// How many of each a report shows.
+pub const FLIPS_SHOWN: usize = 20;
 /// The most label issues an evaluation lists.
 const MAX_LABEL_ISSUES: usize = 200;
 const CALIBRATION_BINS: usize = 10;
@@ -277,12 +282,12 @@ pub fn evaluate(spec: &EvalSpec) -> Result<Evaluation, EvalError> {
         };
         if !was && is {
             c += 1;
-            if fixed.len() < MAX_FLIPS_SHOWN {
+            if fixed.len() < MAX_FLIPS_KEPT {
                 fixed.push(flip());
             }
         } else if was && !is {
             b += 1;
-            if broken.len() < MAX_FLIPS_SHOWN {
+            if broken.len() < MAX_FLIPS_KEPT {
                 broken.push(flip());
             }
         }

@@ -102,15 +102,17 @@ pub fn render_markdown(
     if !eval.candidate.per_label.is_empty() {
         s.push('\n');
     }
-    for (title, flips) in [
-        ("Fixed (wrong → right)", &eval.fixed),
-        ("Broken (right → wrong)", &eval.broken),
+    for (title, flips, count) in [
+        ("Fixed (wrong → right)", &eval.fixed, eval.fixed_count),
+        ("Broken (right → wrong)", &eval.broken, eval.broken_count),
     ] {
         s.push_str(&format!("## {title}\n\n"));
         if flips.is_empty() {
             s.push_str("None.\n");
+        } else if count as usize > crate::FLIPS_SHOWN {
+            s.push_str(&format!("Showing {} of {count}.\n\n", crate::FLIPS_SHOWN));
         }
-        for f in flips.iter() {
+        for f in flips.iter().take(crate::FLIPS_SHOWN) {
             s.push_str(&format!(
                 "- \"{}\": expected `{}`, champion `{}`, candidate `{}`\n",
                 f.text.replace('\n', " "),

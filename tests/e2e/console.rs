@@ -429,6 +429,19 @@ async fn a_steward_reviews_and_approves_in_the_browser_and_the_console_refuses_w
         "the summary is missing: {version}"
     );
     screenshot(&browser, "2-version-pending").await;
+    // The page shows 20 flipped answers of each kind and links to all of them.
+    assert!(version.contains("showing 20 of"), "{version}");
+    browser
+        .find(Locator::Css("a[href$='/versions/v1/flips']"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let all = page_with(&browser, "answers that changed").await;
+    assert!(all.matches("<tr><td>").count() > 20, "{all}");
+    browser.back().await.unwrap();
+    page_with(&browser, "id=\"approve-form\"").await;
     browser
         .find(Locator::Id("reason"))
         .await

@@ -420,3 +420,121 @@ async fn a_client_id_reused_for_other_content_is_a_conflict_never_a_duplicate() 
         assert_eq!(train + holdout, 3, "{which}");
     }
 }
+
+/// Webhook announcements on both databases: each audit row is announced once, whatever order
+/// its id committed in, and the floor below which the search stops never passes a row that
+/// was not announced.
+#[tokio::test]
+async fn every_audit_row_is_announced_once_and_the_floor_never_passes_an_unannounced_one() {
+    use flywheel_db::NewDelivery;
+    use flywheel_domain::VersionId;
+    for (db, _dir) in databases().await {
+        let domain = db.create_domain(&spec("banking")).await.unwrap();
+        for i in 0..4 {
+            let v = VersionId(format!("v{i}"));
+            db.audit(domain.id, "dana", "reject", Some(&v), "r", None)
+                .await
+                .unwrap();
+        }
+        let ids: Vec<i64> = db
+            .audit_to_announce(100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|(domain, e)| {
+                assert_eq!(domain, "banking");
+                e.id
+            })
+            .collect();
+        assert_eq!(ids.len(), 4);
+        let delivery = |id: i64| NewDelivery {
+            event_id: format!("audit-{id}"),
+            event_type: "version.rejected".into(),
+            url: "http://receiver.example/hook".into(),
+            body: "{}".into(),
+        };
+        // The third row is left out, as if its commit came after the fourth's.
+        assert!(
+            db.enqueue_deliveries(
+                &[ids[0], ids[1], ids[3]],
+                &[],
+                &[delivery(ids[0]), delivery(ids[1]), delivery(ids[3])]
+            )
+            .await
+            .unwrap()
+        );
+        // Announcing a row twice writes nothing of the batch.
+        assert!(
+            !db.enqueue_deliveries(&[ids[2], ids[3]], &[], &[delivery(ids[2])])
+                .await
+                .unwrap()
+        );
+        let left = |db: Db| async move {
+            db.audit_to_announce(100)
+                .await
+                .unwrap()
+                .iter()
+                .map(|(_, e)| e.id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(left(db.clone()).await, [ids[2]]);
+        let later = chrono::Utc::now() + chrono::Duration::hours(1);
+        db.advance_announced(later).await.unwrap();
+        assert_eq!(
+            left(db.clone()).await,
+            [ids[2]],
+            "the floor passed an unannounced row"
+        );
+        assert!(
+            db.enqueue_deliveries(&[ids[2]], &[], &[delivery(ids[2])])
+                .await
+                .unwrap()
+        );
+        db.advance_announced(later).await.unwrap();
+        assert!(left(db.clone()).await.is_empty());
+        db.audit(
+            domain.id,
+            "dana",
+            "reject",
+            Some(&VersionId("v9".into())),
+            "r",
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            left(db.clone()).await.len(),
+            1,
+            "a row after the floor was missed"
+        );
+
+        // The outbox: due now, then after a failure not until its retry, then delivered.
+        let now = chrono::Utc::now() + chrono::Duration::seconds(1);
+        let due = db.due_deliveries(now, 20, 100).await.unwrap();
+        assert_eq!(due.len(), 4);
+        db.delivery_failed(due[0].id, later, "503").await.unwrap();
+        db.delivery_done(due[1].id).await.unwrap();
+        let due_now: Vec<i64> = db
+            .due_deliveries(now, 20, 100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(due_now, [due[2].id, due[3].id]);
+        let retried = db
+            .due_deliveries(later + chrono::Duration::seconds(1), 20, 100)
+            .await
+            .unwrap();
+        assert_eq!(retried[0].attempts, 1);
+        assert!(
+            db.due_deliveries(later, 1, 100)
+                .await
+                .unwrap()
+                .iter()
+                .all(|d| d.id != due[0].id)
+        );
+        let counts = db.outbox_counts().await.unwrap();
+        assert_eq!((counts.pending, counts.delivered), (3, 1));
+    }
+}

@@ -48,6 +48,8 @@ pub static PAGES: &[Route] = routes![
         "The domain's last jobs, as rows of the domain page (refreshed in place).", "";
     Get "/console/domains/{domain}/versions/{version}" => pages::version, ANY_ROLE_OF_DOMAIN, 200,
         "A version: status and decision trail, then the evaluation.", "";
+    Get "/console/domains/{domain}/versions/{version}/flips" => pages::flips, ANY_ROLE_OF_DOMAIN, 200,
+        "Every flipped answer the version's evaluation kept.", "";
     Get "/console/domains/{domain}/versions/{version}/report" => pages::report, ANY_ROLE_OF_DOMAIN, 200,
         "The evaluation report as published, with the status now and the decision trail.", "";
     Post "/console/domains/{domain}/versions/{version}/decide" => actions::decide, STEWARD_OF_DOMAIN, 303,
@@ -106,6 +108,8 @@ static TEMPLATES: LazyLock<Environment<'static>> = LazyLock::new(|| {
         ("domain.html", include_str!("templates/domain.html")),
         ("jobs.html", include_str!("templates/jobs.html")),
         ("version.html", include_str!("templates/version.html")),
+        ("flips.html", include_str!("templates/flips.html")),
+        ("flip_table.html", include_str!("templates/flip_table.html")),
     ] {
         env.add_template(name, source)
             .unwrap_or_else(|e| panic!("console template {name}: {e}"));

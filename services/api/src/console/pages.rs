@@ -6,7 +6,7 @@ use axum::extract::State;
 use chrono::{DateTime, Utc};
 use flywheel_db::{AuditEntry, DomainRow, JobRow};
 use flywheel_domain::{JobStatus, Role, VersionStatus};
-use flywheel_evaluator::{Evaluation, LabelMetrics};
+use flywheel_evaluator::{Evaluation, FLIPS_SHOWN, LabelMetrics};
 use flywheel_promotion::{PRODUCTION, Promotion};
 use serde::Serialize;
 
@@ -490,9 +490,9 @@ pub async fn version(
             unsupported => unsupported,
             pairs => if many_labels { confused_pairs(&eval, 10) } else { Vec::new() },
             charts => flywheel_evaluator::charts(&eval, &loss, !many_labels),
-            fixed => eval.fixed,
+            fixed => eval.fixed.iter().take(FLIPS_SHOWN).collect::<Vec<_>>(),
             fixed_count => eval.fixed_count,
-            broken => eval.broken,
+            broken => eval.broken.iter().take(FLIPS_SHOWN).collect::<Vec<_>>(),
             broken_count => eval.broken_count,
             lineage => lineage_rows(&report["lineage"]),
         },
@@ -544,4 +544,38 @@ pub async fn report(
     Path((name, version)): Path<(String, String)>,
 ) -> PageResult {
     Ok(report_response(&state, &name, &version, ReportFormat::Html).await?)
+}
+
+/// Every flipped example a version's evaluation kept: what the version page shows 20 of.
+pub async fn flips(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Extension(session): Extension<Session>,
+    Path((name, version)): Path<(String, String)>,
+) -> PageResult {
+    let domain = domain_row(&state, &name).await?;
+    let row = version_row(&state, &domain, &version).await?;
+    let report = stored_report(&state, &domain, row.version.as_str()).await?;
+    let eval: Evaluation = serde_json::from_value(report["evaluation"].clone()).map_err(|_| {
+        ApiError::new(
+            ErrorCode::VersionCorrupt,
+            format!(
+                "version {name}/{}: report.json holds no readable evaluation",
+                row.version
+            ),
+        )
+    })?;
+    Ok(render(
+        "flips.html",
+        minijinja::context! {
+            title => format!("{name} {}: flipped answers", row.version),
+            frame => Frame::new(&who, &session),
+            domain => name,
+            version => row.version,
+            fixed => eval.fixed,
+            fixed_count => eval.fixed_count,
+            broken => eval.broken,
+            broken_count => eval.broken_count,
+        },
+    ))
 }
