@@ -3902,3 +3902,92 @@ async fn stewards_find_contradictions_relabel_and_remove_corrections() {
         "{relabel}"
     );
 }
+
+/// An operator's log: with `--log-format json` every line is one JSON object without colour
+/// codes, and each decision is one line naming the domain, version, action and actor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_are_logged_one_json_line_each() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let (rows, labels, model_dir) = banking_fixture(dir.path());
+    let database = test_database(dir.path()).await;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .args(["--data-dir"])
+        .arg(dir.path().join("data"))
+        .args([
+            "--database",
+            &database_arg(&database),
+            "--log-format",
+            "json",
+        ])
+        .args(["serve", "--listen", "127.0.0.1:0", "--auth", "off"])
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || {
+        let line = lines
+            .recv_timeout(Duration::from_secs(300))
+            .expect("the server stopped logging");
+        assert!(!line.contains('\u{1b}'), "a colour code in {line}");
+        serde_json::from_str::<Value>(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    };
+    let addr = loop {
+        if let Some(addr) = next()["addr"].as_str() {
+            break addr.to_owned();
+        }
+    };
+    let client = reqwest::Client::new();
+    let spec = json!({"name": "banking", "task": "classification",
+        "base_model": model_dir.display().to_string(), "labels": labels,
+        "policy": {"min_new_corrections": 300, "min_improvement": -1.0, "significance_level": 1.0,
+                   "max_label_drop": 1.0, "min_label_support": 1}});
+    for (path, body) in [
+        ("/v1/domains", spec),
+        ("/v1/domains/banking/corrections", json!(rows)),
+    ] {
+        let resp = client
+            .post(format!("http://{addr}{path}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "{path}: {}", resp.status());
+    }
+    let decision = loop {
+        let line = next();
+        if line["target"] == "flywheel::decision" {
+            break line;
+        }
+    };
+    assert_eq!(
+        (
+            &decision["domain"],
+            &decision["version"],
+            &decision["action"],
+            &decision["actor"]
+        ),
+        (
+            &json!("banking"),
+            &json!("v1"),
+            &json!("gate_decision"),
+            &json!("flywheel-gate")
+        ),
+        "{decision}"
+    );
+    assert!(
+        decision["reason"].as_str().unwrap().contains("accuracy"),
+        "{decision}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -42,6 +42,9 @@ struct Cli {
     /// (several times faster on CPUs with AMX, Intel Xeon 4th generation and later).
     #[arg(long, env = "FLYWHEEL_COMPUTE", default_value = "float32", global = true, value_parser = ["float32", "bfloat16"])]
     compute: String,
+    /// Log lines as `text` (coloured only on a terminal) or `json` (one object per line).
+    #[arg(long, env = "FLYWHEEL_LOG_FORMAT", default_value = "text", global = true, value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -179,7 +182,8 @@ async fn main() {
         cli.command,
         Command::Demo { .. } | Command::Import { .. } | Command::Models { .. }
     );
-    flywheel_telemetry::init_logging(if quiet { "warn" } else { "info" });
+    let format = cli.log_format.parse().unwrap_or_default();
+    flywheel_telemetry::init_logging(if quiet { "warn" } else { "info" }, format);
     if let Err(e) = run(cli).await {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -153,26 +153,22 @@ impl<'a> Promotion<'a> {
     /// Records a gate decision: the version's status, its metrics `summary`, and the audit row.
     pub async fn record_gate(
         &self,
-        domain_id: i64,
+        domain: &DomainRow,
         version: &VersionId,
         status: VersionStatus,
         reason: &str,
         summary: &serde_json::Value,
     ) -> Result<()> {
         self.db
-            .record_version(domain_id, version, status, summary)
+            .record_version(domain.id, version, status, summary)
             .await?;
-        self.db
-            .audit(
-                domain_id,
-                GATE,
-                "gate_decision",
-                Some(version),
-                reason,
-                Some(summary),
-            )
-            .await?;
-        Ok(())
+        self.decided(
+            domain,
+            (GATE, "gate_decision", reason),
+            version,
+            Some(summary),
+        )
+        .await
     }
 
     /// A steward approves a version awaiting approval: it is claimed (of two approvals, one
@@ -280,16 +276,13 @@ impl<'a> Promotion<'a> {
                 .record_version(domain.id, version, to, summary)
                 .await?;
         }
-        self.db
-            .audit(
-                domain.id,
-                by,
-                "gate_decision",
-                Some(version),
-                reason,
-                Some(summary),
-            )
-            .await?;
+        self.decided(
+            domain,
+            (by, "gate_decision", reason),
+            version,
+            Some(summary),
+        )
+        .await?;
         Ok(to)
     }
 
@@ -302,10 +295,8 @@ impl<'a> Promotion<'a> {
         reason: &str,
     ) -> Result<()> {
         self.claim(domain, version, VersionStatus::Rejected).await?;
-        self.db
-            .audit(domain.id, by, "reject", Some(version), reason, None)
-            .await?;
-        Ok(())
+        self.decided(domain, (by, "reject", reason), version, None)
+            .await
     }
 
     /// A steward promotes a version the gate held back, over the gate, with a reason: claimed
@@ -531,9 +522,32 @@ impl<'a> Promotion<'a> {
         })
         .expect("json");
         let to = VersionId(moved.to.clone());
+        self.decided(domain, (by, action, reason), &to, Some(&data))
+            .await
+    }
+
+    /// Writes a decision's audit row, then one structured log line for it (`decision`
+    /// target), so the log tells an operator what the audit log tells a steward.
+    async fn decided(
+        &self,
+        domain: &DomainRow,
+        (by, action, reason): (&str, &str, &str),
+        version: &VersionId,
+        data: Option<&serde_json::Value>,
+    ) -> Result<()> {
         self.db
-            .audit(domain.id, by, action, Some(&to), reason, Some(&data))
+            .audit(domain.id, by, action, Some(version), reason, data)
             .await?;
+        tracing::info!(
+            target: "flywheel::decision",
+            domain = %domain.spec.name,
+            version = %version,
+            action,
+            actor = by,
+            reason,
+            "{action} of {}/{version} by {by}",
+            domain.spec.name
+        );
         Ok(())
     }
 }

@@ -84,7 +84,7 @@ impl World {
         assert!(outcome.refused.is_none(), "{outcome:?}");
         self.promotion()
             .record_gate(
-                self.domain.id,
+                &self.domain,
                 &version,
                 outcome.status,
                 "gate",

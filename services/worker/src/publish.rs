@@ -288,13 +288,7 @@ async fn carry_out_gate(
         .inc();
     let summary = evaluation.summary(&decision);
     promotion
-        .record_gate(
-            domain.id,
-            version,
-            outcome.status,
-            &decision.reason,
-            &summary,
-        )
+        .record_gate(domain, version, outcome.status, &decision.reason, &summary)
         .await?;
     Ok(decision)
 }
