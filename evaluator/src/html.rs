@@ -197,7 +197,9 @@ fn confusion_chart(eval: &Evaluation) -> Option<String> {
     }
     let n = m.len() as f64;
     let cell = (300.0 / n).min(40.0);
-    let left = 170.0;
+    // Room for the longest label at 11px (about 6.5px a character), within reason.
+    let longest = labels.iter().map(|l| l.chars().count()).max().unwrap_or(0) as f64;
+    let left = (longest * 6.5 + 12.0).clamp(120.0, 320.0);
     // Wide enough for the title even when there are few labels.
     let size = (left + cell * n + 10.0).max(360.0);
     let max = m.iter().flatten().copied().max().unwrap_or(1).max(1) as f64;
@@ -294,7 +296,14 @@ pre{{background:#f6f6f6;padding:10px;overflow:auto}} li{{margin:2px 0}}
         v = esc(version),
         verdict = verdict.0,
         cls = verdict.1,
-        reason = esc(&eval.decision.reason),
+        // The reason opens with the verdict the badge already shows.
+        reason = esc(eval
+            .decision
+            .reason
+            .strip_prefix(verdict.0)
+            .map_or(eval.decision.reason.as_str(), |r| r
+                .trim_start_matches(':')
+                .trim_start())),
         rule = rule.as_str().unwrap_or("?"),
         remedy = eval
             .decision

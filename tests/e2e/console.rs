@@ -341,6 +341,27 @@ async fn a_steward_reviews_and_approves_in_the_browser_and_the_console_refuses_w
         .await
         .unwrap();
     assert_eq!(resp.status(), 303);
+    // The scheme of a bearer header is case-insensitive; a session that has ended is named.
+    let resp = http
+        .get(format!("{}/v1/reviews", app.base))
+        .header(
+            "authorization",
+            format!("bearer {}", tokens["steward-banking"]),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = http
+        .get(format!("{}/console", app.base))
+        .header("cookie", "flywheel_session=fw_long_gone")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers()["location"],
+        "/console/sign-in?next=/console&ended=1"
+    );
     // Pages that do not exist are pages too.
     let resp = http
         .get(format!("{}/console/nowhere", app.base))
@@ -582,7 +603,7 @@ async fn a_steward_reviews_and_approves_in_the_browser_and_the_console_refuses_w
         .unwrap();
     let refused = page_with(&browser, "id=\"refusal\"").await;
     assert!(
-        refused.contains("403") && refused.contains("not scoped to domain `banking`"),
+        refused.contains("403") && refused.contains("not scoped to domain “banking”"),
         "{refused}"
     );
     assert!(

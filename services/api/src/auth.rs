@@ -36,6 +36,13 @@ fn rule(method: &Method, route: &str) -> Option<(&'static [Role], Scope)> {
     }
 }
 
+/// The credentials of an `Authorization: Bearer <token>` header; the scheme's case does not
+/// matter (RFC 9110).
+pub(crate) fn bearer(header: &str) -> Option<&str> {
+    let (scheme, token) = header.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
+}
+
 fn unauthenticated(message: &str) -> Response {
     ApiError::new(ErrorCode::Unauthenticated, message).into_response()
 }
@@ -86,8 +93,18 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
                 .headers()
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok());
-            let Some(token) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
-                return unauthenticated("send `Authorization: Bearer <token>`");
+            let Some(token) = header.and_then(bearer) else {
+                // A console session opens pages; the API wants the token itself.
+                let has_session = req
+                    .headers()
+                    .get_all(header::COOKIE)
+                    .iter()
+                    .any(|v| v.as_bytes().windows(17).any(|w| w == b"flywheel_session="));
+                return unauthenticated(if has_session {
+                    "send `Authorization: Bearer <token>`; a console session cookie opens console pages only"
+                } else {
+                    "send `Authorization: Bearer <token>`"
+                });
             };
             let hash = flywheel_domain::auth::hash_token(token.trim());
             let found = match state.db.token_by_hash(&hash).await {
@@ -165,11 +182,15 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
     if let Some(domain) = domain
         && !principal.sees(&domain)
     {
-        return refuse(
-            page,
-            ErrorCode::Forbidden,
-            format!("this token is not scoped to domain `{domain}`"),
-        );
+        let message = if page {
+            format!(
+                "Your token is not scoped to domain “{domain}”, or there is no such domain. \
+                 Your domains are listed in the inbox."
+            )
+        } else {
+            format!("this token is not scoped to domain `{domain}`")
+        };
+        return refuse(page, ErrorCode::Forbidden, message);
     }
     req.extensions_mut().insert(principal);
     next.run(req).await

@@ -40,9 +40,12 @@ pub fn accuracy_over_versions(points: &[Point]) -> String {
         return String::new();
     }
     let (lo, hi) = y_range(points);
+    // One version sits in the middle, not against the axis.
     let x = |i: usize| {
-        let span = (points.len().max(2) - 1) as f64;
-        LEFT + (W - LEFT - RIGHT) * i as f64 / span
+        if points.len() == 1 {
+            return LEFT + (W - LEFT - RIGHT) / 2.0;
+        }
+        LEFT + (W - LEFT - RIGHT) * i as f64 / (points.len() - 1) as f64
     };
     let y = |v: f64| TOP + (H - TOP - BOTTOM) * (1.0 - (v - lo) / (hi - lo));
     let mut s = format!(

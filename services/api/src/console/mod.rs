@@ -148,7 +148,14 @@ pub(crate) fn page_error(status: StatusCode, message: &str) -> Response {
         .get_template("error.html")
         .and_then(|t| {
             t.render(minijinja::context! {
-                title => status.canonical_reason().unwrap_or("Error"),
+                title => match status.as_u16() {
+                    400 | 422 => "Please check what you sent",
+                    401 => "Please sign in",
+                    403 => "Not allowed",
+                    404 => "Not found",
+                    409 => "Changed meanwhile",
+                    _ => status.canonical_reason().unwrap_or("Something went wrong"),
+                },
                 status => status.as_u16(),
                 message => message,
             })

@@ -274,7 +274,7 @@ fn trail_row(e: AuditEntry) -> serde_json::Value {
     serde_json::json!({
         "at": e.at.format("%Y-%m-%d %H:%M:%S").to_string(),
         "actor": e.actor,
-        "action": e.action,
+        "action": e.action.replace('_', " "),
         "version": e.version,
         "reason": e.reason,
         "override": e.action == "override",
@@ -379,7 +379,7 @@ fn confused_pairs(eval: &Evaluation, n: usize) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Lineage as rows of a table: nested objects flattened to dotted keys, long values cut.
+/// Lineage as rows of a table: nested objects flattened to dotted keys.
 fn lineage_rows(lineage: &serde_json::Value) -> Vec<(String, String)> {
     fn walk(prefix: &str, v: &serde_json::Value, depth: usize, out: &mut Vec<(String, String)>) {
         match v {
@@ -394,13 +394,7 @@ fn lineage_rows(lineage: &serde_json::Value) -> Vec<(String, String)> {
                 }
             }
             serde_json::Value::String(s) => out.push((prefix.to_owned(), s.clone())),
-            other => {
-                let mut text = other.to_string();
-                if text.chars().count() > 240 {
-                    text = text.chars().take(240).collect::<String>() + "…";
-                }
-                out.push((prefix.to_owned(), text));
-            }
+            other => out.push((prefix.to_owned(), other.to_string())),
         }
     }
     let mut out = Vec::new();
@@ -447,6 +441,17 @@ pub async fn version(
         .production(&domain.spec.name)
         .await?;
     let champion_holds = eval.champion_version() == production.as_ref().map(|v| v.as_str());
+    let mut aliases = Vec::new();
+    for alias in ["staging", "canary"] {
+        let here = state
+            .registry
+            .resolve(&domain.spec.name, alias)
+            .await?
+            .is_some_and(|m| m.to == row.version.as_str());
+        if here {
+            aliases.push(alias);
+        }
+    }
     let decision = &eval.decision;
     let rule = serde_json::to_value(decision.rule).ok();
     Ok(render(
@@ -459,6 +464,7 @@ pub async fn version(
             status => status_words(live.status),
             status_class => live.status.as_str(),
             production => live.production,
+            aliases => aliases,
             can_approve => live.status == VersionStatus::PendingApproval,
             can_override => live.status == VersionStatus::HeldBack && champion_holds,
             overtaken => live.status == VersionStatus::HeldBack && !champion_holds,
@@ -506,14 +512,14 @@ fn summary(eval: &Evaluation) -> String {
     let r = &eval.routing;
     let answers = match r.threshold {
         Some(t) => format!(
-            "Answers {} of questions itself at {} accuracy, escalating to the teacher below \
-             confidence {t:.2}.",
+            "Answers {} of questions itself at {} accuracy; below confidence {t:.2} it \
+             escalates.",
             pct(r.coverage),
             pct(r.accuracy)
         ),
         None => format!(
             "No confidence threshold reaches the {} accuracy target on this holdout, so every \
-             question would go to the teacher.",
+             question would be escalated.",
             pct(r.target_accuracy)
         ),
     };

@@ -141,9 +141,16 @@ impl<T: DeserializeOwned + Signed> FromRequest<AppState> for CsrfForm<T> {
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Response> {
         let session = req.extensions().get::<Session>().cloned();
         let Form(form) = Form::<T>::from_request(req, state).await.map_err(|e| {
+            let text = e.body_text();
+            if text.contains("`csrf`") {
+                return forged();
+            }
             page_error(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                &format!("The form was not complete: {}", e.body_text()),
+                &format!(
+                    "The form was not complete ({}). Go back, fill in every field and send it again.",
+                    text.trim_start_matches("Failed to deserialize form body: ")
+                ),
             )
         })?;
         match session {
@@ -165,6 +172,9 @@ fn forged() -> Response {
 pub struct SignInQuery {
     #[serde(default)]
     next: Option<String>,
+    /// Set when the request that sent us here carried a session that has ended.
+    #[serde(default)]
+    ended: Option<String>,
 }
 
 /// Where to go after signing in: a console page, never another site.
@@ -187,8 +197,14 @@ pub async fn sign_in_page(
     query: Result<axum::extract::Query<SignInQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     // A query it cannot read only loses where to go next.
-    let next = query.ok().and_then(|q| q.0.next);
-    sign_in_form(&state, &headers, next_page(next.as_deref()), None)
+    let query = query.ok().map(|q| q.0);
+    let ended = query.as_ref().is_some_and(|q| q.ended.is_some());
+    let next = query.and_then(|q| q.next);
+    let mut page = sign_in_form(&state, &headers, next_page(next.as_deref()), None, ended);
+    if ended {
+        *page.status_mut() = StatusCode::OK;
+    }
+    page
 }
 
 fn sign_in_form(
@@ -196,6 +212,7 @@ fn sign_in_form(
     headers: &HeaderMap,
     next: &str,
     refused: Option<&str>,
+    ended: bool,
 ) -> Response {
     let csrf = new_token();
     let mut page = render(
@@ -206,6 +223,7 @@ fn sign_in_form(
             next => next,
             needs_token => state.auth == AuthMode::Required,
             refused => refused,
+            ended => ended,
         },
     );
     if refused.is_some() {
@@ -240,60 +258,43 @@ pub async fn sign_in(
     form: Result<Form<SignIn>, axum::extract::rejection::FormRejection>,
 ) -> PageResult {
     let Ok(Form(form)) = form else {
-        return Ok(sign_in_form(
-            &state,
-            &headers,
-            PREFIX,
-            Some("The form was not complete."),
-        ));
+        let why = "The form was not complete.";
+        return Ok(sign_in_form(&state, &headers, PREFIX, Some(why), false));
     };
     let next = next_page(form.next.as_deref()).to_owned();
     let expected = cookie(&headers, SIGN_IN_COOKIE).unwrap_or_default();
     if expected.is_empty() || !same_secret(&expected, &form.csrf) {
         return Ok(forged());
     }
-    let (token_hash, name) = match state.auth {
+    let who: Result<(Option<String>, String), &str> = match state.auth {
         AuthMode::Required => {
             let hash = hash_token(form.token.trim());
             match state.db.token_by_hash(&hash).await? {
                 Some(t) if t.revoked_at.is_none() && t.role != Role::Serving => {
-                    (Some(hash), t.name)
+                    Ok((Some(hash), t.name))
                 }
-                Some(t) if t.revoked_at.is_none() => {
-                    let why = "A serving token is for applications and cannot sign in; use a \
-                               steward, department or admin token.";
-                    return Ok(sign_in_form(&state, &headers, &next, Some(why)));
-                }
-                Some(_) => {
-                    return Ok(sign_in_form(
-                        &state,
-                        &headers,
-                        &next,
-                        Some("This token was revoked."),
-                    ));
-                }
-                None => {
-                    return Ok(sign_in_form(
-                        &state,
-                        &headers,
-                        &next,
-                        Some("This token is not valid. Paste the whole token, starting with fw_."),
-                    ));
-                }
+                Some(t) if t.revoked_at.is_none() => Err(
+                    "A serving token is for applications and cannot sign in; use a steward, \
+                     department or admin token.",
+                ),
+                Some(_) => Err("This token was revoked."),
+                None => Err(
+                    "This token is not valid. Paste the whole token your platform team gave you.",
+                ),
             }
         }
         AuthMode::Off => {
             let name = form.name.trim();
             if name.is_empty() || name.chars().count() > 128 || name.contains('\0') {
-                return Ok(sign_in_form(
-                    &state,
-                    &headers,
-                    &next,
-                    Some("Give your name (at most 128 characters): decisions are signed with it."),
-                ));
+                Err("Give your name (at most 128 characters): decisions are signed with it.")
+            } else {
+                Ok((None, name.to_owned()))
             }
-            (None, name.to_owned())
         }
+    };
+    let (token_hash, name) = match who {
+        Ok(who) => who,
+        Err(why) => return Ok(sign_in_form(&state, &headers, &next, Some(why), false)),
     };
     let secret = new_token();
     let csrf = new_token();
@@ -375,7 +376,13 @@ pub(crate) fn to_sign_in(method: &Method, headers: &HeaderMap, path_and_query: &
         PREFIX
     };
     let next = form_urlencoded_component(next);
-    Redirect::to(&format!("/console/sign-in?next={next}")).into_response()
+    // A cookie that named a session which has ended: say so on the sign-in page.
+    let ended = if cookie(headers, SESSION_COOKIE).is_some() {
+        "&ended=1"
+    } else {
+        ""
+    };
+    Redirect::to(&format!("/console/sign-in?next={next}{ended}")).into_response()
 }
 
 fn html_attr(s: &str) -> String {

@@ -25,7 +25,7 @@ pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> ApiRe
         let sent = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|h| h.strip_prefix("Bearer "))
+            .and_then(crate::auth::bearer)
             .map(|t| flywheel_domain::auth::hash_token(t.trim()));
         // Hashes, not secrets, are compared, so the comparison's timing says nothing useful.
         if sent.as_ref() != Some(want) {

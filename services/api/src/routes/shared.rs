@@ -75,6 +75,12 @@ pub fn parse_body<T: DeserializeOwned>(raw: Result<Bytes, BytesRejection>) -> Ap
 
 /// Parses a JSON body, naming the path of the offending field on failure.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::new(
+            ErrorCode::MalformedJson,
+            "request body is empty: send a JSON object (the fields are in /openapi.json)",
+        ));
+    }
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();

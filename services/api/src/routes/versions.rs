@@ -196,7 +196,7 @@ impl Live {
                 .replace('"', "&quot;")
         };
         let mut live = format!(
-            "<p><b>Status now:</b> <span class=\"badge {}\">{}</span></p>\n<h2>Decision trail</h2><table><tr><th>when (UTC)</th><th>who</th><th>what</th><th>reason</th></tr>",
+            "<p><b>Status now:</b> <span class=\"badge {}\">{}</span></p>\n<h2>Decision trail</h2><style>.trail td,.trail th{{text-align:left!important}}</style><table class=\"trail\"><tr><th>when (UTC)</th><th>who</th><th>what</th><th>reason</th></tr>",
             match self.status {
                 VersionStatus::Promoted => "ok",
                 VersionStatus::PendingApproval => "wait",
@@ -306,8 +306,8 @@ pub(crate) async fn decide(
     by: &str,
     reason: &str,
 ) -> ApiResult<Decided> {
-    check_reason(reason)?;
     let row = version_row(state, domain, version).await?;
+    check_reason(reason)?;
     let version = row.version.clone();
     let promotion = Promotion::new(&state.db, &state.registry);
     let (status, production) = match step {
@@ -502,8 +502,8 @@ pub(crate) async fn roll_back(
     by: &str,
     reason: &str,
 ) -> ApiResult<RolledBack> {
-    check_reason(reason)?;
     let target = version_row(state, domain, to).await?;
+    check_reason(reason)?;
     let moved = Promotion::new(&state.db, &state.registry)
         .rollback(domain, &target, by, reason)
         .await?;
