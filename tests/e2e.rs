@@ -210,15 +210,31 @@ impl TestApp {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
-        // Shut down on a runtime of its own: the test's runtime is ending.
-        if let Some(running) = self.running.take() {
-            let _ = std::thread::spawn(move || {
-                tokio::runtime::Runtime::new()
-                    .unwrap()
-                    .block_on(async { running.shutdown().await })
+        // Shut down on a runtime of its own: the test's runtime is ending. Then the test's
+        // PostgreSQL database goes, so a long-lived server does not fill with them.
+        let running = self.running.take();
+        let database = self.database.clone();
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Runtime::new().unwrap().block_on(async {
+                if let Some(running) = running {
+                    let _ = running.shutdown().await;
+                }
+                drop_test_database(&database).await;
             })
-            .join();
-        }
+        })
+        .join();
+    }
+}
+
+/// Drops a test's PostgreSQL database (a SQLite file goes with its directory).
+async fn drop_test_database(database: &flywheel_db::DatabaseUrl) {
+    if let flywheel_db::DatabaseUrl::Postgres(url) = database
+        && let (Ok(server), Some((_, name))) = (
+            std::env::var("FLYWHEEL_TEST_POSTGRES"),
+            url.rsplit_once('/'),
+        )
+    {
+        let _ = flywheel_db::Db::drop_postgres_database(&server, name).await;
     }
 }
 

@@ -165,6 +165,14 @@ fn soak(plan: Plan) {
     let samples: Vec<Sample> = server.samples.lock().unwrap().drain(..).collect();
     let stored = runtime.block_on(stored_client_ids(&database));
     drop(server);
+    // The soak's PostgreSQL database goes with it: a server that outlives many runs should
+    // not spend itself vacuuming their leftovers.
+    if let (Database::Postgres(url), Ok(server)) =
+        (&database, std::env::var("FLYWHEEL_TEST_POSTGRES"))
+        && let Some((_, name)) = url.rsplit_once('/')
+    {
+        let _ = runtime.block_on(flywheel_db::Db::drop_postgres_database(&server, name));
+    }
 
     report(&plan, &tally, &samples, &database);
     eprintln!("training jobs during the soak: {jobs:?}");

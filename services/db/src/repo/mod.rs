@@ -231,6 +231,26 @@ impl Db {
         Ok(format!("{base}/{name}"))
     }
 
+    /// Drops the database `name` on the PostgreSQL server at `server_url`, closing whatever
+    /// connections it still has: tests clean up after themselves, so a server that outlives
+    /// many runs does not spend itself vacuuming their leftovers.
+    pub async fn drop_postgres_database(server_url: &str, name: &str) -> Result<()> {
+        if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(DbError::Unsupported(format!("database name `{name}`")));
+        }
+        use sqlx::Connection;
+        let options: PgConnectOptions = server_url.parse()?;
+        let mut conn = sqlx::PgConnection::connect_with(&options).await?;
+        // The name was checked above: identifiers cannot be bound as parameters.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .execute(&mut conn)
+        .await?;
+        conn.close().await?;
+        Ok(())
+    }
+
     /// `sqlite` or `postgres`: for logs, metrics and benchmarks.
     pub fn backend(&self) -> &'static str {
         match self.pool {
