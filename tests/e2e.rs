@@ -810,6 +810,18 @@ async fn the_cli_imports_csv_and_jsonl_and_says_what_to_fix_when_it_cannot() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // `--server host:port` means http.
+    let out = std::process::Command::new(bin)
+        .args(["import", "banking"])
+        .arg(&csv)
+        .args(["--server", app.base.trim_start_matches("http://")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (_, domain) = app.get("/v1/domains/banking").await;
     let stored = domain["corrections"]["train"].as_i64().unwrap()
         + domain["corrections"]["holdout"].as_i64().unwrap();
@@ -880,6 +892,15 @@ async fn the_cli_imports_csv_and_jsonl_and_says_what_to_fix_when_it_cannot() {
                 app.model_dir.clone(),
             ],
             "unsupported scheme `ftp`",
+        ),
+        (
+            // Nothing listens on port 1: the cause, not a pool timing out.
+            vec![
+                "--database".into(),
+                "postgres://postgres@127.0.0.1:1/flywheel".into(),
+                "migrate".into(),
+            ],
+            "Connection refused",
         ),
     ] {
         let out = std::process::Command::new(bin)

@@ -170,9 +170,18 @@ pub async fn post_corrections(
         .body(body)
         .send()
         .await
-        .with_context(|| format!("sending corrections to {base}"))?;
+        .with_context(|| {
+            format!("could not reach flywheel at {base} (is `flywheel serve` running there?)")
+        })?;
     let status = resp.status().as_u16();
     let answer: Value = resp.json().await.unwrap_or(Value::Null);
+    if status == 401 {
+        bail!(
+            "the server wants an API token that may send corrections to `{domain}`: pass --token \
+             or set FLYWHEEL_TOKEN ({})",
+            answer["message"].as_str().unwrap_or("unauthenticated")
+        );
+    }
     if status != 202 {
         bail!(
             "the server refused the upload ({status} {}): {}",

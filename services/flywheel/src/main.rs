@@ -128,7 +128,8 @@ enum Command {
         domain: String,
         /// `.jsonl` of correction objects, or `.csv` with input/expected columns.
         file: PathBuf,
-        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        /// The flywheel server (`http://host:port`; `host:port` means http).
+        #[arg(long, env = "FLYWHEEL_SERVER", default_value = "http://127.0.0.1:8080")]
         server: String,
         /// An API token that may send corrections to the domain (department or admin).
         #[arg(long, env = "FLYWHEEL_TOKEN", hide_env_values = true)]
@@ -185,9 +186,26 @@ async fn main() {
     let format = cli.log_format.parse().unwrap_or_default();
     flywheel_telemetry::init_logging(if quiet { "warn" } else { "info" }, format);
     if let Err(e) = run(cli).await {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", one_line(&e));
         std::process::exit(1);
     }
+}
+
+/// An error and its causes on one line, each cause once: libraries often repeat their
+/// source in their own message, and the chain would say it again.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -272,6 +290,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             server,
             token,
         } => {
+            let server = if server.contains("://") {
+                server
+            } else {
+                format!("http://{server}")
+            };
+            let server = server.trim_end_matches('/');
             let rows = flywheel::read_corrections(&file)?;
             let mut headers = reqwest::header::HeaderMap::new();
             if let Some(token) = token {
@@ -284,7 +308,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .default_headers(headers)
                 .build()
                 .context("building the HTTP client")?;
-            let sent = flywheel::demo::post_corrections(&client, &server, &domain, &rows).await?;
+            let sent = flywheel::demo::post_corrections(&client, server, &domain, &rows).await?;
             println!("{sent} corrections accepted into `{domain}`");
             Ok(())
         }

@@ -179,6 +179,26 @@ impl Db {
     pub async fn open_postgres(url: &str) -> Result<Self> {
         let options: PgConnectOptions = url.parse()?;
         let options = options.options([("synchronous_commit", "on")]);
+        // One connection first: a server that is down or refuses us says why within
+        // seconds, where the pool retries for its whole acquire timeout and then reports only
+        // that it timed out.
+        {
+            use sqlx::Connection;
+            let probe = sqlx::PgConnection::connect_with(&options);
+            match tokio::time::timeout(Duration::from_secs(5), probe).await {
+                Ok(Ok(conn)) => {
+                    let _ = conn.close().await;
+                }
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => {
+                    return Err(DbError::Unsupported(
+                        "PostgreSQL did not answer within 5 s: is the host and port right, \
+                         and does a firewall let us through?"
+                            .into(),
+                    ));
+                }
+            }
+        }
         let pool = PgPoolOptions::new()
             .max_connections(POSTGRES_CONNECTIONS)
             .acquire_timeout(Duration::from_secs(30))
