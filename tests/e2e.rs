@@ -1839,7 +1839,7 @@ async fn every_role_reaches_exactly_its_endpoints_on_its_own_domains() {
     let out = import(None);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && stderr.contains("unauthenticated"),
+        !out.status.success() && stderr.contains("pass --token or set FLYWHEEL_TOKEN"),
         "{stderr}"
     );
 
