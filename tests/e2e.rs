@@ -952,6 +952,31 @@ async fn stewards_approve_reject_and_roll_back_and_every_decision_is_audited() {
         (404, Some("version_not_found"))
     );
 
+    // Operators see what waits: one version pending, nothing untrained, the build.
+    let gauges = |text: &str| {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("flywheel_versions_pending_approval{domain=\"banking\"}")
+                    || l.starts_with("flywheel_corrections_untrained{domain=\"banking\"}")
+                    || l.starts_with("flywheel_build_info{")
+            })
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let (_, metrics) = app.get("/metrics").await;
+    let seen = gauges(metrics.as_str().unwrap());
+    assert_eq!(
+        seen,
+        [
+            format!(
+                "flywheel_build_info{{version=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            ),
+            "flywheel_corrections_untrained{domain=\"banking\"} 0".to_owned(),
+            "flywheel_versions_pending_approval{domain=\"banking\"} 1".to_owned(),
+        ],
+        "{metrics}"
+    );
     let review = json!({"by": "dana@bank.example", "reason": "read the report; flips look right"});
     let (status, body) = app
         .post("/v1/domains/banking/versions/v1/approve", &review)
@@ -2132,6 +2157,18 @@ async fn acknowledged_corrections_survive_kill_9_and_none_is_stored_twice() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 201);
+    // An API-only process leaves the database's gauges to the scheduler's process, so a sum
+    // across pods counts each job once.
+    let metrics = client
+        .get(format!("{}/metrics", server.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("flywheel_build_info{"), "{metrics}");
+    assert!(!metrics.contains("flywheel_jobs{"), "{metrics}");
 
     let batch = |n: usize| -> Value {
         json!(

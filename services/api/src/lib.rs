@@ -81,6 +81,9 @@ pub struct AppState {
     pub metrics_token_hash: Option<String>,
     /// Answers predictions (`/v1/domains/{d}/predict`).
     pub serving: flywheel_serving::Serving,
+    /// Whether `/metrics` here carries the gauges read from the database (jobs, pending
+    /// approvals, backlog, outbox): true in the scheduler's process only, one per deployment.
+    pub deployment_gauges: bool,
 }
 
 /// What a process serves over HTTP.

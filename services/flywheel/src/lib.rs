@@ -244,6 +244,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         nudge: nudge.clone(),
         limits: config.limits.clone(),
         auth: config.auth,
+        deployment_gauges: config.worker.scheduler,
         metrics_token_hash: config
             .metrics_token
             .as_deref()

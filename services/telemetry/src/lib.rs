@@ -53,6 +53,11 @@ pub struct Metrics {
     pub serving_shed: IntCounterVec,
     /// Webhook delivery attempts, by event type and outcome (`delivered`, `failed`).
     pub webhook_deliveries: IntCounterVec,
+    /// Database-derived gauges, set only by the process that runs the scheduler (one per
+    /// deployment), so summing across pods counts each once.
+    pub versions_pending_approval: IntGaugeVec,
+    pub corrections_untrained: IntGaugeVec,
+    pub webhook_deliveries_pending: IntGaugeVec,
 }
 
 impl Metrics {
@@ -93,19 +98,47 @@ impl Metrics {
             "Gate decisions on candidate adapters",
             &["domain", "outcome"],
         );
-        let jobs = IntGaugeVec::new(
-            Opts::new("flywheel_jobs", "Fine-tuning jobs by state"),
+        let int_gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let jobs = int_gauge(
+            "flywheel_jobs",
+            "Fine-tuning jobs by state (from the database; exported by the scheduler's process only)",
             &["state"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(jobs.clone()))
-            .expect("unique metric");
+        );
+        let versions_pending_approval = int_gauge(
+            "flywheel_versions_pending_approval",
+            "Versions awaiting a steward's approval (exported by the scheduler's process only)",
+            &["domain"],
+        );
+        let corrections_untrained = int_gauge(
+            "flywheel_corrections_untrained",
+            "Corrections no job has trained on yet (exported by the scheduler's process only)",
+            &["domain"],
+        );
+        let webhook_deliveries_pending = int_gauge(
+            "flywheel_webhook_deliveries_pending",
+            "Webhook deliveries not yet taken by their receiver (exported by the scheduler's process only)",
+            &[],
+        );
+        let build_info = int_gauge(
+            "flywheel_build_info",
+            "Always 1; the labels say which build runs",
+            &["version"],
+        );
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         let stage_seconds = histogram(
             "flywheel_stage_seconds",
             "Wall time of a pipeline stage",
             &["stage", "outcome"],
-            prometheus::exponential_buckets(0.1, 2.0, 14).expect("buckets"),
+            // 0.1 s to 3.6 h: long training runs land in a bucket, not +Inf.
+            prometheus::exponential_buckets(0.1, 2.0, 18).expect("buckets"),
         );
         let http_request_seconds = histogram(
             "flywheel_http_request_seconds",
@@ -117,7 +150,7 @@ impl Metrics {
             "flywheel_job_duration_seconds",
             "Wall time of a fine-tuning job, from queued to finished",
             &["outcome"],
-            prometheus::exponential_buckets(1.0, 2.0, 16).expect("buckets"),
+            prometheus::exponential_buckets(1.0, 2.0, 18).expect("buckets"),
         );
         let gauge = |name: &str, help: &str| {
             let g = GaugeVec::new(Opts::new(name, help), &["domain"]).expect("valid metric");
@@ -211,6 +244,9 @@ impl Metrics {
             shadow_scores,
             serving_shed,
             webhook_deliveries,
+            versions_pending_approval,
+            corrections_untrained,
+            webhook_deliveries_pending,
             job_duration_seconds,
             training_tokens_per_second,
             training_loss,

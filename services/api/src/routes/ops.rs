@@ -4,7 +4,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
-use flywheel_domain::JobStatus;
+use flywheel_domain::{JobStatus, VersionStatus};
 use serde::Serialize;
 
 use super::shared::ApiResult;
@@ -35,23 +35,48 @@ pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> ApiRe
             ));
         }
     }
-    for status in JobStatus::ALL {
-        state
-            .metrics
-            .jobs
-            .with_label_values(&[status.as_str()])
-            .set(0);
-    }
-    for (status, n) in state.db.job_counts().await? {
-        state
-            .metrics
-            .jobs
-            .with_label_values(&[status.as_str()])
-            .set(n);
+    if state.deployment_gauges {
+        deployment_gauges(&state).await?;
     }
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
     )
         .into_response())
+}
+
+/// The gauges read from the database, fresh at each scrape of the scheduler's process.
+async fn deployment_gauges(state: &AppState) -> ApiResult<()> {
+    let m = &state.metrics;
+    for status in JobStatus::ALL {
+        m.jobs.with_label_values(&[status.as_str()]).set(0);
+    }
+    for (status, n) in state.db.job_counts().await? {
+        m.jobs.with_label_values(&[status.as_str()]).set(n);
+    }
+    for domain in state.db.domains().await? {
+        let name = [domain.spec.name.as_str()];
+        let pending = state
+            .db
+            .versions(domain.id)
+            .await?
+            .iter()
+            .filter(|v| v.status == VersionStatus::PendingApproval)
+            .count();
+        m.versions_pending_approval
+            .with_label_values(&name)
+            .set(pending as i64);
+        let untrained = state
+            .db
+            .trigger_state(domain.id, domain.created_at)
+            .await?
+            .new_corrections;
+        m.corrections_untrained
+            .with_label_values(&name)
+            .set(untrained);
+    }
+    m.webhook_deliveries_pending
+        .with_label_values::<&str>(&[])
+        .set(state.db.outbox_counts().await?.pending);
+    Ok(())
 }
