@@ -1869,7 +1869,7 @@ async fn every_role_reaches_exactly_its_endpoints_on_its_own_domains() {
     );
 
     // Public: probes and scrapes.
-    for path in ["/healthz", "/metrics"] {
+    for path in ["/healthz", "/livez", "/metrics"] {
         assert_eq!(call("GET", path, None, None).await.0, 200);
     }
     // A department sees only its domains.
@@ -2051,7 +2051,8 @@ async fn the_openapi_document_matches_the_router() {
                 status != 405 && body["code"] != "route_not_found",
                 "{method} {path}: {status} {body}"
             );
-            let public = ["/healthz", "/metrics", "/openapi.json"].contains(&path.as_str());
+            let public =
+                ["/healthz", "/livez", "/metrics", "/openapi.json"].contains(&path.as_str());
             assert_eq!(op["security"] == json!([]), public, "{method} {path}");
             if !public {
                 assert!(!op["x-flywheel-roles"].as_array().unwrap().is_empty());

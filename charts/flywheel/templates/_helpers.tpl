@@ -113,8 +113,10 @@ ports:
   - name: http
     containerPort: 8080
     protocol: TCP
+# Liveness asks only that the process answers; readiness that the database does, so a
+# database outage takes pods out of the Service without restarting training.
 livenessProbe:
-  httpGet: {path: /healthz, port: http}
+  httpGet: {path: /livez, port: http}
   periodSeconds: 10
   timeoutSeconds: 5
   failureThreshold: 6
@@ -141,9 +143,11 @@ imagePullSecrets:
 {{/* Scratch space for work directories and the model cache; the root filesystem is read-only. */}}
 {{- define "flywheel.scratchVolume" -}}
 - name: data
-  emptyDir: {}
+  emptyDir:
+    sizeLimit: {{ .Values.scratch.sizeLimit }}
 - name: tmp
-  emptyDir: {}
+  emptyDir:
+    sizeLimit: {{ .Values.scratch.tmpSizeLimit }}
 {{- end -}}
 
 {{- define "flywheel.mounts" -}}

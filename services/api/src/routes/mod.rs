@@ -26,7 +26,9 @@ use crate::{ApiError, AppState, ErrorCode, Surface};
 /// are all read from here.
 pub static ROUTES: &[Route] = routes![
     Get "/healthz" => ops::healthz, PROBE, 200,
-        "Liveness and readiness: the database answers.", "";
+        "Readiness: the database answers.", "";
+    Get "/livez" => ops::livez, PROBE, 200,
+        "Liveness: the process answers (a database outage does not restart it).", "";
     Get "/metrics" => ops::metrics, PROBE, 200,
         "Prometheus metrics (`flywheel_*`).", "";
     Get "/openapi.json" => self::openapi, PUBLIC, 200,

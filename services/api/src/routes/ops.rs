@@ -20,6 +20,12 @@ pub async fn healthz(State(state): State<AppState>) -> ApiResult<Json<Health>> {
     Ok(Json(Health { status: "ok" }))
 }
 
+/// The process is alive; nothing else is asked, so a database outage of a minute does not
+/// have every worker restarted in the middle of training.
+pub async fn livez() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
 pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     if let Some(want) = &state.metrics_token_hash {
         let sent = headers
