@@ -92,6 +92,9 @@ app.kubernetes.io/component: {{ .component }}
       name: {{ include "flywheel.storeSecret" . }}
       key: AWS_SECRET_ACCESS_KEY
 {{- end }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}
 
 {{- define "flywheel.container" -}}
@@ -105,6 +108,9 @@ envFrom:
   {{- with .Values.serving.teacherKeysSecret }}
   - secretRef:
       name: {{ . }}
+  {{- end }}
+  {{- with .Values.envFrom }}
+  {{- toYaml . | nindent 2 }}
   {{- end }}
 {{- end -}}
 
