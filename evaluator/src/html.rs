@@ -9,7 +9,8 @@ const W: f64 = 420.0;
 const H: f64 = 260.0;
 const PAD: f64 = 40.0;
 
-fn esc(s: &str) -> String {
+/// Text made safe inside HTML or SVG, in an element or a quoted attribute.
+pub fn escape_html(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -48,15 +49,15 @@ fn axes_from(
 <text x="{PAD}" y="{tick}" text-anchor="middle">0</text><text x="{r}" y="{tick}" text-anchor="end">{xm}</text>
 <text x="{ym_x}" y="{ym_y}" text-anchor="end">{ym}</text>{y0}
 "##,
-        t = esc(title),
+        t = escape_html(title),
         cx = W / 2.0,
         b = H - PAD,
         r = W - 10.0,
         top = 24.0,
         xl = H - 6.0,
         cy = H / 2.0,
-        x = esc(x_label),
-        y = esc(y_label),
+        x = escape_html(x_label),
+        y = escape_html(y_label),
         tick = H - PAD + 14.0,
         xm = fmt_num(x_max),
         ym_x = PAD - 4.0,
@@ -215,7 +216,7 @@ fn confusion_chart(eval: &Evaluation) -> Option<String> {
             r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
             left - 4.0,
             y + cell * 0.65,
-            esc(labels.get(i).copied().unwrap_or(""))
+            escape_html(labels.get(i).copied().unwrap_or(""))
         );
         for (j, &v) in row.iter().enumerate() {
             let shade = v as f64 / max;
@@ -223,8 +224,8 @@ fn confusion_chart(eval: &Evaluation) -> Option<String> {
                 s,
                 r##"<rect x="{:.1}" y="{y:.1}" width="{cell:.1}" height="{cell:.1}" fill="rgba(37,99,235,{shade:.2})" stroke="#ddd"><title>expected {} → predicted {}: {v}</title></rect>"##,
                 left + cell * j as f64,
-                esc(labels.get(i).copied().unwrap_or("")),
-                esc(labels.get(j).copied().unwrap_or(""))
+                escape_html(labels.get(i).copied().unwrap_or("")),
+                escape_html(labels.get(j).copied().unwrap_or(""))
             );
             if v > 0 {
                 let _ = write!(
@@ -292,18 +293,19 @@ pre{{background:#f6f6f6;padding:10px;overflow:auto}} li{{margin:2px 0}}
 <p>Evaluated on {n} held-out corrections against <b>{champ}</b>.</p>
 <table><tr><th>metric</th><th>champion</th><th>candidate</th></tr>
 <tr><td>accuracy</td><td>{ca}</td><td>{na}</td></tr>"#,
-        d = esc(domain),
-        v = esc(version),
+        d = escape_html(domain),
+        v = escape_html(version),
         verdict = verdict.0,
         cls = verdict.1,
         // The reason opens with the verdict the badge already shows.
-        reason = esc(eval
-            .decision
-            .reason
-            .strip_prefix(verdict.0)
-            .map_or(eval.decision.reason.as_str(), |r| r
-                .trim_start_matches(':')
-                .trim_start())),
+        reason = escape_html(
+            eval.decision
+                .reason
+                .strip_prefix(verdict.0)
+                .map_or(eval.decision.reason.as_str(), |r| r
+                    .trim_start_matches(':')
+                    .trim_start())
+        ),
         rule = rule.as_str().unwrap_or("?"),
         remedy = eval
             .decision
@@ -311,11 +313,11 @@ pre{{background:#f6f6f6;padding:10px;overflow:auto}} li{{margin:2px 0}}
             .as_deref()
             .map(|r| format!(
                 "\n<p><b>What would have passed this rule:</b> {}</p>",
-                esc(r)
+                escape_html(r)
             ))
             .unwrap_or_default(),
         n = eval.holdout_size,
-        champ = esc(&eval.champion_name),
+        champ = escape_html(&eval.champion_name),
         ca = pct(eval.champion.accuracy),
         na = pct(eval.candidate.accuracy),
     );
@@ -348,7 +350,7 @@ pre{{background:#f6f6f6;padding:10px;overflow:auto}} li{{margin:2px 0}}
         let _ = write!(
             h,
             "<p>Out-of-scope recall (<code>{}</code>, {} held out): champion {}, candidate {}.</p>",
-            esc(&o.label),
+            escape_html(&o.label),
             o.support,
             pct(o.champion_recall),
             pct(o.candidate_recall)
@@ -360,7 +362,7 @@ pre{{background:#f6f6f6;padding:10px;overflow:auto}} li{{margin:2px 0}}
                  <code>{}</code>; on the holdout that keeps {} of in-scope answers right and \
                  catches {} of out-of-scope queries.</p>",
                 t.threshold,
-                esc(&o.label),
+                escape_html(&o.label),
                 pct(t.in_scope_accuracy),
                 pct(t.out_of_scope_recall)
             );
@@ -392,7 +394,7 @@ pre{{background:#f6f6f6;padding:10px;overflow:auto}} li{{margin:2px 0}}
             let _ = write!(
                 h,
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                esc(&m.label),
+                escape_html(&m.label),
                 pct(m.precision),
                 pct(m.recall),
                 pct(m.f1),
@@ -418,10 +420,10 @@ pre{{background:#f6f6f6;padding:10px;overflow:auto}} li{{margin:2px 0}}
             let _ = write!(
                 h,
                 "<li>“{}”: expected <code>{}</code>, champion <code>{}</code>, candidate <code>{}</code></li>",
-                esc(&f.text),
-                esc(&f.expected),
-                esc(&f.champion),
-                esc(&f.candidate)
+                escape_html(&f.text),
+                escape_html(&f.expected),
+                escape_html(&f.champion),
+                escape_html(&f.candidate)
             );
         }
         h.push_str("</ul>");
@@ -429,7 +431,7 @@ pre{{background:#f6f6f6;padding:10px;overflow:auto}} li{{margin:2px 0}}
     let _ = writeln!(
         h,
         "<h2>Lineage</h2><pre>{}</pre></body></html>",
-        esc(&serde_json::to_string_pretty(lineage).expect("json"))
+        escape_html(&serde_json::to_string_pretty(lineage).expect("json"))
     );
     h
 }

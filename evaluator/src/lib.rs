@@ -20,7 +20,7 @@ pub use calibration::{
     pick_scope_threshold, pick_threshold,
 };
 pub use gate::{Decision, Evidence, LabelFlips, Rule, decide, format_p};
-pub use html::{LIVE_MARKER, charts, render_html};
+pub use html::{LIVE_MARKER, charts, escape_html, render_html};
 pub use metrics::{
     LabelMetrics, Metrics, classification_metrics, generation_metrics, mcnemar_exact,
 };

@@ -2,6 +2,8 @@
 
 use std::fmt::Write as _;
 
+use flywheel_evaluator::escape_html;
+
 /// One version on the chart.
 pub struct Point {
     pub label: String,
@@ -19,12 +21,6 @@ const LEFT: f64 = 48.0;
 const RIGHT: f64 = 16.0;
 const TOP: f64 = 16.0;
 const BOTTOM: f64 = 36.0;
-
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
 
 /// The y range: from a round tenth below the lowest point to one, so the differences the
 /// gate judges stay visible instead of being squeezed against a zero nobody is near.
@@ -82,11 +78,11 @@ pub fn accuracy_over_versions(points: &[Point]) -> String {
             p.status,
             if p.live { " live" } else { "" },
             if p.live { 6 } else { 4 },
-            esc(&p.label),
+            escape_html(&p.label),
             p.value * 100.0,
             p.status.replace('_', " "),
             H - BOTTOM + 16.0,
-            esc(&p.label)
+            escape_html(&p.label)
         );
     }
     s.push_str("</svg>");

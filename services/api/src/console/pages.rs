@@ -12,10 +12,10 @@ use serde::Serialize;
 
 use super::session::Session;
 use super::{PageResult, charts, render};
-use crate::routes::inbox::{ReviewState, waiting};
+use crate::routes::inbox::{ReviewState, reviews_of, visible_domains};
 use crate::routes::shared::{Path, domain_row, version_row};
-use crate::routes::versions::{ReportFormat, live, report_response, status_words};
-use crate::{ApiError, AppState, ErrorCode, Principal};
+use crate::routes::versions::{ReportFormat, live, report_response, status_words, stored_report};
+use crate::{AppState, Principal};
 
 /// What every page's frame shows: who is signed in and the anti-forgery token for its forms.
 #[derive(Serialize)]
@@ -54,7 +54,8 @@ pub async fn inbox(
     Extension(who): Extension<Principal>,
     Extension(session): Extension<Session>,
 ) -> PageResult {
-    let reviews: Vec<_> = waiting(&state, &who, ReviewState::All)
+    let visible = visible_domains(&state, &who).await?;
+    let reviews: Vec<_> = reviews_of(&state, &visible, ReviewState::All)
         .await?
         .into_iter()
         .map(|r| {
@@ -72,18 +73,16 @@ pub async fn inbox(
             })
         })
         .collect();
-    let mut domains = Vec::new();
-    let promotion = Promotion::new(&state.db, &state.registry);
-    for d in state.db.domains().await? {
-        if who.sees(d.spec.name.as_str()) {
-            let production = promotion.production(&d.spec.name).await?;
-            domains.push(serde_json::json!({
+    let domains: Vec<_> = visible
+        .iter()
+        .map(|(d, production)| {
+            serde_json::json!({
                 "name": d.spec.name,
                 "task": d.spec.task,
                 "production": production,
-            }));
-        }
-    }
+            })
+        })
+        .collect();
     Ok(render(
         "inbox.html",
         minijinja::context! {
@@ -188,11 +187,10 @@ pub async fn domain(
         .new_corrections;
     // Threshold and coverage of what production serves, from its own evaluation.
     let routing = match &production {
-        Some(v) => stored_report(&state, &domain, v.as_str())
+        Some(v) => stored_report(&state, &domain, v)
             .await
             .ok()
-            .and_then(|r| serde_json::from_value::<Evaluation>(r["evaluation"].clone()).ok())
-            .map(|e| e.routing),
+            .map(|(_, e)| e.routing),
         None => None,
     };
     let points: Vec<charts::Point> = versions
@@ -281,28 +279,6 @@ fn trail_row(e: AuditEntry) -> serde_json::Value {
         "moved": e.data.as_ref().and_then(|d| {
             Some(format!("{}: {} → {}", d["alias"].as_str()?, d["from"].as_str().unwrap_or("none"), d["to"].as_str()?))
         }),
-    })
-}
-
-async fn stored_report(
-    state: &AppState,
-    domain: &DomainRow,
-    version: &str,
-) -> PageResult<serde_json::Value> {
-    let version = flywheel_domain::VersionId(version.to_owned());
-    let bytes = state
-        .registry
-        .read_file(&domain.spec.name, &version, "report.json")
-        .await?;
-    serde_json::from_slice(&bytes).map_err(|_| {
-        ApiError::new(
-            ErrorCode::VersionCorrupt,
-            format!(
-                "version {}/{version}: report.json is not readable",
-                domain.spec.name
-            ),
-        )
-        .into()
     })
 }
 
@@ -411,16 +387,7 @@ pub async fn version(
     let domain = domain_row(&state, &name).await?;
     let row = version_row(&state, &domain, &version).await?;
     let live = live(&state, &domain, &row).await?;
-    let report = stored_report(&state, &domain, row.version.as_str()).await?;
-    let eval: Evaluation = serde_json::from_value(report["evaluation"].clone()).map_err(|_| {
-        ApiError::new(
-            ErrorCode::VersionCorrupt,
-            format!(
-                "version {name}/{}: report.json holds no readable evaluation",
-                row.version
-            ),
-        )
-    })?;
+    let (report, eval) = stored_report(&state, &domain, &row.version).await?;
     let loss: Vec<(usize, f64)> =
         serde_json::from_value(report["training"]["loss_curve"].clone()).unwrap_or_default();
     let many_labels = eval.candidate.per_label.len() > 15;
@@ -437,10 +404,7 @@ pub async fn version(
         .any(|m| m.to == row.version.as_str());
     // An override compares against production: only while it is still the champion this
     // version was measured against.
-    let production = Promotion::new(&state.db, &state.registry)
-        .production(&domain.spec.name)
-        .await?;
-    let champion_holds = eval.champion_version() == production.as_ref().map(|v| v.as_str());
+    let champion_holds = eval.champion_version() == live.current.as_ref().map(|v| v.as_str());
     let mut aliases = Vec::new();
     for alias in ["staging", "canary"] {
         let here = state
@@ -561,16 +525,7 @@ pub async fn flips(
 ) -> PageResult {
     let domain = domain_row(&state, &name).await?;
     let row = version_row(&state, &domain, &version).await?;
-    let report = stored_report(&state, &domain, row.version.as_str()).await?;
-    let eval: Evaluation = serde_json::from_value(report["evaluation"].clone()).map_err(|_| {
-        ApiError::new(
-            ErrorCode::VersionCorrupt,
-            format!(
-                "version {name}/{}: report.json holds no readable evaluation",
-                row.version
-            ),
-        )
-    })?;
+    let (_, eval) = stored_report(&state, &domain, &row.version).await?;
     Ok(render(
         "flips.html",
         minijinja::context! {

@@ -359,7 +359,7 @@ pub(crate) fn to_sign_in(method: &Method, headers: &HeaderMap, path_and_query: &
         .get("sec-fetch-site")
         .is_some_and(|v| v.as_bytes() == b"cross-site");
     if method == Method::GET && from_elsewhere {
-        let here = html_attr(path_and_query);
+        let here = flywheel_evaluator::escape_html(path_and_query);
         let page = format!(
             "<!doctype html><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"0;url={here}\">\
              <title>Opening…</title><p><a href=\"{here}\">Continue to flywheel</a></p>"
@@ -375,7 +375,7 @@ pub(crate) fn to_sign_in(method: &Method, headers: &HeaderMap, path_and_query: &
     } else {
         PREFIX
     };
-    let next = form_urlencoded_component(next);
+    let next = percent_encoding::utf8_percent_encode(next, NEXT_KEEPS);
     // A cookie that named a session which has ended: say so on the sign-in page.
     let ended = if cookie(headers, SESSION_COOKIE).is_some() {
         "&ended=1"
@@ -385,21 +385,10 @@ pub(crate) fn to_sign_in(method: &Method, headers: &HeaderMap, path_and_query: &
     Redirect::to(&format!("/console/sign-in?next={next}{ended}")).into_response()
 }
 
-fn html_attr(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('"', "&quot;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
-/// Percent-encodes everything but unreserved characters.
-fn form_urlencoded_component(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
+/// What `next=` leaves as it is: unreserved characters and the path's slashes.
+const NEXT_KEEPS: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~')
+    .remove(b'/');

@@ -5,6 +5,7 @@
 use axum::extract::State;
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
+use flywheel_db::DomainRow;
 use flywheel_domain::{VersionId, VersionStatus};
 use flywheel_promotion::Promotion;
 use serde::{Deserialize, Serialize};
@@ -54,24 +55,36 @@ pub async fn reviews(
     Extension(who): Extension<Principal>,
     Query(q): Query<ReviewQuery>,
 ) -> ApiResult<Json<List<ReviewItem>>> {
-    Ok(Json(waiting(&state, &who, q.state).await?.into()))
+    let visible = visible_domains(&state, &who).await?;
+    Ok(Json(reviews_of(&state, &visible, q.state).await?.into()))
 }
 
-/// The reviews `who` may act on or read, newest first.
-pub(crate) async fn waiting(
+/// The domains `who` may see, each with the version production points at.
+pub(crate) async fn visible_domains(
     state: &AppState,
     who: &Principal,
-    which: ReviewState,
-) -> ApiResult<Vec<ReviewItem>> {
+) -> ApiResult<Vec<(DomainRow, Option<VersionId>)>> {
     let promotion = Promotion::new(&state.db, &state.registry);
     let mut out = Vec::new();
     for domain in state.db.domains().await? {
-        let name = domain.spec.name.to_string();
-        if !who.sees(&name) {
-            continue;
+        if who.sees(domain.spec.name.as_str()) {
+            let production = promotion.production(&domain.spec.name).await?;
+            out.push((domain, production));
         }
+    }
+    Ok(out)
+}
+
+/// The reviews waiting in `domains` (as [`visible_domains`] lists them), newest first.
+pub(crate) async fn reviews_of(
+    state: &AppState,
+    domains: &[(DomainRow, Option<VersionId>)],
+    which: ReviewState,
+) -> ApiResult<Vec<ReviewItem>> {
+    let mut out = Vec::new();
+    for (domain, production) in domains {
+        let name = domain.spec.name.to_string();
         let versions = state.db.versions(domain.id).await?;
-        let production = promotion.production(&domain.spec.name).await?;
         let live_since = versions
             .iter()
             .find(|v| Some(&v.version) == production.as_ref())

@@ -113,6 +113,10 @@ pub struct Live {
     pub status: VersionStatus,
     pub production: bool,
     pub decisions: Vec<AuditEntry>,
+    /// The version production points at now (this one or another), for callers that judge
+    /// against it.
+    #[serde(skip)]
+    pub current: Option<VersionId>,
 }
 
 pub(crate) async fn live(
@@ -140,6 +144,7 @@ pub(crate) async fn live(
         status: row.status,
         production: production.as_ref() == Some(&row.version),
         decisions,
+        current: production,
     })
 }
 
@@ -189,12 +194,7 @@ impl Live {
     /// The stored HTML with the status now and the decision trail where the report marks
     /// their place (under the title), or at the top of the body of an older report.
     fn into_html(self, stored: &str) -> String {
-        let esc = |s: &str| {
-            s.replace('&', "&amp;")
-                .replace('<', "&lt;")
-                .replace('>', "&gt;")
-                .replace('"', "&quot;")
-        };
+        use flywheel_evaluator::escape_html as esc;
         let mut live = format!(
             "<p><b>Status now:</b> <span class=\"badge {}\">{}</span></p>\n<h2>Decision trail</h2><style>.trail td,.trail th{{text-align:left!important}}</style><table class=\"trail\"><tr><th>when (UTC)</th><th>who</th><th>what</th><th>reason</th></tr>",
             match self.status {
@@ -354,28 +354,37 @@ pub async fn label_issues(
     Ok(Json(evaluation.label_issues.into()))
 }
 
+/// A version's published `report.json`, whole, with the evaluation in it read out.
+pub(crate) async fn stored_report(
+    state: &AppState,
+    domain: &DomainRow,
+    version: &VersionId,
+) -> ApiResult<(serde_json::Value, flywheel_evaluator::Evaluation)> {
+    let bytes = state
+        .registry
+        .read_file(&domain.spec.name, version, "report.json")
+        .await?;
+    let corrupt = || {
+        ApiError::new(
+            ErrorCode::VersionCorrupt,
+            format!(
+                "version {}/{version}: report.json holds no readable evaluation",
+                domain.spec.name
+            ),
+        )
+    };
+    let report: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| corrupt())?;
+    let evaluation = serde_json::from_value(report["evaluation"].clone()).map_err(|_| corrupt())?;
+    Ok((report, evaluation))
+}
+
 /// The evaluation a version was published with, from its `report.json`.
 pub(crate) async fn stored_evaluation(
     state: &AppState,
-    domain: &flywheel_db::DomainRow,
+    domain: &DomainRow,
     row: &VersionRow,
 ) -> ApiResult<flywheel_evaluator::Evaluation> {
-    let report = state
-        .registry
-        .read_file(&domain.spec.name, &row.version, "report.json")
-        .await?;
-    serde_json::from_slice::<serde_json::Value>(&report)
-        .ok()
-        .and_then(|r| serde_json::from_value(r["evaluation"].clone()).ok())
-        .ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::VersionCorrupt,
-                format!(
-                    "version {}/{}: report.json holds no readable evaluation",
-                    domain.spec.name, row.version
-                ),
-            )
-        })
+    Ok(stored_report(state, domain, &row.version).await?.1)
 }
 
 /// Production as it is now, if it is still the champion `row` was measured against; else
