@@ -77,6 +77,9 @@ pub struct Notifier {
     metrics: Metrics,
     config: NotifyConfig,
     http: reqwest::Client,
+    /// When the floor of the audit search last moved: it needs to only now and then, not on
+    /// every round.
+    floor_moved: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Notifier {
@@ -91,6 +94,7 @@ impl Notifier {
             metrics,
             config,
             http,
+            floor_moved: std::sync::Mutex::new(None),
         }
     }
 
@@ -110,10 +114,12 @@ impl Notifier {
     /// One round: new events into the outbox, then every due delivery tried once.
     pub async fn tick(&self) -> Result<(), DbError> {
         while self.collect().await? {}
-        // An audit row is settled once no transaction that wrote it can still be open.
-        self.db
-            .advance_announced(Utc::now() - chrono::Duration::minutes(10))
-            .await?;
+        if self.floor_due() {
+            // An audit row is settled once no transaction that wrote it can still be open.
+            self.db
+                .advance_announced(Utc::now() - chrono::Duration::minutes(10))
+                .await?;
+        }
         let due = self
             .db
             .due_deliveries(Utc::now(), self.config.max_attempts, 50)
@@ -147,6 +153,17 @@ impl Notifier {
                 .inc();
         }
         Ok(())
+    }
+
+    /// Whether the floor should move this round: once a minute is plenty for a search that
+    /// stays correct (only slower) however far behind the floor is.
+    fn floor_due(&self) -> bool {
+        let mut last = self.floor_moved.lock().expect("not poisoned");
+        let due = last.is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+        if due {
+            *last = Some(std::time::Instant::now());
+        }
+        due
     }
 
     /// One attempt at a delivery: `Err` says why it did not land.
