@@ -20,6 +20,10 @@ mod console;
 #[path = "e2e/webhooks.rs"]
 mod webhooks;
 
+// Ingestion sources: files in a directory and S3, a PostgreSQL table.
+#[path = "e2e/sources.rs"]
+mod sources;
+
 struct TestApp {
     base: String,
     client: reqwest::Client,
@@ -2084,8 +2088,19 @@ impl Server {
         database: &flywheel_db::DatabaseUrl,
         roles: &str,
     ) -> Self {
+        Self::start_env(data_dir, database, roles, &[])
+    }
+
+    /// As [`Server::start_with`], with `env` added to the process's environment.
+    fn start_env(
+        data_dir: &std::path::Path,
+        database: &flywheel_db::DatabaseUrl,
+        roles: &str,
+        env: &[(&str, String)],
+    ) -> Self {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flywheel"))
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .args(["--data-dir"])
             .arg(data_dir)
             .args(["--database", &database_arg(database)])

@@ -11,11 +11,11 @@ mod repo;
 mod sql;
 
 pub use models::{
-    AuditEntry, CorrectionRow, DomainRow, IdConflict, InsertOutcome, JobEvent, JobRow,
+    AuditEntry, CorrectionRow, DomainRow, IdConflict, IngestUnit, InsertOutcome, JobEvent, JobRow,
     NewPrediction, NewShadowScore, PolicyVersion, PredictionRow, ServingWindow, SessionRow,
-    ShadowAgreement, StoredCorrection, TokenRow, VersionRow,
+    ShadowAgreement, SourceState, StoredCorrection, TokenRow, UnitAdvance, VersionRow,
 };
-pub use repo::{CorrectionFilter, Delivery, Edit, NewDelivery, OutboxCounts};
+pub use repo::{CorrectionFilter, Delivery, Edit, IngestTotals, NewDelivery, OutboxCounts};
 pub use repo::{DatabaseUrl, Db, SQLITE_WRITER_CACHE_KIB};
 
 #[derive(Debug, thiserror::Error)]

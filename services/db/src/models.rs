@@ -22,6 +22,7 @@ pub struct PolicyVersion {
     /// The label set of this version (absent on versions recorded before labels could change).
     pub labels: Option<Vec<String>>,
     pub serving: flywheel_domain::ServingSpec,
+    pub sources: Vec<flywheel_domain::SourceSpec>,
     pub actor: String,
     pub reason: String,
     pub at: DateTime<Utc>,
@@ -68,6 +69,10 @@ pub struct InsertOutcome {
     /// Rows not stored because their client id already names a correction with other
     /// content, in the order given.
     pub conflicts: Vec<IdConflict>,
+    /// With a [`UnitAdvance`]: the unit had moved on from where this reader started (another
+    /// worker read it), so nothing was stored.
+    #[serde(skip)]
+    pub unit_moved: bool,
 }
 
 impl InsertOutcome {
@@ -228,4 +233,64 @@ pub struct ShadowAgreement {
     pub primary_version: String,
     pub scored: i64,
     pub agreed: i64,
+}
+
+/// What has been read of one file version, or of a table: where reading stands and what the
+/// rows read so far became.
+#[derive(Debug, Clone, Serialize)]
+pub struct IngestUnit {
+    #[serde(skip)]
+    pub id: i64,
+    pub source: String,
+    /// The file's key under the prefix; empty for a table.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub unit: String,
+    /// The file's ETag (or size and modification time).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub version: String,
+    pub size: i64,
+    /// `reading`, `done`, `quarantined` (unreadable, or no row of it valid) or `changed`
+    /// (rewritten after it was read, left alone by the source's `on_change`).
+    pub state: String,
+    /// Lines or rows read of a file; the last cursor value read of a table.
+    pub position: String,
+    pub ingested: i64,
+    pub duplicates: i64,
+    pub rejected: i64,
+    pub dropped_pii: i64,
+    /// The first refusals, each with its line or row number.
+    pub errors: serde_json::Value,
+    pub first_seen: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A unit's move forward, committed with the rows read up to it: a compare-and-swap from
+/// `from`, so two workers reading the same unit cannot both store what they read.
+#[derive(Debug, Clone)]
+pub struct UnitAdvance {
+    pub unit_id: i64,
+    pub from: String,
+    pub to: String,
+    /// Rows refused by validation (or for a client-id conflict, added here by the insert).
+    pub rejected: i64,
+    pub dropped_pii: i64,
+    /// The unit's error list after this advance (the first few are kept).
+    pub errors: serde_json::Value,
+    /// `reading` while more may follow, else `done` or `quarantined`.
+    pub state: &'static str,
+}
+
+/// When a source is polled, who polls it now, and how it last went.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceState {
+    #[serde(skip)]
+    pub domain_id: i64,
+    pub source: String,
+    pub next_poll_at: DateTime<Utc>,
+    /// A worker holds the source until then.
+    pub claimed_until: Option<DateTime<Utc>>,
+    pub polled_at: Option<DateTime<Utc>>,
+    /// When a poll last found nothing left to read.
+    pub caught_up_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
 }

@@ -111,6 +111,7 @@ fn spec(name: &str) -> DomainSpec {
         training: Default::default(),
         out_of_scope_label: None,
         serving: Default::default(),
+        sources: Vec::new(),
     }
 }
 
@@ -536,5 +537,98 @@ async fn every_audit_row_is_announced_once_and_the_floor_never_passes_an_unannou
         );
         let counts = db.outbox_counts().await.unwrap();
         assert_eq!((counts.pending, counts.delivered), (3, 1));
+    }
+}
+
+/// An ingestion unit moves only with the rows read up to its new position, in one
+/// transaction: of two readers racing from the same position exactly one stores its rows;
+/// a finished unit takes nothing more. A source is claimed by one poll at a time.
+#[tokio::test]
+async fn an_ingestion_unit_moves_with_its_rows_or_not_at_all() {
+    for (db, _dir) in databases().await {
+        let which = db.backend();
+        let banking = spec("banking");
+        let row = db.create_domain(&banking).await.unwrap();
+        let unit = db
+            .ingest_unit(row.id, "logs", "a.jsonl", "etag-1", 10, "0")
+            .await
+            .unwrap();
+        let again = db
+            .ingest_unit(row.id, "logs", "a.jsonl", "etag-1", 10, "0")
+            .await
+            .unwrap();
+        assert_eq!(unit.id, again.id, "{which}");
+        let advance = |from: &str, to: &str, state: &'static str| flywheel_db::UnitAdvance {
+            unit_id: unit.id,
+            from: from.into(),
+            to: to.into(),
+            rejected: 1,
+            dropped_pii: 0,
+            errors: serde_json::json!([{"line": 2, "code": "invalid_field", "message": "x"}]),
+            state,
+        };
+        let rows: Vec<_> = (0..2)
+            .map(|i| correction(&banking, &format!("card {i} is lost"), "card_lost", None))
+            .collect();
+        let other: Vec<_> = (5..7)
+            .map(|i| correction(&banking, &format!("card {i} is lost"), "card_lost", None))
+            .collect();
+        let (a, b) = tokio::join!(
+            db.insert_corrections_advancing(row.id, &rows, advance("0", "3", "reading")),
+            db.insert_corrections_advancing(row.id, &other, advance("0", "3", "reading")),
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert!(a.unit_moved != b.unit_moved, "{which}: {a:?} {b:?}");
+        let winner = if a.unit_moved { &b } else { &a };
+        let loser = if a.unit_moved { &a } else { &b };
+        assert_eq!((winner.accepted, loser.accepted), (2, 0), "{which}");
+        let (train, holdout) = db.correction_counts(row.id).await.unwrap();
+        assert_eq!(train + holdout, 2, "{which}");
+
+        let done = db
+            .insert_corrections_advancing(row.id, &[], advance("3", "4", "done"))
+            .await
+            .unwrap();
+        assert!(!done.unit_moved, "{which}");
+        let late = db
+            .insert_corrections_advancing(row.id, &other, advance("4", "5", "done"))
+            .await
+            .unwrap();
+        assert!(late.unit_moved, "{which}: a finished unit took more rows");
+        let units = db.ingest_units(row.id, "logs", None, 10).await.unwrap();
+        let u = &units[0];
+        assert_eq!(
+            (
+                u.state.as_str(),
+                u.position.as_str(),
+                u.ingested,
+                u.rejected
+            ),
+            ("done", "4", 2, 2),
+            "{which}"
+        );
+        assert_eq!(u.errors[0]["line"], 2, "{which}");
+        let totals = db.ingest_totals(row.id, "logs").await.unwrap();
+        assert_eq!((totals.done, totals.ingested), (1, 2), "{which}");
+
+        db.register_sources(row.id, &["logs"]).await.unwrap();
+        let lease = std::time::Duration::from_secs(60);
+        assert!(
+            db.claim_source(row.id, "logs", lease).await.unwrap(),
+            "{which}"
+        );
+        assert!(
+            !db.claim_source(row.id, "logs", lease).await.unwrap(),
+            "{which}"
+        );
+        db.finish_poll(row.id, "logs", std::time::Duration::ZERO, true, None)
+            .await
+            .unwrap();
+        let states = db.source_states(row.id).await.unwrap();
+        assert!(states[0].caught_up_at.is_some() && states[0].claimed_until.is_none());
+        assert!(
+            db.claim_source(row.id, "logs", lease).await.unwrap(),
+            "{which}"
+        );
     }
 }

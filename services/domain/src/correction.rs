@@ -430,6 +430,7 @@ mod tests {
             training: Default::default(),
             out_of_scope_label: None,
             serving: Default::default(),
+            sources: Vec::new(),
         }
     }
 

@@ -351,6 +351,9 @@ pub struct DomainSpec {
     /// The teacher escalated queries go to, and what is kept of predictions.
     #[serde(default)]
     pub serving: crate::ServingSpec,
+    /// Where the ingestion worker collects corrections from besides HTTP.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<crate::SourceSpec>,
 }
 
 impl DomainSpec {
@@ -405,6 +408,7 @@ impl DomainSpec {
         }
         self.policy.validate()?;
         self.serving.validate()?;
+        crate::source::validate_sources(&self.sources)?;
         self.training.validate()
     }
 

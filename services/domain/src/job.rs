@@ -154,3 +154,11 @@ text_enum! {
 pub struct StageTask {
     pub job_id: JobId,
 }
+
+/// The payload of an ingestion poll: one source of one domain, which the scheduler claimed
+/// before pushing it. The domain's spec holds the rest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngestTask {
+    pub domain: String,
+    pub source: String,
+}

@@ -12,6 +12,7 @@ mod job;
 pub mod pii;
 pub mod schedule;
 mod serving;
+mod source;
 mod training;
 
 pub use auth::Role;
@@ -21,12 +22,13 @@ pub use correction::{
     normalize_text, outranked_by_people, validate_expected,
 };
 pub use domain::{DomainName, DomainSpec, Policy, Task, check_webhook_url};
-pub use job::{JobId, JobStatus, StageTask, Trigger, VersionId, VersionStatus};
+pub use job::{IngestTask, JobId, JobStatus, StageTask, Trigger, VersionId, VersionStatus};
 pub use pii::{PiiAction, PiiCounts, PiiKind, PiiPolicy};
 pub use schedule::{TriggerState, due};
 pub use serving::{
     AnsweredBy, PRODUCTION, PredictionId, ServingSpec, TeacherEndpoint, is_alias_name,
 };
+pub use source::{FileFormat, MAX_TABLE_BATCH, Mapping, OnChange, SourceSpec};
 pub use training::{
     Auto, AutoSearch, DataFacts, Lora, MAX_LORA_RANK, MAX_TRIALS, Resolved, Training,
 };

@@ -161,15 +161,12 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     let queue = open_queue(&config.database())
         .await
         .context("opening the queue database")?;
-    let ctx = flywheel_worker::Context::new(
-        db.clone(),
-        registry.clone(),
-        metrics.clone(),
-        config.worker.clone(),
-        queue,
-    )
-    .await
-    .context("setting up the job queue")?;
+    let mut worker = config.worker.clone();
+    worker.max_text_chars = config.limits.max_text_chars;
+    let ctx =
+        flywheel_worker::Context::new(db.clone(), registry.clone(), metrics.clone(), worker, queue)
+            .await
+            .context("setting up the job queue")?;
     let nudge = Arc::new(Notify::new());
     let (stop, stopped) = watch::channel(false);
     let addr = listener.local_addr()?;

@@ -56,14 +56,14 @@ enum Command {
         #[arg(long, env = "FLYWHEEL_LISTEN", default_value = "127.0.0.1:8080")]
         listen: String,
         /// What this process runs: `api`, `scheduler` (one per deployment), and the queues
-        /// it works: `train`, `evaluate`, `publish`. Without `api` it serves only /healthz
-        /// and /metrics.
+        /// it works: `train`, `evaluate`, `publish`, `ingest` (polls of the domains'
+        /// sources). Without `api` it serves only /healthz and /metrics.
         #[arg(
             long,
             env = "FLYWHEEL_ROLES",
             value_delimiter = ',',
-            default_value = "api,scheduler,train,evaluate,publish",
-            value_parser = ["api", "scheduler", "train", "evaluate", "publish"]
+            default_value = "api,scheduler,train,evaluate,publish,ingest",
+            value_parser = ["api", "scheduler", "train", "evaluate", "publish", "ingest"]
         )]
         roles: Vec<String>,
         /// The largest LoRA rank the serving fleet loads (vLLM --max-lora-rank); larger

@@ -32,6 +32,7 @@ impl World {
             training: Default::default(),
             out_of_scope_label: None,
             serving: Default::default(),
+            sources: Vec::new(),
         };
         let domain = db.create_domain(&spec).await.unwrap();
         let row = CorrectionDraft {

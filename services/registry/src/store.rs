@@ -30,12 +30,37 @@ pub(crate) fn open(location: &str, options: &[(String, String)]) -> Result<Regis
             store_options.push((key.to_ascii_lowercase(), value.clone()));
         }
     }
-    let Some((scheme, rest)) = location.split_once("://") else {
-        return Registry::local(std::path::Path::new(location));
+    let local = match location.split_once("://") {
+        None => Some(location),
+        Some(("file", rest)) => Some(rest),
+        Some(_) => None,
     };
-    if scheme == "file" {
-        return Registry::local(std::path::Path::new(rest));
+    if let Some(path) = local {
+        return Registry::local(std::path::Path::new(path));
     }
+    let (store, base_url) = remote(location, &store_options)?;
+    Ok(Registry {
+        store,
+        base_url,
+        local_root: None,
+        conditional_writes,
+    })
+}
+
+/// The object store an `s3://`, `gs://` or `az://` URL names, scoped to the URL's prefix,
+/// and that prefix's URL. `options` are object_store config keys (lowercase), which win over
+/// the environment. For other readers of object stores, such as the ingestion worker.
+pub fn remote(
+    location: &str,
+    store_options: &[(String, String)],
+) -> Result<(Arc<dyn ObjectStore>, String)> {
+    let bad = |message: String| RegistryError::Config {
+        location: location.to_owned(),
+        message,
+    };
+    let Some((scheme, rest)) = location.split_once("://") else {
+        return Err(bad("not a URL".into()));
+    };
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
     let prefix = prefix.trim_matches('/');
     if bucket.is_empty() {
@@ -46,7 +71,7 @@ pub(crate) fn open(location: &str, options: &[(String, String)]) -> Result<Regis
     let store: Arc<dyn ObjectStore> = match scheme {
         "s3" | "s3a" => {
             let mut b = AmazonS3Builder::from_env().with_url(&bucket_url);
-            for (k, v) in &store_options {
+            for (k, v) in store_options {
                 let key: AmazonS3ConfigKey = k.parse().map_err(|_| unknown(k))?;
                 b = b.with_config(key, v);
             }
@@ -54,7 +79,7 @@ pub(crate) fn open(location: &str, options: &[(String, String)]) -> Result<Regis
         }
         "gs" => {
             let mut b = GoogleCloudStorageBuilder::from_env().with_url(&bucket_url);
-            for (k, v) in &store_options {
+            for (k, v) in store_options {
                 let key: GoogleConfigKey = k.parse().map_err(|_| unknown(k))?;
                 b = b.with_config(key, v);
             }
@@ -62,7 +87,7 @@ pub(crate) fn open(location: &str, options: &[(String, String)]) -> Result<Regis
         }
         "az" | "azure" | "abfs" | "abfss" => {
             let mut b = MicrosoftAzureBuilder::from_env().with_url(&bucket_url);
-            for (k, v) in &store_options {
+            for (k, v) in store_options {
                 let key: AzureConfigKey = k.parse().map_err(|_| unknown(k))?;
                 b = b.with_config(key, v);
             }
@@ -74,18 +99,12 @@ pub(crate) fn open(location: &str, options: &[(String, String)]) -> Result<Regis
             )));
         }
     };
-    let (store, base_url): (Arc<dyn ObjectStore>, String) = if prefix.is_empty() {
+    Ok(if prefix.is_empty() {
         (store, bucket_url)
     } else {
         (
             Arc::new(PrefixStore::new(store, prefix)),
             format!("{bucket_url}/{prefix}"),
         )
-    };
-    Ok(Registry {
-        store,
-        base_url,
-        local_root: None,
-        conditional_writes,
     })
 }

@@ -58,6 +58,16 @@ pub struct Metrics {
     pub versions_pending_approval: IntGaugeVec,
     pub corrections_untrained: IntGaugeVec,
     pub webhook_deliveries_pending: IntGaugeVec,
+    /// Rows read from ingestion sources, by domain, source and outcome (`ingested`,
+    /// `duplicate`, `rejected`, `dropped_pii`).
+    pub source_rows: IntCounterVec,
+    /// Polls of ingestion sources, by domain, source and outcome (`ok`, `failed`).
+    pub source_polls: IntCounterVec,
+    /// Seconds since a source was last read to its end (scheduler's process only).
+    pub source_lag_seconds: IntGaugeVec,
+    /// A source's files by state: `reading`, `done`, `quarantined`, `changed` (scheduler's
+    /// process only).
+    pub source_files: IntGaugeVec,
 }
 
 impl Metrics {
@@ -124,6 +134,26 @@ impl Metrics {
             "flywheel_webhook_deliveries_pending",
             "Webhook deliveries not yet taken by their receiver (exported by the scheduler's process only)",
             &[],
+        );
+        let source_lag_seconds = int_gauge(
+            "flywheel_source_lag_seconds",
+            "Seconds since an ingestion source was last read to its end (exported by the scheduler's process only)",
+            &["domain", "source"],
+        );
+        let source_files = int_gauge(
+            "flywheel_source_files",
+            "Files of an ingestion source by state (exported by the scheduler's process only)",
+            &["domain", "source", "state"],
+        );
+        let source_rows = counter(
+            "flywheel_source_rows_total",
+            "Rows read from ingestion sources, by outcome",
+            &["domain", "source", "outcome"],
+        );
+        let source_polls = counter(
+            "flywheel_source_polls_total",
+            "Polls of ingestion sources, by outcome",
+            &["domain", "source", "outcome"],
         );
         let build_info = int_gauge(
             "flywheel_build_info",
@@ -247,6 +277,10 @@ impl Metrics {
             versions_pending_approval,
             corrections_untrained,
             webhook_deliveries_pending,
+            source_rows,
+            source_polls,
+            source_lag_seconds,
+            source_files,
             job_duration_seconds,
             training_tokens_per_second,
             training_loss,

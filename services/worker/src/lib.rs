@@ -8,6 +8,7 @@
 
 mod compute;
 mod hyper;
+mod ingest;
 mod pipeline;
 mod publish;
 mod scheduler;
@@ -20,7 +21,7 @@ use apalis::prelude::*;
 use apalis_postgres::PostgresStorage;
 use apalis_sqlite::SqliteStorage;
 use flywheel_db::Db;
-use flywheel_domain::{JobId, StageTask};
+use flywheel_domain::{IngestTask, JobId, StageTask};
 use flywheel_registry::Registry;
 use flywheel_telemetry::Metrics;
 use sqlx::{PgPool, SqlitePool};
@@ -33,7 +34,9 @@ pub use scheduler::schedule_once;
 pub const TRAIN_QUEUE: &str = "flywheel.train";
 pub const EVALUATE_QUEUE: &str = "flywheel.evaluate";
 pub const PUBLISH_QUEUE: &str = "flywheel.publish";
-pub const ALL_QUEUES: [&str; 3] = [TRAIN_QUEUE, EVALUATE_QUEUE, PUBLISH_QUEUE];
+/// Polls of ingestion sources ([`IngestTask`]).
+pub const INGEST_QUEUE: &str = "flywheel.ingest";
+pub const ALL_QUEUES: [&str; 4] = [TRAIN_QUEUE, EVALUATE_QUEUE, PUBLISH_QUEUE, INGEST_QUEUE];
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -137,6 +140,8 @@ pub struct WorkerConfig {
     pub checkpoint_every_steps: usize,
     /// Precision of the base model's frozen products while training.
     pub compute: flywheel_trainer::Compute,
+    /// The longest text a correction read from a source may hold (the API's limit).
+    pub max_text_chars: usize,
 }
 
 impl WorkerConfig {
@@ -156,6 +161,7 @@ impl WorkerConfig {
             retry_backoff: [1, 5, 25].map(Duration::from_secs).to_vec(),
             checkpoint_every_steps: 50,
             compute: flywheel_trainer::Compute::Float32,
+            max_text_chars: 16_384,
         }
     }
 }
@@ -166,6 +172,8 @@ pub struct Context {
     pub registry: Registry,
     pub metrics: Metrics,
     pub config: WorkerConfig,
+    /// Reads ingestion sources for the `flywheel.ingest` queue.
+    pub ingestor: flywheel_ingest::Ingestor,
     queues: Queues,
 }
 
@@ -206,8 +214,11 @@ impl<S: Clone> Stages<S> {
 
 #[derive(Clone)]
 enum Queues {
-    Sqlite(Stages<SqliteStorage<StageTask>>),
-    Postgres(Stages<PostgresStorage<StageTask>>),
+    Sqlite(Stages<SqliteStorage<StageTask>>, SqliteStorage<IngestTask>),
+    Postgres(
+        Stages<PostgresStorage<StageTask>>,
+        PostgresStorage<IngestTask>,
+    ),
 }
 
 impl Context {
@@ -225,10 +236,17 @@ impl Context {
         macro_rules! stages {
             ($pool:expr, $variant:ident, $storage:ident, $config:ty) => {{
                 $storage::setup(&$pool).await.map_err(|e| queue_error(&e))?;
-                Queues::$variant(Stages::new(|queue| {
-                    $storage::new(&$pool)
-                        .with_config(<$config>::default().queue(queue).heartbeat_interval(beat))
-                }))
+                Queues::$variant(
+                    Stages::new(|queue| {
+                        $storage::new(&$pool)
+                            .with_config(<$config>::default().queue(queue).heartbeat_interval(beat))
+                    }),
+                    $storage::new(&$pool).with_config(
+                        <$config>::default()
+                            .queue(INGEST_QUEUE)
+                            .heartbeat_interval(beat),
+                    ),
+                )
             }};
         }
         let queues = match queue {
@@ -237,11 +255,19 @@ impl Context {
                 stages!(pool, Postgres, PostgresStorage, apalis_postgres::Config)
             }
         };
+        let ingestor = flywheel_ingest::Ingestor {
+            db: db.clone(),
+            metrics: metrics.clone(),
+            scratch: config.data_dir.join("scratch").join("ingest"),
+            max_text_chars: config.max_text_chars,
+            lease: config.job_lease,
+        };
         Ok(Arc::new(Self {
             db,
             registry,
             metrics,
             config,
+            ingestor,
             queues,
         }))
     }
@@ -254,13 +280,36 @@ impl Context {
         .max_attempts(1)
         .build();
         let pushed = match &self.queues {
-            Queues::Sqlite(stages) => stages
+            Queues::Sqlite(stages, _) => stages
                 .of(queue)
                 .push_task(task)
                 .await
                 .map_err(|e| e.to_string()),
-            Queues::Postgres(stages) => stages
+            Queues::Postgres(stages, _) => stages
                 .of(queue)
+                .push_task(task)
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        pushed.map_err(WorkerError::Queue)
+    }
+
+    /// Hands a claimed source's poll to the ingest queue.
+    pub(crate) async fn enqueue_poll(&self, domain: &str, source: &str) -> Result<(), WorkerError> {
+        let task = TaskBuilder::new(IngestTask {
+            domain: domain.to_owned(),
+            source: source.to_owned(),
+        })
+        .max_attempts(1)
+        .build();
+        let pushed = match &self.queues {
+            Queues::Sqlite(_, ingest) => ingest
+                .clone()
+                .push_task(task)
+                .await
+                .map_err(|e| e.to_string()),
+            Queues::Postgres(_, ingest) => ingest
+                .clone()
                 .push_task(task)
                 .await
                 .map_err(|e| e.to_string()),
@@ -290,8 +339,8 @@ pub async fn run(
     // One registration for either backend (each storage is its own type) and each stage
     // (each stage function is its own type).
     macro_rules! register {
-        ($stages:expr, $storage:ident, $name:expr, $stage:path) => {{
-            let backend = $stages.$storage.clone();
+        ($backend:expr, $name:expr, $stage:path) => {{
+            let backend = $backend.clone();
             let (name, ctx) = ($name, ctx.clone());
             monitor.register(move |_| {
                 WorkerBuilder::new(name.clone())
@@ -306,8 +355,8 @@ pub async fn run(
         ($name:literal, $storage:ident, $stage:path) => {{
             let name = format!("{}-{}", $name, &instance[..12]);
             monitor = match &ctx.queues {
-                Queues::Sqlite(stages) => register!(stages, $storage, name, $stage),
-                Queues::Postgres(stages) => register!(stages, $storage, name, $stage),
+                Queues::Sqlite(stages, _) => register!(stages.$storage, name, $stage),
+                Queues::Postgres(stages, _) => register!(stages.$storage, name, $stage),
             };
         }};
     }
@@ -316,6 +365,13 @@ pub async fn run(
             TRAIN_QUEUE => worker!("flywheel-train", train, pipeline::train),
             EVALUATE_QUEUE => worker!("flywheel-evaluate", evaluate, pipeline::evaluate),
             PUBLISH_QUEUE => worker!("flywheel-publish", publish, publish::publish),
+            INGEST_QUEUE => {
+                let name = format!("flywheel-ingest-{}", &instance[..12]);
+                monitor = match &ctx.queues {
+                    Queues::Sqlite(_, ingest) => register!(ingest, name, ingest::poll),
+                    Queues::Postgres(_, ingest) => register!(ingest, name, ingest::poll),
+                };
+            }
             other => return Err(WorkerError::Queue(format!("unknown queue `{other}`"))),
         }
     }

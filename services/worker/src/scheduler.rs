@@ -35,7 +35,9 @@ pub async fn schedule_once(ctx: &Context) -> Result<usize, WorkerError> {
             )
             .await?;
     }
-    for domain in ctx.db.domains().await? {
+    let domains = ctx.db.domains().await?;
+    claim_due_sources(ctx, &domains).await?;
+    for domain in domains {
         let policy = &domain.spec.policy;
         let mut state = ctx.db.trigger_state(domain.id, domain.created_at).await?;
         let now = chrono::Utc::now();
@@ -77,6 +79,34 @@ pub async fn schedule_once(ctx: &Context) -> Result<usize, WorkerError> {
         pushed += 1;
     }
     Ok(pushed)
+}
+
+/// Hands the ingest queue a poll of every source that is due and that no live worker holds.
+/// The claim is what keeps two polls of one source apart; a poll whose worker died lets its
+/// claim lapse after the job lease, and the source is claimed again here.
+async fn claim_due_sources(
+    ctx: &Context,
+    domains: &[flywheel_db::DomainRow],
+) -> Result<(), WorkerError> {
+    for domain in domains.iter().filter(|d| !d.spec.sources.is_empty()) {
+        let names: Vec<&str> = domain
+            .spec
+            .sources
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        ctx.db.register_sources(domain.id, &names).await?;
+        for name in names {
+            if ctx
+                .db
+                .claim_source(domain.id, name, ctx.config.job_lease)
+                .await?
+            {
+                ctx.enqueue_poll(domain.spec.name.as_str(), name).await?;
+            }
+        }
+    }
+    Ok(())
 }
 
 pub(crate) async fn run(

@@ -69,6 +69,7 @@ fn specs() -> Vec<DomainSpec> {
         training: Default::default(),
         out_of_scope_label: None,
         serving: Default::default(),
+        sources: Vec::new(),
     };
     vec![
         spec(

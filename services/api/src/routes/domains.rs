@@ -50,6 +50,10 @@ pub async fn create(
     spec.validate()?;
     check_base_model(&state, &spec).await?;
     let row = state.db.create_domain(&spec).await?;
+    if !row.spec.sources.is_empty() {
+        // The scheduler hands the new sources their first poll now, not at its next tick.
+        state.nudge.notify_one();
+    }
     Ok((StatusCode::CREATED, Json(view(&state, row).await?)))
 }
 
@@ -171,6 +175,9 @@ pub struct DomainPatch {
     /// A merge patch of the serving block (teacher, prediction log); admin only.
     #[serde(default)]
     serving: Option<serde_json::Value>,
+    /// The whole list of ingestion sources, replacing the current one; admin only.
+    #[serde(default)]
+    sources: Option<serde_json::Value>,
     #[serde(default)]
     base_model: Option<serde_json::Value>,
     reason: String,
@@ -215,6 +222,7 @@ pub async fn change(
                     ("out_of_scope_label", patch.out_of_scope_label.is_some()),
                     ("training", patch.training.is_some()),
                     ("serving", patch.serving.is_some()),
+                    ("sources", patch.sources.is_some()),
                     ("labels", patch.labels.is_some()),
                 ]
                 .into_iter()
@@ -247,7 +255,12 @@ pub async fn change(
             .change_domain(&domain, &to, &by, &patch.reason)
             .await?
         {
-            Some(changed) => return Ok(Json(view(&state, changed).await?)),
+            Some(changed) => {
+                if changed.spec.sources != domain.spec.sources {
+                    state.nudge.notify_one();
+                }
+                return Ok(Json(view(&state, changed).await?));
+            }
             None => domain = domain_row(&state, domain.spec.name.as_str()).await?,
         }
     }
@@ -330,6 +343,24 @@ fn patched(spec: &DomainSpec, patch: &DomainPatch) -> ApiResult<DomainSpec> {
     }
     if let Some(label) = &patch.out_of_scope_label {
         to.out_of_scope_label = label.clone();
+    }
+    if let Some(sources) = &patch.sources {
+        // A list is replaced whole (a merge patch cannot address its items); `null` empties it.
+        let sources = if sources.is_null() {
+            serde_json::Value::Array(Vec::new())
+        } else {
+            sources.clone()
+        };
+        to.sources = serde_path_to_error::deserialize(sources).map_err(|e| {
+            let at = e.path().to_string();
+            let at = if at == "." { String::new() } else { at };
+            let why = e
+                .inner()
+                .to_string()
+                .replace("struct SourceSpec", "an object")
+                .replace("struct Mapping", "an object");
+            ApiError::new(ErrorCode::InvalidField, format!("sources{at}: {why}"))
+        })?;
     }
     to.validate()?;
     Ok(to)

@@ -10,6 +10,7 @@ mod ops;
 mod predict;
 mod review;
 pub(crate) mod shared;
+mod sources;
 mod tokens;
 pub(crate) mod versions;
 
@@ -34,13 +35,13 @@ pub static ROUTES: &[Route] = routes![
     Get "/openapi.json" => self::openapi, PUBLIC, 200,
         "This document.", "";
     Post "/v1/domains" => domains::create, ADMIN_ONLY, 201,
-        "Register a domain.", "{name, task: classification|generation, base_model: sha256:…|path, labels, policy?, training?: \"auto\"|{n_epochs, batch_size, learning_rate_multiplier, lora: {r, alpha, dropout, target_modules}, max_seq_len, early_stopping, auto_search?: {trials}}, out_of_scope_label?, serving?: {teacher?: {url, model, api_key_env?, prompt?, timeout_ms?, max_calls_per_hour?}, log_sample_rate?, log_retention_days?, canary_share?, shadow?}}";
+        "Register a domain.", "{name, task: classification|generation, base_model: sha256:…|path, labels, policy?, training?: \"auto\"|{n_epochs, batch_size, learning_rate_multiplier, lora: {r, alpha, dropout, target_modules}, max_seq_len, early_stopping, auto_search?: {trials}}, out_of_scope_label?, serving?: {teacher?: {url, model, api_key_env?, prompt?, timeout_ms?, max_calls_per_hour?}, log_sample_rate?, log_retention_days?, canary_share?, shadow?}, sources?: [{name, files: s3://…|gs://…|az://…|/dir, format?: jsonl|csv|parquet, options?} or {name, table, cursor, connection|connection_env}, with mapping: {input, expected, model_output?, client_id?, source?, teacher?, metadata?: [...]}, interval_seconds?, on_change?: skip|reread]}";
     Get "/v1/domains" => domains::list, ANY_ROLE, 200,
         "The domains the caller may see, with correction counts and production version.", "";
     Get "/v1/domains/{domain}" => domains::get, ANY_ROLE_OF_DOMAIN, 200,
         "One domain.", "";
     Patch "/v1/domains/{domain}" => domains::change, STEWARD_OF_DOMAIN, 200,
-        "Change a domain's policy or training block (JSON merge patches of them), out-of-scope label, or add labels; a new policy version, audited. Stewards may change the gate and approval rules only.", "{policy?: {...}, training?: {...}, labels?: [current..., added...], out_of_scope_label?, reason, by? (without auth)}";
+        "Change a domain's policy or training block (JSON merge patches of them), out-of-scope label, or add labels; a new policy version, audited. Stewards may change the gate and approval rules only.", "{policy?: {...}, training?: {...}, labels?: [current..., added...], out_of_scope_label?, serving?: {...}, sources?: [...] (the whole list), reason, by? (without auth)}";
     Get "/v1/domains/{domain}/policy/history" => domains::policy_history, ANY_ROLE_OF_DOMAIN, 200,
         "Every version of the domain's policy: the whole policy, who set it, when and why.", "";
     Post "/v1/domains/{domain}/corrections" => corrections::post, DEPARTMENT_OF_DOMAIN, 202,
@@ -53,6 +54,8 @@ pub static ROUTES: &[Route] = routes![
         "Relabel a correction (checked and redacted as ingestion would; its split stays); audited.", "{expected, reason, by? (without auth)}";
     Delete "/v1/domains/{domain}/corrections/{id}" => review::remove, STEWARD_OF_DOMAIN, 200,
         "Remove a correction: tombstoned, audited, left out of every later snapshot.", "{reason, by? (without auth)}";
+    Get "/v1/domains/{domain}/sources" => sources::list, ANY_ROLE_OF_DOMAIN, 200,
+        "The domain's ingestion sources (files under an object-store prefix, or a PostgreSQL table): each with its poll status and lag, rows ingested, duplicate, rejected and dropped for personal data, and its files most recently read first, each with its first refusals by line or row (?state=reading|done|quarantined|changed, ?limit= 20, at most 500).", "";
     Get "/v1/domains/{domain}/jobs" => jobs::of_domain, DEPARTMENT_OF_DOMAIN, 200,
         "The domain's fine-tune jobs, newest first.", "";
     Post "/v1/domains/{domain}/jobs" => jobs::start, DEPARTMENT_OF_DOMAIN, 201,

@@ -80,6 +80,30 @@ async fn deployment_gauges(state: &AppState) -> ApiResult<()> {
         m.corrections_untrained
             .with_label_values(&name)
             .set(untrained);
+        let states = state.db.source_states(domain.id).await?;
+        let now = chrono::Utc::now();
+        for source in &domain.spec.sources {
+            let labels = [name[0], source.name.as_str()];
+            let since = states
+                .iter()
+                .find(|s| s.source == source.name)
+                .and_then(|s| s.caught_up_at)
+                .unwrap_or(domain.created_at);
+            m.source_lag_seconds
+                .with_label_values(&labels)
+                .set((now - since).num_seconds().max(0));
+            let totals = state.db.ingest_totals(domain.id, &source.name).await?;
+            for (unit_state, n) in [
+                ("reading", totals.reading),
+                ("done", totals.done),
+                ("quarantined", totals.quarantined),
+                ("changed", totals.changed),
+            ] {
+                m.source_files
+                    .with_label_values(&[labels[0], labels[1], unit_state])
+                    .set(n);
+            }
+        }
     }
     m.webhook_deliveries_pending
         .with_label_values::<&str>(&[])

@@ -4,9 +4,9 @@
 use flywheel_domain::{Correction, Source, Split};
 use sqlx::types::Json;
 
-use super::writer::{WriteRequest, insert_rows};
+use super::writer::{WriteRequest, advance_unit, insert_rows};
 use super::{Db, fetch_all, from_row};
-use crate::models::{CorrectionRow, InsertOutcome};
+use crate::models::{CorrectionRow, InsertOutcome, UnitAdvance};
 use crate::sql::{Cells, Stamp, with_pool};
 use crate::{DbError, Result};
 
@@ -19,7 +19,7 @@ impl Db {
         domain_id: i64,
         rows: &[Correction],
     ) -> Result<InsertOutcome> {
-        self.insert(domain_id, rows, false).await
+        self.insert(domain_id, rows, false, None).await
     }
 
     /// As [`Db::insert_corrections`], but a batch with any conflict stores nothing: the
@@ -29,7 +29,20 @@ impl Db {
         domain_id: i64,
         rows: &[Correction],
     ) -> Result<InsertOutcome> {
-        self.insert(domain_id, rows, true).await
+        self.insert(domain_id, rows, true, None).await
+    }
+
+    /// As [`Db::insert_corrections`], and in the same transaction moves an ingestion unit
+    /// forward from where its reader started: if it has moved since (another worker read the
+    /// same rows), nothing is stored and the outcome says `unit_moved`. So a file or table is
+    /// stored once however many workers read it and wherever one dies.
+    pub async fn insert_corrections_advancing(
+        &self,
+        domain_id: i64,
+        rows: &[Correction],
+        advance: UnitAdvance,
+    ) -> Result<InsertOutcome> {
+        self.insert(domain_id, rows, false, Some(advance)).await
     }
 
     async fn insert(
@@ -37,6 +50,7 @@ impl Db {
         domain_id: i64,
         rows: &[Correction],
         all_or_nothing: bool,
+        advance: Option<UnitAdvance>,
     ) -> Result<InsertOutcome> {
         if let Some((writer, _)) = &self.writer {
             let (reply, outcome) = tokio::sync::oneshot::channel();
@@ -44,6 +58,7 @@ impl Db {
                 domain_id,
                 rows: rows.to_vec(),
                 all_or_nothing,
+                advance,
                 reply,
             };
             let gone = || DbError::Unsupported("the database writer has stopped".into());
@@ -57,6 +72,14 @@ impl Db {
             if all_or_nothing && !outcome.conflicts.is_empty() {
                 tx.rollback().await?;
                 return Ok(outcome.nothing_stored());
+            }
+            if let Some(advance) = &advance
+                && !advance_unit!(&mut *tx, advance, &outcome, created_at)
+            {
+                tx.rollback().await?;
+                let mut outcome = outcome.nothing_stored();
+                outcome.unit_moved = true;
+                return Ok(outcome);
             }
             tx.commit().await?;
             Ok(outcome)

@@ -15,8 +15,8 @@ impl Db {
         let res: std::result::Result<i64, sqlx::Error> = with_pool!(self, pool => async {
             let mut tx = pool.begin().await?;
             let id: i64 = sqlx::query_scalar(
-                "INSERT INTO domains (name, task, base_model, labels, policy, out_of_scope_label, created_at, training, serving)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+                "INSERT INTO domains (name, task, base_model, labels, policy, out_of_scope_label, created_at, training, serving, sources)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
             )
             .bind(spec.name.as_str())
             .bind(spec.task.as_str())
@@ -27,11 +27,12 @@ impl Db {
             .bind(created_at)
             .bind(Json(&spec.training))
             .bind(Json(&spec.serving))
+            .bind(Json(&spec.sources))
             .fetch_one(&mut *tx)
             .await?;
             sqlx::query(
-                "INSERT INTO domain_policies (domain_id, version, policy, actor, reason, at, training, labels, serving)
-                 VALUES ($1, 1, $2, 'registration', 'registered', $3, $4, $5, $6)",
+                "INSERT INTO domain_policies (domain_id, version, policy, actor, reason, at, training, labels, serving, sources)
+                 VALUES ($1, 1, $2, 'registration', 'registered', $3, $4, $5, $6, $7)",
             )
             .bind(id)
             .bind(Json(&spec.policy))
@@ -39,6 +40,7 @@ impl Db {
             .bind(Json(&spec.training))
             .bind(Json(&spec.labels))
             .bind(Json(&spec.serving))
+            .bind(Json(&spec.sources))
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;
@@ -89,15 +91,16 @@ impl Db {
             "policy_version": version,
             "before": {"policy": from.spec.policy, "training": from.spec.training,
                 "labels": from.spec.labels, "out_of_scope_label": from.spec.out_of_scope_label,
-                "serving": from.spec.serving},
+                "serving": from.spec.serving, "sources": from.spec.sources},
             "after": {"policy": to.policy, "training": to.training, "labels": to.labels,
-                "out_of_scope_label": to.out_of_scope_label, "serving": to.serving},
+                "out_of_scope_label": to.out_of_scope_label, "serving": to.serving,
+                "sources": to.sources},
         });
         let changed: std::result::Result<bool, sqlx::Error> = with_pool!(self, pool => async {
             let mut tx = pool.begin().await?;
             let updated = sqlx::query(
                 "UPDATE domains SET policy = $1, out_of_scope_label = $2, policy_version = $3,
-                 training = $6, labels = $7, serving = $8
+                 training = $6, labels = $7, serving = $8, sources = $9
                  WHERE id = $4 AND policy_version = $5",
             )
             .bind(Json(&to.policy))
@@ -108,6 +111,7 @@ impl Db {
             .bind(Json(&to.training))
             .bind(Json(&to.labels))
             .bind(Json(&to.serving))
+            .bind(Json(&to.sources))
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -115,8 +119,8 @@ impl Db {
                 return Ok(false);
             }
             sqlx::query(
-                "INSERT INTO domain_policies (domain_id, version, policy, actor, reason, at, training, labels, serving)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                "INSERT INTO domain_policies (domain_id, version, policy, actor, reason, at, training, labels, serving, sources)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
             )
             .bind(from.id)
             .bind(version)
@@ -127,6 +131,7 @@ impl Db {
             .bind(Json(&to.training))
             .bind(Json(&to.labels))
             .bind(Json(&to.serving))
+            .bind(Json(&to.sources))
             .execute(&mut *tx)
             .await?;
             sqlx::query(
@@ -172,6 +177,7 @@ fn domain_from_row(r: &impl Cells) -> Result<DomainRow> {
         training: r.json("training")?,
         out_of_scope_label: r.opt_text("out_of_scope_label")?,
         serving: r.json("serving")?,
+        sources: r.json("sources")?,
     };
     Ok(DomainRow {
         id: r.int("id")?,
@@ -188,6 +194,7 @@ fn policy_from_row(r: &impl Cells) -> Result<PolicyVersion> {
         training: r.json("training")?,
         labels: r.opt_json("labels")?,
         serving: r.json("serving")?,
+        sources: r.json("sources")?,
         actor: r.text("actor")?,
         reason: r.text("reason")?,
         at: r.time("at")?,

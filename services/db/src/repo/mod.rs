@@ -9,6 +9,7 @@ mod jobs;
 mod predictions;
 mod review;
 mod sessions;
+mod sources;
 mod tokens;
 mod versions;
 mod webhooks;
@@ -23,6 +24,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use crate::sql::{Pool, with_pool};
 use crate::{DbError, Result};
 pub use review::{CorrectionFilter, Edit};
+pub use sources::IngestTotals;
 pub use webhooks::{Delivery, NewDelivery, OutboxCounts};
 pub use writer::SQLITE_WRITER_CACHE_KIB;
 use writer::{WAL_SIZE_LIMIT_BYTES, WriteRequest, checkpoint_in_background, group_writer};

@@ -96,6 +96,37 @@ macro_rules! insert_rows {
 }
 pub(super) use insert_rows;
 
+/// Moves an ingestion unit forward inside the transaction that stored its rows (`$outcome`,
+/// whose counts it adds), if it still stands where its reader started. Evaluates to whether
+/// it did; if not, the caller rolls the rows back.
+macro_rules! advance_unit {
+    ($conn:expr, $advance:expr, $outcome:expr, $at:expr) => {{
+        let a: &$crate::models::UnitAdvance = $advance;
+        let o: &$crate::models::InsertOutcome = $outcome;
+        sqlx::query(
+            "UPDATE ingest_units SET position = $1, ingested = ingested + $2,
+             duplicates = duplicates + $3, rejected = rejected + $4,
+             dropped_pii = dropped_pii + $5, errors = $6, state = $7, updated_at = $8
+             WHERE id = $9 AND position = $10 AND state = 'reading'",
+        )
+        .bind(&a.to)
+        .bind(o.accepted as i64)
+        .bind(o.duplicates as i64)
+        .bind(a.rejected + o.conflicts.len() as i64)
+        .bind(a.dropped_pii)
+        .bind(sqlx::types::Json(&a.errors))
+        .bind(a.state)
+        .bind($at)
+        .bind(a.unit_id)
+        .bind(&a.from)
+        .execute($conn)
+        .await?
+        .rows_affected()
+            == 1
+    }};
+}
+pub(super) use advance_unit;
+
 /// WAL frames (pages) past which the writer helps the log restart: 64 MiB at SQLite's 4 KiB
 /// pages.
 const WAL_RESTART_FRAMES: i64 = 16_384;
@@ -147,6 +178,8 @@ pub(super) struct WriteRequest {
     pub(super) rows: Vec<Correction>,
     /// Store nothing of this upload if any row conflicts (a JSON batch).
     pub(super) all_or_nothing: bool,
+    /// An ingestion unit to move forward with these rows, or store nothing.
+    pub(super) advance: Option<crate::models::UnitAdvance>,
     pub(super) reply: tokio::sync::oneshot::Sender<Result<InsertOutcome>>,
 }
 
@@ -234,18 +267,28 @@ async fn commit_group(
     let mut tx = pool.begin().await?;
     let mut outcomes = Vec::with_capacity(group.len());
     for request in group {
-        // A batch that may conflict commits or rolls back on its own, inside the group.
-        let atomic = request.all_or_nothing && request.rows.iter().any(|c| c.client_id.is_some());
+        // A batch that may conflict, or that moves an ingestion unit, commits or rolls back
+        // on its own, inside the group.
+        let atomic = request.advance.is_some()
+            || request.all_or_nothing && request.rows.iter().any(|c| c.client_id.is_some());
         if atomic {
             sqlx::query("SAVEPOINT upload").execute(&mut *tx).await?;
         }
         let mut outcome = insert_rows!(&mut *tx, request.domain_id, &request.rows, created_at);
         if atomic {
-            if !outcome.conflicts.is_empty() {
+            let refused = request.all_or_nothing && !outcome.conflicts.is_empty();
+            let moved = match &request.advance {
+                Some(advance) if !refused => {
+                    !advance_unit!(&mut *tx, advance, &outcome, created_at)
+                }
+                _ => false,
+            };
+            if refused || moved {
                 sqlx::query("ROLLBACK TO SAVEPOINT upload")
                     .execute(&mut *tx)
                     .await?;
                 outcome = outcome.nothing_stored();
+                outcome.unit_moved = moved;
             }
             sqlx::query("RELEASE SAVEPOINT upload")
                 .execute(&mut *tx)

@@ -1,0 +1,40 @@
+-- Ingestion sources (#26): a domain's `sources` (versioned with its policy), when each is
+-- polled and by whom, and what was read of each file or table.
+ALTER TABLE domains ADD COLUMN sources TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE domain_policies ADD COLUMN sources TEXT NOT NULL DEFAULT '[]';
+
+-- One row per (domain, source) the scheduler has seen: the next poll, the lease of the
+-- worker polling it now, and when a poll last found nothing left to read.
+CREATE TABLE ingest_sources (
+    domain_id     INTEGER NOT NULL REFERENCES domains(id),
+    source        TEXT NOT NULL,
+    next_poll_at  TEXT NOT NULL,
+    claimed_until TEXT,
+    polled_at     TEXT,
+    caught_up_at  TEXT,
+    last_error    TEXT,
+    PRIMARY KEY (domain_id, source)
+);
+
+-- One row per file version (key + ETag) or per table: `position` (lines or rows read of a
+-- file, the last cursor value of a table) moves only in the transaction that stores the rows
+-- read up to it, with a compare-and-swap on its old value.
+CREATE TABLE ingest_units (
+    id          INTEGER PRIMARY KEY,
+    domain_id   INTEGER NOT NULL REFERENCES domains(id),
+    source      TEXT NOT NULL,
+    unit        TEXT NOT NULL,
+    version     TEXT NOT NULL,
+    size        INTEGER NOT NULL DEFAULT 0,
+    state       TEXT NOT NULL CHECK (state IN ('reading', 'done', 'quarantined', 'changed')),
+    position    TEXT NOT NULL DEFAULT '',
+    ingested    INTEGER NOT NULL DEFAULT 0,
+    duplicates  INTEGER NOT NULL DEFAULT 0,
+    rejected    INTEGER NOT NULL DEFAULT 0,
+    dropped_pii INTEGER NOT NULL DEFAULT 0,
+    errors      TEXT NOT NULL DEFAULT '[]',
+    first_seen  TEXT NOT NULL,
+    updated_at  TEXT NOT NULL,
+    UNIQUE (domain_id, source, unit, version)
+);
+CREATE INDEX ingest_units_recent ON ingest_units (domain_id, source, updated_at);

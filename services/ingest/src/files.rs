@@ -1,0 +1,197 @@
+//! A `files` source: list the prefix, and read each file version not read yet, in key order
+//! (log shippers name files by time). A file is one unit per version (its ETag, or size and
+//! modification time): read once, resumed where a dead reader's last commit left it, and
+//! quarantined, never retried, if it cannot be read.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use flywheel_db::DomainRow;
+use flywheel_domain::{FileFormat, OnChange, SourceSpec};
+use futures::TryStreamExt;
+use object_store::local::LocalFileSystem;
+use object_store::{ObjectStore, ObjectStoreExt};
+use tokio::io::AsyncWriteExt;
+
+use crate::read::{Msg, read_file};
+use crate::{CHUNK_ROWS, Committed, IngestError, Ingestor, POLL_BUDGET, PollReport, UnitWriter};
+
+/// The store a source's `files` URL names, scoped to its prefix.
+fn open(url: &str, source: &SourceSpec) -> Result<Arc<dyn ObjectStore>, IngestError> {
+    let local = match url.split_once("://") {
+        None => Some(url),
+        Some(("file", rest)) => Some(rest),
+        Some(_) => None,
+    };
+    if let Some(dir) = local {
+        if !std::path::Path::new(dir).is_dir() {
+            return Err(IngestError::Store(format!(
+                "{dir} is not a directory this worker can read"
+            )));
+        }
+        let store = LocalFileSystem::new_with_prefix(dir)
+            .map_err(|e| IngestError::Store(format!("{dir}: {e}")))?;
+        return Ok(Arc::new(store));
+    }
+    let options: Vec<(String, String)> = source
+        .options
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+        .collect();
+    let (store, _) =
+        flywheel_registry::remote(url, &options).map_err(|e| IngestError::Store(e.to_string()))?;
+    Ok(store)
+}
+
+/// Files a shipper is not done with, or that are not data: hidden and `_SUCCESS`-style names.
+fn is_data(key: &str) -> bool {
+    let name = key.rsplit('/').next().unwrap_or(key);
+    !(name.starts_with('.') || name.starts_with('_'))
+}
+
+pub(crate) async fn poll(
+    ingestor: &Ingestor,
+    domain: &DomainRow,
+    source: &SourceSpec,
+    url: &str,
+    started: Instant,
+) -> Result<PollReport, IngestError> {
+    let store = open(url, source)?;
+    let mut listed: Vec<object_store::ObjectMeta> = store
+        .list(None)
+        .try_collect()
+        .await
+        .map_err(|e| IngestError::Store(format!("listing {url}: {e}")))?;
+    listed.retain(|m| is_data(m.location.as_ref()));
+    listed.sort_by(|a, b| a.location.cmp(&b.location));
+    let mut known: HashMap<String, Vec<(String, String)>> = HashMap::new();
+    for (key, version, state) in ingestor.db.known_files(domain.id, &source.name).await? {
+        known.entry(key).or_default().push((version, state));
+    }
+    let mut report = PollReport {
+        caught_up: true,
+        ..PollReport::default()
+    };
+    for meta in listed {
+        let key = meta.location.to_string();
+        let Some(format) = source.format.or_else(|| FileFormat::of_name(&key)) else {
+            continue;
+        };
+        let version = meta
+            .e_tag
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}", meta.size, meta.last_modified.timestamp_millis()));
+        let versions = known.get(&key);
+        let seen = versions.and_then(|v| v.iter().find(|(v, _)| *v == version));
+        let reread = source.on_change == OnChange::Reread;
+        match seen.map(|(_, state)| state.as_str()) {
+            None | Some("reading") => {}
+            // Left alone while the source said so; read now that it says `reread`.
+            Some("changed") if reread => {}
+            Some(_) => continue,
+        }
+        if started.elapsed() > POLL_BUDGET {
+            report.caught_up = false;
+            break;
+        }
+        let size = i64::try_from(meta.size).unwrap_or(i64::MAX);
+        let unit = ingestor
+            .db
+            .ingest_unit(domain.id, &source.name, &key, &version, size, "0")
+            .await?;
+        let unit = if unit.state == "changed" {
+            ingestor.db.reopen_unit(unit.id).await?
+        } else {
+            unit
+        };
+        let mut writer = UnitWriter::new(ingestor, domain, source, unit);
+        if seen.is_none() && versions.is_some() && !reread {
+            writer
+                .end(
+                    "changed",
+                    "the file changed after it was read (a new ETag or size); it was left \
+                     alone: set the source's on_change to `reread` to read changed files again"
+                        .into(),
+                )
+                .await?;
+            continue;
+        }
+        let read = read_one(ingestor, &store, &meta, format, &mut writer).await;
+        writer.close().await;
+        match read? {
+            Committed::Stored => report.units += 1,
+            Committed::TakenOver => report.caught_up = false,
+        }
+    }
+    Ok(report)
+}
+
+/// Downloads one file into scratch and stores its rows chunk by chunk from where its unit
+/// stands.
+async fn read_one(
+    ingestor: &Ingestor,
+    store: &Arc<dyn ObjectStore>,
+    meta: &object_store::ObjectMeta,
+    format: FileFormat,
+    writer: &mut UnitWriter<'_>,
+) -> Result<Committed, IngestError> {
+    let scratch = &ingestor.scratch;
+    let io = |error| IngestError::Io {
+        path: scratch.clone(),
+        error,
+    };
+    tokio::fs::create_dir_all(scratch).await.map_err(io)?;
+    let copy = tempfile::NamedTempFile::new_in(scratch).map_err(io)?;
+    {
+        let mut out = tokio::fs::File::from_std(copy.reopen().map_err(io)?);
+        let mut body = store
+            .get(&meta.location)
+            .await
+            .map_err(|e| IngestError::Store(format!("reading {}: {e}", meta.location)))?
+            .into_stream();
+        while let Some(bytes) = body
+            .try_next()
+            .await
+            .map_err(|e| IngestError::Store(format!("reading {}: {e}", meta.location)))?
+        {
+            out.write_all(&bytes).await.map_err(io)?;
+        }
+        out.flush().await.map_err(io)?;
+    }
+    let start: u64 = writer.unit.position.parse().unwrap_or(0);
+    let (send, mut chunks) = tokio::sync::mpsc::channel(2);
+    let path = copy.path().to_owned();
+    let mapping = writer.source.mapping.clone();
+    // A line holds one correction: its texts plus JSON overhead, as the HTTP path allows.
+    let max_line = ingestor.max_text_chars * 3 * 4 + 64 * 1024;
+    let reader = tokio::task::spawn_blocking(move || {
+        read_file(&path, format, &mapping, max_line, start, CHUNK_ROWS, &send);
+    });
+    let mut outcome = Committed::Stored;
+    while let Some(msg) = chunks.recv().await {
+        match msg {
+            Msg::Chunk(chunk) => {
+                let records = chunk
+                    .records
+                    .into_iter()
+                    .map(|r| (r.at, r.fields))
+                    .collect();
+                outcome = writer
+                    .commit(records, chunk.end.to_string(), chunk.last)
+                    .await?;
+                if outcome == Committed::TakenOver {
+                    break;
+                }
+            }
+            Msg::Broken(why) => {
+                writer.end("quarantined", why).await?;
+                break;
+            }
+        }
+    }
+    drop(chunks);
+    let _ = reader.await;
+    drop(copy);
+    Ok(outcome)
+}

@@ -1,0 +1,377 @@
+//! Reading a downloaded file (JSONL, CSV or Parquet) into chunks of records, on a blocking
+//! thread, resuming after the records a crashed reader already stored. Each record is a JSON
+//! object for `mapping::draft`, with where it stands in the file (`{"line": n}` or
+//! `{"row": n}`) for error reports.
+
+use std::io::BufRead;
+use std::path::Path;
+
+use flywheel_domain::{FileFormat, Mapping};
+use serde_json::{Value, json};
+
+use crate::mapping::RowError;
+
+/// One record read: where it stands, and its fields (or why it has none).
+pub(crate) struct Record {
+    pub at: Value,
+    pub fields: Result<Value, RowError>,
+}
+
+/// Records read together and committed together. `end` is the file position after them (records
+/// and blank lines read from the start), stored with them so a resumed reader skips that many.
+pub(crate) struct Chunk {
+    pub records: Vec<Record>,
+    pub end: u64,
+    /// Nothing follows: committing this chunk finishes the file.
+    pub last: bool,
+}
+
+pub(crate) enum Msg {
+    Chunk(Chunk),
+    /// The file cannot be read on from here (not a Parquet file, a CSV without the mapped
+    /// columns, a read error); what came before was sent.
+    Broken(String),
+}
+
+/// One step through a file: a record, a position with no record (a blank line), or the end
+/// of what can be read.
+type Step = Result<Option<Record>, String>;
+
+/// Reads `path` from position `start` and sends its chunks of `chunk_rows` records; stops
+/// early if the receiver is gone. Runs on a blocking thread.
+pub(crate) fn read_file(
+    path: &Path,
+    format: FileFormat,
+    mapping: &Mapping,
+    max_line_bytes: usize,
+    start: u64,
+    chunk_rows: usize,
+    send: &tokio::sync::mpsc::Sender<Msg>,
+) {
+    let steps: Box<dyn Iterator<Item = Step>> = match open(path, format, mapping, max_line_bytes) {
+        Ok(steps) => steps,
+        Err(why) => {
+            let _ = send.blocking_send(Msg::Broken(why));
+            return;
+        }
+    };
+    let mut position = 0u64;
+    let mut records = Vec::new();
+    // A full chunk waits until the next one starts, so the one sent last knows it is last.
+    let mut held: Option<Chunk> = None;
+    let sent_ok = |msg: Msg| send.blocking_send(msg).is_ok();
+    for step in steps {
+        match step {
+            Ok(record) => {
+                position += 1;
+                if position <= start {
+                    continue;
+                }
+                records.extend(record);
+                if records.len() >= chunk_rows {
+                    let full = Chunk {
+                        records: std::mem::take(&mut records),
+                        end: position,
+                        last: false,
+                    };
+                    if let Some(previous) = held.replace(full)
+                        && !sent_ok(Msg::Chunk(previous))
+                    {
+                        return;
+                    }
+                }
+            }
+            Err(why) => {
+                let rest = Chunk {
+                    records,
+                    end: position.max(start),
+                    last: false,
+                };
+                for chunk in held.into_iter().chain(Some(rest)) {
+                    if !sent_ok(Msg::Chunk(chunk)) {
+                        return;
+                    }
+                }
+                let _ = sent_ok(Msg::Broken(why));
+                return;
+            }
+        }
+    }
+    let end = position.max(start);
+    match held {
+        Some(mut previous) if records.is_empty() => {
+            previous.last = true;
+            sent_ok(Msg::Chunk(previous));
+        }
+        held => {
+            if let Some(previous) = held
+                && !sent_ok(Msg::Chunk(previous))
+            {
+                return;
+            }
+            sent_ok(Msg::Chunk(Chunk {
+                records,
+                end,
+                last: true,
+            }));
+        }
+    }
+}
+
+fn open(
+    path: &Path,
+    format: FileFormat,
+    mapping: &Mapping,
+    max_line_bytes: usize,
+) -> Result<Box<dyn Iterator<Item = Step>>, String> {
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("opening the downloaded file: {e}"))?;
+    match format {
+        FileFormat::Jsonl => Ok(Box::new(jsonl(file, max_line_bytes))),
+        FileFormat::Csv => csv_rows(file, mapping),
+        FileFormat::Parquet => parquet_rows(file, mapping),
+    }
+}
+
+fn jsonl(file: std::fs::File, max_line_bytes: usize) -> impl Iterator<Item = Step> {
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut line = Vec::new();
+    let mut number = 0u64;
+    std::iter::from_fn(move || {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) => None,
+            Err(e) => Some(Err(format!("reading line {}: {e}", number + 1))),
+            Ok(_) => {
+                number += 1;
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    return Some(Ok(None));
+                }
+                let fields = if line.len() > max_line_bytes {
+                    Err(RowError::new(
+                        "payload_too_large",
+                        format!("the line is longer than {max_line_bytes} bytes"),
+                    ))
+                } else {
+                    serde_json::from_slice::<Value>(&line).map_err(|e| {
+                        RowError::new("malformed_json", format!("not a JSON object: {e}"))
+                    })
+                };
+                Some(Ok(Some(Record {
+                    at: json!({ "line": number }),
+                    fields,
+                })))
+            }
+        }
+    })
+}
+
+/// Checks that the columns `input` and `expected` are mapped from exist in the file, whose
+/// columns are `have`: a file without them is refused whole, not row by row.
+fn check_columns(mapping: &Mapping, have: &[String]) -> Result<(), String> {
+    for wanted in [&mapping.input, &mapping.expected] {
+        let top = wanted.split('.').next().unwrap_or(wanted);
+        if !have.iter().any(|h| h == wanted || h == top) {
+            return Err(format!(
+                "the file has no column `{wanted}` (it has: {})",
+                have.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn csv_rows(
+    file: std::fs::File,
+    mapping: &Mapping,
+) -> Result<Box<dyn Iterator<Item = Step>>, String> {
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_reader(std::io::BufReader::with_capacity(1 << 20, file));
+    let headers: Vec<String> = reader
+        .headers()
+        .map_err(|e| format!("reading the CSV header: {e}"))?
+        .iter()
+        .map(str::to_owned)
+        .collect();
+    check_columns(mapping, &headers)?;
+    let mut records = reader.into_records();
+    Ok(Box::new(std::iter::from_fn(move || {
+        let record = records.next()?;
+        Some(Ok(Some(match record {
+            Ok(r) => Record {
+                at: json!({ "line": r.position().map_or(0, csv::Position::line) }),
+                fields: Ok(Value::Object(
+                    headers
+                        .iter()
+                        .zip(r.iter())
+                        .map(|(h, v)| (h.clone(), Value::String(v.to_owned())))
+                        .collect(),
+                )),
+            },
+            Err(e) => Record {
+                at: json!({ "line": e.position().map_or(0, csv::Position::line) }),
+                fields: Err(RowError::new(
+                    "invalid_field",
+                    format!("not a CSV record: {e}"),
+                )),
+            },
+        })))
+    })))
+}
+
+fn parquet_rows(
+    file: std::fs::File,
+    mapping: &Mapping,
+) -> Result<Box<dyn Iterator<Item = Step>>, String> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let reader =
+        SerializedFileReader::new(file).map_err(|e| format!("not a readable Parquet file: {e}"))?;
+    let columns: Vec<String> = reader
+        .metadata()
+        .file_metadata()
+        .schema_descr()
+        .root_schema()
+        .get_fields()
+        .iter()
+        .map(|f| f.name().to_owned())
+        .collect();
+    check_columns(mapping, &columns)?;
+    let mut number = 0u64;
+    Ok(Box::new(reader.into_iter().map(move |row| {
+        number += 1;
+        let row = row.map_err(|e| format!("reading row {number}: {e}"))?;
+        Ok(Some(Record {
+            at: json!({ "row": number }),
+            fields: Ok(row.to_json_value()),
+        }))
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mapping() -> Mapping {
+        serde_json::from_value(json!({"input": "text", "expected": "label"})).unwrap()
+    }
+
+    /// A chunk as the tests compare it: its records' positions, its end, whether it is last.
+    type Seen = (Vec<Value>, u64, bool);
+
+    /// Everything `read_file` sends for `path` from `start` in chunks of `chunk_rows`, and a
+    /// broken file's reason.
+    fn read(
+        path: &Path,
+        format: FileFormat,
+        start: u64,
+        chunk_rows: usize,
+    ) -> (Vec<Seen>, Option<String>) {
+        let (send, mut receive) = tokio::sync::mpsc::channel(1_000);
+        read_file(path, format, &mapping(), 1 << 20, start, chunk_rows, &send);
+        drop(send);
+        let mut chunks = Vec::new();
+        let mut broken = None;
+        while let Some(msg) = receive.blocking_recv() {
+            match msg {
+                Msg::Chunk(c) => {
+                    chunks.push((c.records.into_iter().map(|r| r.at).collect(), c.end, c.last))
+                }
+                Msg::Broken(why) => broken = Some(why),
+            }
+        }
+        (chunks, broken)
+    }
+
+    fn lines(n: u64) -> String {
+        (1..=n)
+            .map(|i| format!("{{\"text\": \"row {i}\", \"label\": \"a\"}}\n"))
+            .collect()
+    }
+
+    #[test]
+    fn jsonl_chunks_say_where_they_end_and_which_is_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        std::fs::write(&path, lines(5) + "\n").unwrap();
+        let (chunks, broken) = read(&path, FileFormat::Jsonl, 0, 2);
+        assert!(broken.is_none());
+        let ends: Vec<(usize, u64, bool)> = chunks
+            .iter()
+            .map(|(r, end, last)| (r.len(), *end, *last))
+            .collect();
+        // The blank sixth line moves the position without a record.
+        assert_eq!(ends, [(2, 2, false), (2, 4, false), (1, 6, true)]);
+        assert_eq!(chunks[2].0, [json!({"line": 5})]);
+    }
+
+    #[test]
+    fn a_resumed_read_skips_what_was_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        std::fs::write(&path, lines(5)).unwrap();
+        let (chunks, _) = read(&path, FileFormat::Jsonl, 4, 2);
+        assert_eq!(chunks, [(vec![json!({"line": 5})], 5, true)]);
+        // Everything was stored: one empty, last chunk finishes the file.
+        let (chunks, _) = read(&path, FileFormat::Jsonl, 5, 2);
+        assert_eq!(chunks, [(vec![], 5, true)]);
+        // A chunk that fills exactly is followed by nothing more: it is the last.
+        let (chunks, _) = read(&path, FileFormat::Jsonl, 1, 2);
+        let ends: Vec<(u64, bool)> = chunks.iter().map(|c| (c.1, c.2)).collect();
+        assert_eq!(ends, [(3, false), (5, true)]);
+    }
+
+    #[test]
+    fn csv_and_parquet_rows_are_json_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("a.csv");
+        std::fs::write(&csv, "text,label\nrow 1,a\n\"row, 2\",b\n").unwrap();
+        let (send, mut receive) = tokio::sync::mpsc::channel(10);
+        read_file(&csv, FileFormat::Csv, &mapping(), 1 << 20, 0, 10, &send);
+        drop(send);
+        let Some(Msg::Chunk(chunk)) = receive.blocking_recv() else {
+            panic!("no chunk")
+        };
+        let rows: Vec<Value> = chunk
+            .records
+            .into_iter()
+            .map(|r| r.fields.unwrap())
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                json!({"text": "row 1", "label": "a"}),
+                json!({"text": "row, 2", "label": "b"})
+            ]
+        );
+
+        let parquet = dir.path().join("a.parquet");
+        let rows: Vec<Vec<String>> = (1..=5)
+            .map(|i| vec![format!("row {i}"), "a".into()])
+            .collect();
+        crate::write_parquet(&parquet, &["text", "label"], &rows).unwrap();
+        let (chunks, broken) = read(&parquet, FileFormat::Parquet, 3, 10);
+        assert!(broken.is_none());
+        assert_eq!(
+            chunks,
+            [(vec![json!({"row": 4}), json!({"row": 5})], 5, true)]
+        );
+    }
+
+    #[test]
+    fn an_unreadable_file_is_broken_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("a.csv");
+        std::fs::write(&csv, "question,answer\nq,a\n").unwrap();
+        let (chunks, broken) = read(&csv, FileFormat::Csv, 0, 10);
+        assert!(chunks.is_empty());
+        assert_eq!(
+            broken.unwrap(),
+            "the file has no column `text` (it has: question, answer)"
+        );
+        let parquet = dir.path().join("a.parquet");
+        std::fs::write(&parquet, b"PAR1 not really").unwrap();
+        let (_, broken) = read(&parquet, FileFormat::Parquet, 0, 10);
+        assert!(broken.unwrap().starts_with("not a readable Parquet file"));
+    }
+}
