@@ -358,6 +358,39 @@ mod tests {
         );
     }
 
+    /// A file as pandas writes it (pyarrow: zstd, dictionary-encoded strings with a null, an
+    /// int64 column, three row groups): `tests/fixtures/gen_parquet.py` wrote it.
+    #[test]
+    fn a_file_pyarrow_wrote_reads_as_its_values() {
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/pyarrow.parquet"
+        ));
+        let mapping: Mapping =
+            serde_json::from_value(json!({"input": "question", "expected": "intent"})).unwrap();
+        let (send, mut receive) = tokio::sync::mpsc::channel(10);
+        // From the middle of the second row group on.
+        read_file(path, FileFormat::Parquet, &mapping, 1 << 20, 5, 100, &send);
+        drop(send);
+        let Some(Msg::Chunk(chunk)) = receive.blocking_recv() else {
+            panic!("no chunk")
+        };
+        assert_eq!((chunk.end, chunk.last, chunk.records.len()), (10, true, 5));
+        assert_eq!(chunk.records[0].at, json!({"row": 6}));
+        assert_eq!(
+            chunk.records[0].fields.as_ref().unwrap(),
+            &json!({"ticket_id": 1005, "question": "can I get a physical card",
+                "intent": "order_physical_card"})
+        );
+        let (send, mut receive) = tokio::sync::mpsc::channel(10);
+        read_file(path, FileFormat::Parquet, &mapping, 1 << 20, 2, 1, &send);
+        drop(send);
+        let Some(Msg::Chunk(third)) = receive.blocking_recv() else {
+            panic!("no chunk")
+        };
+        assert_eq!(third.records[0].fields.as_ref().unwrap()["intent"], Value::Null);
+    }
+
     #[test]
     fn an_unreadable_file_is_broken_with_the_reason() {
         let dir = tempfile::tempdir().unwrap();
