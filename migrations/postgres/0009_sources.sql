@@ -4,12 +4,14 @@ ALTER TABLE domains ADD COLUMN sources JSONB NOT NULL DEFAULT '[]';
 ALTER TABLE domain_policies ADD COLUMN sources JSONB NOT NULL DEFAULT '[]';
 
 -- One row per (domain, source) the scheduler has seen: the next poll, the lease of the
--- worker polling it now, and when a poll last found nothing left to read.
+-- worker polling it now (`claimed_by`, a token the poll carries), and when a poll last
+-- found nothing left to read.
 CREATE TABLE ingest_sources (
     domain_id     BIGINT NOT NULL REFERENCES domains(id),
     source        TEXT NOT NULL,
     next_poll_at  TIMESTAMPTZ NOT NULL,
     claimed_until TIMESTAMPTZ,
+    claimed_by    TEXT,
     polled_at     TIMESTAMPTZ,
     caught_up_at  TIMESTAMPTZ,
     last_error    TEXT,

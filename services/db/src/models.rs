@@ -289,6 +289,9 @@ pub struct SourceState {
     pub next_poll_at: DateTime<Utc>,
     /// A worker holds the source until then.
     pub claimed_until: Option<DateTime<Utc>>,
+    /// The token of the poll holding it.
+    #[serde(skip)]
+    pub claimed_by: Option<String>,
     pub polled_at: Option<DateTime<Utc>>,
     /// When a poll last found nothing left to read.
     pub caught_up_at: Option<DateTime<Utc>>,

@@ -614,20 +614,39 @@ async fn an_ingestion_unit_moves_with_its_rows_or_not_at_all() {
         db.register_sources(row.id, &["logs"]).await.unwrap();
         let lease = std::time::Duration::from_secs(60);
         assert!(
-            db.claim_source(row.id, "logs", lease).await.unwrap(),
+            db.claim_source(row.id, "logs", "a", lease).await.unwrap(),
             "{which}"
         );
         assert!(
-            !db.claim_source(row.id, "logs", lease).await.unwrap(),
+            !db.claim_source(row.id, "logs", "b", lease).await.unwrap(),
             "{which}"
         );
-        db.finish_poll(row.id, "logs", std::time::Duration::ZERO, true, None)
+        // Only the claim's own poll extends it or lets it go.
+        assert!(
+            db.extend_source_claim(row.id, "logs", "a", lease)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !db.extend_source_claim(row.id, "logs", "b", lease)
+                .await
+                .unwrap()
+        );
+        db.finish_poll(row.id, "logs", "b", std::time::Duration::ZERO, true, None)
+            .await
+            .unwrap();
+        assert!(
+            db.source_states(row.id).await.unwrap()[0]
+                .claimed_until
+                .is_some()
+        );
+        db.finish_poll(row.id, "logs", "a", std::time::Duration::ZERO, true, None)
             .await
             .unwrap();
         let states = db.source_states(row.id).await.unwrap();
         assert!(states[0].caught_up_at.is_some() && states[0].claimed_until.is_none());
         assert!(
-            db.claim_source(row.id, "logs", lease).await.unwrap(),
+            db.claim_source(row.id, "logs", "c", lease).await.unwrap(),
             "{which}"
         );
     }

@@ -161,4 +161,6 @@ pub struct StageTask {
 pub struct IngestTask {
     pub domain: String,
     pub source: String,
+    /// The claim this poll holds: it works only while the source is claimed by it.
+    pub claim: String,
 }

@@ -135,10 +135,11 @@ pub enum OnChange {
 }
 
 /// Option keys that hold credentials, refused in a spec that every steward can read.
-const SECRET_WORDS: [&str; 6] = [
+const SECRET_WORDS: [&str; 7] = [
     "secret",
     "password",
     "token",
+    "access_key",
     "account_key",
     "sas",
     "credential",

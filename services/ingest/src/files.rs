@@ -5,17 +5,15 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
 
-use flywheel_db::DomainRow;
 use flywheel_domain::{FileFormat, OnChange, SourceSpec};
 use futures::TryStreamExt;
 use object_store::local::LocalFileSystem;
-use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::{GetOptions, ObjectStore};
 use tokio::io::AsyncWriteExt;
 
 use crate::read::{Msg, read_file};
-use crate::{CHUNK_ROWS, Committed, IngestError, Ingestor, POLL_BUDGET, PollReport, UnitWriter};
+use crate::{CHUNK_ROWS, Committed, IngestError, Poll, PollReport, UnitWriter};
 
 /// The store a source's `files` URL names, scoped to its prefix.
 fn open(url: &str, source: &SourceSpec) -> Result<Arc<dyn ObjectStore>, IngestError> {
@@ -50,13 +48,8 @@ fn is_data(key: &str) -> bool {
     !(name.starts_with('.') || name.starts_with('_'))
 }
 
-pub(crate) async fn poll(
-    ingestor: &Ingestor,
-    domain: &DomainRow,
-    source: &SourceSpec,
-    url: &str,
-    started: Instant,
-) -> Result<PollReport, IngestError> {
+pub(crate) async fn poll(poll: &Poll<'_>, url: &str) -> Result<PollReport, IngestError> {
+    let (ingestor, domain, source) = (poll.ingestor, poll.domain, poll.source);
     let store = open(url, source)?;
     let mut listed: Vec<object_store::ObjectMeta> = store
         .list(None)
@@ -69,15 +62,21 @@ pub(crate) async fn poll(
     for (key, version, state) in ingestor.db.known_files(domain.id, &source.name).await? {
         known.entry(key).or_default().push((version, state));
     }
+    let prefix = url.trim_end_matches('/');
     let mut report = PollReport {
         caught_up: true,
         ..PollReport::default()
     };
     for meta in listed {
-        let key = meta.location.to_string();
-        let Some(format) = source.format.or_else(|| FileFormat::of_name(&key)) else {
+        let Some(format) = source
+            .format
+            .or_else(|| FileFormat::of_name(meta.location.as_ref()))
+        else {
             continue;
         };
+        // The unit is named by the file's whole URL: a source pointed at another prefix
+        // starts afresh instead of finding its files "changed".
+        let key = format!("{prefix}/{}", meta.location);
         let version = meta
             .e_tag
             .clone()
@@ -91,23 +90,17 @@ pub(crate) async fn poll(
             Some("changed") if reread => {}
             Some(_) => continue,
         }
-        if started.elapsed() > POLL_BUDGET {
+        if !poll.may_go_on().await? {
             report.caught_up = false;
             break;
         }
         let size = i64::try_from(meta.size).unwrap_or(i64::MAX);
-        let unit = ingestor
-            .db
-            .ingest_unit(domain.id, &source.name, &key, &version, size, "0")
-            .await?;
-        let unit = if unit.state == "changed" {
-            ingestor.db.reopen_unit(unit.id).await?
-        } else {
-            unit
-        };
-        let mut writer = UnitWriter::new(ingestor, domain, source, unit);
         if seen.is_none() && versions.is_some() && !reread {
-            writer
+            let unit = ingestor
+                .db
+                .ingest_unit(domain.id, &source.name, &key, &version, size, "0")
+                .await?;
+            UnitWriter::new(poll, unit)
                 .end(
                     "changed",
                     "the file changed after it was read (a new ETag or size); it was left \
@@ -117,11 +110,38 @@ pub(crate) async fn poll(
                 .await?;
             continue;
         }
-        let read = read_one(ingestor, &store, &meta, format, &mut writer).await;
+        // The version listed, or none: a file rewritten since the listing is the next poll's.
+        let options = GetOptions::new().with_if_match(meta.e_tag.clone());
+        let body = match store.get_opts(&meta.location, options).await {
+            Ok(body) => body,
+            Err(
+                object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. },
+            ) => {
+                report.caught_up = false;
+                continue;
+            }
+            Err(e) => {
+                return Err(IngestError::Store(format!("reading {key}: {e}")));
+            }
+        };
+        let unit = ingestor
+            .db
+            .ingest_unit(domain.id, &source.name, &key, &version, size, "0")
+            .await?;
+        let unit = if unit.state == "changed" {
+            ingestor.db.reopen_unit(unit.id).await?
+        } else {
+            unit
+        };
+        let mut writer = UnitWriter::new(poll, unit);
+        let read = read_one(poll, body, format, &mut writer).await;
         writer.close().await;
         match read? {
             Committed::Stored => report.units += 1,
-            Committed::TakenOver => report.caught_up = false,
+            Committed::TakenOver => {
+                report.caught_up = false;
+                break;
+            }
         }
     }
     Ok(report)
@@ -130,13 +150,12 @@ pub(crate) async fn poll(
 /// Downloads one file into scratch and stores its rows chunk by chunk from where its unit
 /// stands.
 async fn read_one(
-    ingestor: &Ingestor,
-    store: &Arc<dyn ObjectStore>,
-    meta: &object_store::ObjectMeta,
+    poll: &Poll<'_>,
+    body: object_store::GetResult,
     format: FileFormat,
     writer: &mut UnitWriter<'_>,
 ) -> Result<Committed, IngestError> {
-    let scratch = &ingestor.scratch;
+    let scratch = &poll.ingestor.scratch;
     let io = |error| IngestError::Io {
         path: scratch.clone(),
         error,
@@ -145,30 +164,30 @@ async fn read_one(
     let copy = tempfile::NamedTempFile::new_in(scratch).map_err(io)?;
     {
         let mut out = tokio::fs::File::from_std(copy.reopen().map_err(io)?);
-        let mut body = store
-            .get(&meta.location)
-            .await
-            .map_err(|e| IngestError::Store(format!("reading {}: {e}", meta.location)))?
-            .into_stream();
-        while let Some(bytes) = body
-            .try_next()
-            .await
-            .map_err(|e| IngestError::Store(format!("reading {}: {e}", meta.location)))?
-        {
+        let failed = |e: object_store::Error| {
+            IngestError::Store(format!("reading {}: {e}", writer.unit.unit))
+        };
+        let mut body = body.into_stream();
+        while let Some(bytes) = body.try_next().await.map_err(failed)? {
             out.write_all(&bytes).await.map_err(io)?;
         }
         out.flush().await.map_err(io)?;
+    }
+    // A download longer than the lease may have lost the claim meanwhile.
+    if !poll.may_go_on().await? {
+        return Ok(Committed::TakenOver);
     }
     let start: u64 = writer.unit.position.parse().unwrap_or(0);
     let (send, mut chunks) = tokio::sync::mpsc::channel(2);
     let path = copy.path().to_owned();
     let mapping = writer.source.mapping.clone();
     // A line holds one correction: its texts plus JSON overhead, as the HTTP path allows.
-    let max_line = ingestor.max_text_chars * 3 * 4 + 64 * 1024;
+    let max_line = poll.ingestor.max_text_chars * 3 * 4 + 64 * 1024;
     let reader = tokio::task::spawn_blocking(move || {
         read_file(&path, format, &mapping, max_line, start, CHUNK_ROWS, &send);
     });
     let mut outcome = Committed::Stored;
+    let mut ended = false;
     while let Some(msg) = chunks.recv().await {
         match msg {
             Msg::Chunk(chunk) => {
@@ -177,6 +196,7 @@ async fn read_one(
                     .into_iter()
                     .map(|r| (r.at, r.fields))
                     .collect();
+                ended = chunk.last;
                 outcome = writer
                     .commit(records, chunk.end.to_string(), chunk.last)
                     .await?;
@@ -186,12 +206,22 @@ async fn read_one(
             }
             Msg::Broken(why) => {
                 writer.end("quarantined", why).await?;
+                ended = true;
                 break;
             }
         }
     }
     drop(chunks);
-    let _ = reader.await;
+    // A reader that died without saying why (a panic in a decoder) would die the same way on
+    // every poll: the file is quarantined instead.
+    if let Err(e) = reader.await
+        && !ended
+        && outcome == Committed::Stored
+    {
+        writer
+            .end("quarantined", format!("the file could not be decoded: {e}"))
+            .await?;
+    }
     drop(copy);
     Ok(outcome)
 }

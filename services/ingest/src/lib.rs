@@ -70,17 +70,30 @@ pub struct PollReport {
 }
 
 impl Ingestor {
-    /// Reads what is new in one of `domain`'s sources and records how the poll went (the next
-    /// poll is due after the source's interval, or at once if this one ran out of time).
+    /// Reads what is new in one of `domain`'s sources, as the poll that holds the source's
+    /// claim `claim`, and records how the poll went (the next poll is due after the source's
+    /// interval, or at once if this one ran out of time). `None` if the claim is not this
+    /// poll's (it waited in the queue past its lease and another poll took the source).
     pub async fn poll(
         &self,
         domain: &DomainRow,
         source: &SourceSpec,
-    ) -> Result<PollReport, IngestError> {
+        claim: &str,
+    ) -> Result<Option<PollReport>, IngestError> {
+        if !self.still_holds(domain, source, claim).await? {
+            return Ok(None);
+        }
         let started = std::time::Instant::now();
+        let poll = Poll {
+            ingestor: self,
+            domain,
+            source,
+            claim,
+            started,
+        };
         let result = match (&source.files, &source.table) {
-            (Some(url), _) => files::poll(self, domain, source, url, started).await,
-            (None, Some(_)) => table::poll(self, domain, source, started).await,
+            (Some(url), _) => files::poll(&poll, url).await,
+            (None, Some(_)) => table::poll(&poll).await,
             (None, None) => Ok(PollReport::default()),
         };
         let labels = [domain.spec.name.as_str(), source.name.as_str()];
@@ -100,9 +113,50 @@ impl Ingestor {
             Duration::ZERO
         };
         self.db
-            .finish_poll(domain.id, &source.name, next, caught_up, error.as_deref())
+            .finish_poll(
+                domain.id,
+                &source.name,
+                claim,
+                next,
+                caught_up,
+                error.as_deref(),
+            )
             .await?;
-        result
+        result.map(Some)
+    }
+
+    /// Extends the source's claim if `claim` still holds it.
+    async fn still_holds(
+        &self,
+        domain: &DomainRow,
+        source: &SourceSpec,
+        claim: &str,
+    ) -> Result<bool, IngestError> {
+        Ok(self
+            .db
+            .extend_source_claim(domain.id, &source.name, claim, self.lease)
+            .await?)
+    }
+}
+
+/// One poll under way: what it reads, for whom, under which claim, since when.
+pub(crate) struct Poll<'a> {
+    ingestor: &'a Ingestor,
+    domain: &'a DomainRow,
+    source: &'a SourceSpec,
+    claim: &'a str,
+    started: std::time::Instant,
+}
+
+impl Poll<'_> {
+    /// Whether the poll may go on: its claim is still its own (extended), and it has not run
+    /// past its budget.
+    async fn may_go_on(&self) -> Result<bool, IngestError> {
+        Ok(self.started.elapsed() < POLL_BUDGET
+            && self
+                .ingestor
+                .still_holds(self.domain, self.source, self.claim)
+                .await?)
     }
 }
 
@@ -112,6 +166,7 @@ struct UnitWriter<'a> {
     ingestor: &'a Ingestor,
     domain: &'a DomainRow,
     source: &'a SourceSpec,
+    claim: &'a str,
     unit: IngestUnit,
     errors: Vec<Value>,
     /// Registered as an open upload while a multi-chunk file is stored, so no job snapshots
@@ -123,22 +178,19 @@ struct UnitWriter<'a> {
 #[derive(Debug, PartialEq, Eq)]
 enum Committed {
     Stored,
-    /// Another worker moved the unit on: this reader stops, having stored nothing of the chunk.
+    /// Another worker moved the unit on (this reader stored nothing of the chunk), or took
+    /// the source's claim: this reader stops.
     TakenOver,
 }
 
 impl<'a> UnitWriter<'a> {
-    fn new(
-        ingestor: &'a Ingestor,
-        domain: &'a DomainRow,
-        source: &'a SourceSpec,
-        unit: IngestUnit,
-    ) -> Self {
+    fn new(poll: &Poll<'a>, unit: IngestUnit) -> Self {
         let errors = unit.errors.as_array().cloned().unwrap_or_default();
         Self {
-            ingestor,
-            domain,
-            source,
+            ingestor: poll.ingestor,
+            domain: poll.domain,
+            source: poll.source,
+            claim: poll.claim,
             unit,
             errors,
             upload: None,
@@ -250,11 +302,21 @@ impl<'a> UnitWriter<'a> {
                 .with_label_values(&[name, kind.as_str()])
                 .inc_by(u64::from(*n));
         }
-        self.ingestor
+        let held = self
+            .ingestor
             .db
-            .extend_source_claim(self.domain.id, &self.source.name, self.ingestor.lease)
+            .extend_source_claim(
+                self.domain.id,
+                &self.source.name,
+                self.claim,
+                self.ingestor.lease,
+            )
             .await?;
-        Ok(Committed::Stored)
+        Ok(if held {
+            Committed::Stored
+        } else {
+            Committed::TakenOver
+        })
     }
 
     /// Ends the unit without rows: `quarantined` (unreadable, the code `unreadable`) or

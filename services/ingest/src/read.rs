@@ -139,7 +139,7 @@ fn jsonl(file: std::fs::File, max_line_bytes: usize) -> impl Iterator<Item = Ste
     let mut number = 0u64;
     std::iter::from_fn(move || {
         line.clear();
-        match reader.read_until(b'\n', &mut line) {
+        match read_line(&mut reader, &mut line, max_line_bytes) {
             Ok(0) => None,
             Err(e) => Some(Err(format!("reading line {}: {e}", number + 1))),
             Ok(_) => {
@@ -164,6 +164,36 @@ fn jsonl(file: std::fs::File, max_line_bytes: usize) -> impl Iterator<Item = Ste
             }
         }
     })
+}
+
+/// Reads one line into `line`, keeping at most `max + 1` bytes of it (a file with no line
+/// breaks, such as a JSON array dump, must not be held whole) and skipping the rest. Returns
+/// the bytes kept; 0 at the end of the file.
+fn read_line(reader: &mut impl BufRead, line: &mut Vec<u8>, max: usize) -> std::io::Result<usize> {
+    use std::io::Read;
+    let kept = reader
+        .by_ref()
+        .take(max as u64 + 1)
+        .read_until(b'\n', line)?;
+    if line.len() > max && line.last() != Some(&b'\n') {
+        loop {
+            let buf = reader.fill_buf()?;
+            if buf.is_empty() {
+                break;
+            }
+            match buf.iter().position(|&b| b == b'\n') {
+                Some(end) => {
+                    reader.consume(end + 1);
+                    break;
+                }
+                None => {
+                    let all = buf.len();
+                    reader.consume(all);
+                }
+            }
+        }
+    }
+    Ok(kept)
 }
 
 /// Checks that the columns `input` and `expected` are mapped from exist in the file, whose
@@ -306,6 +336,29 @@ mod tests {
     }
 
     #[test]
+    fn an_over_long_line_is_one_refused_record_and_the_next_line_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let long = format!(
+            "{{\"text\": \"{}\", \"label\": \"a\"}}\n",
+            "x".repeat(5_000)
+        );
+        std::fs::write(&path, long + &lines(1)).unwrap();
+        let (send, mut receive) = tokio::sync::mpsc::channel(10);
+        read_file(&path, FileFormat::Jsonl, &mapping(), 1_000, 0, 10, &send);
+        drop(send);
+        let Some(Msg::Chunk(chunk)) = receive.blocking_recv() else {
+            panic!("no chunk")
+        };
+        assert_eq!((chunk.end, chunk.last), (2, true));
+        assert_eq!(
+            chunk.records[0].fields.as_ref().unwrap_err().code,
+            "payload_too_large"
+        );
+        assert_eq!(chunk.records[1].fields.as_ref().unwrap()["text"], "row 1");
+    }
+
+    #[test]
     fn a_resumed_read_skips_what_was_stored() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.jsonl");
@@ -388,7 +441,10 @@ mod tests {
         let Some(Msg::Chunk(third)) = receive.blocking_recv() else {
             panic!("no chunk")
         };
-        assert_eq!(third.records[0].fields.as_ref().unwrap()["intent"], Value::Null);
+        assert_eq!(
+            third.records[0].fields.as_ref().unwrap()["intent"],
+            Value::Null
+        );
     }
 
     #[test]

@@ -3,14 +3,13 @@
 //! its batch. Rows that share a cursor value are never split across two batches (a timestamp
 //! cursor has ties), so `>` on the stored value skips none of them.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use flywheel_db::DomainRow;
 use flywheel_domain::SourceSpec;
 use serde_json::{Value, json};
 use sqlx::Connection;
 
-use crate::{CHUNK_ROWS, Committed, IngestError, Ingestor, POLL_BUDGET, PollReport, UnitWriter};
+use crate::{CHUNK_ROWS, Committed, IngestError, Poll, PollReport, UnitWriter};
 
 /// `"schema"."table"` or `"table"`: the spec allows only letters, digits, `_` and `-` in
 /// each part, so quoting is all the escaping needed.
@@ -34,12 +33,8 @@ fn connection_url(source: &SourceSpec) -> Result<String, IngestError> {
     }
 }
 
-pub(crate) async fn poll(
-    ingestor: &Ingestor,
-    domain: &DomainRow,
-    source: &SourceSpec,
-    started: Instant,
-) -> Result<PollReport, IngestError> {
+pub(crate) async fn poll(poll: &Poll<'_>) -> Result<PollReport, IngestError> {
+    let (ingestor, domain, source) = (poll.ingestor, poll.domain, poll.source);
     let table = source.table.as_deref().unwrap_or_default();
     let cursor = source.cursor.as_deref().unwrap_or_default();
     let failed = |what: &str, e: sqlx::Error| IngestError::Table(format!("{table}: {what}: {e}"));
@@ -65,28 +60,33 @@ pub(crate) async fn poll(
     };
     let from = format!("FROM {} AS t", quoted(table));
     let col = format!("t.{}", quoted(cursor));
+    // Each row with its cursor as text (the stored position) and whether its cursor equals
+    // the batch's last as the column's own type compares (`1.0` and `1.00` are one numeric
+    // value): that run may go on past the limit. A row without a cursor is never read.
     let after = format!(
-        "SELECT row_to_json(t)::text, ({col})::text {from}
-         WHERE $1::text IS NULL OR {col} > CAST($1 AS {cursor_type})
-         ORDER BY {col} LIMIT $2"
+        "SELECT b.r, b.c, b.v = max(b.v) OVER () FROM (
+             SELECT row_to_json(t)::text AS r, ({col})::text AS c, {col} AS v {from}
+             WHERE {col} IS NOT NULL AND ($1::text IS NULL OR {col} > CAST($1 AS {cursor_type}))
+             ORDER BY {col} LIMIT $2) AS b
+         ORDER BY b.v"
     );
     let tied = format!(
-        "SELECT row_to_json(t)::text, ({col})::text {from} WHERE {col} = CAST($1 AS {cursor_type})"
+        "SELECT row_to_json(t)::text, ({col})::text, true {from}
+         WHERE {col} = CAST($1 AS {cursor_type})"
     );
+    // Named by what it reads: a source pointed at another table or cursor starts afresh.
+    let name = format!("{table}({cursor})");
     let unit = ingestor
         .db
-        .ingest_unit(domain.id, &source.name, "", "", 0, "")
+        .ingest_unit(domain.id, &source.name, &name, "", 0, "")
         .await?;
-    let mut writer = UnitWriter::new(ingestor, domain, source, unit);
+    let mut writer = UnitWriter::new(poll, unit);
     let mut report = PollReport::default();
     let batch = CHUNK_ROWS;
-    loop {
-        if started.elapsed() > POLL_BUDGET {
-            break;
-        }
+    while poll.may_go_on().await? {
         let position = writer.unit.position.clone();
         let start = (!position.is_empty()).then_some(position);
-        let mut rows: Vec<(String, Option<String>)> =
+        let mut rows: Vec<(String, String, bool)> =
             sqlx::query_as(sqlx::AssertSqlSafe(after.clone()))
                 .bind(&start)
                 .bind(batch as i64)
@@ -95,10 +95,10 @@ pub(crate) async fn poll(
                 .map_err(|e| failed("reading rows", e))?;
         let full = rows.len() == batch;
         if full {
-            // The last cursor value may continue past the limit: leave its rows for the next
+            // The last cursor value may go on past the limit: leave its rows for the next
             // batch, or, if the whole batch shares it, take every row that has it.
-            let last = rows.last().and_then(|r| r.1.clone());
-            rows.retain(|r| r.1 != last);
+            let last = rows.last().map(|r| r.1.clone());
+            rows.retain(|r| !r.2);
             if rows.is_empty() {
                 rows = sqlx::query_as(sqlx::AssertSqlSafe(tied.clone()))
                     .bind(&last)
@@ -107,14 +107,13 @@ pub(crate) async fn poll(
                     .map_err(|e| failed("reading rows", e))?;
             }
         }
-        let Some(Some(to)) = rows.last().map(|r| r.1.clone()) else {
-            // Nothing new (or a null cursor, which no `>` ever reaches).
-            report.caught_up = !full;
+        let Some(to) = rows.last().map(|r| r.1.clone()) else {
+            report.caught_up = true;
             break;
         };
         let records = rows
             .into_iter()
-            .map(|(row, at)| {
+            .map(|(row, at, _)| {
                 let fields = serde_json::from_str::<Value>(&row)
                     .map_err(|e| crate::mapping::RowError::new("malformed_json", e.to_string()));
                 (json!({ "cursor": at }), fields)

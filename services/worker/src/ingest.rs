@@ -28,6 +28,7 @@ pub async fn poll(task: IngestTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDy
             .finish_poll(
                 domain.id,
                 &task.source,
+                &task.claim,
                 std::time::Duration::ZERO,
                 false,
                 None,
@@ -35,15 +36,17 @@ pub async fn poll(task: IngestTask, ctx: Data<Arc<Context>>) -> Result<(), BoxDy
             .await?;
         return Ok(());
     };
-    match ctx.ingestor.poll(&domain, &source).await {
-        Ok(report) if report.units > 0 => tracing::info!(
+    match ctx.ingestor.poll(&domain, &source, &task.claim).await {
+        // Another poll holds the source now (this one waited past its lease): nothing to do.
+        Ok(None) => {}
+        Ok(Some(report)) if report.units > 0 => tracing::info!(
             domain = %domain.spec.name,
             source = %source.name,
             units = report.units,
             caught_up = report.caught_up,
             "ingested from a source"
         ),
-        Ok(_) => {}
+        Ok(Some(_)) => {}
         Err(e) => tracing::warn!(
             domain = %domain.spec.name,
             source = %source.name,

@@ -295,10 +295,16 @@ impl Context {
     }
 
     /// Hands a claimed source's poll to the ingest queue.
-    pub(crate) async fn enqueue_poll(&self, domain: &str, source: &str) -> Result<(), WorkerError> {
+    pub(crate) async fn enqueue_poll(
+        &self,
+        domain: &str,
+        source: &str,
+        claim: String,
+    ) -> Result<(), WorkerError> {
         let task = TaskBuilder::new(IngestTask {
             domain: domain.to_owned(),
             source: source.to_owned(),
+            claim,
         })
         .max_attempts(1)
         .build();
@@ -374,6 +380,10 @@ pub async fn run(
             }
             other => return Err(WorkerError::Queue(format!("unknown queue `{other}`"))),
         }
+    }
+    if ctx.config.queues.iter().any(|q| q == INGEST_QUEUE) {
+        // Downloads a dead poll left behind: nothing reads them any more.
+        let _ = std::fs::remove_dir_all(&ctx.ingestor.scratch);
     }
     let mut stop = shutdown.clone();
     let result = if ctx.config.queues.is_empty() {

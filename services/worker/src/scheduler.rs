@@ -36,7 +36,10 @@ pub async fn schedule_once(ctx: &Context) -> Result<usize, WorkerError> {
             .await?;
     }
     let domains = ctx.db.domains().await?;
-    claim_due_sources(ctx, &domains).await?;
+    // A source that cannot be handed over now is tried at the next pass; training goes on.
+    if let Err(e) = claim_due_sources(ctx, &domains).await {
+        tracing::warn!(error = %e, "handing sources their polls failed");
+    }
     for domain in domains {
         let policy = &domain.spec.policy;
         let mut state = ctx.db.trigger_state(domain.id, domain.created_at).await?;
@@ -97,12 +100,14 @@ async fn claim_due_sources(
             .collect();
         ctx.db.register_sources(domain.id, &names).await?;
         for name in names {
+            let claim = uuid::Uuid::new_v4().simple().to_string();
             if ctx
                 .db
-                .claim_source(domain.id, name, ctx.config.job_lease)
+                .claim_source(domain.id, name, &claim, ctx.config.job_lease)
                 .await?
             {
-                ctx.enqueue_poll(domain.spec.name.as_str(), name).await?;
+                ctx.enqueue_poll(domain.spec.name.as_str(), name, claim)
+                    .await?;
             }
         }
     }

@@ -30,51 +30,60 @@ impl Db {
         Ok(())
     }
 
-    /// Claims a source whose poll is due and that no live worker holds, until `lease` from
-    /// now. Whoever claims it enqueues the poll.
+    /// Claims a source whose poll is due and that no live worker holds, for the poll that
+    /// `token` names, until `lease` from now. Whoever claims it enqueues that poll.
     pub async fn claim_source(
         &self,
         domain_id: i64,
         source: &str,
+        token: &str,
         lease: Duration,
     ) -> Result<bool> {
         let now = Stamp::now();
         let claimed = execute!(
             self,
-            "UPDATE ingest_sources SET claimed_until = $1
+            "UPDATE ingest_sources SET claimed_until = $1, claimed_by = $5
              WHERE domain_id = $2 AND source = $3 AND next_poll_at <= $4
              AND (claimed_until IS NULL OR claimed_until < $4)",
             later(lease),
             domain_id,
             source,
-            now
+            now,
+            token
         );
         Ok(claimed == 1)
     }
 
-    /// The poll is still under way: its worker keeps the claim `lease` longer.
+    /// The poll `token` names is still under way: it keeps the claim `lease` longer. False
+    /// if the claim is no longer its own (it lapsed and another poll took the source), and
+    /// the poll should stop.
     pub async fn extend_source_claim(
         &self,
         domain_id: i64,
         source: &str,
+        token: &str,
         lease: Duration,
-    ) -> Result<()> {
-        execute!(
+    ) -> Result<bool> {
+        let extended = execute!(
             self,
-            "UPDATE ingest_sources SET claimed_until = $1 WHERE domain_id = $2 AND source = $3",
+            "UPDATE ingest_sources SET claimed_until = $1
+             WHERE domain_id = $2 AND source = $3 AND claimed_by = $4",
             later(lease),
             domain_id,
-            source
+            source,
+            token
         );
-        Ok(())
+        Ok(extended == 1)
     }
 
-    /// A poll ended: the claim is let go and the next poll is due after `interval`. A poll
-    /// that read everything there was (`caught_up`) says so; `error` replaces the last one.
+    /// The poll `token` names ended: its claim is let go and the next poll is due after
+    /// `interval`. A poll that read everything there was (`caught_up`) says so; `error`
+    /// replaces the last one. A poll whose claim was taken over changes nothing.
     pub async fn finish_poll(
         &self,
         domain_id: i64,
         source: &str,
+        token: &str,
         interval: Duration,
         caught_up: bool,
         error: Option<&str>,
@@ -82,15 +91,17 @@ impl Db {
         let now = Stamp::now();
         execute!(
             self,
-            "UPDATE ingest_sources SET claimed_until = NULL, polled_at = $1, next_poll_at = $2,
-             caught_up_at = CASE WHEN $3 THEN $1 ELSE caught_up_at END, last_error = $4
-             WHERE domain_id = $5 AND source = $6",
+            "UPDATE ingest_sources SET claimed_until = NULL, claimed_by = NULL, polled_at = $1,
+             next_poll_at = $2, caught_up_at = CASE WHEN $3 THEN $1 ELSE caught_up_at END,
+             last_error = $4
+             WHERE domain_id = $5 AND source = $6 AND claimed_by = $7",
             now,
             later(interval),
             caught_up,
             error,
             domain_id,
-            source
+            source,
+            token
         );
         Ok(())
     }
@@ -269,7 +280,7 @@ pub struct IngestTotals {
 }
 
 from_row!(fn source_state_from_row -> SourceState {
-    domain_id: int, source: text, next_poll_at: time, claimed_until: opt_time,
+    domain_id: int, source: text, next_poll_at: time, claimed_until: opt_time, claimed_by: opt_text,
     polled_at: opt_time, caught_up_at: opt_time, last_error: opt_text,
 });
 
