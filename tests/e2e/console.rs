@@ -508,6 +508,30 @@ async fn a_steward_reviews_and_approves_in_the_browser_and_the_console_refuses_w
         .unwrap();
     page_with(&browser, "staging: none → v1").await;
 
+    // The domain also collects from a directory whose files need a look: its page lists them.
+    let logs = app.dir.path().join("console-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    std::fs::write(logs.join("2026-12-07.parquet"), b"PAR1 cut short").unwrap();
+    std::fs::write(logs.join("2026-12-08.jsonl"), "{\"text\": \"no label\"}\n").unwrap();
+    let source = json!({"name": "app-logs", "files": logs.display().to_string(),
+        "mapping": {"input": "text", "expected": "label"}, "interval_seconds": 60});
+    let (status, body) = admin(
+        "PATCH",
+        "/v1/domains/banking",
+        Some(json!({"reason": "collect the app's logs", "sources": [source]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, sources) = admin("GET", "/v1/domains/banking/sources", None).await;
+        if sources["sources"][0]["totals"]["quarantined"] == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{sources}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     browser
         .goto(&format!("{}/console/domains/banking", app.base))
         .await
@@ -517,6 +541,15 @@ async fn a_steward_reviews_and_approves_in_the_browser_and_the_console_refuses_w
         domain.contains("approve") && domain.contains("id=\"production\"><a"),
         "{domain}"
     );
+    for shown in [
+        "Where corrections come from",
+        "2 quarantined",
+        "2026-12-07.parquet",
+        "not a readable Parquet file",
+        "line 1: ",
+    ] {
+        assert!(domain.contains(shown), "{shown} not in {domain}");
+    }
     assert!(
         domain.contains("Holdout accuracy of each version"),
         "{domain}"

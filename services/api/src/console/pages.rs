@@ -261,10 +261,68 @@ pub async fn domain(
             chart => charts::accuracy_over_versions(&points),
             versions => version_rows,
             jobs => job_lines(&state, &domain).await?,
+            sources => source_lines(&state, &domain).await?,
             aliases => aliases,
             audit => audit,
         },
     ))
+}
+
+/// The domain's ingestion sources as the domain page lists them: what each reads, how its
+/// last poll went, what it stored and refused, and the files that need a look (quarantined or
+/// changed), each with its first refusal.
+async fn source_lines(state: &AppState, domain: &DomainRow) -> PageResult<Vec<serde_json::Value>> {
+    if domain.spec.sources.is_empty() {
+        return Ok(Vec::new());
+    }
+    let states = state.db.source_states(domain.id).await?;
+    let mut lines = Vec::new();
+    for spec in &domain.spec.sources {
+        let polled = states.iter().find(|s| s.source == spec.name);
+        let totals = state.db.ingest_totals(domain.id, &spec.name).await?;
+        let mut attention = Vec::new();
+        for unit_state in ["quarantined", "changed"] {
+            for unit in state
+                .db
+                .ingest_units(domain.id, &spec.name, Some(unit_state), 10)
+                .await?
+            {
+                let first = &unit.errors[0];
+                let at = ["line", "row"]
+                    .iter()
+                    .find_map(|k| first[k].as_i64().map(|n| format!("{k} {n}: ")))
+                    .unwrap_or_default();
+                // A file by its name under the source's prefix, which the row above shows.
+                let prefix = format!(
+                    "{}/",
+                    spec.files.as_deref().unwrap_or("").trim_end_matches('/')
+                );
+                let name = unit.unit.strip_prefix(&prefix).unwrap_or(&unit.unit);
+                attention.push(serde_json::json!({
+                    "unit": name,
+                    "state": unit.state,
+                    "why": format!("{at}{}", first["message"].as_str().unwrap_or("")),
+                }));
+            }
+        }
+        let reads = match (&spec.files, &spec.table) {
+            (Some(url), _) => url.clone(),
+            (None, Some(table)) => format!(
+                "table {table} by {}",
+                spec.cursor.as_deref().unwrap_or_default()
+            ),
+            (None, None) => String::new(),
+        };
+        lines.push(serde_json::json!({
+            "name": spec.name,
+            "reads": reads,
+            "polled": polled.and_then(|s| s.polled_at).map(ago),
+            "error": polled.and_then(|s| s.last_error.clone()),
+            "totals": totals,
+            "attention": attention,
+        }));
+    }
+    Ok(lines)
 }
 
 /// One row of a decision trail or audit log.
