@@ -184,7 +184,15 @@ async fn read_one(
     // A line holds one correction: its texts plus JSON overhead, as the HTTP path allows.
     let max_line = poll.ingestor.max_text_chars * 3 * 4 + 64 * 1024;
     let reader = tokio::task::spawn_blocking(move || {
-        read_file(&path, format, &mapping, max_line, start, CHUNK_ROWS, &send);
+        read_file(
+            &path,
+            format,
+            &mapping,
+            max_line,
+            start,
+            CHUNK_ROWS,
+            &mut |msg| send.blocking_send(msg).is_ok(),
+        );
     });
     let mut outcome = Committed::Stored;
     let mut ended = false;
@@ -212,14 +220,14 @@ async fn read_one(
         }
     }
     drop(chunks);
-    // A reader that died without saying why (a panic in a decoder) would die the same way on
-    // every poll: the file is quarantined instead.
+    // The reader turns a decoder's panic into a broken file; a reader that died anyway (out
+    // of memory, say) would die the same way on every poll: the file is quarantined.
     if let Err(e) = reader.await
         && !ended
         && outcome == Committed::Stored
     {
         writer
-            .end("quarantined", format!("the file could not be decoded: {e}"))
+            .end("quarantined", format!("the file could not be read: {e}"))
             .await?;
     }
     drop(copy);

@@ -14,6 +14,8 @@ mod mapping;
 mod read;
 mod table;
 
+pub use read::{WholeFile, read_whole};
+
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -37,8 +37,10 @@ pub(crate) enum Msg {
 /// of what can be read.
 type Step = Result<Option<Record>, String>;
 
-/// Reads `path` from position `start` and sends its chunks of `chunk_rows` records; stops
-/// early if the receiver is gone. Runs on a blocking thread.
+/// Reads `path` from position `start` and hands `sink` its chunks of `chunk_rows` records;
+/// stops early when `sink` says it takes no more. A decoder that panics (on a file crafted or
+/// damaged in a way it did not foresee) breaks the file like any unreadable one, so the
+/// worker quarantines it instead of failing on it at every poll. Runs on a blocking thread.
 pub(crate) fn read_file(
     path: &Path,
     format: FileFormat,
@@ -46,12 +48,42 @@ pub(crate) fn read_file(
     max_line_bytes: usize,
     start: u64,
     chunk_rows: usize,
-    send: &tokio::sync::mpsc::Sender<Msg>,
+    sink: &mut dyn FnMut(Msg) -> bool,
+) {
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        read_chunks(
+            path,
+            format,
+            mapping,
+            max_line_bytes,
+            start,
+            chunk_rows,
+            sink,
+        )
+    }));
+    if let Err(panic) = read {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        sink(Msg::Broken(format!("the file could not be decoded: {why}")));
+    }
+}
+
+fn read_chunks(
+    path: &Path,
+    format: FileFormat,
+    mapping: &Mapping,
+    max_line_bytes: usize,
+    start: u64,
+    chunk_rows: usize,
+    sink: &mut dyn FnMut(Msg) -> bool,
 ) {
     let steps: Box<dyn Iterator<Item = Step>> = match open(path, format, mapping, max_line_bytes) {
         Ok(steps) => steps,
         Err(why) => {
-            let _ = send.blocking_send(Msg::Broken(why));
+            sink(Msg::Broken(why));
             return;
         }
     };
@@ -59,7 +91,6 @@ pub(crate) fn read_file(
     let mut records = Vec::new();
     // A full chunk waits until the next one starts, so the one sent last knows it is last.
     let mut held: Option<Chunk> = None;
-    let sent_ok = |msg: Msg| send.blocking_send(msg).is_ok();
     for step in steps {
         match step {
             Ok(record) => {
@@ -75,7 +106,7 @@ pub(crate) fn read_file(
                         last: false,
                     };
                     if let Some(previous) = held.replace(full)
-                        && !sent_ok(Msg::Chunk(previous))
+                        && !sink(Msg::Chunk(previous))
                     {
                         return;
                     }
@@ -88,11 +119,11 @@ pub(crate) fn read_file(
                     last: false,
                 };
                 for chunk in held.into_iter().chain(Some(rest)) {
-                    if !sent_ok(Msg::Chunk(chunk)) {
+                    if !sink(Msg::Chunk(chunk)) {
                         return;
                     }
                 }
-                let _ = sent_ok(Msg::Broken(why));
+                sink(Msg::Broken(why));
                 return;
             }
         }
@@ -101,21 +132,64 @@ pub(crate) fn read_file(
     match held {
         Some(mut previous) if records.is_empty() => {
             previous.last = true;
-            sent_ok(Msg::Chunk(previous));
+            sink(Msg::Chunk(previous));
         }
         held => {
             if let Some(previous) = held
-                && !sent_ok(Msg::Chunk(previous))
+                && !sink(Msg::Chunk(previous))
             {
                 return;
             }
-            sent_ok(Msg::Chunk(Chunk {
+            sink(Msg::Chunk(Chunk {
                 records,
                 end,
                 last: true,
             }));
         }
     }
+}
+
+/// A whole file as the worker reads it from its start: each record's place and the draft its
+/// fields make under `mapping` (or why none), and why the file broke off, if it did. For the
+/// fuzzer and for trying a mapping out.
+pub fn read_whole(
+    path: &Path,
+    format: FileFormat,
+    mapping: &Mapping,
+    max_line_bytes: usize,
+) -> WholeFile {
+    let mut whole = WholeFile::default();
+    read_file(
+        path,
+        format,
+        mapping,
+        max_line_bytes,
+        0,
+        1_000,
+        &mut |msg| {
+            match msg {
+                Msg::Chunk(chunk) => {
+                    for r in chunk.records {
+                        let draft = r
+                            .fields
+                            .and_then(|f| crate::mapping::draft(&f, mapping, r.at.clone()))
+                            .map_err(|e| format!("{}: {}", e.code, e.message));
+                        whole.records.push((r.at, draft));
+                    }
+                }
+                Msg::Broken(why) => whole.broken = Some(why),
+            }
+            true
+        },
+    );
+    whole
+}
+
+/// What [`read_whole`] read.
+#[derive(Debug, Default)]
+pub struct WholeFile {
+    pub records: Vec<(Value, Result<flywheel_domain::CorrectionDraft, String>)>,
+    pub broken: Option<String>,
 }
 
 fn open(
@@ -298,7 +372,15 @@ mod tests {
         chunk_rows: usize,
     ) -> (Vec<Seen>, Option<String>) {
         let (send, mut receive) = tokio::sync::mpsc::channel(1_000);
-        read_file(path, format, &mapping(), 1 << 20, start, chunk_rows, &send);
+        read_file(
+            path,
+            format,
+            &mapping(),
+            1 << 20,
+            start,
+            chunk_rows,
+            &mut |m| send.blocking_send(m).is_ok(),
+        );
         drop(send);
         let mut chunks = Vec::new();
         let mut broken = None;
@@ -345,7 +427,15 @@ mod tests {
         );
         std::fs::write(&path, long + &lines(1)).unwrap();
         let (send, mut receive) = tokio::sync::mpsc::channel(10);
-        read_file(&path, FileFormat::Jsonl, &mapping(), 1_000, 0, 10, &send);
+        read_file(
+            &path,
+            FileFormat::Jsonl,
+            &mapping(),
+            1_000,
+            0,
+            10,
+            &mut |m| send.blocking_send(m).is_ok(),
+        );
         drop(send);
         let Some(Msg::Chunk(chunk)) = receive.blocking_recv() else {
             panic!("no chunk")
@@ -380,7 +470,15 @@ mod tests {
         let csv = dir.path().join("a.csv");
         std::fs::write(&csv, "text,label\nrow 1,a\n\"row, 2\",b\n").unwrap();
         let (send, mut receive) = tokio::sync::mpsc::channel(10);
-        read_file(&csv, FileFormat::Csv, &mapping(), 1 << 20, 0, 10, &send);
+        read_file(
+            &csv,
+            FileFormat::Csv,
+            &mapping(),
+            1 << 20,
+            0,
+            10,
+            &mut |m| send.blocking_send(m).is_ok(),
+        );
         drop(send);
         let Some(Msg::Chunk(chunk)) = receive.blocking_recv() else {
             panic!("no chunk")
@@ -423,7 +521,15 @@ mod tests {
             serde_json::from_value(json!({"input": "question", "expected": "intent"})).unwrap();
         let (send, mut receive) = tokio::sync::mpsc::channel(10);
         // From the middle of the second row group on.
-        read_file(path, FileFormat::Parquet, &mapping, 1 << 20, 5, 100, &send);
+        read_file(
+            path,
+            FileFormat::Parquet,
+            &mapping,
+            1 << 20,
+            5,
+            100,
+            &mut |m| send.blocking_send(m).is_ok(),
+        );
         drop(send);
         let Some(Msg::Chunk(chunk)) = receive.blocking_recv() else {
             panic!("no chunk")
@@ -436,7 +542,15 @@ mod tests {
                 "intent": "order_physical_card"})
         );
         let (send, mut receive) = tokio::sync::mpsc::channel(10);
-        read_file(path, FileFormat::Parquet, &mapping, 1 << 20, 2, 1, &send);
+        read_file(
+            path,
+            FileFormat::Parquet,
+            &mapping,
+            1 << 20,
+            2,
+            1,
+            &mut |m| send.blocking_send(m).is_ok(),
+        );
         drop(send);
         let Some(Msg::Chunk(third)) = receive.blocking_recv() else {
             panic!("no chunk")

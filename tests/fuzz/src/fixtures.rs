@@ -28,6 +28,8 @@ pub struct Fixtures {
     pub bert: PathBuf,
     /// `trainer/tests/fixtures`.
     pub trainer_fixtures: PathBuf,
+    /// `services/ingest/tests/fixtures`.
+    pub ingest_fixtures: PathBuf,
     /// Adapter directories (adapter_config.json + adapter_model.safetensors) that fit `llama`.
     pub adapters: Vec<PathBuf>,
     pub chat: Vec<ChatCase>,
@@ -126,9 +128,16 @@ impl Fixtures {
             llama,
             bert,
             trainer_fixtures,
+            ingest_fixtures: Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../services/ingest/tests/fixtures"),
             adapters,
             chat,
         })
+    }
+
+    /// A path in the fixtures' own temporary directory, for seeds written at start-up.
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        self._dir.path().join(name)
     }
 
     /// A fixture file's bytes; fixtures are part of the tree, so a missing one is a bug.

@@ -16,6 +16,9 @@ pub const TARGETS: &[Target] = &[
     CORRECTION_JSON,
     CORRECTION_NDJSON,
     IMPORT_CSV,
+    SOURCE_JSONL,
+    SOURCE_CSV,
+    SOURCE_PARQUET,
     DOMAIN_SPEC,
     POLICY,
     CRON,
@@ -232,6 +235,155 @@ pub const IMPORT_CSV: Target = Target {
 };
 
 // ---------------------------------------------------------------------------------------------
+// Files an ingestion source reads (a log shipper's or a data team's, not ours).
+
+/// The mapping every source target reads with: nested paths, a client id, a source column and
+/// metadata, so each of the mapping's branches sees mutants.
+fn source_mapping() -> flywheel_domain::Mapping {
+    serde_json::from_value(serde_json::json!({
+        "input": "request.text", "expected": "label", "client_id": "id",
+        "model_output": "prediction", "source": "who", "metadata": ["region", "ticket.priority"]
+    }))
+    .expect("a valid mapping")
+}
+
+/// `path` read whole by the ingest worker's reader, each draft validated as the worker does.
+fn read_source(
+    path: &std::path::Path,
+    format: flywheel_domain::FileFormat,
+    mapping: &flywheel_domain::Mapping,
+) -> Verdict {
+    let whole = flywheel_ingest::read_whole(path, format, mapping, 64 << 10);
+    let mut verdict = Verdict::Refused;
+    for (_, draft) in whole.records {
+        if let Ok(draft) = draft
+            && validate_everywhere(draft) == Verdict::Accepted
+        {
+            verdict = Verdict::Accepted;
+        }
+    }
+    verdict
+}
+
+/// Source rows as JSON objects, the seeds of the three source targets.
+fn source_rows() -> Vec<serde_json::Value> {
+    let (labels, who) = (LABELS, ["human", "teacher"]);
+    flywheel::BANKING77_MINI
+        .lines()
+        .skip(1)
+        .take(6)
+        .enumerate()
+        .map(|(i, line)| {
+            let text = line.rsplit_once(',').map_or(line, |(t, _)| t);
+            serde_json::json!({"request": {"text": format!("{text} call 4242 4242 4242 4242")},
+                "label": labels[i % labels.len()], "id": i, "who": who[i % 2],
+                "prediction": labels[(i + 1) % labels.len()], "region": "eu",
+                "ticket": {"priority": i}})
+        })
+        .collect()
+}
+
+pub const SOURCE_JSONL: Target = Target {
+    name: "source_jsonl",
+    about: "a JSONL file an ingestion source lists (through a file): the worker's bounded line \
+            reader, serde_json, the mapping's dotted paths into a CorrectionDraft, then \
+            validated as the worker does",
+    parts: &[("logs.jsonl", Part::Text)],
+    dict: CORRECTION_DICT,
+    max_len: 32 << 10,
+    seeds: |_| {
+        let rows: Vec<String> = source_rows().iter().map(|r| r.to_string()).collect();
+        vec![
+            one(&rows.join("\n")),
+            one(&format!("{}\n\n{{}}\n[1]\n", rows[0])),
+        ]
+    },
+    run: |ctx, input| {
+        let path = ctx.write("logs.jsonl", &input[0]);
+        read_source(&path, flywheel_domain::FileFormat::Jsonl, &source_mapping())
+    },
+};
+
+pub const SOURCE_CSV: Target = Target {
+    name: "source_csv",
+    about: "a CSV file an ingestion source lists (through a file): the header checked for the \
+            mapped columns, each record into a JSON object, the mapping, then validated",
+    parts: &[("export.csv", Part::Text)],
+    dict: &[
+        ",",
+        "\"",
+        "\"\"",
+        "\n",
+        "\r\n",
+        "request.text",
+        "label",
+        "id",
+        "who",
+        "human",
+        "teacher",
+    ],
+    max_len: 32 << 10,
+    seeds: |_| {
+        let mut csv = String::from("request.text,label,id,who,region\n");
+        for r in source_rows() {
+            csv += &format!(
+                "\"{}\",{},{},{},eu\n",
+                r["request"]["text"].as_str().expect("text"),
+                r["label"].as_str().expect("label"),
+                r["id"],
+                r["who"].as_str().expect("who")
+            );
+        }
+        vec![
+            one(&csv),
+            one("label,request.text\r\nexchange_rate,\"rate, \"\"today\"\"\"\r\n"),
+        ]
+    },
+    run: |ctx, input| {
+        let path = ctx.write("export.csv", &input[0]);
+        read_source(&path, flywheel_domain::FileFormat::Csv, &source_mapping())
+    },
+};
+
+pub const SOURCE_PARQUET: Target = Target {
+    name: "source_parquet",
+    about: "a Parquet file an ingestion source lists (through a file): the parquet crate's \
+            footer, page and dictionary decoding (snappy, zstd, lz4, gzip) behind the reader's \
+            panic guard, each row into a JSON object, the mapping, then validated",
+    parts: &[("export.parquet", Part::Text)],
+    dict: &["PAR1", "\u{0}\u{0}\u{0}\u{0}", "\u{15}", "\u{19}", "\u{1c}"],
+    max_len: 64 << 10,
+    seeds: |f| {
+        let path = f.scratch("seed.parquet");
+        let rows: Vec<Vec<String>> = source_rows()
+            .iter()
+            .map(|r| {
+                vec![
+                    r["request"]["text"].as_str().expect("text").to_owned(),
+                    r["label"].as_str().expect("label").to_owned(),
+                ]
+            })
+            .collect();
+        flywheel_ingest::write_parquet(&path, &["question", "intent"], &rows)
+            .expect("writing a Parquet seed");
+        vec![
+            vec![f.read(&path)],
+            // pyarrow's: zstd, a dictionary column with a null, row groups of four.
+            vec![f.read(f.ingest_fixtures.join("pyarrow.parquet"))],
+        ]
+    },
+    run: |ctx, input| {
+        let path = ctx.write("export.parquet", &input[0]);
+        // Columns as a data team's export names them (pyarrow's seed has these).
+        let mapping = serde_json::from_value(serde_json::json!({
+            "input": "question", "expected": "intent", "client_id": "ticket_id"
+        }))
+        .expect("a valid mapping");
+        read_source(&path, flywheel_domain::FileFormat::Parquet, &mapping)
+    },
+};
+
+// ---------------------------------------------------------------------------------------------
 // Domains, policies and schedules.
 
 fn at(s: &str) -> DateTime<Utc> {
@@ -359,6 +511,9 @@ pub const DOMAIN_SPEC: Target = Target {
         ));
         seeds.push(one(
             r#"{"name":"hr","task":"classification","base_model":"m","labels":["a","b"]}"#,
+        ));
+        seeds.push(one(
+            r#"{"name":"hr","task":"classification","base_model":"m","labels":["a","b"],"sources":[{"name":"logs","files":"s3://bucket/hr/","format":"jsonl","mapping":{"input":"request.text","expected":"label","metadata":["region"]},"interval_seconds":60,"on_change":"reread","options":{"aws_region":"eu-west-1"}},{"name":"tickets","table":"support.tickets","cursor":"closed_at","connection_env":"TICKETS_URL","mapping":{"input":"body","expected":"queue","client_id":"id"}}]}"#,
         ));
         seeds
     },
