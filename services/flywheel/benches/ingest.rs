@@ -1,5 +1,6 @@
-//! Ingestion throughput and latency over real HTTP into SQLite and PostgreSQL, each beside
-//! its limit: a raw bulk-insert loop into the same schema of the same database. Not a test: it
+//! Ingestion throughput and latency over real HTTP into SQLite and PostgreSQL, and the same
+//! rows collected from a JSONL file by the ingest worker (a `files` source), each beside its
+//! limit: a raw bulk-insert loop into the same schema of the same database. Not a test: it
 //! prints numbers.
 //!
 //! eval "$(.ci/services)"   # PostgreSQL, for FLYWHEEL_TEST_POSTGRES
@@ -79,6 +80,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 struct Figures {
     batched: f64,
+    /// Rows per second from a `files` source: domain registered to every row stored.
+    file: f64,
     raw: f64,
     p50: Duration,
     p99: Duration,
@@ -126,6 +129,72 @@ macro_rules! raw_loop {
         }
         $rows.len() as f64 / started.elapsed().as_secs_f64()
     }};
+}
+
+/// The same rows as a JSONL file in a directory that a domain's `files` source reads: an
+/// instance running only the scheduler and the ingest queue, timed from the domain's
+/// registration (which hands the source its first poll) until the listing says every row is
+/// stored. The file is written before the clock starts.
+async fn from_a_file(
+    args: &Args,
+    which: &str,
+    dir: &std::path::Path,
+    model: &std::path::Path,
+) -> anyhow::Result<f64> {
+    let logs = dir.join(format!("logs-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&logs)?;
+    let mut jsonl = String::new();
+    for i in 0..args.rows {
+        jsonl += &row(i).to_string();
+        jsonl.push('\n');
+    }
+    std::fs::write(logs.join("part-0001.jsonl"), jsonl)?;
+    let mut config = flywheel::Config::new(dir.join("data-files"));
+    config.database = Some(fresh_database(which, dir).await?);
+    config.auth = flywheel_api::AuthMode::Off;
+    config.worker.queues = vec![flywheel_worker::INGEST_QUEUE.to_owned()];
+    config.worker.scheduler_interval = Duration::from_millis(100);
+    config.worker.poll_interval = Duration::from_millis(50);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let running = flywheel::start(config, listener).await?;
+    let base = format!("http://{}", running.addr);
+    let client = reqwest::Client::new();
+    let spec = json!({"name": "bench", "task": "classification",
+        "base_model": model.display().to_string(), "labels": LABELS,
+        "policy": {"min_new_corrections": 100_000_000, "pii": {"action": args.pii}},
+        "sources": [{"name": "logs", "files": logs.display().to_string(),
+            "mapping": {"input": "input", "expected": "expected", "client_id": "client_id",
+                "model_output": "model_output"}}]});
+    let started = Instant::now();
+    let status = client
+        .post(format!("{base}/v1/domains"))
+        .json(&spec)
+        .send()
+        .await?
+        .status();
+    anyhow::ensure!(status == 201, "creating the domain: {status}");
+    loop {
+        let listing: Value = client
+            .get(format!("{base}/v1/domains/bench/sources"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let totals = &listing["sources"][0]["totals"];
+        if totals["done"] == 1 {
+            anyhow::ensure!(
+                totals["ingested"] == args.rows,
+                "the file stored {} of {} rows",
+                totals["ingested"],
+                args.rows
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rate = args.rows as f64 / started.elapsed().as_secs_f64();
+    running.shutdown().await?;
+    Ok(rate)
 }
 
 /// A fresh database of the kind `which` names, in `dir` or on the test PostgreSQL server.
@@ -208,6 +277,7 @@ async fn measure(
     }
     latencies.sort();
     running.shutdown().await?;
+    let file = from_a_file(args, which, dir, model).await?;
 
     let raw_url = fresh_database(which, dir).await?;
     flywheel_db::Db::open(&raw_url).await?.close().await;
@@ -268,6 +338,7 @@ async fn measure(
     };
     Ok(Figures {
         batched,
+        file,
         raw,
         p50: percentile(&latencies, 0.50),
         p99: percentile(&latencies, 0.99),
@@ -296,17 +367,26 @@ async fn main() -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "  {:<10} {:>16} {:>14} {:>8} {:>12} {:>12}",
-        "database", "batched (rows/s)", "raw (rows/s)", "ratio", "single p50", "single p99"
+        "  {:<10} {:>16} {:>18} {:>14} {:>8} {:>8} {:>12} {:>12}",
+        "database",
+        "batched (rows/s)",
+        "from a file (rows/s)",
+        "raw (rows/s)",
+        "http/raw",
+        "file/raw",
+        "single p50",
+        "single p99"
     );
     for which in databases {
         let f = measure(&args, which, dir.path(), &model).await?;
         println!(
-            "  {:<10} {:>16.0} {:>14.0} {:>8.2} {:>9.2} ms {:>9.2} ms",
+            "  {:<10} {:>16.0} {:>20.0} {:>14.0} {:>8.2} {:>8.2} {:>9.2} ms {:>9.2} ms",
             which,
             f.batched,
+            f.file,
             f.raw,
             f.batched / f.raw,
+            f.file / f.raw,
             f.p50.as_secs_f64() * 1e3,
             f.p99.as_secs_f64() * 1e3
         );

@@ -13,7 +13,18 @@ use object_store::{GetOptions, ObjectStore};
 use tokio::io::AsyncWriteExt;
 
 use crate::read::{Msg, read_file};
-use crate::{CHUNK_ROWS, Committed, IngestError, Poll, PollReport, UnitWriter};
+use crate::{Committed, FILE_CHUNK_ROWS, IngestError, Poll, PollReport, Prepared, UnitWriter};
+
+/// What the reader's thread hands the commit loop: a prepared chunk, or why the file broke
+/// off.
+enum Ready {
+    Chunk {
+        prepared: Prepared,
+        end: u64,
+        last: bool,
+    },
+    Broken(String),
+}
 
 /// The store a source's `files` URL names, scoped to its prefix.
 fn open(url: &str, source: &SourceSpec) -> Result<Arc<dyn ObjectStore>, IngestError> {
@@ -181,8 +192,11 @@ async fn read_one(
     let (send, mut chunks) = tokio::sync::mpsc::channel(2);
     let path = copy.path().to_owned();
     let mapping = writer.source.mapping.clone();
+    let preparer = writer.preparer();
     // A line holds one correction: its texts plus JSON overhead, as the HTTP path allows.
     let max_line = poll.ingestor.max_text_chars * 3 * 4 + 64 * 1024;
+    // Reading, parsing, validating and redacting happen on this thread, a chunk ahead of the
+    // commit: the two overlap.
     let reader = tokio::task::spawn_blocking(move || {
         read_file(
             &path,
@@ -190,29 +204,42 @@ async fn read_one(
             &mapping,
             max_line,
             start,
-            CHUNK_ROWS,
-            &mut |msg| send.blocking_send(msg).is_ok(),
+            FILE_CHUNK_ROWS,
+            &mut |msg| {
+                let ready = match msg {
+                    Msg::Chunk(chunk) => Ready::Chunk {
+                        prepared: preparer.prepare(
+                            chunk
+                                .records
+                                .into_iter()
+                                .map(|r| (r.at, r.fields))
+                                .collect(),
+                        ),
+                        end: chunk.end,
+                        last: chunk.last,
+                    },
+                    Msg::Broken(why) => Ready::Broken(why),
+                };
+                send.blocking_send(ready).is_ok()
+            },
         );
     });
     let mut outcome = Committed::Stored;
     let mut ended = false;
-    while let Some(msg) = chunks.recv().await {
-        match msg {
-            Msg::Chunk(chunk) => {
-                let records = chunk
-                    .records
-                    .into_iter()
-                    .map(|r| (r.at, r.fields))
-                    .collect();
-                ended = chunk.last;
-                outcome = writer
-                    .commit(records, chunk.end.to_string(), chunk.last)
-                    .await?;
+    while let Some(ready) = chunks.recv().await {
+        match ready {
+            Ready::Chunk {
+                prepared,
+                end,
+                last,
+            } => {
+                ended = last;
+                outcome = writer.commit(prepared, end.to_string(), last).await?;
                 if outcome == Committed::TakenOver {
                     break;
                 }
             }
-            Msg::Broken(why) => {
+            Ready::Broken(why) => {
                 writer.end("quarantined", why).await?;
                 ended = true;
                 break;

@@ -24,8 +24,13 @@ use flywheel_domain::{PiiAction, SourceSpec};
 use flywheel_telemetry::Metrics;
 use serde_json::{Value, json};
 
-/// Rows committed in one transaction, as the HTTP path commits NDJSON.
+/// Rows of a table committed in one transaction, as the HTTP path commits NDJSON.
 pub const CHUNK_ROWS: usize = 1_000;
+/// Rows of a file committed in one transaction. A file has one commit in flight at a time
+/// (each moves its position on from the last), where HTTP uploads overlap theirs: bigger
+/// chunks pay for fewer durable commits (SQLite 17,000 → 20,500 rows/s here). A crash
+/// re-reads at most one chunk; nothing stored is lost.
+pub const FILE_CHUNK_ROWS: usize = 5_000;
 /// Refusals kept per file (or table) for the report; the rest are counted.
 pub const MAX_UNIT_ERRORS: usize = 20;
 /// A poll stops starting new work after this long and asks to be polled again at once, so
@@ -211,40 +216,36 @@ impl<'a> UnitWriter<'a> {
         1
     }
 
-    /// Validates and stores `records` (each with where it stands and its fields) and moves the
-    /// unit to `to`, in one transaction. `last` finishes a file: `done`, or `quarantined` if
-    /// no row of it was valid. A table is never finished.
+    /// What preparing this unit's chunks needs, for the thread that reads them.
+    fn preparer(&self) -> Preparer {
+        Preparer {
+            spec: self.domain.spec.clone(),
+            source: self.source.name.clone(),
+            mapping: self.source.mapping.clone(),
+            unit: self.unit.unit.clone(),
+            max_text_chars: self.ingestor.max_text_chars,
+        }
+    }
+
+    /// Stores a prepared chunk and moves the unit to `to`, in one transaction. `last`
+    /// finishes a file: `done`, or `quarantined` if no row of it was valid. A table is never
+    /// finished.
     async fn commit(
         &mut self,
-        records: Vec<(Value, Result<Value, mapping::RowError>)>,
+        prepared: Prepared,
         to: String,
         last: bool,
     ) -> Result<Committed, IngestError> {
-        let spec = &self.domain.spec;
+        let Prepared {
+            valid,
+            checked: before,
+            dropped,
+            refusals,
+        } = prepared;
         let mut rejected = 0i64;
-        let mut valid = Vec::with_capacity(records.len());
-        for (at, fields) in records {
-            let mut provenance = json!({ "source": self.source.name });
-            if !self.unit.unit.is_empty() {
-                provenance["file"] = self.unit.unit.clone().into();
-            }
-            if let (Some(p), Some(a)) = (provenance.as_object_mut(), at.as_object()) {
-                p.extend(a.clone());
-            }
-            let draft = fields.and_then(|f| mapping::draft(&f, &self.source.mapping, provenance));
-            match draft {
-                Ok(d) => match d.validate(spec, self.ingestor.max_text_chars) {
-                    Ok(c) => valid.push(c),
-                    Err(e) => rejected += self.refuse(&at, invalid_code(&e), &e.to_string()),
-                },
-                Err(e) => rejected += self.refuse(&at, e.code, &e.message),
-            }
+        for (at, code, message) in &refusals {
+            rejected += self.refuse(at, code, message);
         }
-        let before = valid.len();
-        if spec.policy.pii.action == PiiAction::Drop {
-            valid.retain(|c| c.redacted.is_empty());
-        }
-        let dropped = (before - valid.len()) as i64;
         let stored_before = self.unit.ingested + self.unit.duplicates + self.unit.dropped_pii;
         let state = if !last || self.source.table.is_some() {
             "reading"
@@ -343,6 +344,62 @@ impl<'a> UnitWriter<'a> {
             && let Err(e) = self.ingestor.db.close_upload(&id).await
         {
             tracing::warn!(error = %e, upload = id, "could not close an ingestion upload");
+        }
+    }
+}
+
+/// A chunk made ready to store, off the commit path: its valid corrections (after the PII
+/// policy's `drop`) and its refusals, each with where it stands.
+pub(crate) struct Prepared {
+    valid: Vec<flywheel_domain::Correction>,
+    /// Rows valid before the `drop` policy.
+    checked: usize,
+    dropped: i64,
+    refusals: Vec<(Value, &'static str, String)>,
+}
+
+/// What turns a chunk's records into corrections — the mapping, validation and the PII
+/// policy — owned, so the reader's thread prepares the next chunk while this one commits.
+#[derive(Clone)]
+pub(crate) struct Preparer {
+    spec: flywheel_domain::DomainSpec,
+    source: String,
+    mapping: flywheel_domain::Mapping,
+    /// The file's key, for each row's provenance; empty for a table.
+    unit: String,
+    max_text_chars: usize,
+}
+
+impl Preparer {
+    fn prepare(&self, records: Vec<(Value, Result<Value, mapping::RowError>)>) -> Prepared {
+        let mut valid = Vec::with_capacity(records.len());
+        let mut refusals = Vec::new();
+        for (at, fields) in records {
+            let mut provenance = json!({ "source": self.source });
+            if !self.unit.is_empty() {
+                provenance["file"] = self.unit.clone().into();
+            }
+            if let (Some(p), Some(a)) = (provenance.as_object_mut(), at.as_object()) {
+                p.extend(a.clone());
+            }
+            let draft = fields.and_then(|f| mapping::draft(&f, &self.mapping, provenance));
+            match draft {
+                Ok(d) => match d.validate(&self.spec, self.max_text_chars) {
+                    Ok(c) => valid.push(c),
+                    Err(e) => refusals.push((at, invalid_code(&e), e.to_string())),
+                },
+                Err(e) => refusals.push((at, e.code, e.message)),
+            }
+        }
+        let checked = valid.len();
+        if self.spec.policy.pii.action == PiiAction::Drop {
+            valid.retain(|c| c.redacted.is_empty());
+        }
+        Prepared {
+            dropped: (checked - valid.len()) as i64,
+            valid,
+            checked,
+            refusals,
         }
     }
 }

@@ -119,7 +119,8 @@ pub(crate) async fn poll(poll: &Poll<'_>) -> Result<PollReport, IngestError> {
                 (json!({ "cursor": at }), fields)
             })
             .collect();
-        if writer.commit(records, to, false).await? == Committed::TakenOver {
+        let prepared = writer.preparer().prepare(records);
+        if writer.commit(prepared, to, false).await? == Committed::TakenOver {
             break;
         }
         report.units += 1;
