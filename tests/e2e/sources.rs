@@ -317,19 +317,13 @@ async fn a_worker_killed_mid_file_resumes_without_loss_or_duplicates() {
     let dir = tempfile::tempdir().unwrap();
     let (app_rows, labels, model_dir) = banking_fixture(dir.path());
     let database = test_database(dir.path()).await;
-    let endpoint = std::env::var("FLYWHEEL_TEST_S3").expect(
-        "FLYWHEEL_TEST_S3 is not set: start the test services with `eval \"$(.ci/services)\"`",
-    );
-    let prefix = format!("s3://flywheel/e2e-source-{}", uuid::Uuid::new_v4());
-    let options: Vec<(String, String)> = [
-        ("aws_endpoint", endpoint.as_str()),
-        ("aws_access_key_id", "flywheel"),
-        ("aws_secret_access_key", "flywheel-secret"),
-        ("aws_region", "us-east-1"),
-        ("aws_allow_http", "true"),
-    ]
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .to_vec();
+    // The SeaweedFS the registry tests use, under a prefix of this test's own.
+    let (prefix, options) = super::s3_registry();
+    let endpoint = options
+        .iter()
+        .find(|(k, _)| k == "aws_endpoint")
+        .map(|(_, v)| v.clone())
+        .unwrap();
     let (store, _) = flywheel_registry::remote(&prefix, &options).unwrap();
     const ROWS: usize = 40_000;
     let rows = rows_of(&app_rows, 0, ROWS);

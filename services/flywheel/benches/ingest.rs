@@ -62,6 +62,18 @@ fn row(i: usize) -> Value {
     })
 }
 
+/// Registers the bench's domain; anything but 201 is an error.
+async fn create_domain(client: &reqwest::Client, base: &str, spec: &Value) -> anyhow::Result<()> {
+    let status = client
+        .post(format!("{base}/v1/domains"))
+        .json(spec)
+        .send()
+        .await?
+        .status();
+    anyhow::ensure!(status == 201, "creating the domain: {status}");
+    Ok(())
+}
+
 /// POSTs one JSON body of corrections; anything but 202 is an error.
 async fn send(client: &reqwest::Client, url: &str, body: String) -> anyhow::Result<()> {
     let resp = client
@@ -166,13 +178,7 @@ async fn from_a_file(
             "mapping": {"input": "input", "expected": "expected", "client_id": "client_id",
                 "model_output": "model_output"}}]});
     let started = Instant::now();
-    let status = client
-        .post(format!("{base}/v1/domains"))
-        .json(&spec)
-        .send()
-        .await?
-        .status();
-    anyhow::ensure!(status == 201, "creating the domain: {status}");
+    create_domain(&client, &base, &spec).await?;
     loop {
         let listing: Value = client
             .get(format!("{base}/v1/domains/bench/sources"))
@@ -236,13 +242,7 @@ async fn measure(
     let spec = json!({"name": "bench", "task": "classification",
         "base_model": model.display().to_string(), "labels": LABELS,
         "policy": {"min_new_corrections": 100_000_000, "pii": {"action": args.pii}}});
-    let status = client
-        .post(format!("{base}/v1/domains"))
-        .json(&spec)
-        .send()
-        .await?
-        .status();
-    anyhow::ensure!(status == 201, "creating the domain: {status}");
+    create_domain(&client, &base, &spec).await?;
 
     // Bodies are built before the clock starts: this measures the server.
     let bodies: Vec<String> = (0..args.rows)
