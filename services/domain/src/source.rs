@@ -205,6 +205,15 @@ impl SourceSpec {
                 "an s3://, gs://, az:// or file:// URL, or an absolute directory path".into(),
             ));
         }
+        let authority = url.split_once("://").map_or("", |(_, rest)| rest);
+        if authority.split('/').next().unwrap_or("").contains('@') {
+            return Err(field(
+                "files",
+                "credentials are not kept in a domain spec (every steward can read it): name \
+                 the bucket alone and set them in the ingest worker's environment"
+                    .into(),
+            ));
+        }
         for extra in [
             ("table", self.table.is_some()),
             ("cursor", self.cursor.is_some()),
@@ -221,7 +230,8 @@ impl SourceSpec {
                 return Err(field(
                     &format!("options.{key}"),
                     "credentials are not kept in a domain spec (every steward can read it): \
-                     set them in the ingest worker's environment (AWS_SECRET_ACCESS_KEY, …)"
+                     set them in the ingest worker's environment (AWS_SECRET_ACCESS_KEY, \
+                     AZURE_STORAGE_ACCOUNT_KEY, GOOGLE_SERVICE_ACCOUNT, …)"
                         .into(),
                 ));
             }
@@ -395,6 +405,10 @@ mod tests {
             ),
             (
                 serde_json::json!({"name": "x", "files": "relative/dir", "mapping": {"input": "a", "expected": "b"}}),
+                "sources[0].files",
+            ),
+            (
+                serde_json::json!({"name": "x", "files": "s3://AKIA:secret@bucket/p/", "mapping": {"input": "a", "expected": "b"}}),
                 "sources[0].files",
             ),
         ];

@@ -73,7 +73,12 @@ pub(crate) async fn poll(poll: &Poll<'_>, url: &str) -> Result<PollReport, Inges
     for (key, version, state) in ingestor.db.known_files(domain.id, &source.name).await? {
         known.entry(key).or_default().push((version, state));
     }
-    let prefix = url.trim_end_matches('/');
+    // `/logs` and `file:///logs` are one directory, and its files the same units.
+    let prefix = match url.strip_prefix("file://") {
+        Some(path) => path,
+        None => url,
+    }
+    .trim_end_matches('/');
     let mut report = PollReport {
         caught_up: true,
         ..PollReport::default()
