@@ -360,31 +360,63 @@ mod tests {
         serde_json::from_value(json!({"input": "text", "expected": "label"})).unwrap()
     }
 
+    /// Everything `read_file` hands its sink for `path` from `start` in chunks of
+    /// `chunk_rows`, lines longer than `max_line` refused.
+    fn messages(
+        path: &Path,
+        format: FileFormat,
+        mapping: &Mapping,
+        max_line: usize,
+        start: u64,
+        chunk_rows: usize,
+    ) -> Vec<Msg> {
+        let mut sent = Vec::new();
+        read_file(
+            path,
+            format,
+            mapping,
+            max_line,
+            start,
+            chunk_rows,
+            &mut |m| {
+                sent.push(m);
+                true
+            },
+        );
+        sent
+    }
+
+    /// The first thing `read_file` hands its sink, which must be a chunk.
+    fn first_chunk(
+        path: &Path,
+        format: FileFormat,
+        mapping: &Mapping,
+        max_line: usize,
+        start: u64,
+        chunk_rows: usize,
+    ) -> Chunk {
+        match messages(path, format, mapping, max_line, start, chunk_rows)
+            .into_iter()
+            .next()
+        {
+            Some(Msg::Chunk(chunk)) => chunk,
+            _ => panic!("no chunk"),
+        }
+    }
+
     /// A chunk as the tests compare it: its records' positions, its end, whether it is last.
     type Seen = (Vec<Value>, u64, bool);
 
-    /// Everything `read_file` sends for `path` from `start` in chunks of `chunk_rows`, and a
-    /// broken file's reason.
+    /// Every chunk of `path` from `start` as [`Seen`], and a broken file's reason.
     fn read(
         path: &Path,
         format: FileFormat,
         start: u64,
         chunk_rows: usize,
     ) -> (Vec<Seen>, Option<String>) {
-        let (send, mut receive) = tokio::sync::mpsc::channel(1_000);
-        read_file(
-            path,
-            format,
-            &mapping(),
-            1 << 20,
-            start,
-            chunk_rows,
-            &mut |m| send.blocking_send(m).is_ok(),
-        );
-        drop(send);
         let mut chunks = Vec::new();
         let mut broken = None;
-        while let Some(msg) = receive.blocking_recv() {
+        for msg in messages(path, format, &mapping(), 1 << 20, start, chunk_rows) {
             match msg {
                 Msg::Chunk(c) => {
                     chunks.push((c.records.into_iter().map(|r| r.at).collect(), c.end, c.last))
@@ -426,20 +458,7 @@ mod tests {
             "x".repeat(5_000)
         );
         std::fs::write(&path, long + &lines(1)).unwrap();
-        let (send, mut receive) = tokio::sync::mpsc::channel(10);
-        read_file(
-            &path,
-            FileFormat::Jsonl,
-            &mapping(),
-            1_000,
-            0,
-            10,
-            &mut |m| send.blocking_send(m).is_ok(),
-        );
-        drop(send);
-        let Some(Msg::Chunk(chunk)) = receive.blocking_recv() else {
-            panic!("no chunk")
-        };
+        let chunk = first_chunk(&path, FileFormat::Jsonl, &mapping(), 1_000, 0, 10);
         assert_eq!((chunk.end, chunk.last), (2, true));
         assert_eq!(
             chunk.records[0].fields.as_ref().unwrap_err().code,
@@ -469,20 +488,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let csv = dir.path().join("a.csv");
         std::fs::write(&csv, "text,label\nrow 1,a\n\"row, 2\",b\n").unwrap();
-        let (send, mut receive) = tokio::sync::mpsc::channel(10);
-        read_file(
-            &csv,
-            FileFormat::Csv,
-            &mapping(),
-            1 << 20,
-            0,
-            10,
-            &mut |m| send.blocking_send(m).is_ok(),
-        );
-        drop(send);
-        let Some(Msg::Chunk(chunk)) = receive.blocking_recv() else {
-            panic!("no chunk")
-        };
+        let chunk = first_chunk(&csv, FileFormat::Csv, &mapping(), 1 << 20, 0, 10);
         let rows: Vec<Value> = chunk
             .records
             .into_iter()
@@ -519,21 +525,8 @@ mod tests {
         ));
         let mapping: Mapping =
             serde_json::from_value(json!({"input": "question", "expected": "intent"})).unwrap();
-        let (send, mut receive) = tokio::sync::mpsc::channel(10);
         // From the middle of the second row group on.
-        read_file(
-            path,
-            FileFormat::Parquet,
-            &mapping,
-            1 << 20,
-            5,
-            100,
-            &mut |m| send.blocking_send(m).is_ok(),
-        );
-        drop(send);
-        let Some(Msg::Chunk(chunk)) = receive.blocking_recv() else {
-            panic!("no chunk")
-        };
+        let chunk = first_chunk(path, FileFormat::Parquet, &mapping, 1 << 20, 5, 100);
         assert_eq!((chunk.end, chunk.last, chunk.records.len()), (10, true, 5));
         assert_eq!(chunk.records[0].at, json!({"row": 6}));
         assert_eq!(
@@ -541,20 +534,7 @@ mod tests {
             &json!({"ticket_id": 1005, "question": "can I get a physical card",
                 "intent": "order_physical_card"})
         );
-        let (send, mut receive) = tokio::sync::mpsc::channel(10);
-        read_file(
-            path,
-            FileFormat::Parquet,
-            &mapping,
-            1 << 20,
-            2,
-            1,
-            &mut |m| send.blocking_send(m).is_ok(),
-        );
-        drop(send);
-        let Some(Msg::Chunk(third)) = receive.blocking_recv() else {
-            panic!("no chunk")
-        };
+        let third = first_chunk(path, FileFormat::Parquet, &mapping, 1 << 20, 2, 1);
         assert_eq!(
             third.records[0].fields.as_ref().unwrap()["intent"],
             Value::Null
