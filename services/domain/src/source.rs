@@ -146,6 +146,18 @@ const SECRET_WORDS: [&str; 7] = [
 ];
 
 impl SourceSpec {
+    /// What a file of this source is named under (its unit's name is this, `/`, its key): the
+    /// `files` URL without a trailing `/`, a `file://` URL and a path to the same directory
+    /// alike, so rewriting one as the other reads nothing again.
+    pub fn files_prefix(&self) -> Option<&str> {
+        let url = self.files.as_deref()?;
+        Some(
+            url.strip_prefix("file://")
+                .unwrap_or(url)
+                .trim_end_matches('/'),
+        )
+    }
+
     /// Checks one source; `at` is its path in the spec (`sources[2]`).
     pub fn validate(&self, at: &str) -> Result<(), Invalid> {
         let field = |f: &str, why: String| Invalid::field(format!("{at}.{f}"), why);
@@ -416,6 +428,21 @@ mod tests {
             let err = spec(json.clone()).unwrap_err();
             assert!(err.starts_with(&format!("{field}:")), "{json}: {err}");
         }
+    }
+
+    #[test]
+    fn a_file_url_and_its_path_name_files_alike() {
+        let source = |files: &str| {
+            spec(serde_json::json!({"name": "x", "files": files,
+                "mapping": {"input": "a", "expected": "b"}}))
+            .unwrap()
+        };
+        assert_eq!(
+            source("file:///srv/logs/").files_prefix(),
+            Some("/srv/logs")
+        );
+        assert_eq!(source("/srv/logs").files_prefix(), Some("/srv/logs"));
+        assert_eq!(source("s3://b/p/").files_prefix(), Some("s3://b/p"));
     }
 
     #[test]

@@ -28,12 +28,7 @@ enum Ready {
 
 /// The store a source's `files` URL names, scoped to its prefix.
 fn open(url: &str, source: &SourceSpec) -> Result<Arc<dyn ObjectStore>, IngestError> {
-    let local = match url.split_once("://") {
-        None => Some(url),
-        Some(("file", rest)) => Some(rest),
-        Some(_) => None,
-    };
-    if let Some(dir) = local {
+    if let Some(dir) = flywheel_registry::local_path(url) {
         if !std::path::Path::new(dir).is_dir() {
             return Err(IngestError::Store(format!(
                 "{dir} is not a directory this worker can read"
@@ -73,12 +68,7 @@ pub(crate) async fn poll(poll: &Poll<'_>, url: &str) -> Result<PollReport, Inges
     for (key, version, state) in ingestor.db.known_files(domain.id, &source.name).await? {
         known.entry(key).or_default().push((version, state));
     }
-    // `/logs` and `file:///logs` are one directory, and its files the same units.
-    let prefix = match url.strip_prefix("file://") {
-        Some(path) => path,
-        None => url,
-    }
-    .trim_end_matches('/');
+    let prefix = source.files_prefix().unwrap_or(url);
     let mut report = PollReport {
         caught_up: true,
         ..PollReport::default()

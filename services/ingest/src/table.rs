@@ -81,6 +81,7 @@ pub(crate) async fn poll(poll: &Poll<'_>) -> Result<PollReport, IngestError> {
         .ingest_unit(domain.id, &source.name, &name, "", 0, "")
         .await?;
     let mut writer = UnitWriter::new(poll, unit);
+    let preparer = writer.preparer();
     let mut report = PollReport::default();
     let batch = CHUNK_ROWS;
     while poll.may_go_on().await? {
@@ -119,7 +120,7 @@ pub(crate) async fn poll(poll: &Poll<'_>) -> Result<PollReport, IngestError> {
                 (json!({ "cursor": at }), fields)
             })
             .collect();
-        let prepared = writer.preparer().prepare(records);
+        let prepared = preparer.prepare(records);
         if writer.commit(prepared, to, false).await? == Committed::TakenOver {
             break;
         }

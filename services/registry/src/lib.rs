@@ -25,7 +25,7 @@ pub mod models;
 mod store;
 
 pub use models::{MODEL_REF_PREFIX, ModelManifest, parse_model_ref};
-pub use store::{CONDITIONAL_WRITES, remote};
+pub use store::{CONDITIONAL_WRITES, local_path, remote};
 
 use std::path::Path;
 use std::sync::Arc;

@@ -30,12 +30,7 @@ pub(crate) fn open(location: &str, options: &[(String, String)]) -> Result<Regis
             store_options.push((key.to_ascii_lowercase(), value.clone()));
         }
     }
-    let local = match location.split_once("://") {
-        None => Some(location),
-        Some(("file", rest)) => Some(rest),
-        Some(_) => None,
-    };
-    if let Some(path) = local {
+    if let Some(path) = local_path(location) {
         return Registry::local(std::path::Path::new(path));
     }
     let (store, base_url) = remote(location, &store_options)?;
@@ -45,6 +40,15 @@ pub(crate) fn open(location: &str, options: &[(String, String)]) -> Result<Regis
         local_root: None,
         conditional_writes,
     })
+}
+
+/// The directory a location names if it is local: a path, or a `file://` URL's path.
+pub fn local_path(location: &str) -> Option<&str> {
+    match location.split_once("://") {
+        None => Some(location),
+        Some(("file", rest)) => Some(rest),
+        Some(_) => None,
+    }
 }
 
 /// The object store an `s3://`, `gs://` or `az://` URL names, scoped to the URL's prefix,

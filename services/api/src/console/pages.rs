@@ -293,11 +293,10 @@ async fn source_lines(state: &AppState, domain: &DomainRow) -> PageResult<Vec<se
                     .find_map(|k| first[k].as_i64().map(|n| format!("{k} {n}: ")))
                     .unwrap_or_default();
                 // A file by its name under the source's prefix, which the row above shows.
-                let prefix = format!(
-                    "{}/",
-                    spec.files.as_deref().unwrap_or("").trim_end_matches('/')
-                );
-                let name = unit.unit.strip_prefix(&prefix).unwrap_or(&unit.unit);
+                let name = spec
+                    .files_prefix()
+                    .and_then(|p| unit.unit.strip_prefix(p)?.strip_prefix('/'))
+                    .unwrap_or(&unit.unit);
                 attention.push(serde_json::json!({
                     "unit": name,
                     "state": unit.state,
