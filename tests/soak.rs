@@ -499,12 +499,11 @@ impl Server {
             Database::Postgres(url) => url.clone(),
         };
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flywheel"))
-            .arg("--data-dir")
+            .args(["serve", "--data-dir"])
             .arg(data_dir)
             .args([
                 "--database",
                 &db_arg,
-                "serve",
                 "--listen",
                 "127.0.0.1:0",
                 "--auth",

@@ -6,6 +6,7 @@
 //! that acknowledge client data are durable before they return: SQLite connections run
 //! `synchronous = FULL`, PostgreSQL ones `synchronous_commit = on`.
 
+pub mod backup;
 mod models;
 mod repo;
 mod sql;

@@ -4,6 +4,9 @@
 //! This crate owns composition and the CLI's user-facing behaviour; the work itself lives in
 //! the libraries. `start` takes its listener and shutdown signal so tests can bind port 0.
 
+pub mod backup;
+pub mod client;
+pub mod commands;
 pub mod demo;
 pub mod demo_loop;
 

@@ -1,24 +1,27 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use flywheel::client::{Remote, RemoteArgs};
 
 /// flywheel: keeps small language models learning from their corrections.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where an instance's state lives: the flags of the commands that open it.
+#[derive(Args)]
+struct Store {
     /// Where the database, registry and work files live.
-    #[arg(
-        long,
-        env = "FLYWHEEL_DATA_DIR",
-        default_value = ".flywheel",
-        global = true
-    )]
+    #[arg(long, env = "FLYWHEEL_DATA_DIR", default_value = ".flywheel")]
     data_dir: PathBuf,
     /// The model registry: a path, or an `s3://bucket/prefix`, `gs://…` or `az://…` URL
     /// (credentials from the store's usual environment: AWS_ACCESS_KEY_ID, AWS_ENDPOINT, …).
     /// Default: `<data-dir>/registry`.
-    #[arg(long, env = "FLYWHEEL_REGISTRY", global = true)]
+    #[arg(long, env = "FLYWHEEL_REGISTRY")]
     registry: Option<String>,
     /// Set to false only for a store without conditional writes, and then run a single
     /// writer: alias moves fall back to check-then-put.
@@ -26,33 +29,65 @@ struct Cli {
         long,
         env = "FLYWHEEL_REGISTRY_CONDITIONAL_WRITES",
         default_value_t = true,
-        global = true,
         action = clap::ArgAction::Set
     )]
     registry_conditional_writes: bool,
     /// The database: a SQLite file (path or `sqlite://` URL) or a `postgres://` URL.
     /// Default: `<data-dir>/flywheel.db`.
-    #[arg(long, env = "FLYWHEEL_DATABASE", global = true, value_parser = parse_database)]
+    #[arg(long, env = "FLYWHEEL_DATABASE", value_parser = parse_database)]
     database: Option<flywheel_db::DatabaseUrl>,
+}
+
+impl Store {
+    fn config(self) -> flywheel::Config {
+        let mut config = flywheel::Config::new(self.data_dir);
+        config.registry = self.registry;
+        config.database = self.database;
+        config.registry_options.push((
+            flywheel_registry::CONDITIONAL_WRITES.into(),
+            self.registry_conditional_writes.to_string(),
+        ));
+        config
+    }
+}
+
+/// Where training runs: the flags of the commands that train.
+#[derive(Args)]
+struct Device {
     /// Where training and evaluation run: `cpu`, or `wgpu` (GPUs; builds with
     /// `--features wgpu`).
-    #[arg(long, env = "FLYWHEEL_DEVICE", default_value = "cpu", global = true, value_parser = ["cpu", "wgpu"])]
+    #[arg(long, env = "FLYWHEEL_DEVICE", default_value = "cpu", value_parser = ["cpu", "wgpu"])]
     device: String,
     /// Precision of the base model's frozen products while training: `float32`, or `bfloat16`
     /// (several times faster on CPUs with AMX, Intel Xeon 4th generation and later).
-    #[arg(long, env = "FLYWHEEL_COMPUTE", default_value = "float32", global = true, value_parser = ["float32", "bfloat16"])]
+    #[arg(long, env = "FLYWHEEL_COMPUTE", default_value = "float32", value_parser = ["float32", "bfloat16"])]
     compute: String,
-    /// Log lines as `text` (coloured only on a terminal) or `json` (one object per line).
-    #[arg(long, env = "FLYWHEEL_LOG_FORMAT", default_value = "text", global = true, value_parser = ["text", "json"])]
-    log_format: String,
-    #[command(subcommand)]
-    command: Command,
 }
 
+impl Device {
+    /// Selects the device for this process and sets `config`'s precision.
+    fn apply(self, config: &mut flywheel::Config) -> anyhow::Result<()> {
+        flywheel_trainer::use_accelerator(self.device.parse()?).context("--device")?;
+        let compute: flywheel_trainer::Compute = self.compute.parse()?;
+        compute.ensure_available().context("--compute")?;
+        config.worker.compute = compute;
+        Ok(())
+    }
+}
+
+// Parsed once per process: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the API, the workers and the scheduler.
     Serve {
+        #[command(flatten)]
+        store: Store,
+        #[command(flatten)]
+        device: Device,
+        /// Log lines as `text` (coloured only on a terminal) or `json` (one object per line).
+        #[arg(long, env = "FLYWHEEL_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+        log_format: String,
         #[arg(long, env = "FLYWHEEL_LISTEN", default_value = "127.0.0.1:8080")]
         listen: String,
         /// What this process runs: `api`, `scheduler` (one per deployment), and the queues
@@ -113,27 +148,82 @@ enum Command {
         public_url: Option<String>,
     },
     /// Create or upgrade the database schema, then exit.
-    Migrate,
+    Migrate {
+        #[command(flatten)]
+        store: Store,
+    },
     /// Run the whole loop on the bundled Banking77 slice and print what it produced.
     Demo {
+        #[command(flatten)]
+        store: Store,
+        #[command(flatten)]
+        device: Device,
         /// Serve instead: rounds of queries to /predict, the uncertain ones escalated to a
         /// stand-in teacher whose answers train the next version; prints the share escalated
         /// per round.
         #[arg(long = "loop")]
         serving_loop: bool,
     },
-    /// Send corrections from a JSONL or CSV file to a running server.
+    /// Copy the embedded (SQLite) database, while it runs, to a file or an object store.
+    /// For PostgreSQL use pg_dump (README: Backups).
+    Backup {
+        #[command(flatten)]
+        store: Store,
+        /// A file, or an `s3://bucket/key`, `gs://…` or `az://…` URL; it must not exist yet.
+        to: String,
+    },
+    /// Put a backup in place of the embedded database. Stop every flywheel process of the
+    /// instance first.
+    Restore {
+        #[command(flatten)]
+        store: Store,
+        /// The backup: a file, or an `s3://…`, `gs://…` or `az://…` URL.
+        from: String,
+        /// Replace an existing database (it is kept beside, renamed `….replaced-<time>`).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Send corrections from a JSONL or CSV file to a running server, streamed.
     Import {
-        /// Domain to import into.
-        domain: String,
-        /// `.jsonl` of correction objects, or `.csv` with input/expected columns.
-        file: PathBuf,
-        /// The flywheel server (`http://host:port`; `host:port` means http).
-        #[arg(long, env = "FLYWHEEL_SERVER", default_value = "http://127.0.0.1:8080")]
-        server: String,
-        /// An API token that may send corrections to the domain (department or admin).
-        #[arg(long, env = "FLYWHEEL_TOKEN", hide_env_values = true)]
-        token: Option<String>,
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(flatten)]
+        args: flywheel::commands::import::ImportArgs,
+    },
+    /// API tokens: create, list, scope, revoke (admin).
+    Tokens {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(subcommand)]
+        command: flywheel::commands::tokens::TokensCommand,
+    },
+    /// Domains: create, list, show, edit, policy history.
+    Domains {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(subcommand)]
+        command: flywheel::commands::domains::DomainsCommand,
+    },
+    /// Fine-tune jobs: list, start, watch, cancel.
+    Jobs {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(subcommand)]
+        command: flywheel::commands::jobs::JobsCommand,
+    },
+    /// Versions: list, report, approve, reject, override, reevaluate, rollback, audit.
+    Versions {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(subcommand)]
+        command: flywheel::commands::versions::VersionsCommand,
+    },
+    /// Aliases: show, move, history.
+    Aliases {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(subcommand)]
+        command: flywheel::commands::aliases::AliasesCommand,
     },
     /// Base-model utilities.
     Models {
@@ -147,6 +237,8 @@ enum ModelsCommand {
     /// Copy a Hugging Face model directory into the registry, content-addressed, and print
     /// the `sha256:…` reference a domain's `base_model` uses.
     Import {
+        #[command(flatten)]
+        store: Store,
         /// The model directory (config.json, model.safetensors or shards, tokenizer.json).
         dir: PathBuf,
     },
@@ -179,13 +271,16 @@ enum ModelsCommand {
 async fn main() {
     let cli = Cli::parse();
     // The demo talks to the user on stdout; the server's own log would drown it.
-    let quiet = matches!(
-        cli.command,
-        Command::Demo { .. } | Command::Import { .. } | Command::Models { .. }
-    );
-    let format = cli.log_format.parse().unwrap_or_default();
-    flywheel_telemetry::init_logging(if quiet { "warn" } else { "info" }, format);
+    let (level, format) = match &cli.command {
+        Command::Serve { log_format, .. } => ("info", log_format.parse().unwrap_or_default()),
+        Command::Migrate { .. } => ("info", Default::default()),
+        _ => ("warn", Default::default()),
+    };
+    flywheel_telemetry::init_logging(level, format);
     if let Err(e) = run(cli).await {
+        if e.is::<flywheel::commands::ClosedPipe>() {
+            return;
+        }
         eprintln!("error: {}", one_line(&e));
         std::process::exit(1);
     }
@@ -209,19 +304,11 @@ fn one_line(e: &anyhow::Error) -> String {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    flywheel_trainer::use_accelerator(cli.device.parse()?).context("--device")?;
-    let compute: flywheel_trainer::Compute = cli.compute.parse()?;
-    compute.ensure_available().context("--compute")?;
-    let mut config = flywheel::Config::new(cli.data_dir);
-    config.worker.compute = compute;
-    config.registry = cli.registry;
-    config.database = cli.database;
-    config.registry_options.push((
-        flywheel_registry::CONDITIONAL_WRITES.into(),
-        cli.registry_conditional_writes.to_string(),
-    ));
     match cli.command {
         Command::Serve {
+            store,
+            device,
+            log_format: _,
             listen,
             roles,
             max_lora_rank,
@@ -237,6 +324,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             webhook_secret,
             public_url,
         } => {
+            let mut config = store.config();
+            device.apply(&mut config)?;
             config.notify.webhooks = webhooks;
             config.notify.secret = webhook_secret.filter(|s| !s.trim().is_empty());
             config.notify.public_url = public_url.unwrap_or_default();
@@ -273,48 +362,63 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!("shutting down");
             running.shutdown().await
         }
-        Command::Migrate => {
+        Command::Migrate { store } => {
+            let config = store.config();
             flywheel::open_db(&config).await?;
             println!("database {} is up to date", config.database().redacted());
             Ok(())
         }
         Command::Demo {
-            serving_loop: false,
-        } => flywheel::demo::run(&config.data_dir.join("demo")).await,
-        Command::Demo { serving_loop: true } => {
-            flywheel::demo_loop::run(&config.data_dir.join("demo-loop")).await
-        }
-        Command::Import {
-            domain,
-            file,
-            server,
-            token,
+            store,
+            device,
+            serving_loop,
         } => {
-            let server = if server.contains("://") {
-                server
+            let mut config = store.config();
+            device.apply(&mut config)?;
+            if serving_loop {
+                flywheel::demo_loop::run(&config.data_dir.join("demo-loop")).await
             } else {
-                format!("http://{server}")
-            };
-            let server = server.trim_end_matches('/');
-            let rows = flywheel::read_corrections(&file)?;
-            let mut headers = reqwest::header::HeaderMap::new();
-            if let Some(token) = token {
-                let value = format!("Bearer {token}")
-                    .parse()
-                    .context("the token has characters a header cannot carry")?;
-                headers.insert(reqwest::header::AUTHORIZATION, value);
+                flywheel::demo::run(&config.data_dir.join("demo")).await
             }
-            let client = reqwest::Client::builder()
-                .default_headers(headers)
-                .build()
-                .context("building the HTTP client")?;
-            let sent = flywheel::demo::post_corrections(&client, server, &domain, &rows).await?;
-            println!("{sent} corrections accepted into `{domain}`");
+        }
+        Command::Backup { store, to } => {
+            let config = store.config();
+            let bytes = flywheel::backup::backup(&config, &to).await?;
+            println!(
+                "backed up {} to {to} ({:.1} MB)",
+                config.database().redacted(),
+                bytes as f64 / 1e6
+            );
             Ok(())
         }
+        Command::Restore { store, from, force } => {
+            let config = store.config();
+            let restored = flywheel::backup::restore(&config, &from, force).await?;
+            println!("{restored}");
+            Ok(())
+        }
+        Command::Import { remote, args } => {
+            flywheel::commands::import::run(&Remote::new(&remote)?, args).await
+        }
+        Command::Tokens { remote, command } => {
+            flywheel::commands::tokens::run(&Remote::new(&remote)?, command).await
+        }
+        Command::Domains { remote, command } => {
+            flywheel::commands::domains::run(&Remote::new(&remote)?, command).await
+        }
+        Command::Jobs { remote, command } => {
+            flywheel::commands::jobs::run(&Remote::new(&remote)?, command).await
+        }
+        Command::Versions { remote, command } => {
+            flywheel::commands::versions::run(&Remote::new(&remote)?, command).await
+        }
+        Command::Aliases { remote, command } => {
+            flywheel::commands::aliases::run(&Remote::new(&remote)?, command).await
+        }
         Command::Models {
-            command: ModelsCommand::Import { dir },
+            command: ModelsCommand::Import { store, dir },
         } => {
+            let config = store.config();
             let registry = config.open_registry()?;
             let model = registry
                 .import_model(&dir)

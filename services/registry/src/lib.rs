@@ -49,7 +49,11 @@ pub enum RegistryError {
     VersionExists { domain: String, version: String },
     #[error("version {domain}/{version} does not exist or is incomplete")]
     NoSuchVersion { domain: String, version: String },
-    #[error("alias `{alias}` moved concurrently: expected {expected:?}, found {actual:?}")]
+    #[error(
+        "alias `{alias}` moved concurrently: expected {}, found {}",
+        expected.as_deref().unwrap_or("it unset"),
+        actual.as_deref().unwrap_or("it unset")
+    )]
     AliasConflict {
         alias: String,
         expected: Option<String>,
