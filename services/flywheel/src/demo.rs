@@ -5,7 +5,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
 use crate::{BANKING77_MINI, Config};
@@ -243,9 +242,7 @@ pub(crate) fn has_ended(job: &Value) -> bool {
 
 async fn wait_for_job(client: &reqwest::Client, base: &str) -> anyhow::Result<Value> {
     let deadline = Instant::now() + Duration::from_secs(1800);
-    let bar = ProgressBar::new(1).with_style(
-        ProgressStyle::with_template("     {bar:30} step {pos}/{len} {msg}").expect("template"),
-    );
+    let mut progress = crate::commands::jobs::Progress::new();
     let mut after = 0;
     loop {
         if Instant::now() > deadline {
@@ -266,21 +263,7 @@ async fn wait_for_job(client: &reqwest::Client, base: &str) -> anyhow::Result<Va
                 .await?;
             for e in events["data"].as_array().into_iter().flatten() {
                 after = e["id"].as_i64().unwrap_or(after);
-                let message = e["message"].as_str().unwrap_or("");
-                match e.get("data").filter(|_| e["kind"] == "metrics") {
-                    Some(d) if !bar.is_hidden() => {
-                        bar.set_length(d["total_steps"].as_u64().unwrap_or(1));
-                        bar.set_position(d["step"].as_u64().unwrap_or(0));
-                        bar.set_message(format!(
-                            "loss {:.3}, {:.0} tokens/s, {:.0}s to go",
-                            d["loss"].as_f64().unwrap_or(0.0),
-                            d["tokens_per_second"].as_f64().unwrap_or(0.0),
-                            d["eta_seconds"].as_f64().unwrap_or(0.0)
-                        ));
-                    }
-                    // Not a terminal (CI, a pipe): the progress events as log lines.
-                    _ => bar.suspend(|| println!("     · {message}")),
-                }
+                progress.show(e);
             }
             let job: Value = client
                 .get(format!("{base}/v1/jobs/{id}"))
@@ -288,8 +271,9 @@ async fn wait_for_job(client: &reqwest::Client, base: &str) -> anyhow::Result<Va
                 .await?
                 .json()
                 .await?;
+            progress.stage(&job);
             if has_ended(&job) {
-                bar.finish_and_clear();
+                progress.finish();
                 return Ok(job);
             }
         }
