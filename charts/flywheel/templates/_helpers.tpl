@@ -38,6 +38,13 @@ app.kubernetes.io/component: {{ .component }}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
 
+{{/* A worker pool's image: the chart's, with the pool's repository, tag and tag suffix. */}}
+{{- define "flywheel.poolImage" -}}
+{{- $image := default dict .pool.image -}}
+{{- $tag := default (default .root.Chart.AppVersion .root.Values.image.tag) $image.tag -}}
+{{ default .root.Values.image.repository $image.repository }}:{{ $tag }}{{ $image.tagSuffix }}
+{{- end -}}
+
 {{- define "flywheel.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "flywheel.fullname" .) .Values.serviceAccount.name -}}
@@ -59,10 +66,6 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (include "flywheel.secretName" .) .Values.database.existingSecret -}}
 {{- end -}}
 
-{{- define "flywheel.storeSecret" -}}
-{{- default (include "flywheel.secretName" .) .Values.registry.credentials.existingSecret -}}
-{{- end -}}
-
 {{/* Environment every flywheel container gets. */}}
 {{- define "flywheel.env" -}}
 - name: FLYWHEEL_DATABASE
@@ -73,24 +76,30 @@ app.kubernetes.io/component: {{ .component }}
 - name: FLYWHEEL_BOOTSTRAP_ADMIN_TOKEN
   valueFrom:
     secretKeyRef:
+      {{- if .Values.auth.existingSecret }}
+      name: {{ .Values.auth.existingSecret }}
+      key: {{ .Values.auth.existingSecretKey }}
+      {{- else }}
       name: {{ include "flywheel.secretName" . }}
       key: FLYWHEEL_BOOTSTRAP_ADMIN_TOKEN
+      {{- end }}
 - name: FLYWHEEL_WEBHOOK_SECRET
   valueFrom:
     secretKeyRef:
-      name: {{ include "flywheel.secretName" . }}
+      name: {{ .Values.notifications.existingSecret | default (include "flywheel.secretName" .) }}
       key: FLYWHEEL_WEBHOOK_SECRET
-{{- if or .Values.registry.credentials.existingSecret .Values.registry.credentials.accessKeyId }}
-- name: AWS_ACCESS_KEY_ID
+{{- with .Values.registry.credentials }}
+{{- if not .existingSecret }}
+{{- range $key, $name := dict "accessKeyId" "AWS_ACCESS_KEY_ID" "secretAccessKey" "AWS_SECRET_ACCESS_KEY" "googleServiceAccountKey" "GOOGLE_SERVICE_ACCOUNT_KEY" "azureStorageAccountName" "AZURE_STORAGE_ACCOUNT_NAME" "azureStorageAccountKey" "AZURE_STORAGE_ACCOUNT_KEY" }}
+{{- if index $.Values.registry.credentials $key }}
+- name: {{ $name }}
   valueFrom:
     secretKeyRef:
-      name: {{ include "flywheel.storeSecret" . }}
-      key: AWS_ACCESS_KEY_ID
-- name: AWS_SECRET_ACCESS_KEY
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "flywheel.storeSecret" . }}
-      key: AWS_SECRET_ACCESS_KEY
+      name: {{ include "flywheel.secretName" $ }}
+      key: {{ $name }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
@@ -99,6 +108,11 @@ app.kubernetes.io/component: {{ .component }}
 
 {{- define "flywheel.container" -}}
 image: {{ include "flywheel.image" . }}
+{{ include "flywheel.containerCommon" . }}
+{{- end -}}
+
+{{/* A flywheel container but its image. */}}
+{{- define "flywheel.containerCommon" -}}
 imagePullPolicy: {{ .Values.image.pullPolicy }}
 securityContext:
   {{- toYaml .Values.securityContext | nindent 2 }}
@@ -106,6 +120,11 @@ envFrom:
   - configMapRef:
       name: {{ include "flywheel.fullname" . }}
   {{- with .Values.serving.teacherKeysSecret }}
+  - secretRef:
+      name: {{ . }}
+  {{- end }}
+  {{- with .Values.registry.credentials.existingSecret }}
+  # The store's credentials, whatever the store: every key becomes a variable.
   - secretRef:
       name: {{ . }}
   {{- end }}
