@@ -389,9 +389,27 @@ async fn corrections_train_a_promoted_adapter_and_a_bad_round_leaves_production_
             "flywheel_promotion_decisions_total{domain=\"banking\",outcome=\"promoted\"} 1"
         )
     );
-    assert!(metrics.contains("flywheel_jobs{state=\"succeeded\"} 2"));
+    assert!(metrics.contains("flywheel_jobs{domain=\"banking\",state=\"succeeded\"} 2"));
+    // Production still names v1, moved when it was promoted; HTTP latency by method, route
+    // and code; the process's own numbers; the WAL where there is one.
     assert!(
-        metrics.contains("flywheel_job_duration_seconds_count{outcome=\"succeeded\"} 2"),
+        metrics.contains("flywheel_production_version{domain=\"banking\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("flywheel_production_moved_timestamp_seconds{domain=\"banking\"} 1"));
+    assert!(metrics.contains(
+        "http_server_request_duration_seconds_count{code=\"202\",method=\"POST\",route=\"/v1/domains/{domain}/corrections\"}"
+    ));
+    assert!(metrics.contains("process_resident_memory_bytes "));
+    assert_eq!(
+        metrics.contains("flywheel_database_wal_bytes "),
+        matches!(app.database, flywheel_db::DatabaseUrl::Sqlite(_)),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "flywheel_job_duration_seconds_count{domain=\"banking\",outcome=\"succeeded\"} 2"
+        ),
         "{metrics}"
     );
     for gauge in [
@@ -1986,10 +2004,9 @@ async fn a_manual_run_can_be_cancelled_mid_training() {
     assert!(!events.to_string().contains("training on"), "{events}");
     let (_, metrics) = app.get("/metrics").await;
     assert!(
-        metrics
-            .as_str()
-            .unwrap()
-            .contains("flywheel_job_duration_seconds_count{outcome=\"cancelled\"} 2"),
+        metrics.as_str().unwrap().contains(
+            "flywheel_job_duration_seconds_count{domain=\"banking\",outcome=\"cancelled\"} 2"
+        ),
         "{metrics}"
     );
 }

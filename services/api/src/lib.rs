@@ -155,13 +155,13 @@ async fn record_latency(State(state): State<AppState>, req: Request, next: Next)
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().clone();
     let started = Instant::now();
     let response = next.run(req).await;
-    let class = format!("{}xx", response.status().as_u16() / 100);
     state
         .metrics
-        .http_request_seconds
-        .with_label_values(&[route.as_str(), class.as_str()])
+        .http_server_request_duration
+        .with_label_values(&[method.as_str(), route.as_str(), response.status().as_str()])
         .observe(started.elapsed().as_secs_f64());
     response
 }

@@ -1,7 +1,8 @@
 //! Telemetry of the flywheel process: every Prometheus metric it exports, and log set-up.
 //!
-//! All metrics live here, named `flywheel_<noun>_<unit>`, so one file answers "what do we
-//! measure". This crate records numbers; it does not serve them (the api crate does) nor
+//! All metrics live here, named `flywheel_<noun>_<unit>` — but for HTTP latency, named as
+//! OpenTelemetry's HTTP conventions are in Prometheus (`http_server_request_duration_seconds`),
+//! and the standard `process_*` collector — so one file answers "what do we measure". This crate records numbers; it does not serve them (the api crate does) nor
 //! decide anything from them.
 
 use prometheus::{
@@ -15,18 +16,19 @@ pub struct Metrics {
     registry: Registry,
     /// Corrections stored, by domain.
     pub corrections_ingested: IntCounterVec,
-    /// Corrections not stored, by reason (`duplicate` or an error code).
+    /// Corrections not stored, by domain and reason (`duplicate` or an error code).
     pub corrections_rejected: IntCounterVec,
     pub corrections_redacted: IntCounterVec,
-    /// Jobs by state, refreshed on every scrape from the database.
+    /// Jobs by domain and state, refreshed on every scrape from the database.
     pub jobs: IntGaugeVec,
     /// Gate decisions, by domain and outcome (`promoted`, `held_back`).
     pub promotion_decisions: IntCounterVec,
-    /// Wall time of pipeline stages, by stage and outcome.
+    /// Wall time of pipeline stages, by domain, stage and outcome.
     pub stage_seconds: HistogramVec,
-    /// HTTP request latency, by route and status class.
-    pub http_request_seconds: HistogramVec,
-    /// Wall time of whole jobs, queued to finished, by outcome.
+    /// HTTP request latency, by method, route and status code (OpenTelemetry's
+    /// `http.server.request.duration`, as Prometheus spells it).
+    pub http_server_request_duration: HistogramVec,
+    /// Wall time of whole jobs, queued to finished, by domain and outcome.
     pub job_duration_seconds: HistogramVec,
     /// The latest training throughput and loss, by domain (updated as steps are reported).
     pub training_tokens_per_second: GaugeVec,
@@ -58,6 +60,11 @@ pub struct Metrics {
     pub versions_pending_approval: IntGaugeVec,
     pub corrections_untrained: IntGaugeVec,
     pub webhook_deliveries_pending: IntGaugeVec,
+    /// The version number production serves (`v7` is 7), and when production last moved.
+    pub production_version: IntGaugeVec,
+    pub production_moved_timestamp_seconds: IntGaugeVec,
+    /// SQLite's write-ahead log, in bytes.
+    pub database_wal_bytes: IntGaugeVec,
     /// Rows read from ingestion sources, by domain, source and outcome (`ingested`,
     /// `duplicate`, `rejected`, `dropped_pii`).
     pub source_rows: IntCounterVec,
@@ -73,6 +80,13 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
+        // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, …
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric");
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
             registry
@@ -96,7 +110,7 @@ impl Metrics {
         let corrections_rejected = counter(
             "flywheel_corrections_rejected_total",
             "Corrections not stored, by reason",
-            &["reason"],
+            &["domain", "reason"],
         );
         let corrections_redacted = counter(
             "flywheel_corrections_redacted_total",
@@ -118,7 +132,7 @@ impl Metrics {
         let jobs = int_gauge(
             "flywheel_jobs",
             "Fine-tuning jobs by state (from the database; exported by the scheduler's process only)",
-            &["state"],
+            &["domain", "state"],
         );
         let versions_pending_approval = int_gauge(
             "flywheel_versions_pending_approval",
@@ -133,6 +147,21 @@ impl Metrics {
         let webhook_deliveries_pending = int_gauge(
             "flywheel_webhook_deliveries_pending",
             "Webhook deliveries not yet taken by their receiver (exported by the scheduler's process only)",
+            &[],
+        );
+        let production_version = int_gauge(
+            "flywheel_production_version",
+            "The version number the production alias names, v7 being 7 (exported by the scheduler's process only)",
+            &["domain"],
+        );
+        let production_moved_timestamp_seconds = int_gauge(
+            "flywheel_production_moved_timestamp_seconds",
+            "When the production alias last moved, Unix seconds (exported by the scheduler's process only)",
+            &["domain"],
+        );
+        let database_wal_bytes = int_gauge(
+            "flywheel_database_wal_bytes",
+            "Size of the embedded SQLite database's write-ahead log (exported by the scheduler's process only)",
             &[],
         );
         let source_lag_seconds = int_gauge(
@@ -166,20 +195,20 @@ impl Metrics {
         let stage_seconds = histogram(
             "flywheel_stage_seconds",
             "Wall time of a pipeline stage",
-            &["stage", "outcome"],
+            &["domain", "stage", "outcome"],
             // 0.1 s to 3.6 h: long training runs land in a bucket, not +Inf.
             prometheus::exponential_buckets(0.1, 2.0, 18).expect("buckets"),
         );
-        let http_request_seconds = histogram(
-            "flywheel_http_request_seconds",
-            "HTTP request latency",
-            &["route", "status"],
+        let http_server_request_duration = histogram(
+            "http_server_request_duration_seconds",
+            "Duration of HTTP requests served",
+            &["method", "route", "code"],
             prometheus::exponential_buckets(0.0005, 2.0, 16).expect("buckets"),
         );
         let job_duration_seconds = histogram(
             "flywheel_job_duration_seconds",
             "Wall time of a fine-tuning job, from queued to finished",
-            &["outcome"],
+            &["domain", "outcome"],
             prometheus::exponential_buckets(1.0, 2.0, 18).expect("buckets"),
         );
         let gauge = |name: &str, help: &str| {
@@ -277,6 +306,9 @@ impl Metrics {
             versions_pending_approval,
             corrections_untrained,
             webhook_deliveries_pending,
+            production_version,
+            production_moved_timestamp_seconds,
+            database_wal_bytes,
             source_rows,
             source_polls,
             source_lag_seconds,
@@ -290,7 +322,7 @@ impl Metrics {
             jobs,
             promotion_decisions,
             stage_seconds,
-            http_request_seconds,
+            http_server_request_duration,
         }
     }
 

@@ -110,7 +110,7 @@ where
     let outcome = if result.is_ok() { "ok" } else { "error" };
     ctx.metrics
         .stage_seconds
-        .with_label_values(&[name, outcome])
+        .with_label_values(&[domain.spec.name.as_str(), name, outcome])
         .observe(started.elapsed().as_secs_f64());
     if let Err(WorkerError::Train(flywheel_trainer::TrainerError::Cancelled)) = result {
         ctx.db
@@ -484,7 +484,7 @@ pub async fn evaluate(task: StageTask, ctx: Data<Arc<Context>>) -> Result<(), Bo
 pub(crate) fn observe_job(ctx: &Context, job: &JobRow, outcome: &str) {
     ctx.metrics
         .job_duration_seconds
-        .with_label_values(&[outcome])
+        .with_label_values(&[job.domain.as_str(), outcome])
         .observe(job.age_seconds());
 }
 

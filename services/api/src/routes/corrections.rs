@@ -395,7 +395,7 @@ impl Upload<'_> {
         self.state
             .metrics
             .corrections_rejected
-            .with_label_values(&[e.code.as_str().as_str()])
+            .with_label_values(&[self.domain.spec.name.as_str(), e.code.as_str().as_str()])
             .inc();
         self.response.rejected_total += 1;
         if self.response.rejected.len() < MAX_LISTED_ERRORS {
@@ -516,10 +516,10 @@ impl Upload<'_> {
         }
         let rejected = &state.metrics.corrections_rejected;
         rejected
-            .with_label_values(&["pii_dropped"])
+            .with_label_values(&[name, "pii_dropped"])
             .inc_by(dropped as u64);
         rejected
-            .with_label_values(&["duplicate"])
+            .with_label_values(&[name, "duplicate"])
             .inc_by(outcome.duplicates as u64);
         state
             .metrics

@@ -182,7 +182,7 @@ pub async fn cancel(
     state
         .metrics
         .job_duration_seconds
-        .with_label_values(&["cancelled"])
+        .with_label_values(&[job.domain.as_str(), "cancelled"])
         .observe(job.age_seconds());
     Ok(Json(job_row(&state, id.as_str()).await?))
 }

@@ -54,14 +54,26 @@ pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> ApiRe
 /// The gauges read from the database, fresh at each scrape of the scheduler's process.
 async fn deployment_gauges(state: &AppState) -> ApiResult<()> {
     let m = &state.metrics;
-    for status in JobStatus::ALL {
-        m.jobs.with_label_values(&[status.as_str()]).set(0);
-    }
-    for (status, n) in state.db.job_counts().await? {
-        m.jobs.with_label_values(&[status.as_str()]).set(n);
-    }
     for domain in state.db.domains().await? {
         let name = [domain.spec.name.as_str()];
+        let jobs = state.db.jobs_of(domain.id).await?;
+        for status in JobStatus::ALL {
+            let n = jobs.iter().filter(|j| j.status == *status).count();
+            m.jobs
+                .with_label_values(&[name[0], status.as_str()])
+                .set(n as i64);
+        }
+        if let Some(moved) = state
+            .registry
+            .resolve(&domain.spec.name, "production")
+            .await?
+        {
+            let number = moved.to.trim_start_matches('v').parse().unwrap_or(0);
+            m.production_version.with_label_values(&name).set(number);
+            m.production_moved_timestamp_seconds
+                .with_label_values(&name)
+                .set(moved.at.timestamp());
+        }
         let pending = state
             .db
             .versions(domain.id)
@@ -108,5 +120,10 @@ async fn deployment_gauges(state: &AppState) -> ApiResult<()> {
     m.webhook_deliveries_pending
         .with_label_values::<&str>(&[])
         .set(state.db.outbox_counts().await?.pending);
+    if let Some(bytes) = state.db.wal_bytes().await? {
+        m.database_wal_bytes
+            .with_label_values::<&str>(&[])
+            .set(bytes as i64);
+    }
     Ok(())
 }

@@ -224,6 +224,24 @@ impl Db {
         Ok(db)
     }
 
+    /// SQLite: the size of the write-ahead log, which checkpoints keep bounded; `None` on
+    /// PostgreSQL (its WAL is the server's to watch).
+    pub async fn wal_bytes(&self) -> Result<Option<u64>> {
+        let Pool::Sqlite(pool) = &self.pool else {
+            return Ok(None);
+        };
+        // (seq, name, file) of each attached database; `main` is ours.
+        let files: Vec<(i64, String, String)> = sqlx::query_as("PRAGMA database_list")
+            .fetch_all(pool)
+            .await?;
+        let Some((_, _, file)) = files.into_iter().find(|(_, name, _)| name == "main") else {
+            return Ok(None);
+        };
+        Ok(Some(
+            std::fs::metadata(format!("{file}-wal")).map_or(0, |m| m.len()),
+        ))
+    }
+
     pub async fn migrate(&self) -> Result<()> {
         // apalis records its own migrations in `_sqlx_migrations`; ours must not collide.
         match &self.pool {
