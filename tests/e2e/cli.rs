@@ -162,6 +162,19 @@ async fn every_user_action_has_a_cli_command_that_says_what_to_fix() {
     assert_eq!(stored, 151, "{domain}");
     let run = flywheel(base, department, &["import", "banking", file]).await;
     assert!(run.stdout.contains("0 accepted, 151 duplicates"), "{run}");
+    // A record with a field too few ends the upload there, named by its line; the rows
+    // before it are stored.
+    let short = dir.join("short.csv");
+    let label = app.labels[1].as_str();
+    std::fs::write(
+        &short,
+        format!("text,category\nfirst new row,{label}\nno label here\nnever sent,{label}\n"),
+    )
+    .unwrap();
+    let short = short.to_str().unwrap();
+    let run = flywheel(base, department, &["import", "banking", short]).await;
+    assert_refused(&run, &format!("{short}:3: 1 fields where the header has 2"));
+    assert!(run.stdout.contains("1 accepted"), "{run}");
 
     // A run, followed to its end.
     let run = flywheel(base, department, &["jobs", "start", "banking", "--watch"]).await;
@@ -173,6 +186,14 @@ async fn every_user_action_has_a_cli_command_that_says_what_to_fix() {
     assert!(run.ok && run.stdout.contains("v1*"), "{run}");
     let run = flywheel(base, steward, &["versions", "report", "banking", "v1"]).await;
     assert!(run.ok && run.stdout.starts_with("# banking v1"), "{run}");
+    let run = flywheel(
+        base,
+        steward,
+        &["versions", "report", "banking", "v1", "--json"],
+    )
+    .await;
+    let report: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(report["version"], "v1", "{report}");
 
     // A steward changes the gate; a department may not.
     let edit = [
@@ -183,7 +204,7 @@ async fn every_user_action_has_a_cli_command_that_says_what_to_fix() {
         "policy.min_accuracy=0.3",
     ];
     let run = flywheel(base, department, &[&edit[..], &["--reason", "x"]].concat()).await;
-    assert_refused(&run, "ask an admin");
+    assert_refused(&run, "it takes a token of role admin or steward");
     let run = flywheel(base, steward, &edit).await;
     assert!(!run.ok && run.stderr.contains("--reason"), "{run}");
     let run = flywheel(
@@ -294,6 +315,31 @@ async fn every_user_action_has_a_cli_command_that_says_what_to_fix() {
     )
     .await;
     assert_refused(&run, "expected v1, found v2");
+    // Production, in any case, is not moved by hand.
+    let run = flywheel(
+        base,
+        steward,
+        &[
+            "aliases",
+            "move",
+            "banking",
+            "Production",
+            "--to",
+            "v2",
+            "--reason",
+            "x",
+        ],
+    )
+    .await;
+    assert_refused(&run, "versions approve|override|rollback");
+    let response = reqwest::Client::new()
+        .put(format!("{base}/v1/domains/banking/aliases/Production"))
+        .bearer_auth(secrets[1].as_str())
+        .json(&json!({"to": "v2", "reason": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 422);
     let run = flywheel(base, steward, &["aliases", "history", "banking"]).await;
     assert_eq!(run.stdout.lines().count(), 4, "{run}");
     let run = flywheel(base, steward, &["versions", "audit", "banking", "--json"]).await;
@@ -392,14 +438,20 @@ async fn a_backup_of_a_running_server_restores_into_a_fresh_one() {
     let (_, versions_before) = app.get("/v1/domains/banking/versions").await;
     let (_, alias_before) = app.get("/v1/domains/banking/aliases/production").await;
 
-    // Never over an existing database without --force; never from what is not a backup.
+    // Never under a running server, --force or not; never from what is not a backup.
     let out = std::process::Command::new(bin)
-        .args(["restore", "--database", db_arg, backup.to_str().unwrap()])
+        .args([
+            "restore",
+            "--force",
+            "--database",
+            db_arg,
+            backup.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && stderr.contains("--force"),
+        !out.status.success() && stderr.contains("a flywheel process is running"),
         "{stderr}"
     );
     let not_a_backup = app.dir.path().join("notes.db");
@@ -443,10 +495,28 @@ async fn a_backup_of_a_running_server_restores_into_a_fresh_one() {
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
-            out.status.success() && stdout.contains("1 domains, 200 corrections, 1 versions"),
+            out.status.success() && stdout.contains("1 domain, 200 corrections, 1 version"),
             "{stdout}{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // Again, over the restored database: only with --force, keeping it beside.
+        let again = |force: bool| {
+            let mut command = std::process::Command::new(bin);
+            command.args([
+                "restore",
+                "--data-dir",
+                fresh.path().to_str().unwrap(),
+                from,
+            ]);
+            if force {
+                command.arg("--force");
+            }
+            command.envs(aws_env.clone()).output().unwrap()
+        };
+        let out = again(false);
+        assert!(String::from_utf8_lossy(&out.stderr).contains("pass --force"));
+        let out = again(true);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("the database it replaced is"));
         let mut config = flywheel::Config::new(fresh.path().to_path_buf());
         config.registry = Some(registry.display().to_string());
         config.auth = flywheel_api::AuthMode::Off;

@@ -131,10 +131,12 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
                 principal.role.as_str()
             )
         } else {
+            let takes: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
             format!(
-                "a {} token may not call {} {route}",
+                "a {} token may not call {} {route}: it takes a token of role {}",
                 principal.role.as_str(),
-                req.method()
+                req.method(),
+                takes.join(" or ")
             )
         };
         return refuse(page, ErrorCode::Forbidden, message);

@@ -22,6 +22,12 @@ pub async fn backup(config: &Config, to: &str) -> anyhow::Result<u64> {
     let database = sqlite_path(config, "pg_dump")?;
     match flywheel_registry::local_path(to) {
         Some(file) => {
+            let parent = Path::new(file)
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty());
+            if let Some(dir) = parent.filter(|d| !d.is_dir()) {
+                bail!("{}: no such directory; create it first", dir.display());
+            }
             flywheel_db::backup::backup_sqlite(&database, Path::new(file)).await?;
             Ok(std::fs::metadata(file)?.len())
         }
@@ -49,64 +55,119 @@ pub async fn backup(config: &Config, to: &str) -> anyhow::Result<u64> {
 /// `force`, and then kept beside, renamed. Returns what was restored, in words.
 pub async fn restore(config: &Config, from: &str, force: bool) -> anyhow::Result<String> {
     let database = sqlite_path(config, "pg_restore")?;
-    if database.exists() && !force {
-        bail!(
-            "{} exists: stop every flywheel process of this instance, then pass --force to \
-             replace it (it is kept beside, renamed)",
-            database.display()
-        );
-    }
-    if let Some(dir) = database.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
+    let dir = database
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    // The backup is fetched beside the database (for an atomic rename) and checked before
+    // anything else is decided; a bad one leaves no trace.
+    let created_dir = !dir.exists();
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let staged = scratch(&database, "restore");
-    let fetched = match flywheel_registry::local_path(from) {
-        Some(file) => tokio::fs::copy(file, &staged)
+    let checked = async {
+        match flywheel_registry::local_path(from) {
+            Some(file) => tokio::fs::copy(file, &staged)
+                .await
+                .map(drop)
+                .with_context(|| format!("reading {file}"))?,
+            None => download(from, &staged).await?,
+        }
+        flywheel_db::backup::check_sqlite_backup(&staged)
             .await
-            .map(drop)
-            .with_context(|| format!("reading {file}")),
-        None => download(from, &staged).await,
-    };
-    let summary = match fetched {
-        Ok(()) => flywheel_db::backup::check_sqlite_backup(&staged).await,
+            .with_context(|| format!("{from} cannot be restored"))
+    }
+    .await;
+    let summary = match checked {
+        Ok(summary) => summary,
         Err(e) => {
             let _ = std::fs::remove_file(&staged);
+            if created_dir {
+                let _ = std::fs::remove_dir(dir);
+            }
             return Err(e);
         }
     };
-    let summary = match summary {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = std::fs::remove_file(&staged);
-            return Err(e).with_context(|| format!("{from} cannot be restored"));
-        }
-    };
-    let mut kept = String::new();
-    if database.exists() {
-        let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
-        let aside = PathBuf::from(format!("{}.replaced-{stamp}", database.display()));
-        // The WAL and its index belong to the old file: left in place they would be replayed
-        // into the restored one.
-        for suffix in ["", "-wal", "-shm"] {
-            let from = PathBuf::from(format!("{}{suffix}", database.display()));
-            if from.exists() {
-                let to = PathBuf::from(format!("{}{suffix}", aside.display()));
-                std::fs::rename(&from, &to)
-                    .with_context(|| format!("moving {} aside", from.display()))?;
-            }
-        }
-        kept = format!("; the database it replaced is {}", aside.display());
+    let swapped = swap_in(&database, &staged, force);
+    if swapped.is_err() {
+        let _ = std::fs::remove_file(&staged);
     }
-    std::fs::rename(&staged, &database)
-        .with_context(|| format!("moving the backup into {}", database.display()))?;
+    let kept = match swapped? {
+        Some(aside) => format!("; the database it replaced is {}", aside.display()),
+        None => String::new(),
+    };
+    let plural = |n: i64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     Ok(format!(
-        "restored {from} into {}: schema {}, {} domains, {} corrections, {} versions{kept}",
+        "restored {from} into {}: schema {}, {}, {}, {}{kept}",
         database.display(),
         summary.schema_version,
-        summary.domains,
-        summary.corrections,
-        summary.versions
+        plural(summary.domains, "domain", "domains"),
+        plural(summary.corrections, "correction", "corrections"),
+        plural(summary.versions, "version", "versions"),
     ))
+}
+
+/// Renames `staged` into `database`'s place, moving an existing database (and its WAL)
+/// aside when `force`; returns where it went. Refused while any flywheel process of the
+/// instance holds it open.
+fn swap_in(database: &Path, staged: &Path, force: bool) -> anyhow::Result<Option<PathBuf>> {
+    let lock = std::fs::File::create(lock_path(database))
+        .with_context(|| format!("creating {}", lock_path(database).display()))?;
+    if lock.try_lock().is_err() {
+        bail!(
+            "a flywheel process is running on {}: stop every flywheel process of this \
+             instance, then restore",
+            database.display()
+        );
+    }
+    if !database.exists() {
+        std::fs::rename(staged, database)
+            .with_context(|| format!("moving the backup into {}", database.display()))?;
+        return Ok(None);
+    }
+    if !force {
+        bail!(
+            "{} exists: pass --force to replace it (it is kept beside, renamed)",
+            database.display()
+        );
+    }
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+    let aside = PathBuf::from(format!("{}.replaced-{stamp}", database.display()));
+    // The WAL and its index belong to the old file: left in place they would be replayed
+    // into the restored one.
+    for suffix in ["", "-wal", "-shm"] {
+        let from = PathBuf::from(format!("{}{suffix}", database.display()));
+        if from.exists() {
+            let to = PathBuf::from(format!("{}{suffix}", aside.display()));
+            std::fs::rename(&from, &to)
+                .with_context(|| format!("moving {} aside", from.display()))?;
+        }
+    }
+    std::fs::rename(staged, database)
+        .with_context(|| format!("moving the backup into {}", database.display()))?;
+    Ok(Some(aside))
+}
+
+/// Takes the instance lock of the SQLite database at `database` shared, for as long as the
+/// returned file lives: every running flywheel process holds it, and `restore` takes it
+/// exclusively, so a database is never replaced under a running server.
+pub fn hold_shared(database: &Path) -> anyhow::Result<std::fs::File> {
+    let path = lock_path(database);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let lock =
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    lock.try_lock_shared().map_err(|_| {
+        anyhow::anyhow!(
+            "{} is being restored; start flywheel when the restore has finished",
+            database.display()
+        )
+    })?;
+    Ok(lock)
+}
+
+fn lock_path(database: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.lock", database.display()))
 }
 
 /// The instance's SQLite file, or an error naming PostgreSQL's own tool.

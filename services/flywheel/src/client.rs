@@ -46,12 +46,15 @@ impl Remote {
             format!("http://{}", args.server)
         };
         let base = base.trim_end_matches('/').to_owned();
-        reqwest::Url::parse(&base).with_context(|| {
-            format!(
-                "--server {}: give a URL such as http://127.0.0.1:8080",
+        let url = reqwest::Url::parse(&base)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some());
+        if url.is_none() {
+            bail!(
+                "--server {}: give an http(s) URL or host:port, such as http://127.0.0.1:8080",
                 args.server
-            )
-        })?;
+            );
+        }
         let mut headers = reqwest::header::HeaderMap::new();
         let token = args
             .token
@@ -177,13 +180,12 @@ impl Remote {
         }
         match status {
             StatusCode::UNAUTHORIZED if !self.has_token => anyhow::anyhow!(
-                "{message} — pass --token or set FLYWHEEL_TOKEN (an admin creates tokens with `flywheel tokens create`)"
+                "the server at {} wants a token: pass --token or set FLYWHEEL_TOKEN (an admin \
+                 creates them with `flywheel tokens create`)",
+                self.base
             ),
             StatusCode::UNAUTHORIZED => {
                 anyhow::anyhow!("{message} — check --token / FLYWHEEL_TOKEN ({code})")
-            }
-            StatusCode::FORBIDDEN => {
-                anyhow::anyhow!("{message} — this token may not do it; ask an admin ({code})")
             }
             _ => anyhow::anyhow!("{message} ({code})"),
         }

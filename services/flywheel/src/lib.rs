@@ -109,6 +109,8 @@ pub struct Running {
     pub registry: Registry,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// SQLite: held shared while the instance runs (see [`backup::instance_lock`]).
+    _instance_lock: Option<std::fs::File>,
 }
 
 impl Running {
@@ -158,6 +160,10 @@ async fn open_queue(url: &DatabaseUrl) -> anyhow::Result<flywheel_worker::QueueD
 
 /// Starts everything on `listener`; the instance runs until [`Running::shutdown`].
 pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
+    let instance_lock = match config.database() {
+        DatabaseUrl::Sqlite(path) => Some(backup::hold_shared(&path)?),
+        DatabaseUrl::Postgres(_) => None,
+    };
     let db = open_db(&config).await?;
     let registry = config.open_registry()?;
     let metrics = Metrics::new();
@@ -304,6 +310,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         registry,
         stop,
         tasks: [api, workers].into_iter().chain(tasks).collect(),
+        _instance_lock: instance_lock,
     })
 }
 

@@ -12,12 +12,26 @@ struct Cli {
     command: Command,
 }
 
-/// Where an instance's state lives: the flags of the commands that open it.
+/// Where an instance keeps its files.
 #[derive(Args)]
-struct Store {
+struct DataDir {
     /// Where the database, registry and work files live.
     #[arg(long, env = "FLYWHEEL_DATA_DIR", default_value = ".flywheel")]
     data_dir: PathBuf,
+}
+
+/// The instance's database.
+#[derive(Args)]
+struct Database {
+    /// The database: a SQLite file (path or `sqlite://` URL) or a `postgres://` URL.
+    /// Default: `<data-dir>/flywheel.db`.
+    #[arg(long, env = "FLYWHEEL_DATABASE", value_parser = parse_database)]
+    database: Option<flywheel_db::DatabaseUrl>,
+}
+
+/// The instance's model registry.
+#[derive(Args)]
+struct RegistryArgs {
     /// The model registry: a path, or an `s3://bucket/prefix`, `gs://…` or `az://…` URL
     /// (credentials from the store's usual environment: AWS_ACCESS_KEY_ID, AWS_ENDPOINT, …).
     /// Default: `<data-dir>/registry`.
@@ -32,23 +46,24 @@ struct Store {
         action = clap::ArgAction::Set
     )]
     registry_conditional_writes: bool,
-    /// The database: a SQLite file (path or `sqlite://` URL) or a `postgres://` URL.
-    /// Default: `<data-dir>/flywheel.db`.
-    #[arg(long, env = "FLYWHEEL_DATABASE", value_parser = parse_database)]
-    database: Option<flywheel_db::DatabaseUrl>,
 }
 
-impl Store {
-    fn config(self) -> flywheel::Config {
-        let mut config = flywheel::Config::new(self.data_dir);
-        config.registry = self.registry;
-        config.database = self.database;
+/// An instance's configuration from the flags a command takes (the rest at their defaults).
+fn config(
+    data: DataDir,
+    database: Option<Database>,
+    registry: Option<RegistryArgs>,
+) -> flywheel::Config {
+    let mut config = flywheel::Config::new(data.data_dir);
+    config.database = database.and_then(|d| d.database);
+    if let Some(registry) = registry {
+        config.registry = registry.registry;
         config.registry_options.push((
             flywheel_registry::CONDITIONAL_WRITES.into(),
-            self.registry_conditional_writes.to_string(),
+            registry.registry_conditional_writes.to_string(),
         ));
-        config
     }
+    config
 }
 
 /// Where training runs: the flags of the commands that train.
@@ -82,12 +97,17 @@ enum Command {
     /// Run the API, the workers and the scheduler.
     Serve {
         #[command(flatten)]
-        store: Store,
+        data: DataDir,
+        #[command(flatten)]
+        database: Database,
+        #[command(flatten)]
+        registry: RegistryArgs,
         #[command(flatten)]
         device: Device,
         /// Log lines as `text` (coloured only on a terminal) or `json` (one object per line).
         #[arg(long, env = "FLYWHEEL_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
         log_format: String,
+        /// The address to serve on, host:port (`0.0.0.0:8080` for every interface).
         #[arg(long, env = "FLYWHEEL_LISTEN", default_value = "127.0.0.1:8080")]
         listen: String,
         /// What this process runs: `api`, `scheduler` (one per deployment), and the queues
@@ -150,12 +170,14 @@ enum Command {
     /// Create or upgrade the database schema, then exit.
     Migrate {
         #[command(flatten)]
-        store: Store,
+        data: DataDir,
+        #[command(flatten)]
+        database: Database,
     },
     /// Run the whole loop on the bundled Banking77 slice and print what it produced.
     Demo {
         #[command(flatten)]
-        store: Store,
+        data: DataDir,
         #[command(flatten)]
         device: Device,
         /// Serve instead: rounds of queries to /predict, the uncertain ones escalated to a
@@ -168,7 +190,9 @@ enum Command {
     /// For PostgreSQL use pg_dump (README: Backups).
     Backup {
         #[command(flatten)]
-        store: Store,
+        data: DataDir,
+        #[command(flatten)]
+        database: Database,
         /// A file, or an `s3://bucket/key`, `gs://…` or `az://…` URL; it must not exist yet.
         to: String,
     },
@@ -176,7 +200,9 @@ enum Command {
     /// instance first.
     Restore {
         #[command(flatten)]
-        store: Store,
+        data: DataDir,
+        #[command(flatten)]
+        database: Database,
         /// The backup: a file, or an `s3://…`, `gs://…` or `az://…` URL.
         from: String,
         /// Replace an existing database (it is kept beside, renamed `….replaced-<time>`).
@@ -238,7 +264,9 @@ enum ModelsCommand {
     /// the `sha256:…` reference a domain's `base_model` uses.
     Import {
         #[command(flatten)]
-        store: Store,
+        data: DataDir,
+        #[command(flatten)]
+        registry: RegistryArgs,
         /// The model directory (config.json, model.safetensors or shards, tokenizer.json).
         dir: PathBuf,
     },
@@ -248,6 +276,7 @@ enum ModelsCommand {
     InitTiny {
         /// Output directory.
         dir: PathBuf,
+        /// Corrections (CSV or JSONL) whose texts train the tokenizer.
         #[arg(long)]
         corpus: Option<PathBuf>,
         /// `bert` (an encoder, for classification) or `llama` (a causal LM, for generation).
@@ -306,7 +335,9 @@ fn one_line(e: &anyhow::Error) -> String {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve {
-            store,
+            data,
+            database,
+            registry,
             device,
             log_format: _,
             listen,
@@ -324,7 +355,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             webhook_secret,
             public_url,
         } => {
-            let mut config = store.config();
+            let mut config = config(data, Some(database), Some(registry));
             device.apply(&mut config)?;
             config.notify.webhooks = webhooks;
             config.notify.secret = webhook_secret.filter(|s| !s.trim().is_empty());
@@ -356,24 +387,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             config.limits.max_lora_rank = max_lora_rank;
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
-                .with_context(|| format!("binding {listen}"))?;
+                .with_context(|| {
+                    format!("--listen {listen}: give host:port, such as 127.0.0.1:8080")
+                })?;
             let running = flywheel::start(config, listener).await?;
             shutdown_signal().await;
             tracing::info!("shutting down");
             running.shutdown().await
         }
-        Command::Migrate { store } => {
-            let config = store.config();
+        Command::Migrate { data, database } => {
+            let config = config(data, Some(database), None);
             flywheel::open_db(&config).await?;
             println!("database {} is up to date", config.database().redacted());
             Ok(())
         }
         Command::Demo {
-            store,
+            data,
             device,
             serving_loop,
         } => {
-            let mut config = store.config();
+            let mut config = config(data, None, None);
             device.apply(&mut config)?;
             if serving_loop {
                 flywheel::demo_loop::run(&config.data_dir.join("demo-loop")).await
@@ -381,8 +414,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 flywheel::demo::run(&config.data_dir.join("demo")).await
             }
         }
-        Command::Backup { store, to } => {
-            let config = store.config();
+        Command::Backup { data, database, to } => {
+            let config = config(data, Some(database), None);
             let bytes = flywheel::backup::backup(&config, &to).await?;
             println!(
                 "backed up {} to {to} ({:.1} MB)",
@@ -391,8 +424,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Restore { store, from, force } => {
-            let config = store.config();
+        Command::Restore {
+            data,
+            database,
+            from,
+            force,
+        } => {
+            let config = config(data, Some(database), None);
             let restored = flywheel::backup::restore(&config, &from, force).await?;
             println!("{restored}");
             Ok(())
@@ -416,9 +454,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             flywheel::commands::aliases::run(&Remote::new(&remote)?, command).await
         }
         Command::Models {
-            command: ModelsCommand::Import { store, dir },
+            command:
+                ModelsCommand::Import {
+                    data,
+                    registry,
+                    dir,
+                },
         } => {
-            let config = store.config();
+            let config = config(data, None, Some(registry));
             let registry = config.open_registry()?;
             let model = registry
                 .import_model(&dir)

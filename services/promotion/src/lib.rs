@@ -407,7 +407,9 @@ impl<'a> Promotion<'a> {
 
     /// Refuses `production`, which moves only through the gate, approval and rollback.
     pub fn movable_by_hand(alias: &str) -> Result<()> {
-        if alias == PRODUCTION {
+        // Alias names are case-sensitive in the registry; `Production` would read as
+        // production to a person and must not become a second, hand-moved one.
+        if alias.eq_ignore_ascii_case(PRODUCTION) {
             return Err(PromotionError::ProductionByHand);
         }
         Ok(())

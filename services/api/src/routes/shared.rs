@@ -97,7 +97,8 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
             Some(i) if inner.line() > 0 => text[..i].to_owned(),
             _ => text,
         };
-        let message = if path == "." {
+        // `?` is serde_path_to_error's "no path known" (the JSON ended or broke first).
+        let message = if path == "." || path == "?" {
             format!("request body: {text}")
         } else {
             format!("{path}: {text}")

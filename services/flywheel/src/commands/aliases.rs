@@ -11,13 +11,17 @@ use crate::client::{Remote, segment};
 pub enum AliasesCommand {
     /// Where an alias points: version, files with sha256, base model, escalation threshold.
     Show {
+        /// The domain.
         domain: String,
+        /// `production`, `staging`, `canary` or a pin.
         #[arg(default_value = "production")]
         alias: String,
     },
     /// Move an alias other than production (staging, canary, a pin) to a published version.
     Move {
+        /// The domain.
         domain: String,
+        /// Any alias but production (`staging`, `canary`, a customer's pin).
         alias: String,
         /// The version it moves to.
         #[arg(long)]
@@ -30,7 +34,9 @@ pub enum AliasesCommand {
     },
     /// Every move of an alias: when, by whom, from, to, why.
     History {
+        /// The domain.
         domain: String,
+        /// `production`, `staging`, `canary` or a pin.
         #[arg(default_value = "production")]
         alias: String,
     },
@@ -69,6 +75,12 @@ pub async fn run(remote: &Remote, command: AliasesCommand) -> anyhow::Result<()>
             expected,
             decision,
         } => {
+            if alias.eq_ignore_ascii_case("production") {
+                anyhow::bail!(
+                    "production moves through the gate or a steward: `flywheel versions \
+                     approve|override|rollback`, not by hand"
+                );
+            }
             let mut body = json!({"to": to});
             if let Some(expected) = expected {
                 body["expected"] = match expected.as_str() {

@@ -19,11 +19,15 @@ pub enum DomainsCommand {
     /// The domains this token may see, with their corrections and production version.
     List,
     /// One domain: its whole spec and status, as JSON.
-    Show { domain: String },
+    Show {
+        /// The domain.
+        domain: String,
+    },
     /// Change a domain: a JSON merge patch of its policy, training, labels, serving or
     /// sources (admin; a steward changes the gate and approval rules only). A new policy
     /// version, audited.
     Edit {
+        /// The domain.
         domain: String,
         /// A field to set, as a dotted path and a JSON value (a bare word is a string):
         /// `policy.min_accuracy=0.8`, `training.n_epochs=4`, `policy.require_approval=true`.
@@ -37,7 +41,10 @@ pub enum DomainsCommand {
         decision: Decision,
     },
     /// Every version of a domain's policy: who set it, when and why.
-    History { domain: String },
+    History {
+        /// The domain.
+        domain: String,
+    },
 }
 
 pub async fn run(remote: &Remote, command: DomainsCommand) -> anyhow::Result<()> {
@@ -120,16 +127,25 @@ pub async fn run(remote: &Remote, command: DomainsCommand) -> anyhow::Result<()>
             if patch.as_object().is_some_and(Map::is_empty) {
                 bail!("nothing to change: give --set PATH=VALUE or --file PATCH.json");
             }
-            let body = decision.body(remote, patch);
+            for key in ["reason", "by"] {
+                if patch.get(key).is_some() {
+                    bail!("`{key}` is not a field of the domain: use --{key}");
+                }
+            }
             let path = format!("/v1/domains/{}", segment("domain", &domain)?);
-            let changed = remote.patch(&path, body).await?;
+            let before = remote.get(&path).await?["policy_version"].clone();
+            let changed = remote.patch(&path, decision.body(remote, patch)).await?;
             if remote.json {
                 return print_json(&changed);
             }
-            say!(
-                "domain `{domain}` changed: policy version {}",
-                cell(&changed["policy_version"])
-            );
+            if changed["policy_version"] == before {
+                say!("domain `{domain}` unchanged: it already says that");
+            } else {
+                say!(
+                    "domain `{domain}` changed: policy version {}",
+                    cell(&changed["policy_version"])
+                );
+            }
             Ok(())
         }
         DomainsCommand::History { domain } => {

@@ -32,8 +32,20 @@ const SHOWN_REFUSALS: usize = 20;
 pub async fn run(remote: &Remote, args: ImportArgs) -> anyhow::Result<()> {
     let ImportArgs { domain, file } = args;
     let shown = file.display().to_string();
-    let (body, lines) = if is_csv(&file) {
-        csv_upload(&file)?
+    let csv = match file.extension().and_then(|e| e.to_str()) {
+        Some(e) if e.eq_ignore_ascii_case("csv") => true,
+        Some(e)
+            if ["jsonl", "ndjson"]
+                .iter()
+                .any(|j| e.eq_ignore_ascii_case(j)) =>
+        {
+            false
+        }
+        _ => bail!("{shown}: name a .jsonl (or .ndjson) file of correction objects, or a .csv"),
+    };
+    let (body, csv_state) = if csv {
+        let (body, state) = csv_upload(&file)?;
+        (body, Some(state))
     } else {
         let reader = File::open(&file).with_context(|| format!("opening {shown}"))?;
         (jsonl_upload(reader), None)
@@ -43,12 +55,37 @@ pub async fn run(remote: &Remote, args: ImportArgs) -> anyhow::Result<()> {
         .request(Method::POST, &path)
         .header(reqwest::header::CONTENT_TYPE, "application/x-ndjson")
         .body(body);
-    let answer: Value = remote
-        .send(request)
-        .await?
-        .json()
-        .await
-        .context("reading the server's answer")?;
+    let sent = remote.send(request).await;
+    // A CSV that broke mid-file ended the upload there: what the server stored is the rows
+    // before it, and the CSV's own error is the one to show.
+    let broken = csv_state
+        .as_ref()
+        .and_then(|s| s.lock().expect("not poisoned").error.take());
+    let mut answer: Value = match sent {
+        Ok(response) => response
+            .json()
+            .await
+            .context("reading the server's answer")?,
+        Err(_) if broken.is_some() => Value::Null,
+        Err(e) => return Err(e),
+    };
+    // A CSV record's line is its line in the file (a quoted field may span lines); the
+    // server numbers the upload's lines.
+    if let Some(state) = &csv_state {
+        let lines = &state.lock().expect("not poisoned").lines;
+        for refusal in answer["rejected"].as_array_mut().into_iter().flatten() {
+            let line = refusal["line"].as_u64().unwrap_or(0) as usize;
+            if let Some(at) = line.checked_sub(1).and_then(|i| lines.get(i)) {
+                refusal["line"] = Value::from(*at);
+            }
+        }
+    }
+    if let Some(error) = broken {
+        if !answer.is_null() {
+            say!("{shown} → `{domain}`: {}", summary(&answer));
+        }
+        bail!("{error}; the rows before it were sent, the rest were not: fix it and import again");
+    }
     if remote.json {
         print_json(&answer)?;
     } else {
@@ -58,18 +95,11 @@ pub async fn run(remote: &Remote, args: ImportArgs) -> anyhow::Result<()> {
     if rejected == 0 {
         return Ok(());
     }
-    // A CSV line is its record's line in the file (a quoted field may span lines); a JSONL
-    // line is the upload's line.
-    let lines = lines.map(|l| l.lock().expect("not poisoned").clone());
     let listed = answer["rejected"].as_array().map_or(&[][..], Vec::as_slice);
     for refusal in listed.iter().take(SHOWN_REFUSALS) {
-        let line = refusal["line"].as_u64().unwrap_or(0);
-        let line = match &lines {
-            Some(map) => map.get(line as usize - 1).copied().unwrap_or(line),
-            None => line,
-        };
         eprintln!(
-            "{shown}:{line}: {} ({})",
+            "{shown}:{}: {} ({})",
+            refusal["line"],
             cell(&refusal["message"]),
             cell(&refusal["code"])
         );
@@ -108,14 +138,14 @@ fn summary(answer: &Value) -> String {
     line
 }
 
-fn is_csv(path: &Path) -> bool {
-    path.extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("csv"))
-}
-
 type Chunk = Result<Vec<u8>, std::io::Error>;
-/// The file line each uploaded CSV record started on, filled in as the upload reads them.
-type RecordLines = Arc<Mutex<Vec<u64>>>;
+/// What the upload learns while it reads a CSV: the file line each record started on, and
+/// the error that ended it early, if one did.
+#[derive(Default)]
+struct CsvRead {
+    lines: Vec<u64>,
+    error: Option<String>,
+}
 
 /// The file's bytes as they are read, for an NDJSON body whose line numbers are the file's.
 fn jsonl_upload(mut reader: impl std::io::Read + Send + 'static) -> reqwest::Body {
@@ -135,7 +165,7 @@ fn jsonl_upload(mut reader: impl std::io::Read + Send + 'static) -> reqwest::Bod
 
 /// The CSV's records as NDJSON lines, read as the upload goes, and the file line of each
 /// (filled in as they are read). A missing column is an error before anything is sent.
-fn csv_upload(path: &Path) -> anyhow::Result<(reqwest::Body, Option<RecordLines>)> {
+fn csv_upload(path: &Path) -> anyhow::Result<(reqwest::Body, Arc<Mutex<CsvRead>>)> {
     let shown = path.display().to_string();
     let mut reader = csv::Reader::from_path(path).with_context(|| format!("opening {shown}"))?;
     let headers = reader
@@ -143,10 +173,18 @@ fn csv_upload(path: &Path) -> anyhow::Result<(reqwest::Body, Option<RecordLines>
         .with_context(|| format!("{shown}: reading the header"))?
         .clone();
     let col = |names: &[&str]| headers.iter().position(|h| names.contains(&h.trim()));
-    let input = col(&["input", "text"])
-        .with_context(|| format!("{shown}: the header needs an `input` (or `text`) column"))?;
+    let found = || headers.iter().collect::<Vec<_>>().join(",");
+    let input = col(&["input", "text"]).with_context(|| {
+        format!(
+            "{shown}: the header needs an `input` (or `text`) column, comma-separated; it reads `{}`",
+            found()
+        )
+    })?;
     let expected = col(&["expected", "label", "category"]).with_context(|| {
-        format!("{shown}: the header needs an `expected` (or `label`, `category`) column")
+        format!(
+            "{shown}: the header needs an `expected` (or `label`, `category`) column; it reads `{}`",
+            found()
+        )
     })?;
     let mut columns = vec![("input", input), ("expected", expected)];
     for name in ["client_id", "model_output", "source", "teacher"] {
@@ -154,8 +192,8 @@ fn csv_upload(path: &Path) -> anyhow::Result<(reqwest::Body, Option<RecordLines>
             columns.push((name, i));
         }
     }
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let record_lines = lines.clone();
+    let state = Arc::new(Mutex::new(CsvRead::default()));
+    let read = state.clone();
     let mut records = reader.into_records();
     let mut failed = false;
     let chunks = std::iter::from_fn(move || -> Option<Chunk> {
@@ -167,13 +205,23 @@ fn csv_upload(path: &Path) -> anyhow::Result<(reqwest::Body, Option<RecordLines>
             let record = match record {
                 Ok(r) => r,
                 Err(e) => {
-                    // Ends the upload: the server answers for what arrived, nothing is half a row.
+                    // Ends the upload after the rows before it (whole lines only); the caller
+                    // reports this error by its line.
                     failed = true;
-                    return Some(Err(std::io::Error::other(format!("{shown}: {e}"))));
+                    let line = e.position().map_or(0, |p| p.line());
+                    let what = match e.kind() {
+                        csv::ErrorKind::UnequalLengths {
+                            expected_len, len, ..
+                        } => format!("{len} fields where the header has {expected_len}"),
+                        _ => e.to_string(),
+                    };
+                    read.lock().expect("not poisoned").error =
+                        Some(format!("{shown}:{line}: {what}"));
+                    break;
                 }
             };
             let line = record.position().map_or(0, |p| p.line());
-            record_lines.lock().expect("not poisoned").push(line);
+            read.lock().expect("not poisoned").lines.push(line);
             let row: Map<String, Value> = columns
                 .iter()
                 .filter_map(|(name, i)| {
@@ -189,6 +237,6 @@ fn csv_upload(path: &Path) -> anyhow::Result<(reqwest::Body, Option<RecordLines>
     });
     Ok((
         reqwest::Body::wrap_stream(futures::stream::iter(chunks)),
-        Some(lines),
+        state,
     ))
 }

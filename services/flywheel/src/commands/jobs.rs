@@ -26,6 +26,7 @@ pub enum JobsCommand {
     },
     /// Start a run of a domain now, on every correction so far.
     Start {
+        /// The domain to train.
         domain: String,
         /// Overrides of the domain's training block, as JSON from a file (`-`: stdin):
         /// `{"n_epochs": 4, "lora": {"r": 16}}`.
@@ -36,9 +37,15 @@ pub enum JobsCommand {
         watch: bool,
     },
     /// Follow a job until it ends: stage, step, loss and time to go.
-    Watch { id: String },
+    Watch {
+        /// The job's id (`flywheel jobs list`).
+        id: String,
+    },
     /// Cancel a queued or training job.
-    Cancel { id: String },
+    Cancel {
+        /// The job's id (`flywheel jobs list`).
+        id: String,
+    },
 }
 
 pub async fn run(remote: &Remote, command: JobsCommand) -> anyhow::Result<()> {
@@ -183,8 +190,8 @@ fn summary(job: &Value) -> String {
     line
 }
 
-/// A job's progress on a terminal (a bar: step, loss, tokens/s, time to go) or, piped, as
-/// one line per event.
+/// A job's progress on stderr: on a terminal a bar (step, loss, tokens/s, time to go),
+/// otherwise one line per event.
 pub(crate) struct Progress {
     bar: ProgressBar,
     stage: String,
@@ -216,7 +223,8 @@ impl Progress {
                     d["eta_seconds"].as_f64().unwrap_or(0.0)
                 ));
             }
-            _ => self.bar.suspend(|| println!("     · {message}")),
+            // Progress goes to stderr, like the bar: stdout holds the outcome (or its JSON).
+            _ => self.bar.suspend(|| eprintln!("     · {message}")),
         }
     }
 

@@ -17,20 +17,24 @@ pub enum TokensCommand {
         #[arg(long, value_parser = ["admin", "department", "steward", "serving"])]
         role: String,
         /// A domain the token may act on (repeat it); every role but admin needs one.
-        #[arg(long = "domain")]
+        #[arg(long = "domain", value_name = "DOMAIN")]
         domains: Vec<String>,
     },
     /// List the tokens, without secrets.
     List,
     /// Change the domains a token may act on.
     Scope {
+        /// The token's id (`flywheel tokens list`).
         id: i64,
         /// A domain the token may act on (repeat it).
-        #[arg(long = "domain", required = true)]
+        #[arg(long = "domain", value_name = "DOMAIN", required = true)]
         domains: Vec<String>,
     },
     /// Revoke a token: it stops working at once.
-    Revoke { id: i64 },
+    Revoke {
+        /// The token's id (`flywheel tokens list`).
+        id: i64,
+    },
 }
 
 pub async fn run(remote: &Remote, command: TokensCommand) -> anyhow::Result<()> {
@@ -40,6 +44,11 @@ pub async fn run(remote: &Remote, command: TokensCommand) -> anyhow::Result<()> 
             role,
             domains,
         } => {
+            if role != "admin" && domains.is_empty() {
+                anyhow::bail!(
+                    "a {role} token acts on named domains: add --domain NAME (repeat it for more)"
+                );
+            }
             let created = remote
                 .post(
                     "/v1/tokens",

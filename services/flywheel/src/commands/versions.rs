@@ -11,45 +11,59 @@ use crate::client::{Remote, segment};
 #[derive(Subcommand, Debug)]
 pub enum VersionsCommand {
     /// Every evaluated version of a domain with its accuracy and status (`*`: production).
-    List { domain: String },
+    List {
+        /// The domain.
+        domain: String,
+    },
     /// A version's evaluation report, as published, with its decision trail.
     Report {
+        /// The domain.
         domain: String,
+        /// The version (`v3`; `flywheel versions list DOMAIN`).
         version: String,
-        /// `md` (for reading), `html` (to sign and file) or `json`.
+        /// `md` (for reading), `html` (to sign and file) or `json` (also `--json`).
         #[arg(long, default_value = "md", value_parser = ["md", "html", "json"])]
         format: String,
     },
     /// Approve a version awaiting approval: production moves to it.
     Approve {
+        /// The domain.
         domain: String,
+        /// The version (`v3`; `flywheel versions list DOMAIN`).
         version: String,
         #[command(flatten)]
         decision: Decision,
     },
     /// Reject a version awaiting approval.
     Reject {
+        /// The domain.
         domain: String,
+        /// The version (`v3`; `flywheel versions list DOMAIN`).
         version: String,
         #[command(flatten)]
         decision: Decision,
     },
     /// Promote a held-back version over the gate's decision (audited as an override).
     Override {
+        /// The domain.
         domain: String,
+        /// The version (`v3`; `flywheel versions list DOMAIN`).
         version: String,
         #[command(flatten)]
         decision: Decision,
     },
     /// Apply the gate again to a held-back version under the domain's current policy.
     Reevaluate {
+        /// The domain.
         domain: String,
+        /// The version (`v3`; `flywheel versions list DOMAIN`).
         version: String,
         #[command(flatten)]
         decision: Decision,
     },
     /// Point production back at a version that was live.
     Rollback {
+        /// The domain.
         domain: String,
         /// The version production goes back to.
         #[arg(long)]
@@ -58,7 +72,10 @@ pub enum VersionsCommand {
         decision: Decision,
     },
     /// Every gate decision, approval, rejection, rollback and alias move of a domain.
-    Audit { domain: String },
+    Audit {
+        /// The domain.
+        domain: String,
+    },
 }
 
 pub async fn run(remote: &Remote, command: VersionsCommand) -> anyhow::Result<()> {
@@ -99,6 +116,7 @@ pub async fn run(remote: &Remote, command: VersionsCommand) -> anyhow::Result<()
             version,
             format,
         } => {
+            let format = if remote.json { "json" } else { format.as_str() };
             let path = format!(
                 "/v1/domains/{}/versions/{}/report?format={format}",
                 segment("domain", &domain)?,
