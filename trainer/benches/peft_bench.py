@@ -6,6 +6,10 @@
       random ids and labels: the MiniLM preset.
   --task matmul
       GFLOP/s of a 1024³ matmul in float32 and bfloat16: the machine's limits.
+  --task generate --model-dir DIR --prompt-len P --new-tokens N
+      LlamaForCausalLM with an (unmerged) LoRA on all seven projections, greedy `generate` of
+      exactly N tokens after a P-token prompt with transformers' KV cache: time to the first
+      token and tokens/s after it (generate_bench.rs's peer).
   --task sft --model-dir DIR --rows ROWS.json
       LlamaForCausalLM with LoRA on all seven projections, on the variable-length batches in
       ROWS.json ({"warmup": n, "batches": [[{"ids": [...], "completion_start": k}, ...], ...]}),
@@ -29,7 +33,9 @@ def matmul_gflops(torch, dtype, n=1024, reps=8):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--task", required=True, choices=["classify", "sft", "matmul"])
+    ap.add_argument("--task", required=True, choices=["classify", "sft", "matmul", "generate"])
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--model-dir")
     ap.add_argument("--rows")
     ap.add_argument("--batch", type=int, default=32)
@@ -54,6 +60,33 @@ def main():
     if args.task == "matmul":
         print(json.dumps({f"{name}_gflops": round(matmul_gflops(torch, getattr(torch, t)), 1)
                           for name, t in [("f32", "float32"), ("bf16", "bfloat16")]}))
+        return
+
+    if args.task == "generate":
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM.from_pretrained(args.model_dir, torch_dtype=dtype)
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.alpha,
+                                                 target_modules=targets, task_type="CAUSAL_LM"))
+        model.eval()
+        g = torch.Generator().manual_seed(args.seed)
+        ids = torch.randint(3, model.config.vocab_size, (1, args.prompt_len), generator=g)
+
+        def run(n):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                               max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+            return time.perf_counter() - t0
+
+        run(4)
+        first = statistics.median(run(1) for _ in range(3))
+        total = run(args.new_tokens)
+        print(json.dumps({"first_token_seconds": first,
+                          "tokens_per_second": (args.new_tokens - 1) / (total - first),
+                          "new_tokens": args.new_tokens,
+                          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
         return
 
     if args.task == "classify":

@@ -351,26 +351,31 @@ impl Generator {
         })
     }
 
+    /// Multiplies by the frozen weights in `compute`'s precision (bf16 on AMX: the
+    /// projections and the output head), as serving chooses.
+    pub fn with_compute(mut self, compute: crate::spec::Compute) -> Result<Self> {
+        self.model.set_compute(compute)?;
+        Ok(self)
+    }
+
     /// [`Generator::generate`] for each prompt, in order (several at once on the CPU's cores).
     pub fn generate_all(&self, prompts: &[&str], max_new_tokens: usize) -> Result<Vec<Generation>> {
         crate::device::map_on_pool(prompts, |prompt| self.generate(prompt, max_new_tokens))
     }
 
-    /// Greedy decoding, up to `max_new_tokens` or end of sequence.
+    /// Greedy decoding, up to `max_new_tokens` or end of sequence. The prompt goes through
+    /// the model once; each further token is one token's pass over the key/value cache.
     pub fn generate(&self, prompt: &str, max_new_tokens: usize) -> Result<Generation> {
         let budget = self.max_len.saturating_sub(max_new_tokens).max(1);
         let mut ids = self.codec.prompt_ids(prompt, budget)?;
         let start = ids.len();
         let mut log_prob = 0.0f64;
+        let mut cache = crate::decode::KvCache::new(&self.model);
         for _ in 0..max_new_tokens {
-            let s = ids.len();
-            let input = Tensor::<2, Int>::from_data(
-                TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, s]),
-                &self.device,
-            );
-            let hidden = self.model.hidden(input, &Layout::padded(&[s], s));
-            let h = hidden.dims()[2];
-            let last = hidden.narrow(1, s - 1, 1).reshape([1, h]);
+            let new = &ids[cache.len()..];
+            let hidden = self.model.hidden_cached(new, &mut cache);
+            let [_, n, h] = hidden.dims();
+            let last = hidden.narrow(1, n - 1, 1).reshape([1, h]);
             let (_, logp) = to_host(log_softmax(self.model.logits(last), 1));
             let (next, lp) = logp
                 .iter()

@@ -28,6 +28,7 @@ mod low_rank;
 mod bert;
 mod causal;
 mod classifier;
+mod decode;
 mod fit;
 mod llama;
 mod lora;
@@ -44,6 +45,7 @@ pub use causal::{
 };
 pub use classifier::{ClassifierPredictor, Example, Prediction, train_classifier};
 pub use classifier::{bench_classifier_steps, measure_texts};
+pub use decode::{GenerationBench, bench_generation};
 pub use device::{Accelerator, use_accelerator};
 pub use error::{Result, TrainerError};
 pub use merge::export_merged;

@@ -255,6 +255,15 @@ impl LlamaLayer {
             self.k_proj.forward(normed.clone()),
             self.v_proj.forward(normed),
         );
+        self.after_attention(x, context)
+    }
+
+    /// The rest of the layer once attention has run: its output projection added to the
+    /// residual, then the SwiGLU block added to that.
+    ///
+    /// # Shapes
+    /// - x (the layer's input), context: `[batch, seq, hidden]`
+    pub(crate) fn after_attention(&self, x: Tensor<3>, context: Tensor<3>) -> Tensor<3> {
         let x = x + self.o_proj.forward(context);
         let normed = crate::fused::rms_norm(x.clone(), &self.post_attention_layernorm);
         let [b, s, h] = normed.dims();

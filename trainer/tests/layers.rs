@@ -21,6 +21,7 @@ const ORDER: &[&str] = &[
     "lora",
     "bert",
     "llama",
+    "decode",
     "fit",
     "causal",
     "classifier",

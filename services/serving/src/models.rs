@@ -356,7 +356,8 @@ impl Models {
                         }
                     }
                     Task::Generation => {
-                        Engine::Generate(Arc::new(Generator::load(&base, Some(&dir))?))
+                        let model = Generator::load(&base, Some(&dir))?.with_compute(compute)?;
+                        Engine::Generate(Arc::new(model))
                     }
                 })
             }

@@ -683,7 +683,7 @@ fn rotate(x: &[f32], cos: &[f32], sin: &[f32], transposed: bool, scale: f32, out
 /// Per token, its position's rotary tables. Each position's row is computed once (`half`
 /// sines and cosines in f64, as transformers computes them in f32 from f64 frequencies) and
 /// copied to every token at that position: packed rows repeat positions many times over.
-fn rope_tables(theta: f64, positions: &[u32], d: usize) -> (Vec<f32>, Vec<f32>) {
+pub fn rope_tables(theta: f64, positions: &[u32], d: usize) -> (Vec<f32>, Vec<f32>) {
     let half = d / 2;
     let inv_freq: Vec<f64> = (0..half)
         .map(|j| 1.0 / theta.powf((2 * j) as f64 / d as f64))
