@@ -694,6 +694,56 @@ async fn a_generation_domain_learns_to_produce_the_corrected_text() {
     assert_eq!(config["task_type"], "CAUSAL_LM");
     assert_eq!(config["target_modules"].as_array().unwrap().len(), 7);
 
+    // The published version, adapter folded in, as GGUF for llama.cpp and Ollama; read back
+    // by llama.cpp's reader against the merged Hugging Face export of the same version.
+    let gguf = app.dir.path().join("intents-v1.gguf");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .args([
+            "models",
+            "export",
+            "intents-as-text",
+            "v1",
+            "--quant",
+            "q8_0",
+            "--data-dir",
+        ])
+        .arg(app.dir.path().join("data"))
+        .arg("--out")
+        .arg(&gguf)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("20 tensors"),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let merged = app.dir.path().join("intents-v1-merged");
+    flywheel_trainer::export_merged(
+        &llama,
+        &app.registry_path("domains/intents-as-text/versions/v1"),
+        &merged,
+    )
+    .unwrap();
+    let python = std::env::var("FLYWHEEL_TEST_PYTHON").expect(
+        "FLYWHEEL_TEST_PYTHON is not set: `eval \"$(.ci/services)\"` installs the gguf reader",
+    );
+    let check = std::process::Command::new(python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../trainer/tests/fixtures/check_gguf.py"
+        ))
+        .arg(&gguf)
+        .arg(&merged)
+        .arg("q8_0")
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+
     // The published adapter answers: through /predict, and as an OpenAI chat endpoint.
     let question = rows[0]["input"].as_str().unwrap();
     let (status, answer) = app

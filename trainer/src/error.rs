@@ -35,6 +35,9 @@ pub enum TrainerError {
     Cancelled,
     #[error("{0}")]
     Device(String),
+    /// A format or option an export cannot write.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 pub type Result<T, E = TrainerError> = std::result::Result<T, E>;

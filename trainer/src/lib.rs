@@ -30,6 +30,7 @@ mod causal;
 mod classifier;
 mod decode;
 mod fit;
+mod gguf;
 mod llama;
 mod lora;
 mod merge;
@@ -48,6 +49,7 @@ pub use classifier::{bench_classifier_steps, measure_texts};
 pub use decode::{GenerationBench, bench_generation};
 pub use device::{Accelerator, use_accelerator};
 pub use error::{Result, TrainerError};
+pub use gguf::{GgufExport, GgufQuant, export_gguf};
 pub use merge::export_merged;
 pub use spec::{
     BERT_PROJECTIONS, Checkpointing, Compute, EarlyStopping, LLAMA_PROJECTIONS, LoraSpec,

@@ -21,6 +21,57 @@ pub fn export_merged(
         file: file.to_owned(),
         message,
     };
+    let mut base = merged(base_model_dir, adapter_dir)?;
+    std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = base
+        .names()
+        .into_iter()
+        .map(|n| {
+            let (shape, data) = base.take_any(&n).expect("listed");
+            (n, shape, data)
+        })
+        .collect();
+    tensors.sort_by(|x, y| x.0.cmp(&y.0));
+    write_safetensors(&out_dir.join("model.safetensors"), &tensors)?;
+    let mut written = vec!["model.safetensors".to_string()];
+    for entry in std::fs::read_dir(base_model_dir).map_err(io_err(base_model_dir))? {
+        let path = entry.map_err(io_err(base_model_dir))?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !path.is_file()
+            || name.ends_with(".safetensors")
+            || name == "model.safetensors.index.json"
+        {
+            continue;
+        }
+        let target = out_dir.join(&name);
+        if name == "config.json" {
+            let raw = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+            let mut config: serde_json::Value =
+                serde_json::from_str(&raw).map_err(|e| bad(&path, e.to_string()))?;
+            config["torch_dtype"] = "float32".into();
+            std::fs::write(
+                &target,
+                serde_json::to_string_pretty(&config).expect("json"),
+            )
+            .map_err(io_err(&target))?;
+        } else {
+            std::fs::copy(&path, &target).map_err(io_err(&target))?;
+        }
+        written.push(name);
+    }
+    written.sort();
+    Ok(written)
+}
+
+/// The base model's tensors with the PEFT adapter in `adapter_dir` folded in.
+pub(crate) fn merged(base_model_dir: &Path, adapter_dir: &Path) -> Result<Checkpoint> {
+    let bad = |file: &Path, message: String| TrainerError::BadFile {
+        file: file.to_owned(),
+        message,
+    };
     let config_path = adapter_dir.join(ADAPTER_CONFIG);
     let raw = std::fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
     let adapter: serde_json::Value =
@@ -102,47 +153,5 @@ pub fn export_merged(
     if merged == 0 {
         return Err(bad(adapter_dir, "the adapter has no LoRA weights".into()));
     }
-
-    std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
-    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = base
-        .names()
-        .into_iter()
-        .map(|n| {
-            let (shape, data) = base.take_any(&n).expect("listed");
-            (n, shape, data)
-        })
-        .collect();
-    tensors.sort_by(|x, y| x.0.cmp(&y.0));
-    write_safetensors(&out_dir.join("model.safetensors"), &tensors)?;
-    let mut written = vec!["model.safetensors".to_string()];
-    for entry in std::fs::read_dir(base_model_dir).map_err(io_err(base_model_dir))? {
-        let path = entry.map_err(io_err(base_model_dir))?.path();
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if !path.is_file()
-            || name.ends_with(".safetensors")
-            || name == "model.safetensors.index.json"
-        {
-            continue;
-        }
-        let target = out_dir.join(&name);
-        if name == "config.json" {
-            let raw = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-            let mut config: serde_json::Value =
-                serde_json::from_str(&raw).map_err(|e| bad(&path, e.to_string()))?;
-            config["torch_dtype"] = "float32".into();
-            std::fs::write(
-                &target,
-                serde_json::to_string_pretty(&config).expect("json"),
-            )
-            .map_err(io_err(&target))?;
-        } else {
-            std::fs::copy(&path, &target).map_err(io_err(&target))?;
-        }
-        written.push(name);
-    }
-    written.sort();
-    Ok(written)
+    Ok(base)
 }

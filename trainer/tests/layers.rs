@@ -26,6 +26,7 @@ const ORDER: &[&str] = &[
     "causal",
     "classifier",
     "merge",
+    "gguf",
     "tiny",
 ];
 

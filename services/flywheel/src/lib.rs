@@ -9,6 +9,7 @@ pub mod client;
 pub mod commands;
 pub mod demo;
 pub mod demo_loop;
+pub mod export;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

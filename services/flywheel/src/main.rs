@@ -283,6 +283,34 @@ enum ModelsCommand {
         #[arg(long, default_value = "bert", value_parser = ["bert", "llama"])]
         arch: String,
     },
+    /// Write a Llama-family model as one GGUF file for llama.cpp and Ollama: a published
+    /// version (its adapter folded into its base model), or a local model directory.
+    Export {
+        #[command(flatten)]
+        data: DataDir,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        /// The domain whose version to export (with VERSION).
+        #[arg(required_unless_present = "base", requires = "version")]
+        domain: Option<String>,
+        /// The published version (`v3`).
+        version: Option<String>,
+        /// Instead of a published version: a model directory…
+        #[arg(long, conflicts_with = "domain")]
+        base: Option<PathBuf>,
+        /// …and, optionally, a PEFT adapter directory to fold into it.
+        #[arg(long, requires = "base")]
+        adapter: Option<PathBuf>,
+        /// The file to write.
+        #[arg(long, short)]
+        out: PathBuf,
+        /// The file format.
+        #[arg(long, default_value = "gguf", value_parser = ["gguf"])]
+        format: String,
+        /// How the matrices are stored: `f16`, or `q8_0` (8-bit blocks, about half the size).
+        #[arg(long, default_value = "f16", value_parser = ["f16", "q8_0"])]
+        quant: String,
+    },
     /// Fold a LoRA adapter (a published version's directory, or any PEFT adapter) into its
     /// base model and write a full Hugging Face checkpoint, for runtimes that serve no
     /// adapters.
@@ -475,6 +503,40 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 model.files.len(),
                 bytes as f64 / 1e6,
                 registry.url()
+            );
+            Ok(())
+        }
+        Command::Models {
+            command:
+                ModelsCommand::Export {
+                    data,
+                    registry,
+                    domain,
+                    version,
+                    base,
+                    adapter,
+                    out,
+                    format: _,
+                    quant,
+                },
+        } => {
+            let quant: flywheel_trainer::GgufQuant = quant.parse()?;
+            let written = match (base, domain, version) {
+                (Some(base), _, _) => {
+                    flywheel::export::local(&base, adapter.as_deref(), &out, quant).await?
+                }
+                (None, Some(domain), Some(version)) => {
+                    let config = config(data, None, Some(registry));
+                    flywheel::export::published_version(&config, &domain, &version, &out, quant)
+                        .await?
+                }
+                _ => anyhow::bail!("name DOMAIN VERSION, or --base DIR"),
+            };
+            println!(
+                "{} ({} tensors, {:.1} MB)",
+                out.display(),
+                written.tensors,
+                written.bytes as f64 / 1e6
             );
             Ok(())
         }
