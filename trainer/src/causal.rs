@@ -358,6 +358,19 @@ impl Generator {
         Ok(self)
     }
 
+    /// The logits after each of `ids` (one sequence), `[ids.len() × vocab]` row by row: what
+    /// other runtimes of an exported model are compared with.
+    pub fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let s = ids.len();
+        let input = Tensor::<2, Int>::from_data(
+            TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, s]),
+            &self.device,
+        );
+        let hidden = self.model.hidden(input, &Layout::padded(&[s], s));
+        let h = hidden.dims()[2];
+        Ok(to_host(self.model.logits(hidden.reshape([s, h]))).1)
+    }
+
     /// [`Generator::generate`] for each prompt, in order (several at once on the CPU's cores).
     pub fn generate_all(&self, prompts: &[&str], max_new_tokens: usize) -> Result<Vec<Generation>> {
         crate::device::map_on_pool(prompts, |prompt| self.generate(prompt, max_new_tokens))
