@@ -403,7 +403,8 @@ impl Vocabulary {
 
     fn describe(&self, meta: &mut Metadata) {
         meta.string("tokenizer.ggml.model", "gpt2");
-        meta.string("tokenizer.ggml.pre", "gpt2");
+        // llama.cpp's name for the GPT-2 pre-tokenizer regex (byte-level BPE's default).
+        meta.string("tokenizer.ggml.pre", "gpt-2");
         meta.strings("tokenizer.ggml.tokens", &self.tokens);
         meta.i32s("tokenizer.ggml.token_type", &self.types);
         meta.strings("tokenizer.ggml.merges", &self.merges);
