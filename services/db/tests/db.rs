@@ -308,7 +308,11 @@ async fn racing_schedulers_workers_and_publishers_never_double_up() {
         );
 
         let counts = db.job_counts().await.unwrap();
-        assert_eq!(counts, vec![(JobStatus::Succeeded, 6)], "{which}");
+        assert_eq!(
+            counts,
+            vec![("banking".to_owned(), JobStatus::Succeeded, 6)],
+            "{which}"
+        );
     }
 }
 

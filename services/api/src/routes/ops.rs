@@ -54,14 +54,15 @@ pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> ApiRe
 /// The gauges read from the database, fresh at each scrape of the scheduler's process.
 async fn deployment_gauges(state: &AppState) -> ApiResult<()> {
     let m = &state.metrics;
+    let job_counts = state.db.job_counts().await?;
     for domain in state.db.domains().await? {
         let name = [domain.spec.name.as_str()];
-        let jobs = state.db.jobs_of(domain.id).await?;
         for status in JobStatus::ALL {
-            let n = jobs.iter().filter(|j| j.status == *status).count();
-            m.jobs
-                .with_label_values(&[name[0], status.as_str()])
-                .set(n as i64);
+            let n = job_counts
+                .iter()
+                .find(|(d, s, _)| d == name[0] && s == status)
+                .map_or(0, |(_, _, n)| *n);
+            m.jobs.with_label_values(&[name[0], status.as_str()]).set(n);
         }
         if let Some(moved) = state
             .registry

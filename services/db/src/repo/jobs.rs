@@ -316,17 +316,23 @@ impl Db {
         Ok(())
     }
 
-    pub async fn job_counts(&self) -> Result<Vec<(JobStatus, i64)>> {
+    /// How many jobs each domain has in each state (only the states it has jobs in).
+    pub async fn job_counts(&self) -> Result<Vec<(String, JobStatus, i64)>> {
         with_pool!(self, pool => {
-            sqlx::query("SELECT status, COUNT(*) AS n FROM training_jobs GROUP BY status")
-                .fetch_all(pool)
-                .await?
-                .iter()
-                .map(|r| {
-                    let s = r.text("status")?;
-                    Ok((JobStatus::parse(&s).ok_or(DbError::Corrupt(s))?, r.int("n")?))
-                })
-                .collect()
+            sqlx::query(
+                "SELECT d.name AS domain, j.status, COUNT(*) AS n
+                 FROM training_jobs j JOIN domains d ON d.id = j.domain_id
+                 GROUP BY d.name, j.status",
+            )
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|r| {
+                let s = r.text("status")?;
+                let status = JobStatus::parse(&s).ok_or(DbError::Corrupt(s))?;
+                Ok((r.text("domain")?, status, r.int("n")?))
+            })
+            .collect()
         })
     }
 }
