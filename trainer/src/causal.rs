@@ -324,7 +324,6 @@ pub(crate) fn next_token_loss(
 pub struct Generator {
     model: Llama,
     codec: TextCodec,
-    device: Device,
     max_len: usize,
 }
 
@@ -346,7 +345,6 @@ impl Generator {
         Ok(Self {
             model,
             codec: TextCodec::load(base_model_dir)?,
-            device,
             max_len: config.max_position_embeddings,
         })
     }
@@ -361,13 +359,8 @@ impl Generator {
     /// The logits after each of `ids` (one sequence), `[ids.len() × vocab]` row by row: what
     /// other runtimes of an exported model are compared with.
     pub fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        let s = ids.len();
-        let input = Tensor::<2, Int>::from_data(
-            TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, s]),
-            &self.device,
-        );
-        let hidden = self.model.hidden(input, &Layout::padded(&[s], s));
-        let h = hidden.dims()[2];
+        let hidden = self.model.hidden_of(ids);
+        let [_, s, h] = hidden.dims();
         Ok(to_host(self.model.logits(hidden.reshape([s, h]))).1)
     }
 
@@ -445,16 +438,9 @@ pub(crate) fn llama_adapter_delta(base: &Path, adapter_dir: &Path, texts: &[&str
     let mut delta = 0.0f32;
     for text in texts {
         let ids = plain.codec.prompt_ids(text, plain.max_len)?;
-        let s = ids.len();
-        let input = || {
-            Tensor::<2, Int>::from_data(
-                TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, s]),
-                &plain.device,
-            )
-        };
         let logits = |g: &Generator| {
-            let hidden = g.model.hidden(input(), &Layout::padded(&[s], s));
-            let h = hidden.dims()[2];
+            let hidden = g.model.hidden_of(&ids);
+            let [_, s, h] = hidden.dims();
             g.model.logits(hidden.reshape([s, h]))
         };
         let d = to_host((logits(&adapted) - logits(&plain)).abs().max()).1[0];

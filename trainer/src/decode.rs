@@ -4,7 +4,7 @@
 //! backend runs it; the prompt goes through in one pass, causally masked.
 
 use burn::tensor::activation::softmax;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 
 use crate::llama::{Llama, LlamaLayer};
 
@@ -39,10 +39,7 @@ impl Llama {
     pub(crate) fn hidden_cached(&self, ids: &[u32], cache: &mut KvCache) -> Tensor<3> {
         let n = ids.len();
         let device = self.embed_tokens.weight.device();
-        let input = Tensor::<2, Int>::from_data(
-            TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, n]),
-            &device,
-        );
+        let input = crate::llama::one_row(ids, &device);
         let start = cache.len;
         let positions: Vec<u32> = (start as u32..(start + n) as u32).collect();
         let d = self.head_dim;
@@ -210,12 +207,7 @@ pub fn bench_generation(
             let new = ids[cache.len..].to_vec();
             model.hidden_cached(&new, &mut cache)
         } else {
-            let s = ids.len();
-            let input = Tensor::<2, Int>::from_data(
-                TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, s]),
-                &device,
-            );
-            model.hidden(input, &crate::llama::Layout::padded(&[s], s))
+            model.hidden_of(&ids)
         };
         ids.push(greedy(hidden));
         if step == 0 {
@@ -234,11 +226,10 @@ pub fn bench_generation(
 mod tests {
     use std::path::Path;
 
-    use burn::tensor::{Int, Tensor, TensorData};
+    use burn::tensor::Tensor;
 
     use super::KvCache;
     use crate::checkpoint::Checkpoint;
-    use crate::llama::Layout;
 
     /// The prompt in one cached pass, then one token, then two: the same hidden states as
     /// the whole sequence in one uncached pass (the fused attention), to f32 rounding. The
@@ -254,11 +245,7 @@ mod tests {
             .unwrap();
         let ids: Vec<u32> = vec![1, 17, 5, 42, 9, 23, 7, 3];
         let s = ids.len();
-        let input = Tensor::<2, Int>::from_data(
-            TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, s]),
-            &device,
-        );
-        let whole = model.hidden(input, &Layout::padded(&[s], s));
+        let whole = model.hidden_of(&ids);
         let mut cache = KvCache::new(&model);
         let pieces: Vec<Tensor<3>> = [&ids[..5], &ids[5..6], &ids[6..]]
             .into_iter()

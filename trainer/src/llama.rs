@@ -345,6 +345,16 @@ impl Llama {
         crate::fused::rms_norm(x, &self.norm)
     }
 
+    /// Final hidden states of one whole sequence of token ids.
+    ///
+    /// # Shapes
+    /// - output: `[1, ids.len(), hidden]`
+    pub(crate) fn hidden_of(&self, ids: &[u32]) -> Tensor<3> {
+        let s = ids.len();
+        let input = one_row(ids, &self.embed_tokens.weight.device());
+        self.hidden(input, &Layout::padded(&[s], s))
+    }
+
     /// `log p` of each row's target token, computing logits only for the rows given (and, in
     /// bf16, never all of them at once).
     ///
@@ -439,6 +449,16 @@ impl Layout {
         }
         keys
     }
+}
+
+/// One sequence of token ids as a batch of one row.
+///
+/// # Shapes
+/// - output: `[1, ids.len()]`
+pub(crate) fn one_row(ids: &[u32], device: &Device) -> Tensor<2, Int> {
+    let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    let n = ids.len();
+    Tensor::from_data(burn::tensor::TensorData::new(ids, [1, n]), device)
 }
 
 pub(crate) fn layers_of(model: &Llama) -> impl Iterator<Item = (String, &LoraLinear)> {
