@@ -2,7 +2,7 @@
 //! a local model directory as a GGUF file for llama.cpp and Ollama. The writing is the
 //! trainer's (`export_gguf`); this module finds the files in the registry.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context as _, bail};
 use flywheel_domain::{DomainName, VersionId};
@@ -32,11 +32,11 @@ pub async fn published_version(
         .as_str()
         .with_context(|| format!("{domain} {}: its lineage names no base model", version.0))?
         .to_owned();
+    // The worker's cache: a model it fetched for training is found there.
     let cache = config.data_dir.join("cache");
-    let base = match flywheel_registry::parse_model_ref(&base_ref) {
-        Some(id) => registry.fetch_model(id, &cache.join("models")).await?,
-        None => PathBuf::from(&base_ref),
-    };
+    let base = registry
+        .base_model_dir(&base_ref, &cache.join("models"))
+        .await?;
     if !base.join("config.json").exists() {
         bail!(
             "the base model {base_ref} is not on this machine: import it (`flywheel models import`) or run where the path exists"

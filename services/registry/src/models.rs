@@ -196,6 +196,16 @@ impl Registry {
         })
     }
 
+    /// The local directory of a domain's `base_model`: a path as given, or this machine's
+    /// verified copy of a `sha256:` model of this registry under `cache_root`, fetched on
+    /// first use (see [`Registry::fetch_model`]).
+    pub async fn base_model_dir(&self, base_model: &str, cache_root: &Path) -> Result<PathBuf> {
+        match parse_model_ref(base_model) {
+            Some(id) => self.fetch_model(id, cache_root).await,
+            None => Ok(PathBuf::from(base_model)),
+        }
+    }
+
     /// A verified local copy of model `id` under `cache_root/<id>`, downloading it first if
     /// this machine has none. Concurrent fetches on one machine each download into a private
     /// directory; the first rename wins and the rest are discarded.

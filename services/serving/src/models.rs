@@ -331,14 +331,10 @@ impl Models {
             .fetch_version(&spec.name, &version, &dir)
             .await?;
         let manifest: Manifest = self.registry.manifest(&spec.name, &version).await?;
-        let base = match flywheel_registry::parse_model_ref(&spec.base_model) {
-            Some(id) => {
-                self.registry
-                    .fetch_model(id, &self.cache_dir.join("models"))
-                    .await?
-            }
-            None => PathBuf::from(&spec.base_model),
-        };
+        let base = self
+            .registry
+            .base_model_dir(&spec.base_model, &self.cache_dir.join("models"))
+            .await?;
         let bytes = weights_bytes(&base) + weights_bytes(&dir);
         let compute = self.compute;
         let (labels, max_batch) = (spec.labels.clone(), self.max_batch);

@@ -33,13 +33,11 @@ pub(crate) async fn base_model_dir(
     ctx: &Context,
     domain: &DomainRow,
 ) -> Result<PathBuf, WorkerError> {
-    match flywheel_registry::parse_model_ref(&domain.spec.base_model) {
-        Some(id) => Ok(ctx
-            .registry
-            .fetch_model(id, &ctx.config.data_dir.join("cache").join("models"))
-            .await?),
-        None => Ok(PathBuf::from(&domain.spec.base_model)),
-    }
+    let cache = ctx.config.data_dir.join("cache").join("models");
+    Ok(ctx
+        .registry
+        .base_model_dir(&domain.spec.base_model, &cache)
+        .await?)
 }
 
 async fn load(ctx: &Context, task: &StageTask) -> Result<Option<(JobRow, DomainRow)>, WorkerError> {
