@@ -363,11 +363,7 @@ pub fn read_corrections(path: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
 /// CSV with a header: `input`/`text` and `expected`/`label`/`category` columns.
 pub fn csv_corrections(raw: &str) -> anyhow::Result<Vec<serde_json::Value>> {
     let mut reader = csv::Reader::from_reader(raw.as_bytes());
-    let headers = reader.headers()?.clone();
-    let col = |names: &[&str]| headers.iter().position(|h| names.contains(&h));
-    let input = col(&["input", "text"]).context("the CSV needs an `input` (or `text`) column")?;
-    let expected = col(&["expected", "label", "category"])
-        .context("the CSV needs an `expected` (or `label`/`category`) column")?;
+    let (input, expected) = CsvHeader(reader.headers()?.clone()).required()?;
     reader
         .records()
         .map(|r| {
@@ -375,4 +371,35 @@ pub fn csv_corrections(raw: &str) -> anyhow::Result<Vec<serde_json::Value>> {
             Ok(serde_json::json!({ "input": &r[input], "expected": &r[expected] }))
         })
         .collect()
+}
+
+/// A corrections CSV's header: where its columns are, for every reader of corrections CSVs.
+pub(crate) struct CsvHeader(pub(crate) csv::StringRecord);
+
+impl CsvHeader {
+    /// The first column named one of `names` (surrounding spaces ignored).
+    pub(crate) fn column(&self, names: &[&str]) -> Option<usize> {
+        self.0.iter().position(|h| names.contains(&h.trim()))
+    }
+
+    /// The `input` (or `text`) and `expected` (or `label`, `category`) columns, or an error
+    /// naming the missing one and the header as read.
+    pub(crate) fn required(&self) -> anyhow::Result<(usize, usize)> {
+        let found = || self.0.iter().collect::<Vec<_>>().join(",");
+        let input = self.column(&["input", "text"]).with_context(|| {
+            format!(
+                "the header needs an `input` (or `text`) column, comma-separated; it reads `{}`",
+                found()
+            )
+        })?;
+        let expected = self
+            .column(&["expected", "label", "category"])
+            .with_context(|| {
+                format!(
+                    "the header needs an `expected` (or `label`, `category`) column; it reads `{}`",
+                    found()
+                )
+            })?;
+        Ok((input, expected))
+    }
 }

@@ -179,8 +179,10 @@ fn validate_rows(rows: Vec<serde_json::Value>) -> Verdict {
 
 pub const CORRECTION_NDJSON: Target = Target {
     name: "correction_ndjson",
-    about: "`flywheel import` of a .jsonl file (flywheel::read_corrections, through a file), \
-            then each row into CorrectionDraft and validated as the API would",
+    about: "a .jsonl corrections file as `flywheel models init-tiny --corpus` reads it \
+            (flywheel::read_corrections, through a file), then each row into CorrectionDraft \
+            and validated as the API would (`flywheel import` streams the file to the API \
+            instead)",
     parts: &[("corrections.jsonl", Part::Text)],
     dict: CORRECTION_DICT,
     max_len: 32 << 10,
@@ -206,9 +208,10 @@ pub const CORRECTION_NDJSON: Target = Target {
 
 pub const IMPORT_CSV: Target = Target {
     name: "import_csv",
-    about: "`flywheel import` of a .csv file (flywheel::read_corrections → csv_corrections, \
-            through a file: header lookup of input/text and expected/label/category), then each \
-            row validated as the API would",
+    about: "a .csv corrections file as the demo and `models init-tiny --corpus` read it \
+            (flywheel::read_corrections → csv_corrections, through a file: the header lookup of \
+            input/text and expected/label/category `flywheel import` shares), then each row \
+            validated as the API would",
     parts: &[("corrections.csv", Part::Text)],
     dict: &[
         ",", "\"", "\"\"", "\n", "\r\n", "input", "text", "expected", "label", "category", "id",

@@ -172,23 +172,11 @@ fn csv_upload(path: &Path) -> anyhow::Result<(reqwest::Body, Arc<Mutex<CsvRead>>
         .headers()
         .with_context(|| format!("{shown}: reading the header"))?
         .clone();
-    let col = |names: &[&str]| headers.iter().position(|h| names.contains(&h.trim()));
-    let found = || headers.iter().collect::<Vec<_>>().join(",");
-    let input = col(&["input", "text"]).with_context(|| {
-        format!(
-            "{shown}: the header needs an `input` (or `text`) column, comma-separated; it reads `{}`",
-            found()
-        )
-    })?;
-    let expected = col(&["expected", "label", "category"]).with_context(|| {
-        format!(
-            "{shown}: the header needs an `expected` (or `label`, `category`) column; it reads `{}`",
-            found()
-        )
-    })?;
+    let header = crate::CsvHeader(headers);
+    let (input, expected) = header.required().with_context(|| shown.clone())?;
     let mut columns = vec![("input", input), ("expected", expected)];
     for name in ["client_id", "model_output", "source", "teacher"] {
-        if let Some(i) = col(&[name]) {
+        if let Some(i) = header.column(&[name]) {
             columns.push((name, i));
         }
     }
