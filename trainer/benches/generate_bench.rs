@@ -11,10 +11,13 @@
 //! numbers go to stdout for people to read.
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use flywheel_trainer::tiny::{TinyLlamaSpec, write_random_llama};
 use flywheel_trainer::{Compute, GenerationBench, LoraSpec, bench_generation};
+
+#[path = "support/peer.rs"]
+mod peer;
+use peer::python_json;
 
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter()
@@ -98,32 +101,21 @@ fn main() {
     let peer = |dtype: &str| {
         let python = arg(&args, "--python")?;
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/peft_bench.py");
-        let out = Command::new(python)
-            .arg(script)
-            .args(["--task", "generate", "--dtype", dtype, "--model-dir"])
-            .arg(&dir)
-            .args([
-                "--prompt-len",
-                &prompt_len.to_string(),
-                "--new-tokens",
-                &new_tokens.to_string(),
-            ])
-            .output()
-            .ok()?;
-        if !out.status.success() {
-            eprintln!(
-                "peer failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-                    .lines()
-                    .last()
-                    .unwrap_or("")
-            );
-            return None;
-        }
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .rev()
-            .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        let args: Vec<String> = [
+            script.display().to_string(),
+            "--task".into(),
+            "generate".into(),
+            "--dtype".into(),
+            dtype.into(),
+            "--model-dir".into(),
+            dir.display().to_string(),
+            "--prompt-len".into(),
+            prompt_len.to_string(),
+            "--new-tokens".into(),
+            new_tokens.to_string(),
+        ]
+        .into();
+        python_json(&python, &args, &format!("peer ({dtype})"))
     };
     let peer_f32 = peer("float32");
     let peer_bf16 = bf16.then(|| peer("bfloat16")).flatten();

@@ -19,6 +19,10 @@ use flywheel_trainer::{
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
+#[path = "support/peer.rs"]
+mod peer;
+use peer::python_json;
+
 enum Arch {
     Llama(TinyLlamaSpec),
     Bert(TinyBertSpec),
@@ -264,25 +268,6 @@ fn matmul_limit(device: &str) -> f64 {
         product().expect("f32 product");
     }
     2.0 * (n as f64).powi(3) * reps as f64 / started.elapsed().as_secs_f64() / 1e9
-}
-
-/// Runs a Python command and returns the JSON line it printed last.
-fn python_json(python: &str, args: &[String], what: &str) -> Option<serde_json::Value> {
-    let out = Command::new(python).args(args).output().ok()?;
-    if !out.status.success() {
-        eprintln!(
-            "{what} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
-        );
-        return None;
-    }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
 }
 
 struct Scripts {
